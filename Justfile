@@ -1,0 +1,60 @@
+# exai-runtime: every command sets up what it needs first, so a fresh clone needs only
+# Python 3.11+ and `pip install rust-just`.
+
+set shell := ["bash", "-euo", "pipefail", "-c"]
+
+python := env_var_or_default("PYTHON", "python3")
+venv := ".venv"
+bin := venv / "bin"
+clients := ".venv-clients"
+
+# Run the MCP server on an embedded Postgres (flags are passed to `exai serve`).
+serve *ARGS: setup
+    {{bin}}/exai serve {{ARGS}}
+
+# Set up, then run the whole test suite (pytest arguments are passed through).
+test *ARGS: setup setup-clients
+    {{bin}}/python -m pytest {{ARGS}}
+
+# Ruff (lint and format check) and mypy.
+lint: setup
+    {{bin}}/ruff check .
+    {{bin}}/ruff format --check .
+    {{bin}}/mypy
+
+# Rewrite files to the project's format and fix what ruff can fix.
+fmt: setup
+    {{bin}}/ruff format .
+    {{bin}}/ruff check --fix .
+
+# Create .venv and install the project with its dev tools; reinstall only when pyproject changes.
+setup:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    if [ ! -x {{bin}}/python ]; then
+        {{python}} -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+            || { echo "exai-runtime needs Python 3.11+ (set PYTHON=...)" >&2; exit 1; }
+        {{python}} -m venv {{venv}}
+    fi
+    stamp={{venv}}/.installed
+    want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+    if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+        {{bin}}/python -m pip install --quiet --upgrade pip
+        {{bin}}/python -m pip install --quiet -e '.[dev]'
+        echo "$want" > "$stamp"
+    fi
+
+# Real MCP clients used by the tests, each in its own environment so they never constrain ours.
+setup-clients:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    for req in tests/clients/requirements-*.txt; do
+        name=$(basename "$req" .txt); name=${name#requirements-}
+        env={{clients}}/$name
+        want=$(sha256sum "$req" | cut -d' ' -f1)
+        if [ "$(cat "$env/.installed" 2>/dev/null)" != "$want" ]; then
+            {{python}} -m venv "$env"
+            "$env/bin/python" -m pip install --quiet -r "$req"
+            echo "$want" > "$env/.installed"
+        fi
+    done

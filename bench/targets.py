@@ -1,0 +1,156 @@
+"""The servers under test: how to start each one, where it listens, which processes are its.
+
+- ``floor``: ``bench/servers/floor.py`` with the generators' interpreter (the runtime's stack).
+- ``exai``: ``exai serve`` with its defaults (persistence on with an embedded Postgres under a
+  fresh state directory, auth on with a token chosen by the harness, default logging).
+- ``sdk``: ``bench/servers/sdk_fastmcp.py`` in ``bench/.venv-anchors`` (mcp 1.30 FastMCP).
+- ``mcp2``: ``bench/servers/mcp2_lowlevel.py`` in ``bench/.venv-mcp2`` (optional).
+
+A fresh server is started for every scenario so that its peak RSS belongs to that scenario.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench import proc, venvs
+from bench.launch import Owned, free_port, stop_pids, wait_for_port
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+
+SERVERS = ("floor", "exai", "sdk", "mcp2")
+LABELS = {
+    "floor": "floor (trio-websocket echo)",
+    "exai": "exai serve",
+    "sdk": "SDK 1.30 FastMCP",
+    "mcp2": "SDK 2.3 low-level",
+}
+
+
+@dataclass
+class Running:
+    """A started server: its URL (token included) and the processes whose cost is its."""
+
+    name: str
+    url: str
+    owned: Owned
+    pid: int
+    state_dir: Path | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def db_pids(self) -> list[int]:
+        """Postmasters under the state directory (the embedded Postgres of exai)."""
+        return proc.postmaster_pids(self.state_dir) if self.state_dir else []
+
+
+def find_exai(explicit: str | None) -> str | None:
+    """The ``exai`` console script: explicit, next to this interpreter, the repo's .venv, PATH."""
+    candidates = [
+        explicit,
+        str(Path(sys.executable).parent / "exai"),
+        str(REPO / ".venv" / "bin" / "exai"),
+        shutil.which("exai"),
+    ]
+    for c in candidates:
+        if c and Path(c).is_file() and os.access(c, os.X_OK):
+            return c
+    return None
+
+
+@dataclass
+class Options:
+    """How to reach each server's program."""
+
+    generator_python: str
+    exai: str | None
+    exai_database_url: str | None
+    logs: Path
+    start_timeout: float = 60.0
+
+    def unavailable(self, server: str) -> str | None:
+        """Why ``server`` cannot run here, or None if it can."""
+        if server == "exai" and self.exai is None:
+            return "exai not found (no .venv/bin/exai yet): not measured"
+        return None
+
+
+def _python_for(server: str, opts: Options) -> str:
+    if server == "floor":
+        return opts.generator_python
+    venv = "anchors" if server == "sdk" else "mcp2"
+    return str(venvs.ensure(venv, log=opts.logs / f"venv-{venv}.log"))
+
+
+@contextlib.contextmanager
+def started(server: str, opts: Options, tag: str) -> Iterator[Running]:
+    """Start ``server`` on a free loopback port; stop it (and its database) on exit."""
+    port = free_port()
+    log = opts.logs / f"{tag}-{server}.log"
+    deadline = time.monotonic() + opts.start_timeout
+    if server == "exai":
+        with _exai(port, opts, log, deadline) as running:
+            yield running
+        return
+    script = {"floor": "floor.py", "sdk": "sdk_fastmcp.py", "mcp2": "mcp2_lowlevel.py"}[server]
+    argv = [_python_for(server, opts), str(BENCH / "servers" / script), "--port", str(port)]
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    with Owned(server, argv, log, env=env, cwd=REPO) as owned:
+        wait_for_port(port, deadline, owned)
+        yield Running(server, f"ws://127.0.0.1:{port}/mcp", owned, owned.pid)
+
+
+@contextlib.contextmanager
+def _exai(port: int, opts: Options, log: Path, deadline: float) -> Iterator[Running]:
+    assert opts.exai is not None
+    state_dir = Path(tempfile.mkdtemp(prefix="exai-bench-state-"))
+    token = secrets.token_urlsafe(24)
+    argv = [opts.exai, "serve", "--host", "127.0.0.1", "--port", str(port)]
+    argv += ["--state-dir", str(state_dir)]
+    if opts.exai_database_url:
+        argv += ["--database-url", opts.exai_database_url]
+    env = dict(os.environ, EXAI_TOKEN=token)
+    try:
+        with Owned("exai", argv, log, env=env, cwd=REPO) as owned:
+            info = _wait_server_json(state_dir / "server.json", deadline, owned)
+            url = str(info.get("url") or f"ws://127.0.0.1:{port}/mcp")
+            pid = int(info.get("pid") or owned.pid)
+            sep = "&" if "?" in url else "?"
+            yield Running("exai", f"{url}{sep}token={token}", owned, pid, state_dir)
+    finally:
+        # A Postgres left behind by an unclean exit is still ours to stop.
+        leftovers = [p for p in proc.postmaster_pids(state_dir) if _is_postgres(p)]
+        if leftovers:
+            stop_pids(leftovers)
+        shutil.rmtree(state_dir, ignore_errors=True)
+
+
+def _wait_server_json(path: Path, deadline: float, owned: Owned) -> dict[str, object]:
+    while True:
+        if owned.returncode() is not None:
+            raise RuntimeError(f"exai exited with {owned.returncode()}; see {owned.log}")
+        if path.exists():
+            with contextlib.suppress(ValueError):
+                data = json.loads(path.read_text())
+                if isinstance(data, dict):
+                    return data
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"exai wrote no {path.name} in time; see {owned.log}")
+        time.sleep(0.05)
+
+
+def _is_postgres(pid: int) -> bool:
+    try:
+        return b"postgres" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False

@@ -1,0 +1,114 @@
+"""Awaiting a pykka actor's reply from trio without parking a thread.
+
+pykka futures have no done-callback and block the thread that waits on them, so the obvious
+``trio.to_thread.run_sync(future.get)`` costs a worker thread per waiting task and caps
+concurrency at the thread limiter (BRIEF.md: ~5k round trips/s). Instead, actors that trio talks
+to create :class:`CallbackFuture` replies: when the actor thread sets the reply, the future hands
+it to trio through :meth:`trio.lowlevel.TrioToken.run_sync_soon`, which wakes exactly the task
+that asked.
+
+Cancellation: the waiting task is parked with an abort function that always succeeds. A reply
+that arrives after the wait was cancelled finds the waiter marked gone and is dropped, so it can
+never be delivered to a different waiter.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import threading
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar
+
+import outcome
+import pykka
+import trio
+
+T = TypeVar("T")
+
+
+class ActorUnavailable(Exception):
+    """The actor stopped or crashed before it answered; the request may not have been done."""
+
+
+class CallbackFuture(pykka.ThreadingFuture[T], Generic[T]):
+    """A pykka future that runs callbacks (in the setting thread) once it holds a value."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._callbacks: list[Callable[[outcome.Outcome[T]], None]] = []
+        self._done_lock = threading.Lock()
+        self._outcome: outcome.Outcome[T] | None = None
+
+    def set(self, value: Any | None = None) -> None:
+        super().set(value)
+        self._resolve(outcome.Value(value))
+
+    def set_exception(self, exc_info: Any = None) -> None:
+        super().set_exception(exc_info)
+        error = exc_info[1] if isinstance(exc_info, tuple) else exc_info
+        if error is None:  # pykka's convention: "the exception being handled now"
+            error = sys.exc_info()[1]
+        assert isinstance(error, BaseException)
+        self._resolve(outcome.Error(error))
+
+    def add_done_callback(self, callback: Callable[[outcome.Outcome[T]], None]) -> None:
+        """Run ``callback(outcome)`` once the reply is set: now, if it already is."""
+        with self._done_lock:
+            done = self._outcome
+            if done is None:
+                self._callbacks.append(callback)
+                return
+        callback(done)
+
+    def _resolve(self, result: outcome.Outcome[T]) -> None:
+        with self._done_lock:
+            self._outcome = result
+            callbacks, self._callbacks = self._callbacks, []
+        for callback in callbacks:
+            callback(result)
+
+
+class BridgedActor(pykka.ThreadingActor):
+    """Base for pykka actors that trio code asks: their replies wake trio tasks directly."""
+
+    @staticmethod
+    def _create_future() -> pykka.Future[Any]:
+        return CallbackFuture()
+
+
+async def wait_reply(future: pykka.Future[T], *, timeout: float = math.inf) -> T:
+    """Wait for ``future`` (from :class:`BridgedActor` ``ask(..., block=False)``) in trio.
+
+    Raises :class:`ActorUnavailable` if the actor died before answering, ``trio.TooSlowError``
+    after ``timeout`` seconds. On cancellation the reply, if it ever comes, is dropped.
+    """
+    if not isinstance(future, CallbackFuture):
+        raise TypeError("wait_reply needs a CallbackFuture: ask a BridgedActor")
+    token = trio.lowlevel.current_trio_token()
+    task = trio.lowlevel.current_task()
+    waiting = True
+
+    def deliver(result: outcome.Outcome[T]) -> None:
+        # Runs in the trio thread, so it is ordered with `abort` below: no lock needed.
+        if waiting:
+            trio.lowlevel.reschedule(task, result)
+
+    def on_done(result: outcome.Outcome[T]) -> None:
+        # Runs in the actor's thread.
+        try:
+            token.run_sync_soon(deliver, result)
+        except trio.RunFinishedError:
+            pass  # Nobody is left to tell.
+
+    def abort(_: Callable[[], object]) -> trio.lowlevel.Abort:
+        nonlocal waiting
+        waiting = False
+        return trio.lowlevel.Abort.SUCCEEDED
+
+    with trio.fail_after(timeout):
+        future.add_done_callback(on_done)
+        try:
+            return await trio.lowlevel.wait_task_rescheduled(abort)  # type: ignore[no-any-return]
+        except pykka.ActorDeadError as exc:
+            raise ActorUnavailable(str(exc)) from exc

@@ -1,0 +1,67 @@
+"""JSON-RPC errors as a hierarchy, so code raises a meaning and the wire gets the exact code.
+
+A handler raises e.g. :class:`InvalidParams`; the session turns any :class:`RpcError` into one
+error response with the same ``code``, ``message`` and ``data``. Anything that is not an
+``RpcError`` is a bug and becomes :class:`InternalError` without leaking its text to the client.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class RpcError(Exception):
+    """Base of every error that is answered to the client as a JSON-RPC error object."""
+
+    code: ClassVar[int] = -32603
+
+    def __init__(self, message: str, data: object = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.data = data
+
+
+class ParseError(RpcError):
+    """The frame is not valid JSON (answered with ``id: null``)."""
+
+    code = -32700
+
+
+class InvalidRequest(RpcError):
+    """Valid JSON, but not a JSON-RPC 2.0 request, notification or response."""
+
+    code = -32600
+
+
+class SessionNotInitialized(InvalidRequest):
+    """A request other than ``ping`` arrived before ``initialize``."""
+
+
+class MethodNotFound(RpcError):
+    """No such method (or not available in this session's protocol version)."""
+
+    code = -32601
+
+
+class InvalidParams(RpcError):
+    """The method exists but its params do not match its schema."""
+
+    code = -32602
+
+
+class InternalError(RpcError):
+    """The server failed; the client did nothing wrong."""
+
+    code = -32603
+
+
+class ServerBusy(RpcError):
+    """The session's mailbox is full; the request was not queued. Retry after ``data``."""
+
+    code = -32000
+
+
+class SessionRestarted(RpcError):
+    """The session actor restarted while this request was in flight; it did not complete."""
+
+    code = -32001

@@ -1,0 +1,140 @@
+"""JSON-RPC 2.0 framing: one text frame in, one typed message out, and the reverse.
+
+Classification follows the spec strictly so every malformed frame gets the precise error:
+not JSON is ``-32700`` with ``id: null``; JSON that is not a request, notification or response is
+``-32600`` (with the request's id when one can be read from it). Decoding uses pydantic-core's
+JSON parser, which is faster than the standard library's on the per-message hot path.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, TypeAlias
+
+import pydantic_core
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
+
+from runtime.mcp.errors import InvalidRequest, ParseError, RpcError
+
+RequestId: TypeAlias = StrictStr | StrictInt
+#: Params and results are JSON objects; their shape is validated per method, not here.
+JsonObject: TypeAlias = dict[str, Any]
+
+
+class _Wire(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    jsonrpc: Literal["2.0"]
+
+
+class Request(_Wire):
+    id: RequestId
+    method: Annotated[str, Field(min_length=1)]
+    params: JsonObject | None = None
+
+
+class Notification(_Wire):
+    method: Annotated[str, Field(min_length=1)]
+    params: JsonObject | None = None
+
+
+class ErrorObject(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    code: int
+    message: str
+    data: Any = None
+
+
+class Response(_Wire):
+    """A response sent by the client (to a server-initiated request)."""
+
+    id: RequestId
+    result: JsonObject
+
+
+class ErrorResponse(_Wire):
+    id: RequestId | None
+    error: ErrorObject
+
+
+Inbound: TypeAlias = Request | Notification | Response | ErrorResponse
+
+
+def decode(frame: str | bytes) -> Inbound | list[Any]:
+    """Decode one frame. A JSON array is returned raw: whether batches are allowed depends on the
+    session's protocol version, which framing does not know.
+
+    Raises :class:`ParseError` or :class:`InvalidRequest` (carrying the id when readable, as
+    ``error_id``).
+    """
+    try:
+        data = pydantic_core.from_json(frame)
+    except ValueError as exc:
+        raise ParseError(f"parse error: {exc}") from None
+    if isinstance(data, list):
+        return data
+    return classify(data)
+
+
+def classify(data: object) -> Inbound:
+    """Turn one decoded JSON value into a typed message, or raise :class:`InvalidRequest`."""
+    if not isinstance(data, dict):
+        raise InvalidRequest("invalid request: a JSON-RPC message must be a JSON object")
+    if "method" in data:
+        model: type[_Wire] = Request if "id" in data else Notification
+    elif "error" in data:
+        model = ErrorResponse
+    elif "result" in data:
+        model = Response
+    else:
+        raise _invalid(data, "invalid request: no 'method', 'result' or 'error' member")
+    try:
+        return model.model_validate(data)  # type: ignore[return-value]
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "message"
+        raise _invalid(data, f"invalid request: {where}: {first['msg']}") from None
+
+
+class InvalidRequestWithId(InvalidRequest):
+    """An invalid request whose id could still be read, so the error can be correlated."""
+
+    def __init__(self, message: str, request_id: RequestId) -> None:
+        super().__init__(message)
+        self.request_id = request_id
+
+
+def _invalid(data: dict[str, Any], message: str) -> InvalidRequest:
+    request_id = data.get("id")
+    if isinstance(request_id, str) or (
+        isinstance(request_id, int) and not isinstance(request_id, bool)
+    ):
+        return InvalidRequestWithId(message, request_id)
+    return InvalidRequest(message)
+
+
+def encode_result(request_id: RequestId, result: BaseModel | JsonObject) -> str:
+    body = (
+        result.model_dump(mode="json", by_alias=True, exclude_none=True)
+        if isinstance(result, BaseModel)
+        else result
+    )
+    return pydantic_core.to_json({"jsonrpc": "2.0", "id": request_id, "result": body}).decode()
+
+
+def encode_error(request_id: RequestId | None, error: RpcError) -> str:
+    body: dict[str, Any] = {"code": error.code, "message": error.message}
+    if error.data is not None:
+        body["data"] = error.data
+    return pydantic_core.to_json({"jsonrpc": "2.0", "id": request_id, "error": body}).decode()
+
+
+def encode_notification(method: str, params: BaseModel | JsonObject | None = None) -> str:
+    message: dict[str, Any] = {"jsonrpc": "2.0", "method": method}
+    if params is not None:
+        message["params"] = (
+            params.model_dump(mode="json", by_alias=True, exclude_none=True)
+            if isinstance(params, BaseModel)
+            else params
+        )
+    return pydantic_core.to_json(message).decode()

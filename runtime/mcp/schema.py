@@ -1,0 +1,87 @@
+"""MCP payloads as pydantic models: what each method takes and returns on the wire.
+
+Field names are the wire's camelCase through aliases; unknown fields from newer clients are
+accepted (``extra="allow"`` where the spec lets objects grow) so that a client one version ahead
+never gets ``-32602`` for a field we do not know yet.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+
+class WireModel(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="allow")
+
+
+class Implementation(WireModel):
+    name: str
+    version: str
+    title: str | None = None
+
+
+class InitializeParams(WireModel):
+    protocol_version: str
+    capabilities: dict[str, Any] = Field(default_factory=dict)
+    client_info: Implementation
+
+
+class ToolsCapability(WireModel):
+    list_changed: bool = False
+
+
+class ServerCapabilities(WireModel):
+    tools: ToolsCapability = Field(default_factory=ToolsCapability)
+
+
+class InitializeResult(WireModel):
+    protocol_version: str
+    capabilities: ServerCapabilities
+    server_info: Implementation
+    instructions: str | None = None
+    meta: dict[str, str] | None = Field(default=None, alias="_meta")
+
+
+class ListToolsParams(WireModel):
+    cursor: str | None = None
+
+
+class ToolDescriptor(WireModel):
+    name: str
+    title: str | None = None
+    description: str
+    input_schema: dict[str, Any]
+    output_schema: dict[str, Any] | None = None
+
+
+class ListToolsResult(WireModel):
+    tools: list[ToolDescriptor]
+    next_cursor: str | None = None
+
+
+class RequestMeta(WireModel):
+    progress_token: str | int | None = None
+
+
+class CallToolParams(WireModel):
+    name: str
+    arguments: dict[str, Any] | None = None
+    meta: RequestMeta | None = Field(default=None, alias="_meta")
+
+
+class TextContent(WireModel):
+    type: Literal["text"] = "text"
+    text: str
+
+
+class CallToolResult(WireModel):
+    content: list[TextContent]
+    structured_content: dict[str, Any] | None = None
+    is_error: bool = False
+
+
+class EmptyResult(WireModel):
+    """``ping`` and other acknowledgements answer with an empty object."""

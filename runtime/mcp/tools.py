@@ -1,0 +1,85 @@
+"""How a tool is declared: typed arguments in, typed output out, schemas derived from the types.
+
+A tool never parses JSON itself. Its ``Args`` model is the single source of its input schema
+(``tools/list``) and of argument validation (``tools/call``), so the two cannot disagree.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar, Generic, TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+from runtime.mcp.errors import InvalidParams
+from runtime.mcp.schema import ToolDescriptor
+
+ArgsT = TypeVar("ArgsT", bound=BaseModel)
+
+
+@dataclass(frozen=True, slots=True)
+class ToolContext:
+    """What a running tool may know about its caller."""
+
+    session_id: str
+    request_id: str | int
+
+
+@dataclass(frozen=True, slots=True)
+class ToolOutput:
+    """A tool's answer: text for every client, plus structured content for clients that take it."""
+
+    text: str
+    structured: BaseModel | None = None
+
+
+class Tool(ABC, Generic[ArgsT]):
+    """Subclass with ``name``, ``description``, ``Args`` (and ``Output`` if structured)."""
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    Args: type[ArgsT]
+    Output: ClassVar[type[BaseModel] | None] = None
+
+    def parse(self, arguments: Mapping[str, Any] | None) -> ArgsT:
+        """Validate raw arguments; raise :class:`InvalidParams` naming every bad field."""
+        try:
+            return self.Args.model_validate(arguments or {})
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in err['loc']) or 'arguments'}: {err['msg']}"
+                for err in exc.errors()
+            )
+            raise InvalidParams(f"invalid arguments for tool {self.name!r}: {problems}") from None
+
+    @abstractmethod
+    async def run(self, args: ArgsT, ctx: ToolContext) -> ToolOutput:
+        """Do the work. Cancellation (client cancel, shutdown) arrives as ``trio.Cancelled``."""
+
+    def descriptor(self) -> ToolDescriptor:
+        return ToolDescriptor(
+            name=self.name,
+            description=self.description,
+            input_schema=self.Args.model_json_schema(),
+            output_schema=self.Output.model_json_schema() if self.Output else None,
+        )
+
+
+class ToolRegistry:
+    """The tools a server offers, in declaration order; descriptors are built once."""
+
+    def __init__(self, tools: Iterable[Tool[Any]]) -> None:
+        self._tools: dict[str, Tool[Any]] = {}
+        for tool in tools:
+            if tool.name in self._tools:
+                raise ValueError(f"tool {tool.name!r} declared twice")
+            self._tools[tool.name] = tool
+        self._descriptors = [tool.descriptor() for tool in self._tools.values()]
+
+    def get(self, name: str) -> Tool[Any] | None:
+        return self._tools.get(name)
+
+    def descriptors(self) -> list[ToolDescriptor]:
+        return list(self._descriptors)

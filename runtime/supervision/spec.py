@@ -1,0 +1,105 @@
+"""What a supervisor needs to know about a child, and what a child gets from its supervisor."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import trio
+
+__all__ = ["ChildContext", "ChildSpec", "Restart", "StartFunction"]
+
+
+class Restart(enum.StrEnum):
+    """When a supervisor restarts a child that has ended on its own.
+
+    A child that the supervisor itself stopped (shutdown, or a sibling's restart under
+    ``ONE_FOR_ALL``/``REST_FOR_ONE``) is not "ended on its own"; see :class:`Strategy`.
+    """
+
+    PERMANENT = "permanent"
+    """Always restarted, also after a normal return (a permanent child is meant to run forever,
+    so returning is a fault too, and it counts against the restart intensity)."""
+
+    TRANSIENT = "transient"
+    """Restarted only after an abnormal exit, i.e. when it raised. A normal return removes it."""
+
+    TEMPORARY = "temporary"
+    """Never restarted; removed from the supervisor once it ends, however it ends."""
+
+
+class ChildContext:
+    """Handed to a child's start function: who the child is and how it talks to its supervisor.
+
+    One context is made per *start* of a child, so ``stop_requested`` and ``restarts`` describe
+    this incarnation only.
+    """
+
+    __slots__ = ("_on_started", "_started", "id", "path", "restarts", "stop_requested")
+
+    def __init__(
+        self,
+        id: str,
+        path: str,
+        *,
+        restarts: int = 0,
+        stop_requested: trio.Event | None = None,
+        on_started: Callable[[], None] | None = None,
+    ) -> None:
+        self.id = id
+        """The child's id, unique among its siblings."""
+        self.path = path
+        """Where the child sits in the tree, e.g. ``/root/sessions/session/42``."""
+        self.restarts = restarts
+        """How many times the supervisor has (re)started this child before this start."""
+        self.stop_requested = stop_requested if stop_requested is not None else trio.Event()
+        """Set when the supervisor asks the child to stop gracefully. The child should return
+        soon after; once the spec's ``shutdown`` grace period has passed it is cancelled."""
+        self._on_started = on_started
+        self._started = False
+
+    @property
+    def has_started(self) -> bool:
+        """Whether :meth:`started` has been called."""
+        return self._started
+
+    def started(self) -> None:
+        """Report that the child is initialised; the supervisor then starts the next child.
+
+        The equivalent of ``task_status.started()`` and of OTP's ``init/1`` returning. Until a
+        child calls it, its supervisor is blocked (as an OTP supervisor is during ``init/1``),
+        so do slow work after it. Calling it twice is a bug and raises ``RuntimeError``.
+        """
+        if self._started:
+            raise RuntimeError(f"child {self.path} called started() twice")
+        self._started = True
+        if self._on_started is not None:
+            self._on_started()
+
+
+StartFunction = Callable[[ChildContext], Awaitable[None]]
+"""A child's body. Returning is a normal exit, raising an abnormal one."""
+
+
+@dataclass(frozen=True, slots=True)
+class ChildSpec:
+    """How to start one child and how to treat it when it ends (OTP's child specification).
+
+    ``shutdown`` is the grace period, in seconds, between setting ``ctx.stop_requested`` and
+    cancelling the child when the supervisor stops it: ``0`` cancels at once (OTP
+    ``brutal_kill``) and ``None`` waits for as long as it takes (OTP ``infinity``, the right
+    value for a child that is itself a supervisor, which has grace periods of its own).
+    """
+
+    id: str
+    start: StartFunction
+    restart: Restart = Restart.PERMANENT
+    shutdown: float | None = 5.0
+
+    def __post_init__(self) -> None:
+        if not self.id:
+            raise ValueError("a child id must be a non-empty string")
+        # Written so that NaN is refused too.
+        if self.shutdown is not None and not self.shutdown >= 0:
+            raise ValueError(f"shutdown must be None or >= 0 seconds, got {self.shutdown}")
