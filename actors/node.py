@@ -69,9 +69,7 @@ async def _run(settings: Settings, signals: AsyncIterator[int], *, announce: boo
             log.info("storage.embedded", pgdata=str(settings.pgdata), reused=reused)
         applied = await trio.to_thread.run_sync(apply_migrations, url)
         log.info("storage.migrated", applied=applied)
-        pool = await trio.to_thread.run_sync(
-            partial(open_pool, url, max_size=settings.db_pool_max)
-        )
+        pool = await trio.to_thread.run_sync(partial(open_pool, url, max_size=settings.db_pool_max))
         persistence = PersistenceActor.start(pool)
         services = SessionServices(
             tools=builtin_tools(),

@@ -18,6 +18,7 @@ from typing import TypeAlias
 import outcome
 import pykka
 import structlog
+import trio
 from psycopg_pool import ConnectionPool
 
 from runtime.bridge import BridgedActor, CallbackFuture, wait_reply
@@ -75,7 +76,8 @@ class PersistenceClient:
         self._timeout = timeout
 
     async def write(self, record: Record) -> None:
-        await wait_reply(self._ref.ask(Write(record), block=False), timeout=self._timeout)
+        with trio.fail_after(self._timeout):
+            await wait_reply(self._ref.ask(Write(record), block=False))
 
     def write_soon(self, record: Record) -> None:
         # `ask`, not `tell`: an exception while handling a pykka `tell` stops the actor.

@@ -303,7 +303,9 @@ async def pump(
                 )
                 await send(jsonrpc.encode_error(decoded.id, busy))
             else:
-                reader_log.warning("dead_letter", reason="mailbox full", kind=type(decoded).__name__)
+                reader_log.warning(
+                    "dead_letter", reason="mailbox full", kind=type(decoded).__name__
+                )
         except ActorStopped:
             return
 
@@ -342,7 +344,9 @@ async def serve_session(
     state = SessionState(session_id=session_id, remote=handshake.remote)
     ref: ActorRef[jsonrpc.Inbound]
     ref, inbox = open_mailbox(f"/root/sessions/{session_id}", services.mailbox_capacity)
-    actor = SessionActor(state, ws.send_message, services.tools, services.persistence, services.config)
+    actor = SessionActor(
+        state, ws.send_message, services.tools, services.persistence, services.config
+    )
     try:
         try:
             async with trio.open_nursery() as nursery:

@@ -14,11 +14,11 @@ never be delivered to a different waiter.
 
 from __future__ import annotations
 
-import math
+import contextlib
 import sys
 import threading
 from collections.abc import Callable
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, cast
 
 import outcome
 import pykka
@@ -42,7 +42,7 @@ class CallbackFuture(pykka.ThreadingFuture[T], Generic[T]):
 
     def set(self, value: Any | None = None) -> None:
         super().set(value)
-        self._resolve(outcome.Value(value))
+        self._resolve(outcome.Value(cast(T, value)))
 
     def set_exception(self, exc_info: Any = None) -> None:
         super().set_exception(exc_info)
@@ -77,11 +77,12 @@ class BridgedActor(pykka.ThreadingActor):
         return CallbackFuture()
 
 
-async def wait_reply(future: pykka.Future[T], *, timeout: float = math.inf) -> T:
+async def wait_reply(future: pykka.Future[T]) -> T:
     """Wait for ``future`` (from :class:`BridgedActor` ``ask(..., block=False)``) in trio.
 
-    Raises :class:`ActorUnavailable` if the actor died before answering, ``trio.TooSlowError``
-    after ``timeout`` seconds. On cancellation the reply, if it ever comes, is dropped.
+    Raises :class:`ActorUnavailable` if the actor died before answering. Bound the wait the
+    trio way, with ``trio.fail_after`` around the call. On cancellation the reply, if it ever
+    comes, is dropped.
     """
     if not isinstance(future, CallbackFuture):
         raise TypeError("wait_reply needs a CallbackFuture: ask a BridgedActor")
@@ -96,19 +97,16 @@ async def wait_reply(future: pykka.Future[T], *, timeout: float = math.inf) -> T
 
     def on_done(result: outcome.Outcome[T]) -> None:
         # Runs in the actor's thread.
-        try:
+        with contextlib.suppress(trio.RunFinishedError):  # nobody is left to tell
             token.run_sync_soon(deliver, result)
-        except trio.RunFinishedError:
-            pass  # Nobody is left to tell.
 
     def abort(_: Callable[[], object]) -> trio.lowlevel.Abort:
         nonlocal waiting
         waiting = False
         return trio.lowlevel.Abort.SUCCEEDED
 
-    with trio.fail_after(timeout):
-        future.add_done_callback(on_done)
-        try:
-            return await trio.lowlevel.wait_task_rescheduled(abort)  # type: ignore[no-any-return]
-        except pykka.ActorDeadError as exc:
-            raise ActorUnavailable(str(exc)) from exc
+    future.add_done_callback(on_done)
+    try:
+        return await trio.lowlevel.wait_task_rescheduled(abort)  # type: ignore[no-any-return]
+    except pykka.ActorDeadError as exc:
+        raise ActorUnavailable(str(exc)) from exc

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import trio
 
+from actors.node import run_node
 from runtime.config import ConfigError, Settings, load_settings
 from runtime.logs import configure_logging
 
@@ -55,8 +56,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"exai: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level)
-    from actors.node import run_node
-
     trio.run(run_node, settings)
     return 0
 

@@ -19,7 +19,7 @@ from functools import partial
 
 import structlog
 import trio
-from trio_websocket import WebSocketConnection, WebSocketRequest, serve_websocket
+from trio_websocket import Endpoint, WebSocketConnection, WebSocketRequest, serve_websocket
 
 from runtime.auth import presented_token, token_matches
 
@@ -163,7 +163,9 @@ class McpWebSocketServer:
             )
             return
         if self.sessions.full:
-            log.warning("handshake.refused", reason="max sessions", limit=self.sessions.max_sessions)
+            log.warning(
+                "handshake.refused", reason="max sessions", limit=self.sessions.max_sessions
+            )
             await request.reject(
                 503,
                 extra_headers=[(b"retry-after", b"1")],
@@ -180,7 +182,7 @@ class McpWebSocketServer:
         remote = request.remote
         handshake = Handshake(
             session_id=session_id,
-            remote=f"{remote.address}:{remote.port}" if hasattr(remote, "port") else str(remote),
+            remote=f"{remote.address}:{remote.port}" if isinstance(remote, Endpoint) else remote,
             subprotocol=subprotocol,
         )
         await self.sessions.run(self._handler, ws, handshake)

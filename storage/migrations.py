@@ -64,7 +64,9 @@ def apply_migrations(url: str, directory: Path = MIGRATIONS_DIR) -> list[str]:
             """
         )
         conn.execute("alter table schema_migrations enable row level security")
-        done = dict(conn.execute("select version, checksum from schema_migrations").fetchall())
+        done: dict[str, str] = dict(
+            conn.execute("select version, checksum from schema_migrations").fetchall()
+        )
         for migration in migrations:
             recorded = done.get(migration.version)
             if recorded is not None:

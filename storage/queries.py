@@ -38,7 +38,13 @@ def identify_session(conn: psycopg.Connection[object], ident: SessionIdentified)
                last_activity = greatest(last_activity, %s)
          where session_id = %s
         """,
-        (ident.client_name, ident.client_version, ident.protocol_version, ident.at, ident.session_id),
+        (
+            ident.client_name,
+            ident.client_version,
+            ident.protocol_version,
+            ident.at,
+            ident.session_id,
+        ),
     )
 
 
