@@ -72,13 +72,16 @@ async def _run(settings: Settings, signals: AsyncIterator[int], *, announce: boo
         pool = await trio.to_thread.run_sync(partial(open_pool, url, max_size=settings.db_pool_max))
         persistence = PersistenceActor.start(pool)
         services = SessionServices(
-            tools=builtin_tools(),
+            tools=builtin_tools(test_faults=settings.test_faults),
             persistence=PersistenceClient(persistence),
             config=SessionConfig(
                 max_inflight=settings.max_inflight_per_session,
                 test_faults=settings.test_faults,
+                total_slots=trio.CapacityLimiter(settings.max_inflight_total),
             ),
             mailbox_capacity=settings.session_mailbox,
+            max_restarts=settings.session_max_restarts,
+            restart_period=settings.session_restart_period,
             node_id=f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:8]}",
         )
         server = McpWebSocketServer(

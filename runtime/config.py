@@ -50,8 +50,20 @@ class Settings(BaseSettings):
         ge=1,
         description="Capacity of each session actor's mailbox (messages waiting to be handled).",
     )
+    session_max_restarts: int = Field(
+        default=3,
+        ge=0,
+        description="Session actor restarts tolerated within the period before the socket "
+        "is closed with 1011 (OTP intensity).",
+    )
+    session_restart_period: float = Field(
+        default=10.0, gt=0, description="Seconds over which session restarts are counted."
+    )
     max_inflight_per_session: int = Field(
         default=8, ge=1, description="Concurrent tools/call requests one session may run."
+    )
+    max_inflight_total: int = Field(
+        default=1024, ge=1, description="Concurrent tools/call requests over all sessions."
     )
     db_pool_max: int = Field(
         default=4, ge=1, description="Database connections of the persistence actor."

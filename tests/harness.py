@@ -26,7 +26,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 import trio
-from trio_websocket import WebSocketConnection, open_websocket_url
+from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
 
 from storage.embedded import EmbeddedPostgres
 
@@ -153,6 +153,15 @@ class RawClient:
     async def receive(self) -> dict[str, Any]:
         with trio.fail_after(30):
             return json.loads(await self.ws.get_message())  # type: ignore[no-any-return]
+
+    async def receive_until_closed(self) -> int:
+        """Read (and drop) frames until the server closes; return the close code."""
+        with trio.fail_after(30):
+            try:
+                while True:
+                    await self.ws.get_message()
+            except ConnectionClosed as closed:
+                return closed.reason.code
 
     async def request(self, method: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
         self._next_id += 1

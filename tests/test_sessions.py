@@ -18,8 +18,37 @@ from tests.harness import (
     wait_until,
 )
 
+CRASH = "$/exai/test/crash"
 
-async def test_one_crashing_session_leaves_the_other_untouched(
+
+async def test_a_crash_restarts_the_session_actor_and_keeps_the_socket(
+    server: ServerProcess,
+) -> None:
+    async with open_raw(server.authed_url()) as ws:
+        client = RawClient(ws)
+        session_id = (await client.initialize())["result"]["_meta"]["exai/sessionId"]
+        # Pipelined: the crash, then two requests already queued behind it.
+        await client.send({"jsonrpc": "2.0", "id": "boom", "method": CRASH})
+        await client.send({"jsonrpc": "2.0", "id": "after-1", "method": "ping"})
+        await client.send(
+            {
+                "jsonrpc": "2.0",
+                "id": "after-2",
+                "method": "tools/call",
+                "params": {"name": "echo", "arguments": {"text": "survived"}},
+            }
+        )
+        replies = {reply["id"]: reply for reply in [await client.receive() for _ in range(3)]}
+        assert replies["boom"]["error"]["code"] == -32001
+        assert "restarted" in replies["boom"]["error"]["message"]
+        # Queued messages went to the next incarnation, which kept the negotiated session.
+        assert replies["after-1"]["result"] == {}
+        assert replies["after-2"]["result"]["content"][0]["text"] == "survived"
+    restarts = [e for e in server.log_events() if e["event"] == "session.actor_restarted"]
+    assert [e["session_id"] for e in restarts].count(session_id) == 1
+
+
+async def test_a_session_crashing_past_its_intensity_closes_1011_and_harms_no_other(
     server: ServerProcess, database_url: str
 ) -> None:
     async with (
@@ -30,10 +59,13 @@ async def test_one_crashing_session_leaves_the_other_untouched(
         await healthy.initialize()
         doomed_id = (await doomed.initialize())["result"]["_meta"]["exai/sessionId"]
 
-        await doomed.send({"jsonrpc": "2.0", "id": 99, "method": "$/exai/test/crash"})
-        with pytest.raises(ConnectionClosed) as closed:
-            await doomed.receive()
-        assert closed.value.reason.code == 1011
+        # The default intensity tolerates 3 restarts in 10 s; the 4th crash is one too many.
+        for n in range(3):
+            reply = await doomed.request(CRASH)
+            assert reply["error"]["code"] == -32001, (n, reply)
+        await doomed.send({"jsonrpc": "2.0", "id": 99, "method": CRASH})
+        # The error for 99 may or may not arrive before the close.
+        assert await doomed.receive_until_closed() == 1011
 
         # The other session, and new ones, carry on as if nothing happened.
         for n in range(5):
@@ -48,8 +80,11 @@ async def test_one_crashing_session_leaves_the_other_untouched(
         lambda: (session_row(database_url, doomed_id) or {}).get("status") == "closed",
         what="crashed session's row to be closed",
     )
-    crashes = [e for e in server.log_events() if e["event"] == "session.crashed"]
+    events = server.log_events()
+    crashes = [e for e in events if e["event"] == "session.crashed"]
+    restarts = [e for e in events if e["event"] == "session.actor_restarted"]
     assert [e["session_id"] for e in crashes].count(doomed_id) == 1
+    assert [e["session_id"] for e in restarts].count(doomed_id) == 3
 
 
 async def test_crash_method_does_not_exist_without_test_faults(

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from actors.tools.echo import Echo
-from runtime.mcp.tools import ToolRegistry
+from actors.tools.testing import BlockUntilCancelled
+from runtime.mcp.tools import Tool, ToolRegistry
 
 
-def builtin_tools() -> ToolRegistry:
-    return ToolRegistry([Echo()])
+def builtin_tools(*, test_faults: bool = False) -> ToolRegistry:
+    tools: list[Tool[Any]] = [Echo()]
+    if test_faults:
+        tools.append(BlockUntilCancelled())
+    return ToolRegistry(tools)

@@ -42,9 +42,12 @@ class RestartIntensity:
         self._times.append(now)
         return len(self._times) <= self.max_restarts
 
-    def recent(self, now: float) -> tuple[float, ...]:
-        """The restart times that still count against the intensity at ``now``."""
-        return tuple(t for t in self._times if now - t <= self.period)
+    def recent(self, now: float | None = None) -> tuple[float, ...]:
+        """The restart times that still count against the intensity at ``now``, oldest first.
+
+        Without ``now``, every time kept since the last call to :meth:`allow`.
+        """
+        return tuple(t for t in self._times if now is None or now - t <= self.period)
 
     def _prune(self, now: float) -> None:
         while self._times and now - self._times[0] > self.period:

@@ -1,22 +1,20 @@
-"""The session actor: one per MCP connection, the only place a session's state changes.
+"""The session actor: the only place a session's MCP state changes.
 
-Two tasks serve a connection. The *reader* (``pump``) turns frames into typed messages and
-posts them to the actor's bounded mailbox, answering framing errors and a full mailbox itself.
-The *actor* (``SessionActor.run``) handles its mailbox one message at a time, so session state
-(negotiated version, client info) needs no locks; each ``tools/call`` runs in the actor's own
-nursery, at most ``max_inflight`` at once. While all slots are taken the actor stops taking
-messages, so later requests wait in the mailbox, and once that is full they are refused with
-"server busy" instead of hanging.
+It handles its mailbox one message at a time, so the session state needs no locks; each
+``tools/call`` runs as a task in the actor's own nursery, at most ``max_inflight`` at once.
+While every slot is taken the actor stops taking messages, so later requests wait in the
+mailbox, and once that is full the reader refuses them with "server busy" instead of hanging.
 
-Failure containment: anything raised here (other than an ``RpcError`` answered to the client,
-or a failing tool answered as an internal error) ends this session only; the sessions
-supervisor logs it and closes the socket with 1011.
+What survives a crash lives in :class:`SessionState`, owned by the session, not the actor:
+the session id, negotiated version, client info, and the ids of requests being handled. When an
+incarnation crashes, every request it was handling is answered with ``SessionRestarted``
+(-32001) and the next incarnation reads the same mailbox, so nothing queued is lost.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -24,10 +22,10 @@ from typing import Any
 import structlog
 import trio
 from pydantic import BaseModel, ValidationError
-from trio_websocket import ConnectionClosed, WebSocketConnection
+from trio_websocket import ConnectionClosed
 
 from actors.persistence import PersistenceClient
-from runtime.mailbox import ActorRef, ActorStopped, MailboxFull, open_mailbox
+from runtime.actor import Actor
 from runtime.mcp import jsonrpc
 from runtime.mcp.errors import (
     InternalError,
@@ -35,8 +33,8 @@ from runtime.mcp.errors import (
     InvalidRequest,
     MethodNotFound,
     RpcError,
-    ServerBusy,
     SessionNotInitialized,
+    SessionRestarted,
 )
 from runtime.mcp.schema import (
     CallToolParams,
@@ -52,44 +50,54 @@ from runtime.mcp.schema import (
 )
 from runtime.mcp.tools import Tool, ToolContext, ToolRegistry
 from runtime.mcp.versions import has_structured_content, negotiate
-from runtime.server import Handshake
-from storage.rows import SessionClose, SessionIdentified, SessionRow
+from storage.rows import SessionIdentified
 
 log = structlog.get_logger("session")
 
 SERVER_INFO = Implementation(name="exai-runtime", version="0.1.0")
 #: Test-only fault: crashes the session actor itself (not a tool). Off unless configured.
 CRASH_METHOD = "$/exai/test/crash"
-#: How long a client is told to wait before retrying a request refused as "server busy".
-BUSY_RETRY_AFTER_S = 0.05
 
 Send = Callable[[str], Awaitable[None]]
+RequestId = str | int
 
 
 class SessionCrashRequested(Exception):
-    """Raised by the test-only fault method to prove one failing session harms no other."""
+    """Raised by the test-only fault method to prove a crash is contained and healed."""
 
 
 @dataclass
 class SessionState:
-    """What a session knows about itself; survives in one place, owned by the actor."""
+    """What a session knows about itself. Owned by the session, so it outlives a crash."""
 
     session_id: str
     remote: str
     protocol_version: str | None = None
     client: Implementation | None = None
     initialized: bool = False
-    inflight: dict[str | int, trio.CancelScope] = field(default_factory=dict)
+    #: Requests taken from the mailbox and not yet answered (nor cancelled by the client).
+    handling: set[RequestId] = field(default_factory=set)
+    #: Running tool calls, by request id: the reader cancels them without queueing.
+    calls: dict[RequestId, trio.CancelScope] = field(default_factory=dict)
+
+    def cancel(self, request_id: object) -> None:
+        """``notifications/cancelled``: stop that call. Unknown or finished ids are ignored,
+        as the spec asks (the race between a cancel and the response is inherent)."""
+        scope = self.calls.get(request_id) if isinstance(request_id, str | int) else None
+        if scope is not None:
+            scope.cancel()
 
 
 @dataclass(frozen=True, slots=True)
 class SessionConfig:
     max_inflight: int
     test_faults: bool
+    #: Shared by every session of the node: the total of running tool calls.
+    total_slots: trio.CapacityLimiter
 
 
-class SessionActor:
-    """Handles one session's mailbox. Construct per connection; ``run`` until the mailbox ends."""
+class SessionActor(Actor[jsonrpc.Inbound]):
+    """One incarnation of a session's actor. A restart makes a new one over the same state."""
 
     def __init__(
         self,
@@ -99,27 +107,28 @@ class SessionActor:
         persistence: PersistenceClient,
         config: SessionConfig,
     ) -> None:
+        self.path = f"/root/sessions/{state.session_id}"
         self.state = state
         self._send = send
         self._tools = tools
         self._persistence = persistence
         self._config = config
         self._slots = trio.Semaphore(config.max_inflight)
+        self._calls: trio.Nursery | None = None
         self._log = log.bind(session_id=state.session_id)
 
-    async def run(self, inbox: trio.MemoryReceiveChannel[jsonrpc.Inbound]) -> None:
-        """Handle messages until the reader closes the mailbox; then wait for running calls.
+    @asynccontextmanager
+    async def lifetime(self) -> AsyncIterator[None]:
+        # Tool calls belong to the incarnation that started them: a crash cancels them.
+        async with trio.open_nursery() as calls:
+            self._calls = calls
+            yield
+            calls.cancel_scope.cancel()
 
-        Cancelling this (shutdown, socket gone) cancels every running tool call with it.
-        """
-        async with trio.open_nursery() as calls, inbox:
-            async for message in inbox:
-                await self._handle(message, calls)
-
-    async def _handle(self, message: jsonrpc.Inbound, calls: trio.Nursery) -> None:
+    async def receive(self, message: jsonrpc.Inbound) -> None:
         if isinstance(message, jsonrpc.Request):
             if message.method == "tools/call":
-                await self._start_call(message, calls)
+                await self._start_call(message)
             else:
                 await self._answer(message)
         elif isinstance(message, jsonrpc.Notification):
@@ -128,13 +137,29 @@ class SessionActor:
             # We send no requests, so a response from the client correlates with nothing.
             self._log.warning("session.unexpected_response", id=message.id)
 
+    async def on_failure(self, error: Exception) -> None:
+        """Tell each request this incarnation was handling that it did not complete."""
+        orphans, self.state.handling = self.state.handling, set()
+        failure = SessionRestarted(
+            "session restarted after an internal error; this request did not complete "
+            "and may be retried"
+        )
+        for request_id in sorted(orphans, key=str):
+            try:
+                await self._send(jsonrpc.encode_error(request_id, failure))
+            except ConnectionClosed:
+                return
+
     async def _answer(self, request: jsonrpc.Request) -> None:
+        self.state.handling.add(request.id)
         try:
             result = await self._dispatch(request)
         except RpcError as error:
-            await self._send(jsonrpc.encode_error(request.id, error))
+            reply = jsonrpc.encode_error(request.id, error)
         else:
-            await self._send(jsonrpc.encode_result(request.id, result))
+            reply = jsonrpc.encode_result(request.id, result)
+        await self._send(reply)
+        self.state.handling.discard(request.id)
 
     async def _dispatch(self, request: jsonrpc.Request) -> BaseModel:
         method = request.method
@@ -181,14 +206,12 @@ class SessionActor:
         if note.method == "notifications/initialized":
             self.state.initialized = True
         elif note.method == "notifications/cancelled":
-            request_id = (note.params or {}).get("requestId")
-            scope = self.state.inflight.get(request_id) if request_id is not None else None
-            if scope is not None:
-                scope.cancel()
+            # Normally handled by the reader before queueing; kept for completeness.
+            self.state.cancel((note.params or {}).get("requestId"))
         else:
             self._log.debug("session.notification_ignored", method=note.method)
 
-    async def _start_call(self, request: jsonrpc.Request, calls: trio.Nursery) -> None:
+    async def _start_call(self, request: jsonrpc.Request) -> None:
         try:
             if self.state.protocol_version is None:
                 raise SessionNotInitialized(
@@ -198,7 +221,7 @@ class SessionActor:
             tool = self._tools.get(params.name)
             if tool is None:
                 raise InvalidParams(f"unknown tool: {params.name!r}")
-            if request.id in self.state.inflight:
+            if request.id in self.state.handling:
                 raise InvalidRequest(f"request id {request.id!r} is already in flight")
         except RpcError as error:
             await self._send(jsonrpc.encode_error(request.id, error))
@@ -206,29 +229,44 @@ class SessionActor:
         # Waiting here is the back-pressure: the mailbox fills behind us, then the reader
         # refuses with "server busy".
         await self._slots.acquire()
+        try:
+            await self._config.total_slots.acquire_on_behalf_of(request.id)
+        except BaseException:
+            self._slots.release()
+            raise
+        self.state.handling.add(request.id)
         scope = trio.CancelScope()
-        self.state.inflight[request.id] = scope
-        calls.start_soon(self._call, request.id, tool, params, scope)
+        self.state.calls[request.id] = scope
+        assert self._calls is not None
+        self._calls.start_soon(self._call, request.id, tool, params, scope)
 
     async def _call(
         self,
-        request_id: str | int,
+        request_id: RequestId,
         tool: Tool[Any],
         params: CallToolParams,
         scope: trio.CancelScope,
     ) -> None:
         try:
+            reply = None
             with scope:
                 reply = await self._run_tool(request_id, tool, params)
-            if not scope.cancelled_caught:
-                await self._send(reply)
-            # A cancelled request gets no response (MCP: the receiver SHOULD NOT answer).
+            # A call the client cancelled gets no response (MCP: the receiver SHOULD NOT).
+            if reply is not None:
+                try:
+                    await self._send(reply)
+                except ConnectionClosed:
+                    return  # the reader sees it too and ends the session
+            # Not in a `finally`: a call cut short by a crash stays in `handling`, so that
+            # on_failure can tell the client it did not complete.
+            self.state.handling.discard(request_id)
         finally:
-            del self.state.inflight[request_id]
+            del self.state.calls[request_id]
+            self._config.total_slots.release_on_behalf_of(request_id)
             self._slots.release()
 
     async def _run_tool(
-        self, request_id: str | int, tool: Tool[Any], params: CallToolParams
+        self, request_id: RequestId, tool: Tool[Any], params: CallToolParams
     ) -> str:
         version = self.state.protocol_version or ""
         try:
@@ -265,101 +303,3 @@ def _params(model: type[Any], request: jsonrpc.Request) -> Any:
             for err in exc.errors()
         )
         raise InvalidParams(f"invalid params for {request.method!r}: {problems}") from None
-
-
-async def pump(
-    frames: Callable[[], Awaitable[str | bytes]],
-    mailbox: ActorRef[jsonrpc.Inbound],
-    send: Send,
-    session_id: str,
-) -> None:
-    """Read frames until the socket closes, post them to the actor, answer what it cannot.
-
-    Framing errors are answered here because they need no session state. A request that finds
-    the mailbox full is refused at once with "server busy" and a retry hint; a notification
-    that finds it full is dropped and logged (nobody awaits it).
-    """
-    reader_log = log.bind(session_id=session_id)
-    while True:
-        frame = await frames()
-        try:
-            decoded = jsonrpc.decode(frame)
-            if isinstance(decoded, list):
-                raise InvalidRequest("invalid request: JSON-RPC batches are not supported")
-        except jsonrpc.InvalidRequestWithId as error:
-            await send(jsonrpc.encode_error(error.request_id, error))
-            continue
-        except RpcError as error:
-            reader_log.info("session.bad_frame", code=error.code, reason=error.message)
-            await send(jsonrpc.encode_error(None, error))
-            continue
-        try:
-            mailbox.tell(decoded)
-        except MailboxFull:
-            if isinstance(decoded, jsonrpc.Request):
-                busy = ServerBusy(
-                    "server busy: too many requests queued in this session",
-                    {"retryAfterMs": math.ceil(BUSY_RETRY_AFTER_S * 1000)},
-                )
-                await send(jsonrpc.encode_error(decoded.id, busy))
-            else:
-                reader_log.warning(
-                    "dead_letter", reason="mailbox full", kind=type(decoded).__name__
-                )
-        except ActorStopped:
-            return
-
-
-@dataclass(frozen=True, slots=True)
-class SessionServices:
-    """What every session is given by the node: shared, never owned by one session."""
-
-    tools: ToolRegistry
-    persistence: PersistenceClient
-    config: SessionConfig
-    mailbox_capacity: int
-    node_id: str
-
-
-async def serve_session(
-    services: SessionServices, ws: WebSocketConnection, handshake: Handshake
-) -> None:
-    """One connection's whole life: record it, run reader and actor, record its end.
-
-    The socket closing (by the client, or by shutdown with 1001) is the normal end: the reader
-    closes the mailbox, and running tool calls are cancelled since nobody can receive their
-    answers. The closing write is shielded so that shutdown still records it.
-    """
-    session_id = handshake.session_id
-    opened = datetime.now(UTC)
-    await services.persistence.write(
-        SessionRow(
-            session_id=session_id,
-            created_at=opened,
-            remote_addr=handshake.remote,
-            node_id=services.node_id,
-        )
-    )
-    log.info("session.opened", session_id=session_id, remote=handshake.remote)
-    state = SessionState(session_id=session_id, remote=handshake.remote)
-    ref: ActorRef[jsonrpc.Inbound]
-    ref, inbox = open_mailbox(f"/root/sessions/{session_id}", services.mailbox_capacity)
-    actor = SessionActor(
-        state, ws.send_message, services.tools, services.persistence, services.config
-    )
-    try:
-        try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(actor.run, inbox)
-                await pump(ws.get_message, ref, ws.send_message, session_id)
-                nursery.cancel_scope.cancel()
-        except* ConnectionClosed:
-            pass
-    finally:
-        closed = datetime.now(UTC)
-        with trio.move_on_after(10) as scope:
-            scope.shield = True
-            await services.persistence.write(
-                SessionClose(session_id=session_id, closed_at=closed, last_activity=closed)
-            )
-        log.info("session.closed", session_id=session_id)

@@ -1,0 +1,117 @@
+"""A session's whole life: recorded on connect, supervised while it runs, recorded at its end.
+
+Two tasks serve a connection: the reader (:func:`~actors.session.reader.pump`) and the session
+actor, the latter under a one-child supervisor with OTP ``transient`` semantics: a crash is
+restarted over the same :class:`SessionState` and mailbox, unless more than ``max_restarts``
+crashes fall within ``period`` seconds, in which case the session gives up
+(:class:`~runtime.supervision.SupervisorGaveUp`) and the sessions supervisor closes the socket
+with 1011. The socket closing (by the client, or by shutdown with 1001) is the normal end:
+running tool calls are cancelled, since nobody could receive their answers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import structlog
+import trio
+from trio_websocket import ConnectionClosed, WebSocketConnection
+
+from actors.persistence import PersistenceClient
+from actors.session.actor import SessionActor, SessionConfig, SessionState
+from actors.session.reader import pump
+from runtime.actor import close_mailbox, run_actor
+from runtime.mailbox import ActorRef, Ask, open_mailbox
+from runtime.mcp import jsonrpc
+from runtime.mcp.tools import ToolRegistry
+from runtime.server import Handshake
+from runtime.supervision.errors import SupervisorGaveUp
+from runtime.supervision.intensity import RestartIntensity
+from storage.rows import SessionClose, SessionRow
+
+log = structlog.get_logger("session")
+
+
+@dataclass(frozen=True, slots=True)
+class SessionServices:
+    """What every session is given by the node: shared, never owned by one session."""
+
+    tools: ToolRegistry
+    persistence: PersistenceClient
+    config: SessionConfig
+    mailbox_capacity: int
+    max_restarts: int
+    restart_period: float
+    node_id: str
+
+
+async def serve_session(
+    services: SessionServices, ws: WebSocketConnection, handshake: Handshake
+) -> None:
+    """Run one connection's session; raises only if the session gave up (see module doc)."""
+    session_id = handshake.session_id
+    opened = datetime.now(UTC)
+    await services.persistence.write(
+        SessionRow(
+            session_id=session_id,
+            created_at=opened,
+            remote_addr=handshake.remote,
+            node_id=services.node_id,
+        )
+    )
+    log.info("session.opened", session_id=session_id, remote=handshake.remote)
+    state = SessionState(session_id=session_id, remote=handshake.remote)
+    path = f"/root/sessions/{session_id}"
+    ref: ActorRef[jsonrpc.Inbound]
+    inbox: trio.MemoryReceiveChannel[jsonrpc.Inbound | Ask[jsonrpc.Inbound]]
+    ref, inbox = open_mailbox(path, services.mailbox_capacity)
+    try:
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_supervise_actor, services, state, ws, inbox)
+                await pump(ws.get_message, ref, ws.send_message, session_id, state.cancel)
+                nursery.cancel_scope.cancel()
+        except* ConnectionClosed:
+            pass
+    finally:
+        close_mailbox(path, inbox)
+        closed = datetime.now(UTC)
+        with trio.move_on_after(10) as scope:
+            scope.shield = True
+            await services.persistence.write(
+                SessionClose(session_id=session_id, closed_at=closed, last_activity=closed)
+            )
+        log.info("session.closed", session_id=session_id)
+
+
+async def _supervise_actor(
+    services: SessionServices,
+    state: SessionState,
+    ws: WebSocketConnection,
+    inbox: trio.MemoryReceiveChannel[jsonrpc.Inbound | Ask[jsonrpc.Inbound]],
+) -> None:
+    intensity = RestartIntensity(services.max_restarts, services.restart_period)
+    path = f"/root/sessions/{state.session_id}"
+    while True:
+        actor = SessionActor(
+            state, ws.send_message, services.tools, services.persistence, services.config
+        )
+        try:
+            await run_actor(actor, inbox)
+        except ConnectionClosed:
+            raise  # the socket is gone: not a crash, the end
+        except Exception as error:
+            if not intensity.allow(trio.current_time()):
+                raise SupervisorGaveUp(
+                    path, "actor", services.max_restarts, services.restart_period
+                ) from error
+            log.warning(
+                "session.actor_restarted",
+                session_id=state.session_id,
+                path=path,
+                error=repr(error),
+                exc_info=error,
+            )
+        else:
+            return  # mailbox closed and drained: the session is over

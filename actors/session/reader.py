@@ -1,0 +1,75 @@
+"""The session's reader: frames in, typed messages to the actor's mailbox.
+
+Framing errors are answered here because they need no session state, and answering them
+before the mailbox means a flood of garbage cannot queue behind real requests. A request that
+finds the mailbox full is refused at once with "server busy" and a retry hint; a notification
+that finds it full becomes a dead letter (nobody awaits it).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Awaitable, Callable
+
+import structlog
+
+from runtime.dead_letters import dead_letters
+from runtime.mailbox import ActorRef, ActorStopped, MailboxFull
+from runtime.mcp import jsonrpc
+from runtime.mcp.errors import InvalidRequest, RpcError, ServerBusy
+
+log = structlog.get_logger("session")
+
+#: How long a client is told to wait before retrying a request refused as "server busy".
+BUSY_RETRY_AFTER_S = 0.05
+CANCELLED = "notifications/cancelled"
+
+
+async def pump(
+    frames: Callable[[], Awaitable[str | bytes]],
+    mailbox: ActorRef[jsonrpc.Inbound],
+    send: Callable[[str], Awaitable[None]],
+    session_id: str,
+    cancel: Callable[[object], None],
+) -> None:
+    """Read frames until the socket closes (``ConnectionClosed``) or the actor stops.
+
+    ``notifications/cancelled`` is applied here through ``cancel``, not queued: it is
+    control, and must reach a call even when every slot is busy and the mailbox is full.
+    """
+    reader_log = log.bind(session_id=session_id)
+    sender = f"/root/sessions/{session_id}/reader"
+    while True:
+        frame = await frames()
+        try:
+            decoded = jsonrpc.decode(frame)
+            if isinstance(decoded, list):
+                raise InvalidRequest("invalid request: JSON-RPC batches are not supported")
+        except jsonrpc.InvalidRequestWithId as error:
+            await send(jsonrpc.encode_error(error.request_id, error))
+            continue
+        except RpcError as error:
+            reader_log.info("session.bad_frame", code=error.code, reason=error.message)
+            await send(jsonrpc.encode_error(None, error))
+            continue
+        if isinstance(decoded, jsonrpc.Notification) and decoded.method == CANCELLED:
+            cancel((decoded.params or {}).get("requestId"))
+            continue
+        try:
+            mailbox.tell(decoded, sender=sender)
+        except MailboxFull:
+            if isinstance(decoded, jsonrpc.Request):
+                busy = ServerBusy(
+                    "server busy: too many requests queued in this session; retry later",
+                    {"retryAfterMs": math.ceil(BUSY_RETRY_AFTER_S * 1000)},
+                )
+                await send(jsonrpc.encode_error(decoded.id, busy))
+            else:
+                dead_letters.record(
+                    target=mailbox.path,
+                    sender=sender,
+                    reason="mailbox full",
+                    kind=type(decoded).__name__,
+                )
+        except ActorStopped:
+            return

@@ -1,0 +1,134 @@
+"""Limits refuse with exact errors and codes, never a silent hang."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+from trio_websocket import ConnectionRejected
+
+from runtime.config import load_settings
+from tests.harness import RawClient, ServerProcess, open_raw, start_server
+
+MAILBOX = 4
+INFLIGHT = 2
+
+
+@pytest.fixture(scope="module")
+def tight_server(
+    database_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerProcess]:
+    handle = start_server(
+        tmp_path_factory.mktemp("tight"),
+        database_url=database_url,
+        extra_env={
+            "EXAI_SESSION_MAILBOX": str(MAILBOX),
+            "EXAI_MAX_INFLIGHT_PER_SESSION": str(INFLIGHT),
+        },
+    )
+    yield handle
+    assert handle.stop() == 0
+
+
+def call(request_id: Any, tool: str, **arguments: Any) -> dict[str, Any]:
+    return {
+        "jsonrpc": "2.0",
+        "id": request_id,
+        "method": "tools/call",
+        "params": {"name": tool, "arguments": arguments},
+    }
+
+
+def cancel(request_id: Any) -> dict[str, Any]:
+    return {
+        "jsonrpc": "2.0",
+        "method": "notifications/cancelled",
+        "params": {"requestId": request_id, "reason": "test"},
+    }
+
+
+async def test_full_mailbox_gets_server_busy_and_queued_requests_still_complete(
+    tight_server: ServerProcess,
+) -> None:
+    async with open_raw(tight_server.authed_url()) as ws:
+        client = RawClient(ws)
+        await client.initialize()
+        # Occupy every in-flight slot. A ping behind them proves both calls are running:
+        # the actor answers it only after it has started them.
+        for n in range(INFLIGHT):
+            await client.send(call(f"block-{n}", "exai_test_block"))
+        assert (await client.request("ping"))["result"] == {}
+        # The actor now waits for a slot at the next call; MAILBOX more requests queue.
+        await client.send(call("waits-for-slot", "echo", text="slot"))
+        for n in range(MAILBOX):
+            await client.send(call(f"queued-{n}", "echo", text=f"q{n}"))
+        await client.send(call("one-too-many", "echo", text="no room"))
+        busy = await client.receive()
+        assert busy["id"] == "one-too-many"
+        assert busy["error"]["code"] == -32000
+        assert "server busy" in busy["error"]["message"]
+        assert busy["error"]["data"]["retryAfterMs"] > 0
+
+        # Cancelling the blockers (control jumps the queue) frees the slots; every queued
+        # request is then answered, and the cancelled ones get no response at all.
+        for n in range(INFLIGHT):
+            await client.send(cancel(f"block-{n}"))
+        answered = {(await client.receive())["id"] for _ in range(1 + MAILBOX)}
+        assert answered == {"waits-for-slot"} | {f"queued-{n}" for n in range(MAILBOX)}
+        assert (await client.request("ping"))["result"] == {}
+
+
+async def test_cancel_of_unknown_or_finished_request_is_harmless(
+    tight_server: ServerProcess,
+) -> None:
+    async with open_raw(tight_server.authed_url()) as ws:
+        client = RawClient(ws)
+        await client.initialize()
+        reply = await client.request("tools/call", {"name": "echo", "arguments": {"text": "x"}})
+        await client.send(cancel(reply["id"]))
+        await client.send(cancel("never-existed"))
+        assert (await client.request("ping"))["result"] == {}
+
+
+async def test_sessions_over_the_limit_are_refused_with_503_and_retry_after(
+    database_url: str, state_dir: Path
+) -> None:
+    # Its own server: sessions of other tests may still be closing on a shared one.
+    server = start_server(
+        state_dir, database_url=database_url, extra_env={"EXAI_MAX_SESSIONS": "3"}
+    )
+    try:
+        await _refuses_the_fourth_session(server.authed_url())
+    finally:
+        assert server.stop() == 0
+
+
+async def _refuses_the_fourth_session(url: str) -> None:
+    async with open_raw(url) as a, open_raw(url) as b, open_raw(url) as c:
+        for ws in (a, b, c):
+            await RawClient(ws).initialize()
+        with pytest.raises(ConnectionRejected) as rejected:
+            async with open_raw(url):
+                pass
+        assert rejected.value.status_code == 503
+        headers = dict(rejected.value.headers or [])
+        assert headers[b"retry-after"] == b"1"
+    # Capacity comes back once the server has seen those sessions end: retry as told.
+    with trio.fail_after(30):
+        while True:
+            try:
+                async with open_raw(url) as ws:
+                    assert "result" in await RawClient(ws).initialize()
+                    break
+            except ConnectionRejected as refused:
+                if refused.status_code != 503:
+                    raise
+                await trio.sleep(0.05)
+
+
+def test_limits_come_from_config() -> None:
+    settings = load_settings(max_sessions="5", session_mailbox="7")
+    assert (settings.max_sessions, settings.session_mailbox) == (5, 7)
