@@ -78,6 +78,8 @@ async def _run(settings: Settings, signals: AsyncIterator[int], *, announce: boo
                 max_inflight=settings.max_inflight_per_session,
                 test_faults=settings.test_faults,
                 total_slots=trio.CapacityLimiter(settings.max_inflight_total),
+                heartbeat_interval=settings.heartbeat_interval,
+                page_size=settings.page_size,
             ),
             mailbox_capacity=settings.session_mailbox,
             max_restarts=settings.session_max_restarts,

@@ -70,11 +70,48 @@ class CallbackFuture(pykka.ThreadingFuture[T], Generic[T]):
 
 
 class BridgedActor(pykka.ThreadingActor):
-    """Base for pykka actors that trio code asks: their replies wake trio tasks directly."""
+    """Base for pykka actors that trio code asks: their replies wake trio tasks directly,
+    and their death is reported to whoever :func:`watch_death`-es them.
+
+    Two of pykka's private hooks are used (pinned to pykka 4): ``_create_future`` (the reply
+    type) and ``_actor_loop`` (the thread's whole life, so its end is observable).
+    """
+
+    _last_failure: BaseException | None = None
 
     @staticmethod
     def _create_future() -> pykka.Future[Any]:
         return CallbackFuture()
+
+    def _handle_failure(self, exception_type: Any, exception_value: Any, traceback: Any) -> None:
+        self._last_failure = exception_value
+        super()._handle_failure(exception_type, exception_value, traceback)
+
+    def _actor_loop(self) -> None:
+        try:
+            super()._actor_loop()
+        finally:
+            # After pykka's teardown: every queued ask has been answered with ActorDeadError.
+            with _watch_lock:
+                watcher = _watchers.pop(self.actor_urn, None)
+            if watcher is not None:
+                watcher(self._last_failure)
+
+
+_watch_lock = threading.Lock()
+_watchers: dict[str, Callable[[BaseException | None], None]] = {}
+
+
+def watch_death(ref: pykka.ActorRef[Any], callback: Callable[[BaseException | None], None]) -> None:
+    """Call ``callback(error_or_None)`` once the actor's thread has finished, from that thread
+    (or from here, at once, if it already has). One watcher per actor."""
+    with _watch_lock:
+        if not ref.actor_stopped.is_set():
+            _watchers[ref.actor_urn] = callback
+            return
+    # Already stopped, and its loop may or may not have passed the point of reading the
+    # watchers: the error is unknown here, pykka's log has it.
+    callback(None)
 
 
 async def wait_reply(future: pykka.Future[T]) -> T:

@@ -65,6 +65,13 @@ class Settings(BaseSettings):
     max_inflight_total: int = Field(
         default=1024, ge=1, description="Concurrent tools/call requests over all sessions."
     )
+    heartbeat_interval: float = Field(
+        default=5.0,
+        gt=0,
+        description="Seconds of tool silence after which a heartbeat progress is sent "
+        "(only to requests that carry a progress token).",
+    )
+    page_size: int = Field(default=50, ge=1, description="Items per page of list results.")
     db_pool_max: int = Field(
         default=4, ge=1, description="Database connections of the persistence actor."
     )

@@ -154,6 +154,11 @@ class RawClient:
         with trio.fail_after(30):
             return json.loads(await self.ws.get_message())  # type: ignore[no-any-return]
 
+    async def receive_any(self) -> Any:
+        """The next frame, decoded, whatever its shape (a batch answer is a list)."""
+        with trio.fail_after(30):
+            return json.loads(await self.ws.get_message())
+
     async def receive_until_closed(self) -> int:
         """Read (and drop) frames until the server closes; return the close code."""
         with trio.fail_after(30):

@@ -5,10 +5,14 @@ It handles its mailbox one message at a time, so the session state needs no lock
 While every slot is taken the actor stops taking messages, so later requests wait in the
 mailbox, and once that is full the reader refuses them with "server busy" instead of hanging.
 
+Dual era: a *handshake* client sends ``initialize`` once and the negotiated version holds for
+the session; a *modern* (2026-07-28) client names its version in every request's ``_meta`` and
+may start with ``server/discover``. Each request is answered in the era of its own version.
+
 What survives a crash lives in :class:`SessionState`, owned by the session, not the actor:
-the session id, negotiated version, client info, and the ids of requests being handled. When an
-incarnation crashes, every request it was handling is answered with ``SessionRestarted``
-(-32001) and the next incarnation reads the same mailbox, so nothing queued is lost.
+the session id, negotiated version, client info, log level, and the ids of requests being
+handled. When an incarnation crashes, every request it was handling is answered with
+``SessionRestarted`` (-32001) and the next incarnation reads the same mailbox.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from trio_websocket import ConnectionClosed
 
 from actors.persistence import PersistenceClient
 from runtime.actor import Actor
-from runtime.mcp import jsonrpc
+from runtime.mcp import jsonrpc, versions
 from runtime.mcp.errors import (
     InternalError,
     InvalidParams,
@@ -35,21 +39,29 @@ from runtime.mcp.errors import (
     RpcError,
     SessionNotInitialized,
     SessionRestarted,
+    UnsupportedProtocolVersion,
 )
+from runtime.mcp.paging import page
+from runtime.mcp.progress import Progress
 from runtime.mcp.schema import (
+    CACHEABLE_RESULTS,
+    LOG_LEVELS,
     CallToolParams,
     CallToolResult,
+    DiscoverResult,
     EmptyResult,
     Implementation,
     InitializeParams,
     InitializeResult,
     ListToolsParams,
     ListToolsResult,
+    LogLevel,
+    LogMessageParams,
     ServerCapabilities,
+    SetLevelParams,
     TextContent,
 )
 from runtime.mcp.tools import Tool, ToolContext, ToolRegistry
-from runtime.mcp.versions import has_structured_content, negotiate
 from storage.rows import SessionIdentified
 
 log = structlog.get_logger("session")
@@ -60,6 +72,7 @@ CRASH_METHOD = "$/exai/test/crash"
 
 Send = Callable[[str], Awaitable[None]]
 RequestId = str | int
+Message = jsonrpc.Inbound | jsonrpc.Batch
 
 
 class SessionCrashRequested(Exception):
@@ -75,6 +88,8 @@ class SessionState:
     protocol_version: str | None = None
     client: Implementation | None = None
     initialized: bool = False
+    #: Minimum level of ``notifications/message`` the client wants; ``None``: none.
+    log_level: LogLevel | None = None
     #: Requests taken from the mailbox and not yet answered (nor cancelled by the client).
     handling: set[RequestId] = field(default_factory=set)
     #: Running tool calls, by request id: the reader cancels them without queueing.
@@ -94,9 +109,11 @@ class SessionConfig:
     test_faults: bool
     #: Shared by every session of the node: the total of running tool calls.
     total_slots: trio.CapacityLimiter
+    heartbeat_interval: float = 5.0
+    page_size: int = 50
 
 
-class SessionActor(Actor[jsonrpc.Inbound]):
+class SessionActor(Actor[Message]):
     """One incarnation of a session's actor. A restart makes a new one over the same state."""
 
     def __init__(
@@ -125,7 +142,7 @@ class SessionActor(Actor[jsonrpc.Inbound]):
             yield
             calls.cancel_scope.cancel()
 
-    async def receive(self, message: jsonrpc.Inbound) -> None:
+    async def receive(self, message: Message) -> None:
         if isinstance(message, jsonrpc.Request):
             if message.method == "tools/call":
                 await self._start_call(message)
@@ -133,6 +150,8 @@ class SessionActor(Actor[jsonrpc.Inbound]):
                 await self._answer(message)
         elif isinstance(message, jsonrpc.Notification):
             self._notify(message)
+        elif isinstance(message, jsonrpc.Batch):
+            await self._batch(message)
         else:
             # We send no requests, so a response from the client correlates with nothing.
             self._log.warning("session.unexpected_response", id=message.id)
@@ -150,51 +169,79 @@ class SessionActor(Actor[jsonrpc.Inbound]):
             except ConnectionClosed:
                 return
 
+    # -- requests other than tools/call -------------------------------------------------
+
     async def _answer(self, request: jsonrpc.Request) -> None:
         self.state.handling.add(request.id)
-        try:
-            result = await self._dispatch(request)
-        except RpcError as error:
-            reply = jsonrpc.encode_error(request.id, error)
-        else:
-            reply = jsonrpc.encode_result(request.id, result)
-        await self._send(reply)
+        await self._send(await self._reply(request))
         self.state.handling.discard(request.id)
 
-    async def _dispatch(self, request: jsonrpc.Request) -> BaseModel:
+    async def _reply(self, request: jsonrpc.Request) -> str:
+        """The encoded response to one request (never ``tools/call``)."""
+        try:
+            version = self._version_of(request)
+            result = await self._dispatch(request, version)
+        except RpcError as error:
+            return jsonrpc.encode_error(request.id, error)
+        return jsonrpc.encode_result(request.id, _finish(result, version))
+
+    def _version_of(self, request: jsonrpc.Request) -> str:
+        """The protocol version this request is answered in, or the error that refuses it."""
+        meta = (request.params or {}).get("_meta")
+        if not isinstance(meta, dict):
+            meta = {}
+        named = meta.get(versions.PROTOCOL_VERSION_META)
+        if named is not None:
+            if not isinstance(named, str) or not versions.is_modern(named):
+                raise UnsupportedProtocolVersion(str(named), list(versions.MODERN_VERSIONS))
+            self._adopt_modern(named, meta)
+            return named
+        if request.method in ("initialize", "ping", "server/discover", CRASH_METHOD):
+            return self.state.protocol_version or ""
+        if self.state.protocol_version is None or versions.is_modern(self.state.protocol_version):
+            raise SessionNotInitialized(
+                f"session not initialized: send 'initialize' before {request.method!r}, "
+                f"or name a protocol version in _meta[{versions.PROTOCOL_VERSION_META!r}]"
+            )
+        return self.state.protocol_version
+
+    def _adopt_modern(self, version: str, meta: dict[str, Any]) -> None:
+        """A modern request carries the client's identity: record it the first time."""
+        if self.state.protocol_version == version:
+            return
+        self.state.protocol_version = version
+        client = meta.get(versions.CLIENT_INFO_META)
+        try:
+            info = Implementation.model_validate(client or {})
+        except ValidationError:
+            info = Implementation(name="unknown", version="unknown")
+        self._identify(info, version, requested=version)
+
+    async def _dispatch(self, request: jsonrpc.Request, version: str) -> BaseModel:
         method = request.method
-        if method == "ping":
-            return EmptyResult()
         if method == "initialize":
-            return await self._initialize(_params(InitializeParams, request))
+            return self._initialize(_params(InitializeParams, request))
+        if method == "server/discover":
+            return self._discover()
+        if method == "ping" and versions.has_ping(version):
+            return EmptyResult()
+        if method == "tools/list":
+            cursor = _params(ListToolsParams, request).cursor
+            tools, next_cursor = page(self._tools.descriptors(), cursor, self._config.page_size)
+            return ListToolsResult(tools=tools, next_cursor=next_cursor)
+        if method == "logging/setLevel" and versions.has_ping(version):
+            self.state.log_level = _params(SetLevelParams, request).level
+            return EmptyResult()
         if method == CRASH_METHOD and self._config.test_faults:
             raise SessionCrashRequested("test fault: session crash requested")
-        if self.state.protocol_version is None:
-            raise SessionNotInitialized(
-                f"session not initialized: send 'initialize' before {method!r}"
-            )
-        if method == "tools/list":
-            _params(ListToolsParams, request)
-            return ListToolsResult(tools=self._tools.descriptors())
-        raise MethodNotFound(f"method not found: {method!r}")
+        raise MethodNotFound(f"method not found: {method!r} (protocol version {version})")
 
-    async def _initialize(self, params: InitializeParams) -> InitializeResult:
+    def _initialize(self, params: InitializeParams) -> InitializeResult:
         if self.state.protocol_version is not None:
             raise InvalidRequest("session already initialized: 'initialize' may be sent once")
-        version = negotiate(params.protocol_version)
+        version = versions.negotiate(params.protocol_version)
         self.state.protocol_version = version
-        self.state.client = params.client_info
-        self._log = self._log.bind(client=params.client_info.name, protocol=version)
-        self._log.info("session.initialized", requested=params.protocol_version)
-        self._persistence.write_soon(
-            SessionIdentified(
-                session_id=self.state.session_id,
-                client_name=params.client_info.name,
-                client_version=params.client_info.version,
-                protocol_version=version,
-                at=datetime.now(UTC),
-            )
-        )
+        self._identify(params.client_info, version, requested=params.protocol_version)
         return InitializeResult(
             protocol_version=version,
             capabilities=ServerCapabilities(),
@@ -202,21 +249,104 @@ class SessionActor(Actor[jsonrpc.Inbound]):
             meta={"exai/sessionId": self.state.session_id},
         )
 
+    def _discover(self) -> DiscoverResult:
+        return DiscoverResult(
+            supported_versions=list(versions.SUPPORTED_VERSIONS),
+            capabilities=ServerCapabilities(),
+            meta={
+                versions.SERVER_INFO_META: SERVER_INFO.model_dump(exclude_none=True),
+                "exai/sessionId": self.state.session_id,
+            },
+        )
+
+    def _identify(self, client: Implementation, version: str, *, requested: str) -> None:
+        self.state.client = client
+        self._log = self._log.bind(client=client.name, protocol=version)
+        self._log.info("session.initialized", requested=requested)
+        self._persistence.write_soon(
+            SessionIdentified(
+                session_id=self.state.session_id,
+                client_name=client.name,
+                client_version=client.version,
+                protocol_version=version,
+                at=datetime.now(UTC),
+            )
+        )
+
     def _notify(self, note: jsonrpc.Notification) -> None:
         if note.method == "notifications/initialized":
             self.state.initialized = True
         elif note.method == "notifications/cancelled":
-            # Normally handled by the reader before queueing; kept for completeness.
+            # Normally applied by the reader before queueing; kept for batches.
             self.state.cancel((note.params or {}).get("requestId"))
         else:
             self._log.debug("session.notification_ignored", method=note.method)
 
-    async def _start_call(self, request: jsonrpc.Request) -> None:
+    # -- batches (2025-03-26) ------------------------------------------------------------
+
+    async def _batch(self, batch: jsonrpc.Batch) -> None:
+        version = self.state.protocol_version or ""
+        if not batch.items or not versions.allows_batches(version):
+            why = (
+                "an empty batch"
+                if not batch.items
+                else f"batches are not part of protocol version {version or '(none yet)'}"
+            )
+            await self._send(jsonrpc.encode_error(None, InvalidRequest(f"invalid request: {why}")))
+            return
+        replies: list[str | None] = [None] * len(batch.items)
+        async with trio.open_nursery() as members:
+            for index, item in enumerate(batch.items):
+                members.start_soon(self._batch_member, item, replies, index)
+        answered = [reply for reply in replies if reply is not None]
+        if answered:  # a batch of notifications only gets no response at all
+            await self._send(jsonrpc.encode_batch(answered))
+
+    async def _batch_member(self, item: object, replies: list[str | None], index: int) -> None:
         try:
-            if self.state.protocol_version is None:
-                raise SessionNotInitialized(
-                    "session not initialized: send 'initialize' before 'tools/call'"
-                )
+            message = jsonrpc.classify(item)
+        except jsonrpc.InvalidRequestWithId as error:
+            replies[index] = jsonrpc.encode_error(error.request_id, error)
+            return
+        except RpcError as error:
+            replies[index] = jsonrpc.encode_error(None, error)
+            return
+        if isinstance(message, jsonrpc.Notification):
+            self._notify(message)
+        elif isinstance(message, jsonrpc.Request):
+            if message.method == "initialize":
+                refusal = InvalidRequest("invalid request: 'initialize' must not be batched")
+                replies[index] = jsonrpc.encode_error(message.id, refusal)
+            elif message.method == "tools/call":
+                replies[index] = await self._admit_and_call(message)
+            else:
+                replies[index] = await self._reply(message)
+
+    # -- tools/call ----------------------------------------------------------------------
+
+    async def _start_call(self, request: jsonrpc.Request) -> None:
+        admitted = await self._admit(request)
+        if isinstance(admitted, str):
+            await self._send(admitted)
+            return
+        tool, params, version = admitted
+        assert self._calls is not None
+        self._calls.start_soon(self._call_and_send, request.id, tool, params, version)
+
+    async def _admit_and_call(self, request: jsonrpc.Request) -> str | None:
+        admitted = await self._admit(request)
+        if isinstance(admitted, str):
+            return admitted
+        return await self._call(request.id, *admitted)
+
+    async def _admit(self, request: jsonrpc.Request) -> str | tuple[Tool[Any], CallToolParams, str]:
+        """Validate and take a slot, or return the encoded refusal.
+
+        Waiting for a slot here is the back-pressure: the mailbox fills behind us, then the
+        reader refuses with "server busy".
+        """
+        try:
+            version = self._version_of(request)
             params = _params(CallToolParams, request)
             tool = self._tools.get(params.name)
             if tool is None:
@@ -224,10 +354,7 @@ class SessionActor(Actor[jsonrpc.Inbound]):
             if request.id in self.state.handling:
                 raise InvalidRequest(f"request id {request.id!r} is already in flight")
         except RpcError as error:
-            await self._send(jsonrpc.encode_error(request.id, error))
-            return
-        # Waiting here is the back-pressure: the mailbox fills behind us, then the reader
-        # refuses with "server busy".
+            return jsonrpc.encode_error(request.id, error)
         await self._slots.acquire()
         try:
             await self._config.total_slots.acquire_on_behalf_of(request.id)
@@ -235,63 +362,92 @@ class SessionActor(Actor[jsonrpc.Inbound]):
             self._slots.release()
             raise
         self.state.handling.add(request.id)
-        scope = trio.CancelScope()
-        self.state.calls[request.id] = scope
-        assert self._calls is not None
-        self._calls.start_soon(self._call, request.id, tool, params, scope)
+        self.state.calls[request.id] = trio.CancelScope()
+        return tool, params, version
+
+    async def _call_and_send(
+        self, request_id: RequestId, tool: Tool[Any], params: CallToolParams, version: str
+    ) -> None:
+        reply = await self._call(request_id, tool, params, version)
+        # A call the client cancelled gets no response (MCP: the receiver SHOULD NOT).
+        if reply is not None:
+            try:
+                await self._send(reply)
+            except ConnectionClosed:
+                return  # the reader sees it too and ends the session
+        # Not in a `finally`: a call cut short by a crash stays in `handling`, so that
+        # on_failure can tell the client it did not complete.
+        self.state.handling.discard(request_id)
 
     async def _call(
-        self,
-        request_id: RequestId,
-        tool: Tool[Any],
-        params: CallToolParams,
-        scope: trio.CancelScope,
-    ) -> None:
+        self, request_id: RequestId, tool: Tool[Any], params: CallToolParams, version: str
+    ) -> str | None:
+        """Run an admitted call; its encoded reply, or ``None`` if the client cancelled it."""
+        scope = self.state.calls[request_id]
+        reply = None
         try:
-            reply = None
             with scope:
-                reply = await self._run_tool(request_id, tool, params)
-            # A call the client cancelled gets no response (MCP: the receiver SHOULD NOT).
-            if reply is not None:
-                try:
-                    await self._send(reply)
-                except ConnectionClosed:
-                    return  # the reader sees it too and ends the session
-            # Not in a `finally`: a call cut short by a crash stays in `handling`, so that
-            # on_failure can tell the client it did not complete.
-            self.state.handling.discard(request_id)
+                reply = await self._run_tool(request_id, tool, params, version)
         finally:
             del self.state.calls[request_id]
             self._config.total_slots.release_on_behalf_of(request_id)
             self._slots.release()
+        if reply is None:
+            self.state.handling.discard(request_id)
+        return reply
 
     async def _run_tool(
-        self, request_id: RequestId, tool: Tool[Any], params: CallToolParams
+        self, request_id: RequestId, tool: Tool[Any], params: CallToolParams, version: str
     ) -> str:
-        version = self.state.protocol_version or ""
         try:
             args = tool.parse(params.arguments)
         except InvalidParams as error:
-            if version >= "2025-11-25":
+            if versions.input_errors_are_tool_results(version):
                 # Since 2025-11-25 invalid tool input is a tool error the model can read.
                 result = CallToolResult(content=[TextContent(text=error.message)], is_error=True)
-                return jsonrpc.encode_result(request_id, result)
+                return jsonrpc.encode_result(request_id, _finish(result, version))
             return jsonrpc.encode_error(request_id, error)
-        ctx = ToolContext(session_id=self.state.session_id, request_id=request_id)
+        token = params.meta.progress_token if params.meta else None
+        progress = Progress(token, self._send) if token is not None else None
+        ctx = ToolContext(
+            self.state.session_id, request_id, progress=progress, log=self._log_to_client
+        )
         try:
-            output = await tool.run(args, ctx)
+            async with trio.open_nursery() as running:
+                if progress is not None:
+                    running.start_soon(progress.heartbeat, self._config.heartbeat_interval)
+                output = await tool.run(args, ctx)
+                running.cancel_scope.cancel()
         except Exception:
             # A failing tool is the tool's failure, not the session's: answer and carry on.
             self._log.exception("tool.failed", tool=tool.name, id=request_id)
             return jsonrpc.encode_error(
                 request_id, InternalError(f"tool {tool.name!r} failed; see server log")
             )
-        structured = output.structured if has_structured_content(version) else None
+        structured = output.structured if versions.has_structured_content(version) else None
         result = CallToolResult(
             content=[TextContent(text=output.text)],
             structured_content=structured.model_dump(mode="json") if structured else None,
         )
-        return jsonrpc.encode_result(request_id, result)
+        return jsonrpc.encode_result(request_id, _finish(result, version))
+
+    async def _log_to_client(self, level: LogLevel, data: object) -> None:
+        threshold = self.state.log_level
+        if threshold is None or LOG_LEVELS.index(level) < LOG_LEVELS.index(threshold):
+            return
+        params = LogMessageParams(level=level, logger="exai", data=data)
+        await self._send(jsonrpc.encode_notification("notifications/message", params))
+
+
+def _finish(result: BaseModel, version: str) -> dict[str, Any]:
+    """The result as the request's era wants it: 2026-07-28 tags every result."""
+    body: dict[str, Any] = result.model_dump(mode="json", by_alias=True, exclude_none=True)
+    if versions.is_modern(version):
+        body.setdefault("resultType", "complete")
+        if isinstance(result, CACHEABLE_RESULTS):
+            body.setdefault("ttlMs", 0)
+            body.setdefault("cacheScope", "private")
+    return body
 
 
 def _params(model: type[Any], request: jsonrpc.Request) -> Any:

@@ -19,11 +19,10 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from actors.persistence import PersistenceClient
-from actors.session.actor import SessionActor, SessionConfig, SessionState
+from actors.session.actor import Message, SessionActor, SessionConfig, SessionState
 from actors.session.reader import pump
 from runtime.actor import close_mailbox, run_actor
 from runtime.mailbox import ActorRef, Ask, open_mailbox
-from runtime.mcp import jsonrpc
 from runtime.mcp.tools import ToolRegistry
 from runtime.server import Handshake
 from runtime.supervision.errors import SupervisorGaveUp
@@ -63,8 +62,8 @@ async def serve_session(
     log.info("session.opened", session_id=session_id, remote=handshake.remote)
     state = SessionState(session_id=session_id, remote=handshake.remote)
     path = f"/root/sessions/{session_id}"
-    ref: ActorRef[jsonrpc.Inbound]
-    inbox: trio.MemoryReceiveChannel[jsonrpc.Inbound | Ask[jsonrpc.Inbound]]
+    ref: ActorRef[Message]
+    inbox: trio.MemoryReceiveChannel[Message | Ask[Message]]
     ref, inbox = open_mailbox(path, services.mailbox_capacity)
     try:
         try:
@@ -89,7 +88,7 @@ async def _supervise_actor(
     services: SessionServices,
     state: SessionState,
     ws: WebSocketConnection,
-    inbox: trio.MemoryReceiveChannel[jsonrpc.Inbound | Ask[jsonrpc.Inbound]],
+    inbox: trio.MemoryReceiveChannel[Message | Ask[Message]],
 ) -> None:
     intensity = RestartIntensity(services.max_restarts, services.restart_period)
     path = f"/root/sessions/{state.session_id}"

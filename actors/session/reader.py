@@ -16,7 +16,7 @@ import structlog
 from runtime.dead_letters import dead_letters
 from runtime.mailbox import ActorRef, ActorStopped, MailboxFull
 from runtime.mcp import jsonrpc
-from runtime.mcp.errors import InvalidRequest, RpcError, ServerBusy
+from runtime.mcp.errors import RpcError, ServerBusy
 
 log = structlog.get_logger("session")
 
@@ -27,7 +27,7 @@ CANCELLED = "notifications/cancelled"
 
 async def pump(
     frames: Callable[[], Awaitable[str | bytes]],
-    mailbox: ActorRef[jsonrpc.Inbound],
+    mailbox: ActorRef[jsonrpc.Inbound | jsonrpc.Batch],
     send: Callable[[str], Awaitable[None]],
     session_id: str,
     cancel: Callable[[object], None],
@@ -41,10 +41,9 @@ async def pump(
     sender = f"/root/sessions/{session_id}/reader"
     while True:
         frame = await frames()
+        decoded: jsonrpc.Inbound | jsonrpc.Batch | list[object]
         try:
             decoded = jsonrpc.decode(frame)
-            if isinstance(decoded, list):
-                raise InvalidRequest("invalid request: JSON-RPC batches are not supported")
         except jsonrpc.InvalidRequestWithId as error:
             await send(jsonrpc.encode_error(error.request_id, error))
             continue
@@ -52,7 +51,10 @@ async def pump(
             reader_log.info("session.bad_frame", code=error.code, reason=error.message)
             await send(jsonrpc.encode_error(None, error))
             continue
-        if isinstance(decoded, jsonrpc.Notification) and decoded.method == CANCELLED:
+        if isinstance(decoded, list):
+            # Whether batches are allowed depends on the negotiated version: the actor knows.
+            decoded = jsonrpc.Batch(items=decoded)
+        elif isinstance(decoded, jsonrpc.Notification) and decoded.method == CANCELLED:
             cancel((decoded.params or {}).get("requestId"))
             continue
         try:

@@ -21,3 +21,22 @@ class BlockUntilCancelled(Tool[BlockArgs]):
 
     async def run(self, args: BlockArgs, ctx: ToolContext) -> ToolOutput:
         await trio.sleep_forever()
+
+
+class StepsArgs(BaseModel):
+    steps: int = 3
+
+
+class ReportSteps(Tool[StepsArgs]):
+    """Reports progress 1..steps (and a log message per step), then answers."""
+
+    name = "exai_test_steps"
+    description = "Test only: report progress and log each step."
+    Args = StepsArgs
+
+    async def run(self, args: StepsArgs, ctx: ToolContext) -> ToolOutput:
+        for step in range(1, args.steps + 1):
+            await ctx.report_progress(step, args.steps, f"step {step}")
+            await ctx.report_progress(step, args.steps, "a repeat is dropped")
+            await ctx.log("info", {"step": step})
+        return ToolOutput(text=f"{args.steps} steps")

@@ -65,3 +65,19 @@ class SessionRestarted(RpcError):
     """The session actor restarted while this request was in flight; it did not complete."""
 
     code = -32001
+
+
+class UnsupportedProtocolVersion(RpcError):
+    """2026-07-28: a request named a protocol version this server does not speak.
+
+    ``data`` lists what we support, so the client can pick one and retry (the ``mcp`` 2.x
+    client re-probes with a mutual version).
+    """
+
+    code = -32022
+
+    def __init__(self, requested: str, supported: list[str]) -> None:
+        super().__init__(
+            f"unsupported protocol version {requested!r}; supported: {', '.join(supported)}",
+            {"supported": supported, "requested": requested},
+        )

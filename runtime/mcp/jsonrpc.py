@@ -60,6 +60,19 @@ class ErrorResponse(_Wire):
 Inbound: TypeAlias = Request | Notification | Response | ErrorResponse
 
 
+class Batch(BaseModel):
+    """A JSON array of messages (2025-03-26 only); its members are classified one by one."""
+
+    model_config = ConfigDict(frozen=True)
+
+    items: list[Any]
+
+
+def encode_batch(replies: list[str]) -> str:
+    """Join already-encoded responses into one JSON array frame."""
+    return "[" + ",".join(replies) + "]"
+
+
 def decode(frame: str | bytes) -> Inbound | list[Any]:
     """Decode one frame. A JSON array is returned raw: whether batches are allowed depends on the
     session's protocol version, which framing does not know.

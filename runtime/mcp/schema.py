@@ -33,8 +33,13 @@ class ToolsCapability(WireModel):
     list_changed: bool = False
 
 
+class LoggingCapability(WireModel):
+    pass
+
+
 class ServerCapabilities(WireModel):
     tools: ToolsCapability = Field(default_factory=ToolsCapability)
+    logging: LoggingCapability | None = Field(default_factory=LoggingCapability)
 
 
 class InitializeResult(WireModel):
@@ -47,6 +52,15 @@ class InitializeResult(WireModel):
 
 class ListToolsParams(WireModel):
     cursor: str | None = None
+
+
+class DiscoverResult(WireModel):
+    """``server/discover`` (2026-07-28): what a handshake would have told the client."""
+
+    supported_versions: list[str]
+    capabilities: ServerCapabilities
+    instructions: str | None = None
+    meta: dict[str, Any] | None = Field(default=None, alias="_meta")
 
 
 class ToolDescriptor(WireModel):
@@ -64,6 +78,37 @@ class ListToolsResult(WireModel):
 
 class RequestMeta(WireModel):
     progress_token: str | int | None = None
+
+
+class ProgressParams(WireModel):
+    progress_token: str | int
+    progress: float
+    total: float | None = None
+    message: str | None = None
+
+
+LogLevel = Literal["debug", "info", "notice", "warning", "error", "critical", "alert", "emergency"]
+#: RFC 5424 order, least severe first.
+LOG_LEVELS: tuple[LogLevel, ...] = (
+    "debug",
+    "info",
+    "notice",
+    "warning",
+    "error",
+    "critical",
+    "alert",
+    "emergency",
+)
+
+
+class SetLevelParams(WireModel):
+    level: LogLevel
+
+
+class LogMessageParams(WireModel):
+    level: LogLevel
+    logger: str | None = None
+    data: Any
 
 
 class CallToolParams(WireModel):
@@ -85,3 +130,7 @@ class CallToolResult(WireModel):
 
 class EmptyResult(WireModel):
     """``ping`` and other acknowledgements answer with an empty object."""
+
+
+#: Results a 2026-07-28 client may cache; they carry ``ttlMs`` and ``cacheScope``.
+CACHEABLE_RESULTS: tuple[type[WireModel], ...] = (ListToolsResult, DiscoverResult)

@@ -7,24 +7,48 @@ A tool never parses JSON itself. Its ``Args`` model is the single source of its 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Generic, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
 from runtime.mcp.errors import InvalidParams
-from runtime.mcp.schema import ToolDescriptor
+from runtime.mcp.progress import Progress
+from runtime.mcp.schema import LogLevel, ToolDescriptor
 
 ArgsT = TypeVar("ArgsT", bound=BaseModel)
 
 
-@dataclass(frozen=True, slots=True)
 class ToolContext:
-    """What a running tool may know about its caller."""
+    """What a running tool may know about its caller, and how it talks back while it runs."""
 
-    session_id: str
-    request_id: str | int
+    __slots__ = ("_log", "_progress", "request_id", "session_id")
+
+    def __init__(
+        self,
+        session_id: str,
+        request_id: str | int,
+        *,
+        progress: Progress | None = None,
+        log: Callable[[LogLevel, object], Awaitable[None]] | None = None,
+    ) -> None:
+        self.session_id = session_id
+        self.request_id = request_id
+        self._progress = progress
+        self._log = log
+
+    async def report_progress(
+        self, progress: float, total: float | None = None, message: str | None = None
+    ) -> None:
+        """Tell the client how far along the call is (only if it asked, with a token)."""
+        if self._progress is not None:
+            await self._progress.report(progress, total, message)
+
+    async def log(self, level: LogLevel, data: object) -> None:
+        """A ``notifications/message`` to the client, if its log level lets it through."""
+        if self._log is not None:
+            await self._log(level, data)
 
 
 @dataclass(frozen=True, slots=True)

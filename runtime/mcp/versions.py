@@ -1,27 +1,72 @@
-"""Protocol versions this server speaks, and the negotiation rule of the MCP spec."""
+"""Protocol versions this server speaks, the negotiation rule, and what differs between them.
+
+The server is dual-era. *Handshake* versions (2024-11-05 .. 2025-11-25) agree on a version
+once, with ``initialize``. The *modern* version (2026-07-28) has no handshake: the client may
+probe with ``server/discover``, and every request names its version in ``_meta``.
+
+Versions are an enumerated set, not an ordered scalar (a future identifier need not be a
+date), so every "from version X on" question is answered by position in
+:data:`SUPPORTED_VERSIONS`, never by comparing strings.
+"""
 
 from __future__ import annotations
 
 from typing import Final
 
-#: Oldest first. The last one is what a client with an unknown version is offered.
-SUPPORTED_VERSIONS: Final[tuple[str, ...]] = (
+HANDSHAKE_VERSIONS: Final[tuple[str, ...]] = (
     "2024-11-05",
     "2025-03-26",
     "2025-06-18",
     "2025-11-25",
 )
-LATEST_VERSION: Final[str] = SUPPORTED_VERSIONS[-1]
+MODERN_VERSIONS: Final[tuple[str, ...]] = ("2026-07-28",)
+#: Oldest first.
+SUPPORTED_VERSIONS: Final[tuple[str, ...]] = HANDSHAKE_VERSIONS + MODERN_VERSIONS
+LATEST_HANDSHAKE_VERSION: Final[str] = HANDSHAKE_VERSIONS[-1]
+
+#: Reserved ``_meta`` keys of the modern era.
+PROTOCOL_VERSION_META: Final = "io.modelcontextprotocol/protocolVersion"
+CLIENT_INFO_META: Final = "io.modelcontextprotocol/clientInfo"
+CLIENT_CAPABILITIES_META: Final = "io.modelcontextprotocol/clientCapabilities"
+SERVER_INFO_META: Final = "io.modelcontextprotocol/serverInfo"
+LOG_LEVEL_META: Final = "io.modelcontextprotocol/logLevel"
 
 
 def negotiate(requested: str) -> str:
-    """Answer with the client's version when we support it, else with our latest (spec rule)."""
-    return requested if requested in SUPPORTED_VERSIONS else LATEST_VERSION
+    """``initialize``: the client's version when we support it by handshake, else our latest.
+
+    A modern version in ``initialize`` is answered with the latest handshake version: the
+    modern era has no ``initialize``.
+    """
+    return requested if requested in HANDSHAKE_VERSIONS else LATEST_HANDSHAKE_VERSION
+
+
+def at_least(version: str, first: str) -> bool:
+    """Whether ``version`` is ``first`` or newer; unknown versions are never "at least"."""
+    if version not in SUPPORTED_VERSIONS:
+        return False
+    return SUPPORTED_VERSIONS.index(version) >= SUPPORTED_VERSIONS.index(first)
+
+
+def is_modern(version: str) -> bool:
+    return version in MODERN_VERSIONS
+
+
+def allows_batches(version: str) -> bool:
+    """Only 2025-03-26 has JSON-RPC batches (2025-06-18 removed them)."""
+    return version == "2025-03-26"
 
 
 def has_structured_content(version: str) -> bool:
-    """``structuredContent`` and ``outputSchema`` exist from 2025-06-18 on.
+    """``structuredContent`` and ``outputSchema`` exist from 2025-06-18 on."""
+    return at_least(version, "2025-06-18")
 
-    Versions are ISO dates, so string order is chronological order.
-    """
-    return version >= "2025-06-18"
+
+def input_errors_are_tool_results(version: str) -> bool:
+    """From 2025-11-25, invalid tool arguments are ``isError`` results, not -32602."""
+    return at_least(version, "2025-11-25")
+
+
+def has_ping(version: str) -> bool:
+    """2026-07-28 removed ``ping`` and ``logging/setLevel``."""
+    return not is_modern(version)

@@ -1,0 +1,37 @@
+"""Opaque list cursors. Clients must not interpret them; we must refuse ones we did not make."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Sequence
+from typing import TypeVar
+
+from runtime.mcp.errors import InvalidParams
+
+T = TypeVar("T")
+_PREFIX = "exai:v1:"
+
+
+def encode_cursor(offset: int) -> str:
+    return base64.urlsafe_b64encode(f"{_PREFIX}{offset}".encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> int:
+    try:
+        padded = cursor + "=" * (-len(cursor) % 4)
+        text = base64.urlsafe_b64decode(padded.encode()).decode()
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        raise InvalidParams(f"invalid cursor {cursor!r}: not one this server issued") from None
+    if not text.startswith(_PREFIX) or not text[len(_PREFIX) :].isdigit():
+        raise InvalidParams(f"invalid cursor {cursor!r}: not one this server issued")
+    return int(text[len(_PREFIX) :])
+
+
+def page(items: Sequence[T], cursor: str | None, size: int) -> tuple[list[T], str | None]:
+    """The page at ``cursor`` (``None``: the first) and the cursor of the next, if any."""
+    offset = 0 if cursor is None else decode_cursor(cursor)
+    if offset > len(items) or (cursor is not None and offset == 0):
+        raise InvalidParams(f"invalid cursor {cursor!r}: out of range")
+    end = offset + size
+    return list(items[offset:end]), encode_cursor(end) if end < len(items) else None
