@@ -19,7 +19,7 @@ import os
 import signal
 import sys
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from functools import partial
 
@@ -29,7 +29,7 @@ import trio
 from psycopg_pool import ConnectionPool
 
 from actors.persistence import PersistenceActor, PersistenceClient
-from actors.session import SessionConfig, SessionServices, serve_session
+from actors.session import SessionConfig, SessionLifecycle, SessionServices
 from actors.tools import builtin_tools
 from runtime.auth import load_or_create_token
 from runtime.config import Settings
@@ -86,11 +86,12 @@ async def _run(settings: Settings, signals: AsyncIterator[int], *, announce: boo
             restart_period=settings.session_restart_period,
             node_id=f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:8]}",
         )
+        lifecycle = SessionLifecycle(services, resume_grace=settings.resume_grace)
         server = McpWebSocketServer(
             host=settings.host,
             port=settings.port,
             token=token,
-            handler=partial(serve_session, services),
+            session_host=lifecycle,
             sessions=Sessions(max_sessions=settings.max_sessions),
             max_message_bytes=settings.max_message_bytes,
         )
@@ -98,7 +99,16 @@ async def _run(settings: Settings, signals: AsyncIterator[int], *, announce: boo
 
             async def serve(*, task_status: trio.TaskStatus[str]) -> None:
                 await server.run(task_status=task_status)
-                nursery.cancel_scope.cancel()  # the signal watcher's job is done
+                # Sessions are closed; parked ones cannot be resumed from a dying process.
+                await lifecycle.resumable.expire_all()
+                nursery.cancel_scope.cancel()  # the reaper's and signal watcher's job is done
+
+            def stop() -> None:
+                lifecycle.resumable.parking = False  # sessions closed by us are over
+                remove_server_info(settings.server_file)
+                server.stop()
+
+            nursery.start_soon(lifecycle.resumable.run)
 
             await nursery.start(serve)
             write_server_info(
@@ -113,16 +123,14 @@ async def _run(settings: Settings, signals: AsyncIterator[int], *, announce: boo
             if announce:
                 print(f"exai: serving MCP on {server.url}", file=sys.stdout, flush=True)
             log.info("server.ready", url=server.url)
-            nursery.start_soon(_stop_on_signal, signals, server, settings)
+            nursery.start_soon(_stop_on_signal, signals, stop)
     finally:
         remove_server_info(settings.server_file)
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(partial(_stop_storage, persistence, pool, embedded))
 
 
-async def _stop_on_signal(
-    signals: AsyncIterator[int], server: McpWebSocketServer, settings: Settings
-) -> None:
+async def _stop_on_signal(signals: AsyncIterator[int], stop: Callable[[], None]) -> None:
     """First signal: begin shutdown. Later ones: say we are already at it."""
     stopping = False
     async for signum in signals:
@@ -132,8 +140,7 @@ async def _stop_on_signal(
             continue
         stopping = True
         log.info("server.stopping", signal=name)
-        remove_server_info(settings.server_file)
-        server.stop()
+        stop()
 
 
 def _stop_storage(

@@ -72,6 +72,12 @@ class Settings(BaseSettings):
         "(only to requests that carry a progress token).",
     )
     page_size: int = Field(default=50, ge=1, description="Items per page of list results.")
+    resume_grace: float = Field(
+        default=60.0,
+        ge=0,
+        description="Seconds a session whose socket dropped can be resumed by presenting its "
+        "id (Mcp-Session-Id header or ?session=); 0 disables resume.",
+    )
     db_pool_max: int = Field(
         default=4, ge=1, description="Database connections of the persistence actor."
     )

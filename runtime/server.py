@@ -13,9 +13,10 @@ give them ``grace`` seconds to finish their last writes, then cancel what remain
 from __future__ import annotations
 
 import uuid
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
+from typing import Protocol
+from urllib.parse import parse_qs, urlsplit
 
 import structlog
 import trio
@@ -33,14 +34,27 @@ CLOSE_INTERNAL_ERROR = 1011
 
 @dataclass(frozen=True, slots=True)
 class Handshake:
-    """What the handshake established about a connection before its session started."""
+    """What the handshake established about a connection before its session started.
+
+    ``resumed`` is the state a :class:`SessionHost` handed back for a resumed session; the
+    server never looks inside it.
+    """
 
     session_id: str
     remote: str
     subprotocol: str | None
+    resumed: object | None = None
 
 
-SessionHandler = Callable[[WebSocketConnection, Handshake], Awaitable[None]]
+class SessionHost(Protocol):
+    """What runs sessions, as the server sees it (the actors implement it)."""
+
+    def claim(self, session_id: str) -> object | None:
+        """Hand over a detached session's state to a new connection; ``None`` if there is no
+        such session any more (unknown, or its resume grace has passed)."""
+
+    async def serve(self, ws: WebSocketConnection, handshake: Handshake) -> None:
+        """Run the session to its end; raising ends only this session (see :class:`Sessions`)."""
 
 
 class Sessions:
@@ -59,14 +73,15 @@ class Sessions:
     def full(self) -> bool:
         return len(self._live) >= self.max_sessions
 
-    async def run(
-        self, handler: SessionHandler, ws: WebSocketConnection, handshake: Handshake
-    ) -> None:
+    def __contains__(self, session_id: str) -> bool:
+        return session_id in self._live
+
+    async def run(self, host: SessionHost, ws: WebSocketConnection, handshake: Handshake) -> None:
         """Run one session to its end. Never raises: a failure ends this session alone."""
         self._live[handshake.session_id] = ws
         self._drained = trio.Event() if len(self._live) == 1 else self._drained
         try:
-            await handler(ws, handshake)
+            await host.serve(ws, handshake)
         except Exception:
             log.exception("session.crashed", session_id=handshake.session_id)
             with trio.move_on_after(5) as scope:
@@ -94,7 +109,7 @@ class McpWebSocketServer:
         host: str,
         port: int,
         token: str,
-        handler: SessionHandler,
+        session_host: SessionHost,
         sessions: Sessions,
         max_message_bytes: int,
         grace: float = 10.0,
@@ -102,7 +117,7 @@ class McpWebSocketServer:
         self._host = host
         self._port = port
         self._token = token
-        self._handler = handler
+        self._session_host = session_host
         self.sessions = sessions
         self._max_message_bytes = max_message_bytes
         self._grace = grace
@@ -172,9 +187,29 @@ class McpWebSocketServer:
                 body=b"server busy: session limit reached, retry later\n",
             )
             return
+        resume_id = _presented_session_id(request)
+        resumed: object | None = None
+        if resume_id is not None:
+            if resume_id in self.sessions:
+                await request.reject(
+                    409,
+                    body=f"session {resume_id} is attached to another connection\n".encode(),
+                )
+                return
+            resumed = self._session_host.claim(resume_id)
+            if resumed is None:
+                log.info("handshake.resume_refused", session_id=resume_id)
+                await request.reject(
+                    404,
+                    body=(
+                        f"session {resume_id} is unknown or its resume grace period has "
+                        "passed; connect without a session id to start a new session\n"
+                    ).encode(),
+                )
+                return
         offered = request.proposed_subprotocols
         subprotocol = SUBPROTOCOL if SUBPROTOCOL in offered else None
-        session_id = str(uuid.uuid4())
+        session_id = resume_id or str(uuid.uuid4())
         ws = await request.accept(
             subprotocol=subprotocol,
             extra_headers=[(b"mcp-session-id", session_id.encode())],
@@ -184,5 +219,15 @@ class McpWebSocketServer:
             session_id=session_id,
             remote=f"{remote.address}:{remote.port}" if isinstance(remote, Endpoint) else remote,
             subprotocol=subprotocol,
+            resumed=resumed,
         )
-        await self.sessions.run(self._handler, ws, handshake)
+        await self.sessions.run(self._session_host, ws, handshake)
+
+
+def _presented_session_id(request: WebSocketRequest) -> str | None:
+    """``Mcp-Session-Id`` header, else ``?session=`` (the official clients set no headers)."""
+    for name, value in request.headers:
+        if name.lower() == b"mcp-session-id":
+            return value.decode("latin-1").strip() or None
+    values = parse_qs(urlsplit(request.path).query).get("session")
+    return values[0] if values else None

@@ -1,6 +1,6 @@
 """The session: one per MCP connection. See ``lifecycle`` for its life, ``actor`` for its work."""
 
 from actors.session.actor import SessionActor, SessionConfig, SessionState
-from actors.session.lifecycle import SessionServices, serve_session
+from actors.session.lifecycle import SessionLifecycle, SessionServices
 
-__all__ = ["SessionActor", "SessionConfig", "SessionServices", "SessionState", "serve_session"]
+__all__ = ["SessionActor", "SessionConfig", "SessionLifecycle", "SessionServices", "SessionState"]

@@ -1,4 +1,5 @@
-"""A session's whole life: recorded on connect, supervised while it runs, recorded at its end.
+"""A session's whole life: recorded on connect, supervised while it runs, parked when its
+socket drops (see ``resume``), recorded at its end.
 
 Two tasks serve a connection: the reader (:func:`~actors.session.reader.pump`) and the session
 actor, the latter under a one-child supervisor with OTP ``transient`` semantics: a crash is
@@ -21,6 +22,7 @@ from trio_websocket import ConnectionClosed, WebSocketConnection
 from actors.persistence import PersistenceClient
 from actors.session.actor import Message, SessionActor, SessionConfig, SessionState
 from actors.session.reader import pump
+from actors.session.resume import ResumableSessions
 from runtime.actor import close_mailbox, run_actor
 from runtime.mailbox import ActorRef, Ask, open_mailbox
 from runtime.mcp.tools import ToolRegistry
@@ -30,6 +32,8 @@ from runtime.supervision.intensity import RestartIntensity
 from storage.rows import SessionClose, SessionRow
 
 log = structlog.get_logger("session")
+
+CLOSE_NORMAL = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,43 +49,76 @@ class SessionServices:
     node_id: str
 
 
-async def serve_session(
-    services: SessionServices, ws: WebSocketConnection, handshake: Handshake
-) -> None:
-    """Run one connection's session; raises only if the session gave up (see module doc)."""
-    session_id = handshake.session_id
-    opened = datetime.now(UTC)
-    await services.persistence.write(
-        SessionRow(
-            session_id=session_id,
-            created_at=opened,
-            remote_addr=handshake.remote,
-            node_id=services.node_id,
-        )
-    )
-    log.info("session.opened", session_id=session_id, remote=handshake.remote)
-    state = SessionState(session_id=session_id, remote=handshake.remote)
-    path = f"/root/sessions/{session_id}"
-    ref: ActorRef[Message]
-    inbox: trio.MemoryReceiveChannel[Message | Ask[Message]]
-    ref, inbox = open_mailbox(path, services.mailbox_capacity)
-    try:
+class SessionLifecycle:
+    """The :class:`~runtime.server.SessionHost` of this node: runs, parks and resumes sessions."""
+
+    def __init__(self, services: SessionServices, resume_grace: float) -> None:
+        self.services = services
+        self.resumable = ResumableSessions(resume_grace, self._expire)
+
+    def claim(self, session_id: str) -> SessionState | None:
+        return self.resumable.claim(session_id)
+
+    async def serve(self, ws: WebSocketConnection, handshake: Handshake) -> None:
+        """One connection's session; raises only if the session gave up (see module doc)."""
+        services = self.services
+        session_id = handshake.session_id
+        if isinstance(handshake.resumed, SessionState):
+            state = handshake.resumed
+            log.info("session.resumed", session_id=session_id, remote=handshake.remote)
+        else:
+            state = SessionState(session_id=session_id, remote=handshake.remote)
+            await services.persistence.write(
+                SessionRow(
+                    session_id=session_id,
+                    created_at=datetime.now(UTC),
+                    remote_addr=handshake.remote,
+                    node_id=services.node_id,
+                )
+            )
+            log.info("session.opened", session_id=session_id, remote=handshake.remote)
+        path = f"/root/sessions/{session_id}"
+        ref: ActorRef[Message]
+        inbox: trio.MemoryReceiveChannel[Message | Ask[Message]]
+        ref, inbox = open_mailbox(path, services.mailbox_capacity)
+        detached = False
         try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(_supervise_actor, services, state, ws, inbox)
-                await pump(ws.get_message, ref, ws.send_message, session_id, state.cancel)
-                nursery.cancel_scope.cancel()
-        except* ConnectionClosed:
-            pass
-    finally:
-        close_mailbox(path, inbox)
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(_supervise_actor, services, state, ws, inbox)
+                    await pump(ws.get_message, ref, ws.send_message, session_id, state.cancel)
+                    nursery.cancel_scope.cancel()
+            except* ConnectionClosed as closed:
+                # A clean close (1000) is the client ending its session. Anything else (a
+                # dropped connection, 1001 going away) may be followed by a resume.
+                code = _close_code(closed)
+                if code != CLOSE_NORMAL:
+                    state.handling.clear()
+                    detached = self.resumable.park(state)
+        finally:
+            close_mailbox(path, inbox)
+            if not detached:
+                with trio.CancelScope(shield=True):
+                    await self._expire(state)
+
+    async def _expire(self, state: SessionState) -> None:
+        """The session is over for good: record its end."""
         closed = datetime.now(UTC)
         with trio.move_on_after(10) as scope:
             scope.shield = True
-            await services.persistence.write(
-                SessionClose(session_id=session_id, closed_at=closed, last_activity=closed)
+            await self.services.persistence.write(
+                SessionClose(session_id=state.session_id, closed_at=closed, last_activity=closed)
             )
-        log.info("session.closed", session_id=session_id)
+        log.info("session.closed", session_id=state.session_id)
+
+
+def _close_code(group: BaseExceptionGroup[ConnectionClosed]) -> int | None:
+    first = group.exceptions[0]
+    while isinstance(first, BaseExceptionGroup):
+        first = first.exceptions[0]
+    if isinstance(first, ConnectionClosed) and first.reason is not None:
+        return first.reason.code
+    return None
 
 
 async def _supervise_actor(
