@@ -46,8 +46,8 @@ class ChildStartError(SupervisionError):
 
     Raised by :meth:`Supervisor.run` when one of its initial children fails to start (the
     children already started are stopped first), and by :meth:`Supervisor.start_child`.
-    ``__cause__`` is the child's exception, or ``None`` if the child returned without calling
-    ``started()``.
+    ``__cause__`` is the child's exception, or a ``RuntimeError`` saying that the child
+    returned without calling ``started()``.
     """
 
     def __init__(self, path: str, reason: str) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from runtime.supervision.spec import Restart
+from runtime.supervision.spec import Restart, Strategy
 
 __all__ = ["ChildSnapshot", "ChildState", "SupervisorSnapshot"]
 
@@ -52,7 +52,7 @@ class SupervisorSnapshot:
 
     path: str | None
     """``None`` before the supervisor has ever run."""
-    strategy: str
+    strategy: Strategy
     max_restarts: int
     period: float
     running: bool

@@ -1,4 +1,4 @@
-"""What a supervisor needs to know about a child, and what a child gets from its supervisor."""
+"""The vocabulary of supervision: restart types, strategies, child specs and child contexts."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import trio
 
-__all__ = ["ChildContext", "ChildSpec", "Restart", "StartFunction"]
+__all__ = ["ChildContext", "ChildSpec", "Restart", "StartFunction", "Strategy"]
 
 
 class Restart(enum.StrEnum):
@@ -27,6 +27,25 @@ class Restart(enum.StrEnum):
 
     TEMPORARY = "temporary"
     """Never restarted; removed from the supervisor once it ends, however it ends."""
+
+
+class Strategy(enum.StrEnum):
+    """Which children a supervisor restarts when one of them has to be restarted.
+
+    Siblings that are restarted along with the failed child are first stopped in reverse start
+    order (each with its own ``shutdown`` grace), then everything is started again in start
+    order. Temporary siblings stopped this way are removed instead of restarted.
+    """
+
+    ONE_FOR_ONE = "one_for_one"
+    """Only the child that ended is restarted. Use it when children are independent."""
+
+    ONE_FOR_ALL = "one_for_all"
+    """All children are stopped and restarted. Use it when each child needs all the others."""
+
+    REST_FOR_ONE = "rest_for_one"
+    """The child that ended and every child started after it are stopped and restarted. Use it
+    when later children depend on earlier ones."""
 
 
 class ChildContext:
