@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
 import trio
@@ -16,6 +17,8 @@ import trio
 from actors.node import run_node
 from runtime.config import ConfigError, Settings, load_settings
 from runtime.logs import configure_logging
+from runtime.statefile import read_server_info
+from runtime.stdio_bridge import run_bridge
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -35,6 +38,22 @@ def _parser() -> argparse.ArgumentParser:
         "--database-url", help="PostgreSQL URL; omit for embedded Postgres (EXAI_DATABASE_URL)"
     )
     serve.add_argument("--log-level", help="debug, info, warning, error (EXAI_LOG_LEVEL)")
+
+    bridge = commands.add_parser(
+        "bridge",
+        help="stdio MCP server relaying to an exai server over WebSocket (for stdio-only IDEs)",
+        description="Reads MCP messages on stdin, relays them to --url, writes answers to "
+        "stdout; resumes the session when the connection drops. Logs go to stderr.",
+    )
+    bridge.add_argument("--url", help="ws://HOST:PORT/mcp (default: <state-dir>/server.json)")
+    bridge.add_argument("--token", help="client token (EXAI_TOKEN; default: <state-dir>/token)")
+    bridge.add_argument("--state-dir", type=Path, help="where a local server keeps its files")
+    bridge.add_argument(
+        "--give-up-after",
+        type=float,
+        default=30.0,
+        help="seconds the server may stay away before requests fail at once (default 30)",
+    )
     return parser
 
 
@@ -50,6 +69,8 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "bridge":
+        return _bridge(args)
     try:
         settings = _settings(args)
     except ConfigError as exc:
@@ -57,6 +78,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     configure_logging(settings.log_level)
     trio.run(run_node, settings)
+    return 0
+
+
+def _bridge(args: argparse.Namespace) -> int:
+    try:
+        settings = load_settings(state_dir=args.state_dir, token=args.token)
+    except ConfigError as exc:
+        print(f"exai: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level, json=True)
+    url = args.url
+    if url is None:
+        info = read_server_info(settings.server_file)
+        if info is None:
+            print(
+                f"exai: no --url given and no running server found ({settings.server_file})",
+                file=sys.stderr,
+            )
+            return 2
+        url = info.url
+    token = settings.token
+    if token is None and settings.token_file.exists():
+        token = settings.token_file.read_text().strip()
+    if not token:
+        print("exai: no token: pass --token or set EXAI_TOKEN", file=sys.stderr)
+        return 2
+    trio.run(partial(run_bridge, url, token, give_up_after=args.give_up_after))
     return 0
 
 

@@ -132,3 +132,22 @@ async def _refuses_the_fourth_session(url: str) -> None:
 def test_limits_come_from_config() -> None:
     settings = load_settings(max_sessions="5", session_mailbox="7")
     assert (settings.max_sessions, settings.session_mailbox) == (5, 7)
+
+
+async def test_sessions_may_use_the_same_request_ids_at_once(tight_server: ServerProcess) -> None:
+    # Request ids are per session: the node-wide limit must not confuse two sessions' "1".
+    url = tight_server.authed_url()
+    async with open_raw(url) as a_ws, open_raw(url) as b_ws:
+        a, b = RawClient(a_ws), RawClient(b_ws)
+        for client in (a, b):
+            await client.initialize()
+            await client.send(call(1, "exai_test_block"))
+            assert (await client.request("ping"))["result"] == {}  # its call 1 is running
+        for client in (a, b):
+            await client.send(cancel(1))
+            reply = await client.request(
+                "tools/call", {"name": "echo", "arguments": {"text": "ok"}}
+            )
+            assert reply["result"]["content"][0]["text"] == "ok"
+    restarts = [e for e in tight_server.log_events() if e["event"] == "session.actor_restarted"]
+    assert restarts == []

@@ -132,6 +132,7 @@ class SessionActor(Actor[Message]):
         self._config = config
         self._slots = trio.Semaphore(config.max_inflight)
         self._calls: trio.Nursery | None = None
+        self._current: RequestId | None = None
         self._log = log.bind(session_id=state.session_id)
 
     @asynccontextmanager
@@ -144,10 +145,13 @@ class SessionActor(Actor[Message]):
 
     async def receive(self, message: Message) -> None:
         if isinstance(message, jsonrpc.Request):
+            # Until answered or handed to a task, a crash here must still answer it.
+            self._current = message.id
             if message.method == "tools/call":
                 await self._start_call(message)
             else:
                 await self._answer(message)
+            self._current = None
         elif isinstance(message, jsonrpc.Notification):
             self._notify(message)
         elif isinstance(message, jsonrpc.Batch):
@@ -159,6 +163,8 @@ class SessionActor(Actor[Message]):
     async def on_failure(self, error: Exception) -> None:
         """Tell each request this incarnation was handling that it did not complete."""
         orphans, self.state.handling = self.state.handling, set()
+        if self._current is not None:
+            orphans.add(self._current)
         failure = SessionRestarted(
             "session restarted after an internal error; this request did not complete "
             "and may be retried"
@@ -355,9 +361,11 @@ class SessionActor(Actor[Message]):
                 raise InvalidRequest(f"request id {request.id!r} is already in flight")
         except RpcError as error:
             return jsonrpc.encode_error(request.id, error)
+        # Request ids are only unique within a session: the node-wide limiter needs both.
+        borrower = (self.state.session_id, request.id)
         await self._slots.acquire()
         try:
-            await self._config.total_slots.acquire_on_behalf_of(request.id)
+            await self._config.total_slots.acquire_on_behalf_of(borrower)
         except BaseException:
             self._slots.release()
             raise
@@ -390,7 +398,7 @@ class SessionActor(Actor[Message]):
                 reply = await self._run_tool(request_id, tool, params, version)
         finally:
             del self.state.calls[request_id]
-            self._config.total_slots.release_on_behalf_of(request_id)
+            self._config.total_slots.release_on_behalf_of((self.state.session_id, request_id))
             self._slots.release()
         if reply is None:
             self.state.handling.discard(request_id)
