@@ -32,10 +32,10 @@ class TcpProxy:
         scope = trio.CancelScope()
         self._pairs.append(scope)
         with scope:
-            async with client, await trio.open_tcp_stream("127.0.0.1", self.target_port) as up:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(_copy, client, up)
-                    nursery.start_soon(_copy, up, client)
+            up = await trio.open_tcp_stream("127.0.0.1", self.target_port)
+            async with client, up, trio.open_nursery() as nursery:
+                nursery.start_soon(_copy, client, up)
+                nursery.start_soon(_copy, up, client)
 
     def cut(self) -> None:
         for scope in self._pairs:

@@ -1,0 +1,675 @@
+"""The rate-limiter actor: one pykka thread that every session asks before calling upstream.
+
+One actor serialises the shared limits (requests and tokens per minute of each upstream key,
+calls in flight per provider) and each session's own (requests per minute, token and cost
+quotas), so admission is exact under any number of concurrent sessions. The arithmetic is
+:mod:`actors.limits`; this module is the actor around it: waiting, fairness, time, the trio
+side.
+
+**Waiting without a parked thread.** A call that may wait is queued in the actor, which
+answers the ``ask`` at once with "queued" and keeps the :class:`~runtime.bridge.CallbackFuture`
+that came with the request. When capacity frees, the actor sets that future and the bridge
+wakes exactly that trio task (``TrioToken.run_sync_soon``). A trio task cancelled while it
+waits, or after its grant was already on its way, sends a withdrawal, so neither its place nor
+its reservation is lost.
+
+**Time comes from trio.** Every message carries ``trio.current_time()``; the actor never reads
+a clock, so tests drive it with ``MockClock``. Rate limits free capacity as time passes, not
+when a message arrives, so the trio side owns a *pacer* task: the actor tells it (through the
+trio token) the earliest moment a waiter could go or must be refused, and the pacer sends a
+tick then.
+
+**Fairness.** Waiters queue per session, and capacity is handed out round-robin across
+sessions: a session that gets a grant goes to the back of the rotation, so one session with a
+hundred queued calls and another with one alternate instead of the second waiting behind the
+hundred. Within a session, calls keep their order. A call held back by its own session's
+limit does not hold back other sessions; a call held back by a provider's limit holds back the
+later turns at that provider in the same round, so a large call is not starved by small ones
+slipping past it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+import uuid
+from collections import OrderedDict, deque
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from functools import partial
+from typing import Any, TypeAlias
+
+import outcome
+import pykka
+import structlog
+import trio
+from pydantic import BaseModel, ConfigDict
+
+from actors.limits import (
+    Blocked,
+    Consumed,
+    Demand,
+    Ledger,
+    LimitName,
+    ProviderLimits,
+    SessionLimits,
+)
+from actors.providers.usage import Usage
+from runtime.bridge import ActorUnavailable, BridgedActor, CallbackFuture, wait_reply
+
+log = structlog.get_logger("rate_limiter")
+
+
+# -- what callers see ------------------------------------------------------------------------
+
+
+class Refusal(BaseModel):
+    """Why a call was refused: the limit, a sentence for the client, and when to retry.
+
+    ``retry_after`` is exact for rate limits; ``None`` when capacity returns only as other
+    calls finish, or never (``permanent``: a quota is spent, or the call is too large).
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    limit: LimitName
+    message: str
+    retry_after: float | None
+    permanent: bool
+    session_id: str
+    provider: str
+
+
+class RateLimited(Exception):
+    """A call was refused by a limit (see :attr:`refusal`); the message is for the client."""
+
+    def __init__(self, refusal: Refusal) -> None:
+        super().__init__(refusal.message)
+        self.refusal = refusal
+
+    @property
+    def limit(self) -> LimitName:
+        return self.refusal.limit
+
+    @property
+    def retry_after(self) -> float | None:
+        return self.refusal.retry_after
+
+
+@dataclass(slots=True)
+class Lease:
+    """A granted call. Settle it once the call is over, or withdraw it if never made."""
+
+    ticket: int
+    session_id: str
+    provider: str
+    tokens: int
+    cost_usd: float
+    closed: bool = False
+
+
+class UsageRecord(BaseModel):
+    """One upstream call's consumption, for the ``token_usage`` table (one row per call)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    call_id: str
+    session_id: str
+    provider: str
+    model: str
+    input_tokens: int
+    output_tokens: int
+    estimated: bool
+    cost_usd: float | None
+    at: datetime
+
+
+class SessionUsage(BaseModel):
+    """One session's counters and what it holds right now."""
+
+    model_config = ConfigDict(frozen=True)
+
+    session_id: str
+    requests: int
+    input_tokens: int
+    output_tokens: int
+    cost_usd: float
+    estimated_calls: int
+    in_flight: int
+    waiting: int
+    refused: int
+    tokens_reserved: int
+    cost_reserved_usd: float
+
+
+class ProviderLoad(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    limits: ProviderLimits
+    in_flight: int
+    waiting: int
+    requests_available: float | None
+    tokens_available: float | None
+
+
+class LimiterSnapshot(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    providers: list[ProviderLoad]
+    sessions: list[SessionUsage]
+
+
+# -- messages (the actor accepts exactly these) ----------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Granted:
+    pass
+
+
+_GRANTED = _Granted()
+_Decision: TypeAlias = _Granted | Refusal
+
+
+@dataclass(frozen=True, slots=True)
+class _Queued:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class _Acquire:
+    ticket: int
+    demand: Demand
+    now: float
+    deadline: float
+    reply: CallbackFuture[_Decision]
+
+
+@dataclass(frozen=True, slots=True)
+class _Settle:
+    ticket: int
+    consumed: Consumed | None
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
+class _Withdraw:
+    ticket: int
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
+class _Tick:
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
+class _Snapshot:
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
+class _CloseSession:
+    session_id: str
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
+class _Shutdown:
+    now: float
+
+
+_Message: TypeAlias = _Acquire | _Settle | _Withdraw | _Tick | _Snapshot | _CloseSession | _Shutdown
+
+
+# -- the actor -------------------------------------------------------------------------------
+
+
+@dataclass(slots=True, eq=False)
+class _Waiter:
+    ticket: int
+    demand: Demand
+    since: float
+    deadline: float
+    reply: CallbackFuture[_Decision]
+    block: Blocked | None = None
+    immediate: bool = True  # still inside its own Acquire: answer through the ask itself
+    decision: _Decision | None = field(default=None)
+
+
+class RateLimiterActor(BridgedActor):
+    """Owns the :class:`~actors.limits.Ledger` and the queues of waiting calls."""
+
+    def __init__(
+        self,
+        providers: Mapping[str, ProviderLimits],
+        session: SessionLimits,
+        wake: Callable[[float], None],
+    ) -> None:
+        super().__init__()
+        self._ledger = Ledger(providers, session)
+        self._queues: OrderedDict[str, deque[_Waiter]] = OrderedDict()
+        self._waiters: dict[int, _Waiter] = {}
+        self._leases: dict[int, Demand] = {}
+        self._now = -math.inf
+        self._wake = wake
+        self._announced: float | None = None  # the earliest tick the pacer was told of
+        self._shut = False
+
+    def on_receive(self, message: Any) -> Any:
+        if not isinstance(message, _Message):
+            raise TypeError(f"rate limiter got {type(message).__name__}")
+        now = self._now = max(self._now, message.now)  # messages may overtake each other
+        if self._shut:
+            raise ActorUnavailable("the rate limiter is shutting down")
+        match message:
+            case _Acquire():
+                reply: Any = self._acquire(message, now)
+            case _Settle(ticket=ticket, consumed=consumed):
+                self._release(ticket, consumed, now, used=True)
+                reply = None
+            case _Withdraw(ticket=ticket):
+                self._withdraw(ticket, now)
+                reply = None
+            case _Tick():
+                self._schedule(now)
+                self._announced = self._next_wake(now)
+                return self._announced
+            case _Snapshot():
+                reply = self._snapshot(now)
+            case _CloseSession(session_id=session_id):
+                reply = self._close_session(session_id, now)
+            case _Shutdown():
+                self._shut = True
+                self._fail_waiters()
+                return None
+        self._announce(now)
+        return reply
+
+    def on_stop(self) -> None:
+        self._fail_waiters()
+
+    # -- handlers ----------------------------------------------------------------------------
+
+    def _acquire(self, message: _Acquire, now: float) -> _Decision | _Queued:
+        demand = message.demand
+        waiter = _Waiter(message.ticket, demand, now, message.deadline, message.reply)
+        self._ledger.session(demand.session_id)
+        self._waiters[waiter.ticket] = waiter
+        queue = self._queues.get(demand.session_id)
+        if queue is None:
+            queue = self._queues[demand.session_id] = deque()
+        queue.append(waiter)
+        self._schedule(now)
+        waiter.immediate = False
+        return waiter.decision if waiter.decision is not None else _Queued()
+
+    def _release(self, ticket: int, consumed: Consumed | None, now: float, *, used: bool) -> None:
+        demand = self._leases.pop(ticket, None)
+        if demand is None:
+            return  # settled already: the client guards against it, this is belt and braces
+        if used:
+            self._ledger.settle(demand, consumed, now)
+        else:
+            self._ledger.withdraw(demand, now)
+        session = self._ledger.sessions[demand.session_id]
+        if session.closing and session.in_flight == 0:
+            del self._ledger.sessions[demand.session_id]
+        self._schedule(now)
+
+    def _withdraw(self, ticket: int, now: float) -> None:
+        waiter = self._waiters.get(ticket)
+        if waiter is not None:
+            self._remove(waiter)  # its task is gone: no answer
+            self._schedule(now)
+        else:
+            self._release(ticket, None, now, used=False)
+
+    def _close_session(self, session_id: str, now: float) -> SessionUsage | None:
+        ledger = self._ledger.sessions.get(session_id)
+        if ledger is None:
+            return None
+        ledger.closing = True
+        for waiter in list(self._queues.get(session_id, ())):
+            self._refuse(waiter, Blocked(LimitName.SESSION_CLOSED, "the session closed"), now)
+        usage = self._session_usage(session_id)
+        if ledger.in_flight == 0:
+            del self._ledger.sessions[session_id]
+        return usage
+
+    # -- scheduling --------------------------------------------------------------------------
+
+    def _schedule(self, now: float) -> None:
+        """Grant what can go now, round-robin over sessions; refuse what has waited enough."""
+        while True:
+            self._grant_round_robin(now)
+            expired = [w for w in self._waiters.values() if w.deadline <= now]
+            for waiter in expired:
+                self._refuse(waiter, self._reason(waiter), now)
+            if not expired:  # removing a head may have let another call be considered
+                return
+
+    def _grant_round_robin(self, now: float) -> None:
+        held: dict[str, Blocked] = {}  # providers that refused a turn in this pass
+        progress = True
+        while progress:
+            progress = False
+            for session_id in list(self._queues):
+                queue = self._queues.get(session_id)
+                if not queue:
+                    continue
+                head = queue[0]
+                provider = head.demand.provider
+                block = self._ledger.check(head.demand, now)
+                if (block is None or not block.limit.per_session) and provider in held:
+                    block = held[provider]  # an earlier turn at this provider goes first
+                if block is None:
+                    self._ledger.reserve(head.demand, now)
+                    self._leases[head.ticket] = head.demand
+                    self._decide(head, _GRANTED)
+                    if session_id in self._queues:
+                        self._queues.move_to_end(session_id)
+                    progress = True
+                elif block.permanent:
+                    self._refuse(head, block, now)
+                    progress = True
+                else:
+                    head.block = block
+                    if not block.limit.per_session:
+                        held[provider] = block
+
+    def _reason(self, waiter: _Waiter) -> Blocked:
+        queue = self._queues.get(waiter.demand.session_id)
+        head = queue[0] if queue else None
+        # A call behind its session's first waiting call is held by what holds that one.
+        reason = waiter.block or (head.block if head is not None else None)
+        return (
+            reason
+            or self._ledger.check(waiter.demand, self._now)
+            or Blocked(
+                LimitName.SESSION_REQUESTS, "the call waited behind this session's earlier calls"
+            )
+        )
+
+    def _next_wake(self, now: float) -> float | None:
+        """When the pacer must tick: a waiter's deadline, or a rate limit refilling for it."""
+        times = [w.deadline for w in self._waiters.values() if math.isfinite(w.deadline)]
+        for queue in self._queues.values():
+            block = queue[0].block if queue else None
+            if block is not None and block.retry_after is not None:
+                times.append(now + block.retry_after)
+        if not times:
+            return None
+        # Strictly later than now: a frozen test clock must not make the pacer spin.
+        return max(min(times), math.nextafter(now, math.inf))
+
+    def _announce(self, now: float) -> None:
+        due = self._next_wake(now)
+        if due is not None and (self._announced is None or due < self._announced):
+            self._announced = due
+            self._wake(due)
+
+    # -- answering waiters -------------------------------------------------------------------
+
+    def _decide(self, waiter: _Waiter, decision: _Decision) -> None:
+        self._remove(waiter)
+        if waiter.immediate:
+            waiter.decision = decision
+        else:
+            waiter.reply.set(decision)
+
+    def _refuse(self, waiter: _Waiter, block: Blocked, now: float) -> None:
+        demand = waiter.demand
+        session = self._ledger.sessions.get(demand.session_id)
+        if session is not None:
+            session.refused += 1
+        waited = now - waiter.since
+        message = block.message if waited <= 0 else f"{block.message} (waited {waited:.1f} s)"
+        self._decide(
+            waiter,
+            Refusal(
+                limit=block.limit,
+                message=message,
+                retry_after=block.retry_after,
+                permanent=block.permanent,
+                session_id=demand.session_id,
+                provider=demand.provider,
+            ),
+        )
+
+    def _remove(self, waiter: _Waiter) -> None:
+        self._waiters.pop(waiter.ticket, None)
+        queue = self._queues.get(waiter.demand.session_id)
+        if queue is not None:
+            with contextlib.suppress(ValueError):
+                queue.remove(waiter)
+            if not queue:
+                del self._queues[waiter.demand.session_id]
+
+    def _fail_waiters(self) -> None:
+        waiters, self._waiters = list(self._waiters.values()), {}
+        self._queues.clear()
+        for waiter in waiters:
+            error = ActorUnavailable("the rate limiter stopped")
+            waiter.reply.set_exception((type(error), error, None))
+
+    # -- snapshots ---------------------------------------------------------------------------
+
+    def _session_usage(self, session_id: str) -> SessionUsage:
+        s = self._ledger.sessions[session_id]
+        return SessionUsage(
+            session_id=session_id,
+            requests=s.calls,
+            input_tokens=s.input_tokens,
+            output_tokens=s.output_tokens,
+            cost_usd=s.cost_usd,
+            estimated_calls=s.estimated_calls,
+            in_flight=s.in_flight,
+            waiting=len(self._queues.get(session_id, ())),
+            refused=s.refused,
+            tokens_reserved=s.tokens_reserved,
+            cost_reserved_usd=s.cost_reserved,
+        )
+
+    def _snapshot(self, now: float) -> LimiterSnapshot:
+        waiting: dict[str, int] = {}
+        for waiter in self._waiters.values():
+            waiting[waiter.demand.provider] = waiting.get(waiter.demand.provider, 0) + 1
+        providers = [
+            ProviderLoad(
+                name=p.name,
+                limits=p.limits,
+                in_flight=p.in_flight,
+                waiting=waiting.get(p.name, 0),
+                requests_available=p.requests.available(now) if p.requests else None,
+                tokens_available=p.tokens.available(now) if p.tokens else None,
+            )
+            for p in self._ledger.providers.values()
+        ]
+        sessions = [self._session_usage(sid) for sid in self._ledger.sessions]
+        return LimiterSnapshot(providers=providers, sessions=sessions)
+
+
+# -- the trio side ---------------------------------------------------------------------------
+
+
+class _Pacer:
+    """Sends the actor a tick when it said it needs one; lives in the limiter's nursery."""
+
+    def __init__(self) -> None:
+        self._due = math.inf
+        self._changed = trio.Event()
+
+    def schedule(self, at: float) -> None:
+        """Runs in the trio thread (the actor calls it through the trio token)."""
+        if at < self._due:
+            self._due = at
+            self._changed.set()
+
+    async def run(self, ref: pykka.ActorRef[RateLimiterActor]) -> None:
+        while True:
+            if trio.current_time() < self._due:
+                self._changed = trio.Event()
+                with trio.move_on_at(self._due):
+                    await self._changed.wait()
+                continue
+            self._due = math.inf
+            due = await wait_reply(ref.ask(_Tick(trio.current_time()), block=False))
+            if due is not None:
+                self.schedule(due)
+
+
+def _wake_from_actor(token: trio.lowlevel.TrioToken, pacer: _Pacer, at: float) -> None:
+    with contextlib.suppress(trio.RunFinishedError):  # nobody is left to tick
+        token.run_sync_soon(pacer.schedule, at)
+
+
+class RateLimiter:
+    """How trio code asks the rate-limiter actor. Made by :func:`open_rate_limiter`.
+
+    ::
+
+        lease = await limiter.acquire(session_id, "glm", tokens=estimate.tokens,
+                                      cost_usd=estimate.cost_usd)
+        try:
+            result = await provider.complete(request)
+        except ProviderError:
+            limiter.settle(lease, model=model, usage=None, cost_usd=None)
+            raise
+        record = limiter.settle(lease, model=result.model, usage=result.usage,
+                                cost_usd=result.cost_usd)
+    """
+
+    def __init__(self, ref: pykka.ActorRef[RateLimiterActor], *, default_wait: float) -> None:
+        self._ref = ref
+        self._default_wait = default_wait
+        self._tickets = itertools.count(1)
+
+    async def acquire(
+        self,
+        session_id: str,
+        provider: str,
+        *,
+        tokens: int,
+        cost_usd: float = 0.0,
+        wait: float | None = None,
+    ) -> Lease:
+        """Admit one call, waiting up to ``wait`` seconds (the configured default if None).
+
+        ``tokens`` is the worst case (prompt estimate + ``max_tokens``); ``cost_usd`` its
+        price. Raises :class:`RateLimited` if a limit refuses it, at once or at the deadline.
+        """
+        now = trio.current_time()
+        patience = self._default_wait if wait is None else wait
+        ticket = next(self._tickets)
+        demand = Demand(session_id, provider, tokens, cost_usd)
+        reply: CallbackFuture[_Decision] = CallbackFuture()
+        message = _Acquire(ticket, demand, now, now + patience, reply)
+        try:
+            decision = await wait_reply(self._ref.ask(message, block=False))
+            if isinstance(decision, _Queued):
+                decision = await wait_reply(reply)
+        except BaseException:
+            # Cancelled (or failed) while queued, or with a grant already on its way: give
+            # the place or the reservation back, or the capacity would be lost for good.
+            self._send(_Withdraw(ticket, trio.current_time()))
+            raise
+        if isinstance(decision, Refusal):
+            raise RateLimited(decision)
+        return Lease(ticket, session_id, provider, tokens, cost_usd)
+
+    def settle(
+        self, lease: Lease, *, model: str, usage: Usage | None, cost_usd: float | None
+    ) -> UsageRecord | None:
+        """The call went upstream and is over: refund what it reserved beyond its usage.
+
+        ``usage=None``: it failed and consumed no tokens (the request still counts). Returns
+        the record to persist, or ``None`` if there is nothing to persist. Synchronous, so it
+        works in cleanup paths and cancelled scopes.
+        """
+        self._close(lease)
+        consumed = None
+        if usage is not None:
+            consumed = Consumed(
+                usage.input_tokens, usage.output_tokens, cost_usd or 0.0, usage.estimated
+            )
+        self._send(_Settle(lease.ticket, consumed, trio.current_time()))
+        if usage is None:
+            return None
+        return UsageRecord(
+            call_id=uuid.uuid4().hex,
+            session_id=lease.session_id,
+            provider=lease.provider,
+            model=model,
+            input_tokens=usage.input_tokens,
+            output_tokens=usage.output_tokens,
+            estimated=usage.estimated,
+            cost_usd=cost_usd,
+            at=datetime.now(UTC),
+        )
+
+    def withdraw(self, lease: Lease) -> None:
+        """The call was never made: give back everything, the request included. Idempotent."""
+        if lease.closed:
+            return
+        lease.closed = True
+        self._send(_Withdraw(lease.ticket, trio.current_time()))
+
+    async def snapshot(self) -> LimiterSnapshot:
+        result: LimiterSnapshot = await wait_reply(
+            self._ref.ask(_Snapshot(trio.current_time()), block=False)
+        )
+        return result
+
+    async def session_usage(self, session_id: str) -> SessionUsage | None:
+        snapshot = await self.snapshot()
+        return next((s for s in snapshot.sessions if s.session_id == session_id), None)
+
+    async def close_session(self, session_id: str) -> SessionUsage | None:
+        """Forget a session (its waiting calls are refused); returns its final counters."""
+        result: SessionUsage | None = await wait_reply(
+            self._ref.ask(_CloseSession(session_id, trio.current_time()), block=False)
+        )
+        return result
+
+    def _close(self, lease: Lease) -> None:
+        if lease.closed:
+            raise RuntimeError(f"lease {lease.ticket} was already settled or withdrawn")
+        lease.closed = True
+
+    def _send(self, message: _Message) -> None:
+        # `ask`, not `tell`: an exception while handling a pykka `tell` stops the actor.
+        future = self._ref.ask(message, block=False)
+        assert isinstance(future, CallbackFuture)
+        future.add_done_callback(partial(_log_failure, type(message).__name__))
+
+
+def _log_failure(message: str, result: outcome.Outcome[object]) -> None:
+    if isinstance(result, outcome.Error) and not isinstance(
+        result.error, pykka.ActorDeadError | ActorUnavailable
+    ):
+        log.error("rate_limiter.message_failed", message=message, error=repr(result.error))
+
+
+@asynccontextmanager
+async def open_rate_limiter(
+    providers: Mapping[str, ProviderLimits], session: SessionLimits
+) -> AsyncIterator[RateLimiter]:
+    """Start the actor and its pacer; on exit, fail whoever still waits and stop the actor."""
+    pacer = _Pacer()
+    token = trio.lowlevel.current_trio_token()
+    ref = RateLimiterActor.start(providers, session, partial(_wake_from_actor, token, pacer))
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pacer.run, ref)
+            yield RateLimiter(ref, default_wait=session.max_wait_seconds)
+            nursery.cancel_scope.cancel()
+    finally:
+        with trio.CancelScope(shield=True):
+            with contextlib.suppress(ActorUnavailable):
+                await wait_reply(ref.ask(_Shutdown(trio.current_time()), block=False))
+            await trio.to_thread.run_sync(ref.stop)
