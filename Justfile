@@ -58,3 +58,12 @@ setup-clients:
             echo "$want" > "$env/.installed"
         fi
     done
+
+# End-to-end benchmark against the floor and the SDK servers: `just bench` (quick, < 3 min),
+# `just bench full`, `just bench profile`. Results go to docs/benchmarks.md (bench/README.md).
+bench MODE="quick" *ARGS: setup
+    {{bin}}/python -m bench {{MODE}} {{ARGS}}
+
+# Micro-benchmarks: actor kernel asks (issue 3).
+bench-actors *ARGS: setup
+    {{bin}}/python -m bench.actors {{ARGS}}

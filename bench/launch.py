@@ -9,6 +9,7 @@ every exit path, exceptions and Ctrl-C included, stops it.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import queue
 import resource
@@ -29,6 +30,25 @@ def raise_nofile_limit() -> int:
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL me if the harness dies without stopping me (a last
+    resort for a harness killed with SIGKILL; every other exit path stops children itself)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def interrupt_on_sigterm() -> None:
+    """Turn SIGTERM into KeyboardInterrupt so that the harness's cleanup runs."""
+
+    def handler(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
 
 
 def free_port() -> int:
@@ -77,6 +97,7 @@ class Owned:
             env=dict(env) if env is not None else None,
             cwd=cwd,
             start_new_session=True,
+            preexec_fn=_die_with_parent,  # noqa: PLW1509 - only prctl, no locks taken
         )
         if pipe_stdio:
             threading.Thread(target=self._pump, daemon=True).start()

@@ -68,9 +68,12 @@ class Stats:
     connected: int = 0
     connect_failed: int = 0
     finished: int = 0
+    # Calls answered inside the window, per active session: a session at 0 stalled.
+    answered: list[int] = field(default_factory=list)
 
-    def error(self, what: str) -> None:
-        self.errors += 1
+    def error(self, what: str, *, count: bool = True) -> None:
+        """Count a bad answer or a dropped session (count=False: only keep the first text)."""
+        self.errors += count
         if not self.first_error:
             self.first_error = what[:300]
 
@@ -99,11 +102,14 @@ def _check(msg: dict[str, Any], stats: Stats) -> bool:
     return True
 
 
-async def _sequential_calls(ws: WebSocketConnection, window: Window, stats: Stats) -> None:
+async def _sequential_calls(
+    ws: WebSocketConnection, window: Window, stats: Stats, slot: int
+) -> None:
     """One request in flight: send, wait for its answer, repeat."""
     perf = time.perf_counter
     loads = json.loads
     record = stats.latencies.append
+    answered = stats.answered
     request_id = 0
     while True:
         request_id += 1
@@ -118,16 +124,18 @@ async def _sequential_calls(ws: WebSocketConnection, window: Window, stats: Stat
             return
         if _check(msg, stats) and done >= window.start:
             record(done - sent)
+            answered[slot] += 1
 
 
 async def _pipelined_calls(
-    ws: WebSocketConnection, window: Window, stats: Stats, depth: int
+    ws: WebSocketConnection, window: Window, stats: Stats, slot: int, depth: int
 ) -> None:
     """``depth`` requests in flight: a sender and a receiver sharing a semaphore."""
     perf = time.perf_counter
     slots = trio.Semaphore(depth)
     in_flight: dict[int, float] = {}
     sending_done = trio.Event()
+    drained = trio.Event()
 
     async def sender() -> None:
         request_id = 0
@@ -140,7 +148,7 @@ async def _pipelined_calls(
 
     async def receiver() -> None:
         record = stats.latencies.append
-        while not (sending_done.is_set() and not in_flight):
+        while True:
             msg = json.loads(await ws.get_message())
             sent = in_flight.pop(msg.get("id"), None)
             if sent is None:
@@ -149,15 +157,18 @@ async def _pipelined_calls(
             slots.release()
             if _check(msg, stats) and window.start <= done < window.end:
                 record(done - sent)
+                stats.answered[slot] += 1
+            if sending_done.is_set() and not in_flight:
+                drained.set()
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(sender)
         nursery.start_soon(receiver)
         await sending_done.wait()
         # Answers still in flight after the window do not count: allow them a moment.
-        with trio.move_on_after(2.0):
-            while in_flight:
-                await trio.sleep(0.01)
+        if in_flight:
+            with trio.move_on_after(2.0):
+                await drained.wait()
         nursery.cancel_scope.cancel()
 
 
@@ -173,50 +184,63 @@ class Plan:
     connect_timeout: float
 
 
-async def _session(
-    plan: Plan,
-    active: bool,
-    nursery: trio.Nursery,
-    limiter: trio.CapacityLimiter,
-    ready: trio.MemorySendChannel[bool],
-    go: trio.Event,
-    finished: trio.Event,
-    window: Window,
-    stats: Stats,
-) -> None:
+@dataclass
+class Shared:
+    """What every session task of one generator shares."""
+
+    plan: Plan
+    limiter: trio.CapacityLimiter
+    ready: trio.MemorySendChannel[bool]
+    go: trio.Event
+    finished: trio.Event
+    window: Window
+    stats: Stats
+
+    def session_done(self) -> None:
+        self.stats.finished += 1
+        if self.stats.finished == self.plan.active:
+            self.finished.set()
+
+
+async def _session(sh: Shared, active: bool) -> None:
+    """One session in its own nursery, so its failure (a refused handshake raised by
+    trio-websocket's reader task, a dropped connection) stays its own."""
+    plan, stats = sh.plan, sh.stats
+    ready_sent = counted = False
     try:
-        async with limiter:
-            with trio.fail_after(plan.connect_timeout):
-                ws = await connect_websocket_url(nursery, plan.url, subprotocols=["mcp"])
-                await ws.send_message(_INITIALIZE)
-                init = await _await_response(ws, 0)
-                if "result" not in init:
-                    raise RuntimeError(f"initialize failed: {init}")  # noqa: TRY301
-                await ws.send_message(_INITIALIZED)
-    except Exception as exc:  # any failure to connect counts, the others go on
-        stats.connect_failed += 1
-        stats.error(f"connect: {exc!r}")
-        await ready.send(False)
-        if active:
-            stats.finished += 1
-            if stats.finished == plan.active:
-                finished.set()
-        return
-    stats.connected += 1
-    await ready.send(True)
-    if not active:
-        return  # the connection stays open: it lives in the nursery
-    await go.wait()
-    try:
-        if plan.pipeline > 1:
-            await _pipelined_calls(ws, window, stats, plan.pipeline)
+        async with trio.open_nursery() as nursery:
+            async with sh.limiter:
+                with trio.fail_after(plan.connect_timeout):
+                    ws = await connect_websocket_url(nursery, plan.url, subprotocols=["mcp"])
+                    await ws.send_message(_INITIALIZE)
+                    init = await _await_response(ws, 0)
+                    if "result" not in init:
+                        raise RuntimeError(f"initialize failed: {init}")  # noqa: TRY301
+                    await ws.send_message(_INITIALIZED)
+            stats.connected += 1
+            ready_sent = True
+            await sh.ready.send(True)
+            if not active:
+                await trio.sleep_forever()  # idle: connected, initialized, silent
+            await sh.go.wait()
+            slot = len(stats.answered)
+            stats.answered.append(0)
+            if plan.pipeline > 1:
+                await _pipelined_calls(ws, sh.window, stats, slot, plan.pipeline)
+            else:
+                await _sequential_calls(ws, sh.window, stats, slot)
+            counted = True
+            sh.session_done()
+            await trio.sleep_forever()  # stay connected: the process exits with os._exit
+    except Exception as exc:  # counted; the other sessions go on
+        if ready_sent:
+            stats.error(f"session: {exc!r}")
         else:
-            await _sequential_calls(ws, window, stats)
-    except Exception as exc:  # a dropped session is an error, not a crash of the generator
-        stats.error(f"session: {exc!r}")
-    stats.finished += 1
-    if stats.finished == plan.active:
-        finished.set()
+            stats.connect_failed += 1
+            stats.error(f"connect: {exc!r}", count=False)
+            await sh.ready.send(False)
+    if active and not counted:
+        sh.session_done()
 
 
 def _emit(event: dict[str, Any]) -> None:
@@ -234,12 +258,10 @@ async def run(plan: Plan, latency_file: str) -> None:
     ready_send, ready_recv = trio.open_memory_channel[bool](total)
     began = time.perf_counter()
     async with trio.open_nursery() as nursery:
+        sh = Shared(plan, limiter, ready_send, go, finished, window, stats)
         # Idle sessions first, so the active ones are the last connected (as in real life).
         for i in range(total):
-            active = i >= plan.idle
-            nursery.start_soon(
-                _session, plan, active, nursery, limiter, ready_send, go, finished, window, stats
-            )
+            nursery.start_soon(_session, sh, i >= plan.idle)
         for _ in range(total):
             await ready_recv.receive()
         _emit(
@@ -265,8 +287,7 @@ async def run(plan: Plan, latency_file: str) -> None:
         # Sessions end on their first answer after the window; give stragglers a grace period.
         with trio.move_on_after(window.end - time.perf_counter() + 3.0):
             await finished.wait()
-        with open(latency_file, "wb") as f:
-            stats.latencies.tofile(f)
+        await trio.Path(latency_file).write_bytes(stats.latencies.tobytes())
         _emit(
             {
                 "event": "result",
@@ -275,6 +296,7 @@ async def run(plan: Plan, latency_file: str) -> None:
                 "first_error": stats.first_error,
                 "client_cpu_s": cpu[1] - cpu[0],
                 "unfinished_sessions": plan.active - stats.finished,
+                "stalled_sessions": plan.active - sum(1 for n in stats.answered if n),
             }
         )
         sys.stdout.flush()

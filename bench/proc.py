@@ -66,6 +66,13 @@ def cpu_delta(before: dict[int, float], after: dict[int, float]) -> float:
     return sum(max(0.0, t - before.get(pid, 0.0)) for pid, t in after.items())
 
 
+def machine_busy_seconds() -> float:
+    """CPU seconds all cores have spent busy since boot (/proc/stat, everything but idle)."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(f) for f in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / _CLK_TCK
+
+
 def status_kib(pid: int, key: str) -> int:
     """A ``kB`` field of /proc/PID/status (VmRSS, VmHWM, ...), 0 if absent."""
     try:

@@ -47,15 +47,38 @@ class Measurement:
     server_cpu_s: float = 0.0
     db_cpu_s: float = 0.0
     client_cpu_s: float = 0.0
+    machine_cpu_s: float = 0.0
     peak_rss_kib: int = 0
     loaded_rss_kib: int = 0
     baseline_rss_kib: int | None = None
     unfinished_sessions: int = 0
+    stalled_sessions: int = 0
     failure: str = ""
 
     @property
     def throughput(self) -> float:
         return self.calls / self.duration_s if self.duration_s else 0.0
+
+    @property
+    def faults(self) -> str:
+        """What makes this run not clean ("" when every call was answered well)."""
+        parts = []
+        if self.stalled_sessions:
+            parts.append(f"{self.stalled_sessions} of {self.active} sessions stalled")
+        if self.errors:
+            parts.append(f"{self.errors} errors")
+        if self.open_faults:
+            parts.append(self.open_faults)
+        return ", ".join(parts)
+
+    @property
+    def open_faults(self) -> str:
+        return f"{self.connect_failed} sessions failed to open" if self.connect_failed else ""
+
+    @property
+    def other_cpu_s(self) -> float:
+        """CPU the machine spent on anything but this server and its load (noise)."""
+        return max(0.0, self.machine_cpu_s - self.server_cpu_s - self.db_cpu_s - self.client_cpu_s)
 
     @property
     def server_cpu_us_per_call(self) -> float | None:
@@ -66,12 +89,14 @@ class Measurement:
     def kib_per_idle_session(self) -> float | None:
         if not self.idle or self.baseline_rss_kib is None or not self.loaded_rss_kib:
             return None
-        return (self.loaded_rss_kib - self.baseline_rss_kib) / self.idle
+        # Read before the window starts: the active sessions are connected and silent too.
+        return (self.loaded_rss_kib - self.baseline_rss_kib) / (self.idle + self.active)
 
     def to_json(self) -> dict[str, Any]:
         data = dict(self.__dict__)
         data["throughput"] = self.throughput
         data["kib_per_idle_session"] = self.kib_per_idle_session
+        data["other_cpu_s"] = self.other_cpu_s
         return data
 
 
@@ -121,7 +146,9 @@ def measure(s: Scenario, running: Running, opts: RunOptions, tag: str) -> Measur
     try:
         if s.idle:
             # Baseline: the server after one short session, before the idle ones connect.
-            prime = replace(s, key="prime", active=1, idle=0, generators=1, warmup=0.0, duration=0.5)
+            prime = replace(
+                s, key="prime", active=1, idle=0, generators=1, warmup=0.0, duration=0.5
+            )
             scratch = Measurement("prime", running.name, 1, 0, 1, 1, prime.duration)
             _drive(prime, running, opts, f"{tag}-prime", scratch)
             time.sleep(0.3)
@@ -132,24 +159,31 @@ def measure(s: Scenario, running: Running, opts: RunOptions, tag: str) -> Measur
     return m
 
 
+def _generators(
+    s: Scenario, running: Running, opts: RunOptions, tag: str, stack: contextlib.ExitStack
+) -> list[tuple[Owned, Path]]:
+    """Start the scenario's generator processes (stopped when ``stack`` closes)."""
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    out = []
+    shares = zip(_split(s.active, s.generators), _split(s.idle, s.generators), strict=True)
+    for i, (active, idle) in enumerate(shares):
+        file = opts.work / f"{tag}-gen{i}.lat"
+        argv = [opts.generator_python, "-m", "bench.loadgen", "--url", running.url]
+        argv += ["--active", str(active), "--idle", str(idle), "--pipeline", str(s.pipeline)]
+        argv += ["--warmup", str(s.warmup), "--duration", str(s.duration)]
+        argv += ["--latency-file", str(file)]
+        log = opts.work / f"{tag}-gen{i}.log"
+        gen = Owned(f"generator {i}", argv, log, env=env, cwd=REPO, pipe_stdio=True)
+        out.append((stack.enter_context(gen), file))
+    return out
+
+
 def _drive(s: Scenario, running: Running, opts: RunOptions, tag: str, m: Measurement) -> None:
     """Start the generators, run the window, fill ``m``. Generators are always stopped."""
-    files = [opts.work / f"{tag}-gen{i}.lat" for i in range(s.generators)]
-    env = dict(os.environ, PYTHONPATH=str(REPO))
     with contextlib.ExitStack() as stack:
-        gens: list[Owned] = []
-        for i, (active, idle) in enumerate(
-            zip(_split(s.active, s.generators), _split(s.idle, s.generators), strict=True)
-        ):
-            argv = [opts.generator_python, "-m", "bench.loadgen", "--url", running.url]
-            argv += ["--active", str(active), "--idle", str(idle), "--pipeline", str(s.pipeline)]
-            argv += ["--warmup", str(s.warmup), "--duration", str(s.duration)]
-            argv += ["--latency-file", str(files[i])]
-            log = opts.work / f"{tag}-gen{i}.log"
-            gen = Owned(f"generator {i}", argv, log, env=env, cwd=REPO, pipe_stdio=True)
-            gens.append(stack.enter_context(gen))
+        gens = _generators(s, running, opts, tag, stack)
         connect_deadline = time.monotonic() + 30.0 + s.sessions / 150.0
-        for gen in gens:
+        for gen, _ in gens:
             ready = _events(gen, connect_deadline, "ready")
             m.connect_failed += int(ready["connect_failed"])
             m.connect_s = max(m.connect_s, float(ready["connect_s"]))
@@ -157,29 +191,21 @@ def _drive(s: Scenario, running: Running, opts: RunOptions, tag: str, m: Measure
         time.sleep(0.2)
         m.loaded_rss_kib = proc.Memory.of(running.pid).rss_kib
         t0 = time.time() + 0.3
-        for gen in gens:
+        for gen, _ in gens:
             gen.send_line(f"go {t0}")
         _sleep_until(t0 + s.warmup)
         server0, db0 = _snapshot(running)
+        busy0 = proc.machine_busy_seconds()
         profiler = _start_profiler(running, s, opts, tag)
         if profiler is not None:
             stack.enter_context(profiler)
         _sleep_until(t0 + s.warmup + s.duration)
         server1, db1 = _snapshot(running)
+        m.machine_cpu_s = proc.machine_busy_seconds() - busy0
         m.peak_rss_kib = proc.Memory.of(running.pid).peak_kib
         m.server_cpu_s = proc.cpu_delta(server0, server1)
         m.db_cpu_s = proc.cpu_delta(db0, db1)
-        result_deadline = time.monotonic() + 15.0
-        latencies: array[float] = array("d")
-        for gen, file in zip(gens, files, strict=True):
-            result = _events(gen, result_deadline, "result")
-            m.errors += int(result["errors"])
-            m.first_error = m.first_error or str(result.get("first_error") or "")
-            m.client_cpu_s += float(result["client_cpu_s"])
-            m.unfinished_sessions += int(result["unfinished_sessions"])
-            with file.open("rb") as f:
-                latencies.frombytes(f.read())
-            file.unlink()
+        latencies = _collect(gens, m)
         if profiler is not None:
             profiler.proc.wait(timeout=s.duration + 30)
     m.calls = len(latencies)
@@ -189,6 +215,22 @@ def _drive(s: Scenario, running: Running, opts: RunOptions, tag: str, m: Measure
         m.p90_ms = _percentile(ordered, 0.90)
         m.p99_ms = _percentile(ordered, 0.99)
         m.max_ms = ordered[-1] * 1000.0
+
+
+def _collect(gens: list[tuple[Owned, Path]], m: Measurement) -> array[float]:
+    """Every generator's result line and latencies, merged into ``m`` and returned."""
+    deadline = time.monotonic() + 15.0
+    latencies: array[float] = array("d")
+    for gen, file in gens:
+        result = _events(gen, deadline, "result")
+        m.errors += int(result["errors"])
+        m.first_error = m.first_error or str(result.get("first_error") or "")
+        m.client_cpu_s += float(result["client_cpu_s"])
+        m.unfinished_sessions += int(result["unfinished_sessions"])
+        m.stalled_sessions += int(result["stalled_sessions"])
+        latencies.frombytes(file.read_bytes())
+        file.unlink()
+    return latencies
 
 
 def _start_profiler(running: Running, s: Scenario, opts: RunOptions, tag: str) -> Owned | None:

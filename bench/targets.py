@@ -29,6 +29,8 @@ from bench.launch import Owned, free_port, stop_pids, wait_for_port
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 
+EXAI_DEFAULT_MAX_SESSIONS = 10_000
+
 SERVERS = ("floor", "exai", "sdk", "mcp2")
 LABELS = {
     "floor": "floor (trio-websocket echo)",
@@ -93,13 +95,17 @@ def _python_for(server: str, opts: Options) -> str:
 
 
 @contextlib.contextmanager
-def started(server: str, opts: Options, tag: str) -> Iterator[Running]:
-    """Start ``server`` on a free loopback port; stop it (and its database) on exit."""
+def started(server: str, opts: Options, tag: str, sessions: int) -> Iterator[Running]:
+    """Start ``server`` on a free loopback port; stop it (and its database) on exit.
+
+    ``sessions`` is how many the scenario opens at once: exai refuses sessions beyond
+    ``EXAI_MAX_SESSIONS`` (default 10,000), so the harness raises that limit to fit.
+    """
     port = free_port()
     log = opts.logs / f"{tag}-{server}.log"
     deadline = time.monotonic() + opts.start_timeout
     if server == "exai":
-        with _exai(port, opts, log, deadline) as running:
+        with _exai(port, opts, log, deadline, sessions) as running:
             yield running
         return
     script = {"floor": "floor.py", "sdk": "sdk_fastmcp.py", "mcp2": "mcp2_lowlevel.py"}[server]
@@ -111,7 +117,7 @@ def started(server: str, opts: Options, tag: str) -> Iterator[Running]:
 
 
 @contextlib.contextmanager
-def _exai(port: int, opts: Options, log: Path, deadline: float) -> Iterator[Running]:
+def _exai(port: int, opts: Options, log: Path, deadline: float, sessions: int) -> Iterator[Running]:
     assert opts.exai is not None
     state_dir = Path(tempfile.mkdtemp(prefix="exai-bench-state-"))
     token = secrets.token_urlsafe(24)
@@ -120,11 +126,14 @@ def _exai(port: int, opts: Options, log: Path, deadline: float) -> Iterator[Runn
     if opts.exai_database_url:
         argv += ["--database-url", opts.exai_database_url]
     env = dict(os.environ, EXAI_TOKEN=token)
+    if sessions > EXAI_DEFAULT_MAX_SESSIONS:
+        env["EXAI_MAX_SESSIONS"] = str(sessions + 100)
     try:
         with Owned("exai", argv, log, env=env, cwd=REPO) as owned:
             info = _wait_server_json(state_dir / "server.json", deadline, owned)
             url = str(info.get("url") or f"ws://127.0.0.1:{port}/mcp")
-            pid = int(info.get("pid") or owned.pid)
+            pid = info.get("pid")
+            pid = pid if isinstance(pid, int) else owned.pid
             sep = "&" if "?" in url else "?"
             yield Running("exai", f"{url}{sep}token={token}", owned, pid, state_dir)
     finally:

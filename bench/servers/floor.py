@@ -10,6 +10,7 @@ answers with the same shape as the runtime's ``echo`` tool, echoing the caller's
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import resource
 import sys
@@ -63,7 +64,11 @@ async def _handler(request: WebSocketRequest) -> None:
                 continue
             if not isinstance(msg, dict) or "id" not in msg or "method" not in msg:
                 continue  # notifications get no answer
-            reply = {"jsonrpc": "2.0", "id": msg["id"], "result": _result(msg["method"], msg.get("params"))}
+            reply = {
+                "jsonrpc": "2.0",
+                "id": msg["id"],
+                "result": _result(msg["method"], msg.get("params")),
+            }
             await ws.send_message(json.dumps(reply))
     except ConnectionClosed:
         pass
@@ -84,10 +89,8 @@ def main() -> None:
     args = parser.parse_args()
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         trio.run(_serve, args.host, args.port)
-    except KeyboardInterrupt:
-        pass
 
 
 if __name__ == "__main__":
