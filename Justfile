@@ -45,6 +45,8 @@ setup:
     fi
 
 # Real MCP clients used by the tests, each in its own environment so they never constrain ours.
+# Python clients: one venv per tests/clients/requirements-<name>.txt. The TypeScript SDK: npm ci
+# of tests/clients/package(-lock).json into .venv-clients/node, when Node.js is installed.
 setup-clients:
     #!/usr/bin/env bash
     set -euo pipefail
@@ -58,6 +60,19 @@ setup-clients:
             echo "$want" > "$env/.installed"
         fi
     done
+    if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
+        echo "setup-clients: node/npm not found: the TypeScript SDK client test will be skipped" >&2
+        exit 0
+    fi
+    env={{clients}}/node
+    want=$(cat tests/clients/package.json tests/clients/package-lock.json | sha256sum | cut -d' ' -f1)
+    if [ "$(cat "$env/.installed" 2>/dev/null)" != "$want" ]; then
+        # npm installs next to package.json, so the manifest and lock are copied into the env.
+        rm -rf "$env" && mkdir -p "$env"
+        cp tests/clients/package.json tests/clients/package-lock.json "$env/"
+        (cd "$env" && npm ci --silent --no-audit --no-fund)
+        echo "$want" > "$env/.installed"
+    fi
 
 # End-to-end benchmark against the floor and the SDK servers: `just bench` (quick, < 3 min),
 # `just bench full`, `just bench profile`. Results go to docs/benchmarks.md (bench/README.md).

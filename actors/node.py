@@ -82,6 +82,7 @@ async def _run(settings: Settings, signals: AsyncIterator[int], *, announce: boo
                 page_size=settings.page_size,
             ),
             mailbox_capacity=settings.session_mailbox,
+            max_message_bytes=settings.max_message_bytes,
             max_restarts=settings.session_max_restarts,
             restart_period=settings.session_restart_period,
             node_id=f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:8]}",

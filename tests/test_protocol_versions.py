@@ -254,3 +254,35 @@ async def test_a_silent_long_call_gets_heartbeats_until_cancelled(
         while (frame := await client.receive()).get("id") != "after":
             assert frame.get("method") == "notifications/progress", frame
         assert frame["result"] == {}
+
+
+async def test_a_modern_request_in_a_handshake_session_leaves_the_session_as_it_was(
+    server: ServerProcess,
+) -> None:
+    async with open_raw(server.authed_url()) as ws:
+        client = RawClient(ws)
+        await client.initialize("2025-06-18")
+        tagged = await client.request("tools/list", {"_meta": modern_meta()})
+        assert tagged["result"]["resultType"] == "complete"
+        # Still the 2025-06-18 session it negotiated: ping exists, untagged lists work.
+        assert (await client.request("ping"))["result"] == {}
+        assert "resultType" not in (await client.request("tools/list"))["result"]
+
+
+async def test_initialize_after_discover_is_32022_naming_the_modern_versions(
+    server: ServerProcess,
+) -> None:
+    # What mcp 2.x does when its discover timed out client-side but the server answered it.
+    async with open_raw(server.authed_url()) as ws:
+        client = RawClient(ws)
+        await client.request("server/discover", {"_meta": modern_meta()})
+        reply = await client.request(
+            "initialize",
+            {
+                "protocolVersion": "2025-11-25",
+                "capabilities": {},
+                "clientInfo": {"name": "late", "version": "1"},
+            },
+        )
+        assert reply["error"]["code"] == -32022
+        assert reply["error"]["data"] == {"supported": [MODERN], "requested": "2025-11-25"}

@@ -93,15 +93,27 @@ class SessionState:
     log_level: LogLevel | None = None
     #: Requests taken from the mailbox and not yet answered (nor cancelled by the client).
     handling: set[RequestId] = field(default_factory=set)
-    #: Running tool calls, by request id: the reader cancels them without queueing.
+    #: Admitted tool calls (waiting for a slot or running), by request id: the reader
+    #: cancels them without queueing.
     calls: dict[RequestId, trio.CancelScope] = field(default_factory=dict)
+    #: Requests in the mailbox, by id: ``True`` once cancelled there. Bounded by the
+    #: mailbox's capacity; the reader adds, the actor removes.
+    queued: dict[RequestId, bool] = field(default_factory=dict)
 
     def cancel(self, request_id: object) -> None:
-        """``notifications/cancelled``: stop that call. Unknown or finished ids are ignored,
-        as the spec asks (the race between a cancel and the response is inherent)."""
-        scope = self.calls.get(request_id) if isinstance(request_id, str | int) else None
+        """``notifications/cancelled``: stop that request, wherever it is.
+
+        A call waiting for a slot or running is cancelled through its scope; a request still
+        in the mailbox is marked, and the actor drops it when it comes to it. Unknown or
+        finished ids are ignored, as the spec asks (the race with the response is inherent).
+        """
+        if not isinstance(request_id, str | int) or isinstance(request_id, bool):
+            return
+        scope = self.calls.get(request_id)
         if scope is not None:
             scope.cancel()
+        elif request_id in self.queued:
+            self.queued[request_id] = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,6 +158,9 @@ class SessionActor(Actor[Message]):
 
     async def receive(self, message: Message) -> None:
         if isinstance(message, jsonrpc.Request):
+            if self.state.queued.pop(message.id, False) and message.method != "initialize":
+                self._log.debug("session.dropped_cancelled", id=message.id)
+                return  # cancelled while queued: no response, as for any cancelled request
             # Until answered or handed to a task, a crash here must still answer it.
             self._current = message.id
             if message.method == "tools/call":
@@ -201,7 +216,9 @@ class SessionActor(Actor[Message]):
         if named is not None:
             if not isinstance(named, str) or not versions.is_modern(named):
                 raise UnsupportedProtocolVersion(str(named), list(versions.MODERN_VERSIONS))
-            self._adopt_modern(named, meta)
+            if self.state.protocol_version is None:
+                self._adopt_modern(named, meta)
+            # Otherwise answered in its own era, leaving a handshake session as it is.
             return named
         if request.method in ("initialize", "ping", "server/discover", CRASH_METHOD):
             return self.state.protocol_version or ""
@@ -213,9 +230,7 @@ class SessionActor(Actor[Message]):
         return self.state.protocol_version
 
     def _adopt_modern(self, version: str, meta: dict[str, Any]) -> None:
-        """A modern request carries the client's identity: record it the first time."""
-        if self.state.protocol_version == version:
-            return
+        """The first request of a modern session carries the client's identity: record it."""
         self.state.protocol_version = version
         client = meta.get(versions.CLIENT_INFO_META)
         try:
@@ -244,6 +259,14 @@ class SessionActor(Actor[Message]):
         raise MethodNotFound(f"method not found: {method!r} (protocol version {version})")
 
     def _initialize(self, params: InitializeParams) -> InitializeResult:
+        if self.state.protocol_version is not None and versions.is_modern(
+            self.state.protocol_version
+        ):
+            # The session is modern already (say, a discover the client timed out on was
+            # answered): -32022 names the modern versions, so the client re-probes with one.
+            raise UnsupportedProtocolVersion(
+                params.protocol_version, list(versions.MODERN_VERSIONS)
+            )
         if self.state.protocol_version is not None:
             raise InvalidRequest("session already initialized: 'initialize' may be sent once")
         version = versions.negotiate(params.protocol_version)
@@ -333,6 +356,8 @@ class SessionActor(Actor[Message]):
 
     async def _start_call(self, request: jsonrpc.Request) -> None:
         admitted = await self._admit(request)
+        if admitted is None:
+            return
         if isinstance(admitted, str):
             await self._send(admitted)
             return
@@ -342,12 +367,15 @@ class SessionActor(Actor[Message]):
 
     async def _admit_and_call(self, request: jsonrpc.Request) -> str | None:
         admitted = await self._admit(request)
-        if isinstance(admitted, str):
+        if admitted is None or isinstance(admitted, str):
             return admitted
         return await self._call(request.id, *admitted)
 
-    async def _admit(self, request: jsonrpc.Request) -> str | tuple[Tool[Any], CallToolParams, str]:
-        """Validate and take a slot, or return the encoded refusal.
+    async def _admit(
+        self, request: jsonrpc.Request
+    ) -> str | tuple[Tool[Any], CallToolParams, str] | None:
+        """Validate and take a slot; or the encoded refusal; or ``None`` if the client
+        cancelled the call while it waited for a slot.
 
         Waiting for a slot here is the back-pressure: the mailbox fills behind us, then the
         reader refuses with "server busy".
@@ -364,17 +392,28 @@ class SessionActor(Actor[Message]):
             return jsonrpc.encode_error(request.id, error)
         # Request ids are only unique within a session: the node-wide limiter needs both.
         borrower = (self.state.session_id, request.id)
-        await _acquire(self._slots.acquire_nowait, self._slots.acquire)
+        # While it waits for a slot the call is already cancellable (its scope is known).
+        waiting = self.state.calls[request.id] = trio.CancelScope()
+        admitted = False
         try:
-            limiter = self._config.total_slots
-            await _acquire(
-                partial(limiter.acquire_on_behalf_of_nowait, borrower),
-                partial(limiter.acquire_on_behalf_of, borrower),
-            )
-        except BaseException:
-            self._slots.release()
-            raise
+            with waiting:
+                await _acquire(self._slots.acquire_nowait, self._slots.acquire)
+                try:
+                    limiter = self._config.total_slots
+                    await _acquire(
+                        partial(limiter.acquire_on_behalf_of_nowait, borrower),
+                        partial(limiter.acquire_on_behalf_of, borrower),
+                    )
+                except BaseException:
+                    self._slots.release()
+                    raise
+                admitted = True
+        finally:
+            del self.state.calls[request.id]
+        if not admitted:
+            return None  # cancelled while waiting: no response
         self.state.handling.add(request.id)
+        # Replaced without a checkpoint in between, so no cancel can fall in the gap.
         self.state.calls[request.id] = trio.CancelScope()
         return tool, params, version
 

@@ -44,6 +44,7 @@ class SessionServices:
     persistence: PersistenceClient
     config: SessionConfig
     mailbox_capacity: int
+    max_message_bytes: int
     max_restarts: int
     restart_period: float
     node_id: str
@@ -86,7 +87,16 @@ class SessionLifecycle:
             try:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(_supervise_actor, services, state, ws, inbox)
-                    await pump(ws.get_message, ref, ws.send_message, session_id, state.cancel)
+                    await pump(
+                        ws.get_message,
+                        ref,
+                        send=ws.send_message,
+                        close=ws.aclose,
+                        session_id=session_id,
+                        queued=state.queued,
+                        cancel=state.cancel,
+                        max_bytes=services.max_message_bytes,
+                    )
                     nursery.cancel_scope.cancel()
             except* ConnectionClosed as closed:
                 # A clean close (1000) is the client ending its session. Anything else (a

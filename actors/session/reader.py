@@ -23,16 +23,23 @@ log = structlog.get_logger("session")
 #: How long a client is told to wait before retrying a request refused as "server busy".
 BUSY_RETRY_AFTER_S = 0.05
 CANCELLED = "notifications/cancelled"
+CLOSE_UNSUPPORTED_DATA = 1003
+CLOSE_TOO_BIG = 1009
 
 
 async def pump(
     frames: Callable[[], Awaitable[str | bytes]],
     mailbox: ActorRef[jsonrpc.Inbound | jsonrpc.Batch],
+    *,
     send: Callable[[str], Awaitable[None]],
+    close: Callable[[int, str], Awaitable[None]],
     session_id: str,
+    queued: dict[str | int, bool],
     cancel: Callable[[object], None],
+    max_bytes: int,
 ) -> None:
-    """Read frames until the socket closes (``ConnectionClosed``) or the actor stops.
+    """Read frames until the socket closes (``ConnectionClosed``), the actor stops, or a frame
+    forces a close (then this closes the socket and returns).
 
     ``notifications/cancelled`` is applied here through ``cancel``, not queued: it is
     control, and must reach a call even when every slot is busy and the mailbox is full.
@@ -41,6 +48,17 @@ async def pump(
     sender = f"/root/sessions/{session_id}/reader"
     while True:
         frame = await frames()
+        if isinstance(frame, bytes):
+            # MCP over WebSocket is one JSON-RPC message per *text* frame (SEP-1288: 1003).
+            reader_log.info("session.closed_binary_frame")
+            await close(CLOSE_UNSUPPORTED_DATA, "binary frames are not supported: send text")
+            return
+        # trio-websocket limits characters; the limit is in bytes. Only frames that could
+        # exceed it (4 bytes per character at most) pay for the exact count.
+        if len(frame) * 4 > max_bytes and len(frame.encode()) > max_bytes:
+            reader_log.info("session.closed_oversized", limit=max_bytes)
+            await close(CLOSE_TOO_BIG, f"message larger than {max_bytes} bytes")
+            return
         decoded: jsonrpc.Inbound | jsonrpc.Batch | list[object]
         try:
             decoded = jsonrpc.decode(frame)
@@ -59,6 +77,8 @@ async def pump(
             continue
         try:
             mailbox.tell(decoded, sender=sender)
+            if isinstance(decoded, jsonrpc.Request):
+                queued[decoded.id] = False  # cancellable until the actor takes it
         except MailboxFull:
             if isinstance(decoded, jsonrpc.Request):
                 busy = ServerBusy(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import trio
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from runtime.mcp.tools import Tool, ToolContext, ToolOutput
 
@@ -24,7 +24,7 @@ class BlockUntilCancelled(Tool[BlockArgs]):
 
 
 class StepsArgs(BaseModel):
-    steps: int = 3
+    steps: int = Field(default=3, ge=0, le=1000)
 
 
 class ReportSteps(Tool[StepsArgs]):
@@ -36,6 +36,8 @@ class ReportSteps(Tool[StepsArgs]):
 
     async def run(self, args: StepsArgs, ctx: ToolContext) -> ToolOutput:
         for step in range(1, args.steps + 1):
+            # Cooperative scheduling: a step that never yields would stall the whole node.
+            await trio.lowlevel.checkpoint()
             await ctx.report_progress(step, args.steps, f"step {step}")
             await ctx.report_progress(step, args.steps, "a repeat is dropped")
             await ctx.log("info", {"step": step})

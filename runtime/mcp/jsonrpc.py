@@ -81,7 +81,8 @@ def decode(frame: str | bytes) -> Inbound | list[Any]:
     ``error_id``).
     """
     try:
-        data = pydantic_core.from_json(frame)
+        # NaN and Infinity are not JSON (RFC 8259), whatever Python's parser tolerates.
+        data = pydantic_core.from_json(frame, allow_inf_nan=False)
     except ValueError as exc:
         raise ParseError(f"parse error: {exc}") from None
     if isinstance(data, list):

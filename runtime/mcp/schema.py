@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 from pydantic.alias_generators import to_camel
 
 
@@ -77,7 +77,8 @@ class ListToolsResult(WireModel):
 
 
 class RequestMeta(WireModel):
-    progress_token: str | int | None = None
+    # Strict: a lax int would turn `true` into 1, a token the client never sent.
+    progress_token: StrictStr | StrictInt | None = None
 
 
 class ProgressParams(WireModel):
