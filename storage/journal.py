@@ -1,0 +1,346 @@
+"""The write journal: records the database has not taken yet, in order, on disk.
+
+While the database is down or slow, the persistence actor appends each batch here instead,
+one JSON object per line (``storage.rows`` records, tagged by ``kind``), and replays the lines
+in order once it is back, then truncates the file. Replaying twice is harmless: every write
+is idempotent.
+
+**fsync policy.** A batch that carries a critical write (a caller awaits it) is ``fdatasync``-ed
+before that caller is answered. A batch of background writes only is written (so a killed
+*process* loses nothing: the data is in the kernel's page cache) and ``fdatasync``-ed at most
+``fsync_interval`` seconds later, by the next append or the actor's periodic tick. So a crash
+of the whole *machine* can lose at most that interval of background writes, and never a write
+a caller was told is safe.
+
+**One file per process.** Each process ("node") creates its own file, ``journal-<ns>-<pid>.jsonl``,
+whose first line names the node, and holds an exclusive ``flock`` on it until it exits. The
+kernel drops the lock when the process dies, however it dies, so at start-up a file whose lock
+can be taken is proof that its writer is dead (:func:`find_orphans`): its lines are replayed
+and the node it names is treated as dead. A file still locked belongs to a live process and
+is left alone.
+
+**Bound.** ``max_bytes`` is the size beyond which the journal is :attr:`Journal.full`: new work
+must then be refused (``StorageUnavailable``), while the records of work already accepted
+are still appended, so the bound is exceeded by at most the work in flight.
+
+Records the database refuses outright (a constraint or a bad value) are never dropped: they
+are appended, with the error, to ``rejected.jsonl`` in the same directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import structlog
+from pydantic import ValidationError
+
+from storage.rows import RECORD, Record
+
+log = structlog.get_logger("storage.journal")
+
+FORMAT = 1
+REJECTED_FILE = "rejected.jsonl"
+_BLOCK = 1 << 20
+
+
+class Journal:
+    """This process's journal. Used by one thread at a time (the persistence actor's, or the
+    start-up code before the actor runs); it outlives any one incarnation of the actor."""
+
+    def __init__(
+        self, path: Path, fd: int, *, node_id: str, max_bytes: int, fsync_interval: float
+    ) -> None:
+        self.path = path
+        self.node_id = node_id
+        self.max_bytes = max_bytes
+        self.fsync_interval = fsync_interval
+        self._fd = fd
+        self._header_end = os.fstat(fd).st_size
+        self._size = self._header_end
+        self._replayed = self._header_end
+        self._pending_records = 0
+        self._dirty = False
+        self._last_sync = time.monotonic()
+
+    @classmethod
+    def open(
+        cls,
+        directory: Path,
+        *,
+        node_id: str,
+        max_bytes: int = 128 * 1024 * 1024,
+        fsync_interval: float = 1.0,
+    ) -> Journal:
+        """Create and lock this process's journal file in ``directory``."""
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / f"journal-{time.time_ns()}-{os.getpid()}.jsonl"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            header = {
+                "journal": FORMAT,
+                "node_id": node_id,
+                "pid": os.getpid(),
+                "created_at": datetime.now(UTC).isoformat(),
+            }
+            _write_all(fd, json.dumps(header).encode() + b"\n")
+            os.fsync(fd)
+            _fsync_directory(directory)
+        except BaseException:
+            os.close(fd)
+            path.unlink(missing_ok=True)
+            raise
+        return cls(path, fd, node_id=node_id, max_bytes=max_bytes, fsync_interval=fsync_interval)
+
+    @property
+    def directory(self) -> Path:
+        return self.path.parent
+
+    @property
+    def pending(self) -> bool:
+        """Records wait here that the database has not taken yet."""
+        return self._replayed < self._size
+
+    @property
+    def pending_records(self) -> int:
+        return self._pending_records
+
+    @property
+    def size_bytes(self) -> int:
+        return self._size
+
+    @property
+    def full(self) -> bool:
+        return self._size >= self.max_bytes
+
+    def append(self, records: Sequence[Record], *, durable: bool) -> None:
+        """Append ``records`` in one write; ``durable``: fdatasync before returning."""
+        if records:
+            data = b"".join([record.model_dump_json().encode() + b"\n" for record in records])
+            _write_all(self._fd, data)
+            self._size += len(data)
+            self._pending_records += len(records)
+            self._dirty = True
+        if durable:
+            self.sync()
+        else:
+            self.sync_if_due()
+
+    def sync(self) -> None:
+        if self._dirty:
+            os.fdatasync(self._fd)
+            self._dirty = False
+        self._last_sync = time.monotonic()
+
+    def sync_if_due(self) -> None:
+        if self._dirty and time.monotonic() - self._last_sync >= self.fsync_interval:
+            self.sync()
+
+    def read(self, max_records: int) -> tuple[list[Record], int]:
+        """The next records to replay (at most ``max_records``) and the offset after them;
+        pass both to :meth:`advance` once the database has them."""
+        lines, end, _ = _read_lines(self._fd, self._replayed, self._size, max_records)
+        return _parse(lines, self.directory, source=self.path.name), end
+
+    def advance(self, offset: int, records: int) -> None:
+        """The records before ``offset`` are in the database: forget them. Once everything is,
+        the file is truncated back to its header."""
+        self._replayed = offset
+        self._pending_records = max(0, self._pending_records - records)
+        if self._replayed >= self._size:
+            os.ftruncate(self._fd, self._header_end)
+            self._size = self._replayed = self._header_end
+            self._pending_records = 0
+
+    def set_aside(self, rejected: Sequence[tuple[Record, Exception]]) -> None:
+        """Keep records the database refused, with the reason, in ``rejected.jsonl``."""
+        set_aside(self.directory, rejected, node_id=self.node_id)
+
+    def close(self) -> None:
+        """Sync and release the file; delete it if nothing is pending (a clean stop). A file
+        left behind is replayed by the next start."""
+        if self._fd < 0:
+            return
+        try:
+            self.sync()
+            if not self.pending:
+                self.path.unlink(missing_ok=True)
+        finally:
+            os.close(self._fd)
+            self._fd = -1
+
+
+@dataclass
+class OrphanJournal:
+    """The journal of a process that is provably dead (its lock was free); we hold it now."""
+
+    path: Path
+    node_id: str | None
+    fd: int
+
+    def chunks(self, max_records: int) -> Iterator[list[Record]]:
+        """Its records in order, ``max_records`` at a time. A torn last line (the machine
+        died mid-write) was never acknowledged to anyone and is skipped."""
+        offset = self._header_end()
+        size = os.fstat(self.fd).st_size
+        while offset < size:
+            lines, offset, torn = _read_lines(self.fd, offset, size, max_records)
+            if torn:
+                log.warning("journal.torn_tail", file=self.path.name, bytes=len(torn))
+                offset = size
+            yield _parse(lines, self.path.parent, source=self.path.name)
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+        self.release()
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def _header_end(self) -> int:
+        lines, end, _ = _read_lines(self.fd, 0, os.fstat(self.fd).st_size, 1)
+        return end if lines else 0
+
+
+def find_orphans(directory: Path, *, exclude: Path | None = None) -> list[OrphanJournal]:
+    """Journals in ``directory`` whose writer is dead, oldest first, each locked by us now."""
+    found = []
+    for path in sorted(directory.glob("journal-*.jsonl"), key=_creation_order):
+        if exclude is not None and path == exclude:
+            continue
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            continue  # its owner removed it on a clean stop just now
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)  # a live process holds it
+            continue
+        found.append(OrphanJournal(path, _header_node(fd), fd))
+    return found
+
+
+def set_aside(
+    directory: Path, rejected: Sequence[tuple[Record, Exception]], *, node_id: str | None
+) -> None:
+    if not rejected:
+        return
+    now = datetime.now(UTC).isoformat()
+    lines = [
+        json.dumps(
+            {
+                "rejected_at": now,
+                "node_id": node_id,
+                "error": str(error),
+                "record": json.loads(record.model_dump_json()),
+            }
+        ).encode()
+        + b"\n"
+        for record, error in rejected
+    ]
+    fd = os.open(
+        directory / REJECTED_FILE, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600
+    )
+    try:
+        _write_all(fd, b"".join(lines))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    for record, error in rejected:
+        log.error("journal.record_rejected", kind=record.kind, error=str(error))
+
+
+def _creation_order(path: Path) -> tuple[int, str]:
+    parts = path.stem.split("-")
+    try:
+        return int(parts[1]), path.name
+    except (IndexError, ValueError):
+        return 0, path.name
+
+
+def _header_node(fd: int) -> str | None:
+    lines, _, _ = _read_lines(fd, 0, os.fstat(fd).st_size, 1)
+    with contextlib.suppress(ValueError, IndexError, AttributeError):
+        header = json.loads(lines[0])
+        node_id = header.get("node_id")
+        return node_id if isinstance(node_id, str) else None
+    return None
+
+
+def _read_lines(fd: int, start: int, end: int, max_lines: int) -> tuple[list[bytes], int, bytes]:
+    """Up to ``max_lines`` complete lines from ``[start, end)``: the lines, the offset after the
+    last one, and the incomplete tail if the range ended inside a line."""
+    lines: list[bytes] = []
+    offset = start
+    buffer = b""
+    read_at = start
+    while len(lines) < max_lines and read_at < end:
+        block = os.pread(fd, min(_BLOCK, end - read_at), read_at)
+        if not block:
+            break
+        read_at += len(block)
+        buffer += block
+        begin = 0
+        while len(lines) < max_lines:
+            newline = buffer.find(b"\n", begin)
+            if newline < 0:
+                break
+            lines.append(buffer[begin:newline])
+            begin = newline + 1
+        offset += begin
+        buffer = buffer[begin:]
+    torn = buffer if read_at >= end and len(lines) < max_lines else b""
+    return lines, offset, torn
+
+
+def _parse(lines: list[bytes], directory: Path, *, source: str) -> list[Record]:
+    records = []
+    for line in lines:
+        if not line.strip():
+            continue
+        try:
+            records.append(RECORD.validate_json(line))
+        except ValidationError as exc:
+            problem = str(exc)[:200]
+        else:
+            continue
+        # Not ours to judge, and not to lose: keep the raw line beside the rejected ones.
+        log.error("journal.unreadable_line", file=source, error=problem)
+        _keep_unreadable(directory, line, source)
+    return records
+
+
+def _keep_unreadable(directory: Path, line: bytes, source: str) -> None:
+    entry = {
+        "rejected_at": datetime.now(UTC).isoformat(),
+        "source": source,
+        "raw": line.decode("utf-8", "replace"),
+    }
+    with (directory / REJECTED_FILE).open("a") as out:
+        out.write(json.dumps(entry) + "\n")
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def _fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

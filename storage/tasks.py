@@ -1,0 +1,113 @@
+"""A task's records, built in order with the right versions.
+
+The task row is versioned (optimistic concurrency): each write states the version it moves the
+row to. :class:`TaskLifecycle` counts for the caller, so a session writes
+
+    task = TaskLifecycle.create(session_id=..., request_id=..., tool_name=..., arguments=...,
+                                node_id=...)
+    persistence.write_soon(task.created)
+    persistence.write_soon(task.started())
+    ...
+    await persistence.write(task.finished("completed", result=...))
+
+and never spells a version. It holds no lock: one task's records come from one trio task.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from datetime import UTC, datetime
+
+from pydantic import JsonValue
+from pydantic_core import to_json
+
+from storage.rows import (
+    PENDING_VERSION,
+    RUNNING_VERSION,
+    FinalTaskStatus,
+    TaskCreated,
+    TaskFinished,
+    TaskStarted,
+)
+
+
+def arguments_digest(arguments: JsonValue) -> str:
+    """sha256 of the arguments as canonical JSON (sorted keys): equal arguments, equal digest.
+
+    Stored instead of the arguments, which may be large or sensitive.
+    """
+    canonical = to_json(_sorted(arguments))
+    return "sha256:" + hashlib.sha256(canonical).hexdigest()
+
+
+def _sorted(value: JsonValue) -> JsonValue:
+    if isinstance(value, dict):
+        return {key: _sorted(value[key]) for key in sorted(value)}
+    if isinstance(value, list):
+        return [_sorted(item) for item in value]
+    return value
+
+
+def request_id_text(request_id: str | int) -> str:
+    """The JSON-RPC id as JSON text, so that ``1`` and ``"1"`` stay different."""
+    return to_json(request_id).decode()
+
+
+class TaskLifecycle:
+    """The records of one task, each at the version its predecessor left the row in."""
+
+    def __init__(self, created: TaskCreated) -> None:
+        self.created = created
+        self.task_id = created.task_id
+        self.version = PENDING_VERSION
+
+    @classmethod
+    def create(
+        cls,
+        *,
+        session_id: str,
+        request_id: str | int,
+        tool_name: str,
+        arguments: JsonValue,
+        node_id: str,
+        task_id: uuid.UUID | None = None,
+        at: datetime | None = None,
+    ) -> TaskLifecycle:
+        return cls(
+            TaskCreated(
+                task_id=task_id or uuid.uuid4(),
+                session_id=session_id,
+                request_id=request_id_text(request_id),
+                tool_name=tool_name,
+                arguments_digest=arguments_digest(arguments),
+                node_id=node_id,
+                created_at=at or datetime.now(UTC),
+            )
+        )
+
+    def started(self, at: datetime | None = None) -> TaskStarted:
+        if self.version != PENDING_VERSION:
+            raise ValueError(f"task {self.task_id} cannot start at version {self.version}")
+        self.version = RUNNING_VERSION
+        return TaskStarted(task_id=self.task_id, started_at=at or datetime.now(UTC))
+
+    def finished(
+        self,
+        status: FinalTaskStatus,
+        *,
+        result: JsonValue = None,
+        error_message: str | None = None,
+        at: datetime | None = None,
+    ) -> TaskFinished:
+        if self.version > RUNNING_VERSION:
+            raise ValueError(f"task {self.task_id} has already finished")
+        self.version += 1
+        return TaskFinished(
+            task_id=self.task_id,
+            status=status,
+            completed_at=at or datetime.now(UTC),
+            version=self.version,
+            result=result,
+            error_message=error_message,
+        )

@@ -1,0 +1,173 @@
+"""Nothing accepted is lost, end to end through ``exai serve``: not when Postgres crashes under
+load, not when the server process is killed.
+
+"Accepted" is what a client was answered: every ``tools/call`` that got a result must have
+exactly one ``completed`` task row, found by its session and request id.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import signal
+from pathlib import Path
+from typing import Any
+
+import trio
+from trio_websocket import ConnectionClosed
+
+from tests.harness import (
+    RawClient,
+    ServerProcess,
+    open_raw,
+    own_postgres,
+    query,
+    start_server,
+    wait_until,
+)
+
+SESSIONS = 20
+
+
+async def _session_calls(
+    url: str,
+    session_ids: list[str],
+    accepted: list[tuple[str, str]],
+    stop: trio.Event,
+    progress: trio.Event | None = None,
+) -> None:
+    """One session calling echo until told to stop; records every call answered with a result.
+    A server that dies under it (the SIGKILL test) just ends it."""
+    with contextlib.suppress(ConnectionClosed):
+        await _calls(url, session_ids, accepted, stop, progress)
+
+
+async def _calls(
+    url: str,
+    session_ids: list[str],
+    accepted: list[tuple[str, str]],
+    stop: trio.Event,
+    progress: trio.Event | None,
+) -> None:
+    async with open_raw(url) as ws:
+        client = RawClient(ws)
+        session_id = (await client.initialize())["result"]["_meta"]["exai/sessionId"]
+        session_ids.append(session_id)
+        n = 0
+        while not stop.is_set():
+            n += 1
+            request_id = f"call-{n}"
+            await client.send(
+                {
+                    "jsonrpc": "2.0",
+                    "id": request_id,
+                    "method": "tools/call",
+                    "params": {"name": "echo", "arguments": {"text": f"{session_id}/{n}"}},
+                }
+            )
+            reply = await client.receive()
+            if "result" in reply:
+                accepted.append((session_id, json.dumps(request_id)))
+                if progress is not None:
+                    progress.set()
+
+
+def _tasks(database_url: str, session_ids: list[str]) -> dict[tuple[str, str], list[str]]:
+    rows = query(
+        database_url,
+        "select session_id, request_id, status from tasks where session_id = any(%s)",
+        (session_ids,),
+    )
+    found: dict[tuple[str, str], list[str]] = {}
+    for session_id, request_id, status in rows:
+        found.setdefault((session_id, request_id), []).append(status)
+    return found
+
+
+async def _accepted_reach(target: int, accepted: list[Any]) -> None:
+    while len(accepted) < target:  # noqa: ASYNC110 - counts grow as answers arrive
+        await trio.sleep(0.01)
+
+
+async def test_postgres_crash_under_load_loses_no_accepted_task(tmp_path: Path) -> None:
+    with own_postgres() as postgres:
+        url = postgres.start()
+        server = start_server(tmp_path / "state", database_url=url)
+        try:
+            session_ids: list[str] = []
+            accepted: list[tuple[str, str]] = []
+            stop = trio.Event()
+            with trio.fail_after(120):
+                async with trio.open_nursery() as nursery:
+                    for _ in range(SESSIONS):
+                        nursery.start_soon(
+                            _session_calls, server.authed_url(), session_ids, accepted, stop
+                        )
+                    await _accepted_reach(200, accepted)
+                    await trio.to_thread.run_sync(postgres.crash)
+                    crashed_at = len(accepted)
+                    # Calls go on while the database is gone: the journal holds them.
+                    await _accepted_reach(crashed_at + 200, accepted)
+                    await trio.to_thread.run_sync(postgres.start)
+                    await _accepted_reach(len(accepted) + 200, accepted)
+                    stop.set()
+
+            expected = set(accepted)
+            await wait_until(
+                lambda: set(_tasks(url, session_ids)) >= expected,
+                what="every accepted call's task row after the database came back",
+                within=90,
+            )
+            tasks = _tasks(url, session_ids)
+            for key in expected:
+                assert tasks[key] == ["completed"], key
+            assert len(expected) == len(accepted)  # no request answered twice either
+        finally:
+            assert server.stop() == 0, server.stderr_path.read_text()[-3000:]
+
+
+async def test_sigkill_mid_load_then_restart_loses_nothing_and_interrupts_running(
+    database_url: str, tmp_path: Path
+) -> None:
+    state = tmp_path / "state"
+    first = start_server(state, database_url=database_url)
+    session_ids: list[str] = []
+    accepted: list[tuple[str, str]] = []
+    stop = trio.Event()
+    blocked_session: list[str] = []
+    with trio.fail_after(120):
+        async with trio.open_nursery() as nursery:
+            for _ in range(SESSIONS):
+                nursery.start_soon(_session_calls, first.authed_url(), session_ids, accepted, stop)
+            # One call that is running when the process dies.
+            async with open_raw(first.authed_url()) as ws:
+                client = RawClient(ws)
+                sid = (await client.initialize())["result"]["_meta"]["exai/sessionId"]
+                blocked_session.append(sid)
+                await client.send(
+                    {
+                        "jsonrpc": "2.0",
+                        "id": "running",
+                        "method": "tools/call",
+                        "params": {"name": "exai_test_block"},
+                    }
+                )
+                assert (await client.request("ping"))["result"] == {}  # it is running now
+                await _accepted_reach(300, accepted)
+                first.process.send_signal(signal.SIGKILL)
+                assert first.process.wait(timeout=30) == -signal.SIGKILL
+                stop.set()
+                nursery.cancel_scope.cancel()  # the sessions' sockets are dead
+
+    second: ServerProcess = start_server(state, database_url=database_url, token=first.token)
+    try:
+        # Recovery ran before the second server accepted anything: no waiting needed.
+        tasks = _tasks(database_url, session_ids)
+        for key in set(accepted):
+            assert tasks.get(key) == ["completed"], key
+        running = _tasks(database_url, blocked_session)
+        assert running == {(blocked_session[0], '"running"'): ["interrupted"]}
+        recovered = [e for e in second.log_events() if e["event"] == "storage.recovered"]
+        assert recovered
+    finally:
+        assert second.stop() == 0

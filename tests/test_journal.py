@@ -1,0 +1,109 @@
+"""The write journal on a real file system: order, truncation, bound, torn tails, and the
+flock that tells a dead writer's journal from a live one's."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+
+from storage.journal import REJECTED_FILE, Journal, find_orphans
+from storage.rows import SessionRow, TokenUsage
+
+NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
+
+
+def _usage(n: int) -> TokenUsage:
+    return TokenUsage(
+        usage_id=uuid.uuid4(),
+        session_id=f"s{n}",
+        task_id=None,
+        provider="kimi",
+        model="k2",
+        input_tokens=n,
+        output_tokens=n,
+        created_at=NOW,
+    )
+
+
+def test_records_come_back_in_order_and_the_file_truncates_once_replayed(tmp_path: Path) -> None:
+    journal = Journal.open(tmp_path, node_id="n1")
+    header = journal.size_bytes
+    records = [_usage(n) for n in range(10)]
+    journal.append(records[:4], durable=True)
+    journal.append(records[4:], durable=False)
+    assert journal.pending
+    assert journal.pending_records == 10
+
+    first, offset = journal.read(3)
+    assert first == records[:3]
+    journal.advance(offset, len(first))
+    assert journal.pending_records == 7
+    rest, end = journal.read(100)
+    assert rest == records[3:]
+    journal.advance(end, len(rest))
+
+    assert not journal.pending
+    assert journal.size_bytes == header == journal.path.stat().st_size
+    journal.append(records[:1], durable=True)  # appends land after the header again
+    assert journal.read(10)[0] == records[:1]
+    journal.close()
+
+
+def test_full_at_its_bound(tmp_path: Path) -> None:
+    journal = Journal.open(tmp_path, node_id="n1", max_bytes=2000)
+    while not journal.full:
+        journal.append([_usage(1)], durable=False)
+    assert journal.size_bytes >= 2000
+    journal.close()
+
+
+def test_close_removes_an_empty_journal_and_keeps_a_pending_one(tmp_path: Path) -> None:
+    empty = Journal.open(tmp_path, node_id="clean")
+    empty.close()
+    assert not empty.path.exists()
+
+    pending = Journal.open(tmp_path, node_id="dirty")
+    pending.append([_usage(1)], durable=True)
+    pending.close()
+    assert pending.path.exists()
+
+
+def test_a_live_journal_is_never_an_orphan_and_a_released_one_is(tmp_path: Path) -> None:
+    mine = Journal.open(tmp_path, node_id="me")
+    live = Journal.open(tmp_path, node_id="alive")
+    dead = Journal.open(tmp_path, node_id="dead")
+    written = [_usage(1), _usage(2)]
+    dead.append(written, durable=True)
+    dead.close()  # what the kernel does for a killed process: the lock is released
+
+    orphans = find_orphans(tmp_path, exclude=mine.path)
+    try:
+        assert [o.node_id for o in orphans] == ["dead"]
+        assert [r for chunk in orphans[0].chunks(1) for r in chunk] == written
+    finally:
+        for orphan in orphans:
+            orphan.release()
+    live.close()
+    mine.close()
+
+
+def test_orphan_chunks_skip_a_torn_tail_and_keep_unreadable_lines(tmp_path: Path) -> None:
+    dead = Journal.open(tmp_path, node_id="dead")
+    good = [SessionRow(session_id="a", created_at=NOW), SessionRow(session_id="b", created_at=NOW)]
+    dead.append(good[:1], durable=True)
+    with dead.path.open("ab") as raw:
+        raw.write(b'{"kind": "no_such_kind"}\n')
+    dead.append(good[1:], durable=True)
+    with dead.path.open("ab") as raw:
+        raw.write(b'{"kind": "session", "session_id": "tor')  # the machine died mid-write
+    dead.close()
+
+    [orphan] = find_orphans(tmp_path)
+    try:
+        assert [r for chunk in orphan.chunks(10) for r in chunk] == good
+    finally:
+        orphan.remove()
+    kept = [json.loads(line) for line in (tmp_path / REJECTED_FILE).read_text().splitlines()]
+    assert [entry["raw"] for entry in kept] == ['{"kind": "no_such_kind"}']
