@@ -151,3 +151,32 @@ async def test_sessions_may_use_the_same_request_ids_at_once(tight_server: Serve
             assert reply["result"]["content"][0]["text"] == "ok"
     restarts = [e for e in tight_server.log_events() if e["event"] == "session.actor_restarted"]
     assert restarts == []
+
+
+async def test_notifications_that_find_the_mailbox_full_become_counted_dead_letters(
+    tight_server: ServerProcess,
+) -> None:
+    async with open_raw(tight_server.authed_url()) as ws:
+        client = RawClient(ws)
+        session_id = (await client.initialize())["result"]["_meta"]["exai/sessionId"]
+        for n in range(INFLIGHT):
+            await client.send(call(f"hold-{n}", "exai_test_block"))
+        assert (await client.request("ping"))["result"] == {}
+        await client.send(call("waits", "echo", text="w"))
+        for n in range(MAILBOX):
+            await client.send(call(f"fill-{n}", "echo", text=f"f{n}"))
+        # The mailbox is full: a notification cannot be queued, and nobody awaits it.
+        await client.send({"jsonrpc": "2.0", "method": "notifications/roots/list_changed"})
+        # A request after it proves the reader handled the notification (it answers busy).
+        await client.send(call("probe", "echo", text="p"))
+        assert (await client.receive())["id"] == "probe"
+        for n in range(INFLIGHT):
+            await client.send(cancel(f"hold-{n}"))
+        for _ in range(1 + MAILBOX):
+            await client.receive()
+    letters = [e for e in tight_server.log_events() if e["event"] == "dead_letter"]
+    mine = [e for e in letters if e["target"] == f"/root/sessions/{session_id}"]
+    assert len(mine) == 1
+    assert mine[0]["reason"] == "mailbox full"
+    assert mine[0]["kind"] == "Notification"
+    assert mine[0]["sender"] == f"/root/sessions/{session_id}/reader"
