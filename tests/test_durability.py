@@ -171,3 +171,51 @@ async def test_sigkill_mid_load_then_restart_loses_nothing_and_interrupts_runnin
         assert recovered
     finally:
         assert second.stop() == 0
+
+
+async def test_persistence_actor_crash_under_load_heals_and_loses_no_task(
+    database_url: str, tmp_path: Path
+) -> None:
+    server = start_server(tmp_path / "state", database_url=database_url)
+    try:
+        session_ids: list[str] = []
+        accepted: list[tuple[str, str]] = []
+        stop = trio.Event()
+        with trio.fail_after(120):
+            async with trio.open_nursery() as nursery:
+                for _ in range(SESSIONS):
+                    nursery.start_soon(
+                        _session_calls, server.authed_url(), session_ids, accepted, stop
+                    )
+                await _accepted_reach(200, accepted)
+                async with open_raw(server.authed_url()) as ws:
+                    client = RawClient(ws)
+                    await client.initialize()
+                    crash = await client.request("$/exai/test/crash-persistence")
+                    assert crash["result"] == {}
+                crashed_at = len(accepted)
+                # Calls go on against the next incarnation.
+                await _accepted_reach(crashed_at + 300, accepted)
+                stop.set()
+        # Every call was answered with a result (the sessions record nothing else as
+        # accepted, and none stalled: fail_after would have fired).
+        expected = set(accepted)
+        await wait_until(
+            lambda: set(_tasks(database_url, session_ids)) >= expected,
+            what="every accepted call's task row after the persistence actor restarted",
+            within=60,
+        )
+        tasks = _tasks(database_url, session_ids)
+        for key in expected:
+            assert tasks[key] == ["completed"], key
+        events = server.log_events()
+        restarts = [
+            e
+            for e in events
+            if e["event"] == "child.restarting" and e.get("child") == "persistence"
+        ]
+        assert len(restarts) == 1
+        # No session noticed: none crashed, none was refused.
+        assert [e for e in events if e["event"] == "session.crashed"] == []
+    finally:
+        assert server.stop() == 0

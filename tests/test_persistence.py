@@ -19,7 +19,6 @@ import pytest
 import trio
 
 from actors.persistence import (
-    ActorUnavailable,
     PersistenceActor,
     PersistenceClient,
     PersistenceConfig,
@@ -380,12 +379,19 @@ async def test_a_restarted_actor_gets_what_the_dead_one_never_took(
         await trio.to_thread.run_sync(partial(holder["ref"].stop, block=True))
         lost_in_flight = _usage(session)
         client.write_soon(lost_in_flight)
-        with pytest.raises(ActorUnavailable):
-            await client.write(_usage(session))
-
-        holder["ref"] = PersistenceActor.start(db, journal)  # what the supervisor does
         retried = _usage(session)
-        await client.write(retried)
+        written = trio.Event()
+
+        async def critical_write() -> None:
+            await client.write(retried)  # waits, retrying, for the next incarnation
+            written.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(critical_write)
+            await trio.testing.wait_all_tasks_blocked()
+            assert not written.is_set()  # no actor: the write is still waiting
+            holder["ref"] = PersistenceActor.start(db, journal)  # what the supervisor does
+        assert written.is_set()
     finally:
         await trio.to_thread.run_sync(partial(holder["ref"].stop, block=True))
     found = query(
@@ -394,6 +400,16 @@ async def test_a_restarted_actor_gets_what_the_dead_one_never_took(
         ([lost_in_flight.usage_id, retried.usage_id],),
     )
     assert {row[0] for row in found} == {lost_in_flight.usage_id, retried.usage_id}
+
+
+async def test_a_critical_write_with_no_actor_coming_back_fails_after_its_timeout(
+    db: str, journal: Journal
+) -> None:
+    ref = PersistenceActor.start(db, journal)
+    await trio.to_thread.run_sync(partial(ref.stop, block=True))
+    client = PersistenceClient(lambda: ref, timeout=0.2)
+    with pytest.raises(trio.TooSlowError):
+        await client.write(_usage(_session()))
 
 
 async def test_the_pulse_heartbeats_this_node(db: str, journal: Journal) -> None:

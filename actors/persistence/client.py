@@ -68,6 +68,10 @@ class _Shipment:
         self.result: ShipmentResult | None = None
 
 
+class _CrashForTest:
+    """No handler knows this message: handling it raises, as a bug in the actor would."""
+
+
 class PersistenceClient:
     """The persistence actor's trio face. See the module doc for the delivery classes."""
 
@@ -98,6 +102,12 @@ class PersistenceClient:
         """A client for one fixed actor (no restarts)."""
         return cls(lambda: ref, **kwargs)
 
+    def crash_actor_for_test(self) -> None:
+        """Test-only fault (``EXAI_TEST_FAULTS``): make the current incarnation fail as a bug
+        would, by telling it a message it does not understand (a failing pykka ``tell`` stops
+        the actor), so supervision can be tested with the real actor under real load."""
+        self._resolve().tell(_CrashForTest())
+
     # --- availability -----------------------------------------------------------------------
 
     @property
@@ -122,16 +132,29 @@ class PersistenceClient:
     # --- writing ----------------------------------------------------------------------------
 
     async def write(self, record: Record) -> None:
-        """Critical write: return once committed (or durably journaled); see module doc."""
+        """Critical write: return once committed (or durably journaled); see module doc.
+
+        A shipment lost with a crashed actor is sent again, with backoff, until the next
+        incarnation answers or ``timeout`` passes: every record is idempotent, so a record
+        that did land before the crash is not duplicated. Only then does the caller see
+        :class:`ActorUnavailable` (or ``trio.TooSlowError``).
+        """
         if isinstance(record, ADMISSIONS):
             self.ensure_available()
-        shipment, position = self._enqueue(record, critical=True)
+        backoff = 0.01
         with trio.fail_after(self._timeout):
-            await shipment.done.wait()
-        result = shipment.result
-        assert result is not None
-        if result.failure is not None:
-            raise ActorUnavailable(f"persistence actor unavailable: {result.failure}")
+            while True:
+                shipment, position = self._enqueue(record, critical=True)
+                await shipment.done.wait()
+                result = shipment.result
+                assert result is not None
+                if result.failure is None:
+                    break
+                # The supervisor is starting the next incarnation; until its death reaches
+                # trio, the resolver may still return the dead one.
+                log.info("persistence.write_retry", error=repr(result.failure), delay=backoff)
+                await trio.sleep(backoff)
+                backoff = min(backoff * 2, 1.0)
         error = result.errors.get(shipment.offset + position)
         if error is not None:
             raise error

@@ -70,7 +70,7 @@ from runtime.mcp.schema import (
     TextContent,
 )
 from runtime.mcp.tools import Tool, ToolContext, ToolRegistry
-from storage.rows import SessionActivity, SessionIdentified
+from storage.rows import SessionActivity, SessionIdentified, TaskFinished
 from storage.tasks import TaskLifecycle
 
 log = structlog.get_logger("session")
@@ -78,6 +78,8 @@ log = structlog.get_logger("session")
 SERVER_INFO = Implementation(name="exai-runtime", version="0.1.0")
 #: Test-only fault: crashes the session actor itself (not a tool). Off unless configured.
 CRASH_METHOD = "$/exai/test/crash"
+#: Test-only fault: crashes the (shared) persistence actor, which the root then restarts.
+CRASH_PERSISTENCE_METHOD = "$/exai/test/crash-persistence"
 
 Send = Callable[[str], Awaitable[None]]
 RequestId = str | int
@@ -94,6 +96,8 @@ class SessionState:
 
     session_id: str
     remote: str
+    #: The client identity its token named at the handshake; a resume must present the same.
+    identity: str = "default"
     protocol_version: str | None = None
     client: Implementation | None = None
     initialized: bool = False
@@ -232,7 +236,13 @@ class SessionActor(Actor[Message]):
                 self._adopt_modern(named, meta)
             # Otherwise answered in its own era, leaving a handshake session as it is.
             return named
-        if request.method in ("initialize", "ping", "server/discover", CRASH_METHOD):
+        if request.method in (
+            "initialize",
+            "ping",
+            "server/discover",
+            CRASH_METHOD,
+            CRASH_PERSISTENCE_METHOD,
+        ):
             return self.state.protocol_version or ""
         if self.state.protocol_version is None or versions.is_modern(self.state.protocol_version):
             raise SessionNotInitialized(
@@ -268,6 +278,9 @@ class SessionActor(Actor[Message]):
             return EmptyResult()
         if method == CRASH_METHOD and self._config.test_faults:
             raise SessionCrashRequested("test fault: session crash requested")
+        if method == CRASH_PERSISTENCE_METHOD and self._config.test_faults:
+            self._persistence.crash_actor_for_test()
+            return EmptyResult()
         raise MethodNotFound(f"method not found: {method!r} (protocol version {version})")
 
     def _initialize(self, params: InitializeParams) -> InitializeResult:
@@ -492,7 +505,7 @@ class SessionActor(Actor[Message]):
         state.tool_errors += outcome.status == "failed"
         final = task.finished(outcome.status, result=outcome.result, error_message=outcome.error)
         try:
-            await persistence.write(final)
+            await _write_retrying(persistence, final)
         except (StorageUnavailable, WriteConflict, WriteRejected, ActorUnavailable) as error:
             # The tool ran and its answer stands; the record of it could not be confirmed.
             self._log.error("task.final_write_failed", task_id=str(task.task_id), error=repr(error))
@@ -528,7 +541,11 @@ class SessionActor(Actor[Message]):
         token = params.meta.progress_token if params.meta else None
         progress = Progress(token, self._send) if token is not None else None
         ctx = ToolContext(
-            self.state.session_id, request_id, progress=progress, log=self._log_to_client
+            self.state.session_id,
+            request_id,
+            identity=self.state.identity,
+            progress=progress,
+            log=self._log_to_client,
         )
         try:
             if progress is None:
@@ -539,6 +556,9 @@ class SessionActor(Actor[Message]):
                     running.start_soon(progress.heartbeat, self._config.heartbeat_interval)
                     output = await tool.run(args, ctx)
                     running.cancel_scope.cancel()
+        except RpcError as error:
+            # The tool refused with a meaning (retry later, a limit): answered as it is.
+            return _Outcome(jsonrpc.encode_error(request_id, error), "failed", None, error.message)
         except Exception as exc:
             # A failing tool is the tool's failure, not the session's: answer and carry on.
             self._log.exception("tool.failed", tool=tool.name, id=request_id)
@@ -551,9 +571,11 @@ class SessionActor(Actor[Message]):
         body: dict[str, Any] = {"content": [{"type": "text", "text": output.text}]}
         if output.structured is not None and versions.has_structured_content(version):
             body["structuredContent"] = output.structured.model_dump(mode="json")
-        body["isError"] = False
+        body["isError"] = output.is_error
         if versions.is_modern(version):
             body["resultType"] = "complete"
+        if output.is_error:
+            return _Outcome(jsonrpc.encode_result(request_id, body), "failed", body, output.text)
         return _Outcome(jsonrpc.encode_result(request_id, body), "completed", body, None)
 
     async def _log_to_client(self, level: LogLevel, data: object) -> None:
@@ -562,6 +584,34 @@ class SessionActor(Actor[Message]):
             return
         params = LogMessageParams(level=level, logger="exai", data=data)
         await self._send(jsonrpc.encode_notification("notifications/message", params))
+
+
+async def _write_retrying(persistence: PersistenceClient, record: TaskFinished) -> None:
+    """The final state of a task, written across a persistence actor restart.
+
+    The client re-sends a write lost with a crashed incarnation. After a restart the
+    task's earlier records (pending, running) are re-sent in the background and this one may
+    overtake them: the row is then *behind* (missing, or at an older version), which the
+    versioned write reports as a conflict. Flushing lets those records land, then this one is
+    retried. A row that moved elsewhere (say, recovery marked it interrupted) stays a conflict.
+    """
+    attempts = 5
+    for attempt in range(1, attempts + 1):
+        try:
+            await persistence.write(record)  # retries an actor restart itself
+        except WriteConflict as conflict:
+            if attempt == attempts or not _row_behind(conflict, record):
+                raise
+            await persistence.flush()
+        else:
+            return
+
+
+def _row_behind(conflict: WriteConflict, record: TaskFinished) -> bool:
+    if conflict.current is None:
+        return True  # the row is not there yet
+    _, _, version = conflict.current.rpartition("@")
+    return version.isdigit() and int(version) < record.version - 1
 
 
 @dataclass(frozen=True, slots=True)
