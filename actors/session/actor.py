@@ -543,7 +543,6 @@ class SessionActor(Actor[Message]):
         ctx = ToolContext(
             self.state.session_id,
             request_id,
-            identity=self.state.identity,
             progress=progress,
             log=self._log_to_client,
         )
