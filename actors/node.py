@@ -9,15 +9,23 @@ used after what it depends on has gone:
    any session is accepted;
 2. the root supervisor (one_for_one), whose children start in order:
    ``persistence`` (pykka actor, reached through an :class:`ActorName`), ``persistence_pulse``
-   (the trio side's timer: journal fsyncs, activity sync, heartbeats), and ``sessions`` (the
-   WebSocket listener with the sessions supervisor);
+   (the trio side's timer: journal fsyncs, activity sync, heartbeats), ``rate_limiter`` (the
+   pykka actor every upstream call asks first, and its pacer), ``providers`` (one HTTP client
+   per configured upstream; none is fine: ``chat`` then says how to configure one), and
+   ``sessions`` (the WebSocket listener with the sessions supervisor);
 3. ``server.json`` and the one line announcing the URL.
+
+Before all of it, the configuration (flags, ``EXAI_*``, the ``EXAI_CONFIG`` file with its
+``[clients]``, ``[chat]`` and ``[upstream]`` tables) is loaded and checked: a bad one ends the
+process with exit code 2 and one message, before anything is started.
 
 On SIGINT or SIGTERM the root is asked to stop (never cancelled, so every child gets its grace
 period): ``sessions`` stops accepting and closes every session with 1001 (each records its
-end), ``persistence_pulse`` flushes what is buffered, ``persistence`` stops behind every write
-already sent. Then the journal is closed and the embedded Postgres stopped. A root that gives
-up (more than ``EXAI_ROOT_MAX_RESTARTS`` restarts within the period) raises
+end and is forgotten by the rate limiter), ``providers`` closes its HTTP clients,
+``rate_limiter`` refuses whatever still waits, ``persistence_pulse`` flushes what is buffered,
+``persistence`` stops behind every write already sent. Then the read pool of threads and the
+journal are closed and the embedded Postgres stopped. A root that gives up (more than
+``EXAI_ROOT_MAX_RESTARTS`` restarts within the period) raises
 :class:`~runtime.supervision.SupervisorGaveUp`; the CLI reports it and exits non-zero.
 """
 
@@ -28,17 +36,32 @@ import signal
 import sys
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
 
 import structlog
 import trio
 
+from actors.conversation import Conversations, Upstream
 from actors.persistence import PersistenceActor, PersistenceClient, PersistenceConfig
+from actors.providers import UpstreamConfig, UpstreamConfigError, load_upstream, open_providers
+from actors.rate_limiter import open_rate_limiter
 from actors.session import SessionConfig, SessionLifecycle, SessionServices
+from actors.status import NodeStatusSource, SessionDirectory
 from actors.tools import builtin_tools
-from runtime.auth import load_or_create_token
-from runtime.config import Settings
+from runtime.actor import sole_exception
+from runtime.admin import serve_admin
+from runtime.auth import ClientTokens, load_or_create_token
+from runtime.breaker import BreakerSnapshot
+from runtime.config import (
+    ConfigError,
+    ConfigFile,
+    Settings,
+    load_config_file,
+    named_client_tokens,
+)
+from runtime.logs import register_secret
 from runtime.mcp.versions import SUPPORTED_VERSIONS
 from runtime.pykka_supervision import ActorName, pykka_child
 from runtime.server import McpWebSocketServer, Sessions
@@ -48,8 +71,42 @@ from storage.embedded import EmbeddedPostgres
 from storage.journal import Journal
 from storage.migrations import apply_migrations
 from storage.recovery import recover
+from storage.threads import ThreadStore
 
 log = structlog.get_logger("node")
+
+#: Exit code of a process whose configuration is invalid (as the CLI's own check).
+EXIT_CONFIG = 2
+
+
+@dataclass(frozen=True, slots=True)
+class NodeConfig:
+    """What the configuration file and the environment add to the settings."""
+
+    file: ConfigFile
+    clients: ClientTokens
+    upstream: UpstreamConfig
+
+
+def load_node_config(settings: Settings) -> NodeConfig:
+    """The config file, client tokens and providers, checked; :class:`ConfigError` if not.
+
+    Creates the state dir and, on first start, the default token in it.
+    """
+    file = load_config_file(settings.config)
+    named = named_client_tokens(settings, file)
+    try:
+        upstream = load_upstream(settings.config, os.environ)
+    except UpstreamConfigError as exc:
+        raise ConfigError(str(exc)) from None
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    token = load_or_create_token(settings.token_file, settings.token)
+    register_secret(token)  # masked in every log line from now on
+    try:
+        clients = ClientTokens(token, named)
+    except ValueError as exc:
+        raise ConfigError(f"invalid client tokens: {exc}") from None
+    return NodeConfig(file=file, clients=clients, upstream=upstream)
 
 
 async def run_node(settings: Settings, *, announce: bool = True) -> None:
@@ -58,17 +115,28 @@ async def run_node(settings: Settings, *, announce: bool = True) -> None:
     The signal receiver stays open until the very end, so a second Ctrl-C during shutdown is
     logged and ignored instead of interrupting the flush of accepted writes.
     """
+    try:
+        config = load_node_config(settings)
+    except ConfigError as exc:
+        print(f"exai: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_CONFIG) from None
+    log.info(
+        "node.configured",
+        clients=config.clients.identities,
+        providers=sorted(config.upstream.providers),
+    )
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        await _run(settings, signals, announce=announce)
+        await _run(settings, config, signals, announce=announce)
     log.info("server.stopped")
 
 
-async def _run(settings: Settings, signals: AsyncIterator[int], *, announce: bool) -> None:
-    settings.state_dir.mkdir(parents=True, exist_ok=True)
-    token = load_or_create_token(settings.token_file, settings.token)
+async def _run(
+    settings: Settings, config: NodeConfig, signals: AsyncIterator[int], *, announce: bool
+) -> None:
     node_id = f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
     embedded: EmbeddedPostgres | None = None
     journal: Journal | None = None
+    threads: ThreadStore | None = None
     try:
         url = settings.database_url
         if url is None:
@@ -86,15 +154,31 @@ async def _run(settings: Settings, signals: AsyncIterator[int], *, announce: boo
         report = await trio.to_thread.run_sync(partial(recover, url, journal))
         log.info("storage.recovered", report=report.model_dump(mode="json"))
 
-        tree = _Tree(settings, token, node_id, url, journal, announce=announce)
+        threads = ThreadStore(url)
+        threads.open()  # connects in the pool's own threads; returns at once
+        tree = _Tree(
+            settings,
+            config,
+            node_id,
+            database_url=url,
+            journal=journal,
+            threads=threads,
+            announce=announce,
+        )
         stop = trio.Event()
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_stop_on_signal, signals, stop)
-            await run_root(tree.root, stop_requested=stop)
-            nursery.cancel_scope.cancel()  # the signal watcher's job is done
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_stop_on_signal, signals, stop)
+                await run_root(tree.root, stop_requested=stop)
+                nursery.cancel_scope.cancel()  # the signal watcher's job is done
+        except ExceptionGroup as group:
+            # A root that gave up is the process's verdict: hand it to the CLI as itself.
+            raise sole_exception(group) from None
     finally:
         remove_server_info(settings.server_file)
         with trio.CancelScope(shield=True):
+            if threads is not None:
+                await trio.to_thread.run_sync(threads.close)
             if journal is not None:
                 journal.close()
             if embedded is not None:
@@ -107,21 +191,34 @@ class _Tree:
     def __init__(
         self,
         settings: Settings,
-        token: str,
+        config: NodeConfig,
         node_id: str,
+        *,
         database_url: str,
         journal: Journal,
-        *,
+        threads: ThreadStore,
         announce: bool,
     ) -> None:
         self.settings = settings
-        self.token = token
+        self.config = config
         self.announce = announce
         self.persistence_name: ActorName[PersistenceActor] = ActorName("/root/persistence")
         self.persistence = PersistenceClient(lambda: self.persistence_name.ref)
-        config = PersistenceConfig()
+        # Filled in by the rate_limiter and providers children while they run.
+        self.upstream = Upstream()
+        self.conversations = Conversations(
+            store=threads,
+            persistence=self.persistence,
+            upstream=self.upstream,
+            limits=config.file.chat,
+        )
+        persistence_config = PersistenceConfig()
+        self.directory = SessionDirectory()
+        self.sessions = Sessions(max_sessions=settings.max_sessions)
+        self.url: str | None = None
+        self.admin_url: str | None = None
         self.services = SessionServices(
-            tools=builtin_tools(test_faults=settings.test_faults),
+            tools=builtin_tools(test_faults=settings.test_faults, conversations=self.conversations),
             persistence=self.persistence,
             config=SessionConfig(
                 max_inflight=settings.max_inflight_per_session,
@@ -135,6 +232,8 @@ class _Tree:
             max_message_bytes=settings.max_message_bytes,
             max_restarts=settings.session_max_restarts,
             restart_period=settings.session_restart_period,
+            session_ended=self.upstream.session_ended,
+            directory=self.directory,
         )
         self.lifecycle = SessionLifecycle(self.services, resume_grace=settings.resume_grace)
         self.root = Supervisor(
@@ -143,17 +242,54 @@ class _Tree:
                     "persistence",
                     pykka_child(
                         self.persistence_name,
-                        partial(PersistenceActor.start, database_url, journal, config=config),
+                        partial(
+                            PersistenceActor.start,
+                            database_url,
+                            journal,
+                            config=persistence_config,
+                        ),
                     ),
                     shutdown=60,
                 ),
                 ChildSpec("persistence_pulse", self._pulse, shutdown=60),
+                ChildSpec("rate_limiter", self._rate_limiter, shutdown=10),
+                ChildSpec("providers", self._providers, shutdown=10),
+                ChildSpec("admin", self._admin, shutdown=5),
                 ChildSpec("sessions", self._sessions, shutdown=None),
             ],
             strategy=Strategy.ONE_FOR_ONE,
             max_restarts=settings.root_max_restarts,
             period=settings.root_restart_period,
         )
+        self.status = NodeStatusSource(
+            node_id=node_id,
+            sessions=self.sessions,
+            url=lambda: self.url,
+            directory=self.directory,
+            detached=self.lifecycle.resumable,
+            persistence=self.persistence,
+            limiter=lambda: self.upstream.limiter,
+            breakers=self._breakers,
+            supervisors=[self.root],
+            pykka_actors={"/root/persistence": self.persistence_name},
+            tool_slots=self.services.config.total_slots,
+        )
+
+    def _breakers(self) -> list[BreakerSnapshot]:
+        providers = self.upstream.providers
+        return [p.breaker for p in providers.snapshot()] if providers is not None else []
+
+    async def _admin(self, ctx: ChildContext) -> None:
+        """The admin interface (exai status, metrics): up before the listener, so that
+        server.json names it, and down after it, so a draining node can still be watched."""
+        async with trio.open_nursery() as nursery:
+            endpoint = await nursery.start(
+                partial(serve_admin, self.status, state_dir=self.settings.state_dir)
+            )
+            self.admin_url = endpoint.url
+            ctx.started()
+            await ctx.stop_requested.wait()
+            nursery.cancel_scope.cancel()
 
     async def _pulse(self, ctx: ChildContext) -> None:
         """The persistence client's clock; on stop, a last flush that retires the node."""
@@ -165,6 +301,29 @@ class _Tree:
         with trio.move_on_after(30):
             await self.persistence.flush(retire=True)
 
+    async def _rate_limiter(self, ctx: ChildContext) -> None:
+        """The rate-limiter actor and its pacer; a restart starts both afresh (empty ledger)."""
+        upstream = self.config.upstream
+        async with open_rate_limiter(
+            upstream.provider_limits(), upstream.session_limits
+        ) as limiter:
+            self.upstream.limiter = limiter
+            ctx.started()
+            try:
+                await ctx.stop_requested.wait()
+            finally:
+                self.upstream.limiter = None
+
+    async def _providers(self, ctx: ChildContext) -> None:
+        """One HTTP client (and circuit breaker) per configured upstream, closed on stop."""
+        async with open_providers(self.config.upstream) as providers:
+            self.upstream.providers = providers
+            ctx.started()
+            try:
+                await ctx.stop_requested.wait()
+            finally:
+                self.upstream.providers = None
+
     async def _sessions(self, ctx: ChildContext) -> None:
         """The listener and every session. A restart binds the same address again."""
         settings = self.settings
@@ -173,9 +332,9 @@ class _Tree:
         server = McpWebSocketServer(
             host=settings.host,
             port=settings.port,
-            token=self.token,
+            clients=self.config.clients,
             session_host=self.lifecycle,
-            sessions=Sessions(max_sessions=settings.max_sessions),
+            sessions=self.sessions,
             max_message_bytes=settings.max_message_bytes,
         )
         async with trio.open_nursery() as nursery:
@@ -194,6 +353,7 @@ class _Tree:
 
     def _announce(self, url: str) -> None:
         settings = self.settings
+        self.url = url
         write_server_info(
             settings.server_file,
             ServerInfo(
@@ -201,6 +361,7 @@ class _Tree:
                 pid=os.getpid(),
                 started_at=datetime.now(UTC),
                 protocol_versions=list(SUPPORTED_VERSIONS),
+                admin_url=self.admin_url,
             ),
         )
         if self.announce:

@@ -1,18 +1,31 @@
-"""Client authentication at the WebSocket handshake.
+"""Client authentication at the WebSocket handshake, and who the client is.
 
 The token travels as ``Authorization: Bearer <token>`` or, because the official WebSocket
-clients cannot set headers, as ``?token=<token>``. Comparison is constant-time. A missing or
-wrong token is refused before the upgrade, so an unauthenticated peer never reaches a session.
+clients cannot set headers, as ``?token=<token>``. A missing or wrong token is refused before
+the upgrade, so an unauthenticated peer never reaches a session.
+
+Every token names a **client identity**: the node's own token (``<state-dir>/token`` or
+``EXAI_TOKEN``) is the identity ``default``; named tokens come from the config file's
+``[clients]`` table or ``EXAI_CLIENT_TOKENS`` (see :mod:`runtime.config`). What a client owns
+(conversation threads) belongs to its identity, not to its connection, so it is the same after
+a reconnect or a restart. The presented token is compared, in constant time, with *every*
+known token, so neither the answer's timing nor its early exit tells which one came close.
 """
 
 from __future__ import annotations
 
 import hmac
 import os
+import re
 import secrets
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
+
+DEFAULT_IDENTITY = "default"
+MIN_TOKEN_LENGTH = 16
+#: Names appear in logs and in the database: short, printable, no separators of our formats.
+IDENTITY_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
 
 
 def load_or_create_token(path: Path, configured: str | None) -> str:
@@ -48,3 +61,51 @@ def token_matches(expected: str, presented: str | None) -> bool:
     if presented is None:
         return False
     return hmac.compare_digest(expected.encode(), presented.encode())
+
+
+class ClientTokens:
+    """Every token the node accepts, each naming one client identity."""
+
+    def __init__(self, default_token: str, named: Mapping[str, str] | None = None) -> None:
+        """Raise :class:`ValueError` (naming the identity, never quoting a token) if a name is
+        malformed or reserved, a token is too short, or two identities share a token: a shared
+        token could not say whose threads a caller may read."""
+        tokens: dict[str, str] = {DEFAULT_IDENTITY: default_token}
+        for name, token in (named or {}).items():
+            if name == DEFAULT_IDENTITY:
+                raise ValueError(
+                    f"client {name!r} is reserved for the node's own token "
+                    "(<state-dir>/token or EXAI_TOKEN); choose another name"
+                )
+            if not IDENTITY_PATTERN.match(name):
+                raise ValueError(
+                    f"client name {name!r} must be 1-64 letters, digits, '_', '.', '@' or '-', "
+                    "starting with a letter or digit"
+                )
+            if len(token) < MIN_TOKEN_LENGTH:
+                raise ValueError(
+                    f"the token of client {name!r} is shorter than {MIN_TOKEN_LENGTH} characters"
+                )
+            tokens[name] = token
+        seen: dict[str, str] = {}
+        for name, token in tokens.items():
+            other = seen.setdefault(token, name)
+            if other != name:
+                raise ValueError(f"clients {other!r} and {name!r} have the same token")
+        self._tokens = [(name, token.encode()) for name, token in tokens.items()]
+
+    @property
+    def identities(self) -> list[str]:
+        return [name for name, _ in self._tokens]
+
+    def identify(self, presented: str | None) -> str | None:
+        """The identity whose token was presented, or ``None``."""
+        if presented is None:
+            return None
+        candidate = presented.encode()
+        found: str | None = None
+        for name, token in self._tokens:
+            # No early exit: every comparison runs, whichever token matches.
+            if hmac.compare_digest(token, candidate):
+                found = name
+        return found

@@ -1,29 +1,53 @@
-"""The ``exai`` command. ``exai serve`` runs a node; later commands (status, trace) join here.
+"""The ``exai`` command: ``serve`` runs a node, ``bridge`` relays stdio to it, ``status`` and
+``trace`` are how an operator looks inside it (docs/operations.md).
 
 The CLI is the composition root: it is the one place in ``runtime`` that names the actors,
-and it does so through their public entry point only (``actors.node``).
+and it does so through their public entry point only (``actors.node``), imported by ``serve``
+alone: ``status`` and ``trace`` are what an operator runs against a struggling machine, so
+they start without loading the node (Postgres bindings, embedded server, providers).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
+import time
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 
 import trio
+from pydantic import ValidationError
 
-from actors.node import run_node
+from runtime import status_view, trace_view
 from runtime.config import ConfigError, Settings, load_settings
-from runtime.logs import configure_logging
+from runtime.logs import LogSettings, configure_logging, log_path, register_secret
 from runtime.statefile import read_server_info
 from runtime.stdio_bridge import run_bridge
+from runtime.supervision import SupervisionError
+
+#: Exit code of a server whose root supervisor gave up (its tree could not heal itself).
+EXIT_GAVE_UP = 1
+#: Exit code of a command whose configuration (flags, EXAI_* variables) is invalid.
+EXIT_CONFIG = 2
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="exai", description="exai-runtime: MCP server runtime")
     commands = parser.add_subparsers(dest="command", required=True)
+    _serve_parser(commands)
+    _bridge_parser(commands)
+    _status_parser(commands)
+    _trace_parser(commands)
+    return parser
+
+
+Commands = argparse._SubParsersAction  # the type of `add_subparsers()`; generic in typeshed
+
+
+def _serve_parser(commands: Commands[argparse.ArgumentParser]) -> None:
     serve = commands.add_parser(
         "serve",
         help="run the MCP server (embedded Postgres unless a database URL is given)",
@@ -35,10 +59,28 @@ def _parser() -> argparse.ArgumentParser:
         "--state-dir", type=Path, help="token, server.json, embedded data (EXAI_STATE_DIR)"
     )
     serve.add_argument(
+        "--config",
+        type=Path,
+        help="TOML file: client tokens, chat limits, upstream providers (EXAI_CONFIG)",
+    )
+    serve.add_argument(
         "--database-url", help="PostgreSQL URL; omit for embedded Postgres (EXAI_DATABASE_URL)"
     )
     serve.add_argument("--log-level", help="debug, info, warning, error (EXAI_LOG_LEVEL)")
+    serve.add_argument(
+        "--trace-sample",
+        type=float,
+        help="share of traces whose per-message events are logged, 0..1 (EXAI_TRACE_SAMPLE, "
+        "default 1)",
+    )
+    serve.add_argument(
+        "--log-console",
+        choices=["auto", "text", "json", "off"],
+        help="stderr format (EXAI_LOG_CONSOLE, default auto: text on a terminal, else JSON)",
+    )
 
+
+def _bridge_parser(commands: Commands[argparse.ArgumentParser]) -> None:
     bridge = commands.add_parser(
         "bridge",
         help="stdio MCP server relaying to an exai server over WebSocket (for stdio-only IDEs)",
@@ -54,58 +96,226 @@ def _parser() -> argparse.ArgumentParser:
         default=30.0,
         help="seconds the server may stay away before requests fail at once (default 30)",
     )
-    return parser
 
 
-def _settings(args: argparse.Namespace) -> Settings:
-    return load_settings(
-        host=args.host,
-        port=args.port,
-        state_dir=args.state_dir,
-        database_url=args.database_url,
-        log_level=args.log_level,
+def _status_parser(commands: Commands[argparse.ArgumentParser]) -> None:
+    status = commands.add_parser(
+        "status",
+        help="show the running server: supervision tree, sessions, limits, breakers, storage",
+        description="Asks the server's admin interface (loopback only, admin token). Exit "
+        "codes: 0 ok, 1 unexpected answer, 2 bad configuration, 3 no server running, "
+        "4 server unreachable, 5 admin token refused.",
+    )
+    status.add_argument("--state-dir", type=Path, help="the server's state dir (EXAI_STATE_DIR)")
+    status.add_argument(
+        "--url", help="admin interface, http://127.0.0.1:PORT (default: <state-dir>/server.json)"
+    )
+    status.add_argument(
+        "--admin-token", help="admin token (EXAI_ADMIN_TOKEN; default: <state-dir>/admin-token)"
+    )
+    status.add_argument("--json", action="store_true", help="the documented JSON document")
+    status.add_argument("--watch", action="store_true", help="refresh until interrupted")
+    status.add_argument(
+        "--interval", type=float, default=2.0, help="seconds between refreshes (default 2)"
+    )
+    status.add_argument("--count", type=int, help="with --watch: stop after this many refreshes")
+
+
+def _trace_parser(commands: Commands[argparse.ArgumentParser]) -> None:
+    trace = commands.add_parser(
+        "trace",
+        help="read the server's structured log: filter, follow, or show one request's timeline",
+        description="Reads <state-dir>/logs/exai.log and its rotated backups. Times are ISO "
+        "8601 (UTC unless an offset is given) or a duration ago (90s, 5m, 2h, 1d).",
+    )
+    trace.add_argument("--state-dir", type=Path, help="the server's state dir (EXAI_STATE_DIR)")
+    trace.add_argument("--file", type=Path, help="a log file to read instead")
+    trace.add_argument("--session", help="session id (or a prefix of it)")
+    trace.add_argument("--trace", help="trace id")
+    trace.add_argument("--actor", help="actor path and everything under it, e.g. /root/persistence")
+    trace.add_argument("--event", help="event name, or a prefix ending in * (session.*)")
+    trace.add_argument("--since", help="only events at or after this time")
+    trace.add_argument("--until", help="only events at or before this time")
+    trace.add_argument("--json", action="store_true", help="print the JSON lines as they are")
+    mode = trace.add_mutually_exclusive_group()
+    mode.add_argument("--follow", "-f", action="store_true", help="print new events as they come")
+    mode.add_argument(
+        "--timeline", metavar="TRACE_ID", help="one request across actors, with time in each"
     )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.command == "bridge":
-        return _bridge(args)
+    handlers = {"serve": _serve, "bridge": _bridge, "status": _status, "trace": _trace}
+    return handlers[args.command](args)
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"exai: {message}", file=sys.stderr)
+    return code
+
+
+def _serve(args: argparse.Namespace) -> int:
     try:
-        settings = _settings(args)
+        settings = load_settings(
+            host=args.host,
+            port=args.port,
+            state_dir=args.state_dir,
+            database_url=args.database_url,
+            log_level=args.log_level,
+            config=args.config,
+        )
+        log_settings = _log_settings(trace_sample=args.trace_sample, log_console=args.log_console)
     except ConfigError as exc:
-        print(f"exai: {exc}", file=sys.stderr)
-        return 2
-    configure_logging(settings.log_level)
-    trio.run(run_node, settings)
+        return _fail(str(exc), EXIT_CONFIG)
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    configure_logging(
+        settings.log_level, log_file=log_path(settings.state_dir), settings=log_settings
+    )
+    if settings.token:
+        register_secret(settings.token)
+    from actors.node import run_node  # noqa: PLC0415 - see the module doc
+
+    try:
+        trio.run(run_node, settings)
+    except SupervisionError as exc:
+        # The root supervisor gave up (or could not start its children): the tree could not
+        # heal itself within its restart intensity. The cause is in the log, once.
+        cause = f" (last error: {exc.__cause__!r})" if exc.__cause__ else ""
+        return _fail(f"the server stopped: {exc}{cause}", EXIT_GAVE_UP)
     return 0
+
+
+def _log_settings(**overrides: object) -> LogSettings:
+    given = {key: value for key, value in overrides.items() if value is not None}
+    try:
+        return LogSettings(**given)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        lines = [
+            f"  {'.'.join(str(p) for p in error['loc'])}: {error['msg']}" for error in exc.errors()
+        ]
+        raise ConfigError("invalid log configuration:\n" + "\n".join(lines)) from None
 
 
 def _bridge(args: argparse.Namespace) -> int:
     try:
         settings = load_settings(state_dir=args.state_dir, token=args.token)
     except ConfigError as exc:
-        print(f"exai: {exc}", file=sys.stderr)
-        return 2
+        return _fail(str(exc), EXIT_CONFIG)
     configure_logging(settings.log_level, json=True)
     url = args.url
     if url is None:
         info = read_server_info(settings.server_file)
         if info is None:
-            print(
-                f"exai: no --url given and no running server found ({settings.server_file})",
-                file=sys.stderr,
+            return _fail(
+                f"no --url given and no running server found ({settings.server_file})",
+                EXIT_CONFIG,
             )
-            return 2
         url = info.url
     token = settings.token
     if token is None and settings.token_file.exists():
         token = settings.token_file.read_text().strip()
     if not token:
-        print("exai: no token: pass --token or set EXAI_TOKEN", file=sys.stderr)
-        return 2
+        return _fail("no token: pass --token or set EXAI_TOKEN", EXIT_CONFIG)
+    register_secret(token)
     trio.run(partial(run_bridge, url, token, give_up_after=args.give_up_after))
     return 0
+
+
+def _state_dir(args: argparse.Namespace) -> Settings:
+    return load_settings(state_dir=args.state_dir)
+
+
+def _status(args: argparse.Namespace) -> int:
+    try:
+        settings = _state_dir(args)
+    except ConfigError as exc:
+        return _fail(str(exc), EXIT_CONFIG)
+    token = args.admin_token or os.environ.get("EXAI_ADMIN_TOKEN") or None
+    refreshes = 0
+    code = status_view.EXIT_OK
+    try:
+        while True:
+            code = _status_once(settings.state_dir, args, token, clear=args.watch)
+            refreshes += 1
+            if not args.watch or (args.count is not None and refreshes >= args.count):
+                return code
+            time.sleep(args.interval)  # paces the display; nothing waits on it
+    except KeyboardInterrupt:
+        return code
+
+
+def _status_once(
+    state_dir: Path, args: argparse.Namespace, token: str | None, *, clear: bool
+) -> int:
+    try:
+        target = status_view.locate(state_dir, url=args.url, token=token)
+        status = status_view.fetch(target)
+    except status_view.StatusFailure as failure:
+        if clear and sys.stdout.isatty():
+            print("\x1b[H\x1b[2J", end="")
+        return _fail(str(failure), failure.code)
+    text = status.model_dump_json(indent=2) + "\n" if args.json else status_view.render(status)
+    if clear and sys.stdout.isatty():
+        text = "\x1b[H\x1b[2J" + text  # redraw in place, like top
+    sys.stdout.write(text)
+    sys.stdout.flush()
+    return status_view.EXIT_OK
+
+
+def _trace(args: argparse.Namespace) -> int:
+    if args.file is not None:
+        path = args.file
+    else:
+        try:
+            path = log_path(_state_dir(args).state_dir)
+        except ConfigError as exc:
+            return _fail(str(exc), EXIT_CONFIG)
+    try:
+        wanted = trace_view.EventFilter(
+            session=args.session,
+            trace=args.trace,
+            actor=args.actor,
+            event=args.event,
+            since=trace_view.parse_when(args.since) if args.since else None,
+            until=trace_view.parse_when(args.until) if args.until else None,
+        )
+    except ValueError as exc:
+        return _fail(str(exc), EXIT_CONFIG)
+    show = _show_json if args.json else _show_text
+    try:
+        if args.follow:
+            for event in trace_view.follow(path, ready=sys.stderr):
+                if wanted.matches(event):
+                    show(event)
+            return 0
+        files = trace_view.log_files(path)
+        if not files:
+            return _fail(f"no log at {path} (has a server run with this state dir?)", 3)
+        if args.timeline:
+            timeline = trace_view.build_timeline(trace_view.select(files, wanted), args.timeline)
+            if timeline is None:
+                return _fail(f"no events of trace {args.timeline} in {path}", 1)
+            sys.stdout.write(trace_view.render_timeline(timeline))
+            return 0
+        for event in trace_view.select(files, wanted):
+            show(event)
+    except KeyboardInterrupt:
+        return 0
+    except BrokenPipeError:  # `exai trace | head`
+        sys.stderr.close()
+        return 0
+    return 0
+
+
+def _show_json(event: dict[str, object]) -> None:
+    sys.stdout.write(json.dumps(event) + "\n")
+    sys.stdout.flush()
+
+
+def _show_text(event: dict[str, object]) -> None:
+    sys.stdout.write(trace_view.format_event(event) + "\n")
+    sys.stdout.flush()
 
 
 if __name__ == "__main__":

@@ -1,15 +1,32 @@
-"""Server configuration: one validated model for flags, environment and defaults.
+"""Server configuration: one validated model for flags, environment and defaults, plus the
+config file.
 
 Every knob lives here so that a bad value is refused once, at start-up, with a message that
 names the setting, instead of surfacing later as a confusing failure deep in a session.
 Precedence, highest first: command-line flag, ``EXAI_*`` environment variable, default.
+
+The config file (``EXAI_CONFIG``, TOML) holds what does not fit in a variable: named client
+tokens (``[clients]``), conversation limits (``[chat]``) and upstream providers
+(``[upstream]``). Its ``[upstream]`` table belongs to :func:`actors.providers.load_upstream`,
+which reads it itself (``runtime`` does not import ``actors``); here it is only checked to be
+a table. Any other top-level key is refused, so a misspelt table name is an error rather than
+a silently ignored setting.
 """
 
 from __future__ import annotations
 
+import tomllib
 from pathlib import Path
+from typing import Any
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -35,7 +52,17 @@ class Settings(BaseSettings):
     token: str | None = Field(
         default=None,
         min_length=16,
-        description="Client token; when unset one is generated and kept in <state-dir>/token.",
+        description="Client token of the identity 'default'; when unset one is generated and "
+        "kept in <state-dir>/token.",
+    )
+    config: Path | None = Field(
+        default=None,
+        description="TOML config file: [clients], [chat] and [upstream] tables.",
+    )
+    client_tokens: SecretStr | None = Field(
+        default=None,
+        description="Named client tokens, 'alice=TOKEN,bob=TOKEN' (also [clients] in the "
+        "config file); each name is the identity that owns its threads.",
     )
     max_sessions: int = Field(
         default=10_000, ge=1, description="Concurrent sessions; more are refused with HTTP 503."
@@ -124,6 +151,93 @@ class Settings(BaseSettings):
     @property
     def pgdata(self) -> Path:
         return self.state_dir / "pg"
+
+
+class ChatLimits(BaseModel):
+    """Conversation threads of the ``chat`` tool (BRIEF.md section 3, the seed's values)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    max_turns: int = Field(
+        default=20, ge=1, description="Exchanges (a prompt and its answer) per thread."
+    )
+    thread_ttl_seconds: float = Field(
+        default=3 * 3600.0, gt=0, description="A thread expires this long after its last turn."
+    )
+    history_tokens: int = Field(
+        default=50_000, ge=0, description="Budget of the history sent upstream with a turn."
+    )
+    max_messages: int = Field(
+        default=20, ge=0, description="Most history messages sent upstream with a turn."
+    )
+    message_tokens: int = Field(
+        default=10_000,
+        ge=1,
+        description="Longest single history message (or attached file copy) sent upstream; "
+        "longer ones are cut.",
+    )
+    max_output_tokens: int = Field(
+        default=4096,
+        gt=0,
+        description="max_tokens asked of the upstream per turn (and reserved by the limiter).",
+    )
+
+
+class ConfigFile(BaseModel):
+    """The config file's tables. ``upstream`` is validated by ``actors.providers``."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    clients: dict[str, SecretStr] = Field(default_factory=dict)
+    chat: ChatLimits = Field(default_factory=ChatLimits)
+    upstream: dict[str, Any] = Field(default_factory=dict)
+
+
+def load_config_file(path: Path | None) -> ConfigFile:
+    """The file's tables (defaults when ``path`` is ``None``); :class:`ConfigError` naming the
+    setting at fault, never quoting its value (the file holds tokens)."""
+    if path is None:
+        return ConfigFile()
+    try:
+        with path.open("rb") as file:
+            document = tomllib.load(file)
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}") from None
+    try:
+        return ConfigFile.model_validate(document)
+    except ValidationError as exc:
+        problems = "\n".join(
+            f"  {'.'.join(str(part) for part in error['loc'])}: {error['msg']}"
+            for error in exc.errors(include_input=False, include_url=False)
+        )
+        raise ConfigError(f"invalid config file {path}:\n{problems}") from None
+
+
+def named_client_tokens(settings: Settings, file: ConfigFile) -> dict[str, str]:
+    """Named client tokens from ``EXAI_CLIENT_TOKENS`` and the file's ``[clients]``.
+
+    A name in both is an error rather than a silent precedence rule (as for providers).
+    """
+    named = {name: token.get_secret_value() for name, token in file.clients.items()}
+    if settings.client_tokens is None:
+        return named
+    for entry in settings.client_tokens.get_secret_value().split(","):
+        if not entry.strip():
+            continue
+        name, equals, token = entry.partition("=")
+        name, token = name.strip(), token.strip()
+        if not equals or not name or not token:
+            raise ConfigError(
+                "invalid configuration:\n  client_tokens (EXAI_CLIENT_TOKENS): expected "
+                "'name=token' entries separated by commas"
+            )
+        if name in named:
+            raise ConfigError(
+                f"client {name!r} is defined both in EXAI_CLIENT_TOKENS and in the config "
+                "file's [clients]: keep one"
+            )
+        named[name] = token
+    return named
 
 
 def load_settings(**overrides: object) -> Settings:

@@ -22,7 +22,7 @@ import structlog
 import trio
 from trio_websocket import Endpoint, WebSocketConnection, WebSocketRequest, serve_websocket
 
-from runtime.auth import presented_token, token_matches
+from runtime.auth import ClientTokens, presented_token
 
 log = structlog.get_logger("server")
 
@@ -36,22 +36,25 @@ CLOSE_INTERNAL_ERROR = 1011
 class Handshake:
     """What the handshake established about a connection before its session started.
 
-    ``resumed`` is the state a :class:`SessionHost` handed back for a resumed session; the
-    server never looks inside it.
+    ``identity`` is the client identity the token named (``default`` for the node's own
+    token); ``resumed`` is the state a :class:`SessionHost` handed back for a resumed session;
+    the server never looks inside it.
     """
 
     session_id: str
     remote: str
     subprotocol: str | None
+    identity: str
     resumed: object | None = None
 
 
 class SessionHost(Protocol):
     """What runs sessions, as the server sees it (the actors implement it)."""
 
-    def claim(self, session_id: str) -> object | None:
+    def claim(self, session_id: str, identity: str) -> object | None:
         """Hand over a detached session's state to a new connection; ``None`` if there is no
-        such session any more (unknown, or its resume grace has passed)."""
+        such session any more (unknown, or its resume grace has passed), or if it belongs to
+        another client identity (a session carries its owner's identity)."""
 
     async def serve(self, ws: WebSocketConnection, handshake: Handshake) -> None:
         """Run the session to its end; raising ends only this session (see :class:`Sessions`)."""
@@ -108,7 +111,7 @@ class McpWebSocketServer:
         *,
         host: str,
         port: int,
-        token: str,
+        clients: ClientTokens,
         session_host: SessionHost,
         sessions: Sessions,
         max_message_bytes: int,
@@ -116,7 +119,7 @@ class McpWebSocketServer:
     ) -> None:
         self._host = host
         self._port = port
-        self._token = token
+        self._clients = clients
         self._session_host = session_host
         self.sessions = sessions
         self._max_message_bytes = max_message_bytes
@@ -169,7 +172,8 @@ class McpWebSocketServer:
         if path != MCP_PATH:
             await request.reject(404, body=b"not found: the MCP endpoint is /mcp\n")
             return
-        if not token_matches(self._token, presented_token(request.path, request.headers)):
+        identity = self._clients.identify(presented_token(request.path, request.headers))
+        if identity is None:
             log.info("handshake.unauthorized", remote=str(request.remote))
             await request.reject(
                 401,
@@ -196,7 +200,7 @@ class McpWebSocketServer:
                     body=f"session {resume_id} is attached to another connection\n".encode(),
                 )
                 return
-            resumed = self._session_host.claim(resume_id)
+            resumed = self._session_host.claim(resume_id, identity)
             if resumed is None:
                 log.info("handshake.resume_refused", session_id=resume_id)
                 await request.reject(
@@ -219,6 +223,7 @@ class McpWebSocketServer:
             session_id=session_id,
             remote=f"{remote.address}:{remote.port}" if isinstance(remote, Endpoint) else remote,
             subprotocol=subprotocol,
+            identity=identity,
             resumed=resumed,
         )
         await self.sessions.run(self._session_host, ws, handshake)

@@ -18,6 +18,9 @@ class ServerInfo(BaseModel):
     pid: int
     started_at: datetime
     protocol_versions: list[str]
+    #: ``http://127.0.0.1:PORT`` of the admin interface (``exai status``); ``None`` in files
+    #: written before it existed, or by a node that runs none.
+    admin_url: str | None = None
 
 
 def write_server_info(path: Path, info: ServerInfo) -> None:

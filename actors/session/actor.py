@@ -36,7 +36,9 @@ from actors.persistence import (
     WriteConflict,
     WriteRejected,
 )
+from runtime import trace
 from runtime.actor import Actor
+from runtime.mailbox import ActorRef
 from runtime.mcp import jsonrpc, versions
 from runtime.mcp.errors import (
     InternalError,
@@ -152,8 +154,15 @@ class SessionActor(Actor[Message]):
         tools: ToolRegistry,
         persistence: PersistenceClient,
         config: SessionConfig,
+        *,
+        mailbox: ActorRef[Any] | None = None,
+        postmarks: trace.Postmarks | None = None,
+        meter: trace.Meter | None = None,
     ) -> None:
         self.path = f"/root/sessions/{state.session_id}"
+        self._mailbox = mailbox
+        self._postmarks = postmarks
+        self._meter = meter
         self.state = state
         self._send = send
         self._tools = tools
@@ -173,6 +182,24 @@ class SessionActor(Actor[Message]):
             calls.cancel_scope.cancel()
 
     async def receive(self, message: Message) -> None:
+        # One trace event per message: the trace it starts (or continues) is bound while it
+        # is handled, and tool-call tasks started here inherit it.
+        mark = self._postmarks.take(message) if self._postmarks is not None else None
+        kind, rpc_id = _describe(message)
+        mailbox = self._mailbox
+        with trace.handling(
+            self.path,
+            kind,
+            postmark=mark,
+            session_id=self.state.session_id,
+            rpc_id=rpc_id,
+            depth=mailbox.depth if mailbox is not None else None,
+            capacity=mailbox.capacity if mailbox is not None else None,
+            meter=self._meter,
+        ):
+            await self._receive(message)
+
+    async def _receive(self, message: Message) -> None:
         if isinstance(message, jsonrpc.Request):
             if self.state.queued.pop(message.id, False) and message.method != "initialize":
                 self._log.debug("session.dropped_cancelled", id=message.id)
@@ -543,17 +570,24 @@ class SessionActor(Actor[Message]):
         ctx = ToolContext(
             self.state.session_id,
             request_id,
+            identity=self.state.identity,
             progress=progress,
             log=self._log_to_client,
         )
         try:
             if progress is None:
-                output = await tool.run(args, ctx)
+                with trace.handling(
+                    f"{self.path}/tools/{tool.name}", "tools/call", rpc_id=request_id
+                ):
+                    output = await tool.run(args, ctx)
             else:
                 # Only calls that asked for progress pay for a nursery and a heartbeat task.
                 async with trio.open_nursery() as running:
                     running.start_soon(progress.heartbeat, self._config.heartbeat_interval)
-                    output = await tool.run(args, ctx)
+                    with trace.handling(
+                        f"{self.path}/tools/{tool.name}", "tools/call", rpc_id=request_id
+                    ):
+                        output = await tool.run(args, ctx)
                     running.cancel_scope.cancel()
         except RpcError as error:
             # The tool refused with a meaning (retry later, a limit): answered as it is.
@@ -630,6 +664,17 @@ async def _acquire(nowait: Callable[[], None], wait: Callable[[], Awaitable[None
         nowait()
     except trio.WouldBlock:
         await wait()
+
+
+def _describe(message: Message) -> tuple[str, RequestId | None]:
+    """The trace event's ``kind`` and ``rpc_id`` for a mailbox message."""
+    if isinstance(message, jsonrpc.Request):
+        return message.method, message.id
+    if isinstance(message, jsonrpc.Notification):
+        return message.method, None
+    if isinstance(message, jsonrpc.Batch):
+        return "batch", None
+    return "response", message.id
 
 
 def _finish(result: BaseModel, version: str) -> dict[str, Any]:

@@ -12,8 +12,10 @@ running tool calls are cancelled, since nobody could receive their answers.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 
 import structlog
 import trio
@@ -23,6 +25,8 @@ from actors.persistence import PersistenceClient, StorageUnavailable
 from actors.session.actor import Message, SessionActor, SessionConfig, SessionState
 from actors.session.reader import pump
 from actors.session.resume import ResumableSessions
+from actors.status import LiveSession, SessionDirectory
+from runtime import trace
 from runtime.actor import close_mailbox, run_actor
 from runtime.mailbox import ActorRef, Ask, open_mailbox
 from runtime.mcp.tools import ToolRegistry
@@ -48,6 +52,11 @@ class SessionServices:
     max_message_bytes: int
     max_restarts: int
     restart_period: float
+    #: Every session of the node, for the status command (actors/status.py).
+    directory: SessionDirectory = field(default_factory=SessionDirectory)
+    #: Called once a session is over for good (not while it is parked for resume), after its
+    #: end is recorded: the rate limiter forgets its counters there.
+    session_ended: Callable[[str], Awaitable[None]] | None = None
 
 
 class SessionLifecycle:
@@ -57,8 +66,8 @@ class SessionLifecycle:
         self.services = services
         self.resumable = ResumableSessions(resume_grace, self._expire)
 
-    def claim(self, session_id: str) -> SessionState | None:
-        return self.resumable.claim(session_id)
+    def claim(self, session_id: str, identity: str) -> SessionState | None:
+        return self.resumable.claim(session_id, identity)
 
     async def serve(self, ws: WebSocketConnection, handshake: Handshake) -> None:
         """One connection's session; raises only if the session gave up (see module doc)."""
@@ -68,7 +77,9 @@ class SessionLifecycle:
             state = handshake.resumed
             log.info("session.resumed", session_id=session_id, remote=handshake.remote)
         else:
-            state = SessionState(session_id=session_id, remote=handshake.remote)
+            state = SessionState(
+                session_id=session_id, remote=handshake.remote, identity=handshake.identity
+            )
             try:
                 await services.persistence.write(
                     SessionRow(
@@ -82,16 +93,33 @@ class SessionLifecycle:
                 log.warning("session.refused", session_id=session_id, reason="storage")
                 await ws.aclose(CLOSE_TRY_AGAIN_LATER, "storage unavailable; retry later")
                 return
-            log.info("session.opened", session_id=session_id, remote=handshake.remote)
+            log.info(
+                "session.opened",
+                session_id=session_id,
+                remote=handshake.remote,
+                identity=handshake.identity,
+            )
         path = f"/root/sessions/{session_id}"
         ref: ActorRef[Message]
         inbox: trio.MemoryReceiveChannel[Message | Ask[Message]]
         ref, inbox = open_mailbox(path, services.mailbox_capacity)
+        live = services.directory.attach(state, ref)
+        postmarks = trace.Postmarks()
         detached = False
         try:
             try:
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(_supervise_actor, services, state, ws, inbox)
+                    nursery.start_soon(
+                        partial(
+                            _supervise_actor,
+                            services,
+                            state,
+                            ws,
+                            inbox,
+                            live=live,
+                            postmarks=postmarks,
+                        )
+                    )
                     await pump(
                         ws.get_message,
                         ref,
@@ -101,6 +129,7 @@ class SessionLifecycle:
                         queued=state.queued,
                         cancel=state.cancel,
                         max_bytes=services.max_message_bytes,
+                        postmarks=postmarks,
                     )
                     nursery.cancel_scope.cancel()
             except* ConnectionClosed as closed:
@@ -110,6 +139,8 @@ class SessionLifecycle:
                 if code != CLOSE_NORMAL:
                     state.handling.clear()
                     detached = self.resumable.park(state)
+                    if detached:
+                        services.directory.detach(session_id)
         finally:
             close_mailbox(path, inbox)
             if not detached:
@@ -118,12 +149,15 @@ class SessionLifecycle:
 
     async def _expire(self, state: SessionState) -> None:
         """The session is over for good: record its end."""
+        self.services.directory.remove(state.session_id)
         closed = datetime.now(UTC)
         with trio.move_on_after(10) as scope:
             scope.shield = True
             await self.services.persistence.write(
                 SessionClose(session_id=state.session_id, closed_at=closed, last_activity=closed)
             )
+            if self.services.session_ended is not None:
+                await self.services.session_ended(state.session_id)
         log.info("session.closed", session_id=state.session_id)
 
 
@@ -141,12 +175,22 @@ async def _supervise_actor(
     state: SessionState,
     ws: WebSocketConnection,
     inbox: trio.MemoryReceiveChannel[Message | Ask[Message]],
+    *,
+    live: LiveSession,
+    postmarks: trace.Postmarks,
 ) -> None:
     intensity = RestartIntensity(services.max_restarts, services.restart_period)
     path = f"/root/sessions/{state.session_id}"
     while True:
         actor = SessionActor(
-            state, ws.send_message, services.tools, services.persistence, services.config
+            state,
+            ws.send_message,
+            services.tools,
+            services.persistence,
+            services.config,
+            mailbox=live.mailbox,
+            postmarks=postmarks,
+            meter=live.meter,
         )
         try:
             await run_actor(actor, inbox)
@@ -157,6 +201,7 @@ async def _supervise_actor(
                 raise SupervisorGaveUp(
                     path, "actor", services.max_restarts, services.restart_period
                 ) from error
+            live.restarted(error)
             log.warning(
                 "session.actor_restarted",
                 session_id=state.session_id,

@@ -17,6 +17,7 @@ from runtime.dead_letters import dead_letters
 from runtime.mailbox import ActorRef, ActorStopped, MailboxFull
 from runtime.mcp import jsonrpc
 from runtime.mcp.errors import RpcError, ServerBusy
+from runtime.trace import Postmarks
 
 log = structlog.get_logger("session")
 
@@ -37,6 +38,7 @@ async def pump(
     queued: dict[str | int, bool],
     cancel: Callable[[object], None],
     max_bytes: int,
+    postmarks: Postmarks | None = None,
 ) -> None:
     """Read frames until the socket closes (``ConnectionClosed``), the actor stops, or a frame
     forces a close (then this closes the socket and returns).
@@ -77,6 +79,8 @@ async def pump(
             continue
         try:
             mailbox.tell(decoded, sender=sender)
+            if postmarks is not None:
+                postmarks.post(decoded, sender=sender)  # starts the message's trace
             if isinstance(decoded, jsonrpc.Request):
                 queued[decoded.id] = False  # cancellable until the actor takes it
         except MailboxFull:

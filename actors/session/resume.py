@@ -49,10 +49,14 @@ class ResumableSessions:
         log.info("session.detached", session_id=state.session_id, grace=self.grace)
         return True
 
-    def claim(self, session_id: str) -> SessionState | None:
-        """The parked state, handed to a new connection; ``None`` if unknown or expired."""
-        entry = self._parked.pop(session_id, None)
-        return entry[0] if entry is not None else None
+    def claim(self, session_id: str, identity: str) -> SessionState | None:
+        """The parked state, handed to a new connection; ``None`` if unknown, expired, or
+        another client identity's (left parked: its owner may still come back)."""
+        entry = self._parked.get(session_id)
+        if entry is None or entry[0].identity != identity:
+            return None
+        del self._parked[session_id]
+        return entry[0]
 
     async def run(self) -> None:
         """The reaper: close each session whose grace ran out. Cancel it to stop it."""

@@ -88,3 +88,10 @@ class Unavailable(RpcError):
     (``data.retryAfterMs``). Nothing was done for this request."""
 
     code = -32004
+
+
+class LimitExceeded(RpcError):
+    """A limit refused the request and waiting will not help (a session's token or cost quota
+    is spent, a call larger than a minute's allowance). ``data.limit`` names it."""
+
+    code = -32005

@@ -21,22 +21,33 @@ ArgsT = TypeVar("ArgsT", bound=BaseModel)
 
 
 class ToolContext:
-    """What a running tool may know about its caller, and how it talks back while it runs."""
+    """What a running tool may know about its caller, and how it talks back while it runs.
 
-    __slots__ = ("_log", "_progress", "request_id", "session_id")
+    ``identity`` is the client identity the session's token named (``default`` for the node's
+    own token): what a tool keeps for a client (conversation threads) belongs to it.
+    """
+
+    __slots__ = ("_log", "_progress", "identity", "request_id", "session_id")
 
     def __init__(
         self,
         session_id: str,
         request_id: str | int,
         *,
+        identity: str = "default",
         progress: Progress | None = None,
         log: Callable[[LogLevel, object], Awaitable[None]] | None = None,
     ) -> None:
         self.session_id = session_id
         self.request_id = request_id
+        self.identity = identity
         self._progress = progress
         self._log = log
+
+    @property
+    def wants_progress(self) -> bool:
+        """Whether the client asked for progress (a token): worth streaming for, then."""
+        return self._progress is not None
 
     async def report_progress(
         self, progress: float, total: float | None = None, message: str | None = None
@@ -53,10 +64,16 @@ class ToolContext:
 
 @dataclass(frozen=True, slots=True)
 class ToolOutput:
-    """A tool's answer: text for every client, plus structured content for clients that take it."""
+    """A tool's answer: text for every client, plus structured content for clients that take it.
+
+    ``is_error``: the tool ran but could not do what was asked (MCP's ``isError`` result), and
+    ``text`` says why, for the model to read and adapt. A refusal that is the protocol's
+    business (retry later, invalid params) is raised as an :class:`RpcError` instead.
+    """
 
     text: str
     structured: BaseModel | None = None
+    is_error: bool = False
 
 
 class Tool(ABC, Generic[ArgsT]):
@@ -80,7 +97,11 @@ class Tool(ABC, Generic[ArgsT]):
 
     @abstractmethod
     async def run(self, args: ArgsT, ctx: ToolContext) -> ToolOutput:
-        """Do the work. Cancellation (client cancel, shutdown) arrives as ``trio.Cancelled``."""
+        """Do the work. Cancellation (client cancel, shutdown) arrives as ``trio.Cancelled``.
+
+        Raising an :class:`~runtime.mcp.errors.RpcError` answers with that JSON-RPC error;
+        any other exception is a bug, answered as an internal error.
+        """
 
     def descriptor(self) -> ToolDescriptor:
         return ToolDescriptor(

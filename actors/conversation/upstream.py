@@ -1,0 +1,155 @@
+"""One upstream call through the three gates of docs/providers.md, with its usage recorded.
+
+provider (configured? breaker closed?) -> rate limiter (``acquire``) -> ``complete`` ->
+``settle`` (or ``withdraw`` when nothing was sent). Every :class:`UsageRecord` that ``settle``
+returns becomes one ``token_usage`` row, written in the background (never lost, never
+awaited: the caller's critical write of its turn, later, covers it since the persistence
+client is FIFO).
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from uuid import UUID
+
+import pykka
+import structlog
+
+from actors.persistence import PersistenceClient
+from actors.providers import (
+    ChatProvider,
+    ChatRequest,
+    ChatResult,
+    OnText,
+    ProviderError,
+    Providers,
+)
+from actors.rate_limiter import RateLimiter, UsageRecord
+from runtime.breaker import CircuitBreaker
+from runtime.bridge import ActorUnavailable
+from storage.rows import TokenUsage
+
+log = structlog.get_logger("conversation")
+
+_COST_QUANTUM = Decimal("0.000001")  # token_usage.cost is decimal(10, 6)
+
+
+class UpstreamNotReady(Exception):
+    """The providers or the rate limiter are (re)starting; nothing was sent."""
+
+
+class Upstream:
+    """The providers and the rate limiter as the node's root children currently run them.
+
+    Each child sets its part when it has started and clears it when it stops; a restarted
+    child sets a fresh one. Callers look them up per call, never keep them.
+    """
+
+    def __init__(self) -> None:
+        self.providers: Providers | None = None
+        self.limiter: RateLimiter | None = None
+
+    def ready(self) -> tuple[Providers, RateLimiter]:
+        if self.providers is None or self.limiter is None:
+            raise UpstreamNotReady("the upstream providers are starting; retry in a moment")
+        return self.providers, self.limiter
+
+    def breakers(self) -> list[CircuitBreaker]:
+        """Every provider's circuit breaker, for the status command (none while stopped)."""
+        providers = self.providers
+        if providers is None:
+            return []
+        return [providers.get(name).breaker for name in providers.config.providers]
+
+    async def session_ended(self, session_id: str) -> None:
+        """A session is over: the limiter forgets it (its waiting calls are refused), and its
+        final counters are logged if it ever called upstream. Never raises: a session's end
+        must not fail because the limiter is going away with it."""
+        limiter = self.limiter
+        if limiter is None:
+            return
+        try:
+            usage = await limiter.close_session(session_id)
+        except (ActorUnavailable, pykka.ActorDeadError):
+            return  # the limiter stopped first (shutdown): its ledger is gone anyway
+        if usage is not None:
+            log.info(
+                "upstream.session_closed",
+                session_id=session_id,
+                requests=usage.requests,
+                input_tokens=usage.input_tokens,
+                output_tokens=usage.output_tokens,
+                cost_usd=round(usage.cost_usd, 6),
+                refused=usage.refused,
+            )
+
+
+def choose_provider(providers: Providers, model: str | None) -> ChatProvider:
+    """The provider that serves ``model``: one that prices it or has it as its default, else
+    the default provider (which is then asked for that model as it is)."""
+    if model is not None:
+        for settings in providers.config.providers.values():
+            if model == settings.default_model or model in settings.prices:
+                return providers.get(settings.name)
+    return providers.get()
+
+
+async def complete(
+    provider: ChatProvider,
+    limiter: RateLimiter,
+    persistence: PersistenceClient,
+    *,
+    session_id: str,
+    request: ChatRequest,
+    on_text: OnText | None = None,
+) -> ChatResult:
+    """Make the call, admitted by the limiter, and record its usage.
+
+    Raises :class:`~actors.providers.ProviderError` (breaker open, upstream failures) and
+    :class:`~actors.rate_limiter.RateLimited` (a limit refused the call).
+    """
+    provider.check_available()  # no point queueing for an upstream that fails at once
+    estimate = provider.estimate(request)
+    lease = await limiter.acquire(
+        session_id, provider.name, tokens=estimate.tokens, cost_usd=estimate.cost_usd
+    )
+    try:
+        result = await provider.complete(request, on_text=on_text)
+    except ProviderError as exc:
+        if exc.sent == 0:  # e.g. the breaker opened meanwhile: the call never left
+            limiter.withdraw(lease)
+        else:  # it reached the upstream: the request counts, its tokens are given back
+            limiter.settle(lease, model=estimate.model, usage=None, cost_usd=None)
+        raise
+    except BaseException:
+        # Cancelled mid-call: tokens may have been generated; the request counts.
+        limiter.settle(lease, model=estimate.model, usage=None, cost_usd=None)
+        raise
+    _record(
+        persistence,
+        limiter.settle(lease, model=result.model, usage=result.usage, cost_usd=result.cost_usd),
+    )
+    return result
+
+
+def usage_row(record: UsageRecord) -> TokenUsage:
+    cost = None
+    if record.cost_usd is not None:
+        cost = Decimal(str(record.cost_usd)).quantize(_COST_QUANTUM)
+    return TokenUsage(
+        usage_id=UUID(hex=record.call_id),
+        session_id=record.session_id,
+        task_id=None,
+        provider=record.provider,
+        model=record.model,
+        input_tokens=record.input_tokens,
+        output_tokens=record.output_tokens,
+        cost=cost,
+        estimated=record.estimated,
+        created_at=record.at,
+    )
+
+
+def _record(persistence: PersistenceClient, record: UsageRecord | None) -> None:
+    if record is not None:
+        persistence.write_soon(usage_row(record))

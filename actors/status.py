@@ -1,0 +1,446 @@
+"""The node's :class:`~runtime.status_model.StatusSource`: one snapshot from the live parts.
+
+It holds references to what the node already runs (the WebSocket server and its sessions
+supervisor, the persistence client, the rate limiter, breakers, supervisors, pykka actors)
+and reads them when asked; it owns none of them and keeps no copy, so a snapshot is never
+stale. Two parts are pykka actors that must be *asked*: each ask is bounded by
+``ask_timeout`` and a part that does not answer in time is reported in ``problems`` instead of
+hanging the status command, which is when an operator needs it most.
+
+Sessions are not visible from outside their own tasks, so the session lifecycle registers each
+one in a :class:`SessionDirectory`: attached on connect, detached while parked for resume,
+removed at its end; its actor counts restarts on the :class:`LiveSession` and messages on the
+:class:`~runtime.trace.Meter` it passes to :func:`runtime.trace.handling`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Sized
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from importlib import metadata
+from typing import TYPE_CHECKING, Any
+
+import pykka
+import trio
+
+from runtime.breaker import BreakerSnapshot, CircuitBreaker
+from runtime.dead_letters import DeadLetters, dead_letters
+from runtime.mailbox import ActorRef
+from runtime.mcp.versions import SUPPORTED_VERSIONS
+from runtime.pykka_supervision import ActorName
+from runtime.server import Sessions
+from runtime.status_model import (
+    ActorState,
+    ActorStatus,
+    BreakerStatus,
+    DeadLettersStatus,
+    LimitsStatus,
+    NodeInfo,
+    NodeStatus,
+    PersistenceStatus,
+    ProviderLimitStatus,
+    SessionStatus,
+)
+from runtime.supervision import Supervisor
+from runtime.trace import Meter
+
+if TYPE_CHECKING:  # at run time these would import the session package, which imports us
+    from actors.persistence import PersistenceClient
+    from actors.rate_limiter import RateLimiter, SessionUsage
+    from actors.session.actor import SessionState
+
+ROOT = "/root"
+SESSIONS = "/root/sessions"
+PERSISTENCE = "/root/persistence"
+
+
+def _version() -> str:
+    try:
+        return metadata.version("exai-runtime")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+@dataclass(eq=False, slots=True)
+class LiveSession:
+    """One session as the status command sees it; lives from connect to the session's end,
+    across resumes (a resumed session continues the same entry)."""
+
+    state: SessionState
+    mailbox: ActorRef[Any] | None
+    """``None`` while detached: its mailbox went with its socket."""
+    opened_at: float = field(default_factory=time.monotonic)
+    attached_at: float = field(default_factory=time.monotonic)
+    meter: Meter = field(default_factory=Meter)
+    restarts: int = 0
+    last_error: str | None = None
+
+    @property
+    def path(self) -> str:
+        return f"{SESSIONS}/{self.state.session_id}"
+
+    def restarted(self, error: BaseException) -> None:
+        """The session actor crashed and is being restarted over the same state."""
+        self.restarts += 1
+        self.last_error = repr(error)
+
+
+class SessionDirectory:
+    """Every session of this node, attached or parked. Trio thread only."""
+
+    def __init__(self) -> None:
+        self._sessions: dict[str, LiveSession] = {}
+
+    def attach(self, state: SessionState, mailbox: ActorRef[Any]) -> LiveSession:
+        """A connection runs the session now (new, or resumed: the entry is kept)."""
+        entry = self._sessions.get(state.session_id)
+        if entry is None:
+            entry = self._sessions[state.session_id] = LiveSession(state, mailbox)
+        else:
+            entry.state = state
+            entry.mailbox = mailbox
+            entry.attached_at = time.monotonic()
+        return entry
+
+    def detach(self, session_id: str) -> None:
+        """Its socket dropped and it is parked for resume."""
+        entry = self._sessions.get(session_id)
+        if entry is not None:
+            entry.mailbox = None
+
+    def remove(self, session_id: str) -> None:
+        """The session is over for good."""
+        self._sessions.pop(session_id, None)
+
+    def get(self, session_id: str) -> LiveSession | None:
+        return self._sessions.get(session_id)
+
+    def __iter__(self) -> Iterator[LiveSession]:
+        return iter(list(self._sessions.values()))
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+
+PykkaActor = ActorName[Any] | pykka.ActorRef[Any]
+
+
+class NodeStatusSource:
+    """Builds a :class:`NodeStatus` from the node's parts; see the module doc.
+
+    Everything but ``node_id``, ``sessions``, ``url`` and ``directory`` is optional, because
+    the parts arrive with their issues; a part not given is simply absent from the snapshot.
+    ``url``, ``limiter`` and ``breakers`` are asked at each snapshot: those parts come and go
+    with the root's children (a restarted child brings a new one).
+    """
+
+    def __init__(
+        self,
+        *,
+        node_id: str,
+        sessions: Sessions,
+        url: Callable[[], str | None],
+        directory: SessionDirectory,
+        detached: Sized | None = None,
+        persistence: PersistenceClient | None = None,
+        limiter: Callable[[], RateLimiter | None] | None = None,
+        breakers: Callable[[], Iterable[CircuitBreaker | BreakerSnapshot]] | None = None,
+        supervisors: Sequence[Supervisor] = (),
+        pykka_actors: Mapping[str, PykkaActor] | None = None,
+        meters: Mapping[str, Meter] | None = None,
+        tool_slots: trio.CapacityLimiter | None = None,
+        letters: DeadLetters = dead_letters,
+        ask_timeout: float = 2.0,
+    ) -> None:
+        self._node_id = node_id
+        self._sessions = sessions
+        self._url = url
+        self._directory = directory
+        self._detached = detached
+        self._persistence = persistence
+        self._limiter = limiter
+        self._breakers = breakers
+        self._supervisors = supervisors
+        self._pykka = dict(pykka_actors or {})
+        self._meters = dict(meters or {})
+        self._tool_slots = tool_slots
+        self._letters = letters
+        self._ask_timeout = ask_timeout
+        self._started_at = datetime.now(UTC)
+        self._started = time.monotonic()
+
+    async def status(self) -> NodeStatus:
+        problems: list[str] = []
+        now = time.monotonic()
+        persistence = await self._persistence_status(problems)
+        limits, usage = await self._limits(problems)
+        actors = self._actors(now)
+        sessions = [self._session(entry, now, usage) for entry in self._directory]
+        sessions.sort(key=lambda s: s.session_id)
+        live = sum(1 for s in sessions if s.state == "attached")
+        slots = self._tool_slots
+        node = NodeInfo(
+            node_id=self._node_id,
+            hostname=os.uname().nodename,
+            pid=os.getpid(),
+            version=_version(),
+            url=self._url() or None,
+            started_at=self._started_at,
+            uptime_s=round(now - self._started, 3),
+            protocol_versions=list(SUPPORTED_VERSIONS),
+            sessions_live=len(self._sessions),
+            sessions_detached=(
+                len(self._detached) if self._detached is not None else len(sessions) - live
+            ),
+            sessions_max=self._sessions.max_sessions,
+            tool_calls_in_flight=int(slots.borrowed_tokens)
+            if slots is not None
+            else sum(s.in_flight for s in sessions),
+            tool_calls_max=int(slots.total_tokens) if slots is not None else None,
+        )
+        if persistence is not None:
+            queue = next((a.mailbox_depth for a in actors if a.path == PERSISTENCE), None)
+            persistence = persistence.model_copy(update={"queue": queue or 0})
+        return NodeStatus(
+            taken_at=datetime.now(UTC),
+            node=node,
+            actors=actors,
+            sessions=sessions,
+            limits=limits,
+            breakers=[_breaker(b) for b in self._breaker_list()],
+            persistence=persistence,
+            dead_letters=DeadLettersStatus(
+                total=self._letters.total, by_reason=self._letters.by_reason()
+            ),
+            problems=problems,
+        )
+
+    # -- pykka parts, asked with a deadline ----------------------------------------------------
+
+    async def _persistence_status(self, problems: list[str]) -> PersistenceStatus | None:
+        if self._persistence is None:
+            return None
+        try:
+            with trio.fail_after(self._ask_timeout):
+                raw = await self._persistence.status()
+        except trio.TooSlowError:
+            problems.append(f"persistence: no answer within {self._ask_timeout:g} s")
+            return None
+        except Exception as exc:
+            problems.append(f"persistence: {exc!r}")
+            return None
+        return PersistenceStatus(
+            available=raw.available,
+            database={"closed": "up", "open": "down", "half_open": "trying"}[raw.breaker],
+            queue=0,
+            journal_file=raw.journal_file,
+            journal_bytes=raw.journal_bytes,
+            journal_pending_records=raw.journal_pending_records,
+            journal_full=raw.journal_full,
+            batches=raw.batches,
+            largest_batch=raw.largest_batch,
+            records_written=raw.records_written,
+            records_journaled=raw.records_journaled,
+            records_replayed=raw.records_replayed,
+            conflicts=raw.conflicts,
+            rejected=raw.rejected,
+            last_error=raw.last_error,
+        )
+
+    async def _limits(
+        self, problems: list[str]
+    ) -> tuple[LimitsStatus | None, dict[str, SessionUsage]]:
+        if self._limiter is None:
+            return None, {}
+        limiter = self._limiter()
+        if limiter is None:
+            problems.append("rate limiter: not running (starting or restarting)")
+            return None, {}
+        try:
+            with trio.fail_after(self._ask_timeout):
+                snapshot = await limiter.snapshot()
+        except trio.TooSlowError:
+            problems.append(f"rate limiter: no answer within {self._ask_timeout:g} s")
+            return None, {}
+        except Exception as exc:
+            problems.append(f"rate limiter: {exc!r}")
+            return None, {}
+        providers = [
+            ProviderLimitStatus(
+                name=p.name,
+                requests_per_minute=p.limits.requests_per_minute,
+                tokens_per_minute=p.limits.tokens_per_minute,
+                max_concurrency=p.limits.max_concurrency,
+                in_flight=p.in_flight,
+                waiting=p.waiting,
+                requests_available=p.requests_available,
+                tokens_available=p.tokens_available,
+            )
+            for p in snapshot.providers
+        ]
+        usage = {s.session_id: s for s in snapshot.sessions}
+        return LimitsStatus(providers=providers, sessions_tracked=len(usage)), usage
+
+    def _breaker_list(self) -> Iterable[CircuitBreaker | BreakerSnapshot]:
+        return self._breakers() if self._breakers is not None else ()
+
+    # -- the tree ------------------------------------------------------------------------------
+
+    def _actors(self, now: float) -> list[ActorStatus]:
+        # Insertion order is display order among siblings: the supervisors' start order.
+        found: dict[str, dict[str, Any]] = {
+            ROOT: {"kind": "node", "state": "running", "uptime_s": round(now - self._started, 3)},
+        }
+        supervisor_paths = set()
+        for supervisor in self._supervisors:
+            snapshot = supervisor.snapshot()
+            if snapshot.path is None:
+                continue
+            supervisor_paths.add(snapshot.path)
+            entry = found.setdefault(snapshot.path, {})
+            entry.setdefault("kind", "supervisor")
+            entry["state"] = "running" if snapshot.running else "stopped"
+            taken = snapshot.taken_at
+            for child in snapshot.children:
+                child_entry = found.setdefault(child.path, {})
+                child_entry.setdefault("kind", "task")
+                child_entry["state"] = child.state.value
+                child_entry["restarts"] = child.restarts
+                child_entry["last_error"] = child.last_error
+                if taken is not None and child.started_at is not None:
+                    child_entry["uptime_s"] = round(taken - child.started_at, 3)
+        for path in supervisor_paths:
+            found[path]["kind"] = "node" if path == ROOT else "supervisor"
+        sessions = found.setdefault(SESSIONS, {"state": "running"})
+        sessions["kind"] = "supervisor"  # runtime.server.Sessions, whatever runs it
+        for path, actor in self._pykka.items():
+            entry = found.setdefault(path, {"state": "running"})
+            entry["kind"] = "pykka"
+            entry.update(_pykka_view(actor))
+        for path, meter in self._meters.items():
+            found.setdefault(path, {"kind": "task", "state": "running"}).update(
+                _meter_view(meter, now)
+            )
+        for session in sorted(self._directory, key=lambda s: s.state.session_id):
+            found[session.path] = {
+                "kind": "session",
+                "state": "running" if session.mailbox is not None else "detached",
+                "mailbox_depth": session.mailbox.depth if session.mailbox is not None else None,
+                "mailbox_capacity": (
+                    session.mailbox.capacity if session.mailbox is not None else None
+                ),
+                "restarts": session.restarts,
+                "uptime_s": round(now - session.opened_at, 3),
+                "last_error": session.last_error,
+                **_meter_view(session.meter, now),
+            }
+        return [
+            ActorStatus(
+                path=path,
+                kind=info.get("kind", "task"),
+                state=info.get("state", "running"),
+                mailbox_depth=info.get("mailbox_depth"),
+                mailbox_capacity=info.get("mailbox_capacity"),
+                restarts=info.get("restarts", 0),
+                uptime_s=info.get("uptime_s"),
+                last_activity_s=info.get("last_activity_s"),
+                messages_handled=info.get("messages_handled"),
+                messages_failed=info.get("messages_failed"),
+                last_error=info.get("last_error"),
+            )
+            for path, info in ((path, found[path]) for path in _tree_order(list(found)))
+        ]
+
+    def _session(
+        self, entry: LiveSession, now: float, usage: Mapping[str, SessionUsage]
+    ) -> SessionStatus:
+        state = entry.state
+        used = usage.get(state.session_id)
+        client = state.client
+        last = entry.meter.last_activity
+        return SessionStatus(
+            session_id=state.session_id,
+            state="attached" if entry.mailbox is not None else "detached",
+            remote=state.remote,
+            client_name=client.name if client is not None else None,
+            client_version=client.version if client is not None else None,
+            protocol_version=state.protocol_version,
+            initialized=state.initialized,
+            in_flight=len(state.calls),
+            queued=entry.mailbox.depth if entry.mailbox is not None else 0,
+            restarts=entry.restarts,
+            uptime_s=round(now - entry.opened_at, 3),
+            last_activity_s=round(now - last, 3) if last is not None else None,
+            requests=used.requests if used else 0,
+            input_tokens=used.input_tokens if used else 0,
+            output_tokens=used.output_tokens if used else 0,
+            cost_usd=used.cost_usd if used else 0.0,
+            refused=used.refused if used else 0,
+        )
+
+
+def _tree_order(paths: list[str]) -> list[str]:
+    """Parents before their children, siblings in the order given (depth first)."""
+    known = set(paths)
+    children: dict[str | None, list[str]] = {}
+    for path in paths:
+        parent = path.rsplit("/", 1)[0]
+        while parent and parent not in known:
+            parent = parent.rsplit("/", 1)[0]
+        children.setdefault(parent or None, []).append(path)
+    ordered: list[str] = []
+    stack = list(reversed(children.get(None, [])))
+    while stack:
+        path = stack.pop()
+        ordered.append(path)
+        stack.extend(reversed(children.get(path, [])))
+    return ordered
+
+
+def _pykka_view(actor: PykkaActor) -> dict[str, Any]:
+    view: dict[str, Any] = {"mailbox_capacity": None}
+    ref: pykka.ActorRef[Any] | None
+    if isinstance(actor, ActorName):
+        view["restarts"] = max(actor.incarnations - 1, 0)
+        ref = None
+        with contextlib.suppress(Exception):  # between incarnations: no ref
+            ref = actor.ref
+    else:
+        ref = actor
+    if ref is None:
+        view["state"] = "restarting"
+        return view
+    alive = ref.is_alive()
+    state: ActorState = "running" if alive else "dead"
+    view["state"] = state
+    inbox = ref.actor_inbox  # pykka's ThreadingActor inbox is a queue.Queue
+    view["mailbox_depth"] = inbox.qsize() if alive and isinstance(inbox, queue.Queue) else None
+    return view
+
+
+def _meter_view(meter: Meter, now: float) -> dict[str, Any]:
+    last = meter.last_activity
+    return {
+        "messages_handled": meter.handled,
+        "messages_failed": meter.failed,
+        "last_activity_s": round(now - last, 3) if last is not None else None,
+    }
+
+
+def _breaker(breaker: CircuitBreaker | BreakerSnapshot) -> BreakerStatus:
+    snap = breaker.snapshot() if isinstance(breaker, CircuitBreaker) else breaker
+    return BreakerStatus(
+        name=snap.name,
+        state=snap.state.value,
+        window_calls=snap.window_calls,
+        window_failures=snap.window_failures,
+        failure_rate=snap.failure_rate,
+        retry_after_s=snap.retry_after,
+        times_opened=snap.times_opened,
+        rejected=snap.rejected,
+    )

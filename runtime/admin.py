@@ -1,0 +1,374 @@
+"""The admin interface: ``GET /status`` (JSON) and ``GET /metrics`` (Prometheus text format).
+
+HTTP/1.1 over trio and h11, with no framework: two read-only endpoints do not need one. It
+listens on **loopback only** (a non-loopback host is refused at start) and every request must
+present the admin token as ``Authorization: Bearer <token>``. The admin token is not the
+client token: a client that may call tools must not thereby see every session. It lives in
+``<state-dir>/admin-token`` (0600), created on first start and kept across restarts so that a
+Prometheus scrape config (``authorization.credentials_file``) stays valid.
+
+The snapshot comes from a :class:`~runtime.status_model.StatusSource`; this module only
+serves and renders it. Each connection is a task in the listener's nursery; a slow or silent
+peer is cut off after ``REQUEST_TIMEOUT`` so it cannot pin a task forever.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import math
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import h11
+import structlog
+import trio
+
+from runtime.auth import load_or_create_token
+from runtime.logs import register_secret
+from runtime.status_model import (
+    BreakerStatus,
+    LimitsStatus,
+    NodeStatus,
+    PersistenceStatus,
+    StatusSource,
+)
+
+log = structlog.get_logger("admin")
+
+ADMIN_TOKEN_FILE = "admin-token"
+REQUEST_TIMEOUT = 10.0
+MAX_CONNECTIONS = 32
+MAX_REQUEST_BYTES = 16 * 1024
+PROMETHEUS_CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
+
+
+class AdminConfigError(Exception):
+    """The admin interface was asked to listen somewhere it must not."""
+
+
+@dataclass(frozen=True, slots=True)
+class AdminEndpoint:
+    url: str
+    """``http://127.0.0.1:PORT``: what ``server.json`` records as ``admin_url``."""
+    token_file: Path
+
+
+def admin_token_path(state_dir: Path) -> Path:
+    return state_dir / ADMIN_TOKEN_FILE
+
+
+def load_admin_token(state_dir: Path) -> str:
+    """The admin token of this state dir, created (0600) if there is none yet."""
+    path = admin_token_path(state_dir)
+    token = load_or_create_token(path, None)
+    os.chmod(path, 0o600)  # a file copied in with looser permissions is tightened
+    return token
+
+
+def _require_loopback(host: str) -> None:
+    if host == "localhost":
+        return
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise AdminConfigError(
+            f"the admin interface listens on loopback only; {host!r} is not a loopback address"
+        )
+
+
+async def serve_admin(
+    source: StatusSource,
+    *,
+    state_dir: Path,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    task_status: trio.TaskStatus[AdminEndpoint] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve until cancelled; reports the :class:`AdminEndpoint` once listening.
+
+    Run it in the node's nursery: ``endpoint = await nursery.start(partial(serve_admin,
+    source, state_dir=...))``.
+    """
+    _require_loopback(host)
+    token = load_admin_token(state_dir)
+    register_secret(token)
+    handler = _Handler(source, token)
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(partial(trio.serve_tcp, handler.handle, port, host=host))
+        bound_port = listeners[0].socket.getsockname()[1]
+        shown_host = f"[{host}]" if ":" in host else host
+        endpoint = AdminEndpoint(f"http://{shown_host}:{bound_port}", admin_token_path(state_dir))
+        log.info("admin.listening", url=endpoint.url)
+        task_status.started(endpoint)
+
+
+@dataclass(frozen=True, slots=True)
+class _Response:
+    status: int
+    body: bytes
+    content_type: bytes = b"text/plain; charset=utf-8"
+    extra: tuple[tuple[bytes, bytes], ...] = ()
+
+
+class _Handler:
+    def __init__(self, source: StatusSource, token: str) -> None:
+        self._source = source
+        self._token = token.encode()
+        self._slots = trio.Semaphore(MAX_CONNECTIONS)
+
+    async def handle(self, stream: trio.SocketStream) -> None:
+        # Nothing may escape: an exception here would take the listener (and node) down.
+        try:
+            try:
+                self._slots.acquire_nowait()
+            except trio.WouldBlock:
+                return  # closed at once: a loopback client that opens 32 connections can wait
+            try:
+                await self._serve(stream)
+            finally:
+                self._slots.release()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError):
+            pass
+        except Exception:
+            log.exception("admin.connection_failed")
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    async def _serve(self, stream: trio.SocketStream) -> None:
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_BYTES)
+        while True:
+            with trio.move_on_after(REQUEST_TIMEOUT) as timer:
+                request = await _read_request(conn, stream)
+            if timer.cancelled_caught or request is None:
+                return
+            response = await self._respond(request)
+            await _send(conn, stream, response)
+            if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
+                return
+            conn.start_next_cycle()
+
+    async def _respond(self, request: h11.Request) -> _Response:
+        if not self._authorized(request.headers):
+            return _Response(
+                401,
+                b"unauthorized: present <state-dir>/admin-token as 'Authorization: Bearer'\n",
+                extra=((b"www-authenticate", b'Bearer realm="exai-admin"'),),
+            )
+        path = request.target.partition(b"?")[0]
+        if path not in (b"/status", b"/metrics"):
+            return _Response(404, b"not found: GET /status or /metrics\n")
+        if request.method != b"GET":
+            return _Response(405, b"method not allowed: GET only\n", extra=((b"allow", b"GET"),))
+        try:
+            status = await self._source.status()
+        except Exception:
+            log.exception("admin.status_failed")
+            return _Response(500, b"status snapshot failed; see the server log\n")
+        if path == b"/status":
+            return _Response(200, status.model_dump_json().encode(), b"application/json")
+        return _Response(200, render_metrics(status).encode(), PROMETHEUS_CONTENT_TYPE)
+
+    def _authorized(self, headers: Iterable[tuple[bytes, bytes]]) -> bool:
+        for name, value in headers:
+            if name == b"authorization":
+                scheme, _, credential = value.partition(b" ")
+                if scheme.lower() == b"bearer":
+                    return hmac.compare_digest(self._token, credential.strip())
+        return False
+
+
+async def _read_request(conn: h11.Connection, stream: trio.SocketStream) -> h11.Request | None:
+    """The next request (its body, if any, read and dropped), or ``None`` at end of stream."""
+    request: h11.Request | None = None
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            data = await stream.receive_some(65536)
+            conn.receive_data(data)
+            continue
+        if isinstance(event, h11.Request):
+            request = event
+        elif isinstance(event, h11.EndOfMessage):
+            return request
+        elif isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
+            return None
+
+
+async def _send(conn: h11.Connection, stream: trio.SocketStream, response: _Response) -> None:
+    headers = [
+        (b"content-type", response.content_type),
+        (b"content-length", str(len(response.body)).encode()),
+        (b"cache-control", b"no-store"),
+        *response.extra,
+    ]
+    data = conn.send(h11.Response(status_code=response.status, headers=headers))
+    assert data is not None
+    await stream.send_all(data)
+    body = conn.send(h11.Data(data=response.body))
+    if body:
+        await stream.send_all(body)
+    end = conn.send(h11.EndOfMessage())
+    if end:
+        await stream.send_all(end)
+
+
+# -- Prometheus text format (exposition format 0.0.4) ----------------------------------------
+
+
+class _Metrics:
+    """Collects samples grouped by metric, each metric with one HELP and TYPE line."""
+
+    def __init__(self) -> None:
+        self._order: list[str] = []
+        self._meta: dict[str, tuple[str, str]] = {}
+        self._samples: dict[str, list[str]] = {}
+
+    def add(
+        self,
+        name: str,
+        kind: str,
+        help_text: str,
+        value: float | int | bool | None,
+        labels: dict[str, str] | None = None,
+    ) -> None:
+        if value is None:
+            return
+        if name not in self._meta:
+            self._order.append(name)
+            self._meta[name] = (kind, help_text)
+            self._samples[name] = []
+        label_text = ""
+        if labels:
+            label_text = (
+                "{" + ",".join(f'{k}="{_escape(v)}"' for k, v in sorted(labels.items())) + "}"
+            )
+        self._samples[name].append(f"{name}{label_text} {_number(value)}")
+
+    def render(self) -> str:
+        lines: list[str] = []
+        for name in self._order:
+            kind, help_text = self._meta[name]
+            lines.append(f"# HELP {name} {help_text}")
+            lines.append(f"# TYPE {name} {kind}")
+            lines.extend(self._samples[name])
+        return "\n".join(lines) + "\n"
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _number(value: float | int | bool) -> str:
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, int):
+        return str(value)
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    return repr(value)
+
+
+def render_metrics(status: NodeStatus) -> str:
+    """The snapshot as Prometheus metrics. Sessions are aggregated, never one series per
+    session: 10,000 sessions must not mean 10,000 series per metric."""
+    m = _Metrics()
+    _node_metrics(m, status)
+    _actor_metrics(m, status)
+    if status.limits is not None:
+        _limit_metrics(m, status.limits)
+    _breaker_metrics(m, status.breakers)
+    if status.persistence is not None:
+        _persistence_metrics(m, status.persistence)
+    for reason, count in sorted(status.dead_letters.by_reason.items()):
+        m.add(
+            "exai_dead_letters_total",
+            "counter",
+            "Undeliverable messages.",
+            count,
+            {"reason": reason},
+        )
+    m.add("exai_status_problems", "gauge", "Parts not inspected.", len(status.problems))
+    return m.render()
+
+
+def _node_metrics(m: _Metrics, status: NodeStatus) -> None:
+    node = status.node
+    m.add("exai_up", "gauge", "1 while the node serves.", 1)
+    m.add("exai_uptime_seconds", "gauge", "Seconds since the node started.", node.uptime_s)
+    for state, count in (("attached", node.sessions_live), ("detached", node.sessions_detached)):
+        m.add("exai_sessions", "gauge", "Sessions by state.", count, {"state": state})
+    m.add("exai_sessions_max", "gauge", "Session limit.", node.sessions_max)
+    m.add("exai_tool_calls_in_flight", "gauge", "Running tool calls.", node.tool_calls_in_flight)
+    m.add("exai_tool_calls_max", "gauge", "Node-wide tool call limit.", node.tool_calls_max)
+    queued = [s.queued for s in status.sessions]
+    m.add(
+        "exai_session_mailbox_depth_max",
+        "gauge",
+        "Deepest session mailbox.",
+        max(queued, default=0),
+    )
+    m.add("exai_session_mailbox_depth_sum", "gauge", "Queued in all sessions.", sum(queued))
+    restarts = sum(s.restarts for s in status.sessions)
+    m.add("exai_session_restarts", "gauge", "Actor restarts of live sessions.", restarts)
+
+
+def _actor_metrics(m: _Metrics, status: NodeStatus) -> None:
+    for actor in status.actors:
+        if actor.kind == "session":
+            continue  # aggregated above
+        labels = {"actor": actor.path}
+        up = actor.state == "running"
+        m.add("exai_actor_up", "gauge", "1 if the actor is running.", up, labels)
+        m.add("exai_actor_restarts", "gauge", "Restarts of the actor.", actor.restarts, labels)
+        m.add("exai_actor_mailbox_depth", "gauge", "Messages waiting.", actor.mailbox_depth, labels)
+        handled, failed = actor.messages_handled, actor.messages_failed
+        m.add("exai_actor_messages_handled_total", "counter", "Messages handled.", handled, labels)
+        m.add("exai_actor_messages_failed_total", "counter", "Handling failed.", failed, labels)
+
+
+def _limit_metrics(m: _Metrics, limits: LimitsStatus) -> None:
+    for p in limits.providers:
+        labels = {"provider": p.name}
+        m.add("exai_limiter_in_flight", "gauge", "Upstream calls in flight.", p.in_flight, labels)
+        m.add("exai_limiter_waiting", "gauge", "Calls waiting for capacity.", p.waiting, labels)
+        requests, tokens = p.requests_available, p.tokens_available
+        m.add("exai_limiter_requests_available", "gauge", "Requests admissible.", requests, labels)
+        m.add("exai_limiter_tokens_available", "gauge", "Tokens admissible.", tokens, labels)
+
+
+def _breaker_metrics(m: _Metrics, breakers: Iterable[BreakerStatus]) -> None:
+    for b in breakers:
+        for state in ("closed", "open", "half_open"):
+            labels = {"breaker": b.name, "state": state}
+            m.add(
+                "exai_breaker_state", "gauge", "1 for the current state.", b.state == state, labels
+            )
+        labels = {"breaker": b.name}
+        m.add("exai_breaker_opened_total", "counter", "Times opened.", b.times_opened, labels)
+        m.add("exai_breaker_rejected_total", "counter", "Calls refused.", b.rejected, labels)
+
+
+def _persistence_metrics(m: _Metrics, store: PersistenceStatus) -> None:
+    m.add("exai_persistence_available", "gauge", "Storage takes new work.", store.available)
+    m.add("exai_database_up", "gauge", "The storage breaker is closed.", store.database == "up")
+    m.add("exai_persistence_queue", "gauge", "Persistence inbox depth.", store.queue)
+    m.add("exai_journal_bytes", "gauge", "Write journal size.", store.journal_bytes)
+    pending = store.journal_pending_records
+    m.add("exai_journal_pending_records", "gauge", "Accepted, not in the database.", pending)
+    for name, help_text, value in (
+        ("batches", "Transactions.", store.batches),
+        ("records_written", "Rows written.", store.records_written),
+        ("records_journaled", "Records journaled.", store.records_journaled),
+        ("records_replayed", "Journal records replayed.", store.records_replayed),
+        ("conflicts", "Stale steps refused.", store.conflicts),
+        ("rejected", "Records refused.", store.rejected),
+    ):
+        m.add(f"exai_persistence_{name}_total", "counter", help_text, value)

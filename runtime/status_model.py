@@ -1,0 +1,161 @@
+"""The shape of ``exai status --json`` and ``GET /status``: stable and documented.
+
+Scripts parse this, so it changes only by adding fields (``schema_version`` goes up when a
+field changes meaning or goes away). Every field is described here and in
+``docs/operations.md``. Ages are in seconds *as of the snapshot* (``uptime_s``,
+``last_activity_s``), never monotonic clock values, which mean nothing outside the process.
+
+The node fills it in through a :class:`StatusSource` (``actors/status.py``); the admin
+interface (``runtime/admin.py``) serves it and renders it as Prometheus metrics.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal, Protocol
+
+from pydantic import BaseModel, ConfigDict, Field
+
+SCHEMA_VERSION = 1
+
+ActorKind = Literal["node", "supervisor", "session", "pykka", "task"]
+ActorState = Literal["starting", "running", "stopping", "restarting", "stopped", "detached", "dead"]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class NodeInfo(_Model):
+    node_id: str = Field(description="host:pid:random, as in the nodes table.")
+    hostname: str
+    pid: int
+    version: str = Field(description="exai-runtime version.")
+    url: str | None = Field(description="The MCP endpoint, ws://HOST:PORT/mcp.")
+    started_at: datetime = Field(description="Wall-clock start time, UTC.")
+    uptime_s: float
+    protocol_versions: list[str]
+    sessions_live: int = Field(description="Sessions with a connected socket.")
+    sessions_detached: int = Field(description="Sessions parked for resume.")
+    sessions_max: int
+    tool_calls_in_flight: int = Field(description="Running tool calls, all sessions.")
+    tool_calls_max: int | None
+
+
+class ActorStatus(_Model):
+    """One node of the supervision tree. ``path`` places it: ``/root/sessions/<id>``."""
+
+    path: str
+    kind: ActorKind
+    state: ActorState
+    mailbox_depth: int | None = Field(description="Messages waiting; None: no mailbox.")
+    mailbox_capacity: int | None = Field(description="None: unbounded or no mailbox.")
+    restarts: int
+    uptime_s: float | None = Field(description="Since its current incarnation started.")
+    last_activity_s: float | None = Field(
+        description="Since it last finished handling a message; None: never, or not tracked."
+    )
+    messages_handled: int | None = None
+    messages_failed: int | None = None
+    last_error: str | None = Field(default=None, description="repr of its last crash.")
+
+
+class SessionStatus(_Model):
+    session_id: str
+    state: Literal["attached", "detached"]
+    remote: str
+    client_name: str | None
+    client_version: str | None
+    protocol_version: str | None
+    initialized: bool = Field(description="notifications/initialized received.")
+    in_flight: int = Field(description="Tool calls admitted (running or waiting for a slot).")
+    queued: int = Field(description="Messages waiting in its mailbox.")
+    restarts: int = Field(description="Session actor restarts after a crash.")
+    uptime_s: float
+    last_activity_s: float | None
+    requests: int = Field(description="Upstream calls admitted by the rate limiter.")
+    input_tokens: int
+    output_tokens: int
+    cost_usd: float
+    refused: int = Field(description="Upstream calls refused by a limit.")
+
+
+class ProviderLimitStatus(_Model):
+    name: str
+    requests_per_minute: int | None
+    tokens_per_minute: int | None
+    max_concurrency: int | None
+    in_flight: int
+    waiting: int
+    requests_available: float | None = Field(description="Bucket level now; None: unlimited.")
+    tokens_available: float | None
+
+
+class LimitsStatus(_Model):
+    providers: list[ProviderLimitStatus]
+    sessions_tracked: int = Field(description="Sessions the rate limiter holds counters for.")
+
+
+class BreakerStatus(_Model):
+    name: str
+    state: Literal["closed", "open", "half_open"]
+    window_calls: int
+    window_failures: int
+    failure_rate: float | None
+    retry_after_s: float | None = Field(description="Seconds until a trial, while open.")
+    times_opened: int
+    rejected: int
+
+
+class PersistenceStatus(_Model):
+    available: bool = Field(description="Storage takes new work (sessions, tool calls).")
+    database: Literal["up", "down", "trying"] = Field(
+        description="The storage breaker: closed = up, open = down, half_open = trying."
+    )
+    queue: int = Field(description="Messages waiting in the persistence actor's inbox.")
+    journal_file: str
+    journal_bytes: int
+    journal_pending_records: int = Field(description="Accepted, not yet in the database.")
+    journal_full: bool
+    batches: int
+    largest_batch: int
+    records_written: int
+    records_journaled: int
+    records_replayed: int
+    conflicts: int
+    rejected: int
+    last_error: str | None
+
+
+class DeadLettersStatus(_Model):
+    total: int
+    by_reason: dict[str, int]
+
+
+class NodeStatus(_Model):
+    """Everything ``exai status`` shows. ``limits``/``persistence`` are ``None`` when that
+    part does not run, or did not answer within the status deadline (see ``problems``)."""
+
+    schema_version: Literal[1] = 1
+    taken_at: datetime = Field(description="When this snapshot was taken, UTC.")
+    node: NodeInfo
+    actors: list[ActorStatus] = Field(description="Supervision tree, parents before children.")
+    sessions: list[SessionStatus]
+    limits: LimitsStatus | None
+    breakers: list[BreakerStatus]
+    persistence: PersistenceStatus | None
+    dead_letters: DeadLettersStatus
+    problems: list[str] = Field(
+        default_factory=list, description="Parts that could not be inspected, and why."
+    )
+
+
+class StatusSource(Protocol):
+    """What the admin interface asks for a snapshot. Called in the trio thread.
+
+    Async because two parts (persistence, rate limiter) are pykka actors that must be asked;
+    an implementation bounds those asks so that a stuck actor shows as a problem instead of
+    hanging the status command.
+    """
+
+    async def status(self) -> NodeStatus: ...

@@ -1,0 +1,329 @@
+"""``exai status``: find the running server, ask its admin interface, show the answer.
+
+The server is found through ``<state-dir>/server.json`` (its ``admin_url``) unless ``--url``
+names the admin interface. The admin token is ``<state-dir>/admin-token`` unless given.
+Every way of failing has its own exit code and a sentence saying what to do, because this is
+what an operator runs when something is already wrong.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+from pydantic import ValidationError
+
+from runtime.admin import admin_token_path
+from runtime.statefile import read_server_info
+from runtime.status_model import ActorStatus, NodeStatus
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_NO_SERVER = 3
+EXIT_UNREACHABLE = 4
+EXIT_BAD_TOKEN = 5
+
+
+class StatusFailure(Exception):
+    """The status could not be had; ``code`` is the exit code, the message is for people."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    admin_url: str
+    token: str
+
+
+def locate(state_dir: Path, *, url: str | None, token: str | None) -> Target:
+    """Where the admin interface is and the token it wants; raises :class:`StatusFailure`."""
+    server_file = state_dir / "server.json"
+    if url is None:
+        try:
+            info = read_server_info(server_file)
+        except (ValidationError, ValueError, OSError) as exc:
+            raise StatusFailure(
+                EXIT_NO_SERVER, f"{server_file} is unreadable ({exc}); is a server running?"
+            ) from None
+        if info is None:
+            raise StatusFailure(
+                EXIT_NO_SERVER,
+                f"no server running: {server_file} does not exist (start one with "
+                f"'exai serve --state-dir {state_dir}', or pass --url)",
+            )
+        if not _alive(info.pid):
+            raise StatusFailure(
+                EXIT_NO_SERVER,
+                f"no server running: {server_file} names pid {info.pid}, which is not "
+                "running (the server was killed; the file is stale)",
+            )
+        if info.admin_url is None:
+            raise StatusFailure(
+                EXIT_UNREACHABLE,
+                f"the server (pid {info.pid}) announces no admin interface in {server_file}",
+            )
+        url = info.admin_url
+    if token is None:
+        path = admin_token_path(state_dir)
+        try:
+            token = path.read_text().strip()
+        except OSError as exc:
+            raise StatusFailure(
+                EXIT_BAD_TOKEN,
+                f"cannot read the admin token {path} ({exc.strerror}); pass --admin-token",
+            ) from None
+    return Target(url.rstrip("/"), token)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process: alive
+    return True
+
+
+def fetch(target: Target, *, timeout: float = 10.0) -> NodeStatus:
+    """``GET /status``; raises :class:`StatusFailure` with the matching exit code."""
+    try:
+        response = httpx.get(
+            f"{target.admin_url}/status",
+            headers={"authorization": f"Bearer {target.token}"},
+            timeout=timeout,
+        )
+    except httpx.HTTPError as exc:
+        raise StatusFailure(
+            EXIT_UNREACHABLE, f"server unreachable at {target.admin_url}: {exc}"
+        ) from None
+    if response.status_code in (401, 403):
+        raise StatusFailure(
+            EXIT_BAD_TOKEN,
+            f"the admin interface at {target.admin_url} refused the admin token "
+            "(wrong state dir, or a stale --admin-token?)",
+        )
+    if response.status_code != 200:
+        raise StatusFailure(
+            EXIT_ERROR,
+            f"the admin interface answered HTTP {response.status_code}: {response.text.strip()}",
+        )
+    try:
+        return NodeStatus.model_validate_json(response.content)
+    except ValidationError as exc:
+        raise StatusFailure(EXIT_ERROR, f"unexpected status document: {exc}") from None
+
+
+# -- text rendering --------------------------------------------------------------------------
+
+
+def age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 10:
+        return f"{seconds:.1f}s"
+    whole = int(seconds)
+    if whole < 60:
+        return f"{whole}s"
+    if whole < 3600:
+        return f"{whole // 60}m{whole % 60:02d}s"
+    if whole < 86400:
+        return f"{whole // 3600}h{whole % 3600 // 60:02d}m"
+    return f"{whole // 86400}d{whole % 86400 // 3600:02d}h"
+
+
+def _size(count: int) -> str:
+    value = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{count} B"
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
+    lines += [
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows
+    ]
+    return lines
+
+
+def _tree_labels(actors: Sequence[ActorStatus]) -> list[str]:
+    """Each actor's path drawn as a tree (parents come before children in the list)."""
+    paths = [a.path for a in actors]
+    known = set(paths)
+
+    def parent(path: str) -> str | None:
+        head = path.rsplit("/", 1)[0]
+        while head:
+            if head in known:
+                return head
+            head = head.rsplit("/", 1)[0]
+        return None
+
+    children: dict[str | None, list[str]] = {}
+    for path in paths:
+        children.setdefault(parent(path), []).append(path)
+    labels: dict[str, str] = {}
+
+    def walk(path: str, prefix: str, last: bool, top: bool) -> None:
+        up = parent(path)
+        name = path if up is None else path[len(up) + 1 :]
+        labels[path] = name if top else f"{prefix}{'└─ ' if last else '├─ '}{name}"
+        below = children.get(path, [])
+        for index, child in enumerate(below):
+            extension = "" if top else ("   " if last else "│  ")
+            walk(child, prefix + extension, index == len(below) - 1, False)
+
+    for root in children.get(None, []):
+        walk(root, "", True, True)
+    return [labels[path] for path in paths]
+
+
+def render(status: NodeStatus) -> str:
+    node = status.node
+    out = [
+        f"exai-runtime {node.version} · node {node.node_id} · pid {node.pid} · "
+        f"up {age(node.uptime_s)}",
+        f"MCP {node.url or '(not listening)'} · protocols {', '.join(node.protocol_versions)}",
+        f"sessions {node.sessions_live} attached, {node.sessions_detached} detached "
+        f"(max {node.sessions_max}) · tool calls in flight {node.tool_calls_in_flight}"
+        + (f"/{node.tool_calls_max}" if node.tool_calls_max is not None else "")
+        + f" · dead letters {status.dead_letters.total}"
+        + (
+            " ("
+            + ", ".join(f"{r} {n}" for r, n in sorted(status.dead_letters.by_reason.items()))
+            + ")"
+            if status.dead_letters.by_reason
+            else ""
+        ),
+        "",
+        "SUPERVISION TREE",
+    ]
+    rows = []
+    for label, actor in zip(_tree_labels(status.actors), status.actors, strict=True):
+        mailbox = "-"
+        if actor.mailbox_depth is not None:
+            capacity = "∞" if actor.mailbox_capacity is None else str(actor.mailbox_capacity)
+            mailbox = f"{actor.mailbox_depth}/{capacity}"
+        rows.append(
+            [
+                label,
+                actor.kind,
+                actor.state,
+                mailbox,
+                str(actor.restarts),
+                age(actor.uptime_s),
+                "-" if actor.last_activity_s is None else f"{age(actor.last_activity_s)} ago",
+                actor.last_error or "",
+            ]
+        )
+    out += _table(
+        ["PATH", "KIND", "STATE", "MAILBOX", "RESTARTS", "UPTIME", "LAST ACTIVITY", "LAST ERROR"],
+        rows,
+    )
+    out += ["", "SESSIONS"]
+    if status.sessions:
+        out += _table(
+            [
+                "ID",
+                "STATE",
+                "CLIENT",
+                "PROTOCOL",
+                "IN-FLIGHT",
+                "QUEUED",
+                "RESTARTS",
+                "TOKENS IN/OUT",
+                "COST",
+                "UPTIME",
+            ],
+            [
+                [
+                    s.session_id,
+                    s.state,
+                    f"{s.client_name or '?'} {s.client_version or ''}".strip(),
+                    s.protocol_version or "-",
+                    str(s.in_flight),
+                    str(s.queued),
+                    str(s.restarts),
+                    f"{s.input_tokens}/{s.output_tokens}",
+                    f"${s.cost_usd:.4f}",
+                    age(s.uptime_s),
+                ]
+                for s in status.sessions
+            ],
+        )
+    else:
+        out.append("(none)")
+    out += ["", "RATE LIMITS"]
+    if status.limits is None:
+        out.append("(no rate limiter)")
+    elif not status.limits.providers:
+        out.append("(no providers)")
+    else:
+        out += _table(
+            ["PROVIDER", "IN-FLIGHT", "WAITING", "REQUESTS AVAIL", "TOKENS AVAIL"],
+            [
+                [
+                    p.name,
+                    f"{p.in_flight}/{p.max_concurrency or '∞'}",
+                    str(p.waiting),
+                    _available(p.requests_available, p.requests_per_minute),
+                    _available(p.tokens_available, p.tokens_per_minute),
+                ]
+                for p in status.limits.providers
+            ],
+        )
+    out += ["", "CIRCUIT BREAKERS"]
+    if status.breakers:
+        out += _table(
+            ["NAME", "STATE", "FAILURE RATE", "WINDOW", "OPENED", "REJECTED", "RETRY IN"],
+            [
+                [
+                    b.name,
+                    b.state,
+                    "-" if b.failure_rate is None else f"{b.failure_rate:.0%}",
+                    f"{b.window_failures}/{b.window_calls}",
+                    str(b.times_opened),
+                    str(b.rejected),
+                    age(b.retry_after_s),
+                ]
+                for b in status.breakers
+            ],
+        )
+    else:
+        out.append("(none)")
+    out += ["", "PERSISTENCE"]
+    p = status.persistence
+    if p is None:
+        out.append("(not reported)")
+    else:
+        out.append(
+            f"database {p.database} · {'available' if p.available else 'UNAVAILABLE'} · "
+            f"queue {p.queue} · journal {_size(p.journal_bytes)} "
+            f"({p.journal_pending_records} pending{', FULL' if p.journal_full else ''})"
+        )
+        out.append(
+            f"written {p.records_written} in {p.batches} batches (largest {p.largest_batch}) · "
+            f"journaled {p.records_journaled} · replayed {p.records_replayed} · "
+            f"conflicts {p.conflicts} · rejected {p.rejected}"
+        )
+        if p.last_error:
+            out.append(f"last error: {p.last_error}")
+    if status.problems:
+        out += ["", "PROBLEMS"] + [f"  {problem}" for problem in status.problems]
+    return "\n".join(out) + "\n"
+
+
+def _available(level: float | None, per_minute: int | None) -> str:
+    if level is None or per_minute is None:
+        return "unlimited"
+    return f"{level:.0f}/{per_minute} per min"

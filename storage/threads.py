@@ -1,0 +1,251 @@
+"""Reading conversation threads back: the read side of ``threads`` and ``messages``.
+
+Writes go through the persistence actor (batched, journaled); reads cannot wait in its queue
+behind thousands of writes, and need no ordering with them beyond what a critical write
+already guarantees (committed before it returns). So reads take their own small pool of
+connections, used from worker threads (``trio.to_thread.run_sync``): psycopg's async API
+needs asyncio (BRIEF.md).
+
+Every query is one short transaction with a local ``statement_timeout``, so a hung database
+holds a reader thread for seconds, not forever. Nothing session-level is set, so a Supabase
+transaction-mode pooler URL works here too (:func:`storage.connection.connect_kwargs`).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+import psycopg
+from psycopg.rows import dict_row
+from psycopg_pool import ConnectionPool, PoolTimeout
+from pydantic import BaseModel, ConfigDict
+
+from storage.connection import connect_kwargs
+
+_CURSOR_PREFIX = "exai:threads:v1:"
+
+
+class ThreadReadError(Exception):
+    """The database could not be read (unreachable, too slow, or no connection free)."""
+
+
+class InvalidThreadCursor(ValueError):
+    """A listing cursor this server did not issue."""
+
+
+class StoredMessage(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    message_id: UUID
+    turn_index: int
+    role: str
+    content: str
+    files: list[str]
+    tool_name: str | None
+    created_at: datetime
+
+
+class StoredThread(BaseModel):
+    """A thread row with its messages, oldest first (turn, then the order they were written)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    thread_id: UUID
+    owner_id: UUID | None
+    title: str | None
+    turn_count: int
+    created_at: datetime
+    updated_at: datetime
+    expires_at: datetime
+    messages: list[StoredMessage]
+
+
+class ThreadSummary(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    thread_id: UUID
+    title: str | None
+    turn_count: int
+    created_at: datetime
+    updated_at: datetime
+    expires_at: datetime
+
+
+class ThreadPage(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    threads: list[ThreadSummary]
+    next_cursor: str | None
+
+
+def encode_cursor(updated_at: datetime, thread_id: UUID) -> str:
+    """Keyset cursor: the last row shown. Stable while threads are added or updated."""
+    text = f"{_CURSOR_PREFIX}{updated_at.isoformat()}|{thread_id}"
+    return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, UUID]:
+    refusal = InvalidThreadCursor(f"invalid cursor {cursor!r}: not one this server issued")
+    try:
+        padded = cursor + "=" * (-len(cursor) % 4)
+        text = base64.urlsafe_b64decode(padded.encode()).decode()
+        when, _, thread_id = text.removeprefix(_CURSOR_PREFIX).partition("|")
+        position = datetime.fromisoformat(when), UUID(thread_id)
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        raise refusal from None
+    if not text.startswith(_CURSOR_PREFIX) or position[0].tzinfo is None:
+        raise refusal
+    return position
+
+
+class ThreadStore:
+    """A tiny pool of read connections, owned by the node: ``open()`` at start, ``close()``
+    at the end. Every method blocks: call it through ``trio.to_thread.run_sync``."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        max_connections: int = 4,
+        wait_seconds: float = 10.0,
+        statement_timeout_ms: int = 10_000,
+    ) -> None:
+        self._wait = wait_seconds
+        self._statement_timeout = str(statement_timeout_ms)
+        self._pool = ConnectionPool(
+            url,
+            min_size=1,
+            max_size=max_connections,
+            kwargs={
+                "autocommit": True,
+                "connect_timeout": 5,
+                "keepalives": 1,
+                "keepalives_idle": 10,
+                "keepalives_interval": 5,
+                "keepalives_count": 3,
+                **connect_kwargs(url),
+            },
+            open=False,
+            name="exai-threads",
+        )
+
+    def open(self) -> None:
+        """Start the pool without waiting for a connection: a database that is away at
+        start-up fails reads (clearly), not the node's start."""
+        self._pool.open(wait=False)
+
+    def close(self) -> None:
+        self._pool.close()
+
+    def load(self, thread_id: UUID) -> StoredThread | None:
+        """The thread and every message of it, or ``None`` if there is no such thread."""
+        rows = self._query(
+            "select id, owner_id, title, turn_count, created_at, updated_at, expires_at"
+            " from threads where id = %s",
+            (thread_id,),
+        )
+        if not rows:
+            return None
+        thread = rows[0]
+        messages = self._query(
+            "select id, turn_index, role, content, files, tool_name, created_at"
+            " from messages where thread_id = %s order by turn_index, created_at, id",
+            (thread_id,),
+        )
+        return StoredThread(
+            thread_id=thread["id"],
+            owner_id=thread["owner_id"],
+            title=thread["title"],
+            turn_count=thread["turn_count"],
+            created_at=thread["created_at"],
+            updated_at=thread["updated_at"],
+            expires_at=thread["expires_at"],
+            messages=[
+                StoredMessage(
+                    message_id=m["id"],
+                    turn_index=m["turn_index"],
+                    role=m["role"],
+                    content=m["content"],
+                    files=_files(m["files"]),
+                    tool_name=m["tool_name"],
+                    created_at=m["created_at"],
+                )
+                for m in messages
+            ],
+        )
+
+    def list_owned(
+        self,
+        owner_id: UUID,
+        *,
+        limit: int,
+        cursor: str | None = None,
+        live_at: datetime | None = None,
+    ) -> ThreadPage:
+        """One page of an owner's threads, most recently active first.
+
+        ``live_at``: only threads that have not expired at that time. Raises
+        :class:`InvalidThreadCursor` for a cursor this store did not issue.
+        """
+        where = ["owner_id = %s"]
+        params: list[Any] = [owner_id]
+        if live_at is not None:
+            where.append("expires_at > %s")
+            params.append(live_at)
+        if cursor is not None:
+            updated_at, last_id = decode_cursor(cursor)
+            where.append("(updated_at, id) < (%s, %s)")
+            params.extend([updated_at, last_id])
+        params.append(limit + 1)  # one more tells whether there is a next page
+        rows = self._query(
+            "select id, title, turn_count, created_at, updated_at, expires_at from threads"
+            f" where {' and '.join(where)} order by updated_at desc, id desc limit %s",
+            tuple(params),
+        )
+        summaries = [
+            ThreadSummary(
+                thread_id=r["id"],
+                title=r["title"],
+                turn_count=r["turn_count"],
+                created_at=r["created_at"],
+                updated_at=r["updated_at"],
+                expires_at=r["expires_at"],
+            )
+            for r in rows[:limit]
+        ]
+        next_cursor = None
+        if len(rows) > limit and summaries:
+            last = summaries[-1]
+            next_cursor = encode_cursor(last.updated_at, last.thread_id)
+        return ThreadPage(threads=summaries, next_cursor=next_cursor)
+
+    def _query(self, sql: str, params: tuple[Any, ...]) -> list[dict[str, Any]]:
+        try:
+            with self._pool.connection(timeout=self._wait) as conn, conn.transaction():
+                conn.execute(
+                    "select set_config('statement_timeout', %s, true)",
+                    (self._statement_timeout,),
+                )
+                with conn.cursor(row_factory=dict_row) as cursor:
+                    cursor.execute(sql.encode(), params)
+                    return cursor.fetchall()
+        except PoolTimeout:
+            raise ThreadReadError(
+                f"no database connection within {self._wait:g} s (is the database up?)"
+            ) from None
+        except psycopg.Error as exc:
+            raise ThreadReadError(f"reading threads failed: {type(exc).__name__}") from exc
+
+
+def _files(value: object) -> list[str]:
+    """``messages.files`` is jsonb: psycopg gives the list itself (or its text, to be safe)."""
+    if isinstance(value, str):
+        value = json.loads(value)
+    if isinstance(value, list):
+        return [str(item) for item in value]
+    return []
