@@ -25,6 +25,7 @@ from actors.providers import (
     Providers,
 )
 from actors.rate_limiter import RateLimiter, UsageRecord
+from runtime import trace
 from runtime.breaker import CircuitBreaker
 from runtime.bridge import ActorUnavailable
 from storage.rows import TokenUsage
@@ -114,7 +115,8 @@ async def complete(
         session_id, provider.name, tokens=estimate.tokens, cost_usd=estimate.cost_usd
     )
     try:
-        result = await provider.complete(request, on_text=on_text)
+        with trace.handling(f"/root/providers/{provider.name}", "chat.completions"):
+            result = await provider.complete(request, on_text=on_text)
     except ProviderError as exc:
         if exc.sent == 0:  # e.g. the breaker opened meanwhile: the call never left
             limiter.withdraw(lease)

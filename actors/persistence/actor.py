@@ -57,6 +57,7 @@ from actors.persistence.protocol import (
     ShipmentResult,
     Tick,
 )
+from runtime import trace
 from runtime.bridge import BridgedActor
 from storage.breaker import CircuitBreaker
 from storage.connection import Connector
@@ -139,7 +140,15 @@ class PersistenceActor(BridgedActor):
 
     def on_receive(self, message: object) -> object:
         if isinstance(message, Ship):
-            self._accept(message)
+            # One trace event per shipment, listing every trace it carries: each writer's
+            # timeline shows the persistence step and how long the records waited for it.
+            with trace.handling(
+                "/root/persistence",
+                "Ship",
+                postmark=message.marks,
+                records=len(message.records),
+            ):
+                self._accept(message)
         elif isinstance(message, _FlushSoon):
             self._flush_told = False
             self._flush()

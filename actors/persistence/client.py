@@ -45,6 +45,7 @@ from actors.persistence.protocol import (
     ShipmentResult,
     Tick,
 )
+from runtime import trace
 from runtime.bridge import ActorUnavailable, CallbackFuture, wait_reply
 from storage.errors import StorageUnavailable
 from storage.rows import Record
@@ -58,10 +59,11 @@ class _Shipment:
     """Records gathered in one scheduling round; the critical writers among them wait on
     ``done``. ``offset``: how many re-sent records went ahead of them in the message."""
 
-    __slots__ = ("critical", "done", "offset", "records", "result")
+    __slots__ = ("critical", "done", "marks", "offset", "records", "result")
 
     def __init__(self) -> None:
         self.records: list[Record] = []
+        self.marks: list[trace.Postmark] = []
         self.critical: set[int] = set()
         self.done = trio.Event()
         self.offset = 0
@@ -195,6 +197,7 @@ class PersistenceClient:
             self._trio_token().run_sync_soon(self._ship_soon, idempotent=True)
         position = len(shipment.records)
         shipment.records.append(record)
+        shipment.marks.append(trace.postmark())  # the writer's trace, for its timeline
         if critical:
             shipment.critical.add(position)
         if position + 1 >= self._max_shipment:
@@ -225,6 +228,7 @@ class PersistenceClient:
             records=records,
             critical=frozenset(position + len(resend) for position in shipment.critical),
             reply=partial(self._on_reply, token, shipment, records),
+            marks=tuple(shipment.marks),
         )
         try:
             future = self._resolve().ask(message, block=False)

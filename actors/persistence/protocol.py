@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from runtime import trace
 from storage.breaker import BreakerState
 from storage.rows import Record, SessionRow, TaskCreated
 
@@ -34,6 +35,8 @@ class Ship:
     records: tuple[Record, ...]
     critical: frozenset[int]
     reply: Callable[[ShipmentResult], None]
+    #: One postmark per record written (re-sent ones excepted): whose traces this serves.
+    marks: tuple[trace.Postmark, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
