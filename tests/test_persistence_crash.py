@@ -27,6 +27,7 @@ import pytest
 import trio
 
 from actors.persistence import PersistenceActor, PersistenceClient, PersistenceConfig
+from runtime.logs import configure_logging
 from storage.embedded import EmbeddedPostgres
 from storage.journal import Journal
 from storage.migrations import apply_migrations
@@ -202,4 +203,7 @@ async def test_sigkill_mid_load_then_recovery(
 
 
 if __name__ == "__main__":
+    # stdout carries the ACCEPTED/RUNNING protocol to the test: logs go to stderr, as the
+    # server's do (structlog's default would print to stdout, from several threads).
+    configure_logging("warning", json=True)
     trio.run(_drive, sys.argv[1], Path(sys.argv[2]), sys.argv[3])
