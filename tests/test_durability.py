@@ -11,7 +11,6 @@ import contextlib
 import json
 import signal
 from pathlib import Path
-from typing import Any
 
 import trio
 from trio_websocket import ConnectionClosed
@@ -84,9 +83,25 @@ def _tasks(database_url: str, session_ids: list[str]) -> dict[tuple[str, str], l
     return found
 
 
-async def _accepted_reach(target: int, accepted: list[Any]) -> None:
-    while len(accepted) < target:  # noqa: ASYNC110 - counts grow as answers arrive
-        await trio.sleep(0.01)
+class Accepted(list[tuple[str, str]]):
+    """Calls answered with a result; waiters are woken by each new one (no polling)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._grew = trio.Event()
+
+    def append(self, item: tuple[str, str]) -> None:
+        super().append(item)
+        self._grew.set()
+        self._grew = trio.Event()
+
+    async def reach(self, target: int) -> None:
+        while len(self) < target:
+            await self._grew.wait()
+
+
+async def _accepted_reach(target: int, accepted: Accepted) -> None:
+    await accepted.reach(target)
 
 
 async def test_postgres_crash_under_load_loses_no_accepted_task(tmp_path: Path) -> None:
@@ -95,7 +110,7 @@ async def test_postgres_crash_under_load_loses_no_accepted_task(tmp_path: Path) 
         server = start_server(tmp_path / "state", database_url=url)
         try:
             session_ids: list[str] = []
-            accepted: list[tuple[str, str]] = []
+            accepted = Accepted()
             stop = trio.Event()
             with trio.fail_after(120):
                 async with trio.open_nursery() as nursery:
@@ -132,7 +147,7 @@ async def test_sigkill_mid_load_then_restart_loses_nothing_and_interrupts_runnin
     state = tmp_path / "state"
     first = start_server(state, database_url=database_url)
     session_ids: list[str] = []
-    accepted: list[tuple[str, str]] = []
+    accepted = Accepted()
     stop = trio.Event()
     blocked_session: list[str] = []
     with trio.fail_after(120):
@@ -179,7 +194,7 @@ async def test_persistence_actor_crash_under_load_heals_and_loses_no_task(
     server = start_server(tmp_path / "state", database_url=database_url)
     try:
         session_ids: list[str] = []
-        accepted: list[tuple[str, str]] = []
+        accepted = Accepted()
         stop = trio.Event()
         with trio.fail_after(120):
             async with trio.open_nursery() as nursery:
