@@ -54,6 +54,7 @@ from runtime.actor import sole_exception
 from runtime.admin import serve_admin
 from runtime.auth import ClientTokens, load_or_create_token
 from runtime.breaker import BreakerSnapshot
+from runtime.collector import tune_for_long_lived_objects
 from runtime.config import (
     ConfigError,
     ConfigFile,
@@ -125,6 +126,7 @@ async def run_node(settings: Settings, *, announce: bool = True) -> None:
         clients=config.clients.identities,
         providers=sorted(config.upstream.providers),
     )
+    tune_for_long_lived_objects()  # thousands of sessions live for hours: runtime/collector.py
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         await _run(settings, config, signals, announce=announce)
     log.info("server.stopped")
