@@ -83,6 +83,23 @@ def _tasks(database_url: str, session_ids: list[str]) -> dict[tuple[str, str], l
     return found
 
 
+async def _each_accepted_call_completed_once(
+    database_url: str, session_ids: list[str], accepted: list[tuple[str, str]], *, within: float
+) -> None:
+    """Every call answered with a result has exactly one task row, ``completed``. ``within``:
+    how long its rows may take to land (0: they must be there already)."""
+    expected = set(accepted)
+    if within:
+        await wait_until(
+            lambda: set(_tasks(database_url, session_ids)) >= expected,
+            what="a task row for every accepted call",
+            within=within,
+        )
+    tasks = _tasks(database_url, session_ids)
+    for key in expected:
+        assert tasks.get(key) == ["completed"], key
+
+
 class Accepted(list[tuple[str, str]]):
     """Calls answered with a result; waiters are woken by each new one (no polling)."""
 
@@ -127,16 +144,8 @@ async def test_postgres_crash_under_load_loses_no_accepted_task(tmp_path: Path) 
                     await _accepted_reach(len(accepted) + 200, accepted)
                     stop.set()
 
-            expected = set(accepted)
-            await wait_until(
-                lambda: set(_tasks(url, session_ids)) >= expected,
-                what="every accepted call's task row after the database came back",
-                within=90,
-            )
-            tasks = _tasks(url, session_ids)
-            for key in expected:
-                assert tasks[key] == ["completed"], key
-            assert len(expected) == len(accepted)  # no request answered twice either
+            await _each_accepted_call_completed_once(url, session_ids, accepted, within=90)
+            assert len(set(accepted)) == len(accepted)  # no request answered twice either
         finally:
             assert server.stop() == 0, server.stderr_path.read_text()[-3000:]
 
@@ -177,9 +186,7 @@ async def test_sigkill_mid_load_then_restart_loses_nothing_and_interrupts_runnin
     second: ServerProcess = start_server(state, database_url=database_url, token=first.token)
     try:
         # Recovery ran before the second server accepted anything: no waiting needed.
-        tasks = _tasks(database_url, session_ids)
-        for key in set(accepted):
-            assert tasks.get(key) == ["completed"], key
+        await _each_accepted_call_completed_once(database_url, session_ids, accepted, within=0)
         running = _tasks(database_url, blocked_session)
         assert running == {(blocked_session[0], '"running"'): ["interrupted"]}
         recovered = [e for e in second.log_events() if e["event"] == "storage.recovered"]
@@ -214,15 +221,7 @@ async def test_persistence_actor_crash_under_load_heals_and_loses_no_task(
                 stop.set()
         # Every call was answered with a result (the sessions record nothing else as
         # accepted, and none stalled: fail_after would have fired).
-        expected = set(accepted)
-        await wait_until(
-            lambda: set(_tasks(database_url, session_ids)) >= expected,
-            what="every accepted call's task row after the persistence actor restarted",
-            within=60,
-        )
-        tasks = _tasks(database_url, session_ids)
-        for key in expected:
-            assert tasks[key] == ["completed"], key
+        await _each_accepted_call_completed_once(database_url, session_ids, accepted, within=60)
         events = server.log_events()
         restarts = [
             e

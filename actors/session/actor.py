@@ -50,6 +50,7 @@ from runtime.mcp.errors import (
     SessionRestarted,
     Unavailable,
     UnsupportedProtocolVersion,
+    invalid_params,
 )
 from runtime.mcp.paging import page
 from runtime.mcp.progress import Progress
@@ -692,8 +693,4 @@ def _params(model: type[Any], request: jsonrpc.Request) -> Any:
     try:
         return model.model_validate(request.params or {})
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or 'params'}: {err['msg']}"
-            for err in exc.errors()
-        )
-        raise InvalidParams(f"invalid params for {request.method!r}: {problems}") from None
+        raise invalid_params(f"params for {request.method!r}", exc) from None

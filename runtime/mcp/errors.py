@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+from pydantic import ValidationError
+
 
 class RpcError(Exception):
     """Base of every error that is answered to the client as a JSON-RPC error object."""
@@ -47,6 +49,15 @@ class InvalidParams(RpcError):
     """The method exists but its params do not match its schema."""
 
     code = -32602
+
+
+def invalid_params(what: str, error: ValidationError, *, root: str = "params") -> InvalidParams:
+    """-32602 naming every bad field of ``what`` (``root`` names a whole-object error)."""
+    problems = "; ".join(
+        f"{'.'.join(str(part) for part in item['loc']) or root}: {item['msg']}"
+        for item in error.errors()
+    )
+    return InvalidParams(f"invalid {what}: {problems}")
 
 
 class InternalError(RpcError):

@@ -13,7 +13,7 @@ from typing import Any, ClassVar, Generic, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from runtime.mcp.errors import InvalidParams
+from runtime.mcp.errors import invalid_params
 from runtime.mcp.progress import Progress
 from runtime.mcp.schema import LogLevel, ToolDescriptor
 
@@ -89,11 +89,9 @@ class Tool(ABC, Generic[ArgsT]):
         try:
             return self.Args.model_validate(arguments or {})
         except ValidationError as exc:
-            problems = "; ".join(
-                f"{'.'.join(str(p) for p in err['loc']) or 'arguments'}: {err['msg']}"
-                for err in exc.errors()
-            )
-            raise InvalidParams(f"invalid arguments for tool {self.name!r}: {problems}") from None
+            raise invalid_params(
+                f"arguments for tool {self.name!r}", exc, root="arguments"
+            ) from None
 
     @abstractmethod
     async def run(self, args: ArgsT, ctx: ToolContext) -> ToolOutput:
