@@ -4,13 +4,15 @@ No threads and no trio here: the rate-limiter actor (:mod:`actors.rate_limiter`)
 :class:`Ledger` and feeds it the time with every message, so this arithmetic is exact and
 testable on its own.
 
-Rates are GCRA (BRIEF.md section 4), kept as the bucket's *level* rather than as a theoretical
-arrival time: the two are the same algorithm (level = (tat - now) / interval), but a level adds
-integer costs exactly, so "capacity 60, sixty calls at the same instant" admits exactly sixty
-instead of fifty-nine and a rounding error.
+Rates are GCRA (the generic cell rate algorithm of ITU-T I.371; see brandur.org/rate-limiting),
+kept as the bucket's *level* rather than as a theoretical arrival time: the two are the same
+algorithm (level = (tat - now) / interval), but a level adds integer costs exactly, so "capacity
+60, sixty calls at the same instant" admits exactly sixty instead of fifty-nine and a rounding
+error.
 
-Tokens are reserved up front as the worst case (prompt estimate + ``max_tokens``, as upstreams
-count them) and the difference is refunded when the real usage is known (BRIEF.md section 4).
+Tokens are reserved up front as the worst case (prompt estimate + ``max_tokens``; OpenAI's
+rate-limit guide counts a request as the larger of the two) and the difference is refunded when
+the real usage is known.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""A circuit breaker for trio, judged the way resilience4j judges (BRIEF.md section 4).
+"""A circuit breaker for trio, judged the way resilience4j judges (its CircuitBreaker docs).
 
 pybreaker, purgatory and circuitbreaker count *consecutive* failures and let any number of
 trial calls through once half-open; none of them targets trio. This one:

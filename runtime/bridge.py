@@ -2,10 +2,11 @@
 
 pykka futures have no done-callback and block the thread that waits on them, so the obvious
 ``trio.to_thread.run_sync(future.get)`` costs a worker thread per waiting task and caps
-concurrency at the thread limiter (BRIEF.md: ~5k round trips/s). Instead, actors that trio talks
-to create :class:`CallbackFuture` replies: when the actor thread sets the reply, the future hands
-it to trio through :meth:`trio.lowlevel.TrioToken.run_sync_soon`, which wakes exactly the task
-that asked.
+concurrency at the thread limiter (``bench/actors.py``, docs/benchmarks.md: with 100 tasks, a
+sixth of the bridge's round trips/s). Instead, actors that trio talks to create
+:class:`CallbackFuture` replies: when the actor thread sets the reply, the future hands it to
+trio through :meth:`trio.lowlevel.TrioToken.run_sync_soon`, which wakes exactly the task that
+asked.
 
 Cancellation: the waiting task is parked with an abort function that always succeeds. A reply
 that arrives after the wait was cancelled finds the waiter marked gone and is dropped, so it can

@@ -154,7 +154,8 @@ class Settings(BaseSettings):
 
 
 class ChatLimits(BaseModel):
-    """Conversation threads of the ``chat`` tool (BRIEF.md section 3, the seed's values)."""
+    """Conversation threads of the ``chat`` tool. Defaults are the seed's values: those of the
+    EX-AI MCP server this project upgrades (github.com/Zazzles2908/EX-AI-MCP-Server)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 

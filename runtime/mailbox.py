@@ -3,7 +3,8 @@
 ``tell`` never blocks and never waits. When the mailbox is full the mailbox's overflow policy
 decides: ``REJECT`` raises :class:`MailboxFull` to the sender, who must answer for it (the
 session answers "server busy"); ``DROP`` hands the message to the dead letters. Blocking a
-sender instead would stall a socket reader and, with it, pings and closes (BRIEF.md).
+sender instead would stall a socket reader and, with it, pings and closes (trio-websocket's
+docs, "Message Queues": a paused reader stops replying to pings).
 
 ``ask`` is ``tell`` plus a one-shot reply the actor fills in; the asker bounds its wait with a
 timeout and gets :class:`ActorStopped` if the actor ends before answering, never a hang.

@@ -1,10 +1,11 @@
 """pykka actors as children of a trio supervisor, reached through a stable name.
 
-A stopped pykka actor cannot be restarted (BRIEF.md), so supervising one means starting a fresh
-actor and handing out the new ref. Callers never hold a ref: they hold an :class:`ActorName`,
-which resolves to whichever incarnation is current, and waits for the next one while a restart
-is under way. A restart is therefore invisible to callers, except for requests that were in
-flight at the crash: those fail with :class:`~runtime.bridge.ActorUnavailable`, never hang.
+A stopped pykka actor cannot be restarted (pykka's docs for ``ActorRef.stop``), so supervising
+one means starting a fresh actor and handing out the new ref. Callers never hold a ref: they
+hold an :class:`ActorName`, which resolves to whichever incarnation is current, and waits for
+the next one while a restart is under way. A restart is therefore invisible to callers, except
+for requests that were in flight at the crash: those fail with
+:class:`~runtime.bridge.ActorUnavailable`, never hang.
 
 Death is detected without parking a thread: :class:`~runtime.bridge.BridgedActor` reports the
 end of its loop from its own thread through ``TrioToken.run_sync_soon``. The supervisor tells

@@ -1,8 +1,9 @@
 """The WebSocket endpoint ``ws://HOST:PORT/mcp`` and the sessions supervisor that owns sessions.
 
 trio-websocket runs each connection's handler in a nursery it is given, and an exception that
-escapes one handler cancels that nursery: every other client would be cut off with 1006
-(BRIEF.md). So every connection runs inside :meth:`Sessions.run`, which is the one place a
+escapes one handler cancels that nursery: every other client would be cut off with 1006 (it
+serves through ``trio.serve_listeners``, whose docs warn that a handler's exception crashes the
+server). So every connection runs inside :meth:`Sessions.run`, which is the one place a
 session's failure stops: it is logged once with the session id, and only that socket is closed
 (1011). The listener and the other sessions never see it.
 
@@ -144,7 +145,8 @@ class McpWebSocketServer:
                         None,
                         handler_nursery=session_nursery,
                         max_message_size=self._max_message_bytes,
-                        # 64 KiB reads: doubles throughput for large messages (BRIEF.md).
+                        # None: trio's 64 KiB reads, not trio-websocket's 4 KiB default, so a
+                        # large message takes far fewer reads.
                         receive_buffer_size=None,
                     )
                 )

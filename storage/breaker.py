@@ -4,8 +4,9 @@ Closed, every batch goes to the database. ``failure_threshold`` consecutive fail
 or a success slower than ``slow_call``) open it: batches then go straight to the journal. After
 ``reset_after`` seconds one trial is allowed (half-open): success closes the breaker, failure
 opens it again for twice as long, up to ``max_reset_after``. One trial at a time, not the
-unlimited trials of pybreaker and friends (BRIEF.md): the caller is one thread, and a trial
-against a dead server can block it for the connect timeout.
+unlimited trials of pybreaker and friends (their half-open states gate no call, per pybreaker's,
+purgatory's and circuitbreaker's sources): the caller is one thread, and a trial against a dead
+server can block it for the connect timeout.
 
 Not thread-safe: the persistence actor's thread owns it. ``clock`` is injectable so tests can
 step time instead of sleeping.

@@ -24,8 +24,9 @@ import psycopg
 
 def is_transaction_pooler(url: str) -> bool:
     """Supabase's transaction-mode pooler listens on port 6543 (session mode and direct: 5432).
-    It supports no prepared statements; ``prepare_threshold=None`` is a connect keyword (the
-    URI refuses it, BRIEF.md)."""
+    It supports no prepared statements (Supabase docs, "Disabling Prepared statements");
+    ``prepare_threshold=None`` is a psycopg connect keyword (libpq refuses unknown URI query
+    parameters)."""
     return urlsplit(url).port == 6543
 
 

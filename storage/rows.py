@@ -94,7 +94,7 @@ class SessionActivity(_Row):
     The counters are totals since the session opened, never increments, and every field is
     applied with ``greatest``: any subset of these records, in any order, leaves the row with
     the newest values. That is what lets the persistence actor keep only the latest one per
-    session and write it every ``sync_interval`` (BRIEF.md: the seed's 30 s periodic sync).
+    session and write it every ``sync_interval`` (the seed design's 30 s periodic sync).
     """
 
     kind: Literal["session_activity"] = "session_activity"
@@ -161,7 +161,8 @@ class TaskFinished(_Row):
 
 class TokenUsage(_Row):
     """Tokens one upstream call used. ``estimated`` marks counts we computed ourselves because
-    the provider reported none (streamed calls often do not, BRIEF.md)."""
+    the provider reported none (streamed calls often do not: OpenAI's API sends usage on a
+    stream only with ``stream_options.include_usage``)."""
 
     kind: Literal["token_usage"] = "token_usage"
     usage_id: UUID

@@ -4,7 +4,7 @@ Writes go through the persistence actor (batched, journaled); reads cannot wait 
 behind thousands of writes, and need no ordering with them beyond what a critical write
 already guarantees (committed before it returns). So reads take their own small pool of
 connections, used from worker threads (``trio.to_thread.run_sync``): psycopg's async API
-needs asyncio (BRIEF.md).
+needs asyncio (trio support is the open issue psycopg/psycopg#29).
 
 Every query is one short transaction with a local ``statement_timeout``, so a hung database
 holds a reader thread for seconds, not forever. Nothing session-level is set, so a Supabase

@@ -1,5 +1,5 @@
 """Context Engineering Phase 1: history a caller embedded into its prompt is stripped before
-the turn is stored and sent upstream (BRIEF.md section 3).
+the turn is stored and sent upstream (as in the EX-AI MCP server this project upgrades).
 
 Why: the server keeps a thread's history and sends it upstream with every turn. A caller that
 also pastes the conversation so far into its prompt makes each turn carry the history twice,

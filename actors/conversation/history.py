@@ -1,10 +1,11 @@
 """The history sent upstream with a turn: rebuilt from the stored thread within budgets.
 
-As the seed's ancestor did (BRIEF.md section 3): turns are taken **newest first** until a
-budget is spent, then presented **in chronological order**, so when a long thread does not
-fit, what falls out is its beginning. Budgets (``[chat]`` in the config file): total history
-tokens (50k), history messages (20), and tokens per message (10k; a longer prompt, answer or
-file copy is cut, and says so). Tokens are estimated as characters / 4.
+As the seed's ancestor did (zen-mcp-server's conversation memory, kept by the EX-AI MCP server):
+turns are taken **newest first** until a budget is spent, then presented **in chronological
+order**, so when a long thread does not fit, what falls out is its beginning. Budgets
+(``[chat]`` in the config file): total history tokens (50k), history messages (20), and tokens
+per message (10k; a longer prompt, answer or file copy is cut, and says so). Tokens are
+estimated as characters / 4.
 
 **Files** are attached to turns as copies of their content (``path`` + text). A file attached
 again later is the newer copy, and the **newest copy wins**: walking newest first, the first

@@ -1,7 +1,8 @@
 """The persistence actor: the only code that writes to Postgres.
 
-A pykka thread, because psycopg's async API does not run under trio (BRIEF.md); one writer
-also serialises writes, so the database sees them in the order sessions sent them.
+A pykka thread, because psycopg's async API is asyncio-only (trio support is the open issue
+psycopg/psycopg#29); one writer also serialises writes, so the database sees them in the order
+sessions sent them.
 
 **Batching without a timer.** A pykka thread blocked on its inbox cannot "wait a few ms", and
 a timer thread would be an unowned thread. Instead, a shipment (:class:`Ship`) is added to the

@@ -16,8 +16,8 @@ Sources, read 2026 (see docs/providers.md):
 * OpenAI: gpt-5 $1.25 / $10, gpt-5-mini $0.25 / $2, gpt-4.1 $2 / $8, gpt-4.1-mini $0.40 / $1.60,
   gpt-4o-mini $0.15 / $0.60 (OpenAI's pricing page, as tabulated March 2026 by Deploybase).
 
-Timeouts and concurrency of GLM and Kimi are the system this project upgrades (BRIEF.md
-section 3): GLM 30 s and 4 calls at once, Kimi 40 s and 6.
+Timeouts and concurrency of GLM and Kimi are those of the EX-AI MCP server this project upgrades
+(github.com/Zazzles2908/EX-AI-MCP-Server): GLM 30 s and 4 calls at once, Kimi 40 s and 6.
 """
 
 from __future__ import annotations

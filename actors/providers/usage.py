@@ -7,7 +7,7 @@ from collections.abc import Iterable
 
 from pydantic import BaseModel, ConfigDict, Field
 
-CHARS_PER_TOKEN = 4  # the seed's estimate (BRIEF.md section 3); no tokenizer per upstream
+CHARS_PER_TOKEN = 4  # the EX-AI MCP server's estimate (len(text) // 4); no tokenizer per upstream
 
 
 def estimate_tokens(texts: Iterable[str]) -> int:

@@ -1,7 +1,7 @@
 """``threads``: the caller's conversation threads, most recently active first, paged.
 
-Only the calling client identity's threads are listed (BRIEF.md section 3: users asked for a
-way to list and find threads); expired ones only when asked for.
+Only the calling client identity's threads are listed (users of the EX-AI MCP server this
+project upgrades asked for a way to list and find threads); expired ones only when asked for.
 """
 
 from __future__ import annotations
