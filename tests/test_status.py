@@ -147,7 +147,8 @@ async def test_status_json_shows_sessions_in_known_states_field_by_field(
         )
         await crash_client.send({"jsonrpc": "2.0", "id": "boom", "method": CRASH})
         assert (await crash_client.receive())["error"]["code"] == -32001
-        assert (await crash_client.request("ping"))["result"] == {}  # the next incarnation
+        # The next incarnation answers (ping would not show it: the reader answers pings).
+        assert "tools" in (await crash_client.request("tools/list"))["result"]
 
         # A session whose client went away without ending it: parked for resume.
         async with open_raw(server.authed_url()) as ws_gone:
@@ -316,9 +317,9 @@ async def _check_trace_of_the_crash(server: ServerProcess, session_id: str) -> N
     assert len(restarted) == 1
     assert "SessionCrashRequested" in restarted[0]["error"]
     assert "Traceback" in restarted[0]["exception"]
-    # The next incarnation answered the ping: a message handled after the restart.
+    # The next incarnation answered tools/list: a message handled after the restart.
     after = events[events.index(restarted[0]) + 1 :]
-    assert any(e["event"] == "actor.message" and e["kind"] == "ping" for e in after)
+    assert any(e["event"] == "actor.message" and e["kind"] == "tools/list" for e in after)
 
 
 async def test_a_tool_call_is_one_trace_across_the_session_and_its_tool(
