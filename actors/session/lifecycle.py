@@ -144,6 +144,7 @@ class SessionLifecycle:
         )
         live = services.directory.attach(state, ref, outbox)
         postmarks = trace.Postmarks()
+        closed_for_stall = trio.Event()
         detached = False
         try:
             try:
@@ -160,7 +161,9 @@ class SessionLifecycle:
                         )
                     )
                     nursery.start_soon(outbox.run, ws.send_message)
-                    nursery.start_soon(_end_when_stalled, outbox, ws, bounds, session_id)
+                    nursery.start_soon(
+                        _end_when_stalled, outbox, ws, bounds, session_id, closed_for_stall
+                    )
                     await pump(
                         ws.get_message,
                         ref,
@@ -171,6 +174,10 @@ class SessionLifecycle:
                         postmarks=postmarks,
                         meter=live.meter,
                     )
+                    if outbox.stalled.is_set():
+                        # The reader stopped because the outbox closed for a peer that does
+                        # not read: let the 1008 close (bounded by close_timeout) finish.
+                        await closed_for_stall.wait()
                     nursery.cancel_scope.cancel()
             except* ConnectionClosed as closed:
                 # A clean close (1000) is the client ending its session, and a session the
@@ -214,20 +221,28 @@ def _close_code(group: BaseExceptionGroup[ConnectionClosed]) -> int | None:
 
 
 async def _end_when_stalled(
-    outbox: Outbox, ws: WebSocketConnection, bounds: SessionBounds, session_id: str
+    outbox: Outbox,
+    ws: WebSocketConnection,
+    bounds: SessionBounds,
+    session_id: str,
+    done: trio.Event,
 ) -> None:
     """End the session once its peer is found not reading (:attr:`Outbox.stalled`): 1008,
-    and no parking, since a resumed session would only stall again."""
+    and no parking, since a resumed session would only stall again. Sets ``done`` once the
+    close is over."""
     await outbox.stalled.wait()
-    log.warning(
-        "session.peer_not_reading",
-        session_id=session_id,
-        queued_bytes=outbox.queued_bytes,
-        queued_messages=len(outbox),
-        stall_timeout=outbox.stall_timeout,
-    )
-    outbox.close()
-    await _close_within(ws, bounds.close_timeout, CLOSE_POLICY_VIOLATION, "not reading replies")
+    try:
+        log.warning(
+            "session.peer_not_reading",
+            session_id=session_id,
+            queued_bytes=outbox.queued_bytes,
+            queued_messages=len(outbox),
+            stall_timeout=outbox.stall_timeout,
+        )
+        outbox.close()
+        await _close_within(ws, bounds.close_timeout, CLOSE_POLICY_VIOLATION, "not reading replies")
+    finally:
+        done.set()
 
 
 async def _close_within(ws: WebSocketConnection, within: float, code: int, reason: str) -> None:

@@ -1,0 +1,289 @@
+"""Back-pressure that holds, control that never waits, batches that cannot hurt (issue 11).
+
+Every situation runs over real sockets against a real ``exai serve`` with small bounds, and
+ends by checking that another session and the node are untouched: its ``ping`` and ``echo``
+answer, and the node's queued bytes and running calls are back to zero.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+import trio
+from trio_websocket import ConnectionClosed, ConnectionRejected, WebSocketConnection
+
+from runtime.status_model import NodeStatus
+from tests.harness import (
+    RawClient,
+    ServerProcess,
+    admin,
+    fetch,
+    open_raw,
+    start_server,
+    wait_for_status,
+)
+
+INFLIGHT = 2
+MAILBOX = 4
+MAILBOX_BYTES = 4096
+OUTGOING_BYTES = 2**20
+STALL_S = 2.0
+MAX_BATCH = 8
+FRAME = 64 * 1024
+
+
+@pytest.fixture(scope="module")
+def bounded(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    handle = start_server(
+        tmp_path_factory.mktemp("bounded"),
+        database_url=database_url,
+        extra_env={
+            "EXAI_MAX_INFLIGHT_PER_SESSION": str(INFLIGHT),
+            "EXAI_SESSION_MAILBOX": str(MAILBOX),
+            "EXAI_SESSION_MAILBOX_BYTES": str(MAILBOX_BYTES),
+            "EXAI_SESSION_OUTGOING_BYTES": str(OUTGOING_BYTES),
+            "EXAI_STALL_TIMEOUT": str(STALL_S),
+            "EXAI_MAX_BATCH": str(MAX_BATCH),
+            "EXAI_MAX_MESSAGE_BYTES": str(4 * FRAME),
+        },
+    )
+    yield handle
+    assert handle.stop() == 0, handle.stderr_path.read_text()
+
+
+def call(request_id: Any, tool: str, **arguments: Any) -> dict[str, Any]:
+    return {
+        "jsonrpc": "2.0",
+        "id": request_id,
+        "method": "tools/call",
+        "params": {"name": tool, "arguments": arguments},
+    }
+
+
+def cancel(request_id: Any) -> dict[str, Any]:
+    return {
+        "jsonrpc": "2.0",
+        "method": "notifications/cancelled",
+        "params": {"requestId": request_id},
+    }
+
+
+def session_id_of(reply: dict[str, Any]) -> str:
+    return str(reply["result"]["_meta"]["exai/sessionId"])
+
+
+async def assert_untouched(server: ServerProcess) -> None:
+    """Another session works, and the node holds nothing for sessions that are gone."""
+    async with open_raw(server.authed_url()) as ws:
+        other = RawClient(ws)
+        await other.initialize()
+        assert (await other.request("ping"))["result"] == {}
+        echo = await other.request("tools/call", {"name": "echo", "arguments": {"text": "ok"}})
+        assert echo["result"]["content"][0]["text"] == "ok"
+    await wait_for_status(server, _drained, what="queued bytes and running calls back to 0")
+    url, token = admin(server)
+    async with httpx.AsyncClient() as http:
+        metrics = await http.get(f"{url}/metrics", headers={"authorization": f"Bearer {token}"})
+    lines = metrics.text.splitlines()
+    assert "exai_session_mailbox_bytes 0" in lines
+    assert "exai_session_outgoing_bytes 0" in lines
+
+
+def _drained(status: NodeStatus) -> bool:
+    node = status.node
+    return (node.mailbox_bytes, node.outgoing_bytes, node.tool_calls_in_flight) == (0, 0, 0)
+
+
+def rss_bytes(pid: int) -> int:
+    """The process's resident set size (Linux /proc)."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def session_status(status: NodeStatus, session_id: str) -> Any:
+    return next(s for s in status.sessions if s.session_id == session_id)
+
+
+async def read_until_closed(ws: WebSocketConnection) -> tuple[int, int, int | None]:
+    """Read until the server closes: (results, "server busy" errors, close code)."""
+    results = busy = 0
+    try:
+        while True:
+            frame = json.loads(await ws.get_message())
+            if "result" in frame:
+                results += 1
+            else:
+                assert frame["error"]["code"] == -32000, frame
+                busy += 1
+    except ConnectionClosed as closed:
+        return results, busy, closed.reason.code if closed.reason else None
+
+
+async def test_a_full_mailbox_refuses_at_once_by_bytes_while_ping_and_cancel_get_through(
+    bounded: ServerProcess,
+) -> None:
+    async with open_raw(bounded.authed_url()) as ws:
+        client = RawClient(ws)
+        session_id = session_id_of(await client.initialize())
+        for n in range(INFLIGHT):
+            await client.send(call(f"block-{n}", "exai_test_block"))
+        await client.barrier()  # both run: every slot of the session is taken
+        await client.send(call("waits", "echo", text="for a slot"))
+        # The actor has taken it and waits for a slot: the mailbox is empty again.
+        await wait_for_status(
+            bounded,
+            lambda s: session_status(s, session_id).in_flight == INFLIGHT + 1,
+            what="the third call to wait for a slot",
+        )
+        half = "x" * (MAILBOX_BYTES * 3 // 4)
+        await client.send(call("fits", "echo", text=half))  # an empty mailbox takes it
+        await client.send(call("too-many-bytes", "echo", text=half))  # 2 items, too many bytes
+        busy = await client.receive()
+        assert busy["id"] == "too-many-bytes"
+        assert busy["error"]["code"] == -32000
+        assert "server busy" in busy["error"]["message"]
+        assert busy["error"]["data"]["retryAfterMs"] > 0
+        # Control never waits: ping is answered while every slot is busy and the actor waits.
+        assert (await client.request("ping"))["result"] == {}
+        status = await fetch(bounded)
+        assert session_status(status, session_id).queued_bytes > MAILBOX_BYTES // 2
+        assert status.node.mailbox_bytes >= session_status(status, session_id).queued_bytes
+
+        for n in range(INFLIGHT):
+            await client.send(cancel(f"block-{n}"))  # control, applied at once
+        answered = {(await client.receive())["id"] for _ in range(2)}
+        assert answered == {"waits", "fits"}  # the cancelled calls get no response
+        assert (await client.request("ping"))["result"] == {}
+    await assert_untouched(bounded)
+
+
+async def test_a_peer_that_never_reads_is_stopped_by_tcp_then_closed_1008_and_ended(
+    bounded: ServerProcess,
+) -> None:
+    flood = 64 * 2**20  # more than every buffer on the way can hold, unless the server reads
+    sent = 0
+    rss_before = rss_bytes(bounded.process.pid)
+    async with open_raw(bounded.authed_url()) as ws:
+        client = RawClient(ws)
+        session_id = session_id_of(await client.initialize())
+
+        async def send_without_reading() -> None:
+            nonlocal sent
+            for n in range(flood // FRAME):
+                await client.send(call(n, "echo", text="y" * FRAME))
+                sent += FRAME
+
+        def stalled() -> bool:
+            return any(
+                e["event"] == "session.peer_not_reading" and e.get("session_id") == session_id
+                for e in bounded.log_events()
+            )
+
+        peak_rss = 0
+        peak_outgoing = 0
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(send_without_reading)
+            with trio.fail_after(60):
+                while not stalled():
+                    peak_rss = max(peak_rss, rss_bytes(bounded.process.pid))
+                    status = await fetch(bounded)
+                    mine = [s for s in status.sessions if s.session_id == session_id]
+                    if mine:
+                        peak_outgoing = max(peak_outgoing, mine[0].outgoing_bytes)
+                        assert mine[0].in_flight <= INFLIGHT + 1
+                        assert mine[0].queued_bytes <= MAILBOX_BYTES + 2 * FRAME
+                    await trio.sleep(0.05)
+            nursery.cancel_scope.cancel()  # the sender is blocked by TCP back-pressure
+        assert sent < flood, "the server read everything: nothing pushed back"
+        # The session's outgoing queue held at most its bound and one message over it.
+        assert 0 < peak_outgoing <= OUTGOING_BYTES + 2 * FRAME
+        assert peak_rss - rss_before < 100 * 2**20
+
+        # Now read: what was queued arrives, each frame an answer or "busy", then 1008.
+        with trio.fail_after(30):
+            results, busy, code = await read_until_closed(ws)
+        assert code == 1008
+        assert results + busy > 0
+    # Ended, not parked: resuming it would only stall again.
+    await wait_for_status(
+        bounded,
+        lambda s: all(other.session_id != session_id for other in s.sessions),
+        what="the session to end",
+    )
+    with pytest.raises(ConnectionRejected) as refused:
+        async with open_raw(f"{bounded.authed_url()}&session={session_id}"):
+            pass
+    assert refused.value.status_code == 404
+    await assert_untouched(bounded)
+
+
+async def test_ping_and_other_requests_are_answered_while_a_batch_holds_a_long_call(
+    bounded: ServerProcess,
+) -> None:
+    async with open_raw(bounded.authed_url()) as ws:
+        client = RawClient(ws)
+        await client.initialize("2025-03-26")
+        await client.send([call("b1", "exai_test_block"), call("e1", "echo", text="member")])
+        assert (await client.request("ping"))["result"] == {}
+        # The actor itself is free too: the batch runs as its own task.
+        await client.barrier()
+        await client.send(cancel("b1"))
+        reply = await client.receive_any()
+        assert [member["id"] for member in reply] == ["e1"]  # a cancelled member: no response
+    await assert_untouched(bounded)
+
+
+async def test_batches_are_capped_and_ids_in_use_are_refused_without_leaking_slots(
+    bounded: ServerProcess,
+) -> None:
+    async with open_raw(bounded.authed_url()) as ws:
+        client = RawClient(ws)
+        session_id = session_id_of(await client.initialize("2025-03-26"))
+        pings = [{"jsonrpc": "2.0", "id": n, "method": "ping"} for n in range(MAX_BATCH + 1)]
+        await client.send(pings)
+        over = await client.receive_any()
+        assert isinstance(over, dict), "an over-long batch is refused as a whole"
+        assert (over["id"], over["error"]["code"]) == (None, -32600)
+        assert str(MAX_BATCH) in over["error"]["message"]
+
+        # An id in use, in the session or earlier in the same batch, is refused for that
+        # member alone; a single request reusing it is refused by the reader.
+        await client.send(call("held", "exai_test_block"))
+        await client.barrier()
+        await client.send(call("held", "echo", text="reused"))
+        reused = await client.receive()
+        assert (reused["id"], reused["error"]["code"]) == ("held", -32600)
+        # With one slot held, batches of twin ids over and over: each is answered, the twin
+        # refused, and no slot leaks (the slots are the call's, never the client's id).
+        for n in range(12):
+            await client.send(
+                [
+                    call(f"twin-{n}", "echo", text="first"),
+                    call(f"twin-{n}", "echo", text="second"),
+                    call("held", "echo", text="in use"),
+                ]
+            )
+            reply = await client.receive_any()
+            assert [(m["id"], "result" in m) for m in reply] == [
+                (f"twin-{n}", True),
+                (f"twin-{n}", False),
+                ("held", False),
+            ]
+            assert reply[0]["result"]["content"][0]["text"] == "first"
+            assert {m["error"]["code"] for m in reply[1:]} == {-32600}
+        await client.send(cancel("held"))
+        assert (await client.request("ping"))["result"] == {}
+        status = await wait_for_status(
+            bounded,
+            lambda s: session_status(s, session_id).in_flight == 0,
+            what="the held call to end",
+        )
+        assert session_status(status, session_id).restarts == 0
+    await assert_untouched(bounded)
