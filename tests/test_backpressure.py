@@ -287,3 +287,44 @@ async def test_batches_are_capped_and_ids_in_use_are_refused_without_leaking_slo
         )
         assert session_status(status, session_id).restarts == 0
     await assert_untouched(bounded)
+
+
+async def test_what_a_flooding_peer_makes_the_server_log_is_rate_limited_and_counted(
+    bounded: ServerProcess,
+) -> None:
+    flood = 300
+    before = (await fetch(bounded)).dead_letters.total
+    async with open_raw(bounded.authed_url()) as ws:
+        client = RawClient(ws)
+        session_id = session_id_of(await client.initialize())
+        for n in range(INFLIGHT):
+            await client.send(call(f"block-{n}", "exai_test_block"))
+        await client.barrier()
+        await client.send(call("waits", "echo", text="w"))
+        await wait_for_status(
+            bounded,
+            lambda s: session_status(s, session_id).in_flight == INFLIGHT + 1,
+            what="the third call to wait for a slot",
+        )
+        for n in range(MAILBOX):
+            await client.send(call(f"fill-{n}", "echo", text="f"))
+        for _ in range(flood):
+            await client.send({"jsonrpc": "2.0", "method": "notifications/progress"})
+            await client.send("{not json")
+        replies = [await client.receive() for _ in range(flood)]
+        assert {(r["id"], r["error"]["code"]) for r in replies} == {(None, -32700)}
+        for n in range(INFLIGHT):
+            await client.send(cancel(f"block-{n}"))
+        assert len({(await client.receive())["id"] for _ in range(1 + MAILBOX)}) == 1 + MAILBOX
+    status = await fetch(bounded)
+    assert status.dead_letters.total - before == flood  # every one counted
+    events = [e for e in bounded.log_events() if e.get("session_id") == session_id]
+    bad_frames = [e for e in events if e["event"] == "session.bad_frame"]
+    assert 1 <= len(bad_frames) < flood // 10
+    letters = [
+        e
+        for e in bounded.log_events()
+        if e["event"] == "dead_letter" and e["target"].endswith(session_id)
+    ]
+    assert 1 <= len(letters) < flood // 10
+    await assert_untouched(bounded)

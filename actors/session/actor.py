@@ -231,8 +231,9 @@ class SessionActor(Actor[Message]):
         elif isinstance(message, jsonrpc.Batch):
             await self._batch(message)
         else:
-            # We send no requests, so a response from the client correlates with nothing.
-            self._log.warning("session.unexpected_response", id=message.id)
+            # We send no requests, so a response correlates with nothing (the reader drops
+            # them before the mailbox; this is only a guard).
+            self._log.debug("session.unexpected_response", id=message.id)
 
     async def on_failure(self, error: Exception) -> None:
         """Tell each request this incarnation was handling that it did not complete."""

@@ -30,6 +30,7 @@ import structlog
 from actors.session.actor import SessionState
 from runtime import trace
 from runtime.dead_letters import dead_letters
+from runtime.log_rate import LogRate
 from runtime.mailbox import ActorRef, ActorStopped, MailboxFull
 from runtime.mcp import jsonrpc, versions
 from runtime.mcp.errors import InvalidRequest, RpcError, ServerBusy
@@ -115,6 +116,8 @@ class _Reader:
         self._log = log.bind(session_id=state.session_id)
         #: Requests refused as "server busy" since the mailbox last took one.
         self._busy_refusals = 0
+        #: Lines this peer can cause (bad frames, stray responses) are rate limited.
+        self._log_rate = LogRate(per_second=1.0, burst=5)
 
     def screen(self, frame: str | bytes, size: int) -> tuple[int, str] | None:
         """The close code and reason if this frame (of ``size`` bytes) ends the session,
@@ -141,7 +144,7 @@ class _Reader:
             outbox.put_nowait(jsonrpc.encode_error(error.request_id, error))
             return True
         except RpcError as error:
-            self._log.info("session.bad_frame", code=error.code, reason=error.message)
+            self._note("session.bad_frame", code=error.code, reason=error.message)
             outbox.put_nowait(jsonrpc.encode_error(None, error))
             return True
         if isinstance(decoded, list):
@@ -173,8 +176,9 @@ class _Reader:
         return True
 
     def _answered_here(self, message: jsonrpc.Inbound) -> bool:
-        """Control that never enters the mailbox: cancellation, ``ping``, and a request
-        whose id is already in use (refused with -32600)."""
+        """Control that never enters the mailbox: cancellation, ``ping``, a request whose id
+        is already in use (refused with -32600), and responses (we send no requests, so they
+        correlate with nothing)."""
         state = self._state
         if isinstance(message, jsonrpc.Notification):
             if message.method != CANCELLED:
@@ -182,7 +186,8 @@ class _Reader:
             state.cancel((message.params or {}).get("requestId"))
             return True
         if not isinstance(message, jsonrpc.Request):
-            return False
+            self._note("session.unexpected_response", id=message.id)
+            return True
         if state.in_use(message.id):
             refusal = InvalidRequest(
                 f"invalid request: request id {message.id!r} is already in use by a "
@@ -202,6 +207,12 @@ class _Reader:
                 self._outbox.put_nowait(jsonrpc.encode_result(message.id, {}))
             return True
         return False
+
+    def _note(self, event: str, **fields: object) -> None:
+        """Log something the peer did wrong, within the rate limit (``runtime.log_rate``)."""
+        suppressed = self._log_rate.allow()
+        if suppressed is not None:
+            self._log.info(event, **fields, **({"suppressed": suppressed} if suppressed else {}))
 
     def _refuse(self, message: jsonrpc.Inbound | jsonrpc.Batch) -> None:
         """The mailbox is full: a request is told to retry, anything else is a dead letter."""
