@@ -34,6 +34,8 @@ OUTGOING_BYTES = 2**20
 STALL_S = 2.0
 MAX_BATCH = 8
 FRAME = 64 * 1024
+NODE_MAILBOX_BYTES = 6 * 1024
+NODE_OUTGOING_BYTES = 3 * 2**19  # 1.5 MiB: less than two sessions' own bounds
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +50,8 @@ def bounded(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iter
             "EXAI_SESSION_OUTGOING_BYTES": str(OUTGOING_BYTES),
             "EXAI_STALL_TIMEOUT": str(STALL_S),
             "EXAI_MAX_BATCH": str(MAX_BATCH),
+            "EXAI_NODE_MAILBOX_BYTES": str(NODE_MAILBOX_BYTES),
+            "EXAI_NODE_OUTGOING_BYTES": str(NODE_OUTGOING_BYTES),
             "EXAI_MAX_MESSAGE_BYTES": str(4 * FRAME),
         },
     )
@@ -327,4 +331,60 @@ async def test_what_a_flooding_peer_makes_the_server_log_is_rate_limited_and_cou
         if e["event"] == "dead_letter" and e["target"].endswith(session_id)
     ]
     assert 1 <= len(letters) < flood // 10
+    await assert_untouched(bounded)
+
+
+async def test_the_node_bounds_hold_across_sessions(bounded: ServerProcess) -> None:
+    url = bounded.authed_url()
+    async with open_raw(url) as a_ws, open_raw(url) as b_ws, open_raw(url) as c_ws:
+        a, b, c = RawClient(a_ws), RawClient(b_ws), RawClient(c_ws)
+        a_id = session_id_of(await a.initialize())
+        await b.initialize()
+        # Mailboxes: A holds most of the node's mailbox bytes behind a blocked actor...
+        for n in range(INFLIGHT):
+            await a.send(call(f"block-{n}", "exai_test_block"))
+        await a.barrier()
+        await a.send(call("waits", "echo", text="w"))
+        await wait_for_status(
+            bounded,
+            lambda s: session_status(s, a_id).in_flight == INFLIGHT + 1,
+            what="A's third call to wait for a slot",
+        )
+        await a.send(call("holds", "echo", text="x" * (NODE_MAILBOX_BYTES * 2 // 3)))
+        # ...so B, whose own mailbox is empty, is refused by the node's bound.
+        big = "y" * (NODE_MAILBOX_BYTES // 2)
+        await b.send(call("node-full", "echo", text=big))
+        assert (await b.receive())["error"]["code"] == -32000
+        for n in range(INFLIGHT):
+            await a.send(cancel(f"block-{n}"))
+        assert {(await a.receive())["id"] for _ in range(2)} == {"waits", "holds"}
+        reply = await b.request("tools/call", {"name": "echo", "arguments": {"text": big}})
+        assert reply["result"]["content"][0]["text"] == big  # room again
+
+        # Outgoing: two peers that never read hold at most the node's bound between them.
+        c_id = session_id_of(await c.initialize())
+        peak = 0
+
+        async def flood(client: RawClient) -> None:
+            for n in range(1024):
+                await client.send(call(n, "echo", text="z" * FRAME))
+
+        def stalled() -> set[str]:
+            return {
+                e.get("session_id", "")
+                for e in bounded.log_events()
+                if e["event"] == "session.peer_not_reading"
+            }
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(flood, a)
+            nursery.start_soon(flood, c)
+            with trio.fail_after(60):
+                while not {a_id, c_id} <= stalled():
+                    # Each is found stalled in turn (the second may only fill its queue once
+                    # the first has been closed and its bytes given back to the node).
+                    peak = max(peak, (await fetch(bounded)).node.outgoing_bytes)
+                    await trio.sleep(0.05)
+            nursery.cancel_scope.cancel()
+        assert 0 < peak <= NODE_OUTGOING_BYTES + 2 * FRAME
     await assert_untouched(bounded)
