@@ -114,8 +114,10 @@ class _Reader:
         self._postmarks = postmarks
         self._sender = f"/root/sessions/{state.session_id}/reader"
         self._log = log.bind(session_id=state.session_id)
-        #: Requests refused as "server busy" since the mailbox last took one.
+        #: Requests refused as "server busy": in this episode (since the mailbox last took
+        #: one), and in all.
         self._busy_refusals = 0
+        self._busy_total = 0
         #: Lines this peer can cause (bad frames, stray responses) are rate limited.
         self._log_rate = LogRate(per_second=1.0, burst=5)
 
@@ -166,9 +168,7 @@ class _Reader:
             return True
         except ActorStopped:
             return False
-        if self._busy_refusals:
-            self._log.info("session.busy_ended", refused=self._busy_refusals)
-            self._busy_refusals = 0
+        self._busy_refusals = 0
         if self._postmarks is not None:
             self._postmarks.post(decoded, sender=self._sender)  # starts the message's trace
         if isinstance(decoded, jsonrpc.Request):
@@ -225,9 +225,15 @@ class _Reader:
             )
             return
         self._busy_refusals += 1
+        self._busy_total += 1
         if self._busy_refusals == 1:
-            # Once per episode: a flooding client would otherwise flood the log too.
-            self._log.warning("session.busy", mailbox_bytes=self._mailbox.queued_bytes)
+            # Once per episode, and episodes within the log rate: a flooding client would
+            # otherwise flood the log too.
+            self._note(
+                "session.busy",
+                mailbox_bytes=self._mailbox.queued_bytes,
+                refused_total=self._busy_total,
+            )
         busy = ServerBusy(
             "server busy: too many requests queued in this session; retry later",
             {"retryAfterMs": math.ceil(BUSY_RETRY_AFTER_S * 1000)},
