@@ -47,13 +47,14 @@ from actors.conversation import Conversations, Upstream
 from actors.persistence import PersistenceActor, PersistenceClient, PersistenceConfig
 from actors.providers import UpstreamConfig, UpstreamConfigError, load_upstream, open_providers
 from actors.rate_limiter import open_rate_limiter
-from actors.session import SessionConfig, SessionLifecycle, SessionServices
+from actors.session import SessionBounds, SessionConfig, SessionLifecycle, SessionServices
 from actors.status import NodeStatusSource, SessionDirectory
 from actors.tools import builtin_tools
 from runtime.actor import sole_exception
 from runtime.admin import serve_admin
 from runtime.auth import ClientTokens, load_or_create_token
 from runtime.breaker import BreakerSnapshot
+from runtime.budget import NodeBudget
 from runtime.collector import tune_for_long_lived_objects
 from runtime.config import (
     ConfigError,
@@ -219,6 +220,15 @@ class _Tree:
         self.sessions = Sessions(max_sessions=settings.max_sessions)
         self.url: str | None = None
         self.admin_url: str | None = None
+        bounds = SessionBounds(
+            mailbox_bytes=settings.session_mailbox_bytes,
+            outgoing_bytes=settings.session_outgoing_bytes,
+            outgoing_messages=settings.session_outgoing_messages,
+            stall_timeout=settings.stall_timeout,
+            max_batch=settings.max_batch,
+            node_mailbox=NodeBudget("mailbox", settings.node_mailbox_bytes),
+            node_outgoing=NodeBudget("outgoing", settings.node_outgoing_bytes),
+        )
         self.services = SessionServices(
             tools=builtin_tools(test_faults=settings.test_faults, conversations=self.conversations),
             persistence=self.persistence,
@@ -236,6 +246,7 @@ class _Tree:
             restart_period=settings.session_restart_period,
             session_ended=self.upstream.session_ended,
             directory=self.directory,
+            bounds=bounds,
         )
         self.lifecycle = SessionLifecycle(self.services, resume_grace=settings.resume_grace)
         self.root = Supervisor(
@@ -275,6 +286,7 @@ class _Tree:
             supervisors=[self.root],
             pykka_actors={"/root/persistence": self.persistence_name},
             tool_slots=self.services.config.total_slots,
+            byte_budgets=(self.services.bounds.node_mailbox, self.services.bounds.node_outgoing),
         )
 
     def _breakers(self) -> list[BreakerSnapshot]:

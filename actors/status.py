@@ -29,9 +29,11 @@ import pykka
 import trio
 
 from runtime.breaker import BreakerSnapshot, CircuitBreaker
+from runtime.budget import NodeBudget
 from runtime.dead_letters import DeadLetters, dead_letters
 from runtime.mailbox import ActorRef
 from runtime.mcp.versions import SUPPORTED_VERSIONS
+from runtime.outbox import Outbox
 from runtime.pykka_supervision import ActorName
 from runtime.server import Sessions
 from runtime.status_model import (
@@ -74,6 +76,8 @@ class LiveSession:
     state: SessionState
     mailbox: ActorRef[Any] | None
     """``None`` while detached: its mailbox went with its socket."""
+    outbox: Outbox | None = None
+    """Its outgoing queue; ``None`` while detached."""
     opened_at: float = field(default_factory=time.monotonic)
     attached_at: float = field(default_factory=time.monotonic)
     meter: Meter = field(default_factory=Meter)
@@ -96,14 +100,17 @@ class SessionDirectory:
     def __init__(self) -> None:
         self._sessions: dict[str, LiveSession] = {}
 
-    def attach(self, state: SessionState, mailbox: ActorRef[Any]) -> LiveSession:
+    def attach(
+        self, state: SessionState, mailbox: ActorRef[Any], outbox: Outbox | None = None
+    ) -> LiveSession:
         """A connection runs the session now (new, or resumed: the entry is kept)."""
         entry = self._sessions.get(state.session_id)
         if entry is None:
-            entry = self._sessions[state.session_id] = LiveSession(state, mailbox)
+            entry = self._sessions[state.session_id] = LiveSession(state, mailbox, outbox)
         else:
             entry.state = state
             entry.mailbox = mailbox
+            entry.outbox = outbox
             entry.attached_at = time.monotonic()
         return entry
 
@@ -112,6 +119,7 @@ class SessionDirectory:
         entry = self._sessions.get(session_id)
         if entry is not None:
             entry.mailbox = None
+            entry.outbox = None
 
     def remove(self, session_id: str) -> None:
         """The session is over for good."""
@@ -154,6 +162,7 @@ class NodeStatusSource:
         pykka_actors: Mapping[str, PykkaActor] | None = None,
         meters: Mapping[str, Meter] | None = None,
         tool_slots: trio.CapacityLimiter | None = None,
+        byte_budgets: Sequence[NodeBudget] = (),
         letters: DeadLetters = dead_letters,
         ask_timeout: float = 2.0,
     ) -> None:
@@ -169,6 +178,7 @@ class NodeStatusSource:
         self._pykka = dict(pykka_actors or {})
         self._meters = dict(meters or {})
         self._tool_slots = tool_slots
+        self._byte_budgets = {budget.name: budget for budget in byte_budgets}
         self._letters = letters
         self._ask_timeout = ask_timeout
         self._started_at = datetime.now(UTC)
@@ -202,6 +212,10 @@ class NodeStatusSource:
             if slots is not None
             else sum(s.in_flight for s in sessions),
             tool_calls_max=int(slots.total_tokens) if slots is not None else None,
+            mailbox_bytes=self._budget_used("mailbox", sum(s.queued_bytes for s in sessions)),
+            outgoing_bytes=self._budget_used("outgoing", sum(s.outgoing_bytes for s in sessions)),
+            mailbox_bytes_max=self._budget_limit("mailbox"),
+            outgoing_bytes_max=self._budget_limit("outgoing"),
         )
         if persistence is not None:
             queue = next((a.mailbox_depth for a in actors if a.path == PERSISTENCE), None)
@@ -219,6 +233,14 @@ class NodeStatusSource:
             ),
             problems=problems,
         )
+
+    def _budget_used(self, name: str, fallback: int) -> int:
+        budget = self._byte_budgets.get(name)
+        return budget.used if budget is not None else fallback
+
+    def _budget_limit(self, name: str) -> int | None:
+        budget = self._byte_budgets.get(name)
+        return budget.limit if budget is not None else None
 
     # -- pykka parts, asked with a deadline ----------------------------------------------------
 
@@ -373,6 +395,9 @@ class NodeStatusSource:
             initialized=state.initialized,
             in_flight=len(state.calls),
             queued=entry.mailbox.depth if entry.mailbox is not None else 0,
+            queued_bytes=entry.mailbox.queued_bytes if entry.mailbox is not None else 0,
+            outgoing=len(entry.outbox) if entry.outbox is not None else 0,
+            outgoing_bytes=entry.outbox.queued_bytes if entry.outbox is not None else 0,
             restarts=entry.restarts,
             uptime_s=round(now - entry.opened_at, 3),
             last_activity_s=round(now - last, 3) if last is not None else None,

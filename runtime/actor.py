@@ -25,7 +25,7 @@ import outcome
 import trio
 
 from runtime.dead_letters import dead_letters
-from runtime.mailbox import ActorStopped, Ask
+from runtime.mailbox import ActorStopped, Ask, Inbox
 
 M = TypeVar("M")
 
@@ -56,7 +56,7 @@ class Actor(Generic[M]):
 
 async def run_actor(
     actor: Actor[M],
-    inbox: trio.MemoryReceiveChannel[M | Ask[M]],
+    inbox: Inbox[M],
     *,
     started: Callable[[], None] | None = None,
 ) -> None:
@@ -101,7 +101,7 @@ def sole_exception(error: Exception) -> Exception:
     return error
 
 
-def close_mailbox(path: str, inbox: trio.MemoryReceiveChannel[Any]) -> None:
+def close_mailbox(path: str, inbox: Inbox[Any]) -> None:
     """The actor's name is gone: fail every queued ask, dead-letter every queued tell."""
     while True:
         try:

@@ -316,6 +316,27 @@ def _node_metrics(m: _Metrics, status: NodeStatus) -> None:
         max(queued, default=0),
     )
     m.add("exai_session_mailbox_depth_sum", "gauge", "Queued in all sessions.", sum(queued))
+    m.add(
+        "exai_session_mailbox_bytes", "gauge", "Bytes queued in all mailboxes.", node.mailbox_bytes
+    )
+    m.add(
+        "exai_session_mailbox_bytes_max",
+        "gauge",
+        "Node-wide bound of mailbox bytes.",
+        node.mailbox_bytes_max,
+    )
+    m.add(
+        "exai_session_outgoing_bytes",
+        "gauge",
+        "Bytes queued for peers, not yet taken.",
+        node.outgoing_bytes,
+    )
+    m.add(
+        "exai_session_outgoing_bytes_max",
+        "gauge",
+        "Node-wide bound of outgoing bytes.",
+        node.outgoing_bytes_max,
+    )
     restarts = sum(s.restarts for s in status.sessions)
     m.add("exai_session_restarts", "gauge", "Actor restarts of live sessions.", restarts)
 

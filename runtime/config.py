@@ -92,6 +92,48 @@ class Settings(BaseSettings):
     max_inflight_total: int = Field(
         default=1024, ge=1, description="Concurrent tools/call requests over all sessions."
     )
+    session_mailbox_bytes: int = Field(
+        default=8 * 2**20,
+        ge=1024,
+        description="Bytes of requests one session may have waiting in its mailbox; beyond "
+        "it (or session_mailbox messages) new requests are refused with -32000 'server busy'.",
+    )
+    node_mailbox_bytes: int = Field(
+        default=256 * 2**20,
+        ge=1024,
+        description="Bytes of requests waiting in all sessions' mailboxes together; beyond it "
+        "new requests are refused with -32000 'server busy'.",
+    )
+    session_outgoing_bytes: int = Field(
+        default=8 * 2**20,
+        ge=1024,
+        description="Bytes one session's peer may leave untaken (replies, notifications); "
+        "beyond it the session stops reading its socket (TCP back-pressure).",
+    )
+    session_outgoing_messages: int = Field(
+        default=1024,
+        ge=1,
+        description="Messages one session's peer may leave untaken; beyond it the session "
+        "stops reading its socket.",
+    )
+    node_outgoing_bytes: int = Field(
+        default=256 * 2**20,
+        ge=1024,
+        description="Bytes untaken by all sessions' peers together; beyond it sessions with "
+        "output waiting stop reading.",
+    )
+    stall_timeout: float = Field(
+        default=30.0,
+        gt=0,
+        description="Seconds a peer may leave its outgoing queue full with nothing taken "
+        "before it is closed with 1008 and its session ended (not parked).",
+    )
+    max_batch: int = Field(
+        default=64,
+        ge=1,
+        description="Most members of one JSON-RPC batch (2025-03-26); a larger batch is "
+        "refused as a whole with -32600 and id null.",
+    )
     heartbeat_interval: float = Field(
         default=5.0,
         gt=0,

@@ -1,4 +1,5 @@
-"""Dead letters: messages that could not be delivered, counted and logged once each.
+"""Dead letters: messages that could not be delivered, each counted and logged (the log lines
+rate limited, since a peer can cause them: see ``runtime.log_rate``).
 
 A message is dead when its target's mailbox is full under the ``drop`` policy, when the target
 has stopped, or when an ask outlives the actor that should have answered it. Nothing is
@@ -12,6 +13,8 @@ from collections import Counter
 
 import structlog
 
+from runtime.log_rate import LogRate
+
 log = structlog.get_logger("dead_letters")
 
 
@@ -21,12 +24,24 @@ class DeadLetters:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._by_reason: Counter[str] = Counter()
+        self._log_rate = LogRate(per_second=2.0, burst=20)
 
     def record(self, *, target: str, sender: str, reason: str, kind: str) -> None:
-        """Count one dead letter and log it (one line per message)."""
+        """Count one dead letter and log it: one line per message, up to the log rate;
+        beyond it the next line carries how many were not logged (``suppressed``)."""
         with self._lock:
             self._by_reason[reason] += 1
-        log.warning("dead_letter", target=target, sender=sender, reason=reason, kind=kind)
+        suppressed = self._log_rate.allow()
+        if suppressed is None:
+            return
+        log.warning(
+            "dead_letter",
+            target=target,
+            sender=sender,
+            reason=reason,
+            kind=kind,
+            **({"suppressed": suppressed} if suppressed else {}),
+        )
 
     @property
     def total(self) -> int:

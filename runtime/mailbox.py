@@ -6,6 +6,12 @@ session answers "server busy"); ``DROP`` hands the message to the dead letters. 
 sender instead would stall a socket reader and, with it, pings and closes (trio-websocket's
 docs, "Message Queues": a paused reader stops replying to pings).
 
+A mailbox is bounded in items (``capacity``) and, when given a :class:`~runtime.budget.ByteBudget`,
+in bytes: the sender states each message's size, the budget counts it until the actor takes the
+message, and a message the budget does not admit is full exactly as an item past ``capacity``
+is. The sizes of queued messages are kept in arrival order beside the channel, which is FIFO
+with one consumer, so taking a message gives back exactly its size.
+
 ``ask`` is ``tell`` plus a one-shot reply the actor fills in; the asker bounds its wait with a
 timeout and gets :class:`ActorStopped` if the actor ends before answering, never a hang.
 """
@@ -14,19 +20,22 @@ from __future__ import annotations
 
 import enum
 import math
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 import outcome
 import trio
 
+from runtime.budget import ByteBudget
 from runtime.dead_letters import dead_letters
 
 M = TypeVar("M")
 
 
 class MailboxFull(Exception):
-    """The actor has ``capacity`` messages waiting already; this one was not queued."""
+    """The actor has ``capacity`` messages, or its byte budget, waiting already; this one was
+    not queued."""
 
 
 class ActorStopped(Exception):
@@ -72,7 +81,7 @@ class Ask(Generic[M]):
 class ActorRef(Generic[M]):
     """Where to send messages for one actor; ``path`` names it in logs and the status tree."""
 
-    __slots__ = ("_send", "capacity", "overflow", "path")
+    __slots__ = ("_send", "_sizes", "budget", "capacity", "overflow", "path")
 
     def __init__(
         self,
@@ -80,18 +89,25 @@ class ActorRef(Generic[M]):
         send: trio.MemorySendChannel[M | Ask[M]],
         capacity: int,
         overflow: Overflow,
+        *,
+        budget: ByteBudget | None = None,
+        sizes: deque[int] | None = None,
     ) -> None:
         self.path = path
         self.capacity = capacity
         self.overflow = overflow
+        self.budget = budget
         self._send = send
+        self._sizes = sizes if sizes is not None else deque()
 
-    def tell(self, message: M, *, sender: str = "?") -> None:
+    def tell(self, message: M, *, sender: str = "?", size: int = 0) -> None:
         """Queue ``message`` without waiting; a full mailbox is handled by the overflow policy.
 
-        Raises :class:`MailboxFull` (``REJECT`` policy) or :class:`ActorStopped`.
+        ``size`` is the message's size in bytes (its frame, for a session), counted against
+        the mailbox's byte budget until the actor takes it. Raises :class:`MailboxFull`
+        (``REJECT`` policy) or :class:`ActorStopped`.
         """
-        self._post(message, sender)
+        self._post(message, sender, size)
 
     async def ask(
         self,
@@ -108,33 +124,97 @@ class ActorRef(Generic[M]):
         then simply not read.
         """
         reply = Reply()
-        self._post(Ask(message, reply), sender)
+        self._post(Ask(message, reply), sender, 0)
         with trio.fail_after(timeout):
             return await reply.wait()
 
-    def _post(self, message: M | Ask[M], sender: str) -> None:
+    def _post(self, message: M | Ask[M], sender: str, size: int) -> None:
+        budget = self.budget
+        if budget is not None and not budget.admits(size):
+            self._overflow(message, sender, f"{budget.used} bytes waiting")
+            return
         try:
             self._send.send_nowait(message)
         except trio.WouldBlock:
-            if self.overflow is Overflow.REJECT:
-                raise MailboxFull(f"{self.path}: mailbox full ({self.capacity} waiting)") from None
-            dead_letters.record(
-                target=self.path, sender=sender, reason="mailbox full", kind=_kind(message)
-            )
+            self._overflow(message, sender, f"{self.capacity} waiting")
+            return
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             dead_letters.record(
                 target=self.path, sender=sender, reason="actor stopped", kind=_kind(message)
             )
             raise ActorStopped(f"{self.path}: stopped") from None
+        if budget is not None:
+            # Every queued message has its size here, in channel order (see the module doc).
+            budget.add(size)
+            self._sizes.append(size)
+
+    def _overflow(self, message: M | Ask[M], sender: str, held: str) -> None:
+        if self.overflow is Overflow.REJECT:
+            raise MailboxFull(f"{self.path}: mailbox full ({held})")
+        dead_letters.record(
+            target=self.path, sender=sender, reason="mailbox full", kind=_kind(message)
+        )
 
     @property
     def depth(self) -> int:
         """Messages waiting to be handled."""
         return self._send.statistics().current_buffer_used
 
+    @property
+    def queued_bytes(self) -> int:
+        """Bytes of the messages waiting (0 without a byte budget)."""
+        return self.budget.used if self.budget is not None else 0
+
     def close(self) -> None:
         """No more messages: the actor handles what is queued, then its loop ends."""
         self._send.close()
+
+
+class Inbox(Generic[M]):
+    """The actor's end of a mailbox: messages in arrival order, each giving back its bytes
+    to the budget as it is taken. Iterate it (``async for``) in the actor's loop."""
+
+    __slots__ = ("_budget", "_receive", "_sizes")
+
+    def __init__(
+        self,
+        receive: trio.MemoryReceiveChannel[M | Ask[M]],
+        budget: ByteBudget | None,
+        sizes: deque[int],
+    ) -> None:
+        self._receive = receive
+        self._budget = budget
+        self._sizes = sizes
+
+    def __aiter__(self) -> Inbox[M]:
+        return self
+
+    async def __anext__(self) -> M | Ask[M]:
+        """The next message; waits for one. Ends when the mailbox is closed and drained."""
+        try:
+            envelope = await self._receive.receive()
+        except (trio.EndOfChannel, trio.ClosedResourceError):
+            raise StopAsyncIteration from None
+        self._taken()
+        return envelope
+
+    def receive_nowait(self) -> M | Ask[M]:
+        """The next message if one is waiting; raises ``trio.WouldBlock`` otherwise (and
+        ``trio.EndOfChannel`` / ``trio.ClosedResourceError`` as the channel does)."""
+        envelope = self._receive.receive_nowait()
+        self._taken()
+        return envelope
+
+    def _taken(self) -> None:
+        if self._budget is not None:
+            self._budget.remove(self._sizes.popleft())
+
+    def close(self) -> None:
+        """The actor's name is gone: nothing more is received; its bytes are given back."""
+        self._receive.close()
+        self._sizes.clear()
+        if self._budget is not None:
+            self._budget.release_all()
 
 
 def _kind(message: object) -> str:
@@ -143,8 +223,15 @@ def _kind(message: object) -> str:
 
 
 def open_mailbox(
-    path: str, capacity: int, overflow: Overflow = Overflow.REJECT
-) -> tuple[ActorRef[M], trio.MemoryReceiveChannel[M | Ask[M]]]:
-    """A fresh mailbox: the ref for senders and the receive end for the actor's loop."""
+    path: str,
+    capacity: int,
+    overflow: Overflow = Overflow.REJECT,
+    *,
+    budget: ByteBudget | None = None,
+) -> tuple[ActorRef[M], Inbox[M]]:
+    """A fresh mailbox of ``capacity`` messages (and ``budget``'s bytes, when given): the
+    ref for senders and the inbox for the actor's loop."""
     send, receive = trio.open_memory_channel[M | Ask[M]](capacity)
-    return ActorRef(path, send, capacity, overflow), receive
+    sizes: deque[int] = deque()
+    ref = ActorRef(path, send, capacity, overflow, budget=budget, sizes=sizes)
+    return ref, Inbox(receive, budget, sizes)

@@ -40,6 +40,14 @@ class NodeInfo(_Model):
     sessions_max: int
     tool_calls_in_flight: int = Field(description="Running tool calls, all sessions.")
     tool_calls_max: int | None
+    mailbox_bytes: int = Field(
+        default=0, description="Bytes of requests waiting in every session's mailbox."
+    )
+    mailbox_bytes_max: int | None = Field(default=None, description="Their node-wide bound.")
+    outgoing_bytes: int = Field(
+        default=0, description="Bytes queued for every session's peer, not yet taken."
+    )
+    outgoing_bytes_max: int | None = Field(default=None, description="Their node-wide bound.")
 
 
 class ActorStatus(_Model):
@@ -70,6 +78,9 @@ class SessionStatus(_Model):
     initialized: bool = Field(description="notifications/initialized received.")
     in_flight: int = Field(description="Tool calls admitted (running or waiting for a slot).")
     queued: int = Field(description="Messages waiting in its mailbox.")
+    queued_bytes: int = Field(default=0, description="Bytes of the messages in its mailbox.")
+    outgoing: int = Field(default=0, description="Messages queued for its peer, not yet taken.")
+    outgoing_bytes: int = Field(default=0, description="Bytes of those messages.")
     restarts: int = Field(description="Session actor restarts after a crash.")
     uptime_s: float
     last_activity_s: float | None

@@ -24,10 +24,13 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+import httpx
 import psycopg
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
 
+from runtime.statefile import read_server_info
+from runtime.status_model import NodeStatus
 from storage.embedded import EmbeddedPostgres
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -181,6 +184,13 @@ class RawClient:
         assert reply.get("id") == self._next_id, reply
         return reply
 
+    async def barrier(self) -> None:
+        """A request the session *actor* answers (the reader answers ``ping`` itself, ahead
+        of the mailbox): once it is answered, the actor has taken every message sent before
+        it, and has started (and given slots to) every tools/call among them."""
+        reply = await self.request("tools/list")
+        assert "result" in reply, reply
+
     async def initialize(self, version: str = "2025-06-18") -> dict[str, Any]:
         reply = await self.request(
             "initialize",
@@ -209,6 +219,37 @@ async def wait_until(condition: Callable[[], bool], *, what: str, within: float 
             await trio.sleep(0.02)
         return
     raise AssertionError(f"timed out after {within}s waiting for {what}")
+
+
+def admin(server: ServerProcess) -> tuple[str, str]:
+    """The admin interface's URL and token of a running server."""
+    info = read_server_info(server.state_dir / "server.json")
+    assert info is not None
+    assert info.admin_url is not None
+    return info.admin_url, (server.state_dir / "admin-token").read_text().strip()
+
+
+async def fetch(server: ServerProcess) -> NodeStatus:
+    """The server's status document (``GET /status`` of its admin interface)."""
+    url, token = admin(server)
+    async with httpx.AsyncClient() as client:
+        response = await client.get(f"{url}/status", headers={"authorization": f"Bearer {token}"})
+    response.raise_for_status()
+    return NodeStatus.model_validate_json(response.content)
+
+
+async def wait_for_status(
+    server: ServerProcess, condition: Callable[[NodeStatus], bool], *, what: str
+) -> NodeStatus:
+    """Poll the admin interface until ``condition`` holds: the server is another process, so
+    there is no event to wait on (as :func:`wait_until`)."""
+    with trio.move_on_after(30):
+        while True:
+            status = await fetch(server)
+            if condition(status):
+                return status
+            await trio.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
 
 
 def session_row(database_url: str, session_id: str) -> dict[str, Any] | None:

@@ -56,11 +56,11 @@ async def test_full_mailbox_gets_server_busy_and_queued_requests_still_complete(
     async with open_raw(tight_server.authed_url()) as ws:
         client = RawClient(ws)
         await client.initialize()
-        # Occupy every in-flight slot. A ping behind them proves both calls are running:
+        # Occupy every in-flight slot. A barrier behind them proves both calls are running:
         # the actor answers it only after it has started them.
         for n in range(INFLIGHT):
             await client.send(call(f"block-{n}", "exai_test_block"))
-        assert (await client.request("ping"))["result"] == {}
+        await client.barrier()
         # The actor now waits for a slot at the next call; MAILBOX more requests queue.
         await client.send(call("waits-for-slot", "echo", text="slot"))
         for n in range(MAILBOX):
@@ -142,7 +142,7 @@ async def test_sessions_may_use_the_same_request_ids_at_once(tight_server: Serve
         for client in (a, b):
             await client.initialize()
             await client.send(call(1, "exai_test_block"))
-            assert (await client.request("ping"))["result"] == {}  # its call 1 is running
+            await client.barrier()  # its call 1 is running
         for client in (a, b):
             await client.send(cancel(1))
             reply = await client.request(
@@ -161,7 +161,7 @@ async def test_notifications_that_find_the_mailbox_full_become_counted_dead_lett
         session_id = (await client.initialize())["result"]["_meta"]["exai/sessionId"]
         for n in range(INFLIGHT):
             await client.send(call(f"hold-{n}", "exai_test_block"))
-        assert (await client.request("ping"))["result"] == {}
+        await client.barrier()
         await client.send(call("waits", "echo", text="w"))
         for n in range(MAILBOX):
             await client.send(call(f"fill-{n}", "echo", text=f"f{n}"))

@@ -8,7 +8,7 @@ import os
 import socket
 import stat
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
@@ -22,7 +22,15 @@ from trio_websocket import Endpoint, WebSocketConnection
 from runtime.admin import AdminConfigError, serve_admin
 from runtime.statefile import ServerInfo, read_server_info, write_server_info
 from runtime.status_model import NodeStatus
-from tests.harness import EXAI, RawClient, ServerProcess, open_raw, start_server
+from tests.harness import (
+    EXAI,
+    RawClient,
+    ServerProcess,
+    admin,
+    open_raw,
+    start_server,
+    wait_for_status,
+)
 
 CRASH = "$/exai/test/crash"
 MAILBOX = 64  # the default session mailbox (Settings.session_mailbox)
@@ -38,35 +46,6 @@ async def exai_async(*args: str) -> subprocess.CompletedProcess[bytes]:
     return await trio.run_process(
         [str(EXAI), *args], capture_stdout=True, capture_stderr=True, check=False
     )
-
-
-def admin(server: ServerProcess) -> tuple[str, str]:
-    info = read_server_info(server.state_dir / "server.json")
-    assert info is not None
-    assert info.admin_url is not None
-    return info.admin_url, (server.state_dir / "admin-token").read_text().strip()
-
-
-async def fetch(server: ServerProcess) -> NodeStatus:
-    url, token = admin(server)
-    async with httpx.AsyncClient() as client:
-        response = await client.get(f"{url}/status", headers={"authorization": f"Bearer {token}"})
-    response.raise_for_status()
-    return NodeStatus.model_validate_json(response.content)
-
-
-async def wait_for_status(
-    server: ServerProcess, condition: Callable[[NodeStatus], bool], *, what: str
-) -> NodeStatus:
-    """Poll the admin interface until ``condition`` holds: the server is another process, so
-    there is no event to wait on (as ``tests.harness.wait_until``)."""
-    with trio.move_on_after(30):
-        while True:
-            status = await fetch(server)
-            if condition(status):
-                return status
-            await trio.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 async def open_session(
@@ -147,7 +126,8 @@ async def test_status_json_shows_sessions_in_known_states_field_by_field(
         )
         await crash_client.send({"jsonrpc": "2.0", "id": "boom", "method": CRASH})
         assert (await crash_client.receive())["error"]["code"] == -32001
-        assert (await crash_client.request("ping"))["result"] == {}  # the next incarnation
+        # The next incarnation answers (ping would not show it: the reader answers pings).
+        assert "tools" in (await crash_client.request("tools/list"))["result"]
 
         # A session whose client went away without ending it: parked for resume.
         async with open_raw(server.authed_url()) as ws_gone:
@@ -316,9 +296,9 @@ async def _check_trace_of_the_crash(server: ServerProcess, session_id: str) -> N
     assert len(restarted) == 1
     assert "SessionCrashRequested" in restarted[0]["error"]
     assert "Traceback" in restarted[0]["exception"]
-    # The next incarnation answered the ping: a message handled after the restart.
+    # The next incarnation answered tools/list: a message handled after the restart.
     after = events[events.index(restarted[0]) + 1 :]
-    assert any(e["event"] == "actor.message" and e["kind"] == "ping" for e in after)
+    assert any(e["event"] == "actor.message" and e["kind"] == "tools/list" for e in after)
 
 
 async def test_a_tool_call_is_one_trace_across_the_session_and_its_tool(

@@ -1,6 +1,13 @@
 """The session: one per MCP connection. See ``lifecycle`` for its life, ``actor`` for its work."""
 
 from actors.session.actor import SessionActor, SessionConfig, SessionState
-from actors.session.lifecycle import SessionLifecycle, SessionServices
+from actors.session.lifecycle import SessionBounds, SessionLifecycle, SessionServices
 
-__all__ = ["SessionActor", "SessionConfig", "SessionLifecycle", "SessionServices", "SessionState"]
+__all__ = [
+    "SessionActor",
+    "SessionBounds",
+    "SessionConfig",
+    "SessionLifecycle",
+    "SessionServices",
+    "SessionState",
+]

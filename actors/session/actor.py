@@ -1,9 +1,15 @@
 """The session actor: the only place a session's MCP state changes.
 
 It handles its mailbox one message at a time, so the session state needs no locks; each
-``tools/call`` runs as a task in the actor's own nursery, at most ``max_inflight`` at once.
-While every slot is taken the actor stops taking messages, so later requests wait in the
-mailbox, and once that is full the reader refuses them with "server busy" instead of hanging.
+``tools/call`` runs as a task in the actor's own nursery, at most ``max_inflight`` at once
+(and at most ``total_slots`` over the node). A call holds its slots until its reply is in the
+session's outgoing queue (:class:`~runtime.outbox.Outbox`), not merely until its tool returns:
+a peer that does not read its replies therefore stops its own session's work. While every
+slot is taken the actor stops taking messages, so later requests wait in the mailbox, and once
+that is full the reader refuses them with "server busy" instead of hanging. A batch
+(2025-03-26) runs as one task too, one batch at a time, so it never holds up the messages
+behind it; ``ping`` and ``notifications/cancelled`` never enter the mailbox at all (see
+``reader``).
 
 Dual era: a *handshake* client sends ``initialize`` once and the negotiated version holds for
 the session; a *modern* (2026-07-28) client names its version in every request's ``_meta`` and
@@ -27,7 +33,6 @@ from typing import Any, Literal
 import structlog
 import trio
 from pydantic import BaseModel, ValidationError
-from trio_websocket import ConnectionClosed
 
 from actors.persistence import (
     ActorUnavailable,
@@ -73,6 +78,7 @@ from runtime.mcp.schema import (
     TextContent,
 )
 from runtime.mcp.tools import Tool, ToolContext, ToolRegistry
+from runtime.outbox import Outbox, OutboxClosed
 from storage.rows import SessionActivity, SessionIdentified, TaskFinished
 from storage.tasks import TaskLifecycle
 
@@ -84,7 +90,6 @@ CRASH_METHOD = "$/exai/test/crash"
 #: Test-only fault: crashes the (shared) persistence actor, which the root then restarts.
 CRASH_PERSISTENCE_METHOD = "$/exai/test/crash-persistence"
 
-Send = Callable[[str], Awaitable[None]]
 RequestId = str | int
 Message = jsonrpc.Inbound | jsonrpc.Batch
 
@@ -116,6 +121,12 @@ class SessionState:
     #: Requests in the mailbox, by id: ``True`` once cancelled there. Bounded by the
     #: mailbox's capacity; the reader adds, the actor removes.
     queued: dict[RequestId, bool] = field(default_factory=dict)
+
+    def in_use(self, request_id: RequestId) -> bool:
+        """Whether a request with this id is queued, waiting for a slot, running or being
+        answered: a second one would make both replies ambiguous (JSON-RPC 2.0: the id
+        correlates a response with its request)."""
+        return request_id in self.queued or request_id in self.calls or request_id in self.handling
 
     def cancel(self, request_id: object) -> None:
         """``notifications/cancelled``: stop that request, wherever it is.
@@ -151,7 +162,7 @@ class SessionActor(Actor[Message]):
     def __init__(
         self,
         state: SessionState,
-        send: Send,
+        outbox: Outbox,
         tools: ToolRegistry,
         persistence: PersistenceClient,
         config: SessionConfig,
@@ -165,11 +176,14 @@ class SessionActor(Actor[Message]):
         self._postmarks = postmarks
         self._meter = meter
         self.state = state
-        self._send = send
+        self._outbox = outbox
+        self._send = outbox.put
         self._tools = tools
         self._persistence = persistence
         self._config = config
         self._slots = trio.Semaphore(config.max_inflight)
+        #: One batch runs at a time: a second waits in the actor, the mailbox behind it.
+        self._batch_slot = trio.Semaphore(1)
         self._calls: trio.Nursery | None = None
         self._current: RequestId | None = None
         self._log = log.bind(session_id=state.session_id)
@@ -217,8 +231,9 @@ class SessionActor(Actor[Message]):
         elif isinstance(message, jsonrpc.Batch):
             await self._batch(message)
         else:
-            # We send no requests, so a response from the client correlates with nothing.
-            self._log.warning("session.unexpected_response", id=message.id)
+            # We send no requests, so a response correlates with nothing (the reader drops
+            # them before the mailbox; this is only a guard).
+            self._log.debug("session.unexpected_response", id=message.id)
 
     async def on_failure(self, error: Exception) -> None:
         """Tell each request this incarnation was handling that it did not complete."""
@@ -231,8 +246,8 @@ class SessionActor(Actor[Message]):
         )
         for request_id in sorted(orphans, key=str):
             try:
-                await self._send(jsonrpc.encode_error(request_id, failure))
-            except ConnectionClosed:
+                self._outbox.put_nowait(jsonrpc.encode_error(request_id, failure))
+            except OutboxClosed:
                 return
 
     # -- requests other than tools/call -------------------------------------------------
@@ -377,23 +392,69 @@ class SessionActor(Actor[Message]):
             )
             await self._send(jsonrpc.encode_error(None, InvalidRequest(f"invalid request: {why}")))
             return
-        replies: list[str | None] = [None] * len(batch.items)
-        async with trio.open_nursery() as members:
-            for index, item in enumerate(batch.items):
-                members.start_soon(self._batch_member, item, replies, index)
-        answered = [reply for reply in replies if reply is not None]
-        if answered:  # a batch of notifications only gets no response at all
-            await self._send(jsonrpc.encode_batch(answered))
+        # Members are classified here, in order and before anything runs, so that an id that
+        # is already in use (in the session, or earlier in this batch) is refused for that
+        # member alone, deterministically. The ids taken are reserved until the batch's reply
+        # is queued, so that no later request can borrow them meanwhile.
+        members: list[jsonrpc.Inbound | str] = []
+        reserved: list[RequestId] = []
+        for item in batch.items:
+            members.append(self._classify_member(item, reserved))
+        await _acquire(self._batch_slot.acquire_nowait, self._batch_slot.acquire)
+        assert self._calls is not None
+        self._calls.start_soon(self._run_batch, members, reserved)
 
-    async def _batch_member(self, item: object, replies: list[str | None], index: int) -> None:
+    def _classify_member(self, item: object, reserved: list[RequestId]) -> jsonrpc.Inbound | str:
+        """The member as a message, or its encoded refusal."""
         try:
             message = jsonrpc.classify(item)
         except jsonrpc.InvalidRequestWithId as error:
-            replies[index] = jsonrpc.encode_error(error.request_id, error)
-            return
+            return jsonrpc.encode_error(error.request_id, error)
         except RpcError as error:
-            replies[index] = jsonrpc.encode_error(None, error)
+            return jsonrpc.encode_error(None, error)
+        if isinstance(message, jsonrpc.Request):
+            if self.state.in_use(message.id):
+                refusal = InvalidRequest(
+                    f"invalid request: request id {message.id!r} is already in use in this "
+                    "session (or earlier in this batch)"
+                )
+                return jsonrpc.encode_error(message.id, refusal)
+            self.state.handling.add(message.id)
+            reserved.append(message.id)
+        return message
+
+    async def _run_batch(
+        self, members: list[jsonrpc.Inbound | str], reserved: list[RequestId]
+    ) -> None:
+        replies: list[str | None] = [None] * len(members)
+        held: list[_Admitted] = []
+        try:
+            async with trio.open_nursery() as running:
+                for index, member in enumerate(members):
+                    if isinstance(member, str):
+                        replies[index] = member
+                    else:
+                        running.start_soon(self._batch_member, member, replies, index, held)
+            answered = [reply for reply in replies if reply is not None]
+            if answered:  # a batch of notifications only gets no response at all
+                await self._send(jsonrpc.encode_batch(answered))
+            for request_id in reserved:
+                self.state.handling.discard(request_id)
+        except OutboxClosed:
             return
+        finally:
+            # Slots are held until the batch's reply is queued (or the batch is abandoned).
+            for admitted in held:
+                self._release(admitted)
+            self._batch_slot.release()
+
+    async def _batch_member(
+        self,
+        message: jsonrpc.Inbound,
+        replies: list[str | None],
+        index: int,
+        held: list[_Admitted],
+    ) -> None:
         if isinstance(message, jsonrpc.Notification):
             self._notify(message)
         elif isinstance(message, jsonrpc.Request):
@@ -401,7 +462,12 @@ class SessionActor(Actor[Message]):
                 refusal = InvalidRequest("invalid request: 'initialize' must not be batched")
                 replies[index] = jsonrpc.encode_error(message.id, refusal)
             elif message.method == "tools/call":
-                replies[index] = await self._admit_and_call(message)
+                admitted = await self._admit(message)
+                if admitted is None or isinstance(admitted, str):
+                    replies[index] = admitted
+                else:
+                    held.append(admitted)
+                    replies[index] = await self._call(message.id, admitted)
             else:
                 replies[index] = await self._reply(message)
 
@@ -414,19 +480,10 @@ class SessionActor(Actor[Message]):
         if isinstance(admitted, str):
             await self._send(admitted)
             return
-        tool, params, version = admitted
         assert self._calls is not None
-        self._calls.start_soon(self._call_and_send, request.id, tool, params, version)
+        self._calls.start_soon(self._call_and_send, request.id, admitted)
 
-    async def _admit_and_call(self, request: jsonrpc.Request) -> str | None:
-        admitted = await self._admit(request)
-        if admitted is None or isinstance(admitted, str):
-            return admitted
-        return await self._call(request.id, *admitted)
-
-    async def _admit(
-        self, request: jsonrpc.Request
-    ) -> str | tuple[Tool[Any], CallToolParams, str] | None:
+    async def _admit(self, request: jsonrpc.Request) -> str | _Admitted | None:
         """Validate and take a slot; or the encoded refusal; or ``None`` if the client
         cancelled the call while it waited for a slot.
 
@@ -439,8 +496,6 @@ class SessionActor(Actor[Message]):
             tool = self._tools.get(params.name)
             if tool is None:
                 raise InvalidParams(f"unknown tool: {params.name!r}")
-            if request.id in self.state.handling:
-                raise InvalidRequest(f"request id {request.id!r} is already in flight")
             if not self._persistence.available:
                 raise Unavailable(
                     "storage unavailable: the database is unreachable and the write journal "
@@ -449,57 +504,68 @@ class SessionActor(Actor[Message]):
                 )
         except RpcError as error:
             return jsonrpc.encode_error(request.id, error)
-        # Request ids are only unique within a session: the node-wide limiter needs both.
-        borrower = (self.state.session_id, request.id)
+        # The node-wide limiter counts borrowers: each call is its own, whatever id its client
+        # chose (ids are only unique within a session, and only while unanswered).
+        admitted = _Admitted(tool, params, version)
         # While it waits for a slot the call is already cancellable (its scope is known).
         waiting = self.state.calls[request.id] = trio.CancelScope()
-        admitted = False
+        taken = False
         try:
             with waiting:
                 await _acquire(self._slots.acquire_nowait, self._slots.acquire)
                 try:
                     limiter = self._config.total_slots
                     await _acquire(
-                        partial(limiter.acquire_on_behalf_of_nowait, borrower),
-                        partial(limiter.acquire_on_behalf_of, borrower),
+                        partial(limiter.acquire_on_behalf_of_nowait, admitted),
+                        partial(limiter.acquire_on_behalf_of, admitted),
                     )
                 except BaseException:
                     self._slots.release()
                     raise
-                admitted = True
+                taken = True
         finally:
             del self.state.calls[request.id]
-        if not admitted:
+        if not taken:
             return None  # cancelled while waiting: no response
         self.state.handling.add(request.id)
         # Replaced without a checkpoint in between, so no cancel can fall in the gap.
         self.state.calls[request.id] = trio.CancelScope()
-        return tool, params, version
+        return admitted
 
-    async def _call_and_send(
-        self, request_id: RequestId, tool: Tool[Any], params: CallToolParams, version: str
-    ) -> None:
-        reply = await self._call(request_id, tool, params, version)
-        # A call the client cancelled gets no response (MCP: the receiver SHOULD NOT).
-        if reply is not None:
-            try:
-                await self._send(reply)
-            except ConnectionClosed:
-                return  # the reader sees it too and ends the session
-        # Not in a `finally`: a call cut short by a crash stays in `handling`, so that
-        # on_failure can tell the client it did not complete.
-        self.state.handling.discard(request_id)
+    def _release(self, admitted: _Admitted) -> None:
+        """Give back a call's two slots, once. Cannot raise: it runs on every path out of a
+        call (reply queued, cancelled, crashed, session gone)."""
+        if admitted.released:
+            return
+        admitted.released = True
+        self._slots.release()
+        self._config.total_slots.release_on_behalf_of(admitted)
 
-    async def _call(
-        self, request_id: RequestId, tool: Tool[Any], params: CallToolParams, version: str
-    ) -> str | None:
+    async def _call_and_send(self, request_id: RequestId, admitted: _Admitted) -> None:
+        try:
+            reply = await self._call(request_id, admitted)
+            # A call the client cancelled gets no response (MCP: the receiver SHOULD NOT).
+            if reply is not None:
+                try:
+                    await self._send(reply)
+                except OutboxClosed:
+                    return  # the connection is going away; the reader sees it too
+            # Not in a `finally`: a call cut short by a crash stays in `handling`, so that
+            # on_failure can tell the client it did not complete.
+            self.state.handling.discard(request_id)
+        finally:
+            self._release(admitted)
+
+    async def _call(self, request_id: RequestId, admitted: _Admitted) -> str | None:
         """Run an admitted call as a task (a row: pending, running, then its final state);
-        its encoded reply, or ``None`` if the client cancelled it.
+        its encoded reply, or ``None`` if the client cancelled it. The caller releases the
+        call's slots once the reply is queued.
 
         The final state is committed (or durably journaled) before the reply is returned, so
         a client never holds a result the database does not. A call cut short by a crash or a
         shutdown is recorded as failed without waiting, as the incarnation is going away.
         """
+        tool, params, version = admitted.tool, admitted.params, admitted.version
         scope = self.state.calls[request_id]
         persistence = self._persistence
         task = TaskLifecycle.create(
@@ -522,8 +588,6 @@ class SessionActor(Actor[Message]):
             raise
         finally:
             del self.state.calls[request_id]
-            self._config.total_slots.release_on_behalf_of((self.state.session_id, request_id))
-            self._slots.release()
         if outcome is None:
             self.state.handling.discard(request_id)
             persistence.write_soon(task.finished("cancelled"))
@@ -646,6 +710,17 @@ def _row_behind(conflict: WriteConflict, record: TaskFinished) -> bool:
         return True  # the row is not there yet
     _, _, version = conflict.current.rpartition("@")
     return version.isdigit() and int(version) < record.version - 1
+
+
+@dataclass(eq=False, slots=True)
+class _Admitted:
+    """A call that holds its two slots (the session's and the node's) until released; it is
+    itself the node-wide limiter's borrower, so accounting never rests on a client's id."""
+
+    tool: Tool[Any]
+    params: CallToolParams
+    version: str
+    released: bool = False
 
 
 @dataclass(frozen=True, slots=True)

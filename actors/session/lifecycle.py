@@ -1,13 +1,15 @@
 """A session's whole life: recorded on connect, supervised while it runs, parked when its
 socket drops (see ``resume``), recorded at its end.
 
-Two tasks serve a connection: the reader (:func:`~actors.session.reader.pump`) and the session
-actor, the latter under a one-child supervisor with OTP ``transient`` semantics: a crash is
-restarted over the same :class:`SessionState` and mailbox, unless more than ``max_restarts``
-crashes fall within ``period`` seconds, in which case the session gives up
+Three tasks serve a connection: the reader (:func:`~actors.session.reader.pump`), the writer
+(:meth:`~runtime.outbox.Outbox.run`, which drains the session's outgoing queue to the socket)
+and the session actor, the latter under a one-child supervisor with OTP ``transient``
+semantics: a crash is restarted over the same :class:`SessionState` and mailbox, unless more
+than ``max_restarts`` crashes fall within ``period`` seconds, in which case the session gives up
 (:class:`~runtime.supervision.SupervisorGaveUp`) and the sessions supervisor closes the socket
 with 1011. The socket closing (by the client, or by shutdown with 1001) is the normal end:
-running tool calls are cancelled, since nobody could receive their answers.
+running tool calls are cancelled, since nobody could receive their answers. A session the
+server ends itself (a peer that stopped reading, a binary or oversized frame) is not parked.
 """
 
 from __future__ import annotations
@@ -23,13 +25,15 @@ from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from actors.persistence import PersistenceClient, StorageUnavailable
 from actors.session.actor import Message, SessionActor, SessionConfig, SessionState
-from actors.session.reader import pump
+from actors.session.reader import ReaderLimits, pump
 from actors.session.resume import ResumableSessions
 from actors.status import LiveSession, SessionDirectory
 from runtime import trace
 from runtime.actor import close_mailbox, run_actor
-from runtime.mailbox import ActorRef, Ask, open_mailbox
+from runtime.budget import ByteBudget, NodeBudget
+from runtime.mailbox import ActorRef, Inbox, open_mailbox
 from runtime.mcp.tools import ToolRegistry
+from runtime.outbox import Outbox, OutboxClosed
 from runtime.server import Handshake
 from runtime.supervision.errors import SupervisorGaveUp
 from runtime.supervision.intensity import RestartIntensity
@@ -38,7 +42,31 @@ from storage.rows import SessionClose, SessionRow
 log = structlog.get_logger("session")
 
 CLOSE_NORMAL = 1000
+CLOSE_POLICY_VIOLATION = 1008
 CLOSE_TRY_AGAIN_LATER = 1013
+
+
+@dataclass(frozen=True, slots=True)
+class SessionBounds:
+    """What one session may hold, in items and bytes, and the node-wide byte budgets all
+    sessions share (docs/operations.md, "Limits")."""
+
+    #: Bytes of requests waiting in one session's mailbox (beyond: "server busy").
+    mailbox_bytes: int = 8 * 2**20
+    #: Bytes not yet taken by one session's peer (beyond: the session stops reading).
+    outgoing_bytes: int = 8 * 2**20
+    #: Messages not yet taken by one session's peer.
+    outgoing_messages: int = 1024
+    #: Seconds a peer may take nothing while output waits for it before it is closed (1008).
+    stall_timeout: float = 30.0
+    #: Seconds the close frame to such a peer may take before the TCP connection is dropped.
+    close_timeout: float = 5.0
+    #: Most members of one JSON-RPC batch.
+    max_batch: int = 64
+    #: Mailboxes of every session together.
+    node_mailbox: NodeBudget = field(default_factory=lambda: NodeBudget("mailbox", 256 * 2**20))
+    #: Outgoing queues of every session together.
+    node_outgoing: NodeBudget = field(default_factory=lambda: NodeBudget("outgoing", 256 * 2**20))
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +82,7 @@ class SessionServices:
     restart_period: float
     #: Every session of the node, for the status command (actors/status.py).
     directory: SessionDirectory = field(default_factory=SessionDirectory)
+    bounds: SessionBounds = field(default_factory=SessionBounds)
     #: Called once a session is over for good (not while it is parked for resume), after its
     #: end is recorded: the rate limiter forgets its counters there.
     session_ended: Callable[[str], Awaitable[None]] | None = None
@@ -100,11 +129,22 @@ class SessionLifecycle:
                 identity=handshake.identity,
             )
         path = f"/root/sessions/{session_id}"
+        bounds = services.bounds
         ref: ActorRef[Message]
-        inbox: trio.MemoryReceiveChannel[Message | Ask[Message]]
-        ref, inbox = open_mailbox(path, services.mailbox_capacity)
-        live = services.directory.attach(state, ref)
+        inbox: Inbox[Message]
+        ref, inbox = open_mailbox(
+            path,
+            services.mailbox_capacity,
+            budget=ByteBudget(bounds.mailbox_bytes, bounds.node_mailbox),
+        )
+        outbox = Outbox(
+            ByteBudget(bounds.outgoing_bytes, bounds.node_outgoing),
+            max_messages=bounds.outgoing_messages,
+            stall_timeout=bounds.stall_timeout,
+        )
+        live = services.directory.attach(state, ref, outbox)
         postmarks = trace.Postmarks()
+        closed_for_stall = trio.Event()
         detached = False
         try:
             try:
@@ -114,34 +154,44 @@ class SessionLifecycle:
                             _supervise_actor,
                             services,
                             state,
-                            ws,
+                            outbox,
                             inbox,
                             live=live,
                             postmarks=postmarks,
                         )
                     )
+                    nursery.start_soon(outbox.run, ws.send_message)
+                    nursery.start_soon(
+                        _end_when_stalled, outbox, ws, bounds, session_id, closed_for_stall
+                    )
                     await pump(
                         ws.get_message,
                         ref,
-                        send=ws.send_message,
-                        close=ws.aclose,
-                        session_id=session_id,
-                        queued=state.queued,
-                        cancel=state.cancel,
-                        max_bytes=services.max_message_bytes,
+                        outbox=outbox,
+                        close=partial(_close_within, ws, bounds.close_timeout),
+                        state=state,
+                        limits=ReaderLimits(services.max_message_bytes, bounds.max_batch),
                         postmarks=postmarks,
+                        meter=live.meter,
                     )
+                    if outbox.stalled.is_set():
+                        # The reader stopped because the outbox closed for a peer that does
+                        # not read: let the 1008 close (bounded by close_timeout) finish.
+                        await closed_for_stall.wait()
                     nursery.cancel_scope.cancel()
             except* ConnectionClosed as closed:
-                # A clean close (1000) is the client ending its session. Anything else (a
-                # dropped connection, 1001 going away) may be followed by a resume.
+                # A clean close (1000) is the client ending its session, and a session the
+                # server closed itself (the outbox is closed first) is over too. Anything
+                # else (a dropped connection, 1001 going away) may be followed by a resume.
                 code = _close_code(closed)
-                if code != CLOSE_NORMAL:
+                if code != CLOSE_NORMAL and not outbox.closed:
                     state.handling.clear()
                     detached = self.resumable.park(state)
                     if detached:
                         services.directory.detach(session_id)
         finally:
+            # Whatever ended the session, its queued bytes leave the node's totals now.
+            outbox.close()
             close_mailbox(path, inbox)
             if not detached:
                 with trio.CancelScope(shield=True):
@@ -170,11 +220,44 @@ def _close_code(group: BaseExceptionGroup[ConnectionClosed]) -> int | None:
     return None
 
 
+async def _end_when_stalled(
+    outbox: Outbox,
+    ws: WebSocketConnection,
+    bounds: SessionBounds,
+    session_id: str,
+    done: trio.Event,
+) -> None:
+    """End the session once its peer is found not reading (:attr:`Outbox.stalled`): 1008,
+    and no parking, since a resumed session would only stall again. Sets ``done`` once the
+    close is over."""
+    await outbox.stalled.wait()
+    try:
+        log.warning(
+            "session.peer_not_reading",
+            session_id=session_id,
+            queued_bytes=outbox.queued_bytes,
+            queued_messages=len(outbox),
+            stall_timeout=outbox.stall_timeout,
+        )
+        outbox.close()
+        await _close_within(ws, bounds.close_timeout, CLOSE_POLICY_VIOLATION, "not reading replies")
+    finally:
+        done.set()
+
+
+async def _close_within(ws: WebSocketConnection, within: float, code: int, reason: str) -> None:
+    """Close with ``code``; a peer that does not take the close frame within ``within``
+    seconds (it is not reading) has its TCP connection dropped instead (trio-websocket closes
+    the stream when ``aclose`` is cancelled)."""
+    with trio.move_on_after(within):
+        await ws.aclose(code, reason)
+
+
 async def _supervise_actor(
     services: SessionServices,
     state: SessionState,
-    ws: WebSocketConnection,
-    inbox: trio.MemoryReceiveChannel[Message | Ask[Message]],
+    outbox: Outbox,
+    inbox: Inbox[Message],
     *,
     live: LiveSession,
     postmarks: trace.Postmarks,
@@ -184,7 +267,7 @@ async def _supervise_actor(
     while True:
         actor = SessionActor(
             state,
-            ws.send_message,
+            outbox,
             services.tools,
             services.persistence,
             services.config,
@@ -194,8 +277,8 @@ async def _supervise_actor(
         )
         try:
             await run_actor(actor, inbox)
-        except ConnectionClosed:
-            raise  # the socket is gone: not a crash, the end
+        except OutboxClosed:
+            return  # the connection is going away: not a crash, the end
         except Exception as error:
             if not intensity.allow(trio.current_time()):
                 raise SupervisorGaveUp(

@@ -1,101 +1,252 @@
-"""The session's reader: frames in, typed messages to the actor's mailbox.
+"""The session's reader: frames in, typed messages to the actor's mailbox, control at once.
 
-Framing errors are answered here because they need no session state, and answering them
-before the mailbox means a flood of garbage cannot queue behind real requests. A request that
-finds the mailbox full is refused at once with "server busy" and a retry hint; a notification
-that finds it full becomes a dead letter (nobody awaits it).
+What needs no session actor is answered here, so that it never waits behind work:
+
+* framing errors (not JSON, not JSON-RPC, a batch over the member cap, an id already in use);
+* ``ping`` (MCP: the receiver "MUST respond promptly"), in every state of the session, even
+  while every slot is busy or the mailbox is full;
+* ``notifications/cancelled``, applied through the session state.
+
+Two bounds shape the loop, both in bytes as well as items:
+
+* *The mailbox is full* (the actor has more waiting than it may): the reader keeps reading, and
+  each new request is refused at once with -32000 "server busy" and a retry hint; a
+  notification that finds it full becomes a dead letter (nobody awaits it).
+* *The outgoing queue is full* (the peer is not taking our output): the reader stops reading
+  before the next frame, since every further request would only add output, and the socket's
+  receive window does the rest (TCP back-pressure). A peer that stays so past the outbox's
+  ``stall_timeout`` is closed with 1008 by the session (``lifecycle``), which then *ends*:
+  parking it would only let it resume and stall again.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 import structlog
 
+from actors.session.actor import SessionState
+from runtime import trace
 from runtime.dead_letters import dead_letters
+from runtime.log_rate import LogRate
 from runtime.mailbox import ActorRef, ActorStopped, MailboxFull
-from runtime.mcp import jsonrpc
-from runtime.mcp.errors import RpcError, ServerBusy
-from runtime.trace import Postmarks
+from runtime.mcp import jsonrpc, versions
+from runtime.mcp.errors import InvalidRequest, RpcError, ServerBusy
+from runtime.outbox import Outbox, OutboxClosed, message_size
+from runtime.trace import Meter, Postmarks
 
 log = structlog.get_logger("session")
 
 #: How long a client is told to wait before retrying a request refused as "server busy".
 BUSY_RETRY_AFTER_S = 0.05
 CANCELLED = "notifications/cancelled"
+PING = "ping"
+#: RFC 6455 section 7.4.1 close codes used here.
 CLOSE_UNSUPPORTED_DATA = 1003
 CLOSE_TOO_BIG = 1009
+
+
+@dataclass(frozen=True, slots=True)
+class ReaderLimits:
+    """The reader's own bounds."""
+
+    #: Largest frame in bytes; a larger one closes the socket with 1009.
+    max_message_bytes: int
+    #: Most members of one JSON-RPC batch; more is one -32600 with id null.
+    max_batch: int
 
 
 async def pump(
     frames: Callable[[], Awaitable[str | bytes]],
     mailbox: ActorRef[jsonrpc.Inbound | jsonrpc.Batch],
     *,
-    send: Callable[[str], Awaitable[None]],
+    outbox: Outbox,
     close: Callable[[int, str], Awaitable[None]],
-    session_id: str,
-    queued: dict[str | int, bool],
-    cancel: Callable[[object], None],
-    max_bytes: int,
+    state: SessionState,
+    limits: ReaderLimits,
     postmarks: Postmarks | None = None,
+    meter: Meter | None = None,
 ) -> None:
-    """Read frames until the socket closes (``ConnectionClosed``), the actor stops, or a frame
-    forces a close (then this closes the socket and returns).
+    """Read frames until the socket closes (``ConnectionClosed``), the actor stops, the
+    outbox is closed, or a frame ends the session (then this closes the outbox and the
+    socket, and returns).
 
-    ``notifications/cancelled`` is applied here through ``cancel``, not queued: it is
-    control, and must reach a call even when every slot is busy and the mailbox is full.
+    Raises what ``frames`` raises when the connection closes.
     """
-    reader_log = log.bind(session_id=session_id)
-    sender = f"/root/sessions/{session_id}/reader"
-    while True:
-        frame = await frames()
+    reader = _Reader(mailbox, outbox, state, limits, postmarks=postmarks, meter=meter)
+    try:
+        while True:
+            await outbox.wait_writable()
+            frame = await frames()
+            size = message_size(frame) if isinstance(frame, str) else 0
+            ending = reader.screen(frame, size)
+            if ending is not None:
+                outbox.close()  # nothing more goes out but the close frame
+                await close(*ending)
+                return
+            assert isinstance(frame, str)  # screen() ends the session on a binary frame
+            if not reader.handle(frame, size):
+                return
+    except OutboxClosed:
+        return  # the session is ending; whoever closed the outbox closes the socket
+
+
+class _Reader:
+    """One session's reading, frame by frame (the loop itself is :func:`pump`)."""
+
+    def __init__(
+        self,
+        mailbox: ActorRef[jsonrpc.Inbound | jsonrpc.Batch],
+        outbox: Outbox,
+        state: SessionState,
+        limits: ReaderLimits,
+        *,
+        postmarks: Postmarks | None,
+        meter: Meter | None,
+    ) -> None:
+        self._mailbox = mailbox
+        self._meter = meter
+        self._outbox = outbox
+        self._state = state
+        self._limits = limits
+        self._postmarks = postmarks
+        self._sender = f"/root/sessions/{state.session_id}/reader"
+        self._log = log.bind(session_id=state.session_id)
+        #: Requests refused as "server busy": in this episode (since the mailbox last took
+        #: one), and in all.
+        self._busy_refusals = 0
+        self._busy_total = 0
+        #: Lines this peer can cause (bad frames, stray responses) are rate limited.
+        self._log_rate = LogRate(per_second=1.0, burst=5)
+
+    def screen(self, frame: str | bytes, size: int) -> tuple[int, str] | None:
+        """The close code and reason if this frame (of ``size`` bytes) ends the session,
+        else ``None``."""
         if isinstance(frame, bytes):
             # MCP over WebSocket is one JSON-RPC message per *text* frame (SEP-1288: 1003).
-            reader_log.info("session.closed_binary_frame")
-            await close(CLOSE_UNSUPPORTED_DATA, "binary frames are not supported: send text")
-            return
-        # trio-websocket limits characters; the limit is in bytes. Only frames that could
-        # exceed it (4 bytes per character at most) pay for the exact count.
-        if len(frame) * 4 > max_bytes and len(frame.encode()) > max_bytes:
-            reader_log.info("session.closed_oversized", limit=max_bytes)
-            await close(CLOSE_TOO_BIG, f"message larger than {max_bytes} bytes")
-            return
+            self._log.info("session.closed_binary_frame")
+            return CLOSE_UNSUPPORTED_DATA, "binary frames are not supported: send text"
+        limit = self._limits.max_message_bytes
+        # trio-websocket limits characters; the limit is in bytes.
+        if size > limit:
+            self._log.info("session.closed_oversized", limit=limit)
+            return CLOSE_TOO_BIG, f"message larger than {limit} bytes"
+        return None
+
+    def handle(self, frame: str, size: int) -> bool:
+        """Answer, apply or queue one frame of ``size`` bytes; ``False`` once the actor has
+        stopped."""
+        outbox = self._outbox
         decoded: jsonrpc.Inbound | jsonrpc.Batch | list[object]
         try:
             decoded = jsonrpc.decode(frame)
         except jsonrpc.InvalidRequestWithId as error:
-            await send(jsonrpc.encode_error(error.request_id, error))
-            continue
+            outbox.put_nowait(jsonrpc.encode_error(error.request_id, error))
+            return True
         except RpcError as error:
-            reader_log.info("session.bad_frame", code=error.code, reason=error.message)
-            await send(jsonrpc.encode_error(None, error))
-            continue
+            self._note("session.bad_frame", code=error.code, reason=error.message)
+            outbox.put_nowait(jsonrpc.encode_error(None, error))
+            return True
         if isinstance(decoded, list):
+            if len(decoded) > self._limits.max_batch:
+                refusal = InvalidRequest(
+                    f"invalid request: a batch of {len(decoded)} messages; at most "
+                    f"{self._limits.max_batch} are accepted in one batch"
+                )
+                outbox.put_nowait(jsonrpc.encode_error(None, refusal))
+                return True
             # Whether batches are allowed depends on the negotiated version: the actor knows.
             decoded = jsonrpc.Batch(items=decoded)
-        elif isinstance(decoded, jsonrpc.Notification) and decoded.method == CANCELLED:
-            cancel((decoded.params or {}).get("requestId"))
-            continue
+        elif self._answered_here(decoded):
+            return True
         try:
-            mailbox.tell(decoded, sender=sender)
-            if postmarks is not None:
-                postmarks.post(decoded, sender=sender)  # starts the message's trace
-            if isinstance(decoded, jsonrpc.Request):
-                queued[decoded.id] = False  # cancellable until the actor takes it
+            self._mailbox.tell(decoded, sender=self._sender, size=size)
         except MailboxFull:
-            if isinstance(decoded, jsonrpc.Request):
-                busy = ServerBusy(
-                    "server busy: too many requests queued in this session; retry later",
-                    {"retryAfterMs": math.ceil(BUSY_RETRY_AFTER_S * 1000)},
-                )
-                await send(jsonrpc.encode_error(decoded.id, busy))
-            else:
-                dead_letters.record(
-                    target=mailbox.path,
-                    sender=sender,
-                    reason="mailbox full",
-                    kind=type(decoded).__name__,
-                )
+            self._refuse(decoded)
+            return True
         except ActorStopped:
+            return False
+        self._busy_refusals = 0
+        if self._postmarks is not None:
+            self._postmarks.post(decoded, sender=self._sender)  # starts the message's trace
+        if isinstance(decoded, jsonrpc.Request):
+            self._state.queued[decoded.id] = False  # cancellable until the actor takes it
+        return True
+
+    def _answered_here(self, message: jsonrpc.Inbound) -> bool:
+        """Control that never enters the mailbox: cancellation, ``ping``, a request whose id
+        is already in use (refused with -32600), and responses (we send no requests, so they
+        correlate with nothing)."""
+        state = self._state
+        if isinstance(message, jsonrpc.Notification):
+            if message.method != CANCELLED:
+                return False
+            state.cancel((message.params or {}).get("requestId"))
+            return True
+        if not isinstance(message, jsonrpc.Request):
+            self._note("session.unexpected_response", id=message.id)
+            return True
+        if state.in_use(message.id):
+            refusal = InvalidRequest(
+                f"invalid request: request id {message.id!r} is already in use by a "
+                "request of this session that has not been answered"
+            )
+            self._outbox.put_nowait(jsonrpc.encode_error(message.id, refusal))
+            return True
+        if message.method == PING and _answers_ping(state, message):
+            # Traced and metered as the session's: status and `exai trace` show it.
+            with trace.handling(
+                self._sender,
+                PING,
+                session_id=state.session_id,
+                rpc_id=message.id,
+                meter=self._meter,
+            ):
+                self._outbox.put_nowait(jsonrpc.encode_result(message.id, {}))
+            return True
+        return False
+
+    def _note(self, event: str, **fields: object) -> None:
+        """Log something the peer did wrong, within the rate limit (``runtime.log_rate``)."""
+        suppressed = self._log_rate.allow()
+        if suppressed is not None:
+            self._log.info(event, **fields, **({"suppressed": suppressed} if suppressed else {}))
+
+    def _refuse(self, message: jsonrpc.Inbound | jsonrpc.Batch) -> None:
+        """The mailbox is full: a request is told to retry, anything else is a dead letter."""
+        if not isinstance(message, jsonrpc.Request):
+            dead_letters.record(
+                target=self._mailbox.path,
+                sender=self._sender,
+                reason="mailbox full",
+                kind=type(message).__name__,
+            )
             return
+        self._busy_refusals += 1
+        self._busy_total += 1
+        if self._busy_refusals == 1:
+            # Once per episode, and episodes within the log rate: a flooding client would
+            # otherwise flood the log too.
+            self._note(
+                "session.busy",
+                mailbox_bytes=self._mailbox.queued_bytes,
+                refused_total=self._busy_total,
+            )
+        busy = ServerBusy(
+            "server busy: too many requests queued in this session; retry later",
+            {"retryAfterMs": math.ceil(BUSY_RETRY_AFTER_S * 1000)},
+        )
+        self._outbox.put_nowait(jsonrpc.encode_error(message.id, busy))
+
+
+def _answers_ping(state: SessionState, request: jsonrpc.Request) -> bool:
+    """Whether this ``ping`` is answered here: it names no protocol version of its own (a
+    2026-07-28 request has no ``ping``; the actor refuses those in their era) and the session
+    is not a 2026-07-28 one."""
+    meta = (request.params or {}).get("_meta")
+    if isinstance(meta, dict) and versions.PROTOCOL_VERSION_META in meta:
+        return False
+    version = state.protocol_version
+    return version is None or versions.has_ping(version)
