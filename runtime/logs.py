@@ -41,7 +41,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from runtime import trace
-from storage.untrusted import clip, printable
+from storage.untrusted import clip, printable, printable_block
 
 LEVELS = ("debug", "info", "warning", "error", "critical")
 REDACTED = "[REDACTED]"
@@ -289,7 +289,7 @@ def _console_safe(event_dict: Mapping[str, Any]) -> dict[str, Any]:
         if key in _RAW_COLUMNS:
             safe[key] = printable(value)
         elif key in _LONG_FIELDS:
-            safe[key] = printable(value, keep_newlines=True)
+            safe[key] = printable_block(value)
     return safe
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from runtime.trace import TRACE_EVENT
-from storage.untrusted import printable
+from storage.untrusted import printable, printable_block
 
 Event = dict[str, Any]
 
@@ -185,7 +185,7 @@ def format_event(event: Event) -> str:
     # nor start a line of their own (a forged event).
     line = printable(" ".join(parts))
     if "exception" in event:
-        line += "\n" + printable(str(event["exception"]).rstrip(), keep_newlines=True)
+        line += "\n" + printable_block(str(event["exception"]).rstrip())
     return line
 
 

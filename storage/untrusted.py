@@ -6,9 +6,10 @@ journal, the database, ``exai status`` and terminals. Each of those places uses 
 * :func:`clip` bounds a text to a number of characters, with a marker saying it was cut and
   how long it really was (``…[truncated, 4194304 chars]``), so a reader never mistakes a cut
   value for the whole one;
-* :func:`printable` escapes what a terminal would obey instead of print (C0 and C1 control
-  characters, so also ESC sequences, DEL, line and paragraph separators, bidi overrides), so
-  a value can neither retitle the window, clear the screen nor start a forged line;
+* :func:`printable` (:func:`printable_block` for tracebacks) escapes what a terminal would
+  obey instead of print (C0 and C1 control characters, so also ESC sequences, DEL, line and
+  paragraph separators, bidi overrides), so a value can neither retitle the window, clear the
+  screen nor start a forged line;
 * :func:`storable_text` and :func:`storable` replace U+0000, which PostgreSQL text and jsonb
   cannot hold;
 * :func:`bounded_json` bounds a JSON value's serialized size for storage, replacing a value
@@ -55,6 +56,9 @@ def clip_bytes(text: str, limit: int) -> str:
 
 
 def _escape(code: int) -> str:
+    named = {0x09: "\\t", 0x0A: "\\n", 0x0D: "\\r"}.get(code)
+    if named is not None:
+        return named
     if code <= 0xFF:
         return f"\\x{code:02x}"
     return f"\\u{code:04x}"
@@ -76,13 +80,21 @@ _ESCAPES: Final = {code: _escape(code) for code in _CONTROLS}
 _ESCAPES_KEEP_NEWLINES: Final = {code: text for code, text in _ESCAPES.items() if code != 0x0A}
 
 
-def printable(text: str, *, keep_newlines: bool = False) -> str:
+def printable(text: str) -> str:
     """``text`` with every character a terminal would act on written as an escape (``\\x1b``,
-    ``\\u202e``); ``keep_newlines``: leave ``\\n`` as it is (a traceback shown as lines).
+    ``\\u202e``, ``\\n``), so it prints on one line.
 
     Backslashes are kept: an escape that was typed is as harmless as one made here.
     """
-    return text.translate(_ESCAPES_KEEP_NEWLINES if keep_newlines else _ESCAPES)
+    return text.translate(_ESCAPES)
+
+
+def printable_block(text: str, indent: str = "    ") -> str:
+    """``text`` as lines (a traceback): escaped as :func:`printable` but for ``\\n``, and every
+    line indented, so that none of it can pass for a line of its own (a forged log line in an
+    exception message stays inside the indented block)."""
+    lines = text.translate(_ESCAPES_KEEP_NEWLINES).split("\n")
+    return "\n".join(indent + line for line in lines)
 
 
 def storable_text(text: str) -> str:
