@@ -129,7 +129,7 @@ class Chat(Tool[ChatArgs]):
         try:
             outcome = await self._conversations.turn(request, on_text=_streamer(ctx))
         except ModelNotOffered as exc:
-            raise InvalidParams(f"invalid arguments: model: {exc.message}") from None
+            raise InvalidParams(f"invalid arguments: {exc.message}") from None
         except (ConversationError, ProviderNotConfigured) as exc:
             return ToolOutput(text=exc.message, is_error=True)
         except RateLimited as exc:
