@@ -104,7 +104,8 @@ def classify(data: object) -> Inbound:
         model = Response
     else:
         raise _invalid(data, "invalid request: no 'method', 'result' or 'error' member")
-    _check_id_size(data.get("id"))
+    if model is Request:  # a response's id is never echoed: only logged, and clipped there
+        _check_id_size(data.get("id"))
     try:
         return model.model_validate(data)  # type: ignore[return-value]
     except ValidationError as exc:
@@ -117,26 +118,29 @@ def _check_id_size(request_id: object) -> None:
     """Refuse an id whose JSON text exceeds :data:`~storage.untrusted.ID_BYTES`.
 
     Ids are echoed exactly (JSON-RPC), so a long one cannot be cut: the message is refused
-    with ``id: null`` instead, before the id reaches a log, a task row or the journal. A
-    string id is measured as UTF-8 (the escaping JSON adds is not the client's doing), an
-    integer by its digits.
+    with ``id: null`` instead, before the id reaches a log, a task row or the journal.
     """
-    if isinstance(request_id, str):
-        if len(request_id) * 4 <= ID_BYTES:
-            return  # cannot exceed: the common case costs no encoding
-        size = len(request_id.encode("utf-8", "surrogatepass"))
-    elif isinstance(request_id, int) and not isinstance(request_id, bool):
-        bits = request_id.bit_length()
-        if bits < 60:
-            return
-        # str() refuses ints beyond 4300 digits; those are far too long anyway.
-        size = len(str(request_id)) if bits < 2000 else bits * 3 // 10
-    else:
-        return
+    size = _id_bytes(request_id)
     if size > ID_BYTES:
         raise InvalidRequest(
             f"invalid request: the id is {size} bytes long; at most {ID_BYTES} are accepted"
         )
+
+
+def _id_bytes(request_id: object) -> int:
+    """Bytes of a string id as UTF-8 (the escaping JSON adds is not the client's doing), or
+    digits of an integer id; 0 for anything that is no id."""
+    if isinstance(request_id, str):
+        if len(request_id) * 4 <= ID_BYTES:
+            return 0  # cannot exceed: the common case costs no encoding
+        return len(request_id.encode("utf-8", "surrogatepass"))
+    if isinstance(request_id, int) and not isinstance(request_id, bool):
+        bits = request_id.bit_length()
+        if bits < 60:
+            return 0
+        # str() refuses ints beyond 4300 digits; those are far too long anyway.
+        return len(str(request_id)) if bits < 2000 else bits * 3 // 10
+    return 0
 
 
 class InvalidRequestWithId(InvalidRequest):
@@ -149,9 +153,10 @@ class InvalidRequestWithId(InvalidRequest):
 
 def _invalid(data: dict[str, Any], message: str) -> InvalidRequest:
     request_id = data.get("id")
-    if isinstance(request_id, str) or (
-        isinstance(request_id, int) and not isinstance(request_id, bool)
-    ):
+    if (
+        isinstance(request_id, str)
+        or (isinstance(request_id, int) and not isinstance(request_id, bool))
+    ) and _id_bytes(request_id) <= ID_BYTES:
         return InvalidRequestWithId(message, request_id)
     return InvalidRequest(message)
 
