@@ -10,6 +10,11 @@ algorithm (level = (tat - now) / interval), but a level adds integer costs exact
 60, sixty calls at the same instant" admits exactly sixty instead of fifty-nine and a rounding
 error.
 
+Quotas and per-client rates belong to the client *identity* (the name its token gives it,
+``default`` for the node's own token), not to a connection: every session of an identity draws
+on one :class:`ClientLedger`, which outlives them, so reconnecting resets nothing. Per-session
+counters (:class:`SessionLedger`) are only what ``exai status`` reports of each session.
+
 Tokens are reserved up front as the worst case (prompt estimate + ``max_tokens``; OpenAI's
 rate-limit guide counts a request as the larger of the two) and the difference is refunded when
 the real usage is known.
@@ -31,14 +36,16 @@ class LimitName(StrEnum):
     PROVIDER_REQUESTS = "provider_requests_per_minute"
     PROVIDER_TOKENS = "provider_tokens_per_minute"
     PROVIDER_CONCURRENCY = "provider_concurrency"
-    SESSION_REQUESTS = "session_requests_per_minute"
-    SESSION_TOKENS = "session_token_quota"
-    SESSION_COST = "session_cost_quota"
+    CLIENT_REQUESTS = "client_requests_per_minute"
+    CLIENT_TOKENS = "client_token_quota"
+    CLIENT_COST = "client_cost_quota"
     SESSION_CLOSED = "session_closed"
 
     @property
-    def per_session(self) -> bool:
-        return self.value.startswith("session_")
+    def own(self) -> bool:
+        """A limit of the caller itself (its client identity or its session), not of a shared
+        upstream: holding it back must not hold back other callers."""
+        return not self.value.startswith("provider_")
 
 
 class ProviderLimits(BaseModel):
@@ -53,17 +60,22 @@ class ProviderLimits(BaseModel):
     max_concurrency: int | None = Field(default=None, gt=0, description="Calls in flight.")
 
 
-class SessionLimits(BaseModel):
-    """Limits of each session, whatever upstream it calls. ``None`` means unlimited."""
+class ClientLimits(BaseModel):
+    """Limits of each client identity, all its sessions together, whatever upstream they call.
+    ``None`` means unlimited. Kept for the node's life (not across restarts or nodes)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     requests_per_minute: int | None = Field(default=None, gt=0)
     token_quota: int | None = Field(
-        default=None, gt=0, description="Input + output tokens over the session's life."
+        default=None,
+        gt=0,
+        description="Input + output tokens of all the identity's sessions, for the node's life.",
     )
     cost_quota_usd: float | None = Field(
-        default=None, gt=0, description="Estimated spend over the session's life, in USD."
+        default=None,
+        gt=0,
+        description="Estimated spend of all the identity's sessions, for the node's life, in USD.",
     )
     max_wait_seconds: float = Field(
         default=0.0,
@@ -75,12 +87,14 @@ class SessionLimits(BaseModel):
 
 @dataclass(frozen=True, slots=True)
 class Demand:
-    """What one call asks for: the worst case it may consume."""
+    """What one call asks for: the worst case it may consume. ``identity``: the client whose
+    quotas it counts against."""
 
     session_id: str
     provider: str
     tokens: int
     cost_usd: float
+    identity: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,9 +182,27 @@ class ProviderLedger:
 
 
 @dataclass(slots=True)
-class SessionLedger:
-    session_id: str
+class ClientLedger:
+    """One client identity's quota state, shared by its sessions and kept when they end."""
+
+    identity: str
     requests: Bucket | None
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost_usd: float = 0.0
+    tokens_reserved: int = 0
+    cost_reserved: float = 0.0
+
+    @property
+    def tokens_used(self) -> int:
+        return self.input_tokens + self.output_tokens
+
+
+@dataclass(slots=True)
+class SessionLedger:
+    """One session's counters, for reporting; its limits are its identity's."""
+
+    session_id: str
     calls: int = 0
     input_tokens: int = 0
     output_tokens: int = 0
@@ -190,12 +222,15 @@ class SessionLedger:
 class Ledger:
     """Every limit's state; :meth:`check`, then :meth:`reserve`, then :meth:`settle`."""
 
-    def __init__(self, providers: Mapping[str, ProviderLimits], session: SessionLimits) -> None:
-        self.session_limits = session
+    def __init__(self, providers: Mapping[str, ProviderLimits], client: ClientLimits) -> None:
+        self.client_limits = client
         self.providers = {
             name: ProviderLedger.create(name, limits) for name, limits in providers.items()
         }
         self.sessions: dict[str, SessionLedger] = {}
+        # Never forgotten while the node runs: identities are the configured tokens' names,
+        # so this is bounded by the configuration, and a reconnect finds its quota spent.
+        self.clients: dict[str, ClientLedger] = {}
 
     def provider(self, name: str) -> ProviderLedger:
         # An upstream without configured limits is unlimited, but still counted.
@@ -207,9 +242,15 @@ class Ledger:
     def session(self, session_id: str) -> SessionLedger:
         ledger = self.sessions.get(session_id)
         if ledger is None:
-            rpm = self.session_limits.requests_per_minute
-            ledger = self.sessions[session_id] = SessionLedger(
-                session_id=session_id, requests=Bucket(rpm) if rpm else None
+            ledger = self.sessions[session_id] = SessionLedger(session_id=session_id)
+        return ledger
+
+    def client(self, identity: str) -> ClientLedger:
+        ledger = self.clients.get(identity)
+        if ledger is None:
+            rpm = self.client_limits.requests_per_minute
+            ledger = self.clients[identity] = ClientLedger(
+                identity=identity, requests=Bucket(rpm) if rpm else None
             )
         return ledger
 
@@ -218,22 +259,25 @@ class Ledger:
     def check(self, demand: Demand, now: float) -> Blocked | None:
         """``None`` if ``demand`` may go now; else the limit that holds it.
 
-        A session's own limit wins over a provider's: a call its session cannot make anyway
-        must not hold back other sessions' calls to the same provider.
+        The caller's own limit wins over a provider's: a call its client cannot make anyway
+        must not hold back other callers' calls to the same provider.
         """
-        return self._session_block(demand, now) or self._provider_block(demand, now)
+        return self._own_block(demand, now) or self._provider_block(demand, now)
 
     def reserve(self, demand: Demand, now: float) -> None:
         session = self.session(demand.session_id)
+        client = self.client(demand.identity)
         provider = self.provider(demand.provider)
-        if session.requests is not None:
-            session.requests.take(1, now)
+        if client.requests is not None:
+            client.requests.take(1, now)
         if provider.requests is not None:
             provider.requests.take(1, now)
         if provider.tokens is not None:
             provider.tokens.take(demand.tokens, now)
         session.tokens_reserved += demand.tokens
         session.cost_reserved += demand.cost_usd
+        client.tokens_reserved += demand.tokens
+        client.cost_reserved += demand.cost_usd
         session.in_flight += 1
         provider.in_flight += 1
 
@@ -243,8 +287,9 @@ class Ledger:
         The request itself stays counted: the upstream counted it too, even if it failed.
         """
         session = self.session(demand.session_id)
+        client = self.client(demand.identity)
         provider = self.provider(demand.provider)
-        self._unreserve(session, provider, demand)
+        self._unreserve(session, client, provider, demand)
         session.calls += 1
         used = consumed.tokens if consumed else 0
         if provider.tokens is not None:
@@ -257,71 +302,80 @@ class Ledger:
             session.output_tokens += consumed.output_tokens
             session.cost_usd += consumed.cost_usd
             session.estimated_calls += consumed.estimated
+            client.input_tokens += consumed.input_tokens
+            client.output_tokens += consumed.output_tokens
+            client.cost_usd += consumed.cost_usd
 
     def withdraw(self, demand: Demand, now: float) -> None:
         """The call was admitted but never went upstream: undo all of its reservation."""
         session = self.session(demand.session_id)
+        client = self.client(demand.identity)
         provider = self.provider(demand.provider)
-        self._unreserve(session, provider, demand)
-        if session.requests is not None:
-            session.requests.give_back(1, now)
+        self._unreserve(session, client, provider, demand)
+        if client.requests is not None:
+            client.requests.give_back(1, now)
         if provider.requests is not None:
             provider.requests.give_back(1, now)
         if provider.tokens is not None:
             provider.tokens.give_back(demand.tokens, now)
 
     @staticmethod
-    def _unreserve(session: SessionLedger, provider: ProviderLedger, demand: Demand) -> None:
+    def _unreserve(
+        session: SessionLedger, client: ClientLedger, provider: ProviderLedger, demand: Demand
+    ) -> None:
         session.tokens_reserved -= demand.tokens
         session.cost_reserved -= demand.cost_usd
+        client.tokens_reserved -= demand.tokens
+        client.cost_reserved -= demand.cost_usd
         session.in_flight -= 1
         provider.in_flight -= 1
 
     # -- the limits, one by one --------------------------------------------------------------
 
-    def _session_block(self, demand: Demand, now: float) -> Blocked | None:
-        limits = self.session_limits
-        session = self.session(demand.session_id)
-        if session.closing:
+    def _own_block(self, demand: Demand, now: float) -> Blocked | None:
+        limits = self.client_limits
+        if self.session(demand.session_id).closing:
             return Blocked(LimitName.SESSION_CLOSED, "the session is closing", permanent=True)
+        client = self.client(demand.identity)
+        whose = f" (client {demand.identity!r}, all its sessions together)"
         if limits.token_quota is not None:
             quota = limits.token_quota
-            if session.tokens_used + demand.tokens > quota:
+            if client.tokens_used + demand.tokens > quota:
                 return Blocked(
-                    LimitName.SESSION_TOKENS,
-                    f"this session's token quota is {quota}: {session.tokens_used} are used "
-                    f"and this call reserves {demand.tokens} (prompt estimate + max_tokens)",
+                    LimitName.CLIENT_TOKENS,
+                    f"this client's token quota is {quota}: {client.tokens_used} are used and "
+                    f"this call reserves {demand.tokens} (prompt estimate + max_tokens){whose}",
                     permanent=True,
                 )
-            if session.tokens_used + session.tokens_reserved + demand.tokens > quota:
+            if client.tokens_used + client.tokens_reserved + demand.tokens > quota:
                 return Blocked(
-                    LimitName.SESSION_TOKENS,
-                    f"this session's token quota is {quota}: {session.tokens_used} are used "
-                    f"and {session.tokens_reserved} reserved by calls in flight; retry when "
+                    LimitName.CLIENT_TOKENS,
+                    f"this client's token quota is {quota}: {client.tokens_used} are used and "
+                    f"{client.tokens_reserved} reserved by calls in flight{whose}; retry when "
                     "one finishes",
                 )
         if limits.cost_quota_usd is not None:
             quota_usd = limits.cost_quota_usd
-            if session.cost_usd + demand.cost_usd > quota_usd:
+            if client.cost_usd + demand.cost_usd > quota_usd:
                 return Blocked(
-                    LimitName.SESSION_COST,
-                    f"this session's cost quota is ${quota_usd:.4f}: ${session.cost_usd:.4f} "
-                    f"is spent and this call may cost ${demand.cost_usd:.4f}",
+                    LimitName.CLIENT_COST,
+                    f"this client's cost quota is ${quota_usd:.4f}: ${client.cost_usd:.4f} is "
+                    f"spent and this call may cost ${demand.cost_usd:.4f}{whose}",
                     permanent=True,
                 )
-            if session.cost_usd + session.cost_reserved + demand.cost_usd > quota_usd:
+            if client.cost_usd + client.cost_reserved + demand.cost_usd > quota_usd:
                 return Blocked(
-                    LimitName.SESSION_COST,
-                    f"this session's cost quota is ${quota_usd:.4f}: ${session.cost_usd:.4f} "
-                    f"is spent and ${session.cost_reserved:.4f} reserved by calls in flight; "
+                    LimitName.CLIENT_COST,
+                    f"this client's cost quota is ${quota_usd:.4f}: ${client.cost_usd:.4f} is "
+                    f"spent and ${client.cost_reserved:.4f} reserved by calls in flight{whose}; "
                     "retry when one finishes",
                 )
-        if session.requests is not None:
-            wait = session.requests.wait_for(1, now)
+        if client.requests is not None:
+            wait = client.requests.wait_for(1, now)
             if wait:
                 return Blocked(
-                    LimitName.SESSION_REQUESTS,
-                    f"this session may make {limits.requests_per_minute} requests/min; "
+                    LimitName.CLIENT_REQUESTS,
+                    f"this client may make {limits.requests_per_minute} requests/min{whose}; "
                     f"retry in {wait:.1f} s",
                     retry_after=wait,
                 )

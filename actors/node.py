@@ -239,6 +239,7 @@ class _Tree:
                 heartbeat_interval=settings.heartbeat_interval,
                 page_size=settings.page_size,
                 node_id=node_id,
+                max_result_bytes=settings.max_stored_result_bytes,
             ),
             mailbox_capacity=settings.session_mailbox,
             max_message_bytes=settings.max_message_bytes,
@@ -318,9 +319,7 @@ class _Tree:
     async def _rate_limiter(self, ctx: ChildContext) -> None:
         """The rate-limiter actor and its pacer; a restart starts both afresh (empty ledger)."""
         upstream = self.config.upstream
-        async with open_rate_limiter(
-            upstream.provider_limits(), upstream.session_limits
-        ) as limiter:
+        async with open_rate_limiter(upstream.provider_limits(), upstream.client_limits) as limiter:
             self.upstream.limiter = limiter
             ctx.started()
             try:

@@ -1,8 +1,9 @@
 """The rate-limiter actor: one pykka thread that every session asks before calling upstream.
 
 One actor serialises the shared limits (requests and tokens per minute of each upstream key,
-calls in flight per provider) and each session's own (requests per minute, token and cost
-quotas), so admission is exact under any number of concurrent sessions. The arithmetic is
+calls in flight per provider) and each client identity's own (requests per minute, token and
+cost quotas, shared by all the identity's sessions and kept when they end, so reconnecting
+resets nothing), so admission is exact under any number of concurrent sessions. The arithmetic is
 :mod:`actors.limits`; this module is the actor around it: waiting, fairness, time, the trio
 side.
 
@@ -22,7 +23,7 @@ tick then.
 **Fairness.** Waiters queue per session, and capacity is handed out round-robin across
 sessions: a session that gets a grant goes to the back of the rotation, so one session with a
 hundred queued calls and another with one alternate instead of the second waiting behind the
-hundred. Within a session, calls keep their order. A call held back by its own session's
+hundred. Within a session, calls keep their order. A call held back by its own client's
 limit does not hold back other sessions; a call held back by a provider's limit holds back the
 later turns at that provider in the same round, so a large call is not starved by small ones
 slipping past it.
@@ -50,12 +51,12 @@ from pydantic import BaseModel, ConfigDict
 
 from actors.limits import (
     Blocked,
+    ClientLimits,
     Consumed,
     Demand,
     Ledger,
     LimitName,
     ProviderLimits,
-    SessionLimits,
 )
 from actors.providers.usage import Usage
 from runtime.bridge import ActorUnavailable, BridgedActor, CallbackFuture, wait_reply
@@ -247,11 +248,11 @@ class RateLimiterActor(BridgedActor):
     def __init__(
         self,
         providers: Mapping[str, ProviderLimits],
-        session: SessionLimits,
+        client: ClientLimits,
         wake: Callable[[float], None],
     ) -> None:
         super().__init__()
-        self._ledger = Ledger(providers, session)
+        self._ledger = Ledger(providers, client)
         self._queues: OrderedDict[str, deque[_Waiter]] = OrderedDict()
         self._waiters: dict[int, _Waiter] = {}
         self._leases: dict[int, Demand] = {}
@@ -365,7 +366,7 @@ class RateLimiterActor(BridgedActor):
                 head = queue[0]
                 provider = head.demand.provider
                 block = self._ledger.check(head.demand, now)
-                if (block is None or not block.limit.per_session) and provider in held:
+                if (block is None or not block.limit.own) and provider in held:
                     block = held[provider]  # an earlier turn at this provider goes first
                 if block is None:
                     self._ledger.reserve(head.demand, now)
@@ -379,7 +380,7 @@ class RateLimiterActor(BridgedActor):
                     progress = True
                 else:
                     head.block = block
-                    if not block.limit.per_session:
+                    if not block.limit.own:
                         held[provider] = block
 
     def _reason(self, waiter: _Waiter) -> Blocked:
@@ -391,7 +392,7 @@ class RateLimiterActor(BridgedActor):
             reason
             or self._ledger.check(waiter.demand, self._now)
             or Blocked(
-                LimitName.SESSION_REQUESTS, "the call waited behind this session's earlier calls"
+                LimitName.CLIENT_REQUESTS, "the call waited behind this session's earlier calls"
             )
         )
 
@@ -557,16 +558,19 @@ class RateLimiter:
         tokens: int,
         cost_usd: float = 0.0,
         wait: float | None = None,
+        identity: str | None = None,
     ) -> Lease:
         """Admit one call, waiting up to ``wait`` seconds (the configured default if None).
 
         ``tokens`` is the worst case (prompt estimate + ``max_tokens``); ``cost_usd`` its
-        price. Raises :class:`RateLimited` if a limit refuses it, at once or at the deadline.
+        price. ``identity``: the client identity whose limits the call counts against, shared
+        by all its sessions (``None``: the session is a client of its own). Raises
+        :class:`RateLimited` if a limit refuses it, at once or at the deadline.
         """
         now = trio.current_time()
         patience = self._default_wait if wait is None else wait
         ticket = next(self._tickets)
-        demand = Demand(session_id, provider, tokens, cost_usd)
+        demand = Demand(session_id, provider, tokens, cost_usd, identity or session_id)
         reply: CallbackFuture[_Decision] = CallbackFuture()
         message = _Acquire(ticket, demand, now, now + patience, reply)
         try:
@@ -630,7 +634,8 @@ class RateLimiter:
         return next((s for s in snapshot.sessions if s.session_id == session_id), None)
 
     async def close_session(self, session_id: str) -> SessionUsage | None:
-        """Forget a session (its waiting calls are refused); returns its final counters."""
+        """Forget a session (its waiting calls are refused); returns its final counters. Its
+        client identity's quotas are not touched: they are the identity's, not the session's."""
         result: SessionUsage | None = await wait_reply(
             self._ref.ask(_CloseSession(session_id, trio.current_time()), block=False)
         )
@@ -657,16 +662,16 @@ def _log_failure(message: str, result: outcome.Outcome[object]) -> None:
 
 @asynccontextmanager
 async def open_rate_limiter(
-    providers: Mapping[str, ProviderLimits], session: SessionLimits
+    providers: Mapping[str, ProviderLimits], client: ClientLimits
 ) -> AsyncIterator[RateLimiter]:
     """Start the actor and its pacer; on exit, fail whoever still waits and stop the actor."""
     pacer = _Pacer()
     token = trio.lowlevel.current_trio_token()
-    ref = RateLimiterActor.start(providers, session, partial(_wake_from_actor, token, pacer))
+    ref = RateLimiterActor.start(providers, client, partial(_wake_from_actor, token, pacer))
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(pacer.run, ref)
-            yield RateLimiter(ref, default_wait=session.max_wait_seconds)
+            yield RateLimiter(ref, default_wait=client.max_wait_seconds)
             nursery.cancel_scope.cancel()
     finally:
         with trio.CancelScope(shield=True):

@@ -150,8 +150,17 @@ class Settings(BaseSettings):
     journal_max_bytes: int = Field(
         default=128 * 2**20,
         ge=2**16,
-        description="Bound of the write journal kept while the database is away; when it is "
-        "full, new tool calls are refused with 'storage unavailable'.",
+        description="Bound of the write journal kept while the database is away, in bytes; it "
+        "never grows past it. From three quarters of it on, new sessions and tool calls are "
+        "refused with 'storage unavailable'; the rest is kept for the records of work already "
+        "accepted, and a record that does not fit is refused.",
+    )
+    max_stored_result_bytes: int = Field(
+        default=2**20,
+        ge=1024,
+        description="Largest tool result (and error message) stored with its task, in bytes of "
+        "JSON; a larger one is stored as its beginning, a marker and its real size (the "
+        "client still gets all of it).",
     )
     root_max_restarts: int = Field(
         default=5, ge=0, description="Restarts of the root's children tolerated per period."

@@ -14,6 +14,10 @@ named like a secret (``token``, ``api_key``, ``password``, ``authorization``...)
 credentials, secret-named query parameters (``?token=``), passwords in URLs, well-known API key
 shapes, and every exact value registered with :func:`register_secret` (the server's tokens).
 
+Client text is bounded and made safe on the way: :func:`clip_fields` bounds every string
+field, and the console's text renderer gets the fields it prints raw escaped
+(:func:`storage.untrusted.printable`); JSON lines escape control characters by themselves.
+
 Levels: one global level plus per-logger overrides (``EXAI_LOG_LEVELS="trace=warning"``), so
 the per-message trace events can be turned down without silencing the rest. Sampling of those
 events is :mod:`runtime.trace`'s; :func:`configure_logging` hands it the configured rate.
@@ -37,6 +41,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from runtime import trace
+from storage.untrusted import clip, printable, printable_block
 
 LEVELS = ("debug", "info", "warning", "error", "critical")
 REDACTED = "[REDACTED]"
@@ -246,6 +251,48 @@ def redact(
     return event_dict
 
 
+# -- bounds ----------------------------------------------------------------------------------
+
+#: Longest string value of a log field, in characters: client text (a method name, a name in
+#: an error) must not fill the log and push its history out of rotation.
+LOG_FIELD_CHARS = 4096
+#: Tracebacks are ours and may be long; still bounded, since their messages may quote a client.
+LOG_TRACEBACK_CHARS = 65536
+_LONG_FIELDS = frozenset({"exception", "stack"})
+
+
+def clip_fields(
+    logger: object, method_name: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """structlog processor: every string field clipped to :data:`LOG_FIELD_CHARS` (tracebacks
+    to :data:`LOG_TRACEBACK_CHARS`) with a marker giving its real length. Runs after
+    :func:`redact`, which must see a secret whole to recognise it."""
+    for key, value in event_dict.items():
+        if isinstance(value, str) and len(value) > LOG_FIELD_CHARS:
+            limit = LOG_TRACEBACK_CHARS if key in _LONG_FIELDS else LOG_FIELD_CHARS
+            event_dict[key] = clip(value, limit)
+    return event_dict
+
+
+#: Fields structlog's ConsoleRenderer prints as they are (the others it prints with repr(),
+#: which escapes control characters already).
+_RAW_COLUMNS = frozenset({"event", "timestamp", "level", "logger", "logger_name"})
+
+
+def _console_safe(event_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """The event with what the console renderer prints raw made :func:`printable`: a client's
+    name must not retitle the operator's terminal, clear it or start a forged line."""
+    safe = dict(event_dict)
+    for key, value in event_dict.items():
+        if not isinstance(value, str):
+            continue
+        if key in _RAW_COLUMNS:
+            safe[key] = printable(value)
+        elif key in _LONG_FIELDS:
+            safe[key] = printable_block(value)
+    return safe
+
+
 # -- outputs ---------------------------------------------------------------------------------
 
 
@@ -331,7 +378,7 @@ class _Outputs:
         if self.console is None:
             return
         if self.console_text is not None:
-            text = str(self.console_text(None, "", dict(event_dict))) + "\n"
+            text = str(self.console_text(None, "", _console_safe(event_dict))) + "\n"
         else:
             text = line.decode()
         with self._console_lock:
@@ -477,6 +524,7 @@ def configure_logging(
             structlog.processors.StackInfoRenderer(),
             structlog.processors.format_exc_info,
             redact,
+            clip_fields,
             _emit,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(lowest),

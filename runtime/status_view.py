@@ -2,6 +2,8 @@
 
 The server is found through ``<state-dir>/server.json`` (its ``admin_url``) unless ``--url``
 names the admin interface. The admin token is ``<state-dir>/admin-token`` unless given.
+Every string the document carries is shown through :func:`storage.untrusted.printable`:
+sessions' client names are a client's choice, and must not act on the operator's terminal.
 Every way of failing has its own exit code and a sentence saying what to do, because this is
 what an operator runs when something is already wrong.
 """
@@ -19,6 +21,7 @@ from pydantic import ValidationError
 from runtime.admin import admin_token_path
 from runtime.statefile import read_server_info
 from runtime.status_model import ActorStatus, NodeStatus
+from storage.untrusted import printable
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -148,6 +151,8 @@ def _size(count: int) -> str:
 
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    # Cells carry client text (names, errors quoting requests): escaped for the terminal.
+    rows = [[printable(cell) for cell in row] for row in rows]
     widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
     lines += [
@@ -317,9 +322,9 @@ def render(status: NodeStatus) -> str:
             f"conflicts {p.conflicts} · rejected {p.rejected}"
         )
         if p.last_error:
-            out.append(f"last error: {p.last_error}")
+            out.append(f"last error: {printable(p.last_error)}")
     if status.problems:
-        out += ["", "PROBLEMS"] + [f"  {problem}" for problem in status.problems]
+        out += ["", "PROBLEMS"] + [f"  {printable(problem)}" for problem in status.problems]
     return "\n".join(out) + "\n"
 
 

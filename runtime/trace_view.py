@@ -8,6 +8,9 @@ A *timeline* places every ``actor.message`` event of one trace (see :mod:`runtim
 one time axis. Each event is logged when its handling ended, with how long it was handled and
 how long it had waited in the mailbox, so: ``end = timestamp``, ``start = end - handled``,
 ``posted = start - waited``. Times are the node's wall clock at microsecond resolution.
+
+Logged values may be a client's text, so everything printed goes through
+:func:`storage.untrusted.printable` (the ``--json`` output is the log's own JSON, escaped).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from runtime.trace import TRACE_EVENT
+from storage.untrusted import printable, printable_block
 
 Event = dict[str, Any]
 
@@ -177,9 +181,11 @@ def format_event(event: Event) -> str:
         if key in _HEAD_FIELDS or key in ("path", "exception"):
             continue
         parts.append(f"{key}={_short(value)}")
-    line = " ".join(parts)
+    # Values may be a client's text: escaped so that they can neither act on the terminal
+    # nor start a line of their own (a forged event).
+    line = printable(" ".join(parts))
     if "exception" in event:
-        line += "\n" + str(event["exception"]).rstrip()
+        line += "\n" + printable_block(str(event["exception"]).rstrip())
     return line
 
 
@@ -326,8 +332,8 @@ def build_timeline(events: Iterable[Event], trace_id: str) -> Timeline | None:
         sorted(
             (
                 Step(
-                    actor=str(event.get("actor", "?")),
-                    kind=str(event.get("kind", "?")),
+                    actor=printable(str(event.get("actor", "?"))),
+                    kind=printable(str(event.get("kind", "?"))),
                     rpc_id=event.get("rpc_id"),
                     outcome=str(event.get("outcome", "?")),
                     posted_ms=ms(posted),
@@ -356,9 +362,9 @@ def render_timeline(timeline: Timeline) -> str:
     sessions = {str(s.event["session_id"]) for s in timeline.steps if "session_id" in s.event} | {
         str(m.event["session_id"]) for m in timeline.marks if "session_id" in m.event
     }
-    head = f"trace {timeline.trace_id}"
+    head = f"trace {printable(timeline.trace_id)}"
     if sessions:
-        head += f" · session {', '.join(sorted(sessions))}"
+        head += f" · session {printable(', '.join(sorted(sessions)))}"
     head += f" · {timeline.origin.strftime('%Y-%m-%d %H:%M:%S.%f')[:-3]} UTC"
     head += f" · {total:.3f} ms end to end"
     lines = [head, ""]
@@ -390,7 +396,7 @@ def render_timeline(timeline: Timeline) -> str:
 
 
 def _kind(step: Step) -> str:
-    return step.kind if step.rpc_id is None else f"{step.kind} #{step.rpc_id}"
+    return step.kind if step.rpc_id is None else printable(f"{step.kind} #{step.rpc_id}")
 
 
 def _bar(step: Step, total: float) -> str:

@@ -19,9 +19,13 @@ can be taken is proof that its writer is dead (:func:`find_orphans`): its lines 
 and the node it names is treated as dead. A file still locked belongs to a live process and
 is left alone.
 
-**Bound.** ``max_bytes`` is the size beyond which the journal is :attr:`Journal.full`: new work
-must then be refused (``StorageUnavailable``), while the records of work already accepted
-are still appended, so the bound is exceeded by at most the work in flight.
+**Bound.** The file never grows past ``max_bytes``, whatever kind of record is appended. From
+three quarters of it on the journal is :attr:`Journal.full`: new work must then be refused
+(``StorageUnavailable``), and the last quarter is kept for the records of work already
+accepted (task results, session ends, usage). A record that would take the file past
+``max_bytes`` is not appended: :meth:`Journal.append` returns a ``StorageUnavailable`` for it
+saying so (or, for a record larger than the whole journal, that it can never fit), and the
+persistence actor tells its writer or, for a background write, logs it as lost.
 
 Records the database refuses outright (a constraint or a bad value) are never dropped: they
 are appended, with the error, to ``rejected.jsonl`` in the same directory.
@@ -42,6 +46,7 @@ from pathlib import Path
 import structlog
 from pydantic import ValidationError
 
+from storage.errors import StorageUnavailable
 from storage.rows import RECORD, Record
 
 log = structlog.get_logger("storage.journal")
@@ -118,21 +123,53 @@ class Journal:
         return self._size
 
     @property
-    def full(self) -> bool:
-        return self._size >= self.max_bytes
+    def admit_bytes(self) -> int:
+        """The size from which new work is refused: three quarters of ``max_bytes``."""
+        return self.max_bytes - self.max_bytes // 4
 
-    def append(self, records: Sequence[Record], *, durable: bool) -> None:
-        """Append ``records`` in one write; ``durable``: fdatasync before returning."""
+    @property
+    def full(self) -> bool:
+        """New work must be refused: the rest of the bound is for work already accepted."""
+        return self._size >= self.admit_bytes
+
+    def append(self, records: Sequence[Record], *, durable: bool) -> dict[int, StorageUnavailable]:
+        """Append ``records`` in one write; ``durable``: fdatasync before returning.
+
+        Returns the records left out, by position, each with the reason: those that would
+        have taken the file past ``max_bytes``. The others are appended, in order.
+        """
+        refused: dict[int, StorageUnavailable] = {}
         if records:
-            data = b"".join([record.model_dump_json().encode() + b"\n" for record in records])
-            _write_all(self._fd, data)
-            self._size += len(data)
-            self._pending_records += len(records)
-            self._dirty = True
+            lines: list[bytes] = []
+            size = self._size
+            for index, record in enumerate(records):
+                line = record.model_dump_json().encode() + b"\n"
+                if size + len(line) > self.max_bytes:
+                    refused[index] = self._refusal(record.kind, len(line), size)
+                    continue
+                lines.append(line)
+                size += len(line)
+            if lines:
+                _write_all(self._fd, b"".join(lines))
+                self._size = size
+                self._pending_records += len(lines)
+                self._dirty = True
         if durable:
             self.sync()
         else:
             self.sync_if_due()
+        return refused
+
+    def _refusal(self, kind: str, length: int, size: int) -> StorageUnavailable:
+        if self._header_end + length > self.max_bytes:
+            return StorageUnavailable(
+                f"storage unavailable: the database is unreachable and a {kind} record of "
+                f"{length} bytes can never fit the write journal (bound {self.max_bytes} bytes)"
+            )
+        return StorageUnavailable(
+            f"storage unavailable: the database is unreachable and the write journal is full "
+            f"({size} of {self.max_bytes} bytes): a {kind} record of {length} bytes was not kept"
+        )
 
     def sync(self) -> None:
         if self._dirty:

@@ -15,6 +15,8 @@ from uuid import UUID
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, JsonValue, TypeAdapter
 
+from storage.untrusted import storable, storable_text
+
 SessionStatus = Literal["active", "closed", "interrupted"]
 TaskStatus = Literal["pending", "running", "completed", "failed", "cancelled", "interrupted"]
 FinalTaskStatus = Literal["completed", "failed", "cancelled"]
@@ -25,21 +27,9 @@ PENDING_VERSION = 1
 RUNNING_VERSION = 2
 
 
-def _without_nul(value: JsonValue) -> JsonValue:
-    """PostgreSQL text and jsonb cannot hold U+0000; clients can send it. Replaced by U+FFFD
-    (the replacement character) so the row is stored rather than refused."""
-    if isinstance(value, str):
-        return value.replace("\x00", "\ufffd") if "\x00" in value else value
-    if isinstance(value, list):
-        return [_without_nul(item) for item in value]
-    if isinstance(value, dict):
-        return {_without_nul(k): _without_nul(v) for k, v in value.items()}  # type: ignore[misc]
-    return value
-
-
 #: Text that came from a client, made storable.
-ClientText = Annotated[str, AfterValidator(_without_nul)]
-ClientJson = Annotated[JsonValue, AfterValidator(_without_nul)]
+ClientText = Annotated[str, AfterValidator(storable_text)]
+ClientJson = Annotated[JsonValue, AfterValidator(storable)]
 
 
 class _Row(BaseModel):

@@ -30,6 +30,10 @@ from storage.rows import (
     TaskFinished,
     TaskStarted,
 )
+from storage.untrusted import bounded_json, clip_bytes
+
+#: Default bound of a stored tool result (and error message), in bytes of JSON / UTF-8.
+MAX_RESULT_BYTES = 1 << 20
 
 
 def arguments_digest(arguments: JsonValue) -> str:
@@ -57,10 +61,11 @@ def request_id_text(request_id: str | int) -> str:
 class TaskLifecycle:
     """The records of one task, each at the version its predecessor left the row in."""
 
-    def __init__(self, created: TaskCreated) -> None:
+    def __init__(self, created: TaskCreated, *, max_result_bytes: int = MAX_RESULT_BYTES) -> None:
         self.created = created
         self.task_id = created.task_id
         self.version = PENDING_VERSION
+        self.max_result_bytes = max_result_bytes
 
     @classmethod
     def create(
@@ -73,7 +78,9 @@ class TaskLifecycle:
         node_id: str,
         task_id: uuid.UUID | None = None,
         at: datetime | None = None,
+        max_result_bytes: int = MAX_RESULT_BYTES,
     ) -> TaskLifecycle:
+        """``max_result_bytes``: what :meth:`finished` keeps of a result (see there)."""
         return cls(
             TaskCreated(
                 task_id=task_id or uuid.uuid4(),
@@ -83,7 +90,8 @@ class TaskLifecycle:
                 arguments_digest=arguments_digest(arguments),
                 node_id=node_id,
                 created_at=at or datetime.now(UTC),
-            )
+            ),
+            max_result_bytes=max_result_bytes,
         )
 
     def started(self, at: datetime | None = None) -> TaskStarted:
@@ -100,6 +108,10 @@ class TaskLifecycle:
         error_message: str | None = None,
         at: datetime | None = None,
     ) -> TaskFinished:
+        """The final record. A ``result`` whose JSON exceeds ``max_result_bytes`` is stored as
+        :func:`~storage.untrusted.bounded_json` makes it (its beginning, a marker and its real
+        size), an ``error_message`` beyond as many UTF-8 bytes is cut with a marker: the client
+        got the whole answer, the database keeps a bounded record of it."""
         if self.version > RUNNING_VERSION:
             raise ValueError(f"task {self.task_id} has already finished")
         self.version += 1
@@ -108,6 +120,8 @@ class TaskLifecycle:
             status=status,
             completed_at=at or datetime.now(UTC),
             version=self.version,
-            result=result,
-            error_message=error_message,
+            result=bounded_json(result, self.max_result_bytes),
+            error_message=(
+                None if error_message is None else clip_bytes(error_message, self.max_result_bytes)
+            ),
         )

@@ -4,7 +4,9 @@ Hypothesis generates frames by family (valid requests, unknown methods, bad para
 ``initialize``, versions we do not speak, notifications and client responses, valid JSON that
 is not JSON-RPC, by-position params, text that is not JSON, deep nesting; ids and payloads huge,
 unicode or both) and, with each frame, what must come back: a result for the request's id, an
-error with an allowed code and the id (``null`` when it cannot be read), or nothing at all.
+error with an allowed code and the id (``null`` when it cannot be read, or when it is longer
+than 256 bytes: ids are echoed exactly, so a request with a longer one is refused with -32600),
+or nothing at all.
 After every frame the same session must answer ``ping``; at the end, a bystander session that
 was open all along must too, and the server log must show no crash or restart.
 
@@ -68,6 +70,9 @@ FAILURE_LEVELS = frozenset({"error", "critical", "exception"})
 ALIVE = "\ufdd0alive-"
 #: Bounds a wait that a broken server would make endless; it never paces a passing run.
 FAILURE_BOUND_S = 30
+#: A request id longer than this (UTF-8 bytes of a string, digits of a number) is refused:
+#: -32600 with id null (issue 11).
+ID_BYTES = 256
 
 RequestId = str | int
 Json = Any
@@ -131,13 +136,26 @@ class Case:
 SILENCE = Expected(silent=True)
 
 
+def echoable(request_id: RequestId) -> bool:
+    text = request_id if isinstance(request_id, str) else str(request_id)
+    return len(text.encode("utf-8", "surrogatepass")) <= ID_BYTES
+
+
+#: What a request whose id is too long to echo gets, whatever else it holds.
+ID_TOO_LONG = Expected(id=None, errors=frozenset({-32600}))
+
+
 def answer(
     request_id: RequestId, check: Callable[[Json], bool], token: RequestId | None = None
 ) -> Expected:
+    if not echoable(request_id):
+        return ID_TOO_LONG
     return Expected(id=request_id, result=check, progress_token=token)
 
 
 def refusal(request_id: RequestId | None, *codes: int) -> Expected:
+    if request_id is not None and not echoable(request_id):
+        return ID_TOO_LONG
     return Expected(id=request_id, errors=frozenset(codes))
 
 
@@ -170,7 +188,7 @@ def readable_id(message: Json) -> RequestId | None:
         return None
     rid = message.get("id")
     if isinstance(rid, str) or (isinstance(rid, int) and not isinstance(rid, bool)):
-        return rid
+        return rid if echoable(rid) else None
     return None
 
 
@@ -369,7 +387,11 @@ def unsupported_versions(draw: st.DrawFn) -> Case:
         )
     )
     message = request(rid, method, {**params, "_meta": {VERSION_META: version}})
-    expected = Expected(id=rid, errors=frozenset({-32022}), error_data=names_modern)
+    expected = (
+        Expected(id=rid, errors=frozenset({-32022}), error_data=names_modern)
+        if echoable(rid)
+        else ID_TOO_LONG
+    )
     return Case("unsupported version", method, encode(message, draw(styles)), expected)
 
 
@@ -554,7 +576,12 @@ def deep_nesting(draw: st.DrawFn) -> Case:
         frame = (
             '{"jsonrpc":"2.0","id":' + json.dumps(rid) + ',"method":"ping","params":{"deep":'
         ) + (deep + "}}")
-        expected = Expected(id=rid, result=is_empty, unparsed=maybe_unparsed)
+        expected = Expected(
+            id=rid if echoable(rid) else None,
+            result=is_empty if echoable(rid) else None,
+            errors=frozenset() if echoable(rid) else frozenset({-32600}),
+            unparsed=maybe_unparsed,
+        )
         return Case("deep", f"{shape} in params", frame, expected)
     # Parsed, a deep array is a batch (none in 2025-06-18) and a deep object has no method.
     expected = Expected(id=None, errors=frozenset({-32600}), unparsed=maybe_unparsed)

@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from storage.journal import REJECTED_FILE, Journal, find_orphans
-from storage.rows import SessionRow, TokenUsage
+from storage.rows import SessionIdentified, SessionRow, TokenUsage
 
 NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
 
@@ -51,11 +51,36 @@ def test_records_come_back_in_order_and_the_file_truncates_once_replayed(tmp_pat
     journal.close()
 
 
-def test_full_at_its_bound(tmp_path: Path) -> None:
+def test_full_at_three_quarters_and_never_past_its_bound(tmp_path: Path) -> None:
+    """New work is refused from three quarters on; the rest holds accepted work's records,
+    and a record that does not fit is left out with the reason, whatever its kind."""
     journal = Journal.open(tmp_path, node_id="n1", max_bytes=2000)
     while not journal.full:
-        journal.append([_usage(1)], durable=False)
-    assert journal.size_bytes >= 2000
+        assert journal.append([_usage(1)], durable=False) == {}
+    assert 1500 <= journal.size_bytes < 2000
+    big = SessionIdentified(
+        session_id="s",
+        client_name="x" * 3000,
+        client_version="1",
+        protocol_version="2025-06-18",
+        at=NOW,
+    )
+    kept = journal.pending_records
+    refused = journal.append([_usage(2), big, _usage(3)], durable=True)
+    assert list(refused) == [1]
+    assert "session_identified record of" in str(refused[1])
+    assert "can never fit the write journal (bound 2000 bytes)" in str(refused[1])
+    assert journal.pending_records == kept + 2
+    while True:
+        refused = journal.append([_usage(4)], durable=False)
+        if refused:
+            break
+    assert "the write journal is full" in str(refused[0])
+    assert "a token_usage record of" in str(refused[0])
+    assert journal.size_bytes <= 2000
+    assert journal.path.stat().st_size == journal.size_bytes
+    records, _ = journal.read(1000)
+    assert big not in records
     journal.close()
 
 

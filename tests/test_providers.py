@@ -545,8 +545,8 @@ output_per_million = 3.0
     assert kimi.timeout_seconds == 50
     assert kimi.default_model == "kimi-k2-turbo-preview"
     assert {"kimi-k2-thinking", "my-kimi-finetune"} <= set(kimi.models)
-    assert config.session_limits.requests_per_minute == 30
-    assert config.session_limits.max_wait_seconds == 15
+    assert config.client_limits.requests_per_minute == 30
+    assert config.client_limits.max_wait_seconds == 15
     assert "glm-key-from-env" not in repr(config)
 
 

@@ -21,7 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from trio.testing import MockClock, wait_all_tasks_blocked
 
-from actors.limits import LimitName, ProviderLimits, SessionLimits
+from actors.limits import ClientLimits, LimitName, ProviderLimits
 from actors.providers.usage import Usage
 from actors.rate_limiter import (
     Lease,
@@ -35,9 +35,9 @@ from runtime.bridge import ActorUnavailable
 @asynccontextmanager
 async def _limiter(
     providers: Mapping[str, ProviderLimits] | None = None,
-    session: SessionLimits | None = None,
+    session: ClientLimits | None = None,
 ) -> AsyncIterator[RateLimiter]:
-    async with open_rate_limiter(providers or {}, session or SessionLimits()) as limiter:
+    async with open_rate_limiter(providers or {}, session or ClientLimits()) as limiter:
         yield limiter
 
 
@@ -75,7 +75,7 @@ def test_exact_admitted_counts_under_many_concurrent_sessions(
     refused: Counter[LimitName] = Counter()
 
     async def scenario() -> None:
-        async with _limiter({"glm": limits}, SessionLimits(requests_per_minute=session_rpm)) as lim:
+        async with _limiter({"glm": limits}, ClientLimits(requests_per_minute=session_rpm)) as lim:
 
             async def call(session_id: str) -> None:
                 try:
@@ -224,7 +224,7 @@ async def test_a_call_waits_no_longer_than_its_deadline(mock_clock: MockClock) -
 
 
 async def test_the_configured_wait_is_the_default(mock_clock: MockClock) -> None:
-    session = SessionLimits(max_wait_seconds=3)
+    session = ClientLimits(max_wait_seconds=3)
     async with _limiter({"glm": ProviderLimits(max_concurrency=1)}, session) as limiter:
         held = await limiter.acquire("a", "glm", tokens=1)
         async with trio.open_nursery() as nursery:
@@ -327,7 +327,7 @@ async def test_a_flooding_session_does_not_starve_a_quiet_one(mock_clock: MockCl
 async def test_a_session_held_by_its_own_limit_does_not_hold_back_others(
     mock_clock: MockClock,
 ) -> None:
-    session = SessionLimits(requests_per_minute=1)
+    session = ClientLimits(requests_per_minute=1)
     async with _limiter({"glm": ProviderLimits(max_concurrency=5)}, session) as limiter:
         await limiter.acquire("flood", "glm", tokens=1)
         async with trio.open_nursery() as nursery:
@@ -337,7 +337,7 @@ async def test_a_session_held_by_its_own_limit_does_not_hold_back_others(
             await limiter.acquire("quiet", "glm", tokens=1, wait=0)  # not queued behind
             with pytest.raises(RateLimited) as caught:
                 await limiter.acquire("flood", "glm", tokens=1, wait=0)
-            assert caught.value.limit is LimitName.SESSION_REQUESTS
+            assert caught.value.limit is LimitName.CLIENT_REQUESTS
             assert caught.value.retry_after == pytest.approx(60)
             nursery.cancel_scope.cancel()
 
@@ -358,11 +358,11 @@ async def test_a_large_call_is_not_overtaken_by_small_ones(mock_clock: MockClock
 
 
 async def test_the_token_quota_counts_reservations_then_usage(mock_clock: MockClock) -> None:
-    async with _limiter(session=SessionLimits(token_quota=1000)) as limiter:
+    async with _limiter(session=ClientLimits(token_quota=1000)) as limiter:
         first = await limiter.acquire("a", "glm", tokens=600)
         with pytest.raises(RateLimited) as caught:
             await limiter.acquire("a", "glm", tokens=600)
-        assert caught.value.limit is LimitName.SESSION_TOKENS
+        assert caught.value.limit is LimitName.CLIENT_TOKENS
         assert not caught.value.refusal.permanent  # the reservation may yet come back
         _done(limiter, first, tokens=500)
         with pytest.raises(RateLimited) as caught:
@@ -373,14 +373,14 @@ async def test_the_token_quota_counts_reservations_then_usage(mock_clock: MockCl
 
 
 async def test_the_cost_quota_refuses_a_call_that_could_exceed_it(mock_clock: MockClock) -> None:
-    async with _limiter(session=SessionLimits(cost_quota_usd=0.01)) as limiter:
+    async with _limiter(session=ClientLimits(cost_quota_usd=0.01)) as limiter:
         lease = await limiter.acquire("a", "glm", tokens=10, cost_usd=0.006)
         limiter.settle(
             lease, model="m", usage=Usage(input_tokens=5, output_tokens=5), cost_usd=0.006
         )
         with pytest.raises(RateLimited) as caught:
             await limiter.acquire("a", "glm", tokens=10, cost_usd=0.005)
-    assert caught.value.limit is LimitName.SESSION_COST
+    assert caught.value.limit is LimitName.CLIENT_COST
     assert "$0.0100" in str(caught.value)
 
 

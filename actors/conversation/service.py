@@ -57,6 +57,7 @@ from actors.providers import ChatMessage, ChatRequest, ChatResult, OnText
 from runtime.config import ChatLimits
 from storage.rows import MessageRole, MessageRow, ThreadRow
 from storage.threads import StoredThread, ThreadPage, ThreadStore
+from storage.untrusted import storable_text
 
 log = structlog.get_logger("conversation")
 
@@ -114,8 +115,10 @@ class Conversations:
         UpstreamNotReady or ThreadReadError (see the module doc)."""
         providers, limiter = self.upstream.ready()
         provider = choose_provider(providers, request.model)  # ProviderNotConfigured first
-        prompt = _storable(request.prompt)
-        files = tuple(FileCopy(_storable(f.path), _storable(f.content)) for f in request.files)
+        prompt = storable_text(request.prompt)
+        files = tuple(
+            FileCopy(storable_text(f.path), storable_text(f.content)) for f in request.files
+        )
         thread_id = request.continuation_id or uuid4()
         async with self._turn_lock(thread_id):
             thread = None
@@ -136,6 +139,7 @@ class Conversations:
                 limiter,
                 self.persistence,
                 session_id=request.session_id,
+                identity=request.identity,
                 request=chat,
                 on_text=on_text,
             )
@@ -149,7 +153,7 @@ class Conversations:
                 new=thread is None,
                 prompt=stripped.text,
                 files=files,
-                reply=_storable(result.text),
+                reply=storable_text(result.text),
                 now=now,
                 expires_at=expires_at,
             )
@@ -333,12 +337,6 @@ def _message(
         tool_name=tool_name,
         created_at=at,
     )
-
-
-def _storable(text: str) -> str:
-    """PostgreSQL text cannot hold U+0000; a client can send it. Replaced, not refused: a
-    refused message would lose the whole turn."""
-    return text.replace("\x00", "\ufffd") if "\x00" in text else text
 
 
 def _title(prompt: str) -> str:

@@ -20,6 +20,7 @@ from actors.providers import (
     ChatProvider,
     ChatRequest,
     ChatResult,
+    ModelNotOffered,
     OnText,
     ProviderError,
     Providers,
@@ -29,6 +30,7 @@ from runtime import trace
 from runtime.breaker import CircuitBreaker
 from runtime.bridge import ActorUnavailable
 from storage.rows import TokenUsage
+from storage.untrusted import NAME_CHARS, clip
 
 log = structlog.get_logger("conversation")
 
@@ -63,9 +65,10 @@ class Upstream:
         return [providers.get(name).breaker for name in providers.config.providers]
 
     async def session_ended(self, session_id: str) -> None:
-        """A session is over: the limiter forgets it (its waiting calls are refused), and its
-        final counters are logged if it ever called upstream. Never raises: a session's end
-        must not fail because the limiter is going away with it."""
+        """A session is over: the limiter forgets it (its waiting calls are refused; its
+        client identity's quotas stay as they are), and its final counters are logged if it
+        ever called upstream. Never raises: a session's end must not fail because the limiter
+        is going away with it."""
         limiter = self.limiter
         if limiter is None:
             return
@@ -86,13 +89,23 @@ class Upstream:
 
 
 def choose_provider(providers: Providers, model: str | None) -> ChatProvider:
-    """The provider that serves ``model``: one that prices it or has it as its default, else
-    the default provider (which is then asked for that model as it is)."""
-    if model is not None:
-        for settings in providers.config.providers.values():
-            if model == settings.default_model or model in settings.prices:
-                return providers.get(settings.name)
-    return providers.get()
+    """The provider that serves ``model``: the first whose ``models`` lists it; the default
+    provider when no model is named.
+
+    Raises :class:`~actors.providers.ProviderNotConfigured` (no provider at all) or
+    :class:`~actors.providers.ModelNotOffered` (none lists it): an unlisted model never goes
+    upstream, where it would be called unpriced and slip past cost quotas.
+    """
+    if model is None or not providers.config.configured:
+        return providers.get()
+    for settings in providers.config.providers.values():
+        if model in settings.models:
+            return providers.get(settings.name)
+    offered = sorted({m for s in providers.config.providers.values() for m in s.models})
+    raise ModelNotOffered(
+        f"model {clip(model, NAME_CHARS)!r} is not offered by this server; "
+        f"the models offered are: {', '.join(offered)}"
+    )
 
 
 async def complete(
@@ -101,10 +114,12 @@ async def complete(
     persistence: PersistenceClient,
     *,
     session_id: str,
+    identity: str,
     request: ChatRequest,
     on_text: OnText | None = None,
 ) -> ChatResult:
-    """Make the call, admitted by the limiter, and record its usage.
+    """Make the call, admitted by the limiter, and record its usage. ``identity``: the client
+    identity whose limits it counts against (all its sessions share them).
 
     Raises :class:`~actors.providers.ProviderError` (breaker open, upstream failures) and
     :class:`~actors.rate_limiter.RateLimited` (a limit refused the call).
@@ -112,7 +127,11 @@ async def complete(
     provider.check_available()  # no point queueing for an upstream that fails at once
     estimate = provider.estimate(request)
     lease = await limiter.acquire(
-        session_id, provider.name, tokens=estimate.tokens, cost_usd=estimate.cost_usd
+        session_id,
+        provider.name,
+        tokens=estimate.tokens,
+        cost_usd=estimate.cost_usd,
+        identity=identity,
     )
     try:
         with trace.handling(f"/root/providers/{provider.name}", "chat.completions"):

@@ -187,9 +187,13 @@ class PersistenceActor(BridgedActor):
         records = [record for h in held for record in h.records]
         failure: BaseException | None = None
         try:
-            self._journal.append(records + list(self._take_activity()), durable=True)
+            refused = self._journal.append(records + list(self._take_activity()), durable=True)
         except OSError as exc:
             failure = pykka.ActorDeadError(f"persistence actor crashed: {exc}")
+        else:
+            if refused:
+                first = next(iter(refused.values()))
+                log.error("persistence.records_lost", records=len(refused), error=str(first))
         for h in held:
             h.ship.reply(ShipmentResult(errors=h.errors, failure=failure))
         self._connector.close()
@@ -301,8 +305,7 @@ class PersistenceActor(BridgedActor):
                 self._stats.conflicts += len(result.conflicts)
                 self._set_aside([(records[i], error) for i, error in result.rejected.items()])
                 return result.errors
-        self._append(records, durable=durable)
-        return {}
+        return self._append(records, durable=durable)
 
     def _database_open(self) -> bool:
         """Should this batch go to the database? Drains the journal first if it may."""
@@ -313,14 +316,16 @@ class PersistenceActor(BridgedActor):
             return self._breaker.state == "closed"
         return self._breaker.allow()
 
-    def _append(self, records: list[Record], *, durable: bool) -> None:
+    def _append(self, records: list[Record], *, durable: bool) -> dict[int, Exception]:
+        """Journal ``records``; those the bound left out are returned with the reason."""
         try:
-            self._journal.append(records, durable=durable)
+            refused = self._journal.append(records, durable=durable)
         except OSError as exc:
             self._journal_broken = True
             raise StorageUnavailable(f"storage unavailable: journal write failed: {exc}") from exc
         self._journal_broken = False
-        self._stats.records_journaled += len(records)
+        self._stats.records_journaled += len(records) - len(refused)
+        return dict(refused)
 
     # --- the journal ------------------------------------------------------------------------
 

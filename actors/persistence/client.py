@@ -11,7 +11,8 @@ Two delivery classes:
 * :meth:`PersistenceClient.write` (critical): returns once the record is committed, or, while
   the database is away, appended to the journal and fsynced. It raises ``WriteConflict``
   (versioned task step refused), ``WriteRejected`` (the database refused the record itself),
-  ``StorageUnavailable`` (a new session or task while the journal is full), or
+  ``StorageUnavailable`` (a new session or task while the journal is full, or a record
+  the journal's bound leaves out while the database is away), or
   ``ActorUnavailable`` (the actor died first: nothing is known, retrying is safe because
   every write is idempotent). Because the actor is FIFO, a returned ``write`` also means that
   every record this client was given before it has been taken care of.

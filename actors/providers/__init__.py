@@ -30,6 +30,7 @@ from actors.providers.config import (
     load_upstream,
 )
 from actors.providers.errors import (
+    ModelNotOffered,
     ProviderConnectionError,
     ProviderError,
     ProviderNotConfigured,
@@ -50,6 +51,7 @@ __all__ = [
     "ChatProvider",
     "ChatRequest",
     "ChatResult",
+    "ModelNotOffered",
     "OnText",
     "Price",
     "ProviderConnectionError",

@@ -5,7 +5,7 @@ The file's ``[upstream]`` table (the rest of the file belongs to other settings)
     [upstream]
     default_provider = "glm"
 
-    [upstream.session_limits]
+    [upstream.client_limits]       # each client identity, all its sessions together
     requests_per_minute = 30
 
     [upstream.providers.glm]
@@ -31,6 +31,7 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import (
+    AliasChoices,
     BaseModel,
     ConfigDict,
     Field,
@@ -40,7 +41,7 @@ from pydantic import (
     model_validator,
 )
 
-from actors.limits import ProviderLimits, SessionLimits
+from actors.limits import ClientLimits, ProviderLimits
 from actors.providers.errors import ProviderNotConfigured
 from actors.providers.presets import PRESET_HOSTS, PRESETS, PresetName
 from actors.providers.usage import Price
@@ -89,6 +90,11 @@ class ProviderSettings(BaseModel):
         default=None, description="Variable the key is read from when api_key is not set."
     )
     default_model: str = Field(min_length=1)
+    models: tuple[str, ...] = Field(
+        default=(),
+        description="The models a client may ask for; any other is refused before anything "
+        "goes upstream. Default: the models with a price, and the default model.",
+    )
     prices: dict[str, Price] = Field(default_factory=dict)
     timeout_seconds: float = Field(
         default=60.0, gt=0, description="A whole answer; for a stream, its first chunk."
@@ -108,9 +114,27 @@ class ProviderSettings(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _apply_preset(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("preset") in PRESETS:
-            return _merge(PRESETS[data["preset"]], data)
+        if not isinstance(data, dict):
+            return data
+        if data.get("preset") in PRESETS:
+            data = _merge(PRESETS[data["preset"]], data)
+        if "models" not in data:
+            # Priced models only (an unpriced one would slip past cost quotas), and the
+            # default model, which the operator named.
+            prices = data.get("prices")
+            priced = list(prices) if isinstance(prices, dict) else []
+            default = data.get("default_model")
+            data = {**data, "models": sorted({*priced, *([default] if default else [])})}
         return data
+
+    @model_validator(mode="after")
+    def _default_model_offered(self) -> ProviderSettings:
+        if self.default_model not in self.models:
+            raise ValueError(
+                f"default_model {self.default_model!r} is not in models; add it, or leave "
+                "models out (default: the priced models and the default model)"
+            )
+        return self
 
     @field_validator("base_url")
     @classmethod
@@ -121,11 +145,6 @@ class ProviderSettings(BaseModel):
         return value.rstrip("/")
 
     @property
-    def models(self) -> list[str]:
-        """Models with a known price (any other model name is passed through, unpriced)."""
-        return sorted(self.prices)
-
-    @property
     def stream_idle_timeout(self) -> float:
         return self.stream_idle_timeout_seconds or self.timeout_seconds
 
@@ -134,13 +153,17 @@ class ProviderSettings(BaseModel):
 
 
 class UpstreamConfig(BaseModel):
-    """Every upstream, which one ``chat`` uses by default, and the per-session limits."""
+    """Every upstream, which one ``chat`` uses by default, and the per-client limits."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     providers: dict[str, ProviderSettings] = Field(default_factory=dict)
     default_provider: str | None = None
-    session_limits: SessionLimits = Field(default_factory=SessionLimits)
+    # `session_limits` is the name these had while they were kept per connection.
+    client_limits: ClientLimits = Field(
+        default_factory=ClientLimits,
+        validation_alias=AliasChoices("client_limits", "session_limits"),
+    )
 
     @model_validator(mode="before")
     @classmethod

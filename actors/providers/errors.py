@@ -4,6 +4,7 @@
 
     ProviderError
     ├── ProviderNotConfigured    no upstream is configured (the message says how to add one)
+    ├── ModelNotOffered          no configured upstream lists the model asked for (``models``)
     ├── ProviderUnavailable      its circuit breaker is open: failed at once, not tried
     ├── ProviderTimeout          no answer in time
     ├── ProviderConnectionError  could not connect, or the connection dropped mid-answer
@@ -40,6 +41,10 @@ class ProviderError(Exception):
 
 class ProviderNotConfigured(ProviderError):
     """No upstream (or not the one asked for) is configured."""
+
+
+class ModelNotOffered(ProviderError):
+    """The model asked for is in no configured provider's ``models``: nothing was sent."""
 
 
 class ProviderUnavailable(ProviderError):

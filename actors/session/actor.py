@@ -80,7 +80,7 @@ from runtime.mcp.schema import (
 from runtime.mcp.tools import Tool, ToolContext, ToolRegistry
 from runtime.outbox import Outbox, OutboxClosed
 from storage.rows import SessionActivity, SessionIdentified, TaskFinished
-from storage.tasks import TaskLifecycle
+from storage.tasks import MAX_RESULT_BYTES, TaskLifecycle
 
 log = structlog.get_logger("session")
 
@@ -154,6 +154,8 @@ class SessionConfig:
     total_slots: trio.CapacityLimiter
     heartbeat_interval: float = 5.0
     page_size: int = 50
+    #: Bytes of a tool result kept in its task row (EXAI_MAX_STORED_RESULT_BYTES).
+    max_result_bytes: int = MAX_RESULT_BYTES
 
 
 class SessionActor(Actor[Message]):
@@ -574,6 +576,7 @@ class SessionActor(Actor[Message]):
             tool_name=tool.name,
             arguments=params.arguments or {},
             node_id=self._config.node_id,
+            max_result_bytes=self._config.max_result_bytes,
         )
         persistence.write_soon(task.created)
         persistence.write_soon(task.started())
@@ -620,16 +623,7 @@ class SessionActor(Actor[Message]):
         try:
             args = tool.parse(params.arguments)
         except InvalidParams as error:
-            if versions.input_errors_are_tool_results(version):
-                # Since 2025-11-25 invalid tool input is a tool error the model can read.
-                result = _finish(
-                    CallToolResult(content=[TextContent(text=error.message)], is_error=True),
-                    version,
-                )
-                return _Outcome(
-                    jsonrpc.encode_result(request_id, result), "failed", result, error.message
-                )
-            return _Outcome(jsonrpc.encode_error(request_id, error), "failed", None, error.message)
+            return _invalid_input(request_id, error, version)
         token = params.meta.progress_token if params.meta else None
         progress = Progress(token, self._send) if token is not None else None
         ctx = ToolContext(
@@ -654,6 +648,10 @@ class SessionActor(Actor[Message]):
                     ):
                         output = await tool.run(args, ctx)
                     running.cancel_scope.cancel()
+        except InvalidParams as error:
+            # Input the tool refused once it looked closer (a model not offered): answered as
+            # input that did not parse is, in the request's era.
+            return _invalid_input(request_id, error, version)
         except RpcError as error:
             # The tool refused with a meaning (retry later, a limit): answered as it is.
             return _Outcome(jsonrpc.encode_error(request_id, error), "failed", None, error.message)
@@ -682,6 +680,16 @@ class SessionActor(Actor[Message]):
             return
         params = LogMessageParams(level=level, logger="exai", data=data)
         await self._send(jsonrpc.encode_notification("notifications/message", params))
+
+
+def _invalid_input(request_id: RequestId, error: InvalidParams, version: str) -> _Outcome:
+    """Invalid tool input: -32602, or since 2025-11-25 a tool error the model can read."""
+    if versions.input_errors_are_tool_results(version):
+        result = _finish(
+            CallToolResult(content=[TextContent(text=error.message)], is_error=True), version
+        )
+        return _Outcome(jsonrpc.encode_result(request_id, result), "failed", result, error.message)
+    return _Outcome(jsonrpc.encode_error(request_id, error), "failed", None, error.message)
 
 
 async def _write_retrying(persistence: PersistenceClient, record: TaskFinished) -> None:

@@ -4,6 +4,8 @@ The conversation itself is :mod:`actors.conversation`; this module is the MCP fa
 arguments, the answer (text plus structured content), streaming as progress, and how each
 failure reaches the client (docs/chat.md):
 
+* a model no provider offers (``models``): invalid params, answered in the request's era
+  (JSON-RPC -32602 before 2025-11-25, an ``isError`` result from it on), nothing sent;
 * the turn cannot happen as asked (unknown, expired or full thread; no provider configured;
   the upstream failed or refused): an ``isError`` result whose text says what to do, for the
   model to read;
@@ -30,6 +32,7 @@ from actors.conversation import (
     UpstreamNotReady,
 )
 from actors.providers import (
+    ModelNotOffered,
     OnText,
     ProviderError,
     ProviderNotConfigured,
@@ -37,7 +40,7 @@ from actors.providers import (
     ProviderUnavailable,
 )
 from actors.rate_limiter import RateLimited
-from runtime.mcp.errors import LimitExceeded, RpcError, Unavailable
+from runtime.mcp.errors import InvalidParams, LimitExceeded, RpcError, Unavailable
 from runtime.mcp.tools import Tool, ToolContext, ToolOutput
 from storage.threads import ThreadReadError
 
@@ -125,6 +128,8 @@ class Chat(Tool[ChatArgs]):
         )
         try:
             outcome = await self._conversations.turn(request, on_text=_streamer(ctx))
+        except ModelNotOffered as exc:
+            raise InvalidParams(f"invalid arguments: {exc.message}") from None
         except (ConversationError, ProviderNotConfigured) as exc:
             return ToolOutput(text=exc.message, is_error=True)
         except RateLimited as exc:

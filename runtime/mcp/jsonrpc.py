@@ -2,7 +2,8 @@
 
 Classification follows the spec strictly so every malformed frame gets the precise error:
 not JSON is ``-32700`` with ``id: null``; JSON that is not a request, notification or response is
-``-32600`` (with the request's id when one can be read from it). Decoding uses pydantic-core's
+``-32600`` (with the request's id when one can be read from it, and is at most 256 bytes:
+ids are echoed exactly, so a longer one is refused with ``id: null``). Decoding uses pydantic-core's
 JSON parser, which is faster than the standard library's on the per-message hot path.
 """
 
@@ -14,6 +15,7 @@ import pydantic_core
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 
 from runtime.mcp.errors import InvalidRequest, ParseError, RpcError
+from storage.untrusted import ID_BYTES
 
 RequestId: TypeAlias = StrictStr | StrictInt
 #: Params and results are JSON objects; their shape is validated per method, not here.
@@ -102,12 +104,43 @@ def classify(data: object) -> Inbound:
         model = Response
     else:
         raise _invalid(data, "invalid request: no 'method', 'result' or 'error' member")
+    if model is Request:  # a response's id is never echoed: only logged, and clipped there
+        _check_id_size(data.get("id"))
     try:
         return model.model_validate(data)  # type: ignore[return-value]
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(part) for part in first["loc"]) or "message"
         raise _invalid(data, f"invalid request: {where}: {first['msg']}") from None
+
+
+def _check_id_size(request_id: object) -> None:
+    """Refuse an id whose JSON text exceeds :data:`~storage.untrusted.ID_BYTES`.
+
+    Ids are echoed exactly (JSON-RPC), so a long one cannot be cut: the message is refused
+    with ``id: null`` instead, before the id reaches a log, a task row or the journal.
+    """
+    size = _id_bytes(request_id)
+    if size > ID_BYTES:
+        raise InvalidRequest(
+            f"invalid request: the id is {size} bytes long; at most {ID_BYTES} are accepted"
+        )
+
+
+def _id_bytes(request_id: object) -> int:
+    """Bytes of a string id as UTF-8 (the escaping JSON adds is not the client's doing), or
+    digits of an integer id; 0 for anything that is no id."""
+    if isinstance(request_id, str):
+        if len(request_id) * 4 <= ID_BYTES:
+            return 0  # cannot exceed: the common case costs no encoding
+        return len(request_id.encode("utf-8", "surrogatepass"))
+    if isinstance(request_id, int) and not isinstance(request_id, bool):
+        bits = request_id.bit_length()
+        if bits < 60:
+            return 0
+        # str() refuses ints beyond 4300 digits; those are far too long anyway.
+        return len(str(request_id)) if bits < 2000 else bits * 3 // 10
+    return 0
 
 
 class InvalidRequestWithId(InvalidRequest):
@@ -120,9 +153,10 @@ class InvalidRequestWithId(InvalidRequest):
 
 def _invalid(data: dict[str, Any], message: str) -> InvalidRequest:
     request_id = data.get("id")
-    if isinstance(request_id, str) or (
-        isinstance(request_id, int) and not isinstance(request_id, bool)
-    ):
+    if (
+        isinstance(request_id, str)
+        or (isinstance(request_id, int) and not isinstance(request_id, bool))
+    ) and _id_bytes(request_id) <= ID_BYTES:
         return InvalidRequestWithId(message, request_id)
     return InvalidRequest(message)
 

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, model_validator
 from pydantic.alias_generators import to_camel
+
+from storage.untrusted import NAME_CHARS, clip
 
 
 class WireModel(BaseModel):
@@ -18,9 +20,23 @@ class WireModel(BaseModel):
 
 
 class Implementation(WireModel):
+    """A client's (or our) name and version. Every string field, known or extra, is clipped to
+    :data:`~storage.untrusted.NAME_CHARS` characters with a marker here, at the boundary, so
+    logs, the journal, the database and ``exai status`` only ever see bounded names."""
+
     name: str
     version: str
     title: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _clip_strings(cls, data: object) -> object:
+        if not isinstance(data, dict):
+            return data
+        return {
+            key: clip(value, NAME_CHARS) if isinstance(value, str) else value
+            for key, value in data.items()
+        }
 
 
 class InitializeParams(WireModel):
