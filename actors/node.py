@@ -62,6 +62,7 @@ from runtime.config import (
     load_config_file,
     named_client_tokens,
 )
+from runtime.handshake_admission import HandshakeAdmission
 from runtime.logs import register_secret
 from runtime.mcp.versions import SUPPORTED_VERSIONS
 from runtime.pykka_supervision import ActorName, pykka_child
@@ -338,6 +339,14 @@ class _Tree:
             session_host=self.lifecycle,
             sessions=self.sessions,
             max_message_bytes=settings.max_message_bytes,
+            handshake_timeout=settings.handshake_timeout,
+            admission=HandshakeAdmission(
+                max_total=settings.max_handshakes,
+                max_per_address=settings.max_handshakes_per_address,
+                trusted=settings.trusted_networks,
+            ),
+            ping_interval=settings.ws_ping_interval,
+            ping_timeout=settings.ws_ping_timeout,
         )
         async with trio.open_nursery() as nursery:
             nursery.start_soon(resumable.run)

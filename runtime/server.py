@@ -1,10 +1,10 @@
 """The WebSocket endpoint ``ws://HOST:PORT/mcp`` and the sessions supervisor that owns sessions.
 
-trio-websocket runs each connection's handler in a nursery it is given, and an exception that
-escapes one handler cancels that nursery: every other client would be cut off with 1006
-(BRIEF.md). So every connection runs inside :meth:`Sessions.run`, which is the one place a
-session's failure stops: it is logged once with the session id, and only that socket is closed
-(1011). The listener and the other sessions never see it.
+Nothing one connection does reaches another: the accept loop is our own
+(:mod:`runtime.listener`), each connection runs contained in its own task and nursery (with
+trio-websocket's reader task), and a session runs inside :meth:`Sessions.run`, which is the one
+place a session's failure stops: it is logged once with the session id, and only that socket is
+closed (1011). The listener and the other sessions never see it.
 
 Shutdown order (``stop()``): stop accepting (close the listener), close every session with 1001,
 give them ``grace`` seconds to finish their last writes, then cancel what remains.
@@ -20,9 +20,13 @@ from urllib.parse import parse_qs, urlsplit
 
 import structlog
 import trio
-from trio_websocket import Endpoint, WebSocketConnection, WebSocketRequest, serve_websocket
+from trio_websocket import WebSocketConnection, WebSocketRequest, wrap_server_stream
 
 from runtime.auth import ClientTokens, presented_token
+from runtime.handshake_admission import HandshakeAdmission, parse_networks
+from runtime.keepalive import keep_alive
+from runtime.listener import Listener, Peer, PeerStream, Release
+from runtime.log_throttle import LogThrottle
 
 log = structlog.get_logger("server")
 
@@ -55,6 +59,10 @@ class SessionHost(Protocol):
         """Hand over a detached session's state to a new connection; ``None`` if there is no
         such session any more (unknown, or its resume grace has passed), or if it belongs to
         another client identity (a session carries its owner's identity)."""
+
+    async def unclaim(self, resumed: object) -> None:
+        """Take back a state :meth:`claim` handed out whose connection failed before
+        :meth:`serve` started: it is parked again (or ended if parking has stopped)."""
 
     async def serve(self, ws: WebSocketConnection, handshake: Handshake) -> None:
         """Run the session to its end; raising ends only this session (see :class:`Sessions`)."""
@@ -104,7 +112,18 @@ class Sessions:
 
 
 class McpWebSocketServer:
-    """Accepts authenticated WebSocket connections on ``/mcp`` and hands each to a session."""
+    """Accepts authenticated WebSocket connections on ``/mcp`` and hands each to a session.
+
+    Each connection, in :meth:`_serve_connection`: the listener (:mod:`runtime.listener`)
+    admits it (:mod:`runtime.handshake_admission`) and runs it contained; trio-websocket parses
+    the upgrade request over the stream, its reader task in a nursery of this connection
+    alone; path, token, capacity and resume are checked; the 101 is sent; the handshake's
+    place is released; the session runs with :func:`~runtime.keepalive.keep_alive` beside it.
+
+    The handshake (accept to 101 or error response) has ``handshake_timeout`` seconds; a peer
+    that goes away meanwhile is noticed at once (its end of stream or reset), not at the
+    deadline, so its descriptor is released as soon as it has gone.
+    """
 
     def __init__(
         self,
@@ -116,14 +135,25 @@ class McpWebSocketServer:
         sessions: Sessions,
         max_message_bytes: int,
         grace: float = 10.0,
+        handshake_timeout: float = 10.0,
+        admission: HandshakeAdmission | None = None,
+        ping_interval: float = 20.0,
+        ping_timeout: float = 20.0,
     ) -> None:
         self._host = host
-        self._port = port
         self._clients = clients
         self._session_host = session_host
         self.sessions = sessions
         self._max_message_bytes = max_message_bytes
         self._grace = grace
+        self._handshake_timeout = handshake_timeout
+        self.admission = admission or HandshakeAdmission(
+            max_total=1024, max_per_address=32, trusted=parse_networks("127.0.0.1,::1")
+        )
+        self._ping_interval = ping_interval
+        self._ping_timeout = ping_timeout
+        self._listener = Listener(self._serve_connection, gate=self.admission, host=host, port=port)
+        self._throttle = LogThrottle()
         self._stop = trio.Event()
         self.url = ""
 
@@ -133,64 +163,99 @@ class McpWebSocketServer:
 
     async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve until :meth:`stop`; reports the URL through ``task_status`` once listening."""
-        async with trio.open_nursery() as session_nursery:
-            async with trio.open_nursery() as listener_nursery:
-                server = await listener_nursery.start(
-                    partial(
-                        serve_websocket,
-                        self._accept,
-                        self._host,
-                        self._port,
-                        None,
-                        handler_nursery=session_nursery,
-                        max_message_size=self._max_message_bytes,
-                        # 64 KiB reads: doubles throughput for large messages (BRIEF.md).
-                        receive_buffer_size=None,
-                    )
-                )
-                self.url = f"ws://{self._host}:{server.port}{MCP_PATH}"
+        async with trio.open_nursery() as connections:
+            async with trio.open_nursery() as accepting:
+                port = await accepting.start(self._listener.run, connections)
+                self.url = f"ws://{self._host}:{port}{MCP_PATH}"
                 task_status.started(self.url)
                 await self._stop.wait()
-                listener_nursery.cancel_scope.cancel()
+                accepting.cancel_scope.cancel()
             log.info("server.draining", sessions=len(self.sessions))
             with trio.move_on_after(self._grace):
                 await self.sessions.close_all(CLOSE_GOING_AWAY, "server shutting down")
-            session_nursery.cancel_scope.cancel()
+            connections.cancel_scope.cancel()
 
-    async def _accept(self, request: WebSocketRequest) -> None:
-        """trio-websocket's handler: nothing may escape it (see the module docstring)."""
-        try:
-            await self._handshake(request)
-        except Exception:
-            # A peer vanishing mid-handshake is ordinary; anything else is our bug. Either way
-            # it concerns this connection only.
-            log.exception("handshake.failed", remote=str(request.remote))
+    async def _serve_connection(self, stream: PeerStream, peer: Peer, release: Release) -> None:
+        """One connection from accept to its end; raising ends this connection only (the
+        listener contains and logs it)."""
+        async with trio.open_nursery() as connection:  # trio-websocket's reader task lives here
+            try:
+                opened = await self._open(connection, stream, peer)
+            finally:
+                release()
+            if opened is not None:
+                ws, handshake = opened
+                connection.start_soon(
+                    partial(
+                        keep_alive,
+                        ws,
+                        stream,
+                        interval=self._ping_interval,
+                        pong_timeout=self._ping_timeout,
+                        session_id=handshake.session_id,
+                    )
+                )
+                await self.sessions.run(self._session_host, ws, handshake)
+            # The session is over (its socket closed, or given up): stop the reader and the
+            # keepalive; the listener closes the socket.
+            connection.cancel_scope.cancel()
 
-    async def _handshake(self, request: WebSocketRequest) -> None:
+    async def _open(
+        self, connection: trio.Nursery, stream: PeerStream, peer: Peer
+    ) -> tuple[WebSocketConnection, Handshake] | None:
+        """The handshake, bounded by the deadline and by the peer's presence; ``None`` if it
+        ended without a session (refused, timed out, or the peer left)."""
+        with trio.move_on_after(self._handshake_timeout) as deadline:
+            async with trio.open_nursery() as race:
+                race.start_soon(_cancel_when_set, stream.ended, race.cancel_scope)
+                request = await wrap_server_stream(
+                    connection,
+                    stream,
+                    max_message_size=self._max_message_bytes,
+                    # trio's 64 KiB reads, not trio-websocket's 4 KiB: doubles throughput
+                    # for large messages.
+                    receive_buffer_size=None,
+                )
+                opened = await self._handshake(request, peer)
+                race.cancel_scope.cancel()
+                return opened
+        if deadline.cancelled_caught:
+            self._throttle.emit(
+                log.info, "handshake.timed_out", peer=str(peer), limit=self._handshake_timeout
+            )
+        return None
+
+    async def _handshake(
+        self, request: WebSocketRequest, peer: Peer
+    ) -> tuple[WebSocketConnection, Handshake] | None:
         """Path, token and capacity are checked before anything else happens."""
         path = request.path.partition("?")[0]
         if path != MCP_PATH:
             await request.reject(404, body=b"not found: the MCP endpoint is /mcp\n")
-            return
+            return None
         identity = self._clients.identify(presented_token(request.path, request.headers))
         if identity is None:
-            log.info("handshake.unauthorized", remote=str(request.remote))
+            self._throttle.emit(log.info, "handshake.unauthorized", peer=str(peer))
             await request.reject(
                 401,
                 extra_headers=[(b"www-authenticate", b'Bearer realm="exai"')],
                 body=b"unauthorized: present the token as 'Authorization: Bearer' or ?token=\n",
             )
-            return
+            return None
         if self.sessions.full:
-            log.warning(
-                "handshake.refused", reason="max sessions", limit=self.sessions.max_sessions
+            self._throttle.emit(
+                log.warning,
+                "handshake.refused",
+                key="handshake.refused:max sessions",
+                reason="max sessions",
+                limit=self.sessions.max_sessions,
             )
             await request.reject(
                 503,
                 extra_headers=[(b"retry-after", b"1")],
                 body=b"server busy: session limit reached, retry later\n",
             )
-            return
+            return None
         resume_id = _presented_session_id(request)
         resumed: object | None = None
         if resume_id is not None:
@@ -199,7 +264,7 @@ class McpWebSocketServer:
                     409,
                     body=f"session {resume_id} is attached to another connection\n".encode(),
                 )
-                return
+                return None
             resumed = self._session_host.claim(resume_id, identity)
             if resumed is None:
                 log.info("handshake.resume_refused", session_id=resume_id)
@@ -210,23 +275,35 @@ class McpWebSocketServer:
                         "passed; connect without a session id to start a new session\n"
                     ).encode(),
                 )
-                return
+                return None
         offered = request.proposed_subprotocols
         subprotocol = SUBPROTOCOL if SUBPROTOCOL in offered else None
         session_id = resume_id or str(uuid.uuid4())
-        ws = await request.accept(
-            subprotocol=subprotocol,
-            extra_headers=[(b"mcp-session-id", session_id.encode())],
-        )
-        remote = request.remote
+        try:
+            ws = await request.accept(
+                subprotocol=subprotocol,
+                extra_headers=[(b"mcp-session-id", session_id.encode())],
+            )
+        except BaseException:
+            if resumed is not None:
+                # Claimed, but its new connection failed before the session took it over:
+                # without this the session would be neither resumable nor ever closed.
+                with trio.CancelScope(shield=True):
+                    await self._session_host.unclaim(resumed)
+            raise
         handshake = Handshake(
             session_id=session_id,
-            remote=f"{remote.address}:{remote.port}" if isinstance(remote, Endpoint) else remote,
+            remote=str(peer),
             subprotocol=subprotocol,
             identity=identity,
             resumed=resumed,
         )
-        await self.sessions.run(self._session_host, ws, handshake)
+        return ws, handshake
+
+
+async def _cancel_when_set(event: trio.Event, scope: trio.CancelScope) -> None:
+    await event.wait()
+    scope.cancel()
 
 
 def _presented_session_id(request: WebSocketRequest) -> str | None:
