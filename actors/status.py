@@ -40,6 +40,7 @@ from runtime.status_model import (
     BreakerStatus,
     DeadLettersStatus,
     LimitsStatus,
+    ListenerStatus,
     NodeInfo,
     NodeStatus,
     PersistenceStatus,
@@ -156,6 +157,7 @@ class NodeStatusSource:
         tool_slots: trio.CapacityLimiter | None = None,
         letters: DeadLetters = dead_letters,
         ask_timeout: float = 2.0,
+        listener: Callable[[], ListenerStatus] | None = None,
     ) -> None:
         self._node_id = node_id
         self._sessions = sessions
@@ -171,6 +173,7 @@ class NodeStatusSource:
         self._tool_slots = tool_slots
         self._letters = letters
         self._ask_timeout = ask_timeout
+        self._listener = listener
         self._started_at = datetime.now(UTC)
         self._started = time.monotonic()
 
@@ -217,6 +220,7 @@ class NodeStatusSource:
             dead_letters=DeadLettersStatus(
                 total=self._letters.total, by_reason=self._letters.by_reason()
             ),
+            listener=self._listener() if self._listener is not None else None,
             problems=problems,
         )
 

@@ -3,10 +3,13 @@
 A laptop that sleeps, or a NAT that forgets a mapping, leaves a connection that neither side
 sees closed: the server would keep the session attached for hours and refuse its resume with
 409. So, while a connection is quiet (no byte received for ``interval`` seconds), the server
-sends a Ping and waits ``pong_timeout`` seconds for the Pong that RFC 6455 section 5.5.2 obliges the
-peer to send. A peer that does not answer has its TCP connection closed without a closing
-handshake (there is nobody to complete it), which the session sees as an abnormal closure
-(1006, RFC 6455 section 7.1.5) and parks for resume, as any dropped socket.
+sends a Ping and waits ``pong_timeout`` seconds for the Pong that RFC 6455 section 5.5.2
+obliges the peer to send. A peer that does not answer has its TCP connection closed without a
+closing handshake (there is nobody to complete it), which the session sees as an abnormal
+closure (1006, RFC 6455 section 7.1.5) and parks for resume, as any dropped socket.
+
+Any byte counts as an answer, not only the Pong: a peer that is sending is alive, and the
+check costs nothing while it does.
 """
 
 from __future__ import annotations

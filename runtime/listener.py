@@ -131,6 +131,21 @@ class PeerStream(trio.abc.Stream):
         await self._stream.aclose()
 
 
+@dataclass(slots=True)
+class ListenerCounters:
+    """Totals since the node started (they survive restarts of the listener), for
+    ``/status`` and ``/metrics``."""
+
+    accept_pauses: int = 0
+    """Episodes of accept(2) failing for lack of resources."""
+    failed_accepts: int = 0
+    """accept(2) calls that failed for lack of resources (every retry counts)."""
+    connections_failed: int = 0
+    """Connections ended by an error of their own (contained, see the module doc)."""
+    handshakes_timed_out: int = 0
+    """Connections closed at the handshake deadline (counted by the handshake's owner)."""
+
+
 #: Releases a connection's place in the handshake admission; idempotent.
 Release = Callable[[], None]
 
@@ -150,11 +165,20 @@ the failure is contained and logged by the listener, and the stream is closed af
 class Listener:
     """Accepts on ``host:port`` and runs ``handler`` for each connection in ``connections``."""
 
-    def __init__(self, handler: ConnectionHandler, *, gate: Gate, host: str, port: int) -> None:
+    def __init__(
+        self,
+        handler: ConnectionHandler,
+        *,
+        gate: Gate,
+        host: str,
+        port: int,
+        counters: ListenerCounters | None = None,
+    ) -> None:
         self._handler = handler
         self._gate = gate
         self._host = host
         self._port = port
+        self.counters = counters or ListenerCounters()
         self._released = trio.Event()
         self._throttle = LogThrottle()
 
@@ -188,7 +212,9 @@ class Listener:
                     continue
                 if exc.errno not in ACCEPT_CAPACITY_ERRNOS:
                     raise
+                self.counters.failed_accepts += 1
                 if failures == 0:
+                    self.counters.accept_pauses += 1
                     paused_at = trio.current_time()
                     self._throttle.emit(
                         log.warning,
@@ -235,6 +261,7 @@ class Listener:
         try:
             await self._handler(stream, peer, release)
         except* Exception as group:
+            self.counters.connections_failed += 1
             failure = _first(group)
             # The peer's doing (a reset, a write to a closed socket) is ordinary; anything
             # else is our bug, and gets its traceback. Either way it concerns this

@@ -25,8 +25,9 @@ from trio_websocket import WebSocketConnection, WebSocketRequest, wrap_server_st
 from runtime.auth import ClientTokens, presented_token
 from runtime.handshake_admission import HandshakeAdmission, parse_networks
 from runtime.keepalive import keep_alive
-from runtime.listener import Listener, Peer, PeerStream, Release
+from runtime.listener import Listener, ListenerCounters, Peer, PeerStream, Release
 from runtime.log_throttle import LogThrottle
+from runtime.status_model import ListenerStatus
 
 log = structlog.get_logger("server")
 
@@ -139,6 +140,7 @@ class McpWebSocketServer:
         admission: HandshakeAdmission | None = None,
         ping_interval: float = 20.0,
         ping_timeout: float = 20.0,
+        counters: ListenerCounters | None = None,
     ) -> None:
         self._host = host
         self._clients = clients
@@ -152,7 +154,14 @@ class McpWebSocketServer:
         )
         self._ping_interval = ping_interval
         self._ping_timeout = ping_timeout
-        self._listener = Listener(self._serve_connection, gate=self.admission, host=host, port=port)
+        self.counters = counters or ListenerCounters()
+        self._listener = Listener(
+            self._serve_connection,
+            gate=self.admission,
+            host=host,
+            port=port,
+            counters=self.counters,
+        )
         self._throttle = LogThrottle()
         self._stop = trio.Event()
         self.url = ""
@@ -220,6 +229,7 @@ class McpWebSocketServer:
                 race.cancel_scope.cancel()
                 return opened
         if deadline.cancelled_caught:
+            self.counters.handshakes_timed_out += 1
             self._throttle.emit(
                 log.info, "handshake.timed_out", peer=str(peer), limit=self._handshake_timeout
             )
@@ -299,6 +309,20 @@ class McpWebSocketServer:
             resumed=resumed,
         )
         return ws, handshake
+
+
+def listener_status(admission: HandshakeAdmission, counters: ListenerCounters) -> ListenerStatus:
+    """The listener's part of ``/status`` (and so of ``/metrics``)."""
+    return ListenerStatus(
+        handshakes_in_progress=admission.in_progress,
+        handshakes_max=admission.max_total,
+        handshakes_max_per_address=admission.max_per_address,
+        handshakes_refused=dict(admission.refused),
+        handshakes_timed_out=counters.handshakes_timed_out,
+        accept_pauses=counters.accept_pauses,
+        failed_accepts=counters.failed_accepts,
+        connections_failed=counters.connections_failed,
+    )
 
 
 async def _cancel_when_set(event: trio.Event, scope: trio.CancelScope) -> None:

@@ -270,6 +270,10 @@ async def test_half_finished_upgrades_past_the_per_address_cap_are_closed_at_onc
         ]
         assert refused["reason"] == "handshakes in progress (per address)"
         assert refused["limit"] == PER_ADDRESS
+        listener = (await fetch(server)).listener
+        assert listener is not None
+        assert listener.handshakes_refused == {"per address": 1}
+        assert listener.handshakes_in_progress >= PER_ADDRESS
         # Loopback is a trusted proxy: not counted per address.
         async with open_raw(server.authed_url()) as ws:
             assert (await RawClient(ws).request("ping"))["result"] == {}
@@ -293,6 +297,9 @@ async def test_a_handshake_past_its_deadline_is_closed(short_deadline: ServerPro
     sock.close()
     (timed_out,) = events(short_deadline, "handshake.timed_out")
     assert timed_out["limit"] == 1.0
+    listener = (await fetch(short_deadline)).listener
+    assert listener is not None
+    assert listener.handshakes_timed_out == 1
 
 
 async def test_accept_backs_off_when_descriptors_run_out_and_recovers(
@@ -330,6 +337,10 @@ async def test_accept_backs_off_when_descriptors_run_out_and_recovers(
         assert paused["error"] == "EMFILE"
         resumed = events(server, "listener.accept_resumed")[0]
         assert resumed["failed_accepts"] >= 2  # it did retry, silently
+        listener = (await fetch(server)).listener
+        assert listener is not None
+        assert listener.accept_pauses >= 1
+        assert listener.failed_accepts >= resumed["failed_accepts"]
         await assert_untouched(server, live, parked)
 
 
