@@ -78,14 +78,15 @@ class Settings(BaseSettings):
         default=10.0,
         gt=0,
         description="Seconds from accepting a TCP connection to the end of its WebSocket "
-        "handshake (101 or an HTTP error sent); a slower client's connection is closed "
-        "without a response.",
+        "handshake (101 or an HTTP error sent); past it the connection gets HTTP 408 if its "
+        "request never arrived, and is closed.",
     )
     max_handshakes: int = Field(
         default=1024,
         ge=1,
         description="Connections in their handshake at once, over all addresses; one more is "
-        "closed at once, before it is read.",
+        "closed at once, before it is read. Keep it well below the descriptor limit "
+        "(ulimit -n), so that a flood of handshakes cannot use up the descriptors.",
     )
     max_handshakes_per_address: int = Field(
         default=32,

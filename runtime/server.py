@@ -12,6 +12,7 @@ give them ``grace`` seconds to finish their last writes, then cancel what remain
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from dataclasses import dataclass
 from functools import partial
@@ -35,6 +36,12 @@ MCP_PATH = "/mcp"
 SUBPROTOCOL = "mcp"
 CLOSE_GOING_AWAY = 1001
 CLOSE_INTERNAL_ERROR = 1011
+_REQUEST_TIMEOUT_BODY = b"request not complete within the handshake deadline\n"
+REQUEST_TIMEOUT_RESPONSE = (
+    b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Type: text/plain\r\n"
+    b"Content-Length: %d\r\n\r\n%s" % (len(_REQUEST_TIMEOUT_BODY), _REQUEST_TIMEOUT_BODY)
+)
+REQUEST_TIMEOUT_SEND_S = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,6 +221,7 @@ class McpWebSocketServer:
     ) -> tuple[WebSocketConnection, Handshake] | None:
         """The handshake, bounded by the deadline and by the peer's presence; ``None`` if it
         ended without a session (refused, timed out, or the peer left)."""
+        request: WebSocketRequest | None = None
         with trio.move_on_after(self._handshake_timeout) as deadline:
             async with trio.open_nursery() as race:
                 race.start_soon(_cancel_when_set, stream.ended, race.cancel_scope)
@@ -233,6 +241,14 @@ class McpWebSocketServer:
             self._throttle.emit(
                 log.info, "handshake.timed_out", peer=str(peer), limit=self._handshake_timeout
             )
+            if request is None and not stream.ended.is_set():
+                # Its request head never came: 408 (RFC 9110 section 15.5.9), then close. A
+                # peer that does not read it gets no longer than this to take it.
+                with (
+                    trio.move_on_after(REQUEST_TIMEOUT_SEND_S),
+                    contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError),
+                ):
+                    await stream.send_all(REQUEST_TIMEOUT_RESPONSE)
         return None
 
     async def _handshake(
