@@ -36,6 +36,7 @@ from tests.test_status import fetch
 #: More resets per case than the root tolerates restarts of a child (root_max_restarts, 5).
 RESETS = 7
 PER_ADDRESS = 4
+TOTAL = 2 * PER_ADDRESS
 #: A source address that is not a trusted proxy (the default list is 127.0.0.1 and ::1).
 UNTRUSTED = "127.0.0.2"
 
@@ -50,6 +51,7 @@ def server(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
         extra_env={
             "EXAI_HANDSHAKE_TIMEOUT": "600",
             "EXAI_MAX_HANDSHAKES_PER_ADDRESS": str(PER_ADDRESS),
+            "EXAI_MAX_HANDSHAKES": str(TOTAL),
             "EXAI_WS_PING_INTERVAL": "1",
             "EXAI_WS_PING_TIMEOUT": "3",
         },
@@ -280,7 +282,7 @@ async def test_half_finished_upgrades_past_the_per_address_cap_are_closed_at_onc
         assert refused["limit"] == PER_ADDRESS
         listener = (await fetch(server)).listener
         assert listener is not None
-        assert listener.handshakes_refused == {"per address": 1}
+        assert listener.handshakes_refused.get("per address") == 1
         assert listener.handshakes_in_progress >= PER_ADDRESS
         # Loopback is a trusted proxy: not counted per address.
         async with open_raw(server.authed_url()) as ws:
@@ -296,6 +298,31 @@ async def test_half_finished_upgrades_past_the_per_address_cap_are_closed_at_onc
         assert (await response_head(again)).startswith(b"HTTP/1.1 101 ")
         again.close()
         await assert_untouched(server, live, parked)
+
+
+async def test_half_finished_upgrades_past_the_total_cap_are_closed_at_once(
+    server: ServerProcess,
+) -> None:
+    """The total bound holds for trusted addresses too: a flood through the proxy cannot use
+    up the descriptors either."""
+    async with witnesses(server) as (live, parked):
+        holders = [
+            await connect(server, source)
+            for source in (UNTRUSTED, "127.0.0.3")
+            for _ in range(PER_ADDRESS)
+        ]
+        inodes = {await accepted(server, holder) for holder in holders}
+        one_more = await connect(server)  # from 127.0.0.1, a trusted proxy
+        assert await closed_without_response(one_more)
+        one_more.close()
+        refused = [
+            e for e in events(server, "handshake.refused") if e["reason"].endswith("(total)")
+        ]
+        assert refused[0]["limit"] == TOTAL
+        for holder in holders:
+            holder.close()
+        await released(server, inodes, "the server to release abandoned handshakes")
+        await assert_untouched(server, live, parked)  # connects from loopback again
 
 
 async def test_a_handshake_past_its_deadline_is_closed(short_deadline: ServerProcess) -> None:
