@@ -63,10 +63,12 @@ from runtime.config import (
     load_config_file,
     named_client_tokens,
 )
+from runtime.handshake_admission import HandshakeAdmission
+from runtime.listener import ListenerCounters
 from runtime.logs import register_secret
 from runtime.mcp.versions import SUPPORTED_VERSIONS
 from runtime.pykka_supervision import ActorName, pykka_child
-from runtime.server import McpWebSocketServer, Sessions
+from runtime.server import McpWebSocketServer, Sessions, listener_status
 from runtime.statefile import ServerInfo, remove_server_info, write_server_info
 from runtime.supervision import ChildContext, ChildSpec, Strategy, Supervisor, run_root
 from storage.embedded import EmbeddedPostgres
@@ -218,6 +220,13 @@ class _Tree:
         persistence_config = PersistenceConfig()
         self.directory = SessionDirectory()
         self.sessions = Sessions(max_sessions=settings.max_sessions)
+        # The listener's admission and counters outlive restarts of the sessions child.
+        self.admission = HandshakeAdmission(
+            max_total=settings.max_handshakes,
+            max_per_address=settings.max_handshakes_per_address,
+            trusted=settings.trusted_networks,
+        )
+        self.listener_counters = ListenerCounters()
         self.url: str | None = None
         self.admin_url: str | None = None
         bounds = SessionBounds(
@@ -288,6 +297,7 @@ class _Tree:
             pykka_actors={"/root/persistence": self.persistence_name},
             tool_slots=self.services.config.total_slots,
             byte_budgets=(self.services.bounds.node_mailbox, self.services.bounds.node_outgoing),
+            listener=lambda: listener_status(self.admission, self.listener_counters),
         )
 
     def _breakers(self) -> list[BreakerSnapshot]:
@@ -349,6 +359,11 @@ class _Tree:
             session_host=self.lifecycle,
             sessions=self.sessions,
             max_message_bytes=settings.max_message_bytes,
+            handshake_timeout=settings.handshake_timeout,
+            admission=self.admission,
+            ping_interval=settings.ws_ping_interval,
+            ping_timeout=settings.ws_ping_timeout,
+            counters=self.listener_counters,
         )
         async with trio.open_nursery() as nursery:
             nursery.start_soon(resumable.run)

@@ -42,6 +42,7 @@ from runtime.status_model import (
     BreakerStatus,
     DeadLettersStatus,
     LimitsStatus,
+    ListenerStatus,
     NodeInfo,
     NodeStatus,
     PersistenceStatus,
@@ -165,6 +166,7 @@ class NodeStatusSource:
         byte_budgets: Sequence[NodeBudget] = (),
         letters: DeadLetters = dead_letters,
         ask_timeout: float = 2.0,
+        listener: Callable[[], ListenerStatus] | None = None,
     ) -> None:
         self._node_id = node_id
         self._sessions = sessions
@@ -181,6 +183,7 @@ class NodeStatusSource:
         self._byte_budgets = {budget.name: budget for budget in byte_budgets}
         self._letters = letters
         self._ask_timeout = ask_timeout
+        self._listener = listener
         self._started_at = datetime.now(UTC)
         self._started = time.monotonic()
 
@@ -231,6 +234,7 @@ class NodeStatusSource:
             dead_letters=DeadLettersStatus(
                 total=self._letters.total, by_reason=self._letters.by_reason()
             ),
+            listener=self._listener() if self._listener is not None else None,
             problems=problems,
         )
 

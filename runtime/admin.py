@@ -32,6 +32,7 @@ from runtime.logs import register_secret
 from runtime.status_model import (
     BreakerStatus,
     LimitsStatus,
+    ListenerStatus,
     NodeStatus,
     PersistenceStatus,
     StatusSource,
@@ -295,6 +296,8 @@ def render_metrics(status: NodeStatus) -> str:
             count,
             {"reason": reason},
         )
+    if status.listener is not None:
+        _listener_metrics(m, status.listener)
     m.add("exai_status_problems", "gauge", "Parts not inspected.", len(status.problems))
     return m.render()
 
@@ -393,3 +396,22 @@ def _persistence_metrics(m: _Metrics, store: PersistenceStatus) -> None:
         ("rejected", "Records refused.", store.rejected),
     ):
         m.add(f"exai_persistence_{name}_total", "counter", help_text, value)
+
+
+def _listener_metrics(m: _Metrics, listener: ListenerStatus) -> None:
+    in_progress = listener.handshakes_in_progress
+    m.add("exai_handshakes_in_progress", "gauge", "Handshakes not over yet.", in_progress)
+    m.add(
+        "exai_handshakes_max", "gauge", "Handshake limit, all addresses.", listener.handshakes_max
+    )
+    for reason in ("total", "per address"):
+        refused = listener.handshakes_refused.get(reason, 0)
+        labels = {"bound": reason.replace(" ", "_")}
+        m.add("exai_handshakes_refused_total", "counter", "Closed unread.", refused, labels)
+    timed_out = listener.handshakes_timed_out
+    m.add("exai_handshakes_timed_out_total", "counter", "Past the deadline.", timed_out)
+    m.add("exai_accept_pauses_total", "counter", "Out of descriptors.", listener.accept_pauses)
+    failed = listener.failed_accepts
+    m.add("exai_accept_failures_total", "counter", "accept(2) out of resources.", failed)
+    errors = listener.connections_failed
+    m.add("exai_connections_failed_total", "counter", "Connections ended by an error.", errors)

@@ -29,6 +29,8 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from runtime.handshake_admission import Network, parse_networks
+
 
 class ConfigError(Exception):
     """The configuration is invalid; the message is meant for the operator as it is."""
@@ -71,6 +73,44 @@ class Settings(BaseSettings):
         default=4 * 1024 * 1024,
         ge=1024,
         description="Largest WebSocket message accepted; larger ones close the socket (1009).",
+    )
+    handshake_timeout: float = Field(
+        default=10.0,
+        gt=0,
+        description="Seconds from accepting a TCP connection to the end of its WebSocket "
+        "handshake (101 or an HTTP error sent); past it the connection gets HTTP 408 if its "
+        "request never arrived, and is closed.",
+    )
+    max_handshakes: int = Field(
+        default=1024,
+        ge=1,
+        description="Connections in their handshake at once, over all addresses; one more is "
+        "closed at once, before it is read. Keep it well below the descriptor limit "
+        "(ulimit -n), so that a flood of handshakes cannot use up the descriptors.",
+    )
+    max_handshakes_per_address: int = Field(
+        default=32,
+        ge=1,
+        description="Connections in their handshake at once from one remote IP address (not "
+        "counted for trusted proxies); one more is closed at once, before it is read.",
+    )
+    trusted_proxies: str = Field(
+        default="127.0.0.1,::1",
+        description="Comma-separated IP addresses or CIDR networks exempt from "
+        "max_handshakes_per_address: behind a reverse proxy every client arrives from the "
+        "proxy's address. Setting it replaces the default (loopback).",
+    )
+    ws_ping_interval: float = Field(
+        default=20.0,
+        gt=0,
+        description="Seconds without a byte from a WebSocket peer after which the server "
+        "pings it (RFC 6455 section 5.5.2).",
+    )
+    ws_ping_timeout: float = Field(
+        default=20.0,
+        gt=0,
+        description="Seconds a pinged peer has to answer (pong) before its connection is "
+        "dropped and its session parked for resume, as for any dropped socket.",
     )
     session_mailbox: int = Field(
         default=64,
@@ -181,6 +221,16 @@ class Settings(BaseSettings):
         if level not in {"debug", "info", "warning", "error"}:
             raise ValueError("must be one of debug, info, warning, error")
         return level
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, value: str) -> str:
+        parse_networks(value)  # refused at start-up, naming the bad entry
+        return value
+
+    @property
+    def trusted_networks(self) -> tuple[Network, ...]:
+        return parse_networks(self.trusted_proxies)
 
     @field_validator("database_url")
     @classmethod

@@ -1,5 +1,5 @@
 """Dead letters: messages that could not be delivered, each counted and logged (the log lines
-rate limited, since a peer can cause them: see ``runtime.log_rate``).
+throttled per reason, since a peer can cause them: see ``runtime.log_throttle``).
 
 A message is dead when its target's mailbox is full under the ``drop`` policy, when the target
 has stopped, or when an ask outlives the actor that should have answered it. Nothing is
@@ -13,7 +13,7 @@ from collections import Counter
 
 import structlog
 
-from runtime.log_rate import LogRate
+from runtime.log_throttle import LogThrottle
 
 log = structlog.get_logger("dead_letters")
 
@@ -24,23 +24,21 @@ class DeadLetters:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._by_reason: Counter[str] = Counter()
-        self._log_rate = LogRate(per_second=2.0, burst=20)
+        self._throttle = LogThrottle()
 
     def record(self, *, target: str, sender: str, reason: str, kind: str) -> None:
-        """Count one dead letter and log it: one line per message, up to the log rate;
-        beyond it the next line carries how many were not logged (``suppressed``)."""
+        """Count one dead letter and log it, throttled per reason and kind (the next line
+        carries how many were not logged, as ``suppressed``)."""
         with self._lock:
             self._by_reason[reason] += 1
-        suppressed = self._log_rate.allow()
-        if suppressed is None:
-            return
-        log.warning(
+        self._throttle.emit(
+            log.warning,
             "dead_letter",
+            key=f"{reason}/{kind}",
             target=target,
             sender=sender,
             reason=reason,
             kind=kind,
-            **({"suppressed": suppressed} if suppressed else {}),
         )
 
     @property

@@ -1,11 +1,10 @@
 """The WebSocket endpoint ``ws://HOST:PORT/mcp`` and the sessions supervisor that owns sessions.
 
-trio-websocket runs each connection's handler in a nursery it is given, and an exception that
-escapes one handler cancels that nursery: every other client would be cut off with 1006 (it
-serves through ``trio.serve_listeners``, whose docs warn that a handler's exception crashes the
-server). So every connection runs inside :meth:`Sessions.run`, which is the one place a
-session's failure stops: it is logged once with the session id, and only that socket is closed
-(1011). The listener and the other sessions never see it.
+Nothing one connection does reaches another: the accept loop is our own
+(:mod:`runtime.listener`), each connection runs contained in its own task and nursery (with
+trio-websocket's reader task), and a session runs inside :meth:`Sessions.run`, which is the one
+place a session's failure stops: it is logged once with the session id, and only that socket is
+closed (1011). The listener and the other sessions never see it.
 
 Shutdown order (``stop()``): stop accepting (close the listener), close every session with 1001,
 give them ``grace`` seconds to finish their last writes, then cancel what remains.
@@ -13,6 +12,7 @@ give them ``grace`` seconds to finish their last writes, then cancel what remain
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from dataclasses import dataclass
 from functools import partial
@@ -21,9 +21,14 @@ from urllib.parse import parse_qs, urlsplit
 
 import structlog
 import trio
-from trio_websocket import Endpoint, WebSocketConnection, WebSocketRequest, serve_websocket
+from trio_websocket import WebSocketConnection, WebSocketRequest, wrap_server_stream
 
 from runtime.auth import ClientTokens, presented_token
+from runtime.handshake_admission import HandshakeAdmission, parse_networks
+from runtime.keepalive import keep_alive
+from runtime.listener import Listener, ListenerCounters, Peer, PeerStream, Release
+from runtime.log_throttle import LogThrottle
+from runtime.status_model import ListenerStatus
 
 log = structlog.get_logger("server")
 
@@ -31,6 +36,12 @@ MCP_PATH = "/mcp"
 SUBPROTOCOL = "mcp"
 CLOSE_GOING_AWAY = 1001
 CLOSE_INTERNAL_ERROR = 1011
+_REQUEST_TIMEOUT_BODY = b"request not complete within the handshake deadline\n"
+REQUEST_TIMEOUT_RESPONSE = (
+    b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Type: text/plain\r\n"
+    b"Content-Length: %d\r\n\r\n%s" % (len(_REQUEST_TIMEOUT_BODY), _REQUEST_TIMEOUT_BODY)
+)
+REQUEST_TIMEOUT_SEND_S = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +67,10 @@ class SessionHost(Protocol):
         """Hand over a detached session's state to a new connection; ``None`` if there is no
         such session any more (unknown, or its resume grace has passed), or if it belongs to
         another client identity (a session carries its owner's identity)."""
+
+    async def unclaim(self, resumed: object) -> None:
+        """Take back a state :meth:`claim` handed out whose connection failed before
+        :meth:`serve` started: it is parked again (or ended if parking has stopped)."""
 
     async def serve(self, ws: WebSocketConnection, handshake: Handshake) -> None:
         """Run the session to its end; raising ends only this session (see :class:`Sessions`)."""
@@ -105,7 +120,18 @@ class Sessions:
 
 
 class McpWebSocketServer:
-    """Accepts authenticated WebSocket connections on ``/mcp`` and hands each to a session."""
+    """Accepts authenticated WebSocket connections on ``/mcp`` and hands each to a session.
+
+    Each connection, in :meth:`_serve_connection`: the listener (:mod:`runtime.listener`)
+    admits it (:mod:`runtime.handshake_admission`) and runs it contained; trio-websocket parses
+    the upgrade request over the stream, its reader task in a nursery of this connection
+    alone; path, token, capacity and resume are checked; the 101 is sent; the handshake's
+    place is released; the session runs with :func:`~runtime.keepalive.keep_alive` beside it.
+
+    The handshake (accept to 101 or error response) has ``handshake_timeout`` seconds; a peer
+    that goes away meanwhile is noticed at once (its end of stream or reset), not at the
+    deadline, so its descriptor is released as soon as it has gone.
+    """
 
     def __init__(
         self,
@@ -117,14 +143,33 @@ class McpWebSocketServer:
         sessions: Sessions,
         max_message_bytes: int,
         grace: float = 10.0,
+        handshake_timeout: float = 10.0,
+        admission: HandshakeAdmission | None = None,
+        ping_interval: float = 20.0,
+        ping_timeout: float = 20.0,
+        counters: ListenerCounters | None = None,
     ) -> None:
         self._host = host
-        self._port = port
         self._clients = clients
         self._session_host = session_host
         self.sessions = sessions
         self._max_message_bytes = max_message_bytes
         self._grace = grace
+        self._handshake_timeout = handshake_timeout
+        self.admission = admission or HandshakeAdmission(
+            max_total=1024, max_per_address=32, trusted=parse_networks("127.0.0.1,::1")
+        )
+        self._ping_interval = ping_interval
+        self._ping_timeout = ping_timeout
+        self.counters = counters or ListenerCounters()
+        self._listener = Listener(
+            self._serve_connection,
+            gate=self.admission,
+            host=host,
+            port=port,
+            counters=self.counters,
+        )
+        self._throttle = LogThrottle()
         self._stop = trio.Event()
         self.url = ""
 
@@ -134,65 +179,109 @@ class McpWebSocketServer:
 
     async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve until :meth:`stop`; reports the URL through ``task_status`` once listening."""
-        async with trio.open_nursery() as session_nursery:
-            async with trio.open_nursery() as listener_nursery:
-                server = await listener_nursery.start(
-                    partial(
-                        serve_websocket,
-                        self._accept,
-                        self._host,
-                        self._port,
-                        None,
-                        handler_nursery=session_nursery,
-                        max_message_size=self._max_message_bytes,
-                        # None: trio's 64 KiB reads, not trio-websocket's 4 KiB default, so a
-                        # large message takes far fewer reads.
-                        receive_buffer_size=None,
-                    )
-                )
-                self.url = f"ws://{self._host}:{server.port}{MCP_PATH}"
+        async with trio.open_nursery() as connections:
+            async with trio.open_nursery() as accepting:
+                port = await accepting.start(self._listener.run, connections)
+                self.url = f"ws://{self._host}:{port}{MCP_PATH}"
                 task_status.started(self.url)
                 await self._stop.wait()
-                listener_nursery.cancel_scope.cancel()
+                accepting.cancel_scope.cancel()
             log.info("server.draining", sessions=len(self.sessions))
             with trio.move_on_after(self._grace):
                 await self.sessions.close_all(CLOSE_GOING_AWAY, "server shutting down")
-            session_nursery.cancel_scope.cancel()
+            connections.cancel_scope.cancel()
 
-    async def _accept(self, request: WebSocketRequest) -> None:
-        """trio-websocket's handler: nothing may escape it (see the module docstring)."""
-        try:
-            await self._handshake(request)
-        except Exception:
-            # A peer vanishing mid-handshake is ordinary; anything else is our bug. Either way
-            # it concerns this connection only.
-            log.exception("handshake.failed", remote=str(request.remote))
+    async def _serve_connection(self, stream: PeerStream, peer: Peer, release: Release) -> None:
+        """One connection from accept to its end; raising ends this connection only (the
+        listener contains and logs it)."""
+        async with trio.open_nursery() as connection:  # trio-websocket's reader task lives here
+            try:
+                opened = await self._open(connection, stream, peer)
+            finally:
+                release()
+            if opened is not None:
+                ws, handshake = opened
+                connection.start_soon(
+                    partial(
+                        keep_alive,
+                        ws,
+                        stream,
+                        interval=self._ping_interval,
+                        pong_timeout=self._ping_timeout,
+                        session_id=handshake.session_id,
+                    )
+                )
+                await self.sessions.run(self._session_host, ws, handshake)
+            # The session is over (its socket closed, or given up): stop the reader and the
+            # keepalive; the listener closes the socket.
+            connection.cancel_scope.cancel()
 
-    async def _handshake(self, request: WebSocketRequest) -> None:
+    async def _open(
+        self, connection: trio.Nursery, stream: PeerStream, peer: Peer
+    ) -> tuple[WebSocketConnection, Handshake] | None:
+        """The handshake, bounded by the deadline and by the peer's presence; ``None`` if it
+        ended without a session (refused, timed out, or the peer left)."""
+        request: WebSocketRequest | None = None
+        with trio.move_on_after(self._handshake_timeout) as deadline:
+            async with trio.open_nursery() as race:
+                race.start_soon(_cancel_when_set, stream.ended, race.cancel_scope)
+                request = await wrap_server_stream(
+                    connection,
+                    stream,
+                    max_message_size=self._max_message_bytes,
+                    # trio's 64 KiB reads, not trio-websocket's 4 KiB: doubles throughput
+                    # for large messages.
+                    receive_buffer_size=None,
+                )
+                opened = await self._handshake(request, peer)
+                race.cancel_scope.cancel()
+                return opened
+        if deadline.cancelled_caught:
+            self.counters.handshakes_timed_out += 1
+            self._throttle.emit(
+                log.info, "handshake.timed_out", peer=str(peer), limit=self._handshake_timeout
+            )
+            if request is None and not stream.ended.is_set():
+                # Its request head never came: 408 (RFC 9110 section 15.5.9), then close. A
+                # peer that does not read it gets no longer than this to take it.
+                with (
+                    trio.move_on_after(REQUEST_TIMEOUT_SEND_S),
+                    contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError),
+                ):
+                    await stream.send_all(REQUEST_TIMEOUT_RESPONSE)
+        return None
+
+    async def _handshake(
+        self, request: WebSocketRequest, peer: Peer
+    ) -> tuple[WebSocketConnection, Handshake] | None:
         """Path, token and capacity are checked before anything else happens."""
         path = request.path.partition("?")[0]
         if path != MCP_PATH:
             await request.reject(404, body=b"not found: the MCP endpoint is /mcp\n")
-            return
+            return None
         identity = self._clients.identify(presented_token(request.path, request.headers))
         if identity is None:
-            log.info("handshake.unauthorized", remote=str(request.remote))
+            self._throttle.emit(log.info, "handshake.unauthorized", peer=str(peer))
             await request.reject(
                 401,
                 extra_headers=[(b"www-authenticate", b'Bearer realm="exai"')],
                 body=b"unauthorized: present the token as 'Authorization: Bearer' or ?token=\n",
             )
-            return
+            return None
         if self.sessions.full:
-            log.warning(
-                "handshake.refused", reason="max sessions", limit=self.sessions.max_sessions
+            self._throttle.emit(
+                log.warning,
+                "handshake.refused",
+                key="handshake.refused:max sessions",
+                reason="max sessions",
+                limit=self.sessions.max_sessions,
             )
             await request.reject(
                 503,
                 extra_headers=[(b"retry-after", b"1")],
                 body=b"server busy: session limit reached, retry later\n",
             )
-            return
+            return None
         resume_id = _presented_session_id(request)
         resumed: object | None = None
         if resume_id is not None:
@@ -201,7 +290,7 @@ class McpWebSocketServer:
                     409,
                     body=f"session {resume_id} is attached to another connection\n".encode(),
                 )
-                return
+                return None
             resumed = self._session_host.claim(resume_id, identity)
             if resumed is None:
                 log.info("handshake.resume_refused", session_id=resume_id)
@@ -212,23 +301,49 @@ class McpWebSocketServer:
                         "passed; connect without a session id to start a new session\n"
                     ).encode(),
                 )
-                return
+                return None
         offered = request.proposed_subprotocols
         subprotocol = SUBPROTOCOL if SUBPROTOCOL in offered else None
         session_id = resume_id or str(uuid.uuid4())
-        ws = await request.accept(
-            subprotocol=subprotocol,
-            extra_headers=[(b"mcp-session-id", session_id.encode())],
-        )
-        remote = request.remote
+        try:
+            ws = await request.accept(
+                subprotocol=subprotocol,
+                extra_headers=[(b"mcp-session-id", session_id.encode())],
+            )
+        except BaseException:
+            if resumed is not None:
+                # Claimed, but its new connection failed before the session took it over:
+                # without this the session would be neither resumable nor ever closed.
+                with trio.CancelScope(shield=True):
+                    await self._session_host.unclaim(resumed)
+            raise
         handshake = Handshake(
             session_id=session_id,
-            remote=f"{remote.address}:{remote.port}" if isinstance(remote, Endpoint) else remote,
+            remote=str(peer),
             subprotocol=subprotocol,
             identity=identity,
             resumed=resumed,
         )
-        await self.sessions.run(self._session_host, ws, handshake)
+        return ws, handshake
+
+
+def listener_status(admission: HandshakeAdmission, counters: ListenerCounters) -> ListenerStatus:
+    """The listener's part of ``/status`` (and so of ``/metrics``)."""
+    return ListenerStatus(
+        handshakes_in_progress=admission.in_progress,
+        handshakes_max=admission.max_total,
+        handshakes_max_per_address=admission.max_per_address,
+        handshakes_refused=dict(admission.refused),
+        handshakes_timed_out=counters.handshakes_timed_out,
+        accept_pauses=counters.accept_pauses,
+        failed_accepts=counters.failed_accepts,
+        connections_failed=counters.connections_failed,
+    )
+
+
+async def _cancel_when_set(event: trio.Event, scope: trio.CancelScope) -> None:
+    await event.wait()
+    scope.cancel()
 
 
 def _presented_session_id(request: WebSocketRequest) -> str | None:

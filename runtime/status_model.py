@@ -138,6 +138,22 @@ class PersistenceStatus(_Model):
     last_error: str | None
 
 
+class ListenerStatus(_Model):
+    """The MCP port's accept loop and handshakes (runtime/listener.py,
+    runtime/handshake_admission.py); counts are totals since the node started."""
+
+    handshakes_in_progress: int = Field(description="Connections accepted, handshake not over.")
+    handshakes_max: int = Field(description="EXAI_MAX_HANDSHAKES.")
+    handshakes_max_per_address: int = Field(description="EXAI_MAX_HANDSHAKES_PER_ADDRESS.")
+    handshakes_refused: dict[str, int] = Field(
+        description="Connections closed unread, by bound: 'total' or 'per address'."
+    )
+    handshakes_timed_out: int = Field(description="Closed at EXAI_HANDSHAKE_TIMEOUT.")
+    accept_pauses: int = Field(description="Episodes of accept(2) out of descriptors/memory.")
+    failed_accepts: int = Field(description="accept(2) calls failed for lack of resources.")
+    connections_failed: int = Field(description="Connections ended by an error of their own.")
+
+
 class DeadLettersStatus(_Model):
     total: int
     by_reason: dict[str, int]
@@ -156,6 +172,9 @@ class NodeStatus(_Model):
     breakers: list[BreakerStatus]
     persistence: PersistenceStatus | None
     dead_letters: DeadLettersStatus
+    listener: ListenerStatus | None = Field(
+        default=None, description="None when the listener's counters are not wired in."
+    )
     problems: list[str] = Field(
         default_factory=list, description="Parts that could not be inspected, and why."
     )

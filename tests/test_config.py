@@ -33,6 +33,7 @@ def test_flag_beats_environment(monkeypatch: pytest.MonkeyPatch) -> None:
         ({"port": "70000"}, "port"),
         ({"database_url": "mysql://x"}, "database_url"),
         ({"log_level": "loud"}, "log_level"),
+        ({"trusted_proxies": "10.0.0.1, 192.168.0.0/33"}, "'192.168.0.0/33' is not an IP"),
     ],
 )
 def test_bad_values_are_refused_with_the_setting_named(

@@ -372,6 +372,9 @@ async def test_metrics_in_prometheus_text_format(server: ServerProcess) -> None:
     assert samples['exai_actor_up{actor="/root/persistence"}'] == 1
     assert samples["exai_database_up"] == 1
     assert samples["exai_persistence_records_written_total"] >= 1
+    assert samples["exai_handshakes_max"] == 1024
+    assert samples['exai_handshakes_refused_total{bound="per_address"}'] == 0
+    assert samples["exai_accept_pauses_total"] == 0
     # Sessions are aggregated: no series names a session.
     assert not any("/root/sessions/" in series for series in samples)
 

@@ -98,6 +98,10 @@ class SessionLifecycle:
     def claim(self, session_id: str, identity: str) -> SessionState | None:
         return self.resumable.claim(session_id, identity)
 
+    async def unclaim(self, resumed: object) -> None:
+        if isinstance(resumed, SessionState) and not self.resumable.park(resumed):
+            await self._expire(resumed)  # parking has stopped: the node is shutting down
+
     async def serve(self, ws: WebSocketConnection, handshake: Handshake) -> None:
         """One connection's session; raises only if the session gave up (see module doc)."""
         services = self.services

@@ -30,7 +30,7 @@ import structlog
 from actors.session.actor import SessionState
 from runtime import trace
 from runtime.dead_letters import dead_letters
-from runtime.log_rate import LogRate
+from runtime.log_throttle import LogThrottle
 from runtime.mailbox import ActorRef, ActorStopped, MailboxFull
 from runtime.mcp import jsonrpc, versions
 from runtime.mcp.errors import InvalidRequest, RpcError, ServerBusy
@@ -118,8 +118,8 @@ class _Reader:
         #: one), and in all.
         self._busy_refusals = 0
         self._busy_total = 0
-        #: Lines this peer can cause (bad frames, stray responses) are rate limited.
-        self._log_rate = LogRate(per_second=1.0, burst=5)
+        #: Lines this peer can cause (bad frames, stray responses, busy) are throttled.
+        self._throttle = LogThrottle()
 
     def screen(self, frame: str | bytes, size: int) -> tuple[int, str] | None:
         """The close code and reason if this frame (of ``size`` bytes) ends the session,
@@ -208,11 +208,9 @@ class _Reader:
             return True
         return False
 
-    def _note(self, event: str, **fields: object) -> None:
-        """Log something the peer did wrong, within the rate limit (``runtime.log_rate``)."""
-        suppressed = self._log_rate.allow()
-        if suppressed is not None:
-            self._log.info(event, **fields, **({"suppressed": suppressed} if suppressed else {}))
+    def _note(self, event: str, **fields: str | int | None) -> None:
+        """Log something the peer did, throttled per event (``runtime.log_throttle``)."""
+        self._throttle.emit(self._log.info, event, key=event, **fields)
 
     def _refuse(self, message: jsonrpc.Inbound | jsonrpc.Batch) -> None:
         """The mailbox is full: a request is told to retry, anything else is a dead letter."""
