@@ -1,9 +1,11 @@
 """``python -m bench flood``: a quiet session beside sessions that flood the server (issue 11).
 
-One ``exai serve`` (its defaults, plus any ``--exai-env KEY=VALUE``) runs every phase in turn;
-in each, a quiet session (``bench.loadgen``, one sequential ``tools/call echo`` at a time, its
-own process) is measured for a window, alone or beside one flooding session (``bench.flooder``,
-its own process, started first so that its flood is under way before the quiet window opens):
+Each phase gets a fresh ``exai serve`` (its defaults, plus any ``--exai-env KEY=VALUE``) so that
+its RSS growth and latencies are its own, except ``after``, which reuses the previous phase's
+server. In each, a quiet session (``bench.loadgen``, one sequential ``tools/call echo`` at a
+time, its own process) is measured for a window, alone or beside one flooding session
+(``bench.flooder``, its own process, started first so that its flood is under way before the
+quiet window opens):
 
 alone     the quiet session alone: the baseline p50/p99
 pipeline  beside a client that pipelines echo requests as fast as the socket takes them and
@@ -51,8 +53,9 @@ SECTION = f"""## Floods and slow readers (issue 11)
 A quiet session's `tools/call echo` latency alone, then beside one misbehaving session of the
 same `exai serve` (defaults: persistence on, auth on): a pipelining flooder that reads its
 replies, a slow reader (one frame per 100 ms), a flooder that never reads; and the server's RSS
-meanwhile. Made by `python -m bench flood` (`just bench flood`); how it measures is in
-`bench/README.md` and `bench/flood.py`.
+meanwhile. Each phase runs on a fresh server, except "quiet alone again", which follows the
+phase before it on that phase's server. Made by `python -m bench flood` (`just bench flood`);
+how it measures is in `bench/README.md` and `bench/flood.py`.
 
 Columns: quiet calls = the quiet session's calls answered in its window; p99 / alone = its p99
 over the baseline phase's; RSS = the server's VmRSS at the phase's start -> its peak during the
@@ -76,6 +79,9 @@ class Phase:
     payload_bytes: int = 5
     max_bytes: int = 0
     read_interval: float = 0.1
+    # A fresh server (and embedded Postgres) for this phase, so that its RSS growth and its
+    # quiet latency are its own; False: the previous phase's server, to see what it left.
+    fresh_server: bool = True
 
 
 PHASES: tuple[Phase, ...] = (
@@ -89,7 +95,7 @@ PHASES: tuple[Phase, ...] = (
         512 * 1024,
         max_bytes=512 * MIB,
     ),
-    Phase("after", "quiet alone again, after the floods"),
+    Phase("after", "quiet alone again, after the previous flood", fresh_server=False),
 )
 FLOODS = ("pipeline", "noread")  # the phases the issue's targets name
 
@@ -249,6 +255,8 @@ def _quiet_fault(r: PhaseResult) -> str:
         return r.failure
     if q is None or q.failure:
         return q.failure if q else "not measured"
+    if q.connect_failed:
+        return f"the quiet session could not open: {q.first_error}"
     if not q.calls:
         return "the quiet session got no answer in its window"
     return q.faults + (
@@ -376,6 +384,7 @@ def table(results: Sequence[PhaseResult], v: Verdicts) -> str:
 
 def notes(results: Sequence[PhaseResult]) -> list[str]:
     out: list[str] = []
+    prev: PhaseResult | None = None
     for r in results:
         f = r.flooder
         if r.failure:
@@ -408,13 +417,27 @@ def notes(results: Sequence[PhaseResult]) -> list[str]:
                 )
             )
         q = r.quiet
-        if q and q.first_error:
+        if q and q.connect_s > 1.0:
+            out.append(f"{r.phase.key}: the quiet session took {q.connect_s:.1f} s to open")
+        if q and q.duration_s:
+            others = q.other_cpu_s - (f["client_cpu_s"] if f else 0.0)
+            if others / q.duration_s > 0.25:
+                out.append(
+                    f"{r.phase.key}: the machine was busy with other work during the quiet "
+                    f"window (about {others / q.duration_s:.1f} cores besides the server, its "
+                    "database and the clients): latencies are noisy"
+                )
+        if q and q.first_error and not q.connect_failed:
             out.append(
                 f"{r.phase.key}: quiet session's first error: `{report._cell(q.first_error)}`"
             )
-        if r.phase.key == "after" and results and results[0].rss_start_kib:
-            kept = (r.rss_start_kib - results[0].rss_start_kib) / 1024
-            out.append(f"after: the server kept {kept:,.0f} MiB more RSS than before the floods")
+        if not r.phase.fresh_server and prev is not None and prev.rss_start_kib:
+            kept = (r.rss_start_kib - prev.rss_start_kib) / 1024
+            out.append(
+                f"{r.phase.key}: the server kept {kept:,.0f} MiB of RSS over its start before "
+                f"{prev.phase.key}"
+            )
+        prev = r
     return out
 
 
@@ -461,6 +484,35 @@ def _progress(r: PhaseResult) -> None:
     print(line, flush=True)
 
 
+def _run_all(
+    phases: Sequence[Phase],
+    opts: Options,
+    quiet: Scenario,
+    run_opts: RunOptions,
+    *,
+    guard_mib: int,
+    results: list[PhaseResult],
+) -> None:
+    """Every phase in turn, each on a fresh server unless it asks for the previous one."""
+    with contextlib.ExitStack() as server:
+        running: Running | None = None
+        for phase in phases:
+            if phase.fresh_server or running is None:
+                server.close()
+                try:
+                    running = server.enter_context(started("exai", opts, f"{phase.key}", 10))
+                except (RuntimeError, TimeoutError, OSError) as exc:
+                    running = None
+                    r = PhaseResult(phase, failure=f"exai: {type(exc).__name__}: {exc}")
+                    results.append(r)
+                    _progress(r)
+                    continue
+            time.sleep(SETTLE_S)
+            r = run_phase(phase, running, quiet, run_opts, guard_mib)
+            results.append(r)
+            _progress(r)
+
+
 def exai_env(pairs: Sequence[str] | None) -> dict[str, str]:
     """``--exai-env KEY=VALUE`` options as a mapping; exits on a malformed one."""
     bad = [kv for kv in pairs or [] if "=" not in kv]
@@ -493,18 +545,10 @@ def main(args: argparse.Namespace) -> int:
     extra: list[str] = []
     interrupted = False
     try:
-        with started("exai", opts, "flood", 10) as running:
-            time.sleep(SETTLE_S)
-            for phase in phases:
-                r = run_phase(phase, running, quiet, run_opts, args.rss_guard_mib)
-                results.append(r)
-                _progress(r)
-                time.sleep(SETTLE_S)
+        _run_all(phases, opts, quiet, run_opts, guard_mib=args.rss_guard_mib, results=results)
     except KeyboardInterrupt:
         interrupted = True
         extra.append("interrupted: partial results, not written to docs/")
-    except (RuntimeError, TimeoutError, OSError) as exc:
-        extra.append(f"exai failed: {type(exc).__name__}: {exc}")
     elapsed = time.monotonic() - began
     settings = ", ".join(f"{k}={v}" for k, v in sorted(env.items()))
     extra.insert(
