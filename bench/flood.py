@@ -31,6 +31,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -249,6 +250,14 @@ class Verdicts:
         self.lines.append(f"{verdict} {key}: {label}{suffix}: {detail}")
 
 
+def _short_error(text: str) -> str:
+    """A refused or closed connection's code and reason out of a generator's error text."""
+    found = re.search(r"code=(\d+)(?:, name=\w+)?, reason=([^>]*)>", text)
+    if found:
+        return f"closed {found[1]} ({found[2]})"
+    return text
+
+
 def _quiet_fault(r: PhaseResult) -> str:
     q = r.quiet
     if r.failure:
@@ -256,7 +265,7 @@ def _quiet_fault(r: PhaseResult) -> str:
     if q is None or q.failure:
         return q.failure if q else "not measured"
     if q.connect_failed:
-        return f"the quiet session could not open: {q.first_error}"
+        return f"the quiet session could not open: {_short_error(q.first_error)}"
     if not q.calls:
         return "the quiet session got no answer in its window"
     return q.faults + (
@@ -553,7 +562,7 @@ def main(args: argparse.Namespace) -> int:
     settings = ", ".join(f"{k}={v}" for k, v in sorted(env.items()))
     extra.insert(
         0,
-        "one `exai serve` for every phase, "
+        "a fresh `exai serve` per phase (`after`: the previous phase's), "
         + (f"its defaults plus {settings}" if settings else "its default settings")
         + f"; quiet window {quiet.warmup:g} s warm-up + {quiet.duration:g} s, the flooder "
         f"started {LEAD_S:g} s before the quiet session, drain {DRAIN_S:g} s; RSS guard "
