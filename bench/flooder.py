@@ -175,8 +175,14 @@ async def _read(
             if interval:
                 await trio.sleep(interval)
     except ConnectionClosed as closed:
-        reason = closed.reason
-        c.closed("frame" if reason.code != 1006 else "tcp", reason.code, reason.reason)
+        code, text = _code(closed)
+        c.closed("frame" if code != 1006 else "tcp", code, text)
+
+
+def _code(closed: ConnectionClosed) -> tuple[int, str | None]:
+    """The close code and reason (1006 when the connection ended without a close frame)."""
+    reason = closed.reason
+    return (reason.code, reason.reason) if reason is not None else (1006, None)
 
 
 async def _send(ws: WebSocketConnection, c: Counts, args: argparse.Namespace) -> None:
@@ -200,7 +206,8 @@ async def _send(ws: WebSocketConnection, c: Counts, args: argparse.Namespace) ->
         c.send_stopped = "byte cap reached"
     except ConnectionClosed as closed:
         c.send_stopped = "connection closed"
-        c.closed("send", closed.reason.code if closed.reason.code != 1006 else None)
+        code, text = _code(closed)
+        c.closed("send", *((code, text) if code != 1006 else (None, None)))
     await trio.sleep_forever()  # hold the socket open until the phase ends
 
 
