@@ -70,6 +70,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         metavar="KEY=VALUE",
         help="an EXAI_* setting for exai serve (repeatable; recorded in the report)",
     )
+    p.add_argument("--label", help="flood: words for the run's heading ('before the fix')")
     p.add_argument(
         "--rss-guard-mib",
         type=int,

@@ -450,10 +450,11 @@ def notes(results: Sequence[PhaseResult]) -> list[str]:
     return out
 
 
-def section(results: Sequence[PhaseResult], extra: Sequence[str]) -> str:
+def section(results: Sequence[PhaseResult], extra: Sequence[str], label: str | None = None) -> str:
     stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     v = verdicts(results)
-    lines = [f"### {stamp} · `flood` · {report.machine()}", "", table(results, v), ""]
+    head = f"### {stamp} · `flood` · " + (f"{label} · " if label else "") + report.machine()
+    lines = [head, "", table(results, v), ""]
     lines += ["Targets (issue 11):", ""] + [f"- {line}" for line in v.lines]
     all_notes = list(extra) + notes(results)
     if all_notes:
@@ -568,7 +569,7 @@ def main(args: argparse.Namespace) -> int:
         f"started {LEAD_S:g} s before the quiet session, drain {DRAIN_S:g} s; RSS guard "
         f"{args.rss_guard_mib:,} MiB; flood run took {elapsed:.0f} s; clients on {args.python}",
     )
-    text = section(results, extra)
+    text = section(results, extra, args.label)
     print()
     print(text)
     (work / "results.json").write_text(json.dumps([r.to_json() for r in results], indent=1))
