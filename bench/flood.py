@@ -262,8 +262,12 @@ def _quiet_fault(r: PhaseResult) -> str:
     q = r.quiet
     if r.failure:
         return r.failure
-    if q is None or q.failure:
-        return q.failure if q else "not measured"
+    if q is None:
+        return "not measured"
+    if "generator 0: no output in time" in q.failure:
+        return "the quiet session was not open (initialize answered) after 30 s"
+    if q.failure:
+        return q.failure
     if q.connect_failed:
         return f"the quiet session could not open: {_short_error(q.first_error)}"
     if not q.calls:
