@@ -432,7 +432,11 @@ def notes(results: Sequence[PhaseResult]) -> list[str]:
         q = r.quiet
         if q and q.connect_s > 1.0:
             out.append(f"{r.phase.key}: the quiet session took {q.connect_s:.1f} s to open")
-        if q and q.duration_s:
+        if q and q.duration_s and not q.failure:
+            out.append(
+                f"{r.phase.key}: over the quiet window the server used {q.server_cpu_s:.1f} s "
+                f"of CPU (+ db {q.db_cpu_s:.1f} s) in {q.duration_s:g} s"
+            )
             others = q.other_cpu_s - (f["client_cpu_s"] if f else 0.0)
             if others / q.duration_s > 0.25:
                 out.append(
