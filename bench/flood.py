@@ -328,13 +328,17 @@ def verdicts(results: Sequence[PhaseResult]) -> Verdicts:
                 v.add(key, label, "n/a", r.failure or "no flooder result")
             else:
                 ok = f["busy"] > 0 and f["unanswered"] == 0
-                v.add(
-                    key,
-                    label,
-                    "PASS" if ok else "MISS",
-                    f"{f['busy']:,} busy, {f['unanswered']:,} of {f['sent']:,} unanswered "
-                    f"{f['drain_s']:.0f} s after it stopped sending",
-                )
+                if f["unanswered"]:
+                    silence = (
+                        f"{f['unanswered']:,} of {f['sent']:,} unanswered "
+                        f"{f['drain_s']:.0f} s after it stopped sending"
+                    )
+                else:
+                    silence = (
+                        f"all {f['sent']:,} answered, the last {f['drain_s']:.1f} s after it "
+                        "stopped sending"
+                    )
+                v.add(key, label, "PASS" if ok else "MISS", f"{f['busy']:,} busy; {silence}")
     return v
 
 
