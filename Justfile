@@ -75,7 +75,8 @@ setup-clients:
     fi
 
 # End-to-end benchmark against the floor and the SDK servers: `just bench` (quick, < 3 min),
-# `just bench full`, `just bench profile`. Results go to docs/benchmarks.md (bench/README.md).
+# `just bench full`, `just bench profile`, `just bench flood` (issue 11: floods, slow readers).
+# Results go to docs/benchmarks.md (bench/README.md).
 bench MODE="quick" *ARGS: setup
     {{bin}}/python -m bench {{MODE}} {{ARGS}}
 

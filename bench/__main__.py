@@ -1,9 +1,12 @@
-"""``python -m bench [quick|full|profile]``: the end-to-end benchmark of issue 5.
+"""``python -m bench [quick|full|profile|flood]``: the end-to-end benchmark of issue 5.
 
 quick    every scenario, short windows (< 3 minutes); appends to docs/benchmarks.md
 full     longer windows plus a pipelined scenario and the optional mcp 2.x anchor
 profile  the 50-session load against one server (default exai) under py-spy; prints where the
          server's time goes (nothing is written to docs/)
+flood    issue 11: a quiet session's latency alone, beside a pipelining flooder, a slow reader
+         and a flooder that never reads, with exai's RSS (~2 minutes; --scenarios picks phases
+         of alone,pipeline,slow,noread,after; --duration sets the quiet window)
 
 Run from the repository root with the runtime's interpreter (it needs trio-websocket):
 ``.venv/bin/python -m bench``. The anchor servers install themselves into bench/.venv-*.
@@ -21,7 +24,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from bench import report, scenarios, venvs
+from bench import flood, report, scenarios, venvs
 from bench.launch import interrupt_on_sigterm, raise_nofile_limit
 from bench.profile import summarize
 from bench.runner import Measurement, RunOptions, measure
@@ -48,7 +51,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("mode", nargs="?", default="quick", choices=("quick", "full", "profile"))
+    p.add_argument(
+        "mode", nargs="?", default="quick", choices=("quick", "full", "profile", "flood")
+    )
     p.add_argument("--servers", help=f"comma-separated subset of {','.join(SERVERS)}")
     p.add_argument("--scenarios", help="comma-separated subset of seq1,s50,s50p8,s1000,idle")
     p.add_argument("--duration", type=float, help="override every measured window (seconds)")
@@ -59,6 +64,19 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-write", action="store_true", help="print the table, leave docs/ alone")
     p.add_argument("--exai", help="path of the exai console script (default: found)")
     p.add_argument("--exai-database-url", help="pass --database-url to exai serve")
+    p.add_argument(
+        "--exai-env",
+        action="append",
+        metavar="KEY=VALUE",
+        help="an EXAI_* setting for exai serve (repeatable; recorded in the report)",
+    )
+    p.add_argument("--label", help="flood: words for the run's heading ('before the fix')")
+    p.add_argument(
+        "--rss-guard-mib",
+        type=int,
+        default=3072,
+        help="flood: stop a flooder once the server has grown by this much",
+    )
     p.add_argument(
         "--python",
         default=sys.executable,
@@ -101,8 +119,17 @@ def _check_generator_python(python: str) -> None:
         raise SystemExit(f"{python} cannot import trio_websocket; pass --python")
 
 
+def _flood(args: argparse.Namespace) -> int:
+    raise_nofile_limit()
+    interrupt_on_sigterm()
+    _check_generator_python(args.python)
+    return flood.main(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
+    if args.mode == "flood":
+        return _flood(args)
     servers = args.servers.split(",") if args.servers else list(DEFAULT_SERVERS[args.mode])
     bad = [s for s in servers if s not in SERVERS]
     if bad:
@@ -112,7 +139,10 @@ def main(argv: list[str] | None = None) -> int:
     interrupt_on_sigterm()
     _check_generator_python(args.python)
     work = Path(tempfile.mkdtemp(prefix="exai-bench-"))
-    opts = Options(args.python, find_exai(args.exai), args.exai_database_url, work)
+    exai_env = flood.exai_env(args.exai_env)
+    opts = Options(
+        args.python, find_exai(args.exai), args.exai_database_url, work, exai_env=exai_env
+    )
     notes: list[str] = []
     py_spy = None
     if args.mode == "profile":

@@ -272,13 +272,14 @@ def section(
     return "\n".join(lines) + "\n"
 
 
-def append(path: Path, text: str) -> None:
-    """Insert ``text`` as the newest run of ``path``; the file and its End-to-end section are
-    created when missing, other sections are kept as they are."""
+def append(path: Path, text: str, marker: str = MARKER, heading: str = SECTION) -> None:
+    """Insert ``text`` as the newest run of ``path`` right under ``marker``; the file and the
+    section (``heading``, which ends with ``marker``) are created when missing, other sections
+    are kept as they are. The defaults are the End-to-end section's."""
     current = path.read_text() if path.exists() else TITLE
-    if MARKER not in current:
-        current = current.rstrip("\n") + "\n\n" + SECTION
-    before, after = current.split(MARKER, 1)
+    if marker not in current:
+        current = current.rstrip("\n") + "\n\n" + heading
+    before, after = current.split(marker, 1)
     path.parent.mkdir(parents=True, exist_ok=True)
     rest = after.lstrip("\n")
-    path.write_text(before + MARKER + "\n\n" + text + ("\n" + rest if rest else ""))
+    path.write_text(before + marker + "\n\n" + text + ("\n" + rest if rest else ""))

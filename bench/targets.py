@@ -79,6 +79,8 @@ class Options:
     exai_database_url: str | None
     logs: Path
     start_timeout: float = 60.0
+    # Extra EXAI_* variables for `exai serve` (``--exai-env``); empty: its defaults.
+    exai_env: dict[str, str] = field(default_factory=dict)
 
     def unavailable(self, server: str) -> str | None:
         """Why ``server`` cannot run here, or None if it can."""
@@ -126,6 +128,7 @@ def _exai(port: int, opts: Options, log: Path, deadline: float, sessions: int) -
     if opts.exai_database_url:
         argv += ["--database-url", opts.exai_database_url]
     env = dict(os.environ, EXAI_TOKEN=token)
+    env.update(opts.exai_env)
     if sessions > EXAI_DEFAULT_MAX_SESSIONS:
         env["EXAI_MAX_SESSIONS"] = str(sessions + 100)
     try:
