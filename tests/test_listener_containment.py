@@ -30,8 +30,7 @@ import trio
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, Request
 
-from tests.harness import RawClient, ServerProcess, open_raw, start_server, wait_until
-from tests.test_status import fetch
+from tests.harness import RawClient, ServerProcess, fetch, open_raw, start_server, wait_until
 
 #: More resets per case than the root tolerates restarts of a child (root_max_restarts, 5).
 RESETS = 7
