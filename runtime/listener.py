@@ -89,17 +89,24 @@ class Peer:
         return f"{self.address}:{self.port}"
 
 
-class PeerStream(trio.abc.Stream):
-    """A connection's socket stream that records when data last arrived and whether it has
-    ended, so that a task waiting for something else (a request head) can notice.
+#: Large writes go out in pieces of this size, so that ``PeerStream.last_sent`` moves while a
+#: slow peer takes a large message (the kernel accepts more only as the peer reads).
+SEND_CHUNK = 64 * 1024
 
-    ``last_received`` is in trio's clock (``trio.current_time()``), seconds. ``ended`` is set
-    when the peer has gone (end of stream, or a reset) or the stream was closed here.
+
+class PeerStream(trio.abc.Stream):
+    """A connection's socket stream that records when data last arrived, when the peer last
+    took data, and whether it has ended, so that a task waiting for something else (a
+    request head, room in an outgoing queue) can notice.
+
+    ``last_received`` and ``last_sent`` are in trio's clock (``trio.current_time()``),
+    seconds. ``ended`` is set when the peer has gone (end of stream, or a reset) or the
+    stream was closed here.
     """
 
     def __init__(self, stream: trio.SocketStream) -> None:
         self._stream = stream
-        self.last_received = trio.current_time()
+        self.last_received = self.last_sent = trio.current_time()
         self.ended = trio.Event()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
@@ -116,10 +123,17 @@ class PeerStream(trio.abc.Stream):
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         try:
-            await self._stream.send_all(data)
+            if len(data) <= SEND_CHUNK:
+                await self._stream.send_all(data)
+            else:
+                view = memoryview(data)
+                for start in range(0, len(view), SEND_CHUNK):
+                    await self._stream.send_all(view[start : start + SEND_CHUNK])
+                    self.last_sent = trio.current_time()
         except trio.BrokenResourceError:
             self.ended.set()
             raise
+        self.last_sent = trio.current_time()
 
     async def wait_send_all_might_not_block(self) -> None:
         await self._stream.wait_send_all_might_not_block()

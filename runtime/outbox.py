@@ -14,7 +14,8 @@ per session and per node. What happens at the bound depends on who is sending:
   bound by at most the few bytes of the answer to one frame.
 
 A peer that leaves the queue full, with nothing taken for ``stall_timeout`` seconds, is not
-reading at all: whoever waits for room notices it and sets :attr:`Outbox.stalled`, on which the
+reading at all (what it took is known per message, and finer where the transport tells:
+``peer_took``, so a slow peer taking one large message is not mistaken for a stalled one): whoever waits for room notices it and sets :attr:`Outbox.stalled`, on which the
 session closes the connection (1008: RFC 6455 section 7.4.1, "a message that violates its
 policy") and ends. Only waiters keep that time, so the hot path pays nothing for it; a queue
 that is full has a waiter by construction, since the reader waits for room before each frame.
@@ -53,6 +54,7 @@ class Outbox:
     __slots__ = (
         "_changed",
         "_messages",
+        "_peer_took",
         "_progress_at",
         "_waiters",
         "budget",
@@ -62,8 +64,16 @@ class Outbox:
         "stalled",
     )
 
-    def __init__(self, budget: ByteBudget, *, max_messages: int, stall_timeout: float) -> None:
+    def __init__(
+        self,
+        budget: ByteBudget,
+        *,
+        max_messages: int,
+        stall_timeout: float,
+        peer_took: Callable[[], float] | None = None,
+    ) -> None:
         self.budget = budget
+        self._peer_took = peer_took
         self.max_messages = max_messages
         self.stall_timeout = stall_timeout
         self.closed = False
@@ -132,7 +142,7 @@ class Outbox:
                 raise OutboxClosed
             deadline = math.inf  # full only because of other sessions: never our stall
             if self._messages and not self.stalled.is_set():
-                deadline = self._progress_at + self.stall_timeout
+                deadline = self._last_progress() + self.stall_timeout
                 if trio.current_time() >= deadline:
                     self.stalled.set()
                     deadline = math.inf
@@ -140,6 +150,12 @@ class Outbox:
                 await self._wait_change()
         if self.closed:
             raise OutboxClosed
+
+    def _last_progress(self) -> float:
+        """When the peer last took something: a whole message, or bytes of one."""
+        if self._peer_took is None:
+            return self._progress_at
+        return max(self._progress_at, self._peer_took())
 
     async def run(self, send: Callable[[str], Awaitable[None]]) -> None:
         """The writer: send queued messages in order, until cancelled or :meth:`close`.

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import Protocol
@@ -50,7 +51,9 @@ class Handshake:
 
     ``identity`` is the client identity the token named (``default`` for the node's own
     token); ``resumed`` is the state a :class:`SessionHost` handed back for a resumed session;
-    the server never looks inside it.
+    the server never looks inside it. ``last_sent`` tells when the peer last took bytes from
+    the connection (trio's clock, seconds): progress at the transport, finer than whole
+    messages.
     """
 
     session_id: str
@@ -58,6 +61,7 @@ class Handshake:
     subprotocol: str | None
     identity: str
     resumed: object | None = None
+    last_sent: Callable[[], float] | None = None
 
 
 class SessionHost(Protocol):
@@ -233,7 +237,7 @@ class McpWebSocketServer:
                     # for large messages.
                     receive_buffer_size=None,
                 )
-                opened = await self._handshake(request, peer)
+                opened = await self._handshake(request, peer, stream)
                 race.cancel_scope.cancel()
                 return opened
         if deadline.cancelled_caught:
@@ -252,7 +256,7 @@ class McpWebSocketServer:
         return None
 
     async def _handshake(
-        self, request: WebSocketRequest, peer: Peer
+        self, request: WebSocketRequest, peer: Peer, stream: PeerStream
     ) -> tuple[WebSocketConnection, Handshake] | None:
         """Path, token and capacity are checked before anything else happens."""
         path = request.path.partition("?")[0]
@@ -323,6 +327,7 @@ class McpWebSocketServer:
             subprotocol=subprotocol,
             identity=identity,
             resumed=resumed,
+            last_sent=lambda: stream.last_sent,
         )
         return ws, handshake
 

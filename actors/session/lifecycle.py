@@ -145,6 +145,7 @@ class SessionLifecycle:
             ByteBudget(bounds.outgoing_bytes, bounds.node_outgoing),
             max_messages=bounds.outgoing_messages,
             stall_timeout=bounds.stall_timeout,
+            peer_took=handshake.last_sent,
         )
         live = services.directory.attach(state, ref, outbox)
         postmarks = trace.Postmarks()
