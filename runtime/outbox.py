@@ -14,10 +14,11 @@ per session and per node. What happens at the bound depends on who is sending:
   bound by at most the few bytes of the answer to one frame.
 
 A peer that leaves the queue full, with nothing taken for ``stall_timeout`` seconds, is not
-reading at all (what it took is known per message, and finer where the transport tells:
-``peer_took``, so a slow peer taking one large message is not mistaken for a stalled one): whoever waits for room notices it and sets :attr:`Outbox.stalled`, on which the
-session closes the connection (1008: RFC 6455 section 7.4.1, "a message that violates its
-policy") and ends. Only waiters keep that time, so the hot path pays nothing for it; a queue
+reading at all (what it took is known per message, and finer where the transport tells,
+``peer_took``, so that a slow peer taking one large message is not mistaken for a stalled
+one): whoever waits for room notices it and sets :attr:`Outbox.stalled`, on which the session
+closes the connection (1008: RFC 6455 section 7.4.1, "a message that violates its policy")
+and ends. Only waiters keep that time, so the hot path pays nothing for it; a queue
 that is full has a waiter by construction, since the reader waits for room before each frame.
 
 Runs in the trio thread only. Cancellation: :meth:`put` and :meth:`wait_writable` are plain
