@@ -70,6 +70,15 @@ class Reply:
         return self._result.unwrap()
 
 
+@dataclass(eq=False, slots=True)
+class _Queued:
+    """What the two ends of one mailbox share: the sizes of queued messages (in order), and
+    the event a sender waiting for room waits on (``None`` while nobody waits)."""
+
+    sizes: deque[int] = field(default_factory=deque)
+    room: trio.Event | None = None
+
+
 @dataclass(frozen=True, slots=True)
 class Ask(Generic[M]):
     """A message that wants an answer. The actor's loop unwraps it; ``receive`` never sees it."""
@@ -81,7 +90,7 @@ class Ask(Generic[M]):
 class ActorRef(Generic[M]):
     """Where to send messages for one actor; ``path`` names it in logs and the status tree."""
 
-    __slots__ = ("_send", "_sizes", "budget", "capacity", "overflow", "path")
+    __slots__ = ("_queued", "_send", "budget", "capacity", "overflow", "path")
 
     def __init__(
         self,
@@ -91,14 +100,14 @@ class ActorRef(Generic[M]):
         overflow: Overflow,
         *,
         budget: ByteBudget | None = None,
-        sizes: deque[int] | None = None,
+        queued: _Queued | None = None,
     ) -> None:
         self.path = path
         self.capacity = capacity
         self.overflow = overflow
         self.budget = budget
         self._send = send
-        self._sizes = sizes if sizes is not None else deque()
+        self._queued = queued if queued is not None else _Queued()
 
     def tell(self, message: M, *, sender: str = "?", size: int = 0) -> None:
         """Queue ``message`` without waiting; a full mailbox is handled by the overflow policy.
@@ -146,7 +155,7 @@ class ActorRef(Generic[M]):
         if budget is not None:
             # Every queued message has its size here, in channel order (see the module doc).
             budget.add(size)
-            self._sizes.append(size)
+            self._queued.sizes.append(size)
 
     def _overflow(self, message: M | Ask[M], sender: str, held: str) -> None:
         if self.overflow is Overflow.REJECT:
@@ -159,6 +168,22 @@ class ActorRef(Generic[M]):
     def depth(self) -> int:
         """Messages waiting to be handled."""
         return self._send.statistics().current_buffer_used
+
+    @property
+    def has_room(self) -> bool:
+        """Whether a small message would be queued now."""
+        if self.depth >= self.capacity:
+            return False
+        return self.budget is None or self.budget.admits(1)
+
+    async def wait_for_room(self) -> None:
+        """Wait until the actor has taken a message and :attr:`has_room` holds (room freed
+        elsewhere on the node does not wake it: bound the wait). Cancelling it is clean."""
+        while not self.has_room:
+            queued = self._queued
+            if queued.room is None:
+                queued.room = trio.Event()
+            await queued.room.wait()
 
     @property
     def queued_bytes(self) -> int:
@@ -174,17 +199,17 @@ class Inbox(Generic[M]):
     """The actor's end of a mailbox: messages in arrival order, each giving back its bytes
     to the budget as it is taken. Iterate it (``async for``) in the actor's loop."""
 
-    __slots__ = ("_budget", "_receive", "_sizes")
+    __slots__ = ("_budget", "_queued", "_receive")
 
     def __init__(
         self,
         receive: trio.MemoryReceiveChannel[M | Ask[M]],
         budget: ByteBudget | None,
-        sizes: deque[int],
+        queued: _Queued,
     ) -> None:
         self._receive = receive
         self._budget = budget
-        self._sizes = sizes
+        self._queued = queued
 
     def __aiter__(self) -> Inbox[M]:
         return self
@@ -206,13 +231,18 @@ class Inbox(Generic[M]):
         return envelope
 
     def _taken(self) -> None:
+        queued = self._queued
         if self._budget is not None:
-            self._budget.remove(self._sizes.popleft())
+            self._budget.remove(queued.sizes.popleft())
+        room = queued.room
+        if room is not None:
+            queued.room = None
+            room.set()
 
     def close(self) -> None:
         """The actor's name is gone: nothing more is received; its bytes are given back."""
         self._receive.close()
-        self._sizes.clear()
+        self._queued.sizes.clear()
         if self._budget is not None:
             self._budget.release_all()
 
@@ -232,6 +262,6 @@ def open_mailbox(
     """A fresh mailbox of ``capacity`` messages (and ``budget``'s bytes, when given): the
     ref for senders and the inbox for the actor's loop."""
     send, receive = trio.open_memory_channel[M | Ask[M]](capacity)
-    sizes: deque[int] = deque()
-    ref = ActorRef(path, send, capacity, overflow, budget=budget, sizes=sizes)
-    return ref, Inbox(receive, budget, sizes)
+    queued = _Queued()
+    ref = ActorRef(path, send, capacity, overflow, budget=budget, queued=queued)
+    return ref, Inbox(receive, budget, queued)

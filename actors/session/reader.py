@@ -26,6 +26,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import structlog
+import trio
 
 from actors.session.actor import SessionState
 from runtime import trace
@@ -89,6 +90,12 @@ async def pump(
             assert isinstance(frame, str)  # screen() ends the session on a binary frame
             if not reader.handle(frame, size):
                 return
+            if reader.refusing:
+                # Fairness: a session being refused reads at the pace its mailbox frees
+                # (at most the retry hint apart), not as fast as its peer sends: refusals
+                # cost the node's time, which other sessions share.
+                with trio.move_on_after(BUSY_RETRY_AFTER_S):
+                    await mailbox.wait_for_room()
     except OutboxClosed:
         return  # the session is ending; whoever closed the outbox closes the socket
 
@@ -120,6 +127,11 @@ class _Reader:
         self._busy_total = 0
         #: Lines this peer can cause (bad frames, stray responses, busy) are throttled.
         self._throttle = LogThrottle()
+
+    @property
+    def refusing(self) -> bool:
+        """Whether the last request was refused as "server busy"."""
+        return self._busy_refusals > 0
 
     def screen(self, frame: str | bytes, size: int) -> tuple[int, str] | None:
         """The close code and reason if this frame (of ``size`` bytes) ends the session,
