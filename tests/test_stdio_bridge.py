@@ -1,6 +1,7 @@
 """``exai bridge`` as IDEs run it: a stdio client reaches the server, survives a dropped or
 half-open connection, ends its session when it closes stdin, and hears at once that its token
-was refused."""
+was refused; the token is never on the command line (every local user can read a process's
+arguments, ``ps``, ``/proc/PID/cmdline``; ``/proc/PID/environ`` only its owner: proc(5))."""
 
 from __future__ import annotations
 
@@ -12,10 +13,14 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import pytest
 import trio
 
 from tests.harness import EXAI, ServerProcess, query, start_server, wait_until
 from tests.tcp_proxy import TcpProxy
+
+#: How ``exai`` starts the one line it prints for a token given as a flag.
+WARNING = "exai: warning:"
 
 
 class StdioPeer:
@@ -287,3 +292,60 @@ async def test_a_half_open_link_is_noticed_by_pings_and_the_session_resumes_on_a
         assert unresponsive, stderr.read_text()
     finally:
         assert server.stop() == 0
+
+
+def command_line(pid: int) -> str:
+    """What ``ps`` shows of a process: its arguments, as any local user can read them."""
+    return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+
+
+@pytest.mark.parametrize("given", ["file", "flag"])
+async def test_the_token_comes_from_a_file_and_a_token_flag_still_works_with_one_warning(
+    server: ServerProcess, tmp_path: Path, given: str
+) -> None:
+    """(The other tests give it as EXAI_TOKEN.)"""
+    env = {key: value for key, value in os.environ.items() if key != "EXAI_TOKEN"}
+    args = [str(EXAI), "bridge", "--url", server.url]
+    if given == "file":
+        token_file = tmp_path / "token"
+        token_file.write_text(server.token + "\n")
+        token_file.chmod(0o600)
+        args += ["--token-file", str(token_file)]
+    else:
+        args += ["--token", server.token]
+    stderr = tmp_path / "bridge.stderr"
+    with stderr.open("wb") as sink:
+        process = await trio.lowlevel.open_process(
+            args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=sink, env=env
+        )
+    peer = StdioPeer(process)
+    try:
+        seen_in_ps = server.token in command_line(process.pid)
+        assert (await peer.request("p", "ping", {}))["result"] == {}
+        await peer.close_stdin()
+        with trio.fail_after(30):
+            assert await process.wait() == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+    warnings = [line for line in stderr.read_text().splitlines() if line.startswith(WARNING)]
+    if given == "flag":
+        assert seen_in_ps  # why the flag is discouraged
+        assert len(warnings) == 1
+        assert "--token" in warnings[0]
+        assert "EXAI_TOKEN" in warnings[0]
+    else:
+        assert not seen_in_ps
+        assert warnings == []
+
+
+def test_an_unreadable_token_file_is_a_configuration_error(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [str(EXAI), "bridge", "--url", "ws://127.0.0.1:1/mcp", "--token-file", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert f"cannot read the token file {tmp_path}" in done.stderr
