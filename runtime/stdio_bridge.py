@@ -90,8 +90,10 @@ class _Target:
 
     @property
     def host_header(self) -> str:
-        default = 443 if self.tls else 80
-        return self.host if self.port == default else f"{self.host}:{self.port}"
+        """``Host`` (RFC 9110 section 7.2): an IPv6 literal in brackets, a default port left
+        out."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return host if self.port == (443 if self.tls else 80) else f"{host}:{self.port}"
 
 
 @dataclass
@@ -138,7 +140,12 @@ class _Relay:
             f"the exai server at {_redact(self.url)} refused the token (HTTP {status}); "
             "the request was not sent. Check EXAI_TOKEN or --token-file"
         )
-        log.error("bridge.token_refused", url=_redact(self.url), status=status)
+        log.error(
+            "bridge.token_refused",
+            url=_redact(self.url),
+            status=status,
+            hint="check EXAI_TOKEN or --token-file; requests are answered with an error",
+        )
         self.changed.set()
 
     async def answer_error(self, request_id: str | int, code: int, message: str) -> None:
@@ -254,6 +261,16 @@ async def _wait_for_server(relay: _Relay) -> bool:
     return False
 
 
+#: How a connection attempt or a live connection fails, short of a refused handshake.
+_CONNECTION_FAILURES = (
+    OSError,
+    HandshakeError,
+    ConnectionClosed,
+    trio.BrokenResourceError,
+    trio.TooSlowError,
+)
+
+
 async def _keep_connected(relay: _Relay) -> None:
     """Connect, and reconnect after each drop, until stdin closes or the token is refused."""
     delay = 0.05
@@ -278,21 +295,15 @@ async def _keep_connected(relay: _Relay) -> None:
             continue
         if failure is None:
             delay = 0.05  # it was up: try again at once
-        log.info("bridge.reconnecting", error=repr(failure), delay=delay)
+        log.info(
+            "bridge.reconnecting",
+            error=None if failure is None else repr(failure),
+            delay=delay,
+        )
         if relay.away_since is None:  # never connected yet
             relay.away_since = trio.current_time()
         await trio.sleep(delay)
         delay = min(delay * 2, 2.0)
-
-
-#: How a connection attempt or a live connection fails, short of a refused handshake.
-_CONNECTION_FAILURES = (
-    OSError,
-    HandshakeError,
-    ConnectionClosed,
-    trio.BrokenResourceError,
-    trio.TooSlowError,
-)
 
 
 async def _one_connection(relay: _Relay) -> None:
