@@ -23,6 +23,8 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 DEFAULT_IDENTITY = "default"
+#: Generated tokens start with it.
+TOKEN_PREFIX = "exai_"
 MIN_TOKEN_LENGTH = 16
 #: Names appear in logs and in the database: short, printable, no separators of our formats.
 IDENTITY_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
@@ -37,7 +39,9 @@ def load_or_create_token(path: Path, configured: str | None) -> str:
         if token:
             return token
     path.parent.mkdir(parents=True, exist_ok=True)
-    token = secrets.token_urlsafe(32)
+    # A prefix that secret scanners can recognise, and which keeps a token from starting
+    # with "-" (base64url may), where a command line would take it for an option.
+    token = TOKEN_PREFIX + secrets.token_urlsafe(32)
     # Created with 0600 from the first byte: no window where another user can read it.
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as handle:
