@@ -22,7 +22,12 @@ from urllib.parse import parse_qs, urlsplit
 
 import structlog
 import trio
-from trio_websocket import WebSocketConnection, WebSocketRequest, wrap_server_stream
+from trio_websocket import (
+    ConnectionClosed,
+    WebSocketConnection,
+    WebSocketRequest,
+    wrap_server_stream,
+)
 
 from runtime.auth import ClientTokens, presented_token
 from runtime.handshake_admission import HandshakeAdmission, parse_networks
@@ -237,7 +242,12 @@ class McpWebSocketServer:
                     # for large messages.
                     receive_buffer_size=None,
                 )
-                opened = await self._handshake(request, peer, stream)
+                try:
+                    opened = await self._handshake(request, peer, stream)
+                except ConnectionClosed:
+                    # The peer left while we answered it (a reset right after its request):
+                    # its doing, not a failure of ours; nothing to log beyond the counters.
+                    opened = None
                 race.cancel_scope.cancel()
                 return opened
         if deadline.cancelled_caught:
