@@ -4,9 +4,10 @@ Start-up order is dependency order, and shutdown is its exact reverse, so nothin
 used after what it depends on has gone:
 
 1. storage (not an actor): the database (embedded Postgres under the state dir, or
-   ``--database-url``), migrations, the write journal, and crash recovery: the journal of a
-   killed predecessor is replayed and its ``running`` tasks become ``interrupted`` *before*
-   any session is accepted;
+   ``--database-url``, waited for up to ``EXAI_DATABASE_WAIT`` seconds while it does not
+   answer), migrations, the write journal, and crash recovery: the journal of a killed
+   predecessor is replayed and its ``running`` tasks become ``interrupted`` *before* any
+   session is accepted;
 2. the root supervisor (one_for_one), whose children start in order:
    ``persistence`` (pykka actor, reached through an :class:`ActorName`), ``persistence_pulse``
    (the trio side's timer: journal fsyncs, activity sync, heartbeats), ``rate_limiter`` (the
@@ -17,7 +18,10 @@ used after what it depends on has gone:
 
 Before all of it, the configuration (flags, ``EXAI_*``, the ``EXAI_CONFIG`` file with its
 ``[clients]``, ``[chat]`` and ``[upstream]`` tables) is loaded and checked: a bad one ends the
-process with exit code 2 and one message, before anything is started.
+process with exit code 2 and one message, before anything is started. (The CLI has already
+locked the state dir: ``runtime/statefile.py``.) A cause that stops the start later is a
+:class:`~storage.startup_errors.StartupError` (database: exit code 4; the port: 3), raised as
+itself to the CLI, which prints its one line.
 
 On SIGINT or SIGTERM the root is asked to stop (never cancelled, so every child gets its grace
 period): ``sessions`` stops accepting and closes every session with 1001 (each records its
