@@ -26,7 +26,7 @@ from pydantic import ValidationError
 from runtime import status_view, trace_view
 from runtime.config import ConfigError, Settings, load_settings
 from runtime.logs import LogSettings, configure_logging, log_path, register_secret
-from runtime.statefile import StateDirLock, read_server_info
+from runtime.statefile import StateDirLock, read_server_info, state_dir_unusable
 from runtime.stdio_bridge import run_bridge
 from runtime.supervision import SupervisionError
 from storage.startup_errors import StartupError, startup_error_in
@@ -195,9 +195,13 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _run_server(settings: Settings, log_settings: LogSettings) -> int:
     """Run the node; the exit code of how it ended, a failure told in one line on stderr."""
-    configure_logging(
-        settings.log_level, log_file=log_path(settings.state_dir), settings=log_settings
-    )
+    try:
+        configure_logging(
+            settings.log_level, log_file=log_path(settings.state_dir), settings=log_settings
+        )
+    except OSError as exc:  # logs/ left unwritable (by another user, say)
+        unusable = state_dir_unusable(settings.state_dir, exc)
+        return _fail(unusable.message, unusable.exit_code)
     # Python warnings (a library's deprecation, platformdirs on a machine without
     # XDG_RUNTIME_DIR) become log events instead of free text among the log lines.
     logging.captureWarnings(True)

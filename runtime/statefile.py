@@ -16,6 +16,7 @@ up holding a lock on a file nobody else sees.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 from datetime import datetime
@@ -75,9 +76,13 @@ class StateDirLock:
         """
         try:
             state_dir.mkdir(parents=True, exist_ok=True)
+            # access(2): the lock file may exist in a dir that is no longer writable (for
+            # root, this still catches a read-only file system: EROFS).
+            if not os.access(state_dir, os.W_OK | os.X_OK):
+                raise PermissionError(errno.EACCES, "not writable", str(state_dir))
             fd = os.open(state_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         except OSError as exc:
-            raise _unusable(state_dir, exc) from exc
+            raise state_dir_unusable(state_dir, exc) from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -89,13 +94,13 @@ class StateDirLock:
             ) from None
         except OSError as exc:  # ENOLCK: a file system without locks (some NFS mounts)
             os.close(fd)
-            raise _unusable(state_dir, exc) from exc
+            raise state_dir_unusable(state_dir, exc) from exc
         try:
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         except OSError as exc:  # ENOSPC, EIO
             os.close(fd)
-            raise _unusable(state_dir, exc) from exc
+            raise state_dir_unusable(state_dir, exc) from exc
         return cls(state_dir, fd)
 
     def release(self) -> None:
@@ -115,7 +120,8 @@ class StateDirLock:
         self.release()
 
 
-def _unusable(state_dir: Path, error: OSError) -> StateDirUnusable:
+def state_dir_unusable(state_dir: Path, error: OSError) -> StateDirUnusable:
+    """The start-up error for a state dir (or a file in it) that cannot be written (exit 5)."""
     reason = error.strerror or str(error)
     where = f" ({error.filename})" if error.filename and Path(error.filename) != state_dir else ""
     return StateDirUnusable(
