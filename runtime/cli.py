@@ -183,6 +183,9 @@ def _serve(args: argparse.Namespace) -> int:
         log_settings = _log_settings(trace_sample=args.trace_sample, log_console=args.log_console)
     except ConfigError as exc:
         return _fail(str(exc), EXIT_CONFIG)
+    # Everything the server creates (state dir, tokens, journal, logs, server.json, rejected
+    # records) is its owner's alone: 0700 directories, 0600 files, from the first byte.
+    os.umask(0o077)
     try:
         # Before anything else touches the state dir (the log file is in it): one server per
         # state dir, whatever the other one is doing (runtime/statefile.py).
