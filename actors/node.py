@@ -4,9 +4,10 @@ Start-up order is dependency order, and shutdown is its exact reverse, so nothin
 used after what it depends on has gone:
 
 1. storage (not an actor): the database (embedded Postgres under the state dir, or
-   ``--database-url``), migrations, the write journal, and crash recovery: the journal of a
-   killed predecessor is replayed and its ``running`` tasks become ``interrupted`` *before*
-   any session is accepted;
+   ``--database-url``, waited for up to ``EXAI_DATABASE_WAIT`` seconds while it does not
+   answer), migrations, the write journal, and crash recovery: the journal of a killed
+   predecessor is replayed and its ``running`` tasks become ``interrupted`` *before* any
+   session is accepted;
 2. the root supervisor (one_for_one), whose children start in order:
    ``persistence`` (pykka actor, reached through an :class:`ActorName`), ``persistence_pulse``
    (the trio side's timer: journal fsyncs, activity sync, heartbeats), ``rate_limiter`` (the
@@ -17,7 +18,10 @@ used after what it depends on has gone:
 
 Before all of it, the configuration (flags, ``EXAI_*``, the ``EXAI_CONFIG`` file with its
 ``[clients]``, ``[chat]`` and ``[upstream]`` tables) is loaded and checked: a bad one ends the
-process with exit code 2 and one message, before anything is started.
+process with exit code 2 and one message, before anything is started. (The CLI has already
+locked the state dir: ``runtime/statefile.py``.) A cause that stops the start later is a
+:class:`~storage.startup_errors.StartupError` (database: exit code 4; the port: 3), raised as
+itself to the CLI, which prints its one line.
 
 On SIGINT or SIGTERM the root is asked to stop (never cancelled, so every child gets its grace
 period): ``sessions`` stops accepting and closes every session with 1001 (each records its
@@ -40,6 +44,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
 
+import psycopg
 import structlog
 import trio
 
@@ -72,16 +77,25 @@ from runtime.pykka_supervision import ActorName, pykka_child
 from runtime.server import McpWebSocketServer, Sessions, listener_status
 from runtime.statefile import ServerInfo, remove_server_info, write_server_info
 from runtime.supervision import ChildContext, ChildSpec, Strategy, Supervisor, run_root
+from storage.connection import DatabaseTarget, check_database
 from storage.embedded import EmbeddedPostgres
 from storage.journal import Journal
 from storage.migrations import apply_migrations
 from storage.recovery import recover
+from storage.startup_errors import DatabaseUnavailable, DatabaseUnreachable, StartupError
 from storage.threads import ThreadStore
 
 log = structlog.get_logger("node")
 
 #: Exit code of a process whose configuration is invalid (as the CLI's own check).
 EXIT_CONFIG = 2
+#: Back-off between attempts to reach the database at start, in seconds: doubled after each
+#: attempt from the first to the second (so a database starting alongside us is found
+#: quickly, and one that is down is not hammered).
+DATABASE_RETRY_FIRST = 0.25
+DATABASE_RETRY_MAX = 5.0
+#: Longest a single attempt may take to connect, in seconds (libpq's ``connect_timeout``).
+DATABASE_CONNECT_TIMEOUT = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +113,8 @@ def load_node_config(settings: Settings) -> NodeConfig:
     Creates the state dir and, on first start, the default token in it.
     """
     file = load_config_file(settings.config)
+    if settings.database_url is not None:
+        _check_database_url(settings.database_url)
     try:
         upstream = load_upstream(settings.config, os.environ)
     except UpstreamConfigError as exc:
@@ -138,6 +154,20 @@ async def reload_on_hangup(settings: Settings, clients: ClientTokens) -> None:
             log.info("config.reloaded", clients=clients.identities)
 
 
+def _check_database_url(url: str) -> None:
+    """libpq must be able to parse the URL (:class:`ConfigError` if not; its message never
+    quotes the URL, which holds the password), and the password is masked in every log line."""
+    try:
+        password = psycopg.conninfo.conninfo_to_dict(url).get("password")
+    except psycopg.ProgrammingError:
+        raise ConfigError(
+            "invalid configuration:\n  database_url (--database-url / EXAI_DATABASE_URL): "
+            "not a PostgreSQL URL libpq can parse (postgresql://USER:PASSWORD@HOST:PORT/DB)"
+        ) from None
+    if password:
+        register_secret(str(password))
+
+
 async def run_node(settings: Settings, *, announce: bool = True) -> None:
     """Run until SIGINT/SIGTERM, then shut down in order. Returns normally on a clean stop.
 
@@ -156,13 +186,24 @@ async def run_node(settings: Settings, *, announce: bool = True) -> None:
     )
     tune_for_long_lived_objects()  # thousands of sessions live for hours: runtime/collector.py
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        await _run(settings, config, signals, announce=announce)
+        # Signals are watched from the first step on: a stop while storage starts (waiting
+        # for the database, say) ends the start instead of waiting for it.
+        stop = trio.Event()
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_stop_on_signal, signals, stop)
+                nursery.start_soon(reload_on_hangup, settings, config.clients)
+                await _run(settings, config, stop, announce=announce)
+                nursery.cancel_scope.cancel()  # the signal watcher's job is done
+        except ExceptionGroup as group:
+            # The process's verdict (a root that gave up, a start-up error): to the CLI as
+            # itself, with its own cause (what the root last restarted for, the bind's OSError).
+            error = sole_exception(group)
+            raise error from error.__cause__
     log.info("server.stopped")
 
 
-async def _run(
-    settings: Settings, config: NodeConfig, signals: AsyncIterator[int], *, announce: bool
-) -> None:
+async def _run(settings: Settings, config: NodeConfig, stop: trio.Event, *, announce: bool) -> None:
     node_id = f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
     embedded: EmbeddedPostgres | None = None
     journal: Journal | None = None
@@ -174,6 +215,8 @@ async def _run(
             reused = embedded.initialised
             url = await trio.to_thread.run_sync(embedded.start)
             log.info("storage.embedded", pgdata=str(settings.pgdata), reused=reused)
+        if not await _wait_for_database(url, settings.database_wait, stop):
+            return  # stopped while waiting: nothing else was started
         applied = await trio.to_thread.run_sync(apply_migrations, url)
         log.info("storage.migrated", applied=applied)
         journal = Journal.open(
@@ -195,16 +238,7 @@ async def _run(
             threads=threads,
             announce=announce,
         )
-        stop = trio.Event()
-        try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(_stop_on_signal, signals, stop)
-                nursery.start_soon(reload_on_hangup, settings, config.clients)
-                await run_root(tree.root, stop_requested=stop)
-                nursery.cancel_scope.cancel()  # the signal watcher's job is done
-        except ExceptionGroup as group:
-            # A root that gave up is the process's verdict: hand it to the CLI as itself.
-            raise sole_exception(group) from None
+        await run_root(tree.root, stop_requested=stop)
     finally:
         remove_server_info(settings.server_file)
         with trio.CancelScope(shield=True):
@@ -214,6 +248,63 @@ async def _run(
                 journal.close()
             if embedded is not None:
                 await trio.to_thread.run_sync(embedded.stop)
+
+
+async def _wait_for_database(url: str, wait: float, stop: trio.Event) -> bool:
+    """Connect once to the database, trying again with back-off for ``wait`` seconds while it
+    does not answer (it may be starting with us): one log line per failed attempt, and one
+    naming the database reached. ``False`` if a stop was asked for meanwhile.
+
+    Raises :class:`DatabaseUnreachable` once ``wait`` has passed, and at once the
+    :class:`DatabaseUnavailable` of a refused login or a missing database, which no wait cures.
+    """
+    target = DatabaseTarget.from_url(url)
+    where = {"host": target.host, "port": target.port, "database": target.database}
+    deadline = trio.current_time() + wait
+    delay = DATABASE_RETRY_FIRST
+    attempt = 0
+    while True:
+        attempt += 1
+        timeout = min(DATABASE_CONNECT_TIMEOUT, deadline - trio.current_time())
+        failure = await _connect_once(url, timeout)
+        if failure is None:
+            log.info("storage.connected", attempts=attempt, user=target.user, **where)
+            return True
+        if not isinstance(failure, DatabaseUnreachable):
+            log.error("storage.database_refused", attempt=attempt, error=failure.message, **where)
+            raise failure
+        remaining = deadline - trio.current_time()
+        if remaining <= 0:
+            log.error(
+                "storage.database_unreachable", attempt=attempt, error=failure.message, **where
+            )
+            raise DatabaseUnreachable(
+                f"{failure.message}; gave up after {attempt} attempt(s) in {wait:g} s: start it "
+                "or fix --database-url (EXAI_DATABASE_URL); EXAI_DATABASE_WAIT sets how long "
+                "to wait"
+            ) from failure
+        pause = min(delay, remaining)
+        log.warning(
+            "storage.database_unreachable",
+            attempt=attempt,
+            error=failure.message,
+            retry_in_s=round(pause, 3),
+            **where,
+        )
+        with trio.move_on_after(pause):
+            await stop.wait()
+        if stop.is_set():
+            return False
+        delay = min(delay * 2, DATABASE_RETRY_MAX)
+
+
+async def _connect_once(url: str, connect_timeout: float) -> DatabaseUnavailable | None:
+    """One attempt (:func:`storage.connection.check_database`): its failure, or ``None``."""
+    try:
+        await trio.to_thread.run_sync(partial(check_database, url, connect_timeout=connect_timeout))
+    except DatabaseUnavailable as failure:
+        return failure
+    return None
 
 
 class _Tree:
@@ -391,18 +482,26 @@ class _Tree:
             ping_timeout=settings.ws_ping_timeout,
             counters=self.listener_counters,
         )
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(resumable.run)
-            async with trio.open_nursery() as serving:
-                await serving.start(server.run)
-                self._announce(server.url)
-                ctx.started()
-                await ctx.stop_requested.wait()
-                resumable.parking = False  # sessions closed by us are over, not parked
-                remove_server_info(settings.server_file)
-                server.stop()
-            # server.run has returned: every session has ended; the reaper's work is done.
-            nursery.cancel_scope.cancel()
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(resumable.run)
+                async with trio.open_nursery() as serving:
+                    await serving.start(server.run)
+                    self._announce(server.url)
+                    ctx.started()
+                    await ctx.stop_requested.wait()
+                    resumable.parking = False  # sessions closed by us are over, not parked
+                    remove_server_info(settings.server_file)
+                    server.stop()
+                # server.run has returned: every session has ended; the reaper's work is done.
+                nursery.cancel_scope.cancel()
+        except ExceptionGroup as group:
+            error = sole_exception(group)
+            if isinstance(error, StartupError):
+                # The bind failed: its message explains it, so the supervisor is handed the
+                # error itself (logged without a traceback), not the nurseries' wrapping.
+                raise error from error.__cause__
+            raise
         await resumable.expire_all()
 
     def _announce(self, url: str) -> None:

@@ -54,6 +54,13 @@ class Settings(BaseSettings):
         default=None,
         description="PostgreSQL URL; when unset an embedded Postgres runs under the state dir.",
     )
+    database_wait: float = Field(
+        default=30.0,
+        ge=0,
+        description="Seconds to wait at start for a database that does not answer, trying "
+        "again with back-off (one log line per attempt); then exit code 4. A refused login "
+        "or a missing database is not waited for. 0: one attempt.",
+    )
     token: str | None = Field(
         default=None,
         min_length=16,
