@@ -169,7 +169,6 @@ class EmbeddedPostgres:
         self.log_file = self.pgdata / "log"
         self._lock_fd: int | None = None
         self._user: DatabaseUser | None = None
-        self._socket_dir: Path | None = None
 
     @property
     def initialised(self) -> bool:
@@ -211,7 +210,7 @@ class EmbeddedPostgres:
         try:
             user = self._user = DatabaseUser.for_this_process()
             self._check_reach(user)
-            socket_dir = self._socket_dir = self.socket_dir
+            socket_dir = self.socket_dir
             _private_dir(socket_dir, user)
             password = _ensure_password(self.password_file)
             self._stop_predecessor(user)
@@ -231,6 +230,10 @@ class EmbeddedPostgres:
         if self._user is not None and _postmaster(self.pgdata) is not None:
             self._pg_ctl_stop(self._user, "fast")
         self._user = None
+        if self.socket_dir.parent == _SHORT_SOCKET_BASE:
+            # Empty now (the server removes its socket and lock file): leave no litter in /tmp.
+            with contextlib.suppress(OSError):
+                self.socket_dir.rmdir()
         self._release_lock()
 
     def crash(self) -> None:
