@@ -217,11 +217,16 @@ class EmbeddedPostgres:
             if not self.initialised:
                 self._initdb(user, socket_dir, password)
             self._pg_ctl_start(user, socket_dir)
-            if _trusts(self.pgdata / "pg_hba.conf"):
-                self._require_password(user, socket_dir, password)
         except BaseException:
+            self._user = None
             self._release_lock()
             raise
+        if _trusts(self.pgdata / "pg_hba.conf"):
+            try:
+                self._require_password(user, socket_dir, password)
+            except BaseException:
+                self.stop()  # not left running, half converted, for nobody
+                raise
         return self.url
 
     def stop(self) -> None:
