@@ -51,6 +51,8 @@ from urllib.parse import quote, urlencode
 import psycopg
 from psycopg import sql
 
+from storage.startup_errors import StateDirUnusable
+
 # Importing the wheel's package sets up its PostgresServer class (unused here), whose
 # platformdirs call warns when XDG_RUNTIME_DIR is unset, which is normal on servers and in CI.
 warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
@@ -70,10 +72,10 @@ _START_TIMEOUT = 60  # seconds pg_ctl waits for start or stop (crash recovery ma
 _INITDB_TIMEOUT = 300
 
 
-class EmbeddedPostgresUnusable(Exception):
-    """The embedded database cannot run here as asked. The message is one line for the
-    operator: what is in the way and how to get past it (another ``--state-dir``, or
-    ``--database-url``)."""
+class EmbeddedPostgresUnusable(StateDirUnusable):
+    """The embedded database cannot run here as asked (exit 5: the state dir is unusable for
+    it). The message is one line for the operator: what is in the way and how to get past it
+    (another ``--state-dir``, or ``--database-url``)."""
 
 
 @dataclass(frozen=True)
