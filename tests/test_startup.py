@@ -183,7 +183,13 @@ class DatabaseComingUp:
         self._host = str(params.get("host") or "localhost")
         self._port = int(params.get("port") or 5432)
         self._socket = trio.socket.socket()
-        self._login = (str(params.get("user") or ""), str(params.get("password") or ""))
+        password = str(params.get("password") or "")
+        if not password and params.get("passfile"):
+            # The embedded server's password lives in a libpq passfile
+            # (host:port:database:user:password); the relay's URL carries it instead.
+            line = Path(str(params["passfile"])).read_text().splitlines()[0]
+            password = line.rsplit(":", 1)[1]
+        self._login = (str(params.get("user") or ""), password)
         self._database = str(params["dbname"])
 
     async def bind(self) -> str:
