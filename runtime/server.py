@@ -184,12 +184,15 @@ class McpWebSocketServer:
     """Accepts authenticated WebSocket connections on ``/mcp`` and hands each to a session.
 
     Each connection, in :meth:`_serve_connection`: the listener (:mod:`runtime.listener`)
-    admits it (:mod:`runtime.handshake_admission`) and runs it contained; trio-websocket parses
-    the upgrade request over the stream, its reader task in a nursery of this connection
-    alone; path, token, capacity and resume are checked; the 101 is sent; the handshake's
-    place is released; the session runs with :func:`~runtime.keepalive.keep_alive` beside it.
+    admits it (:mod:`runtime.handshake_admission`) and runs it contained; its request head is
+    read (:mod:`runtime.http_dispatch`): a plain HTTP request (``/healthz``, ``/readyz``) is
+    answered and the connection closed, an upgrade goes on to trio-websocket, which parses it
+    again over the stream, its reader task in a nursery of this connection alone; path,
+    draining, token, capacity and resume are checked; the 101 is sent; the handshake's place
+    is released; the session runs with :func:`~runtime.keepalive.keep_alive` beside it.
 
-    The handshake (accept to 101 or error response) has ``handshake_timeout`` seconds; a peer
+    The handshake (accept to 101 or error response, or to a plain answer) has
+    ``handshake_timeout`` seconds; a peer
     that goes away meanwhile is noticed at once (its end of stream or reset), not at the
     deadline, so its descriptor is released as soon as it has gone.
     """
