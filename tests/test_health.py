@@ -63,7 +63,8 @@ async def test_other_plain_requests_are_refused(server: ServerProcess) -> None:
         posted = await client.post(http_url(server, "/readyz"))
         assert (posted.status_code, posted.headers["allow"]) == (405, "GET")
     parts = urlsplit(server.url)
-    assert parts.hostname is not None and parts.port is not None
+    assert parts.hostname is not None
+    assert parts.port is not None
     stream = await trio.open_tcp_stream(parts.hostname, parts.port)
     async with stream:
         await stream.send_all(b"NOT HTTP AT ALL\r\n\r\n")
