@@ -176,7 +176,7 @@ async def _run(
             threads=threads,
             announce=announce,
         )
-        stop = trio.Event()
+        stop = tree.stop_requested
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_stop_on_signal, signals, stop, tree.sessions.cut_drain_short)
@@ -226,6 +226,8 @@ class _Tree:
         persistence_config = PersistenceConfig()
         self.directory = SessionDirectory()
         self.database_ready = _DatabaseProbe(self.persistence)
+        #: Set by the first SIGINT/SIGTERM: the tree is asked to stop, and the sessions drain.
+        self.stop_requested = trio.Event()
         self.sessions = Sessions(max_sessions=settings.max_sessions)
         # The listener's admission and counters outlive restarts of the sessions child.
         self.admission = HandshakeAdmission(
@@ -382,6 +384,11 @@ class _Tree:
                 self._announce(server.url)
                 ctx.started()
                 await ctx.stop_requested.wait()
+                if not self.stop_requested.is_set():
+                    # The root is giving up (a child failed past its intensity), nobody asked
+                    # for a stop: what the calls in flight need may be gone, so none is
+                    # waited for.
+                    self.sessions.cut_drain_short()
                 resumable.parking = False  # sessions closed by us are over, not parked
                 remove_server_info(settings.server_file)
                 server.stop()
