@@ -67,6 +67,7 @@ from runtime.config import (
     Settings,
     load_config_file,
     named_client_tokens,
+    require_private,
 )
 from runtime.handshake_admission import HandshakeAdmission
 from runtime.listener import ListenerCounters
@@ -103,12 +104,14 @@ def load_node_config(settings: Settings) -> NodeConfig:
     Creates the state dir and, on first start, the default token in it.
     """
     file = load_config_file(settings.config)
-    named = named_client_tokens(settings, file)
+    named = named_client_tokens(settings, file, os.environ)
     try:
         upstream = load_upstream(settings.config, os.environ)
     except UpstreamConfigError as exc:
         raise ConfigError(str(exc)) from None
     settings.state_dir.mkdir(parents=True, exist_ok=True)
+    if settings.token is None and settings.token_file.exists():
+        require_private(settings.token_file, "token file")
     token = load_or_create_token(settings.token_file, settings.token)
     register_secret(token)  # masked in every log line from now on
     try:

@@ -168,6 +168,9 @@ def _serve(args: argparse.Namespace) -> int:
         log_settings = _log_settings(trace_sample=args.trace_sample, log_console=args.log_console)
     except ConfigError as exc:
         return _fail(str(exc), EXIT_CONFIG)
+    # Everything the server creates (state dir, tokens, journal, logs, server.json, rejected
+    # records) is its owner's alone: 0700 directories, 0600 files, from the first byte.
+    os.umask(0o077)
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     configure_logging(
         settings.log_level, log_file=log_path(settings.state_dir), settings=log_settings
