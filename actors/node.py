@@ -24,12 +24,12 @@ period): ``sessions`` drains (``/readyz`` answers 503 and new sessions are refus
 session is closed with 1001 once its calls in flight are answered, and those still running
 after ``EXAI_DRAIN_TIMEOUT`` seconds, or at once on a second signal, are cancelled; each
 session records its end and is forgotten by the rate limiter), ``providers`` closes its HTTP
-clients,
-``rate_limiter`` refuses whatever still waits, ``persistence_pulse`` flushes what is buffered,
-``persistence`` stops behind every write already sent. Then the read pool of threads and the
-journal are closed and the embedded Postgres stopped. A root that gives up (more than
-``EXAI_ROOT_MAX_RESTARTS`` restarts within the period) raises
-:class:`~runtime.supervision.SupervisorGaveUp`; the CLI reports it and exits non-zero.
+clients, ``rate_limiter`` refuses whatever still waits, ``persistence_pulse`` flushes what is
+buffered, ``persistence`` stops behind every write already sent. Then the read pool of
+threads and the journal are closed and the embedded Postgres stopped. A root that gives up
+(more than ``EXAI_ROOT_MAX_RESTARTS`` restarts within the period) raises
+:class:`~runtime.supervision.SupervisorGaveUp` (its sessions are not drained: what their calls
+need may be gone); the CLI reports it and exits non-zero.
 """
 
 from __future__ import annotations
