@@ -24,22 +24,26 @@ locked the state dir: ``runtime/statefile.py``.) A cause that stops the start la
 itself to the CLI, which prints its one line.
 
 On SIGINT or SIGTERM the root is asked to stop (never cancelled, so every child gets its grace
-period): ``sessions`` stops accepting and closes every session with 1001 (each records its
-end and is forgotten by the rate limiter), ``providers`` closes its HTTP clients,
-``rate_limiter`` refuses whatever still waits, ``persistence_pulse`` flushes what is buffered,
-``persistence`` stops behind every write already sent. Then the read pool of threads and the
-journal are closed and the embedded Postgres stopped. A root that gives up (more than
-``EXAI_ROOT_MAX_RESTARTS`` restarts within the period) raises
-:class:`~runtime.supervision.SupervisorGaveUp`; the CLI reports it and exits non-zero.
+period): ``sessions`` drains (``/readyz`` answers 503 and new sessions are refused; each
+session is closed with 1001 once its calls in flight are answered, and those still running
+after ``EXAI_DRAIN_TIMEOUT`` seconds, or at once on a second signal, are cancelled; each
+session records its end and is forgotten by the rate limiter), ``providers`` closes its HTTP
+clients, ``rate_limiter`` refuses whatever still waits, ``persistence_pulse`` flushes what is
+buffered, ``persistence`` stops behind every write already sent. Then the read pool of
+threads and the journal are closed and the embedded Postgres stopped. A root that gives up
+(more than ``EXAI_ROOT_MAX_RESTARTS`` restarts within the period) raises
+:class:`~runtime.supervision.SupervisorGaveUp` (its sessions are not drained: what their calls
+need may be gone); the CLI reports it and exits non-zero.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import sys
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
@@ -59,6 +63,7 @@ from runtime.actor import sole_exception
 from runtime.admin import serve_admin
 from runtime.auth import ClientTokens, load_or_create_token
 from runtime.breaker import BreakerSnapshot
+from runtime.bridge import ActorUnavailable
 from runtime.budget import NodeBudget
 from runtime.collector import tune_for_long_lived_objects
 from runtime.config import (
@@ -171,8 +176,9 @@ def _check_database_url(url: str) -> None:
 async def run_node(settings: Settings, *, announce: bool = True) -> None:
     """Run until SIGINT/SIGTERM, then shut down in order. Returns normally on a clean stop.
 
-    The signal receiver stays open until the very end, so a second Ctrl-C during shutdown is
-    logged and ignored instead of interrupting the flush of accepted writes.
+    The signal receiver stays open until the very end: a second signal cuts the drain short
+    (calls in flight are cancelled) and later ones are logged and ignored, so that no signal
+    interrupts the flush of accepted writes.
     """
     try:
         config = load_node_config(settings)
@@ -189,11 +195,12 @@ async def run_node(settings: Settings, *, announce: bool = True) -> None:
         # Signals are watched from the first step on: a stop while storage starts (waiting
         # for the database, say) ends the start instead of waiting for it.
         stop = trio.Event()
+        cut_short = trio.Event()
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(_stop_on_signal, signals, stop)
+                nursery.start_soon(_stop_on_signal, signals, stop, cut_short.set)
                 nursery.start_soon(reload_on_hangup, settings, config.clients)
-                await _run(settings, config, stop, announce=announce)
+                await _run(settings, config, stop, cut_short, announce=announce)
                 nursery.cancel_scope.cancel()  # the signal watcher's job is done
         except ExceptionGroup as group:
             # The process's verdict (a root that gave up, a start-up error): to the CLI as
@@ -203,7 +210,14 @@ async def run_node(settings: Settings, *, announce: bool = True) -> None:
     log.info("server.stopped")
 
 
-async def _run(settings: Settings, config: NodeConfig, stop: trio.Event, *, announce: bool) -> None:
+async def _run(
+    settings: Settings,
+    config: NodeConfig,
+    stop: trio.Event,
+    cut_short: trio.Event,
+    *,
+    announce: bool,
+) -> None:
     node_id = f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
     embedded: EmbeddedPostgres | None = None
     journal: Journal | None = None
@@ -237,8 +251,14 @@ async def _run(settings: Settings, config: NodeConfig, stop: trio.Event, *, anno
             journal=journal,
             threads=threads,
             announce=announce,
+            stop_requested=stop,
         )
-        await run_root(tree.root, stop_requested=stop)
+        async with trio.open_nursery() as nursery:
+            # A second signal (run_node's watcher sets cut_short) cancels what the drain
+            # still waits for.
+            nursery.start_soon(_when_set, cut_short, tree.sessions.cut_drain_short)
+            await run_root(tree.root, stop_requested=stop)
+            nursery.cancel_scope.cancel()
     finally:
         remove_server_info(settings.server_file)
         with trio.CancelScope(shield=True):
@@ -320,6 +340,7 @@ class _Tree:
         journal: Journal,
         threads: ThreadStore,
         announce: bool,
+        stop_requested: trio.Event,
     ) -> None:
         self.settings = settings
         self.config = config
@@ -336,6 +357,9 @@ class _Tree:
         )
         persistence_config = PersistenceConfig()
         self.directory = SessionDirectory()
+        self.database_ready = _DatabaseProbe(self.persistence)
+        #: Set by the first SIGINT/SIGTERM: the tree is asked to stop, and the sessions drain.
+        self.stop_requested = stop_requested
         self.sessions = Sessions(max_sessions=settings.max_sessions)
         # The listener's admission and counters outlive restarts of the sessions child.
         self.admission = HandshakeAdmission(
@@ -478,6 +502,9 @@ class _Tree:
             max_message_bytes=settings.max_message_bytes,
             handshake_timeout=settings.handshake_timeout,
             admission=self.admission,
+            drain_timeout=settings.drain_timeout,
+            work=_SessionWork(self.directory),
+            database_ready=self.database_ready,
             ping_interval=settings.ws_ping_interval,
             ping_timeout=settings.ws_ping_timeout,
             counters=self.listener_counters,
@@ -490,6 +517,11 @@ class _Tree:
                     self._announce(server.url)
                     ctx.started()
                     await ctx.stop_requested.wait()
+                    if not self.stop_requested.is_set():
+                        # The root is giving up (a child failed past its intensity), nobody
+                        # asked for a stop: what the calls in flight need may be gone, so
+                        # none is waited for.
+                        self.sessions.cut_drain_short()
                     resumable.parking = False  # sessions closed by us are over, not parked
                     remove_server_info(settings.server_file)
                     server.stop()
@@ -523,12 +555,93 @@ class _Tree:
         log.info("server.ready", url=url)
 
 
-async def _stop_on_signal(signals: AsyncIterator[int], stop: trio.Event) -> None:
-    """First signal: ask the tree to stop. Later ones: say we are already at it."""
+async def _when_set(event: trio.Event, action: Callable[[], None]) -> None:
+    await event.wait()
+    action()
+
+
+async def _stop_on_signal(
+    signals: AsyncIterator[int], stop: trio.Event, cut_drain_short: Callable[[], None]
+) -> None:
+    """First signal: ask the tree to stop (a drain). Second: cancel the calls the drain waits
+    for. Later ones: say we are already at it."""
+    received = 0
     async for signum in signals:
         name = signal.Signals(signum).name
-        if stop.is_set():
+        received += 1
+        if received == 1:
+            log.info("server.stopping", signal=name)
+            stop.set()
+        elif received == 2:
+            log.warning("server.stopping_now", signal=name)
+            cut_drain_short()
+        else:
             log.warning("server.already_stopping", signal=name)
-            continue
-        log.info("server.stopping", signal=name)
-        stop.set()
+
+
+class _SessionWork:
+    """What the drain of :mod:`runtime.server` asks of the sessions (its ``SessionWork``),
+    read from the session directory."""
+
+    def __init__(self, directory: SessionDirectory) -> None:
+        self._directory = directory
+
+    def pending(self, session_id: str) -> bool:
+        live = self._directory.get(session_id)
+        if live is None:
+            return False
+        state = live.state
+        unwritten = live.outbox is not None and len(live.outbox) > 0
+        return bool(state.queued or state.calls or state.handling) or unwritten
+
+    def cancel_all(self) -> int:
+        cancelled = 0
+        for live in self._directory:
+            if live.mailbox is None:
+                continue  # parked: its calls ended with its socket
+            for request_id in list(live.state.calls):
+                live.state.cancel(request_id)
+                cancelled += 1
+        return cancelled
+
+
+class _DatabaseProbe:
+    """``/readyz``'s question "is the database reachable?": the persistence actor's breaker is
+    closed and storage takes new work (as ``exai status`` shows it, actors/status.py).
+
+    ``/readyz`` needs no token, so however often it is asked, the actor is asked at most once
+    per ``period`` seconds (its pulse's pace); concurrent probes share one answer. No answer
+    within ``timeout`` seconds counts as unreachable.
+    """
+
+    def __init__(
+        self, persistence: PersistenceClient, *, period: float = 1.0, timeout: float = 2.0
+    ) -> None:
+        self._persistence = persistence
+        self._period = period
+        self._timeout = timeout
+        self._reachable = False
+        self._fresh_until = -math.inf
+        self._asking: trio.Event | None = None
+
+    async def __call__(self) -> bool:
+        while self._asking is not None:  # another probe is asking: share its answer
+            await self._asking.wait()
+        if trio.current_time() < self._fresh_until:
+            return self._reachable
+        self._asking = asking = trio.Event()
+        try:
+            reachable = False
+            with trio.move_on_after(self._timeout):
+                try:
+                    status = await self._persistence.status()
+                except ActorUnavailable:
+                    pass  # restarting: not reachable now
+                else:
+                    reachable = status.breaker == "closed" and status.available
+            self._reachable = reachable
+            self._fresh_until = trio.current_time() + self._period
+        finally:
+            self._asking = None
+            asking.set()
+        return self._reachable

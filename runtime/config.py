@@ -110,6 +110,13 @@ class Settings(BaseSettings):
         "max_handshakes_per_address: behind a reverse proxy every client arrives from the "
         "proxy's address. Setting it replaces the default (loopback).",
     )
+    drain_timeout: float = Field(
+        default=30.0,
+        ge=0,
+        description="Seconds a stopping server (SIGTERM, SIGINT) lets tool calls in flight "
+        "finish and be answered; /readyz answers 503 and new sessions are refused meanwhile. "
+        "Calls still running then are cancelled; a second signal cancels them at once.",
+    )
     ws_ping_interval: float = Field(
         default=20.0,
         gt=0,
