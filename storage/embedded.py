@@ -272,7 +272,12 @@ class EmbeddedPostgres:
             os.close(fd)
 
     def _check_reach(self, user: DatabaseUser) -> None:
-        """As root, refuse rather than loosen a directory that is not ours."""
+        """As root, refuse rather than loosen a directory that is not ours. The state dir is
+        ours: the database's user may pass through it (``o+x``, 0711: not list it; every
+        file in it is 0600), else the server would refuse its own default ``.exai``."""
+        mode = stat.S_IMODE(self.state_dir.stat().st_mode)
+        if not mode & 0o001:
+            self.state_dir.chmod(mode | 0o011)
         state = [*reversed(self.state_dir.parents), self.state_dir]
         closed = user.first_closed(state)
         if closed is not None:

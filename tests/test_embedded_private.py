@@ -187,6 +187,21 @@ def test_as_root_a_state_dir_the_database_user_cannot_enter_is_refused_not_loose
     assert not (closed / "state" / "pg").exists()
 
 
+@as_root
+async def test_as_root_the_servers_own_0700_state_dir_is_passable_not_listable(
+    tmp: Path,
+) -> None:
+    # What `just serve` makes as root: the server creates its state dir 0700 (umask 077).
+    state = tmp / "state"
+    state.mkdir(mode=0o700)
+    server = start_server(state, database_url=None)
+    try:
+        assert mode(state) == 0o711  # the database's user may pass through, not list it
+        assert mode(tmp) == 0o711  # nothing above the state dir changed
+    finally:
+        assert server.stop() == 0
+
+
 def test_a_data_dir_that_trusts_local_connections_is_converted_on_first_start(
     tmp: Path,
 ) -> None:
