@@ -160,11 +160,26 @@ async def test_a_close_the_server_makes_is_logged_with_its_code(node: ServerProc
     assert "binary frames are not supported" in closed["reason"]
 
 
-async def test_a_session_closed_by_shutdown_says_so(
+async def test_parked_and_shut_down_sessions_say_so(
     database_url: str, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
-    server = start_server(tmp_path_factory.mktemp("shutdown"), database_url=database_url)
+    server = start_server(
+        tmp_path_factory.mktemp("shutdown"),
+        database_url=database_url,
+        extra_env={"EXAI_RESUME_GRACE": "0.5"},
+    )
     try:
+        # Left with 1001 and never resumed: parked, then over when its grace runs out.
+        async with open_raw(server.authed_url()) as ws:
+            _, parked_id = await _session(ws, "2025-06-18")
+            await ws.aclose(1001)
+        await wait_until(lambda: bool(_closed(server, parked_id)), what="the grace to expire")
+        (parked,) = _closed(server, parked_id)
+        assert (parked["code"], parked["reason"]) == (
+            1001,
+            "resume grace expired (detached: GOING_AWAY)",
+        )
+
         async with open_raw(server.authed_url()) as ws:
             _, session_id = await _session(ws, "2025-06-18")
             # The client keeps running meanwhile, so it answers the server's close frame.

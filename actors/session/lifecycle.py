@@ -247,7 +247,8 @@ class SessionLifecycle:
         if sent is not None:
             return _Ending.of(sent)
         if gave_up:
-            return _Ending(CLOSE_INTERNAL_ERROR, "session gave up: restart intensity exceeded")
+            # Raised to the sessions supervisor, which logs it (session.crashed) and closes.
+            return _Ending(CLOSE_INTERNAL_ERROR, "internal error; see session.crashed")
         if not self.resumable.parking and (
             seen is None or seen.code == CLOSE_GOING_AWAY or _unanswered(seen)
         ):
@@ -258,7 +259,7 @@ class SessionLifecycle:
 
     async def _expire_parked(self, state: SessionState) -> None:
         """A parked session is over: its grace ran out, or the node is stopping."""
-        last = self._parked_endings.pop(state.session_id, _Ending(None, ""))
+        last = self._parked_endings.pop(state.session_id, _Ending(None, "unknown"))
         why = "resume grace expired" if self.resumable.parking else "server shutting down"
         await self._expire(state, _Ending(last.code, f"{why} (detached: {last.reason})"))
 
