@@ -62,6 +62,7 @@ from runtime.config import (
     Settings,
     load_config_file,
     named_client_tokens,
+    require_private,
 )
 from runtime.handshake_admission import HandshakeAdmission
 from runtime.listener import ListenerCounters
@@ -98,19 +99,43 @@ def load_node_config(settings: Settings) -> NodeConfig:
     Creates the state dir and, on first start, the default token in it.
     """
     file = load_config_file(settings.config)
-    named = named_client_tokens(settings, file)
     try:
         upstream = load_upstream(settings.config, os.environ)
     except UpstreamConfigError as exc:
         raise ConfigError(str(exc)) from None
     settings.state_dir.mkdir(parents=True, exist_ok=True)
+    clients = load_client_tokens(settings, file)
+    return NodeConfig(file=file, clients=clients, upstream=upstream)
+
+
+def load_client_tokens(settings: Settings, file: ConfigFile) -> ClientTokens:
+    """Every token the node accepts: its own (``EXAI_TOKEN``, else the token file, created on
+    first start) and the named ones; :class:`ConfigError` if any is refused."""
+    named = named_client_tokens(settings, file, os.environ)
+    if settings.token is None and settings.token_file.exists():
+        require_private(settings.token_file, "token file")
     token = load_or_create_token(settings.token_file, settings.token)
     register_secret(token)  # masked in every log line from now on
     try:
-        clients = ClientTokens(token, named)
+        return ClientTokens(token, named)
     except ValueError as exc:
         raise ConfigError(f"invalid client tokens: {exc}") from None
-    return NodeConfig(file=file, clients=clients, upstream=upstream)
+
+
+async def reload_on_hangup(settings: Settings, clients: ClientTokens) -> None:
+    """SIGHUP: read the client tokens again (config file, token file) and accept the new set
+    from the next handshake on; sessions already open go on. A file that is refused leaves
+    the tokens as they were, with one log line saying why. Runs until cancelled."""
+    with trio.open_signal_receiver(signal.SIGHUP) as hangups:
+        async for _ in hangups:
+            try:
+                file = load_config_file(settings.config)
+                fresh = load_client_tokens(settings, file)
+            except ConfigError as exc:
+                log.warning("config.reload_refused", reason=str(exc), kept=clients.identities)
+                continue
+            clients.adopt(fresh)
+            log.info("config.reloaded", clients=clients.identities)
 
 
 async def run_node(settings: Settings, *, announce: bool = True) -> None:
@@ -174,6 +199,7 @@ async def _run(
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_stop_on_signal, signals, stop)
+                nursery.start_soon(reload_on_hangup, settings, config.clients)
                 await run_root(tree.root, stop_requested=stop)
                 nursery.cancel_scope.cancel()  # the signal watcher's job is done
         except ExceptionGroup as group:

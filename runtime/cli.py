@@ -46,6 +46,10 @@ def _parser() -> argparse.ArgumentParser:
 
 Commands = argparse._SubParsersAction  # the type of `add_subparsers()`; generic in typeshed
 
+#: Why a secret is not a flag: every local user can read any process's arguments (ps, and
+#: /proc/PID/cmdline, world-readable on Linux: proc(5)); the environment and files are not.
+_VISIBLE = "discouraged: other local users see it in ps"
+
 
 def _serve_parser(commands: Commands[argparse.ArgumentParser]) -> None:
     serve = commands.add_parser(
@@ -85,16 +89,34 @@ def _bridge_parser(commands: Commands[argparse.ArgumentParser]) -> None:
         "bridge",
         help="stdio MCP server relaying to an exai server over WebSocket (for stdio-only IDEs)",
         description="Reads MCP messages on stdin, relays them to --url, writes answers to "
-        "stdout; resumes the session when the connection drops. Logs go to stderr.",
+        "stdout; resumes the session when the connection drops, ends it when stdin closes. "
+        "The token comes from EXAI_TOKEN, --token-file or <state-dir>/token. Logs go to "
+        "stderr.",
     )
     bridge.add_argument("--url", help="ws://HOST:PORT/mcp (default: <state-dir>/server.json)")
-    bridge.add_argument("--token", help="client token (EXAI_TOKEN; default: <state-dir>/token)")
+    given = bridge.add_mutually_exclusive_group()
+    given.add_argument(
+        "--token-file", type=Path, help="file holding the client token (instead of EXAI_TOKEN)"
+    )
+    given.add_argument("--token", help=f"the client token itself ({_VISIBLE})")
     bridge.add_argument("--state-dir", type=Path, help="where a local server keeps its files")
     bridge.add_argument(
         "--give-up-after",
         type=float,
         default=30.0,
         help="seconds the server may stay away before requests fail at once (default 30)",
+    )
+    bridge.add_argument(
+        "--ws-ping-interval",
+        type=float,
+        help="seconds without a byte from the server before pinging it "
+        "(EXAI_WS_PING_INTERVAL, default 20)",
+    )
+    bridge.add_argument(
+        "--ws-ping-timeout",
+        type=float,
+        help="seconds the server has to answer a ping, or to accept a connection, before the "
+        "bridge reconnects (EXAI_WS_PING_TIMEOUT, default 20)",
     )
 
 
@@ -110,9 +132,15 @@ def _status_parser(commands: Commands[argparse.ArgumentParser]) -> None:
     status.add_argument(
         "--url", help="admin interface, http://127.0.0.1:PORT (default: <state-dir>/server.json)"
     )
-    status.add_argument(
-        "--admin-token", help="admin token (EXAI_ADMIN_TOKEN; default: <state-dir>/admin-token)"
+    given = status.add_mutually_exclusive_group()
+    given.add_argument(
+        "--admin-token-file",
+        "--token-file",
+        type=Path,
+        help="file holding the admin token (instead of EXAI_ADMIN_TOKEN; default: "
+        "<state-dir>/admin-token)",
     )
+    given.add_argument("--admin-token", help=f"the admin token itself ({_VISIBLE})")
     status.add_argument("--json", action="store_true", help="the documented JSON document")
     status.add_argument("--watch", action="store_true", help="refresh until interrupted")
     status.add_argument(
@@ -168,6 +196,9 @@ def _serve(args: argparse.Namespace) -> int:
         log_settings = _log_settings(trace_sample=args.trace_sample, log_console=args.log_console)
     except ConfigError as exc:
         return _fail(str(exc), EXIT_CONFIG)
+    # Everything the server creates (state dir, tokens, journal, logs, server.json, rejected
+    # records) is its owner's alone: 0700 directories, 0600 files, from the first byte.
+    os.umask(0o077)
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     configure_logging(
         settings.log_level, log_file=log_path(settings.state_dir), settings=log_settings
@@ -199,7 +230,13 @@ def _log_settings(**overrides: object) -> LogSettings:
 
 def _bridge(args: argparse.Namespace) -> int:
     try:
-        settings = load_settings(state_dir=args.state_dir, token=args.token)
+        given = _given_secret(args.token, args.token_file, flag="--token", env="EXAI_TOKEN")
+        settings = load_settings(
+            state_dir=args.state_dir,
+            token=given,
+            ws_ping_interval=args.ws_ping_interval,
+            ws_ping_timeout=args.ws_ping_timeout,
+        )
     except ConfigError as exc:
         return _fail(str(exc), EXIT_CONFIG)
     configure_logging(settings.log_level, json=True)
@@ -216,10 +253,47 @@ def _bridge(args: argparse.Namespace) -> int:
     if token is None and settings.token_file.exists():
         token = settings.token_file.read_text().strip()
     if not token:
-        return _fail("no token: pass --token or set EXAI_TOKEN", EXIT_CONFIG)
+        return _fail("no token: set EXAI_TOKEN or pass --token-file", EXIT_CONFIG)
     register_secret(token)
-    trio.run(partial(run_bridge, url, token, give_up_after=args.give_up_after))
+    try:
+        trio.run(
+            partial(
+                run_bridge,
+                url,
+                token,
+                give_up_after=args.give_up_after,
+                ping_interval=settings.ws_ping_interval,
+                ping_timeout=settings.ws_ping_timeout,
+            )
+        )
+    except ValueError as exc:  # the URL (checked before anything starts)
+        return _fail(str(exc), EXIT_CONFIG)
     return 0
+
+
+def _given_secret(value: str | None, file: Path | None, *, flag: str, env: str) -> str | None:
+    """A token given on the command line: from ``--*-token-file`` (read, stripped), or
+    from the flag itself with one warning on stderr, since every local user can read a
+    process's arguments (proc(5): /proc/PID/cmdline). ``None`` if neither was given.
+
+    Raises :class:`ConfigError` if the file cannot be read or is empty.
+    """
+    if value is not None:
+        print(
+            f"exai: warning: {flag} shows the token to every local user (ps); set {env} "
+            "or use a token file instead",
+            file=sys.stderr,
+        )
+        return value
+    if file is None:
+        return None
+    try:
+        secret = file.read_text().strip()
+    except OSError as exc:
+        raise ConfigError(f"cannot read the token file {file}: {exc.strerror}") from None
+    if not secret:
+        raise ConfigError(f"the token file {file} is empty")
+    return secret
 
 
 def _state_dir(args: argparse.Namespace) -> Settings:
@@ -231,7 +305,13 @@ def _status(args: argparse.Namespace) -> int:
         settings = _state_dir(args)
     except ConfigError as exc:
         return _fail(str(exc), EXIT_CONFIG)
-    token = args.admin_token or os.environ.get("EXAI_ADMIN_TOKEN") or None
+    try:
+        given = _given_secret(
+            args.admin_token, args.admin_token_file, flag="--admin-token", env="EXAI_ADMIN_TOKEN"
+        )
+    except ConfigError as exc:
+        return _fail(str(exc), EXIT_CONFIG)
+    token = given or os.environ.get("EXAI_ADMIN_TOKEN") or None
     refreshes = 0
     code = status_view.EXIT_OK
     try:

@@ -16,6 +16,7 @@ a silently ignored setting.
 from __future__ import annotations
 
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +27,11 @@ from pydantic import (
     SecretStr,
     ValidationError,
     field_validator,
+    model_validator,
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from runtime.auth import TokenDigest
 from runtime.handshake_admission import Network, parse_networks
 
 
@@ -285,14 +288,65 @@ class ChatLimits(BaseModel):
     )
 
 
+class ClientEntry(BaseModel):
+    """One client identity of the config file's ``[clients.<name>]`` table: its token, given
+    exactly one way. ``token`` is the token itself (the file must then be private);
+    ``token_env`` names the environment variable that holds it; ``token_sha256`` is the hex
+    SHA-256 of the token, so the file holds no secret and may be world-readable (or kept in
+    git). ``alice = "TOKEN"`` is shorthand for ``[clients.alice] token = "TOKEN"``."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    token: SecretStr | None = None
+    token_env: str | None = Field(default=None, min_length=1)
+    token_sha256: str | None = Field(default=None, pattern=r"^[0-9a-fA-F]{64}$")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> ClientEntry:
+        given = [self.token, self.token_env, self.token_sha256]
+        if sum(value is not None for value in given) != 1:
+            raise ValueError("give exactly one of token, token_env or token_sha256")
+        return self
+
+
 class ConfigFile(BaseModel):
     """The config file's tables. ``upstream`` is validated by ``actors.providers``."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    clients: dict[str, SecretStr] = Field(default_factory=dict)
+    clients: dict[str, SecretStr | ClientEntry] = Field(default_factory=dict)
     chat: ChatLimits = Field(default_factory=ChatLimits)
     upstream: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def holds_secrets(self) -> bool:
+        """Whether the file itself holds a secret: a raw client token, or an upstream
+        ``api_key`` (``api_key_env`` and ``token_env``/``token_sha256`` are not secrets)."""
+        raw_token = any(
+            isinstance(entry, SecretStr) or entry.token is not None
+            for entry in self.clients.values()
+        )
+        return raw_token or _has_key(self.upstream, "api_key")
+
+
+def _has_key(table: object, key: str) -> bool:
+    if isinstance(table, dict):
+        return key in table or any(_has_key(value, key) for value in table.values())
+    return False
+
+
+def require_private(path: Path, what: str) -> None:
+    """Refuse a file holding secrets that other users can read or change, as ssh refuses a
+    private key with loose permissions: :class:`ConfigError` saying how to fix it."""
+    try:
+        mode = path.stat().st_mode & 0o777
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what} {path}: {exc.strerror}") from None
+    if mode & 0o077:
+        raise ConfigError(
+            f"{what} {path} is accessible to other users (mode {mode:04o}) and holds a secret: "
+            f"run 'chmod 600 {path}'"
+        )
 
 
 def load_config_file(path: Path | None) -> ConfigFile:
@@ -306,27 +360,48 @@ def load_config_file(path: Path | None) -> ConfigFile:
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"cannot read config file {path}: {exc}") from None
     try:
-        return ConfigFile.model_validate(document)
+        loaded = ConfigFile.model_validate(document)
     except ValidationError as exc:
         problems = "\n".join(
             f"  {'.'.join(str(part) for part in error['loc'])}: {error['msg']}"
             for error in exc.errors(include_input=False, include_url=False)
         )
         raise ConfigError(f"invalid config file {path}:\n{problems}") from None
+    if loaded.holds_secrets:
+        require_private(path, "config file")
+    return loaded
 
 
-def named_client_tokens(settings: Settings, file: ConfigFile) -> dict[str, str]:
-    """Named client tokens from ``EXAI_CLIENT_TOKENS`` and the file's ``[clients]``.
+def named_client_tokens(
+    settings: Settings, file: ConfigFile, env: Mapping[str, str]
+) -> dict[str, str | TokenDigest]:
+    """Named client tokens (or their SHA-256 digests) from ``EXAI_CLIENT_TOKENS`` and the
+    file's ``[clients]``; ``token_env`` entries are read from ``env``.
 
     A name in both is an error rather than a silent precedence rule (as for providers).
     """
-    named = {name: token.get_secret_value() for name, token in file.clients.items()}
+    named: dict[str, str | TokenDigest] = {}
+    for name, entry in file.clients.items():
+        if isinstance(entry, SecretStr):
+            named[name] = entry.get_secret_value()
+        elif entry.token is not None:
+            named[name] = entry.token.get_secret_value()
+        elif entry.token_sha256 is not None:
+            named[name] = TokenDigest(entry.token_sha256)
+        elif entry.token_env is not None:
+            value = env.get(entry.token_env, "").strip()
+            if not value:
+                raise ConfigError(
+                    f"invalid configuration:\n  clients.{name}.token_env: the variable "
+                    f"{entry.token_env} is not set"
+                )
+            named[name] = value
     if settings.client_tokens is None:
         return named
-    for entry in settings.client_tokens.get_secret_value().split(","):
-        if not entry.strip():
+    for pair in settings.client_tokens.get_secret_value().split(","):
+        if not pair.strip():
             continue
-        name, equals, token = entry.partition("=")
+        name, equals, token = pair.partition("=")
         name, token = name.strip(), token.strip()
         if not equals or not name or not token:
             raise ConfigError(

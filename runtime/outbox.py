@@ -3,7 +3,9 @@
 Every message a session sends (replies, progress, log notifications, errors) goes through one
 :class:`Outbox`, and one writer task (:meth:`Outbox.run`) writes them to the socket in order.
 The queue is bounded in messages and, through a :class:`~runtime.budget.ByteBudget`, in bytes
-per session and per node. What happens at the bound depends on who is sending:
+per session and per node (the node's bound holds back only sessions that have something
+queued: an empty queue always takes one message, so peers that read are never stopped by
+peers that do not). What happens at the bound depends on who is sending:
 
 * Work (:meth:`Outbox.put`: a tool call's reply, a progress notification) waits for room. A
   tool call keeps its slots until its reply is in this queue, so a peer that does not read
@@ -94,6 +96,11 @@ class Outbox:
         return self.budget.used
 
     def _admits(self, size: int) -> bool:
+        # An empty queue always takes one message, whatever the node holds: a peer that reads
+        # keeps its queue empty, so peers that do not (whose queues fill up to the node's
+        # bound) can slow it down to one message at a time, never stop it.
+        if not self._messages:
+            return True
         return len(self._messages) < self.max_messages and self.budget.admits(size)
 
     @property
@@ -141,8 +148,8 @@ class Outbox:
         while not self._admits(size):
             if self.closed:
                 raise OutboxClosed
-            deadline = math.inf  # full only because of other sessions: never our stall
-            if self._messages and not self.stalled.is_set():
+            deadline = math.inf
+            if not self.stalled.is_set():  # waiting means messages are queued here
                 deadline = self._last_progress() + self.stall_timeout
                 if trio.current_time() >= deadline:
                     self.stalled.set()

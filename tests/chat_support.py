@@ -76,6 +76,7 @@ def write_config(
     if providers:
         parts.append(providers)
     path.write_text("\n".join(parts))
+    path.chmod(0o600)  # it holds raw tokens: the server refuses it readable by others
     return path
 
 

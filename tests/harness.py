@@ -117,7 +117,8 @@ def start_server(
     env.pop("EXAI_DATABASE_URL", None)
     env.pop("EXAI_TOKEN", None)
     if token != "":
-        token = token or secrets.token_urlsafe(24)
+        # Never starting with "-": tests pass it as a command-line argument too.
+        token = token or "test_" + secrets.token_urlsafe(24)
         env["EXAI_TOKEN"] = token
     args = [str(EXAI), "serve", "--port", "0", "--state-dir", str(state_dir)]
     if database_url is not None:

@@ -38,12 +38,14 @@ FRAME = 64 * 1024
 OUTGOING_MESSAGES = 1024
 NODE_MAILBOX_BYTES = 6 * 1024
 NODE_OUTGOING_BYTES = 128 * 1024  # less than one session may hold by its own bounds
-#: A flood of small requests that a peer sends and never reads the answers of: far more than
-#: the kernel's socket buffers and the server's bounds together can take in.
-FLOOD_FRAMES = 200_000
-FLOOD_TEXT = "f" * 200
-#: What a queue may hold over its bound: the one message that found it under (a few hundred
-#: bytes in a flood of FLOOD_TEXT), plus the reader's control answers.
+#: A flood a peer sends and never reads the answers of: far more than the kernel's socket
+#: buffers and the server's bounds together can take in. Each request asks for a thousand
+#: progress notifications, so the answers fill every buffer toward the peer after a few calls
+#: (the padding is ignored by the tool: it only makes the requests weigh).
+FLOOD_FRAMES = 20_000
+FLOOD_PAD = "p" * 16_000
+#: What a queue may hold over its bound: the one message that found it under, plus the
+#: reader's control answers.
 OVERSHOOT = 4096
 
 
@@ -76,6 +78,15 @@ def call(request_id: Any, tool: str, **arguments: Any) -> dict[str, Any]:
         "method": "tools/call",
         "params": {"name": tool, "arguments": arguments},
     }
+
+
+def flood_request(n: int) -> dict[str, Any]:
+    request = call(n, "exai_test_steps", steps=1000, pad=FLOOD_PAD)
+    request["params"]["_meta"] = {"progressToken": n}
+    return request
+
+
+FLOOD_REQUEST_BYTES = len(json.dumps(flood_request(FLOOD_FRAMES)))
 
 
 def cancel(request_id: Any) -> dict[str, Any]:
@@ -126,11 +137,14 @@ def session_status(status: NodeStatus, session_id: str) -> Any:
 
 
 async def read_until_closed(ws: WebSocketConnection) -> tuple[int, int, int | None]:
-    """Read until the server closes: (results, "server busy" errors, close code)."""
+    """Read until the server closes: (results, "server busy" errors, close code); progress
+    notifications are skipped."""
     results = busy = 0
     try:
         while True:
             frame = json.loads(await ws.get_message())
+            if "method" in frame:
+                continue
             if "result" in frame:
                 results += 1
             else:
@@ -193,7 +207,7 @@ async def test_a_peer_that_never_reads_is_stopped_by_tcp_then_closed_1008_and_en
         async def send_without_reading() -> None:
             nonlocal sent
             for n in range(FLOOD_FRAMES):
-                await client.send(call(n, "echo", text=FLOOD_TEXT))
+                await client.send(flood_request(n))
                 sent += 1
 
         def stalled() -> bool:
@@ -214,7 +228,7 @@ async def test_a_peer_that_never_reads_is_stopped_by_tcp_then_closed_1008_and_en
                     if mine:
                         peak_outgoing = max(peak_outgoing, mine[0].outgoing_bytes)
                         assert mine[0].in_flight <= INFLIGHT + 1
-                        assert mine[0].queued_bytes <= MAILBOX_BYTES + OVERSHOOT
+                        assert mine[0].queued_bytes <= MAILBOX_BYTES + FLOOD_REQUEST_BYTES
                     await trio.sleep(0.05)
             nursery.cancel_scope.cancel()  # the sender is blocked by TCP back-pressure
         assert sent < FLOOD_FRAMES, "the server read everything: nothing pushed back"
@@ -364,6 +378,11 @@ async def test_the_node_bounds_hold_across_sessions(bounded: ServerProcess) -> N
             what="A's third call to wait for a slot",
         )
         await a.send(call("holds", "echo", text="x" * (NODE_MAILBOX_BYTES * 2 // 3)))
+        await wait_for_status(
+            bounded,
+            lambda s: session_status(s, a_id).queued_bytes > NODE_MAILBOX_BYTES // 2,
+            what="A's request to wait in its mailbox",
+        )
         # ...so B, whose own mailbox is empty, is refused by the node's bound.
         big = "y" * (NODE_MAILBOX_BYTES // 2)
         await b.send(call("node-full", "echo", text=big))
@@ -381,7 +400,7 @@ async def test_the_node_bounds_hold_across_sessions(bounded: ServerProcess) -> N
         async def flood(client: RawClient) -> None:
             with contextlib.suppress(ConnectionClosed):  # closed (1008) once found stalled
                 for n in range(FLOOD_FRAMES):
-                    await client.send(call(n, "echo", text=FLOOD_TEXT))
+                    await client.send(flood_request(n))
 
         def stalled() -> set[str]:
             return {
@@ -393,10 +412,8 @@ async def test_the_node_bounds_hold_across_sessions(bounded: ServerProcess) -> N
         async with trio.open_nursery() as nursery:
             nursery.start_soon(flood, a)
             nursery.start_soon(flood, c)
-            with trio.fail_after(60):
+            with trio.fail_after(120):
                 while not {a_id, c_id} <= stalled():
-                    # Each is found stalled in turn (the second may only fill its queue once
-                    # the first has been closed and its bytes given back to the node).
                     peak = max(peak, (await fetch(bounded)).node.outgoing_bytes)
                     await trio.sleep(0.05)
             nursery.cancel_scope.cancel()
@@ -405,4 +422,20 @@ async def test_the_node_bounds_hold_across_sessions(bounded: ServerProcess) -> N
             with trio.fail_after(30):
                 *_, code = await read_until_closed(ws)
             assert code in (1008, 1006)  # 1006 if it read too late for the close frame
+    await assert_untouched(bounded)
+
+
+async def test_a_batch_with_more_calls_than_the_session_has_slots_is_answered(
+    bounded: ServerProcess,
+) -> None:
+    async with open_raw(bounded.authed_url()) as ws:
+        client = RawClient(ws)
+        await client.initialize("2025-03-26")
+        members = [call(f"m{n}", "echo", text=f"t{n}") for n in range(MAX_BATCH)]  # > INFLIGHT
+        await client.send(members)
+        reply = await client.receive_any()
+        assert [m["id"] for m in reply] == [f"m{n}" for n in range(MAX_BATCH)]
+        assert [m["result"]["content"][0]["text"] for m in reply] == [
+            f"t{n}" for n in range(MAX_BATCH)
+        ]
     await assert_untouched(bounded)

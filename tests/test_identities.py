@@ -60,14 +60,14 @@ def test_tokens_come_from_the_file_and_the_environment(
 ) -> None:
     config = write_chat_config(tmp_path / "exai.toml", clients={"alice": ALICE})
     monkeypatch.setenv("EXAI_CLIENT_TOKENS", f"bob={BOB}, carol=carol-token-0123456789")
-    named = named_client_tokens(load_settings(), load_config_file(config))
+    named = named_client_tokens(load_settings(), load_config_file(config), {})
     assert named == {"alice": ALICE, "bob": BOB, "carol": "carol-token-0123456789"}
     monkeypatch.setenv("EXAI_CLIENT_TOKENS", f"alice={BOB}")
     with pytest.raises(ConfigError, match="both in EXAI_CLIENT_TOKENS and in the config file"):
-        named_client_tokens(load_settings(), load_config_file(config))
+        named_client_tokens(load_settings(), load_config_file(config), {})
     monkeypatch.setenv("EXAI_CLIENT_TOKENS", BOB)
     with pytest.raises(ConfigError, match="'name=token'") as refused:
-        named_client_tokens(load_settings(), load_config_file(config))
+        named_client_tokens(load_settings(), load_config_file(config), {})
     assert BOB not in str(refused.value)
 
 
@@ -86,6 +86,7 @@ def test_a_bad_config_file_stops_the_server_with_exit_code_2(
 ) -> None:
     config = tmp_path / "exai.toml"
     config.write_text(text)
+    config.chmod(0o600)
     with pytest.raises(RuntimeError, match="exai serve exited 2") as failed:
         start_server(tmp_path / "state", database_url=None, extra_env={"EXAI_CONFIG": str(config)})
     assert problem in str(failed.value)

@@ -36,9 +36,11 @@ CRASH = "$/exai/test/crash"
 MAILBOX = 64  # the default session mailbox (Settings.session_mailbox)
 
 
-def exai(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def exai(
+    *args: str, timeout: float = 60, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [str(EXAI), *args], capture_output=True, text=True, timeout=timeout, check=False
+        [str(EXAI), *args], capture_output=True, text=True, timeout=timeout, check=False, env=env
     )
 
 
@@ -400,6 +402,38 @@ def test_wrong_admin_token_exits_5(server: ServerProcess) -> None:
     assert done.returncode == 5
     assert "refused the admin token" in done.stderr
     assert done.stdout == ""
+
+
+def test_the_admin_token_comes_from_a_file_or_the_environment_and_a_flag_warns_once(
+    server: ServerProcess, tmp_path: Path
+) -> None:
+    """No secret in a process list: every local user can read a process's arguments (ps,
+    /proc/PID/cmdline), not its environment (proc(5))."""
+    url, token = admin(server)
+    # A state dir without an admin-token file: the token can only come from what is given.
+    target = ["status", "--json", "--url", url, "--state-dir", str(tmp_path / "elsewhere")]
+    bare = {key: value for key, value in os.environ.items() if key != "EXAI_ADMIN_TOKEN"}
+    token_file = tmp_path / "admin-token"
+    token_file.write_text(token + "\n")
+    token_file.chmod(0o600)
+    warning = "exai: warning:"
+
+    for done in (
+        exai(*target, "--admin-token-file", str(token_file), env=bare),
+        exai(*target, env={**bare, "EXAI_ADMIN_TOKEN": token}),
+    ):
+        assert done.returncode == 0, done.stderr
+        NodeStatus.model_validate_json(done.stdout)  # the document, whole
+        assert warning not in done.stderr
+    assert exai(*target, env=bare).returncode == 5  # nothing else supplied it
+
+    # Still works as a flag, with one warning however many times --watch shows the status.
+    done = exai(*target, "--admin-token", token, "--watch", "--count", "2", "--interval", "0")
+    assert done.returncode == 0, done.stderr
+    warnings = [line for line in done.stderr.splitlines() if line.startswith(warning)]
+    assert len(warnings) == 1
+    assert "--admin-token" in warnings[0]
+    assert "EXAI_ADMIN_TOKEN" in warnings[0]
 
 
 def test_no_server_exits_3(tmp_path: Path) -> None:

@@ -8,8 +8,9 @@ a peer that does not read its replies therefore stops its own session's work. Wh
 slot is taken the actor stops taking messages, so later requests wait in the mailbox, and once
 that is full the reader refuses them with "server busy" instead of hanging. A batch
 (2025-03-26) runs as one task too, one batch at a time, so it never holds up the messages
-behind it; ``ping`` and ``notifications/cancelled`` never enter the mailbox at all (see
-``reader``).
+behind it; its members' slots are given back as each member's reply is ready (the batch
+holds at most ``max_batch`` replies until its own reply is queued). ``ping`` and
+``notifications/cancelled`` never enter the mailbox at all (see ``reader``).
 
 Dual era: a *handshake* client sends ``initialize`` once and the negotiated version holds for
 the session; a *modern* (2026-07-28) client names its version in every request's ``_meta`` and
@@ -433,15 +434,18 @@ class SessionActor(Actor[Message]):
     async def _run_batch(
         self, members: list[jsonrpc.Inbound | str], reserved: list[RequestId]
     ) -> None:
+        # A member's slots are given back as soon as its own reply is ready, not when the
+        # batch's is queued: a batch with more calls than the session has slots would
+        # otherwise wait for slots only it could free. What the batch holds meanwhile is
+        # bounded by its own bounds: one batch at a time, at most max_batch replies.
         replies: list[str | None] = [None] * len(members)
-        held: list[_Admitted] = []
         try:
             async with trio.open_nursery() as running:
                 for index, member in enumerate(members):
                     if isinstance(member, str):
                         replies[index] = member
                     else:
-                        running.start_soon(self._batch_member, member, replies, index, held)
+                        running.start_soon(self._batch_member, member, replies, index)
             answered = [reply for reply in replies if reply is not None]
             if answered:  # a batch of notifications only gets no response at all
                 await self._send(jsonrpc.encode_batch(answered))
@@ -450,17 +454,10 @@ class SessionActor(Actor[Message]):
         except OutboxClosed:
             return
         finally:
-            # Slots are held until the batch's reply is queued (or the batch is abandoned).
-            for admitted in held:
-                self._release(admitted)
             self._batch_slot.release()
 
     async def _batch_member(
-        self,
-        message: jsonrpc.Inbound,
-        replies: list[str | None],
-        index: int,
-        held: list[_Admitted],
+        self, message: jsonrpc.Inbound, replies: list[str | None], index: int
     ) -> None:
         if isinstance(message, jsonrpc.Notification):
             self._notify(message)
@@ -475,8 +472,10 @@ class SessionActor(Actor[Message]):
                 elif isinstance(admitted, RpcError):
                     replies[index] = jsonrpc.encode_error(message.id, admitted)
                 else:
-                    held.append(admitted)
-                    replies[index] = await self._call(message.id, admitted)
+                    try:
+                        replies[index] = await self._call(message.id, admitted)
+                    finally:
+                        self._release(admitted)
             else:
                 replies[index] = await self._reply(message)
 
