@@ -4,9 +4,10 @@ Start-up order is dependency order, and shutdown is its exact reverse, so nothin
 used after what it depends on has gone:
 
 1. storage (not an actor): the database (embedded Postgres under the state dir, or
-   ``--database-url``), migrations, the write journal, and crash recovery: the journal of a
-   killed predecessor is replayed and its ``running`` tasks become ``interrupted`` *before*
-   any session is accepted;
+   ``--database-url``, waited for up to ``EXAI_DATABASE_WAIT`` seconds while it does not
+   answer), migrations, the write journal, and crash recovery: the journal of a killed
+   predecessor is replayed and its ``running`` tasks become ``interrupted`` *before* any
+   session is accepted;
 2. the root supervisor (one_for_one), whose children start in order:
    ``persistence`` (pykka actor, reached through an :class:`ActorName`), ``persistence_pulse``
    (the trio side's timer: journal fsyncs, activity sync, heartbeats), ``rate_limiter`` (the
@@ -17,29 +18,37 @@ used after what it depends on has gone:
 
 Before all of it, the configuration (flags, ``EXAI_*``, the ``EXAI_CONFIG`` file with its
 ``[clients]``, ``[chat]`` and ``[upstream]`` tables) is loaded and checked: a bad one ends the
-process with exit code 2 and one message, before anything is started.
+process with exit code 2 and one message, before anything is started. (The CLI has already
+locked the state dir: ``runtime/statefile.py``.) A cause that stops the start later is a
+:class:`~storage.startup_errors.StartupError` (database: exit code 4; the port: 3), raised as
+itself to the CLI, which prints its one line.
 
 On SIGINT or SIGTERM the root is asked to stop (never cancelled, so every child gets its grace
-period): ``sessions`` stops accepting and closes every session with 1001 (each records its
-end and is forgotten by the rate limiter), ``providers`` closes its HTTP clients,
-``rate_limiter`` refuses whatever still waits, ``persistence_pulse`` flushes what is buffered,
-``persistence`` stops behind every write already sent. Then the read pool of threads and the
-journal are closed and the embedded Postgres stopped. A root that gives up (more than
-``EXAI_ROOT_MAX_RESTARTS`` restarts within the period) raises
-:class:`~runtime.supervision.SupervisorGaveUp`; the CLI reports it and exits non-zero.
+period): ``sessions`` drains (``/readyz`` answers 503 and new sessions are refused; each
+session is closed with 1001 once its calls in flight are answered, and those still running
+after ``EXAI_DRAIN_TIMEOUT`` seconds, or at once on a second signal, are cancelled; each
+session records its end and is forgotten by the rate limiter), ``providers`` closes its HTTP
+clients, ``rate_limiter`` refuses whatever still waits, ``persistence_pulse`` flushes what is
+buffered, ``persistence`` stops behind every write already sent. Then the read pool of
+threads and the journal are closed and the embedded Postgres stopped. A root that gives up
+(more than ``EXAI_ROOT_MAX_RESTARTS`` restarts within the period) raises
+:class:`~runtime.supervision.SupervisorGaveUp` (its sessions are not drained: what their calls
+need may be gone); the CLI reports it and exits non-zero.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import sys
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
 
+import psycopg
 import structlog
 import trio
 
@@ -54,6 +63,7 @@ from runtime.actor import sole_exception
 from runtime.admin import serve_admin
 from runtime.auth import ClientTokens, load_or_create_token
 from runtime.breaker import BreakerSnapshot
+from runtime.bridge import ActorUnavailable
 from runtime.budget import NodeBudget
 from runtime.collector import tune_for_long_lived_objects
 from runtime.config import (
@@ -72,16 +82,25 @@ from runtime.pykka_supervision import ActorName, pykka_child
 from runtime.server import McpWebSocketServer, Sessions, listener_status
 from runtime.statefile import ServerInfo, remove_server_info, write_server_info
 from runtime.supervision import ChildContext, ChildSpec, Strategy, Supervisor, run_root
+from storage.connection import DatabaseTarget, check_database
 from storage.embedded import EmbeddedPostgres
 from storage.journal import Journal
 from storage.migrations import apply_migrations
 from storage.recovery import recover
+from storage.startup_errors import DatabaseUnavailable, DatabaseUnreachable, StartupError
 from storage.threads import ThreadStore
 
 log = structlog.get_logger("node")
 
 #: Exit code of a process whose configuration is invalid (as the CLI's own check).
 EXIT_CONFIG = 2
+#: Back-off between attempts to reach the database at start, in seconds: doubled after each
+#: attempt from the first to the second (so a database starting alongside us is found
+#: quickly, and one that is down is not hammered).
+DATABASE_RETRY_FIRST = 0.25
+DATABASE_RETRY_MAX = 5.0
+#: Longest a single attempt may take to connect, in seconds (libpq's ``connect_timeout``).
+DATABASE_CONNECT_TIMEOUT = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +118,8 @@ def load_node_config(settings: Settings) -> NodeConfig:
     Creates the state dir and, on first start, the default token in it.
     """
     file = load_config_file(settings.config)
+    if settings.database_url is not None:
+        _check_database_url(settings.database_url)
     try:
         upstream = load_upstream(settings.config, os.environ)
     except UpstreamConfigError as exc:
@@ -138,11 +159,26 @@ async def reload_on_hangup(settings: Settings, clients: ClientTokens) -> None:
             log.info("config.reloaded", clients=clients.identities)
 
 
+def _check_database_url(url: str) -> None:
+    """libpq must be able to parse the URL (:class:`ConfigError` if not; its message never
+    quotes the URL, which holds the password), and the password is masked in every log line."""
+    try:
+        password = psycopg.conninfo.conninfo_to_dict(url).get("password")
+    except psycopg.ProgrammingError:
+        raise ConfigError(
+            "invalid configuration:\n  database_url (--database-url / EXAI_DATABASE_URL): "
+            "not a PostgreSQL URL libpq can parse (postgresql://USER:PASSWORD@HOST:PORT/DB)"
+        ) from None
+    if password:
+        register_secret(str(password))
+
+
 async def run_node(settings: Settings, *, announce: bool = True) -> None:
     """Run until SIGINT/SIGTERM, then shut down in order. Returns normally on a clean stop.
 
-    The signal receiver stays open until the very end, so a second Ctrl-C during shutdown is
-    logged and ignored instead of interrupting the flush of accepted writes.
+    The signal receiver stays open until the very end: a second signal cuts the drain short
+    (calls in flight are cancelled) and later ones are logged and ignored, so that no signal
+    interrupts the flush of accepted writes.
     """
     try:
         config = load_node_config(settings)
@@ -156,12 +192,31 @@ async def run_node(settings: Settings, *, announce: bool = True) -> None:
     )
     tune_for_long_lived_objects()  # thousands of sessions live for hours: runtime/collector.py
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        await _run(settings, config, signals, announce=announce)
+        # Signals are watched from the first step on: a stop while storage starts (waiting
+        # for the database, say) ends the start instead of waiting for it.
+        stop = trio.Event()
+        cut_short = trio.Event()
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_stop_on_signal, signals, stop, cut_short.set)
+                nursery.start_soon(reload_on_hangup, settings, config.clients)
+                await _run(settings, config, stop, cut_short, announce=announce)
+                nursery.cancel_scope.cancel()  # the signal watcher's job is done
+        except ExceptionGroup as group:
+            # The process's verdict (a root that gave up, a start-up error): to the CLI as
+            # itself, with its own cause (what the root last restarted for, the bind's OSError).
+            error = sole_exception(group)
+            raise error from error.__cause__
     log.info("server.stopped")
 
 
 async def _run(
-    settings: Settings, config: NodeConfig, signals: AsyncIterator[int], *, announce: bool
+    settings: Settings,
+    config: NodeConfig,
+    stop: trio.Event,
+    cut_short: trio.Event,
+    *,
+    announce: bool,
 ) -> None:
     node_id = f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
     embedded: EmbeddedPostgres | None = None
@@ -174,6 +229,8 @@ async def _run(
             reused = embedded.initialised
             url = await trio.to_thread.run_sync(embedded.start)
             log.info("storage.embedded", pgdata=str(settings.pgdata), reused=reused)
+        if not await _wait_for_database(url, settings.database_wait, stop):
+            return  # stopped while waiting: nothing else was started
         applied = await trio.to_thread.run_sync(apply_migrations, url)
         log.info("storage.migrated", applied=applied)
         journal = Journal.open(
@@ -194,17 +251,14 @@ async def _run(
             journal=journal,
             threads=threads,
             announce=announce,
+            stop_requested=stop,
         )
-        stop = trio.Event()
-        try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(_stop_on_signal, signals, stop)
-                nursery.start_soon(reload_on_hangup, settings, config.clients)
-                await run_root(tree.root, stop_requested=stop)
-                nursery.cancel_scope.cancel()  # the signal watcher's job is done
-        except ExceptionGroup as group:
-            # A root that gave up is the process's verdict: hand it to the CLI as itself.
-            raise sole_exception(group) from None
+        async with trio.open_nursery() as nursery:
+            # A second signal (run_node's watcher sets cut_short) cancels what the drain
+            # still waits for.
+            nursery.start_soon(_when_set, cut_short, tree.sessions.cut_drain_short)
+            await run_root(tree.root, stop_requested=stop)
+            nursery.cancel_scope.cancel()
     finally:
         remove_server_info(settings.server_file)
         with trio.CancelScope(shield=True):
@@ -214,6 +268,63 @@ async def _run(
                 journal.close()
             if embedded is not None:
                 await trio.to_thread.run_sync(embedded.stop)
+
+
+async def _wait_for_database(url: str, wait: float, stop: trio.Event) -> bool:
+    """Connect once to the database, trying again with back-off for ``wait`` seconds while it
+    does not answer (it may be starting with us): one log line per failed attempt, and one
+    naming the database reached. ``False`` if a stop was asked for meanwhile.
+
+    Raises :class:`DatabaseUnreachable` once ``wait`` has passed, and at once the
+    :class:`DatabaseUnavailable` of a refused login or a missing database, which no wait cures.
+    """
+    target = DatabaseTarget.from_url(url)
+    where = {"host": target.host, "port": target.port, "database": target.database}
+    deadline = trio.current_time() + wait
+    delay = DATABASE_RETRY_FIRST
+    attempt = 0
+    while True:
+        attempt += 1
+        timeout = min(DATABASE_CONNECT_TIMEOUT, deadline - trio.current_time())
+        failure = await _connect_once(url, timeout)
+        if failure is None:
+            log.info("storage.connected", attempts=attempt, user=target.user, **where)
+            return True
+        if not isinstance(failure, DatabaseUnreachable):
+            log.error("storage.database_refused", attempt=attempt, error=failure.message, **where)
+            raise failure
+        remaining = deadline - trio.current_time()
+        if remaining <= 0:
+            log.error(
+                "storage.database_unreachable", attempt=attempt, error=failure.message, **where
+            )
+            raise DatabaseUnreachable(
+                f"{failure.message}; gave up after {attempt} attempt(s) in {wait:g} s: start it "
+                "or fix --database-url (EXAI_DATABASE_URL); EXAI_DATABASE_WAIT sets how long "
+                "to wait"
+            ) from failure
+        pause = min(delay, remaining)
+        log.warning(
+            "storage.database_unreachable",
+            attempt=attempt,
+            error=failure.message,
+            retry_in_s=round(pause, 3),
+            **where,
+        )
+        with trio.move_on_after(pause):
+            await stop.wait()
+        if stop.is_set():
+            return False
+        delay = min(delay * 2, DATABASE_RETRY_MAX)
+
+
+async def _connect_once(url: str, connect_timeout: float) -> DatabaseUnavailable | None:
+    """One attempt (:func:`storage.connection.check_database`): its failure, or ``None``."""
+    try:
+        await trio.to_thread.run_sync(partial(check_database, url, connect_timeout=connect_timeout))
+    except DatabaseUnavailable as failure:
+        return failure
+    return None
 
 
 class _Tree:
@@ -229,6 +340,7 @@ class _Tree:
         journal: Journal,
         threads: ThreadStore,
         announce: bool,
+        stop_requested: trio.Event,
     ) -> None:
         self.settings = settings
         self.config = config
@@ -245,6 +357,9 @@ class _Tree:
         )
         persistence_config = PersistenceConfig()
         self.directory = SessionDirectory()
+        self.database_ready = _DatabaseProbe(self.persistence)
+        #: Set by the first SIGINT/SIGTERM: the tree is asked to stop, and the sessions drain.
+        self.stop_requested = stop_requested
         self.sessions = Sessions(max_sessions=settings.max_sessions)
         # The listener's admission and counters outlive restarts of the sessions child.
         self.admission = HandshakeAdmission(
@@ -387,22 +502,38 @@ class _Tree:
             max_message_bytes=settings.max_message_bytes,
             handshake_timeout=settings.handshake_timeout,
             admission=self.admission,
+            drain_timeout=settings.drain_timeout,
+            work=_SessionWork(self.directory),
+            database_ready=self.database_ready,
             ping_interval=settings.ws_ping_interval,
             ping_timeout=settings.ws_ping_timeout,
             counters=self.listener_counters,
         )
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(resumable.run)
-            async with trio.open_nursery() as serving:
-                await serving.start(server.run)
-                self._announce(server.url)
-                ctx.started()
-                await ctx.stop_requested.wait()
-                resumable.parking = False  # sessions closed by us are over, not parked
-                remove_server_info(settings.server_file)
-                server.stop()
-            # server.run has returned: every session has ended; the reaper's work is done.
-            nursery.cancel_scope.cancel()
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(resumable.run)
+                async with trio.open_nursery() as serving:
+                    await serving.start(server.run)
+                    self._announce(server.url)
+                    ctx.started()
+                    await ctx.stop_requested.wait()
+                    if not self.stop_requested.is_set():
+                        # The root is giving up (a child failed past its intensity), nobody
+                        # asked for a stop: what the calls in flight need may be gone, so
+                        # none is waited for.
+                        self.sessions.cut_drain_short()
+                    resumable.parking = False  # sessions closed by us are over, not parked
+                    remove_server_info(settings.server_file)
+                    server.stop()
+                # server.run has returned: every session has ended; the reaper's work is done.
+                nursery.cancel_scope.cancel()
+        except ExceptionGroup as group:
+            error = sole_exception(group)
+            if isinstance(error, StartupError):
+                # The bind failed: its message explains it, so the supervisor is handed the
+                # error itself (logged without a traceback), not the nurseries' wrapping.
+                raise error from error.__cause__
+            raise
         await resumable.expire_all()
 
     def _announce(self, url: str) -> None:
@@ -424,12 +555,93 @@ class _Tree:
         log.info("server.ready", url=url)
 
 
-async def _stop_on_signal(signals: AsyncIterator[int], stop: trio.Event) -> None:
-    """First signal: ask the tree to stop. Later ones: say we are already at it."""
+async def _when_set(event: trio.Event, action: Callable[[], None]) -> None:
+    await event.wait()
+    action()
+
+
+async def _stop_on_signal(
+    signals: AsyncIterator[int], stop: trio.Event, cut_drain_short: Callable[[], None]
+) -> None:
+    """First signal: ask the tree to stop (a drain). Second: cancel the calls the drain waits
+    for. Later ones: say we are already at it."""
+    received = 0
     async for signum in signals:
         name = signal.Signals(signum).name
-        if stop.is_set():
+        received += 1
+        if received == 1:
+            log.info("server.stopping", signal=name)
+            stop.set()
+        elif received == 2:
+            log.warning("server.stopping_now", signal=name)
+            cut_drain_short()
+        else:
             log.warning("server.already_stopping", signal=name)
-            continue
-        log.info("server.stopping", signal=name)
-        stop.set()
+
+
+class _SessionWork:
+    """What the drain of :mod:`runtime.server` asks of the sessions (its ``SessionWork``),
+    read from the session directory."""
+
+    def __init__(self, directory: SessionDirectory) -> None:
+        self._directory = directory
+
+    def pending(self, session_id: str) -> bool:
+        live = self._directory.get(session_id)
+        if live is None:
+            return False
+        state = live.state
+        unwritten = live.outbox is not None and len(live.outbox) > 0
+        return bool(state.queued or state.calls or state.handling) or unwritten
+
+    def cancel_all(self) -> int:
+        cancelled = 0
+        for live in self._directory:
+            if live.mailbox is None:
+                continue  # parked: its calls ended with its socket
+            for request_id in list(live.state.calls):
+                live.state.cancel(request_id)
+                cancelled += 1
+        return cancelled
+
+
+class _DatabaseProbe:
+    """``/readyz``'s question "is the database reachable?": the persistence actor's breaker is
+    closed and storage takes new work (as ``exai status`` shows it, actors/status.py).
+
+    ``/readyz`` needs no token, so however often it is asked, the actor is asked at most once
+    per ``period`` seconds (its pulse's pace); concurrent probes share one answer. No answer
+    within ``timeout`` seconds counts as unreachable.
+    """
+
+    def __init__(
+        self, persistence: PersistenceClient, *, period: float = 1.0, timeout: float = 2.0
+    ) -> None:
+        self._persistence = persistence
+        self._period = period
+        self._timeout = timeout
+        self._reachable = False
+        self._fresh_until = -math.inf
+        self._asking: trio.Event | None = None
+
+    async def __call__(self) -> bool:
+        while self._asking is not None:  # another probe is asking: share its answer
+            await self._asking.wait()
+        if trio.current_time() < self._fresh_until:
+            return self._reachable
+        self._asking = asking = trio.Event()
+        try:
+            reachable = False
+            with trio.move_on_after(self._timeout):
+                try:
+                    status = await self._persistence.status()
+                except ActorUnavailable:
+                    pass  # restarting: not reachable now
+                else:
+                    reachable = status.breaker == "closed" and status.available
+            self._reachable = reachable
+            self._fresh_until = trio.current_time() + self._period
+        finally:
+            self._asking = None
+            asking.set()
+        return self._reachable

@@ -331,6 +331,8 @@ def _database(url: str | None) -> Iterator[tuple[str, Path]]:
     with tempfile.TemporaryDirectory(prefix="exai-bench-persistence-") as tmp:
         embedded = None
         if url is None:
+            # As root the database's own user must enter it (docs/persistence.md).
+            Path(tmp).chmod(0o711)
             embedded = EmbeddedPostgres(Path(tmp) / "pg")
             url = embedded.start()
         name = f"exai_bench_{secrets.token_hex(4)}"

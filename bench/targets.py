@@ -122,6 +122,9 @@ def started(server: str, opts: Options, tag: str, sessions: int) -> Iterator[Run
 def _exai(port: int, opts: Options, log: Path, deadline: float, sessions: int) -> Iterator[Running]:
     assert opts.exai is not None
     state_dir = Path(tempfile.mkdtemp(prefix="exai-bench-state-"))
+    # As root the embedded Postgres runs as its own user, which must enter the state dir; the
+    # server never loosens a directory itself (docs/persistence.md, "The embedded database").
+    state_dir.chmod(0o711)
     token = secrets.token_urlsafe(24)
     argv = [opts.exai, "serve", "--host", "127.0.0.1", "--port", str(port)]
     argv += ["--state-dir", str(state_dir)]

@@ -28,6 +28,7 @@ import structlog
 import trio
 
 from runtime.auth import load_or_create_token
+from runtime.http1 import Response, send_response
 from runtime.logs import register_secret
 from runtime.status_model import (
     BreakerStatus,
@@ -109,14 +110,6 @@ async def serve_admin(
         task_status.started(endpoint)
 
 
-@dataclass(frozen=True, slots=True)
-class _Response:
-    status: int
-    body: bytes
-    content_type: bytes = b"text/plain; charset=utf-8"
-    extra: tuple[tuple[bytes, bytes], ...] = ()
-
-
 class _Handler:
     def __init__(self, source: StatusSource, token: str) -> None:
         self._source = source
@@ -149,31 +142,31 @@ class _Handler:
             if timer.cancelled_caught or request is None:
                 return
             response = await self._respond(request)
-            await _send(conn, stream, response)
+            await send_response(conn, stream, response)
             if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
                 return
             conn.start_next_cycle()
 
-    async def _respond(self, request: h11.Request) -> _Response:
+    async def _respond(self, request: h11.Request) -> Response:
         if not self._authorized(request.headers):
-            return _Response(
+            return Response(
                 401,
                 b"unauthorized: present <state-dir>/admin-token as 'Authorization: Bearer'\n",
                 extra=((b"www-authenticate", b'Bearer realm="exai-admin"'),),
             )
         path = request.target.partition(b"?")[0]
         if path not in (b"/status", b"/metrics"):
-            return _Response(404, b"not found: GET /status or /metrics\n")
+            return Response(404, b"not found: GET /status or /metrics\n")
         if request.method != b"GET":
-            return _Response(405, b"method not allowed: GET only\n", extra=((b"allow", b"GET"),))
+            return Response(405, b"method not allowed: GET only\n", extra=((b"allow", b"GET"),))
         try:
             status = await self._source.status()
         except Exception:
             log.exception("admin.status_failed")
-            return _Response(500, b"status snapshot failed; see the server log\n")
+            return Response(500, b"status snapshot failed; see the server log\n")
         if path == b"/status":
-            return _Response(200, status.model_dump_json().encode(), b"application/json")
-        return _Response(200, render_metrics(status).encode(), PROMETHEUS_CONTENT_TYPE)
+            return Response(200, status.model_dump_json().encode(), b"application/json")
+        return Response(200, render_metrics(status).encode(), PROMETHEUS_CONTENT_TYPE)
 
     def _authorized(self, headers: Iterable[tuple[bytes, bytes]]) -> bool:
         for name, value in headers:
@@ -199,24 +192,6 @@ async def _read_request(conn: h11.Connection, stream: trio.SocketStream) -> h11.
             return request
         elif isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
             return None
-
-
-async def _send(conn: h11.Connection, stream: trio.SocketStream, response: _Response) -> None:
-    headers = [
-        (b"content-type", response.content_type),
-        (b"content-length", str(len(response.body)).encode()),
-        (b"cache-control", b"no-store"),
-        *response.extra,
-    ]
-    data = conn.send(h11.Response(status_code=response.status, headers=headers))
-    assert data is not None
-    await stream.send_all(data)
-    body = conn.send(h11.Data(data=response.body))
-    if body:
-        await stream.send_all(body)
-    end = conn.send(h11.EndOfMessage())
-    if end:
-        await stream.send_all(end)
 
 
 # -- Prometheus text format (exposition format 0.0.4) ----------------------------------------

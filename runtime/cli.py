@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import time
@@ -18,17 +19,22 @@ from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 
+import structlog
 import trio
 from pydantic import ValidationError
 
 from runtime import status_view, trace_view
 from runtime.config import ConfigError, Settings, load_settings
 from runtime.logs import LogSettings, configure_logging, log_path, register_secret
-from runtime.statefile import read_server_info
+from runtime.statefile import StateDirLock, read_server_info, state_dir_unusable
 from runtime.stdio_bridge import run_bridge
 from runtime.supervision import SupervisionError
+from storage.startup_errors import StartupError, startup_error_in
 
-#: Exit code of a server whose root supervisor gave up (its tree could not heal itself).
+log = structlog.get_logger("cli")
+
+#: Exit code of a server whose root supervisor gave up (its tree could not heal itself), or
+#: that failed for any reason other than those of :mod:`storage.startup_errors` (3, 4, 5).
 EXIT_GAVE_UP = 1
 #: Exit code of a command whose configuration (flags, EXAI_* variables) is invalid.
 EXIT_CONFIG = 2
@@ -55,7 +61,9 @@ def _serve_parser(commands: Commands[argparse.ArgumentParser]) -> None:
     serve = commands.add_parser(
         "serve",
         help="run the MCP server (embedded Postgres unless a database URL is given)",
-        description="Every flag has an EXAI_* environment equivalent; the flag wins.",
+        description="Every flag has an EXAI_* environment equivalent; the flag wins. Exit "
+        "codes: 0 stopped, 1 failed (see the log), 2 bad configuration, 3 address in use or "
+        "cannot bind, 4 database unreachable or refused, 5 state dir unusable or in use.",
     )
     serve.add_argument("--host", help="interface to listen on (EXAI_HOST, default 127.0.0.1)")
     serve.add_argument("--port", help="TCP port, 0 for any free one (EXAI_PORT, default 8765)")
@@ -69,6 +77,12 @@ def _serve_parser(commands: Commands[argparse.ArgumentParser]) -> None:
     )
     serve.add_argument(
         "--database-url", help="PostgreSQL URL; omit for embedded Postgres (EXAI_DATABASE_URL)"
+    )
+    serve.add_argument(
+        "--database-wait",
+        type=float,
+        help="seconds to wait at start for a database that does not answer "
+        "(EXAI_DATABASE_WAIT, default 30)",
     )
     serve.add_argument("--log-level", help="debug, info, warning, error (EXAI_LOG_LEVEL)")
     serve.add_argument(
@@ -190,6 +204,7 @@ def _serve(args: argparse.Namespace) -> int:
             port=args.port,
             state_dir=args.state_dir,
             database_url=args.database_url,
+            database_wait=args.database_wait,
             log_level=args.log_level,
             config=args.config,
         )
@@ -199,21 +214,49 @@ def _serve(args: argparse.Namespace) -> int:
     # Everything the server creates (state dir, tokens, journal, logs, server.json, rejected
     # records) is its owner's alone: 0700 directories, 0600 files, from the first byte.
     os.umask(0o077)
-    settings.state_dir.mkdir(parents=True, exist_ok=True)
-    configure_logging(
-        settings.log_level, log_file=log_path(settings.state_dir), settings=log_settings
-    )
+    try:
+        # Before anything else touches the state dir (the log file is in it): one server per
+        # state dir, whatever the other one is doing (runtime/statefile.py).
+        lock = StateDirLock.acquire(settings.state_dir)
+    except StartupError as exc:
+        return _fail(exc.message, exc.exit_code)
+    with lock:
+        return _run_server(settings, log_settings)
+
+
+def _run_server(settings: Settings, log_settings: LogSettings) -> int:
+    """Run the node; the exit code of how it ended, a failure told in one line on stderr."""
+    try:
+        configure_logging(
+            settings.log_level, log_file=log_path(settings.state_dir), settings=log_settings
+        )
+    except OSError as exc:  # logs/ left unwritable (by another user, say)
+        unusable = state_dir_unusable(settings.state_dir, exc)
+        return _fail(unusable.message, unusable.exit_code)
+    # Python warnings (a library's deprecation, platformdirs on a machine without
+    # XDG_RUNTIME_DIR) become log events instead of free text among the log lines.
+    logging.captureWarnings(True)
     if settings.token:
         register_secret(settings.token)
     from actors.node import run_node  # noqa: PLC0415 - see the module doc
 
     try:
         trio.run(run_node, settings)
-    except SupervisionError as exc:
-        # The root supervisor gave up (or could not start its children): the tree could not
-        # heal itself within its restart intensity. The cause is in the log, once.
-        cause = f" (last error: {exc.__cause__!r})" if exc.__cause__ else ""
-        return _fail(f"the server stopped: {exc}{cause}", EXIT_GAVE_UP)
+    except Exception as exc:  # every failure ends in one line and an exit code
+        startup = startup_error_in(exc)
+        if startup is not None:
+            # Logged where it happened (storage.database_*, child.start_failed).
+            return _fail(startup.message, startup.exit_code)
+        if isinstance(exc, SupervisionError):
+            # The root supervisor gave up (or could not start its children): the tree could
+            # not heal itself within its restart intensity. The cause is in the log, once.
+            cause = f" (last error: {exc.__cause__!r})" if exc.__cause__ else ""
+            return _fail(f"the server stopped: {exc}{cause}", EXIT_GAVE_UP)
+        log.exception("server.failed")  # the traceback goes to the log, as any crash's
+        return _fail(
+            f"the server stopped: {exc!r}; the traceback is in {log_path(settings.state_dir)}",
+            EXIT_GAVE_UP,
+        )
     return 0
 
 

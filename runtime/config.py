@@ -54,6 +54,13 @@ class Settings(BaseSettings):
         default=None,
         description="PostgreSQL URL; when unset an embedded Postgres runs under the state dir.",
     )
+    database_wait: float = Field(
+        default=30.0,
+        ge=0,
+        description="Seconds to wait at start for a database that does not answer, trying "
+        "again with back-off (one log line per attempt); then exit code 4. A refused login "
+        "or a missing database is not waited for. 0: one attempt.",
+    )
     token: str | None = Field(
         default=None,
         min_length=16,
@@ -102,6 +109,13 @@ class Settings(BaseSettings):
         description="Comma-separated IP addresses or CIDR networks exempt from "
         "max_handshakes_per_address: behind a reverse proxy every client arrives from the "
         "proxy's address. Setting it replaces the default (loopback).",
+    )
+    drain_timeout: float = Field(
+        default=30.0,
+        ge=0,
+        description="Seconds a stopping server (SIGTERM, SIGINT) lets tool calls in flight "
+        "finish and be answered; /readyz answers 503 and new sessions are refused meanwhile. "
+        "Calls still running then are cancelled; a second signal cancels them at once.",
     )
     ws_ping_interval: float = Field(
         default=20.0,

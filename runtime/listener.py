@@ -29,6 +29,7 @@ from __future__ import annotations
 import errno
 import ipaddress
 import os
+import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -37,6 +38,7 @@ import structlog
 import trio
 
 from runtime.log_throttle import LogThrottle
+from storage.startup_errors import CannotListen
 
 log = structlog.get_logger("listener")
 
@@ -176,6 +178,25 @@ ConnectionHandler = Callable[[PeerStream, Peer, Release], Awaitable[None]]
 the failure is contained and logged by the listener, and the stream is closed after it."""
 
 
+#: What an operator can do about a bind(2) failure, by errno (see bind(2), ip(7)).
+_BIND_ADVICE = {
+    errno.EADDRINUSE: "address already in use: stop the process that holds it "
+    "(ss -ltnp), or choose another --port",
+    errno.EADDRNOTAVAIL: "no interface of this machine has that address: check --host",
+    errno.EACCES: "permission denied: ports below 1024 need privileges; choose another --port",
+}
+
+
+def cannot_listen(host: str, port: int, error: OSError) -> CannotListen:
+    """The start-up error for a failed bind of ``host:port``, naming both (exit code 3)."""
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    if isinstance(error, socket.gaierror):
+        reason = f"unknown host ({error.strerror}): check --host"
+    else:
+        reason = _BIND_ADVICE.get(error.errno or 0) or f"{error.strerror or error}"
+    return CannotListen(f"cannot listen on {address}: {reason}")
+
+
 class Listener:
     """Accepts on ``host:port`` and runs ``handler`` for each connection in ``connections``."""
 
@@ -203,8 +224,12 @@ class Listener:
         task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Accept until cancelled; reports the bound port once listening. Cancelling this
-        stops accepting; the connections already accepted live on in ``connections``."""
-        listeners = await trio.open_tcp_listeners(self._port, host=self._host)
+        stops accepting; the connections already accepted live on in ``connections``.
+        Raises :class:`~storage.startup_errors.CannotListen` if ``host:port`` cannot be bound."""
+        try:
+            listeners = await trio.open_tcp_listeners(self._port, host=self._host)
+        except OSError as exc:  # socket.gaierror included: an unknown host name
+            raise cannot_listen(self._host, self._port, exc) from exc
         try:
             async with trio.open_nursery() as accepting:
                 for listener in listeners:

@@ -6,15 +6,23 @@ trio-websocket's reader task), and a session runs inside :meth:`Sessions.run`, w
 place a session's failure stops: it is logged once with the session id, and only that socket is
 closed (1011). The listener and the other sessions never see it.
 
-Shutdown order (``stop()``): stop accepting (close the listener), close every session with 1001,
-give them ``grace`` seconds to finish their last writes, then cancel what remains.
+The port also answers ``GET /healthz`` and ``GET /readyz`` (:mod:`runtime.http_dispatch`).
+
+Shutdown (``stop()``) is a drain: ``/readyz`` answers 503 ``draining`` and new sessions (and
+resumes) are refused with 503 at once; each session is closed with 1001 as soon as it has
+nothing pending (no request queued or running, no reply left unwritten), so the calls in
+flight finish and are answered; at ``drain_timeout`` seconds, or at once on
+:meth:`Sessions.cut_drain_short` (a second signal), the calls still running are cancelled
+(recorded ``cancelled``) and every remaining session is closed with 1001, with ``grace``
+seconds to finish its last writes before what remains is cancelled. The listening socket
+closes last, so probes see ``draining`` rather than a refused connection throughout.
 """
 
 from __future__ import annotations
 
 import contextlib
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import Protocol
@@ -22,10 +30,16 @@ from urllib.parse import parse_qs, urlsplit
 
 import structlog
 import trio
-from trio_websocket import WebSocketConnection, WebSocketRequest, wrap_server_stream
+from trio_websocket import (
+    ConnectionClosed,
+    WebSocketConnection,
+    WebSocketRequest,
+    wrap_server_stream,
+)
 
 from runtime.auth import ClientTokens, presented_token
 from runtime.handshake_admission import HandshakeAdmission, parse_networks
+from runtime.http_dispatch import RequestHead, answer_plain, read_request_head
 from runtime.keepalive import keep_alive
 from runtime.listener import Listener, ListenerCounters, Peer, PeerStream, Release
 from runtime.log_throttle import LogThrottle
@@ -43,6 +57,14 @@ REQUEST_TIMEOUT_RESPONSE = (
     b"Content-Length: %d\r\n\r\n%s" % (len(_REQUEST_TIMEOUT_BODY), _REQUEST_TIMEOUT_BODY)
 )
 REQUEST_TIMEOUT_SEND_S = 1.0
+#: How often a drain looks for sessions that have become idle. Their work (queued requests,
+#: calls, unwritten replies) belongs to the actors and signals no event this layer could wait
+#: on; a look at a few in-memory collections per session every 50 ms costs nothing, and
+#: delays a session's close by 50 ms at most.
+DRAIN_POLL_S = 0.05
+#: Seconds a peer has to answer a drain's close frame before its TCP connection is dropped
+#: (as a session's own close, ``SessionBounds.close_timeout``).
+DRAIN_CLOSE_TIMEOUT_S = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +102,19 @@ class SessionHost(Protocol):
         """Run the session to its end; raising ends only this session (see :class:`Sessions`)."""
 
 
+class SessionWork(Protocol):
+    """The work sessions have accepted and not yet answered, as a drain sees it (the actors
+    implement it)."""
+
+    def pending(self, session_id: str) -> bool:
+        """Whether the session has requests queued or running, or replies not yet written
+        to its peer."""
+
+    def cancel_all(self) -> int:
+        """Cancel every tool call in flight, as a client's ``notifications/cancelled`` would
+        (each is recorded ``cancelled``); returns how many."""
+
+
 class Sessions:
     """The sessions supervisor: every live session, its failures contained, its shutdown."""
 
@@ -88,6 +123,7 @@ class Sessions:
         self._live: dict[str, WebSocketConnection] = {}
         self._drained = trio.Event()
         self._drained.set()
+        self._cut_short = trio.Event()
 
     def __len__(self) -> int:
         return len(self._live)
@@ -115,6 +151,32 @@ class Sessions:
             if not self._live:
                 self._drained.set()
 
+    def cut_drain_short(self) -> None:
+        """End a drain (now, or the next one) at once, as its deadline would."""
+        self._cut_short.set()
+
+    async def drain(
+        self, work: SessionWork | None, *, within: float, code: int, reason: str
+    ) -> bool:
+        """Close each session with ``code`` once ``work`` has nothing pending for it, until
+        every session has ended (``True``), or ``within`` seconds pass or
+        :meth:`cut_drain_short` is called (``False``)."""
+        closing: set[str] = set()
+        with trio.move_on_after(within):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_cancel_when_set, self._cut_short, nursery.cancel_scope)
+                while self._live:
+                    for session_id, ws in list(self._live.items()):
+                        if session_id in closing:
+                            continue
+                        if work is None or not work.pending(session_id):
+                            closing.add(session_id)
+                            nursery.start_soon(_close_within, ws, code, reason)
+                    with trio.move_on_after(DRAIN_POLL_S):
+                        await self._drained.wait()
+                nursery.cancel_scope.cancel()
+        return not self._live
+
     async def close_all(self, code: int, reason: str) -> None:
         """Ask every session to end by closing its socket; returns when all have ended."""
         async with trio.open_nursery() as nursery:
@@ -127,12 +189,15 @@ class McpWebSocketServer:
     """Accepts authenticated WebSocket connections on ``/mcp`` and hands each to a session.
 
     Each connection, in :meth:`_serve_connection`: the listener (:mod:`runtime.listener`)
-    admits it (:mod:`runtime.handshake_admission`) and runs it contained; trio-websocket parses
-    the upgrade request over the stream, its reader task in a nursery of this connection
-    alone; path, token, capacity and resume are checked; the 101 is sent; the handshake's
-    place is released; the session runs with :func:`~runtime.keepalive.keep_alive` beside it.
+    admits it (:mod:`runtime.handshake_admission`) and runs it contained; its request head is
+    read (:mod:`runtime.http_dispatch`): a plain HTTP request (``/healthz``, ``/readyz``) is
+    answered and the connection closed, an upgrade goes on to trio-websocket, which parses it
+    again over the stream, its reader task in a nursery of this connection alone; path,
+    draining, token, capacity and resume are checked; the 101 is sent; the handshake's place
+    is released; the session runs with :func:`~runtime.keepalive.keep_alive` beside it.
 
-    The handshake (accept to 101 or error response) has ``handshake_timeout`` seconds; a peer
+    The handshake (accept to 101 or error response, or to a plain answer) has
+    ``handshake_timeout`` seconds; a peer
     that goes away meanwhile is noticed at once (its end of stream or reset), not at the
     deadline, so its descriptor is released as soon as it has gone.
     """
@@ -147,6 +212,9 @@ class McpWebSocketServer:
         sessions: Sessions,
         max_message_bytes: int,
         grace: float = 10.0,
+        drain_timeout: float = 30.0,
+        work: SessionWork | None = None,
+        database_ready: Callable[[], Awaitable[bool]] | None = None,
         handshake_timeout: float = 10.0,
         admission: HandshakeAdmission | None = None,
         ping_interval: float = 20.0,
@@ -159,6 +227,9 @@ class McpWebSocketServer:
         self.sessions = sessions
         self._max_message_bytes = max_message_bytes
         self._grace = grace
+        self._drain_timeout = drain_timeout
+        self._work = work
+        self._database_ready = database_ready
         self._handshake_timeout = handshake_timeout
         self.admission = admission or HandshakeAdmission(
             max_total=1024, max_per_address=32, trusted=parse_networks("127.0.0.1,::1")
@@ -177,9 +248,23 @@ class McpWebSocketServer:
         self._stop = trio.Event()
         self.url = ""
 
+    @property
+    def draining(self) -> bool:
+        """Stopping: ``/readyz`` says so and new sessions are refused."""
+        return self._stop.is_set()
+
     def stop(self) -> None:
         """Begin the shutdown described in the module docstring; ``run`` returns when done."""
         self._stop.set()
+
+    async def readiness(self) -> str | None:
+        """What ``/readyz`` answers: ``None`` (ready), ``"draining"`` or ``"database
+        unavailable"``."""
+        if self.draining:
+            return "draining"
+        if self._database_ready is not None and not await self._database_ready():
+            return "database unavailable"
+        return None
 
     async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve until :meth:`stop`; reports the URL through ``task_status`` once listening."""
@@ -189,11 +274,29 @@ class McpWebSocketServer:
                 self.url = f"ws://{self._host}:{port}{MCP_PATH}"
                 task_status.started(self.url)
                 await self._stop.wait()
+                await self._drain()
                 accepting.cancel_scope.cancel()
-            log.info("server.draining", sessions=len(self.sessions))
-            with trio.move_on_after(self._grace):
-                await self.sessions.close_all(CLOSE_GOING_AWAY, "server shutting down")
             connections.cancel_scope.cancel()
+
+    async def _drain(self) -> None:
+        """The shutdown of the module docstring, up to closing the listener."""
+        started = trio.current_time()
+        log.info("server.draining", sessions=len(self.sessions), deadline=self._drain_timeout)
+        reason = "server shutting down"
+        if await self.sessions.drain(
+            self._work, within=self._drain_timeout, code=CLOSE_GOING_AWAY, reason=reason
+        ):
+            log.info("server.drained", elapsed_s=round(trio.current_time() - started, 3))
+            return
+        cancelled = self._work.cancel_all() if self._work is not None else 0
+        log.warning(
+            "server.drain_cut",
+            elapsed_s=round(trio.current_time() - started, 3),
+            sessions=len(self.sessions),
+            calls_cancelled=cancelled,
+        )
+        with trio.move_on_after(self._grace):
+            await self.sessions.close_all(CLOSE_GOING_AWAY, reason)
 
     async def _serve_connection(self, stream: PeerStream, peer: Peer, release: Release) -> None:
         """One connection from accept to its end; raising ends this connection only (the
@@ -224,20 +327,32 @@ class McpWebSocketServer:
         self, connection: trio.Nursery, stream: PeerStream, peer: Peer
     ) -> tuple[WebSocketConnection, Handshake] | None:
         """The handshake, bounded by the deadline and by the peer's presence; ``None`` if it
-        ended without a session (refused, timed out, or the peer left)."""
-        request: WebSocketRequest | None = None
+        ended without a session (a plain HTTP request answered, refused, timed out, or the
+        peer left)."""
+        head_read = False
         with trio.move_on_after(self._handshake_timeout) as deadline:
             async with trio.open_nursery() as race:
                 race.start_soon(_cancel_when_set, stream.ended, race.cancel_scope)
-                request = await wrap_server_stream(
-                    connection,
-                    stream,
-                    max_message_size=self._max_message_bytes,
-                    # trio's 64 KiB reads, not trio-websocket's 4 KiB: doubles throughput
-                    # for large messages.
-                    receive_buffer_size=None,
-                )
-                opened = await self._handshake(request, peer, stream)
+                head = await read_request_head(stream)
+                head_read = head is not None
+                opened = None
+                if isinstance(head, RequestHead) and head.websocket:
+                    request = await wrap_server_stream(
+                        connection,
+                        head.replay(stream),  # parsed again by wsproto, as if never read
+                        max_message_size=self._max_message_bytes,
+                        # trio's 64 KiB reads, not trio-websocket's 4 KiB: doubles
+                        # throughput for large messages.
+                        receive_buffer_size=None,
+                    )
+                    try:
+                        opened = await self._handshake(request, peer, stream)
+                    except ConnectionClosed:
+                        # The peer left while we answered it (a reset right after its
+                        # request): its doing, not a failure of ours.
+                        opened = None
+                elif head is not None:
+                    await answer_plain(stream, head, self.readiness)
                 race.cancel_scope.cancel()
                 return opened
         if deadline.cancelled_caught:
@@ -245,7 +360,7 @@ class McpWebSocketServer:
             self._throttle.emit(
                 log.info, "handshake.timed_out", peer=str(peer), limit=self._handshake_timeout
             )
-            if request is None and not stream.ended.is_set():
+            if not head_read and not stream.ended.is_set():
                 # Its request head never came: 408 (RFC 9110 section 15.5.9), then close. A
                 # peer that does not read it gets no longer than this to take it.
                 with (
@@ -262,6 +377,13 @@ class McpWebSocketServer:
         path = request.path.partition("?")[0]
         if path != MCP_PATH:
             await request.reject(404, body=b"not found: the MCP endpoint is /mcp\n")
+            return None
+        if self.draining:
+            await request.reject(
+                503,
+                extra_headers=[(b"retry-after", b"1")],
+                body=b"server draining: it is shutting down; connect to another node\n",
+            )
             return None
         identity = self._clients.identify(presented_token(request.path, request.headers))
         if identity is None:
@@ -344,6 +466,13 @@ def listener_status(admission: HandshakeAdmission, counters: ListenerCounters) -
         failed_accepts=counters.failed_accepts,
         connections_failed=counters.connections_failed,
     )
+
+
+async def _close_within(ws: WebSocketConnection, code: int, reason: str) -> None:
+    """Close ``ws``; a peer that does not answer the close frame in time has its TCP
+    connection dropped (trio-websocket closes the stream when ``aclose`` is cancelled)."""
+    with trio.move_on_after(DRAIN_CLOSE_TIMEOUT_S):
+        await ws.aclose(code, reason)
 
 
 async def _cancel_when_set(event: trio.Event, scope: trio.CancelScope) -> None:

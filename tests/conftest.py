@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import ServerProcess, start_server, test_database
+from tests.harness import ServerProcess, reachable_tempdir, start_server, test_database
 
 
 @pytest.fixture(scope="session")
@@ -25,5 +25,8 @@ def server(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
 
 
 @pytest.fixture
-def state_dir(tmp_path: Path) -> Path:
-    return tmp_path / "state"
+def state_dir() -> Iterator[Path]:
+    """A fresh state dir that an embedded Postgres can use, also as root (not under pytest's
+    private base temp directory: :func:`tests.harness.reachable_tempdir`)."""
+    with reachable_tempdir("exai-test-state-") as tmp:
+        yield tmp / "state"

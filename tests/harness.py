@@ -39,6 +39,20 @@ CLIENTS = ROOT / ".venv-clients"
 
 
 @contextmanager
+def reachable_tempdir(prefix: str) -> Iterator[Path]:
+    """A temporary directory that can hold an embedded Postgres's state dir.
+
+    As root the database runs as its own system user, which must be able to enter every
+    directory down to its data; ``tempfile`` makes directories 0700, so this one is opened for
+    search (not listing) to others, which the test may do to a directory it made itself. The
+    server never loosens a directory on its own (storage/embedded.py).
+    """
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        os.chmod(tmp, 0o711)
+        yield Path(tmp)
+
+
+@contextmanager
 def test_database() -> Iterator[str]:
     """A fresh, empty database for one test run; dropped afterwards.
 
@@ -47,11 +61,11 @@ def test_database() -> Iterator[str]:
     """
     external = os.environ.get("EXAI_TEST_DATABASE_URL")
     embedded: EmbeddedPostgres | None = None
-    with tempfile.TemporaryDirectory(prefix="exai-test-pg-") as tmp:
+    with reachable_tempdir("exai-test-pg-") as tmp:
         if external:
             admin_url = external
         else:
-            embedded = EmbeddedPostgres(Path(tmp) / "pg")
+            embedded = EmbeddedPostgres(tmp / "pg")
             admin_url = embedded.start()
         name = f"exai_test_{secrets.token_hex(4)}"
         with psycopg.connect(admin_url, autocommit=True) as conn:
@@ -289,12 +303,11 @@ def own_postgres() -> Iterator[EmbeddedPostgres]:
     """An embedded Postgres for one test module to crash (``.crash()``) and restart
     (``.start()``); always embedded, even when ``EXAI_TEST_DATABASE_URL`` is set.
 
-    Its data lives in a ``tempfile`` directory, not pytest's ``tmp_path``: as root the server
-    runs as another user, and any pytest process starting meanwhile makes its own base temp
-    directory private again (0700), which the server then cannot enter.
+    Its data lives in a :func:`reachable_tempdir`, not pytest's ``tmp_path``: as root the
+    server runs as another user, which cannot enter pytest's private (0700) base temp directory.
     """
-    with tempfile.TemporaryDirectory(prefix="exai-test-pg-") as tmp:
-        server = EmbeddedPostgres(Path(tmp) / "pg")
+    with reachable_tempdir("exai-test-pg-") as tmp:
+        server = EmbeddedPostgres(tmp / "pg")
         server.start()
         try:
             yield server

@@ -257,6 +257,9 @@ async def test_a_reset_ends_its_connection_alone(server: ServerProcess, moment: 
             reset(sock)
         await released(server, inodes, f"the server to release {RESETS} reset connections")
         await assert_untouched(server, live, parked)
+    # A peer's reset is its doing: never logged as our failure (error, with a traceback).
+    errors = [e for e in server.log_events() if e["level"] == "error"]
+    assert errors == [], errors
 
 
 # --- item 2: pre-auth exhaustion ------------------------------------------------------------

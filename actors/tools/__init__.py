@@ -7,7 +7,7 @@ from typing import Any
 from actors.conversation import Conversations
 from actors.tools.chat import Chat
 from actors.tools.echo import Echo
-from actors.tools.testing import BlockUntilCancelled, ReportSteps
+from actors.tools.testing import BlockUntilCancelled, ReportSteps, Sleep
 from actors.tools.threads import Threads
 from runtime.mcp.tools import Tool, ToolRegistry
 
@@ -21,5 +21,5 @@ def builtin_tools(
     if conversations is not None:
         tools.extend([Chat(conversations), Threads(conversations)])
     if test_faults:
-        tools.extend([BlockUntilCancelled(), ReportSteps()])
+        tools.extend([BlockUntilCancelled(), ReportSteps(), Sleep()])
     return ToolRegistry(tools)

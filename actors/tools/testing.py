@@ -23,6 +23,23 @@ class BlockUntilCancelled(Tool[BlockArgs]):
         await trio.sleep_forever()
 
 
+class SleepArgs(BaseModel):
+    seconds: float = Field(ge=0, le=600)
+
+
+class Sleep(Tool[SleepArgs]):
+    """Answers after ``seconds``, as a slow upstream call would: a call in flight that ends
+    on its own (a shutdown's drain waits for it)."""
+
+    name = "exai_test_sleep"
+    description = "Test only: answer after the given number of seconds."
+    Args = SleepArgs
+
+    async def run(self, args: SleepArgs, ctx: ToolContext) -> ToolOutput:
+        await trio.sleep(args.seconds)
+        return ToolOutput(text=f"slept {args.seconds:g} s")
+
+
 class StepsArgs(BaseModel):
     steps: int = Field(default=3, ge=0, le=1000)
 

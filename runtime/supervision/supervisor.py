@@ -51,6 +51,7 @@ from runtime.supervision.errors import (
 from runtime.supervision.intensity import RestartIntensity
 from runtime.supervision.snapshot import ChildSnapshot, ChildState, SupervisorSnapshot
 from runtime.supervision.spec import ChildContext, ChildSpec, Restart, Strategy
+from storage.startup_errors import StartupError
 
 __all__ = ["Supervisor", "run_root"]
 
@@ -462,8 +463,10 @@ class Supervisor:
                     "child.stopped", reason=run.stop_reason, error=repr(run.error), **fields
                 )
         elif run.error is not None:
-            # A supervision error was logged where it happened: no second traceback.
-            exc_info = None if isinstance(run.error, SupervisionError) else run.error
+            # A supervision error was logged where it happened, and a start-up error explains
+            # itself in its message (the listener's bind): no traceback for either.
+            explained = isinstance(run.error, SupervisionError | StartupError)
+            exc_info = None if explained else run.error
             started = run.ctx.has_started
             _log.error(
                 "child.crashed" if started else "child.start_failed",
