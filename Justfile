@@ -1,20 +1,29 @@
 # exai-runtime: every command sets up what it needs first, so a fresh clone needs only
-# Python 3.11+ and `pip install rust-just`.
+# Python 3.11+ and `pip install rust-just` (1.54 or newer: `serve` uses the `[continue]` attribute).
 
 set shell := ["bash", "-euo", "pipefail", "-c"]
+# Recipe arguments reach commands as "$@", each one intact (quotes, spaces, `&`, `$`): `{{ARGS}}`
+# would paste them into the command line, where the shell splits and interprets them again.
+set positional-arguments
 
 python := env_var_or_default("PYTHON", "python3")
 venv := ".venv"
 bin := venv / "bin"
 clients := ".venv-clients"
+# setuptools reports how it made the editable install as a warning, though it is information
+# for the user (pypa/packaging-problems#558): that module's warnings alone are not shown, so
+# a deprecation or an error of the build still is.
+quiet_build := "PYTHONWARNINGS=ignore::UserWarning:setuptools.command.editable_wheel"
 
-# Run the MCP server on an embedded Postgres (flags are passed to `exai serve`).
+# Run the MCP server on an embedded Postgres (flags are passed to `exai serve`). Ctrl-C reaches
+# just too; `[continue]` makes it exit as the server does (0 after a clean stop), not with 130.
+[continue]
 serve *ARGS: setup
-    {{bin}}/exai serve {{ARGS}}
+    @{{bin}}/exai serve "$@"
 
 # Set up, then run the whole test suite (pytest arguments are passed through).
 test *ARGS: setup setup-clients
-    {{bin}}/python -m pytest {{ARGS}}
+    {{bin}}/python -m pytest "$@"
 
 # Ruff (lint and format check) and mypy.
 lint: setup
@@ -40,7 +49,7 @@ setup:
     want=$(sha256sum pyproject.toml | cut -d' ' -f1)
     if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
         {{bin}}/python -m pip install --quiet --upgrade pip
-        {{bin}}/python -m pip install --quiet -e '.[dev]'
+        {{quiet_build}} {{bin}}/python -m pip install --quiet -e '.[dev]'
         echo "$want" > "$stamp"
     fi
 
@@ -78,8 +87,8 @@ setup-clients:
 # `just bench full`, `just bench profile`, `just bench flood` (issue 11: floods, slow readers).
 # Results go to docs/benchmarks.md (bench/README.md).
 bench MODE="quick" *ARGS: setup
-    {{bin}}/python -m bench {{MODE}} {{ARGS}}
+    {{bin}}/python -m bench "$@"
 
 # Micro-benchmarks: actor kernel asks (issue 3).
 bench-actors *ARGS: setup
-    {{bin}}/python -m bench.actors {{ARGS}}
+    {{bin}}/python -m bench.actors "$@"

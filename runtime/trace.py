@@ -23,6 +23,7 @@ Usage, in an actor's handler::
     with trace.handling(self.path, message.method, postmark=mark, session_id=sid,
                         rpc_id=message.id, depth=ref.depth, capacity=ref.capacity) as h:
         ...                     # an exception sets outcome "error" ("cancelled" if cancelled)
+        h.failed("-32602 ...")  # answered, but with a failure: outcome "error" too
         h.outcome = "refused"   # or name another outcome
         h.note(tool="echo")     # extra fields for the event
 """
@@ -311,6 +312,14 @@ class handling:  # lower case: used like a function, `with trace.handling(...) a
     def note(self, **fields: Any) -> None:
         """Add fields to this message's event (say, the tool's name)."""
         self._fields.update(fields)
+
+    def failed(self, error: str) -> None:
+        """The message was handled without an exception, but what it produced is a failure
+        (a JSON-RPC error response, a tool result with ``isError: true``): the event's outcome
+        is ``error`` all the same, with ``error`` saying what failed. A failure is what an
+        operator looks for, so it counts in the meter and is logged whatever the sampling."""
+        self.outcome = ERROR
+        self._fields["error"] = error
 
     def __enter__(self) -> handling:
         self._bound.__enter__()

@@ -13,7 +13,15 @@ from decimal import Decimal
 from typing import Annotated, Literal, TypeAlias
 from uuid import UUID
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, JsonValue, TypeAdapter
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    JsonValue,
+    TypeAdapter,
+    model_validator,
+)
 
 from storage.untrusted import storable, storable_text
 
@@ -57,7 +65,10 @@ class SessionClose(_Row):
     """The end of a session; applying it twice leaves the row as after the first time.
 
     Only an ``active`` row is closed: a replayed close never reopens or re-stamps a row, and a
-    close arriving after recovery marked the session ``interrupted`` changes nothing.
+    close arriving after recovery marked the session ``interrupted`` changes nothing. It
+    carries the session's totals as they are at its end (applied as :class:`SessionActivity`'s
+    are, with ``greatest``), so a closed row is current without waiting for the next activity
+    sync, which may never come for it.
     """
 
     kind: Literal["session_close"] = "session_close"
@@ -65,6 +76,8 @@ class SessionClose(_Row):
     closed_at: datetime
     last_activity: datetime
     status: SessionStatus = "closed"
+    tool_calls: int = Field(default=0, ge=0)
+    tool_errors: int = Field(default=0, ge=0)
 
 
 class SessionIdentified(_Row):
@@ -85,6 +98,10 @@ class SessionActivity(_Row):
     applied with ``greatest``: any subset of these records, in any order, leaves the row with
     the newest values. That is what lets the persistence actor keep only the latest one per
     session and write it every ``sync_interval`` (the seed design's 30 s periodic sync).
+
+    Token totals are not among them: ``sessions.input_tokens`` / ``output_tokens`` are summed
+    by the database from the session's :class:`TokenUsage` rows whenever some are written
+    (:mod:`storage.writes`), so they have one source, the usage rows dashboards read too.
     """
 
     kind: Literal["session_activity"] = "session_activity"
@@ -92,8 +109,15 @@ class SessionActivity(_Row):
     last_activity: datetime
     tool_calls: int = Field(default=0, ge=0)
     tool_errors: int = Field(default=0, ge=0)
-    input_tokens: int = Field(default=0, ge=0)
-    output_tokens: int = Field(default=0, ge=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _without_token_totals(cls, data: object) -> object:
+        # Journals written before token totals came from token_usage carry them (as zeros,
+        # since nothing ever set them): read such a line, rather than reject it.
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if k not in ("input_tokens", "output_tokens")}
+        return data
 
 
 # --- tasks ----------------------------------------------------------------------------------

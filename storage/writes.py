@@ -182,6 +182,7 @@ def _apply(conn: Connection, groups: _Groups, *, fast: bool) -> BatchResult:
     result.conflicts.update(_transitions(conn, started, finished))
     if groups.usage:
         _insert_usage(conn, groups.usage, fast=fast)
+        _sum_session_tokens(conn, {r.session_id for r in groups.usage if r.session_id})
     if groups.messages:
         _insert_messages(conn, groups.messages, fast=fast)
     if groups.identified:
@@ -271,22 +272,10 @@ def _record_activity(conn: Connection, rows: list[SessionActivity]) -> None:
             update sessions
                set last_activity = greatest(last_activity, %s),
                    tool_calls    = greatest(tool_calls, %s),
-                   tool_errors   = greatest(tool_errors, %s),
-                   input_tokens  = greatest(input_tokens, %s),
-                   output_tokens = greatest(output_tokens, %s)
+                   tool_errors   = greatest(tool_errors, %s)
              where session_id = %s
             """,
-            [
-                (
-                    r.last_activity,
-                    r.tool_calls,
-                    r.tool_errors,
-                    r.input_tokens,
-                    r.output_tokens,
-                    r.session_id,
-                )
-                for r in rows
-            ],
+            [(r.last_activity, r.tool_calls, r.tool_errors, r.session_id) for r in rows],
         )
 
 
@@ -298,10 +287,14 @@ def _close_sessions(conn: Connection, rows: list[SessionClose]) -> None:
             """
             update sessions
                set status = %s, closed_at = %s, last_activity = greatest(last_activity, %s),
+                   tool_calls = greatest(tool_calls, %s), tool_errors = greatest(tool_errors, %s),
                    version = version + 1
              where session_id = %s and status = 'active'
             """,
-            [(r.status, r.closed_at, r.last_activity, r.session_id) for r in rows],
+            [
+                (r.status, r.closed_at, r.last_activity, r.tool_calls, r.tool_errors, r.session_id)
+                for r in rows
+            ],
         )
 
 
@@ -519,6 +512,28 @@ def _insert_usage(conn: Connection, rows: list[TokenUsage], *, fast: bool) -> No
             f"insert into token_usage ({_USAGE_COLUMNS})"
             " values (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) on conflict (id) do nothing",
             [_usage_tuple(r) for r in rows],
+        )
+
+
+def _sum_session_tokens(conn: Connection, session_ids: set[str]) -> None:
+    """Set these sessions' token totals to the sum of their usage rows, in the transaction
+    that wrote the rows: a total, not an increment, so a replayed batch (its rows skipped as
+    duplicates) leaves it right, and the usage rows stay its one source."""
+    if not session_ids:
+        return
+    with conn.cursor() as cur:
+        cur.execute(
+            """
+            update sessions s
+               set input_tokens = u.input_tokens, output_tokens = u.output_tokens
+              from (select session_id, sum(input_tokens) as input_tokens,
+                           sum(output_tokens) as output_tokens
+                      from token_usage
+                     where session_id = any(%s)
+                     group by session_id) u
+             where s.session_id = u.session_id
+            """,
+            (sorted(session_ids),),
         )
 
 

@@ -278,7 +278,7 @@ async def test_session_activity_is_coalesced_into_one_write(db: str, journal: Jo
                     session_id=session.session_id,
                     last_activity=NOW + timedelta(seconds=calls),
                     tool_calls=calls,
-                    input_tokens=10 * calls,
+                    tool_errors=calls // 10,
                 )
             )
         after = await client.flush()
@@ -289,10 +289,10 @@ async def test_session_activity_is_coalesced_into_one_write(db: str, journal: Jo
     assert after.records_written - before.records_written == 1
     assert query(
         db,
-        "select status, tool_calls, input_tokens, last_activity, version from sessions"
+        "select status, tool_calls, tool_errors, last_activity, version from sessions"
         " where session_id = %s",
         (session.session_id,),
-    ) == [("closed", 100, 1000, NOW + timedelta(seconds=100), 2)]
+    ) == [("closed", 100, 10, NOW + timedelta(seconds=100), 2)]
 
 
 async def test_with_the_database_away_writes_are_journaled_until_the_bound(

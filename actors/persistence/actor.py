@@ -229,8 +229,6 @@ class PersistenceActor(BridgedActor):
                 last_activity=max(old.last_activity, record.last_activity),
                 tool_calls=max(old.tool_calls, record.tool_calls),
                 tool_errors=max(old.tool_errors, record.tool_errors),
-                input_tokens=max(old.input_tokens, record.input_tokens),
-                output_tokens=max(old.output_tokens, record.output_tokens),
             )
         self._activity[record.session_id] = record
 

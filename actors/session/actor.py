@@ -214,18 +214,22 @@ class SessionActor(Actor[Message]):
             depth=mailbox.depth if mailbox is not None else None,
             capacity=mailbox.capacity if mailbox is not None else None,
             meter=self._meter,
-        ):
-            await self._receive(message)
+        ) as traced:
+            refusal = await self._receive(message)
+            if refusal is not None:
+                traced.failed(refusal.message)
 
-    async def _receive(self, message: Message) -> None:
+    async def _receive(self, message: Message) -> RpcError | None:
+        """Handle one message; the error a ``tools/call`` was refused with, if it was."""
+        refusal = None
         if isinstance(message, jsonrpc.Request):
             if self.state.queued.pop(message.id, False) and message.method != "initialize":
                 self._log.debug("session.dropped_cancelled", id=message.id)
-                return  # cancelled while queued: no response, as for any cancelled request
+                return None  # cancelled while queued: no response, as for any cancelled one
             # Until answered or handed to a task, a crash here must still answer it.
             self._current = message.id
             if message.method == "tools/call":
-                await self._start_call(message)
+                refusal = await self._start_call(message)
             else:
                 await self._answer(message)
             self._current = None
@@ -237,6 +241,7 @@ class SessionActor(Actor[Message]):
             # We send no requests, so a response correlates with nothing (the reader drops
             # them before the mailbox; this is only a guard).
             self._log.debug("session.unexpected_response", id=message.id)
+        return refusal
 
     async def on_failure(self, error: Exception) -> None:
         """Tell each request this incarnation was handling that it did not complete."""
@@ -462,8 +467,10 @@ class SessionActor(Actor[Message]):
                 replies[index] = jsonrpc.encode_error(message.id, refusal)
             elif message.method == "tools/call":
                 admitted = await self._admit(message)
-                if admitted is None or isinstance(admitted, str):
-                    replies[index] = admitted
+                if admitted is None:
+                    replies[index] = None
+                elif isinstance(admitted, RpcError):
+                    replies[index] = jsonrpc.encode_error(message.id, admitted)
                 else:
                     try:
                         replies[index] = await self._call(message.id, admitted)
@@ -474,19 +481,21 @@ class SessionActor(Actor[Message]):
 
     # -- tools/call ----------------------------------------------------------------------
 
-    async def _start_call(self, request: jsonrpc.Request) -> None:
+    async def _start_call(self, request: jsonrpc.Request) -> RpcError | None:
+        """Admit the call and start it as a task; the error it was refused with, if so."""
         admitted = await self._admit(request)
         if admitted is None:
-            return
-        if isinstance(admitted, str):
-            await self._send(admitted)
-            return
+            return None
+        if isinstance(admitted, RpcError):
+            await self._send(jsonrpc.encode_error(request.id, admitted))
+            return admitted
         assert self._calls is not None
         self._calls.start_soon(self._call_and_send, request.id, admitted)
+        return None
 
-    async def _admit(self, request: jsonrpc.Request) -> str | _Admitted | None:
-        """Validate and take a slot; or the encoded refusal; or ``None`` if the client
-        cancelled the call while it waited for a slot.
+    async def _admit(self, request: jsonrpc.Request) -> RpcError | _Admitted | None:
+        """Validate and take a slot; or the error that refuses the call; or ``None`` if the
+        client cancelled the call while it waited for a slot.
 
         Waiting for a slot here is the back-pressure: the mailbox fills behind us, then the
         reader refuses with "server busy".
@@ -504,7 +513,7 @@ class SessionActor(Actor[Message]):
                     {"retryAfterMs": 1000},
                 )
         except RpcError as error:
-            return jsonrpc.encode_error(request.id, error)
+            return error
         # The node-wide limiter counts borrowers: each call is its own, whatever id its client
         # chose (ids are only unique within a session, and only while unanswered).
         admitted = _Admitted(tool, params, version)
@@ -581,8 +590,17 @@ class SessionActor(Actor[Message]):
         persistence.write_soon(task.started())
         outcome: _Outcome | None = None
         try:
-            with scope:
+            # The call task's trace event; a call answered with a failure (an error response,
+            # an `isError` result) is an `error` event, not only one that raised.
+            with (
+                scope,
+                trace.handling(
+                    f"{self.path}/tools/{tool.name}", "tools/call", rpc_id=request_id
+                ) as traced,
+            ):
                 outcome = await self._run_tool(request_id, tool, params, version)
+                if outcome.status == "failed":
+                    traced.failed(outcome.error or "failed")
         except BaseException:
             persistence.write_soon(
                 task.finished("failed", error_message="interrupted: session restarted or stopped")
@@ -634,18 +652,12 @@ class SessionActor(Actor[Message]):
         )
         try:
             if progress is None:
-                with trace.handling(
-                    f"{self.path}/tools/{tool.name}", "tools/call", rpc_id=request_id
-                ):
-                    output = await tool.run(args, ctx)
+                output = await tool.run(args, ctx)
             else:
                 # Only calls that asked for progress pay for a nursery and a heartbeat task.
                 async with trio.open_nursery() as running:
                     running.start_soon(progress.heartbeat, self._config.heartbeat_interval)
-                    with trace.handling(
-                        f"{self.path}/tools/{tool.name}", "tools/call", rpc_id=request_id
-                    ):
-                        output = await tool.run(args, ctx)
+                    output = await tool.run(args, ctx)
                     running.cancel_scope.cancel()
         except InvalidParams as error:
             # Input the tool refused once it looked closer (a model not offered): answered as

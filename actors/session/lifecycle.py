@@ -10,10 +10,15 @@ than ``max_restarts`` crashes fall within ``period`` seconds, in which case the 
 with 1011. The socket closing (by the client, or by shutdown with 1001) is the normal end:
 running tool calls are cancelled, since nobody could receive their answers. A session the
 server ends itself (a peer that stopped reading, a binary or oversized frame) is not parked.
+
+Its end is logged once, as ``session.closed``, with how its (last) connection closed: the close
+code (RFC 6455 section 7.4), a reason (the close frame's, else the code's name), and how long
+the session lived (``duration_s``, from its first connection, across resumes).
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -21,7 +26,7 @@ from functools import partial
 
 import structlog
 import trio
-from trio_websocket import ConnectionClosed, WebSocketConnection
+from trio_websocket import CloseReason, ConnectionClosed, WebSocketConnection
 
 from actors.persistence import PersistenceClient, StorageUnavailable
 from actors.session.actor import Message, SessionActor, SessionConfig, SessionState
@@ -34,7 +39,7 @@ from runtime.budget import ByteBudget, NodeBudget
 from runtime.mailbox import ActorRef, Inbox, open_mailbox
 from runtime.mcp.tools import ToolRegistry
 from runtime.outbox import Outbox, OutboxClosed
-from runtime.server import Handshake
+from runtime.server import CLOSE_GOING_AWAY, CLOSE_INTERNAL_ERROR, Handshake
 from runtime.supervision.errors import SupervisorGaveUp
 from runtime.supervision.intensity import RestartIntensity
 from storage.rows import SessionClose, SessionRow
@@ -44,6 +49,20 @@ log = structlog.get_logger("session")
 CLOSE_NORMAL = 1000
 CLOSE_POLICY_VIOLATION = 1008
 CLOSE_TRY_AGAIN_LATER = 1013
+
+
+@dataclass(frozen=True, slots=True)
+class _Ending:
+    """How a session's connection ended, for ``session.closed``."""
+
+    #: The close code (RFC 6455 section 7.4.1); ``None`` if no close was seen at all.
+    code: int | None
+    #: The close frame's reason, else the code's name (``ABNORMAL_CLOSURE``), else why.
+    reason: str
+
+    @classmethod
+    def of(cls, close: CloseReason) -> _Ending:
+        return cls(close.code, close.reason or close.name)
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,45 +112,24 @@ class SessionLifecycle:
 
     def __init__(self, services: SessionServices, resume_grace: float) -> None:
         self.services = services
-        self.resumable = ResumableSessions(resume_grace, self._expire)
+        self.resumable = ResumableSessions(resume_grace, self._expire_parked)
+        #: How the connection of each parked session ended (for its ``session.closed``).
+        self._parked_endings: dict[str, _Ending] = {}
 
     def claim(self, session_id: str, identity: str) -> SessionState | None:
         return self.resumable.claim(session_id, identity)
 
     async def unclaim(self, resumed: object) -> None:
         if isinstance(resumed, SessionState) and not self.resumable.park(resumed):
-            await self._expire(resumed)  # parking has stopped: the node is shutting down
+            await self._expire_parked(resumed)  # parking has stopped: the node is shutting down
 
     async def serve(self, ws: WebSocketConnection, handshake: Handshake) -> None:
         """One connection's session; raises only if the session gave up (see module doc)."""
         services = self.services
         session_id = handshake.session_id
-        if isinstance(handshake.resumed, SessionState):
-            state = handshake.resumed
-            log.info("session.resumed", session_id=session_id, remote=handshake.remote)
-        else:
-            state = SessionState(
-                session_id=session_id, remote=handshake.remote, identity=handshake.identity
-            )
-            try:
-                await services.persistence.write(
-                    SessionRow(
-                        session_id=session_id,
-                        created_at=datetime.now(UTC),
-                        remote_addr=handshake.remote,
-                        node_id=services.config.node_id,
-                    )
-                )
-            except StorageUnavailable:
-                log.warning("session.refused", session_id=session_id, reason="storage")
-                await ws.aclose(CLOSE_TRY_AGAIN_LATER, "storage unavailable; retry later")
-                return
-            log.info(
-                "session.opened",
-                session_id=session_id,
-                remote=handshake.remote,
-                identity=handshake.identity,
-            )
+        state = await self._begin(ws, handshake)
+        if state is None:
+            return
         path = f"/root/sessions/{session_id}"
         bounds = services.bounds
         ref: ActorRef[Message]
@@ -150,7 +148,8 @@ class SessionLifecycle:
         live = services.directory.attach(state, ref, outbox)
         postmarks = trace.Postmarks()
         closed_for_stall = trio.Event()
-        detached = False
+        close = _Closer(ws, bounds.close_timeout)
+        detached = gave_up = False
         try:
             try:
                 async with trio.open_nursery() as nursery:
@@ -167,13 +166,13 @@ class SessionLifecycle:
                     )
                     nursery.start_soon(outbox.run, ws.send_message)
                     nursery.start_soon(
-                        _end_when_stalled, outbox, ws, bounds, session_id, closed_for_stall
+                        _end_when_stalled, outbox, close, session_id, closed_for_stall
                     )
                     await pump(
                         ws.get_message,
                         ref,
                         outbox=outbox,
-                        close=partial(_close_within, ws, bounds.close_timeout),
+                        close=close,
                         state=state,
                         limits=ReaderLimits(services.max_message_bytes, bounds.max_batch),
                         postmarks=postmarks,
@@ -194,26 +193,102 @@ class SessionLifecycle:
                     detached = self.resumable.park(state)
                     if detached:
                         services.directory.detach(session_id)
+        except* Exception:
+            gave_up = True  # the sessions supervisor closes its socket with 1011
+            raise
         finally:
             # Whatever ended the session, its queued bytes leave the node's totals now.
             outbox.close()
             close_mailbox(path, inbox)
-            if not detached:
+            ending = self._ending(close.sent, ws.closed, gave_up=gave_up)
+            if detached:
+                self._parked_endings[session_id] = ending
+            else:
                 with trio.CancelScope(shield=True):
-                    await self._expire(state)
+                    await self._expire(state, ending)
 
-    async def _expire(self, state: SessionState) -> None:
-        """The session is over for good: record its end."""
-        self.services.directory.remove(state.session_id)
+    async def _begin(self, ws: WebSocketConnection, handshake: Handshake) -> SessionState | None:
+        """The state of the session this connection serves: a resumed one, or a new one once
+        its row is written; ``None`` if storage refused a new one (closed with 1013)."""
+        session_id = handshake.session_id
+        if isinstance(handshake.resumed, SessionState):
+            self._parked_endings.pop(session_id, None)
+            log.info("session.resumed", session_id=session_id, remote=handshake.remote)
+            return handshake.resumed
+        try:
+            await self.services.persistence.write(
+                SessionRow(
+                    session_id=session_id,
+                    created_at=datetime.now(UTC),
+                    remote_addr=handshake.remote,
+                    node_id=self.services.config.node_id,
+                )
+            )
+        except StorageUnavailable:
+            log.warning("session.refused", session_id=session_id, reason="storage")
+            await ws.aclose(CLOSE_TRY_AGAIN_LATER, "storage unavailable; retry later")
+            return None
+        log.info(
+            "session.opened",
+            session_id=session_id,
+            remote=handshake.remote,
+            identity=handshake.identity,
+        )
+        return SessionState(
+            session_id=session_id, remote=handshake.remote, identity=handshake.identity
+        )
+
+    def _ending(
+        self, sent: CloseReason | None, seen: CloseReason | None, *, gave_up: bool
+    ) -> _Ending:
+        """How a connection ended. A close this side starts is known from what it sent:
+        trio-websocket reports one as ``1000`` without a reason until the peer's reply (its
+        echo, RFC 6455 section 5.5.1) arrives, which the session does not wait for."""
+        if sent is not None:
+            return _Ending.of(sent)
+        if gave_up:
+            # Raised to the sessions supervisor, which logs it (session.crashed) and closes.
+            return _Ending(CLOSE_INTERNAL_ERROR, "internal error; see session.crashed")
+        if not self.resumable.parking and (
+            seen is None or seen.code == CLOSE_GOING_AWAY or _unanswered(seen)
+        ):
+            return _Ending(CLOSE_GOING_AWAY, "server shutting down")  # runtime.server closes
+        if seen is None:
+            return _Ending(None, "connection ended without a close")
+        return _Ending.of(seen)
+
+    async def _expire_parked(self, state: SessionState) -> None:
+        """A parked session is over: its grace ran out, or the node is stopping."""
+        last = self._parked_endings.pop(state.session_id, _Ending(None, "unknown"))
+        why = "resume grace expired" if self.resumable.parking else "server shutting down"
+        await self._expire(state, _Ending(last.code, f"{why} (detached: {last.reason})"))
+
+    async def _expire(self, state: SessionState, ending: _Ending) -> None:
+        """The session is over for good: record its end, with its totals as they are now."""
+        directory = self.services.directory
+        live = directory.get(state.session_id)
+        directory.remove(state.session_id)
         closed = datetime.now(UTC)
         with trio.move_on_after(10) as scope:
             scope.shield = True
             await self.services.persistence.write(
-                SessionClose(session_id=state.session_id, closed_at=closed, last_activity=closed)
+                SessionClose(
+                    session_id=state.session_id,
+                    closed_at=closed,
+                    last_activity=closed,
+                    tool_calls=state.tool_calls,
+                    tool_errors=state.tool_errors,
+                )
             )
             if self.services.session_ended is not None:
                 await self.services.session_ended(state.session_id)
-        log.info("session.closed", session_id=state.session_id)
+        log.info(
+            "session.closed",
+            session_id=state.session_id,
+            code=ending.code,
+            reason=ending.reason,
+            duration_s=round(time.monotonic() - live.opened_at, 3) if live else None,
+        )
 
 
 def _close_code(group: BaseExceptionGroup[ConnectionClosed]) -> int | None:
@@ -226,11 +301,7 @@ def _close_code(group: BaseExceptionGroup[ConnectionClosed]) -> int | None:
 
 
 async def _end_when_stalled(
-    outbox: Outbox,
-    ws: WebSocketConnection,
-    bounds: SessionBounds,
-    session_id: str,
-    done: trio.Event,
+    outbox: Outbox, close: _Closer, session_id: str, done: trio.Event
 ) -> None:
     """End the session once its peer is found not reading (:attr:`Outbox.stalled`): 1008,
     and no parking, since a resumed session would only stall again. Sets ``done`` once the
@@ -245,17 +316,35 @@ async def _end_when_stalled(
             stall_timeout=outbox.stall_timeout,
         )
         outbox.close()
-        await _close_within(ws, bounds.close_timeout, CLOSE_POLICY_VIOLATION, "not reading replies")
+        await close(CLOSE_POLICY_VIOLATION, "not reading replies")
     finally:
         done.set()
 
 
-async def _close_within(ws: WebSocketConnection, within: float, code: int, reason: str) -> None:
-    """Close with ``code``; a peer that does not take the close frame within ``within``
-    seconds (it is not reading) has its TCP connection dropped instead (trio-websocket closes
-    the stream when ``aclose`` is cancelled)."""
-    with trio.move_on_after(within):
-        await ws.aclose(code, reason)
+def _unanswered(seen: CloseReason) -> bool:
+    """What trio-websocket reports for a close this side started, until the peer answers."""
+    return bool(seen.code == CLOSE_NORMAL and not seen.reason)
+
+
+class _Closer:
+    """Closes a session's socket from this side, remembering the first close it sent (see
+    :meth:`SessionLifecycle._ending`)."""
+
+    __slots__ = ("_within", "_ws", "sent")
+
+    def __init__(self, ws: WebSocketConnection, within: float) -> None:
+        self._ws = ws
+        self._within = within
+        self.sent: CloseReason | None = None
+
+    async def __call__(self, code: int, reason: str) -> None:
+        """Close with ``code``; a peer that does not take the close frame within ``within``
+        seconds (it is not reading) has its TCP connection dropped instead (trio-websocket
+        closes the stream when ``aclose`` is cancelled)."""
+        if self.sent is None:
+            self.sent = CloseReason(code, reason)
+        with trio.move_on_after(self._within):
+            await self._ws.aclose(code, reason)
 
 
 async def _supervise_actor(
