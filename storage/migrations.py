@@ -16,6 +16,8 @@ from pathlib import Path
 
 import psycopg
 
+from storage.connection import connect_kwargs
+
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "db" / "migrations"
 _NAME = re.compile(r"^(\d{14})_([a-z0-9_]+)\.sql$")
 #: Any constant works; it only has to be the same for every node.
@@ -51,7 +53,11 @@ def apply_migrations(url: str, directory: Path = MIGRATIONS_DIR) -> list[str]:
     """Bring the database at ``url`` up to date; return the versions applied by this call."""
     migrations = discover(directory)
     applied_now: list[str] = []
-    with psycopg.connect(url, autocommit=False) as conn, conn.transaction():
+    # connect_kwargs: no prepared statements behind a transaction pooler (storage/connection.py).
+    with (
+        psycopg.connect(url, autocommit=False, **connect_kwargs(url)) as conn,  # type: ignore[arg-type]
+        conn.transaction(),
+    ):
         conn.execute("select pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
         conn.execute(
             """

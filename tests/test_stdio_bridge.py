@@ -322,8 +322,10 @@ async def test_the_token_comes_from_a_file_and_a_token_flag_still_works_with_one
         )
     peer = StdioPeer(process)
     try:
-        seen_in_ps = server.token in command_line(process.pid)
         assert (await peer.request("p", "ping", {}))["result"] == {}
+        # Only once it has answered is the bridge surely running its own program: read
+        # right after the spawn, /proc could still show the parent's arguments.
+        seen_in_ps = server.token in command_line(process.pid)
         await peer.close_stdin()
         with trio.fail_after(30):
             assert await process.wait() == 0
