@@ -24,7 +24,7 @@ import trio
 from pydantic import ValidationError
 
 from runtime import status_view, trace_view
-from runtime.config import ConfigError, Settings, load_settings
+from runtime.config import ConfigError, Settings, load_settings, require_private
 from runtime.logs import LogSettings, configure_logging, log_path, register_secret
 from runtime.statefile import StateDirLock, read_server_info, state_dir_unusable
 from runtime.stdio_bridge import run_bridge
@@ -330,6 +330,7 @@ def _given_secret(value: str | None, file: Path | None, *, flag: str, env: str) 
         return value
     if file is None:
         return None
+    require_private(file, "token file")  # as the server refuses its own (ssh's rule)
     try:
         secret = file.read_text().strip()
     except OSError as exc:

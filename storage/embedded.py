@@ -49,6 +49,7 @@ from pathlib import Path
 from urllib.parse import quote, urlencode
 
 import psycopg
+import structlog
 from psycopg import sql
 
 from storage.startup_errors import StateDirUnusable
@@ -68,6 +69,8 @@ SUN_PATH_MAX = 107
 # unix_socket_directories (a comma-separated list).
 _PLAIN_PATH = re.compile(r"[A-Za-z0-9/._+-]+")
 _SHORT_SOCKET_BASE = Path("/tmp")  # not $TMPDIR: as root that may be closed to the database user
+log = structlog.get_logger("storage")
+
 _START_TIMEOUT = 60  # seconds pg_ctl waits for start or stop (crash recovery may take a while)
 _INITDB_TIMEOUT = 300
 
@@ -303,7 +306,10 @@ class EmbeddedPostgres:
 
     def _stop_predecessor(self, user: DatabaseUser) -> None:
         """A postmaster on this data dir while we hold the lock was left by a dead process."""
-        if _postmaster(self.pgdata) is not None:
+        leftover = _postmaster(self.pgdata)
+        if leftover is not None:
+            # Said, so an operator sees why a postgres process went away.
+            log.warning("storage.embedded_leftover_stopped", pid=leftover, pgdata=str(self.pgdata))
             self._pg_ctl_stop(user, "fast")
 
     def _initdb(self, user: DatabaseUser, socket_dir: Path, password: str) -> None:

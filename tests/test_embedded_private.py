@@ -106,6 +106,8 @@ async def test_a_postgres_left_by_a_killed_server_is_stopped_and_a_clean_stop_le
     # its pid file; the process itself may take a moment more to be gone).
     await wait_until(lambda: left[0] not in postmasters(pgdata), what="the old postmaster gone")
     assert len(postmasters(pgdata)) == 1
+    stopped = [e for e in second.log_events() if e["event"] == "storage.embedded_leftover_stopped"]
+    assert [e["pid"] for e in stopped] == left  # the operator is told
     assert second.stop() == 0
     await wait_until(lambda: postmasters(pgdata) == [], what="no postmaster on the data dir")
 

@@ -353,3 +353,19 @@ def test_an_unreadable_token_file_is_a_configuration_error(tmp_path: Path) -> No
     )
     assert done.returncode == 2
     assert f"cannot read the token file {tmp_path}" in done.stderr
+
+
+def test_a_token_file_others_can_read_is_refused_as_the_servers_own(tmp_path: Path) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text("exai_a-token-others-can-read-0123\n")
+    token_file.chmod(0o644)
+    done = subprocess.run(
+        [str(EXAI), "bridge", "--url", "ws://127.0.0.1:1/mcp", "--token-file", str(token_file)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert f"chmod 600 {token_file}" in done.stderr
+    assert "others-can-read" not in done.stderr
