@@ -358,8 +358,9 @@ def require_private(path: Path, what: str) -> None:
         raise ConfigError(f"cannot read {what} {path}: {exc.strerror}") from None
     if mode & 0o077:
         raise ConfigError(
-            f"{what} {path} is accessible to other users (mode {mode:04o}) and holds a secret: "
-            f"run 'chmod 600 {path}'"
+            # No "secret:" in the text: the log's redaction would take what follows for one.
+            f"{what} {path} is accessible to other users (mode {mode:04o}) although it holds "
+            f"a secret; run 'chmod 600 {path}'"
         )
 
 

@@ -68,6 +68,12 @@ async def test_sighup_reloads_client_tokens_and_a_bad_file_keeps_the_old_ones(
             refused = await hangup_and_wait(server, "config.reload_refused", 0)
             assert "cannot read config file" in str(refused["reason"])
             assert await accepted(server, BOB)  # the old tokens are kept
+
+            config.write_text(f'[clients]\nbob = "{BOB}"\n')
+            config.chmod(0o644)  # a raw token others can read
+            loose = await hangup_and_wait(server, "config.reload_refused", 1)
+            assert f"run 'chmod 600 {config}'" in str(loose["reason"])  # not redacted away
+            assert await accepted(server, BOB)
         assert server.process.poll() is None
     finally:
         assert server.stop() == 0
