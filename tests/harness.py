@@ -219,6 +219,25 @@ class RawClient:
         return reply
 
 
+def call(request_id: Any, tool: str, **arguments: Any) -> dict[str, Any]:
+    """A ``tools/call`` request."""
+    return {
+        "jsonrpc": "2.0",
+        "id": request_id,
+        "method": "tools/call",
+        "params": {"name": tool, "arguments": arguments},
+    }
+
+
+def cancel(request_id: Any) -> dict[str, Any]:
+    """A ``notifications/cancelled`` for ``request_id``."""
+    return {
+        "jsonrpc": "2.0",
+        "method": "notifications/cancelled",
+        "params": {"requestId": request_id, "reason": "test"},
+    }
+
+
 def open_raw(url: str, **kwargs: Any) -> Any:
     return open_websocket_url(url, subprotocols=["mcp"], **kwargs)
 

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import trio
 from trio_websocket import ConnectionRejected
 
 from runtime.config import load_settings
-from tests.harness import RawClient, ServerProcess, open_raw, start_server
+from tests.harness import RawClient, ServerProcess, call, cancel, open_raw, start_server
 
 MAILBOX = 4
 INFLIGHT = 2
@@ -31,23 +30,6 @@ def tight_server(
     )
     yield handle
     assert handle.stop() == 0
-
-
-def call(request_id: Any, tool: str, **arguments: Any) -> dict[str, Any]:
-    return {
-        "jsonrpc": "2.0",
-        "id": request_id,
-        "method": "tools/call",
-        "params": {"name": tool, "arguments": arguments},
-    }
-
-
-def cancel(request_id: Any) -> dict[str, Any]:
-    return {
-        "jsonrpc": "2.0",
-        "method": "notifications/cancelled",
-        "params": {"requestId": request_id, "reason": "test"},
-    }
 
 
 async def test_full_mailbox_gets_server_busy_and_queued_requests_still_complete(

@@ -22,6 +22,8 @@ from tests.harness import (
     RawClient,
     ServerProcess,
     admin,
+    call,
+    cancel,
     fetch,
     open_raw,
     start_server,
@@ -71,15 +73,6 @@ def bounded(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iter
     assert handle.stop() == 0, handle.stderr_path.read_text()
 
 
-def call(request_id: Any, tool: str, **arguments: Any) -> dict[str, Any]:
-    return {
-        "jsonrpc": "2.0",
-        "id": request_id,
-        "method": "tools/call",
-        "params": {"name": tool, "arguments": arguments},
-    }
-
-
 def flood_request(n: int) -> dict[str, Any]:
     request = call(n, "exai_test_steps", steps=1000, pad=FLOOD_PAD)
     request["params"]["_meta"] = {"progressToken": n}
@@ -87,14 +80,6 @@ def flood_request(n: int) -> dict[str, Any]:
 
 
 FLOOD_REQUEST_BYTES = len(json.dumps(flood_request(FLOOD_FRAMES)))
-
-
-def cancel(request_id: Any) -> dict[str, Any]:
-    return {
-        "jsonrpc": "2.0",
-        "method": "notifications/cancelled",
-        "params": {"requestId": request_id},
-    }
 
 
 def session_id_of(reply: dict[str, Any]) -> str:
@@ -154,22 +139,27 @@ async def read_until_closed(ws: WebSocketConnection) -> tuple[int, int, int | No
         return results, busy, closed.reason.code if closed.reason else None
 
 
+async def hold_every_slot(client: RawClient, server: ServerProcess, session_id: str) -> None:
+    """Block every slot of the session (calls ``block-N``), then send ``waits``, an echo the
+    actor takes and waits on for a slot: from then on the session's mailbox only fills."""
+    for n in range(INFLIGHT):
+        await client.send(call(f"block-{n}", "exai_test_block"))
+    await client.barrier()  # both run: every slot of the session is taken
+    await client.send(call("waits", "echo", text="for a slot"))
+    await wait_for_status(
+        server,
+        lambda s: session_status(s, session_id).in_flight == INFLIGHT + 1,
+        what="the third call to wait for a slot",
+    )
+
+
 async def test_a_full_mailbox_refuses_at_once_by_bytes_while_ping_and_cancel_get_through(
     bounded: ServerProcess,
 ) -> None:
     async with open_raw(bounded.authed_url()) as ws:
         client = RawClient(ws)
         session_id = session_id_of(await client.initialize())
-        for n in range(INFLIGHT):
-            await client.send(call(f"block-{n}", "exai_test_block"))
-        await client.barrier()  # both run: every slot of the session is taken
-        await client.send(call("waits", "echo", text="for a slot"))
-        # The actor has taken it and waits for a slot: the mailbox is empty again.
-        await wait_for_status(
-            bounded,
-            lambda s: session_status(s, session_id).in_flight == INFLIGHT + 1,
-            what="the third call to wait for a slot",
-        )
+        await hold_every_slot(client, bounded, session_id)
         half = "x" * (MAILBOX_BYTES * 3 // 4)
         await client.send(call("fits", "echo", text=half))  # an empty mailbox takes it
         await client.send(call("too-many-bytes", "echo", text=half))  # 2 items, too many bytes
@@ -328,15 +318,7 @@ async def test_what_a_flooding_peer_makes_the_server_log_is_rate_limited_and_cou
     async with open_raw(bounded.authed_url()) as ws:
         client = RawClient(ws)
         session_id = session_id_of(await client.initialize())
-        for n in range(INFLIGHT):
-            await client.send(call(f"block-{n}", "exai_test_block"))
-        await client.barrier()
-        await client.send(call("waits", "echo", text="w"))
-        await wait_for_status(
-            bounded,
-            lambda s: session_status(s, session_id).in_flight == INFLIGHT + 1,
-            what="the third call to wait for a slot",
-        )
+        await hold_every_slot(client, bounded, session_id)
         for n in range(MAILBOX):
             await client.send(call(f"fill-{n}", "echo", text="f"))
         for _ in range(flood):
@@ -368,15 +350,7 @@ async def test_the_node_bounds_hold_across_sessions(bounded: ServerProcess) -> N
         a_id = session_id_of(await a.initialize())
         await b.initialize()
         # Mailboxes: A holds most of the node's mailbox bytes behind a blocked actor...
-        for n in range(INFLIGHT):
-            await a.send(call(f"block-{n}", "exai_test_block"))
-        await a.barrier()
-        await a.send(call("waits", "echo", text="w"))
-        await wait_for_status(
-            bounded,
-            lambda s: session_status(s, a_id).in_flight == INFLIGHT + 1,
-            what="A's third call to wait for a slot",
-        )
+        await hold_every_slot(a, bounded, a_id)
         await a.send(call("holds", "echo", text="x" * (NODE_MAILBOX_BYTES * 2 // 3)))
         await wait_for_status(
             bounded,

@@ -343,14 +343,19 @@ async def test_the_token_comes_from_a_file_and_a_token_flag_still_works_with_one
         assert warnings == []
 
 
-def test_an_unreadable_token_file_is_a_configuration_error(tmp_path: Path) -> None:
-    done = subprocess.run(
-        [str(EXAI), "bridge", "--url", "ws://127.0.0.1:1/mcp", "--token-file", str(tmp_path)],
+def bridge_with_token_file(path: Path) -> subprocess.CompletedProcess[str]:
+    """``exai bridge`` given ``--token-file path`` (and a URL nothing listens on)."""
+    return subprocess.run(
+        [str(EXAI), "bridge", "--url", "ws://127.0.0.1:1/mcp", "--token-file", str(path)],
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
     )
+
+
+def test_an_unreadable_token_file_is_a_configuration_error(tmp_path: Path) -> None:
+    done = bridge_with_token_file(tmp_path)
     assert done.returncode == 2
     assert f"cannot read the token file {tmp_path}" in done.stderr
 
@@ -359,13 +364,7 @@ def test_a_token_file_others_can_read_is_refused_as_the_servers_own(tmp_path: Pa
     token_file = tmp_path / "token"
     token_file.write_text("exai_a-token-others-can-read-0123\n")
     token_file.chmod(0o644)
-    done = subprocess.run(
-        [str(EXAI), "bridge", "--url", "ws://127.0.0.1:1/mcp", "--token-file", str(token_file)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    done = bridge_with_token_file(token_file)
     assert done.returncode == 2
     assert f"chmod 600 {token_file}" in done.stderr
     assert "others-can-read" not in done.stderr
