@@ -126,13 +126,17 @@ class Blocked:
 
 
 class Bucket:
-    """GCRA for ``capacity`` units per minute, bursting up to ``capacity`` at once."""
+    """GCRA for ``capacity`` units per minute, bursting up to ``capacity`` at once.
 
-    def __init__(self, capacity: int) -> None:
+    ``spent_at``: the bucket starts full at that time (nothing available then, all of it a
+    minute later), as if a burst had just spent it; by default it starts empty.
+    """
+
+    def __init__(self, capacity: int, *, spent_at: float | None = None) -> None:
         self.capacity = float(capacity)
         self._per_second = capacity / 60.0
-        self._level = 0.0
-        self._updated = -math.inf
+        self._level = 0.0 if spent_at is None else self.capacity
+        self._updated = -math.inf if spent_at is None else spent_at
 
     def _drain(self, now: float) -> None:
         if now > self._updated:
@@ -171,13 +175,15 @@ class ProviderLedger:
     in_flight: int = 0
 
     @classmethod
-    def create(cls, name: str, limits: ProviderLimits) -> ProviderLedger:
+    def create(
+        cls, name: str, limits: ProviderLimits, *, spent_at: float | None = None
+    ) -> ProviderLedger:
         rpm, tpm = limits.requests_per_minute, limits.tokens_per_minute
         return cls(
             name=name,
             limits=limits,
-            requests=Bucket(rpm) if rpm else None,
-            tokens=Bucket(tpm) if tpm else None,
+            requests=Bucket(rpm, spent_at=spent_at) if rpm else None,
+            tokens=Bucket(tpm, spent_at=spent_at) if tpm else None,
         )
 
 
@@ -220,23 +226,52 @@ class SessionLedger:
 
 
 class Ledger:
-    """Every limit's state; :meth:`check`, then :meth:`reserve`, then :meth:`settle`."""
+    """Every limit's state; :meth:`check`, then :meth:`reserve`, then :meth:`settle`.
 
-    def __init__(self, providers: Mapping[str, ProviderLimits], client: ClientLimits) -> None:
+    ``spent_at``: every rate bucket, those made later included, starts spent at that time
+    (see :meth:`successor`); ``None``: they start empty.
+    """
+
+    def __init__(
+        self,
+        providers: Mapping[str, ProviderLimits],
+        client: ClientLimits,
+        *,
+        spent_at: float | None = None,
+    ) -> None:
         self.client_limits = client
+        self.spent_at = spent_at
         self.providers = {
-            name: ProviderLedger.create(name, limits) for name, limits in providers.items()
+            name: ProviderLedger.create(name, limits, spent_at=spent_at)
+            for name, limits in providers.items()
         }
         self.sessions: dict[str, SessionLedger] = {}
         # Never forgotten while the node runs: identities are the configured tokens' names,
         # so this is bounded by the configuration, and a reconnect finds its quota spent.
         self.clients: dict[str, ClientLedger] = {}
 
+    def successor(self, now: float) -> Ledger:
+        """A conservative ledger for the incarnation after a crash, which lost this one's
+        calls in flight: every rate bucket spent at ``now`` (no burst admitted for one
+        window), each client's quotas at what it used plus what it had reserved (the
+        settlements of those calls will not reach the successor), no session, nothing in
+        flight."""
+        limits = {name: p.limits for name, p in self.providers.items()}
+        successor = Ledger(limits, self.client_limits, spent_at=now)
+        for identity, old in self.clients.items():
+            new = successor.client(identity)
+            new.input_tokens = old.input_tokens + old.tokens_reserved
+            new.output_tokens = old.output_tokens
+            new.cost_usd = old.cost_usd + old.cost_reserved
+        return successor
+
     def provider(self, name: str) -> ProviderLedger:
         # An upstream without configured limits is unlimited, but still counted.
         ledger = self.providers.get(name)
         if ledger is None:
-            ledger = self.providers[name] = ProviderLedger.create(name, ProviderLimits())
+            ledger = self.providers[name] = ProviderLedger.create(
+                name, ProviderLimits(), spent_at=self.spent_at
+            )
         return ledger
 
     def session(self, session_id: str) -> SessionLedger:
@@ -250,7 +285,8 @@ class Ledger:
         if ledger is None:
             rpm = self.client_limits.requests_per_minute
             ledger = self.clients[identity] = ClientLedger(
-                identity=identity, requests=Bucket(rpm) if rpm else None
+                identity=identity,
+                requests=Bucket(rpm, spent_at=self.spent_at) if rpm else None,
             )
         return ledger
 

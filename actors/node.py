@@ -11,7 +11,8 @@ used after what it depends on has gone:
 2. the root supervisor (one_for_one), whose children start in order:
    ``persistence`` (pykka actor, reached through an :class:`ActorName`), ``persistence_pulse``
    (the trio side's timer: journal fsyncs, activity sync, heartbeats), ``rate_limiter`` (the
-   pykka actor every upstream call asks first, and its pacer), ``providers`` (one HTTP client
+   pykka actor every upstream call asks first, reached through an :class:`ActorName`, with its
+   pacer), ``providers`` (one HTTP client
    per configured upstream; none is fine: ``chat`` then says how to configure one), and
    ``sessions`` (the WebSocket listener with the sessions supervisor);
 3. ``server.json`` and the one line announcing the URL.
@@ -55,7 +56,7 @@ import trio
 from actors.conversation import Conversations, Upstream
 from actors.persistence import PersistenceActor, PersistenceClient, PersistenceConfig
 from actors.providers import UpstreamConfig, UpstreamConfigError, load_upstream, open_providers
-from actors.rate_limiter import open_rate_limiter
+from actors.rate_limiter import RateLimiterActor, supervised_rate_limiter
 from actors.session import SessionBounds, SessionConfig, SessionLifecycle, SessionServices
 from actors.status import NodeStatusSource, SessionDirectory
 from actors.tools import builtin_tools
@@ -346,9 +347,16 @@ class _Tree:
         self.config = config
         self.announce = announce
         self.persistence_name: ActorName[PersistenceActor] = ActorName("/root/persistence")
-        self.persistence = PersistenceClient(lambda: self.persistence_name.ref)
-        # Filled in by the rate_limiter and providers children while they run.
+        self.persistence = PersistenceClient(self.persistence_name.resolve)
+        # The providers are filled in by their child while it runs; the rate limiter's client
+        # is there for the node's life, whichever incarnation of its actor runs.
         self.upstream = Upstream()
+        self.limiter_name: ActorName[RateLimiterActor] = ActorName("/root/rate_limiter")
+        self.upstream.limiter, rate_limiter = supervised_rate_limiter(
+            self.limiter_name,
+            config.upstream.provider_limits(),
+            config.upstream.client_limits,
+        )
         self.conversations = Conversations(
             store=threads,
             persistence=self.persistence,
@@ -416,7 +424,7 @@ class _Tree:
                     shutdown=60,
                 ),
                 ChildSpec("persistence_pulse", self._pulse, shutdown=60),
-                ChildSpec("rate_limiter", self._rate_limiter, shutdown=10),
+                ChildSpec("rate_limiter", rate_limiter, shutdown=10),
                 ChildSpec("providers", self._providers, shutdown=10),
                 ChildSpec("admin", self._admin, shutdown=5),
                 ChildSpec("sessions", self._sessions, shutdown=None),
@@ -435,7 +443,10 @@ class _Tree:
             limiter=lambda: self.upstream.limiter,
             breakers=self._breakers,
             supervisors=[self.root],
-            pykka_actors={"/root/persistence": self.persistence_name},
+            pykka_actors={
+                "/root/persistence": self.persistence_name,
+                "/root/rate_limiter": self.limiter_name,
+            },
             tool_slots=self.services.config.total_slots,
             byte_budgets=(self.services.bounds.node_mailbox, self.services.bounds.node_outgoing),
             listener=lambda: listener_status(self.admission, self.listener_counters),
@@ -466,17 +477,6 @@ class _Tree:
             nursery.cancel_scope.cancel()
         with trio.move_on_after(30):
             await self.persistence.flush(retire=True)
-
-    async def _rate_limiter(self, ctx: ChildContext) -> None:
-        """The rate-limiter actor and its pacer; a restart starts both afresh (empty ledger)."""
-        upstream = self.config.upstream
-        async with open_rate_limiter(upstream.provider_limits(), upstream.client_limits) as limiter:
-            self.upstream.limiter = limiter
-            ctx.started()
-            try:
-                await ctx.stop_requested.wait()
-            finally:
-                self.upstream.limiter = None
 
     async def _providers(self, ctx: ChildContext) -> None:
         """One HTTP client (and circuit breaker) per configured upstream, closed on stop."""

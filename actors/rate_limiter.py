@@ -7,18 +7,32 @@ resets nothing), so admission is exact under any number of concurrent sessions. 
 :mod:`actors.limits`; this module is the actor around it: waiting, fairness, time, the trio
 side.
 
+It is a pykka service like persistence (:mod:`runtime.pykka_service`): typed messages, a trio
+client (:class:`RateLimiter`) over a resolver, supervised through
+:func:`~runtime.pykka_supervision.pykka_child` (:func:`supervised_rate_limiter`), woken by a
+:class:`~runtime.pacer.Pacer`.
+
 **Waiting without a parked thread.** A call that may wait is queued in the actor, which
-answers the ``ask`` at once with "queued" and keeps the :class:`~runtime.bridge.CallbackFuture`
+answers the ``ask`` at once with a deferred reply: the :class:`~runtime.bridge.CallbackFuture`
 that came with the request. When capacity frees, the actor sets that future and the bridge
 wakes exactly that trio task (``TrioToken.run_sync_soon``). A trio task cancelled while it
 waits, or after its grant was already on its way, sends a withdrawal, so neither its place nor
-its reservation is lost.
+its reservation is lost. If the actor dies, every deferred reply fails with
+:class:`~runtime.bridge.ActorUnavailable`: a waiting call never hangs.
 
 **Time comes from trio.** Every message carries ``trio.current_time()``; the actor never reads
 a clock, so tests drive it with ``MockClock``. Rate limits free capacity as time passes, not
-when a message arrives, so the trio side owns a *pacer* task: the actor tells it (through the
-trio token) the earliest moment a waiter could go or must be refused, and the pacer sends a
-tick then.
+when a message arrives, so the trio side runs a pacer: the actor tells it (through the trio
+token) the earliest moment a waiter could go or must be refused, and the pacer sends a tick
+then.
+
+**A restart admits conservatively.** A crashed limiter's ledger is gone with it, and a fresh
+one would admit a full burst at once: a crash loop would reset every limit. So every
+incarnation after the first starts with each rate bucket spent at its start (providers'
+requests and tokens, each client's requests: GCRA's full level, which takes the limit's window,
+a minute, to drain), and each client's token and cost quotas at what its predecessor counted,
+reservations of calls still in flight included as used (their settlements went to the dead
+incarnation). Calls in flight at the crash are not counted against a provider's concurrency.
 
 **Fairness.** Waiters queue per session, and capacity is handed out round-robin across
 sessions: a session that gets a grant goes to the back of the rotation, so one session with a
@@ -40,10 +54,8 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from functools import partial
-from typing import Any, TypeAlias
+from typing import Any, TypeAlias, assert_never
 
-import outcome
 import pykka
 import structlog
 import trio
@@ -59,7 +71,12 @@ from actors.limits import (
     ProviderLimits,
 )
 from actors.providers.usage import Usage
-from runtime.bridge import ActorUnavailable, BridgedActor, CallbackFuture, wait_reply
+from runtime.bridge import CallbackFuture
+from runtime.pacer import Pacer
+from runtime.pykka_client import Resolve, ServiceClient
+from runtime.pykka_service import ServiceActor
+from runtime.pykka_supervision import ActorName, pykka_child
+from runtime.supervision.spec import StartFunction
 
 log = structlog.get_logger("rate_limiter")
 
@@ -177,11 +194,6 @@ _Decision: TypeAlias = _Granted | Refusal
 
 
 @dataclass(frozen=True, slots=True)
-class _Queued:
-    pass
-
-
-@dataclass(frozen=True, slots=True)
 class _Acquire:
     ticket: int
     demand: Demand
@@ -219,12 +231,7 @@ class _CloseSession:
     now: float
 
 
-@dataclass(frozen=True, slots=True)
-class _Shutdown:
-    now: float
-
-
-_Message: TypeAlias = _Acquire | _Settle | _Withdraw | _Tick | _Snapshot | _CloseSession | _Shutdown
+_Message: TypeAlias = _Acquire | _Settle | _Withdraw | _Tick | _Snapshot | _CloseSession
 
 
 # -- the actor -------------------------------------------------------------------------------
@@ -242,31 +249,33 @@ class _Waiter:
     decision: _Decision | None = field(default=None)
 
 
-class RateLimiterActor(BridgedActor):
-    """Owns the :class:`~actors.limits.Ledger` and the queues of waiting calls."""
+class RateLimiterActor(ServiceActor[_Message]):
+    """Owns the :class:`~actors.limits.Ledger` and the queues of waiting calls.
+
+    ``wake(at)`` asks the pacer for a tick (from this thread). ``ledger``: the ledger to
+    start from (:meth:`~actors.limits.Ledger.successor` of a crashed incarnation's); a fresh
+    one by default.
+    """
 
     def __init__(
         self,
         providers: Mapping[str, ProviderLimits],
         client: ClientLimits,
         wake: Callable[[float], None],
+        *,
+        ledger: Ledger | None = None,
     ) -> None:
         super().__init__()
-        self._ledger = Ledger(providers, client)
+        self._ledger = ledger if ledger is not None else Ledger(providers, client)
         self._queues: OrderedDict[str, deque[_Waiter]] = OrderedDict()
         self._waiters: dict[int, _Waiter] = {}
         self._leases: dict[int, Demand] = {}
-        self._now = -math.inf
+        self._now = self._ledger.spent_at if self._ledger.spent_at is not None else -math.inf
         self._wake = wake
         self._announced: float | None = None  # the earliest tick the pacer was told of
-        self._shut = False
 
-    def on_receive(self, message: Any) -> Any:
-        if not isinstance(message, _Message):
-            raise TypeError(f"rate limiter got {type(message).__name__}")
+    def handle(self, message: _Message) -> Any:
         now = self._now = max(self._now, message.now)  # messages may overtake each other
-        if self._shut:
-            raise ActorUnavailable("the rate limiter is shutting down")
         match message:
             case _Acquire():
                 reply: Any = self._acquire(message, now)
@@ -284,19 +293,14 @@ class RateLimiterActor(BridgedActor):
                 reply = self._snapshot(now)
             case _CloseSession(session_id=session_id):
                 reply = self._close_session(session_id, now)
-            case _Shutdown():
-                self._shut = True
-                self._fail_waiters()
-                return None
+            case _:
+                assert_never(message)
         self._announce(now)
         return reply
 
-    def on_stop(self) -> None:
-        self._fail_waiters()
-
     # -- handlers ----------------------------------------------------------------------------
 
-    def _acquire(self, message: _Acquire, now: float) -> _Decision | _Queued:
+    def _acquire(self, message: _Acquire, now: float) -> _Decision | CallbackFuture[_Decision]:
         demand = message.demand
         waiter = _Waiter(message.ticket, demand, now, message.deadline, message.reply)
         self._ledger.session(demand.session_id)
@@ -307,7 +311,9 @@ class RateLimiterActor(BridgedActor):
         queue.append(waiter)
         self._schedule(now)
         waiter.immediate = False
-        return waiter.decision if waiter.decision is not None else _Queued()
+        if waiter.decision is not None:
+            return waiter.decision
+        return self.defer(waiter.reply)  # answered when capacity frees, or at the deadline
 
     def _release(self, ticket: int, consumed: Consumed | None, now: float, *, used: bool) -> None:
         demand = self._leases.pop(ticket, None)
@@ -326,6 +332,7 @@ class RateLimiterActor(BridgedActor):
         waiter = self._waiters.get(ticket)
         if waiter is not None:
             self._remove(waiter)  # its task is gone: no answer
+            self.drop(waiter.reply)
             self._schedule(now)
         else:
             self._release(ticket, None, now, used=False)
@@ -421,7 +428,7 @@ class RateLimiterActor(BridgedActor):
         if waiter.immediate:
             waiter.decision = decision
         else:
-            waiter.reply.set(decision)
+            self.answer(waiter.reply, decision)
 
     def _refuse(self, waiter: _Waiter, block: Blocked, now: float) -> None:
         demand = waiter.demand
@@ -450,13 +457,6 @@ class RateLimiterActor(BridgedActor):
                 queue.remove(waiter)
             if not queue:
                 del self._queues[waiter.demand.session_id]
-
-    def _fail_waiters(self) -> None:
-        waiters, self._waiters = list(self._waiters.values()), {}
-        self._queues.clear()
-        for waiter in waiters:
-            error = ActorUnavailable("the rate limiter stopped")
-            waiter.reply.set_exception((type(error), error, None))
 
     # -- snapshots ---------------------------------------------------------------------------
 
@@ -498,39 +498,12 @@ class RateLimiterActor(BridgedActor):
 # -- the trio side ---------------------------------------------------------------------------
 
 
-class _Pacer:
-    """Sends the actor a tick when it said it needs one; lives in the limiter's nursery."""
+class RateLimiter(ServiceClient):
+    """How trio code asks the rate-limiter actor. Made by :func:`supervised_rate_limiter` (the
+    node) or :func:`open_rate_limiter` (one unsupervised actor).
 
-    def __init__(self) -> None:
-        self._due = math.inf
-        self._changed = trio.Event()
-
-    def schedule(self, at: float) -> None:
-        """Runs in the trio thread (the actor calls it through the trio token)."""
-        if at < self._due:
-            self._due = at
-            self._changed.set()
-
-    async def run(self, ref: pykka.ActorRef[RateLimiterActor]) -> None:
-        while True:
-            if trio.current_time() < self._due:
-                self._changed = trio.Event()
-                with trio.move_on_at(self._due):
-                    await self._changed.wait()
-                continue
-            self._due = math.inf
-            due = await wait_reply(ref.ask(_Tick(trio.current_time()), block=False))
-            if due is not None:
-                self.schedule(due)
-
-
-def _wake_from_actor(token: trio.lowlevel.TrioToken, pacer: _Pacer, at: float) -> None:
-    with contextlib.suppress(trio.RunFinishedError):  # nobody is left to tick
-        token.run_sync_soon(pacer.schedule, at)
-
-
-class RateLimiter:
-    """How trio code asks the rate-limiter actor. Made by :func:`open_rate_limiter`.
+    ``resolve`` returns the current actor (an ``ActorName.resolve``); :attr:`pacer` ticks it
+    when it asks, and must run while it runs.
 
     ::
 
@@ -545,10 +518,11 @@ class RateLimiter:
                                 cost_usd=result.cost_usd)
     """
 
-    def __init__(self, ref: pykka.ActorRef[RateLimiterActor], *, default_wait: float) -> None:
-        self._ref = ref
+    def __init__(self, resolve: Resolve, *, default_wait: float) -> None:
+        super().__init__(resolve)
         self._default_wait = default_wait
-        self._tickets = itertools.count(1)
+        self._tickets = itertools.count(1)  # across incarnations: a ticket is never reused
+        self.pacer = Pacer(self._tick)
 
     async def acquire(
         self,
@@ -565,7 +539,9 @@ class RateLimiter:
         ``tokens`` is the worst case (prompt estimate + ``max_tokens``); ``cost_usd`` its
         price. ``identity``: the client identity whose limits the call counts against, shared
         by all its sessions (``None``: the session is a client of its own). Raises
-        :class:`RateLimited` if a limit refuses it, at once or at the deadline.
+        :class:`RateLimited` if a limit refuses it, at once or at the deadline, and
+        :class:`~runtime.bridge.ActorUnavailable` if the actor is restarting or dies first
+        (nothing was reserved that outlives it: retry).
         """
         now = trio.current_time()
         patience = self._default_wait if wait is None else wait
@@ -574,17 +550,18 @@ class RateLimiter:
         reply: CallbackFuture[_Decision] = CallbackFuture()
         message = _Acquire(ticket, demand, now, now + patience, reply)
         try:
-            decision = await wait_reply(self._ref.ask(message, block=False))
-            if isinstance(decision, _Queued):
-                decision = await wait_reply(reply)
+            decision = await self.ask(message)  # follows the deferred reply while queued
         except BaseException:
             # Cancelled (or failed) while queued, or with a grant already on its way: give
             # the place or the reservation back, or the capacity would be lost for good.
-            self._send(_Withdraw(ticket, trio.current_time()))
+            self.send(_Withdraw(ticket, trio.current_time()))
             raise
-        if isinstance(decision, Refusal):
-            raise RateLimited(decision)
-        return Lease(ticket, session_id, provider, tokens, cost_usd)
+        match decision:
+            case _Granted():
+                return Lease(ticket, session_id, provider, tokens, cost_usd)
+            case Refusal():
+                raise RateLimited(decision)
+        raise TypeError(f"rate limiter answered {decision!r}")
 
     def settle(
         self, lease: Lease, *, model: str, usage: Usage | None, cost_usd: float | None
@@ -601,7 +578,7 @@ class RateLimiter:
             consumed = Consumed(
                 usage.input_tokens, usage.output_tokens, cost_usd or 0.0, usage.estimated
             )
-        self._send(_Settle(lease.ticket, consumed, trio.current_time()))
+        self.send(_Settle(lease.ticket, consumed, trio.current_time()))
         if usage is None:
             return None
         return UsageRecord(
@@ -621,12 +598,11 @@ class RateLimiter:
         if lease.closed:
             return
         lease.closed = True
-        self._send(_Withdraw(lease.ticket, trio.current_time()))
+        self.send(_Withdraw(lease.ticket, trio.current_time()))
 
     async def snapshot(self) -> LimiterSnapshot:
-        result: LimiterSnapshot = await wait_reply(
-            self._ref.ask(_Snapshot(trio.current_time()), block=False)
-        )
+        result = await self.ask(_Snapshot(trio.current_time()))
+        assert isinstance(result, LimiterSnapshot)
         return result
 
     async def session_usage(self, session_id: str) -> SessionUsage | None:
@@ -636,9 +612,8 @@ class RateLimiter:
     async def close_session(self, session_id: str) -> SessionUsage | None:
         """Forget a session (its waiting calls are refused); returns its final counters. Its
         client identity's quotas are not touched: they are the identity's, not the session's."""
-        result: SessionUsage | None = await wait_reply(
-            self._ref.ask(_CloseSession(session_id, trio.current_time()), block=False)
-        )
+        result = await self.ask(_CloseSession(session_id, trio.current_time()))
+        assert result is None or isinstance(result, SessionUsage)
         return result
 
     def _close(self, lease: Lease) -> None:
@@ -646,35 +621,59 @@ class RateLimiter:
             raise RuntimeError(f"lease {lease.ticket} was already settled or withdrawn")
         lease.closed = True
 
-    def _send(self, message: _Message) -> None:
-        # `ask`, not `tell`: an exception while handling a pykka `tell` stops the actor.
-        future = self._ref.ask(message, block=False)
-        assert isinstance(future, CallbackFuture)
-        future.add_done_callback(partial(_log_failure, type(message).__name__))
+    async def _tick(self, now: float) -> float | None:
+        """The pacer's tick: the actor grants and refuses what is due, and says when next."""
+        due = await self.ask(_Tick(now))
+        assert due is None or isinstance(due, float)
+        return due
 
 
-def _log_failure(message: str, result: outcome.Outcome[object]) -> None:
-    if isinstance(result, outcome.Error) and not isinstance(
-        result.error, pykka.ActorDeadError | ActorUnavailable
-    ):
-        log.error("rate_limiter.message_failed", message=message, error=repr(result.error))
+def supervised_rate_limiter(
+    name: ActorName[RateLimiterActor],
+    providers: Mapping[str, ProviderLimits],
+    client: ClientLimits,
+) -> tuple[RateLimiter, StartFunction]:
+    """The limiter as a supervisor's child reached through ``name``: its client (valid for
+    the node's life, across restarts) and the child's start function (``pykka_child`` with
+    the client's pacer). Every incarnation after the first starts from the
+    :meth:`~actors.limits.Ledger.successor` of the last one's ledger (see the module doc)."""
+    limiter = RateLimiter(name.resolve, default_wait=client.max_wait_seconds)
+    ledgers: list[Ledger] = []  # the current incarnation's, read only once it is dead
+
+    def start() -> pykka.ActorRef[RateLimiterActor]:
+        if ledgers:
+            successor = ledgers[-1].successor(trio.current_time())
+            log.warning(
+                "rate_limiter.restarted_spent",
+                clients=len(successor.clients),
+                providers=len(successor.providers),
+            )
+        else:
+            successor = Ledger(providers, client)
+        ledgers[:] = [successor]
+        ref: pykka.ActorRef[RateLimiterActor] = RateLimiterActor.start(
+            providers, client, limiter.pacer.alarm(), ledger=successor
+        )
+        return ref
+
+    return limiter, pykka_child(name, start, pacer=limiter.pacer)
 
 
 @asynccontextmanager
 async def open_rate_limiter(
     providers: Mapping[str, ProviderLimits], client: ClientLimits
 ) -> AsyncIterator[RateLimiter]:
-    """Start the actor and its pacer; on exit, fail whoever still waits and stop the actor."""
-    pacer = _Pacer()
-    token = trio.lowlevel.current_trio_token()
-    ref = RateLimiterActor.start(providers, client, partial(_wake_from_actor, token, pacer))
+    """One unsupervised actor and its pacer; on exit the actor stops and whoever still waits
+    gets :class:`~runtime.bridge.ActorUnavailable`."""
+    holder: list[pykka.ActorRef[RateLimiterActor]] = []
+    limiter = RateLimiter(lambda: holder[0], default_wait=client.max_wait_seconds)
+    ref = RateLimiterActor.start(providers, client, limiter.pacer.alarm())
+    holder.append(ref)
     try:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(pacer.run, ref)
-            yield RateLimiter(ref, default_wait=client.max_wait_seconds)
+            nursery.start_soon(limiter.pacer.run)
+            yield limiter
             nursery.cancel_scope.cancel()
     finally:
         with trio.CancelScope(shield=True):
-            with contextlib.suppress(ActorUnavailable):
-                await wait_reply(ref.ask(_Shutdown(trio.current_time()), block=False))
             await trio.to_thread.run_sync(ref.stop)

@@ -88,15 +88,22 @@ class BridgedActor(pykka.ThreadingActor):
         self._last_failure = exception_value
         super()._handle_failure(exception_type, exception_value, traceback)
 
+    def _loop_ended(self) -> None:
+        """In the actor's thread, after pykka's teardown and before its death is reported:
+        a subclass fails here whatever it still owes."""
+
     def _actor_loop(self) -> None:
         try:
             super()._actor_loop()
         finally:
             # After pykka's teardown: every queued ask has been answered with ActorDeadError.
-            with _watch_lock:
-                watcher = _watchers.pop(self.actor_urn, None)
-            if watcher is not None:
-                watcher(self._last_failure)
+            try:
+                self._loop_ended()
+            finally:
+                with _watch_lock:
+                    watcher = _watchers.pop(self.actor_urn, None)
+                if watcher is not None:
+                    watcher(self._last_failure)
 
 
 _watch_lock = threading.Lock()

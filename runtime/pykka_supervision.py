@@ -1,4 +1,4 @@
-"""pykka actors as children of a trio supervisor, reached through a stable name.
+"""pykka services as children of a trio supervisor, reached through a stable name.
 
 A stopped pykka actor cannot be restarted (pykka's docs for ``ActorRef.stop``), so supervising
 one means starting a fresh actor and handing out the new ref. Callers never hold a ref: they
@@ -10,6 +10,8 @@ for requests that were in flight at the crash: those fail with
 Death is detected without parking a thread: :class:`~runtime.bridge.BridgedActor` reports the
 end of its loop from its own thread through ``TrioToken.run_sync_soon``. The supervisor tells
 a crash from a requested stop by whether it asked for the stop.
+
+This is one of the five modules of a pykka service (:mod:`runtime.pykka_service` lists them).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import structlog
 import trio
 
 from runtime.bridge import ActorUnavailable, BridgedActor, wait_reply, watch_death
+from runtime.pacer import Pacer
 from runtime.supervision.spec import ChildContext, StartFunction
 
 log = structlog.get_logger("supervision")
@@ -69,6 +72,11 @@ class ActorName(Generic[A]):
         if current is None or current.dead:
             raise ActorUnavailable(f"{self.path} is not running")
         return current.ref
+
+    def resolve(self) -> pykka.ActorRef[A]:
+        """:attr:`ref` as a function: a :class:`~runtime.pykka_client.ServiceClient`'s
+        ``resolve``, called at each send."""
+        return self.ref
 
     async def ask(self, message: object, *, restart_wait: float = 30.0) -> Any:
         """Ask the current incarnation and await its answer in trio.
@@ -116,15 +124,21 @@ def pykka_child(
     name: ActorName[A],
     start: Callable[[], pykka.ActorRef[A]],
     *,
+    pacer: Pacer | None = None,
     stop_timeout: float = math.inf,
 ) -> StartFunction:
     """A supervisor child function that runs one incarnation of a pykka actor.
 
-    ``start`` makes and starts a fresh actor (``SomeActor.start(...)``). The child reports
-    started at once, returns normally after a requested stop (``ctx.stop_requested``: pykka
-    queues the stop behind every message already sent, so nothing accepted is dropped) and
-    raises :class:`ActorCrashed` when the actor dies on its own. A thread cannot be cancelled:
-    on cancellation the actor is asked to stop and awaited, shielded, up to ``stop_timeout``.
+    ``start`` makes and starts a fresh actor (``SomeActor.start(...)``), in the trio thread,
+    so it may read ``trio.current_time()`` and take a pacer's :meth:`~Pacer.alarm`. ``pacer``
+    (optional) runs beside the incarnation, in the child's nursery: it outlives none of them,
+    and the next incarnation's child runs it again.
+
+    The child reports started at once, returns normally after a requested stop
+    (``ctx.stop_requested``: pykka queues the stop behind every message already sent, so
+    nothing accepted is dropped) and raises :class:`ActorCrashed` when the actor dies on its
+    own. A thread cannot be cancelled: on cancellation the actor is asked to stop and awaited,
+    shielded, up to ``stop_timeout``.
     """
 
     async def run(ctx: ChildContext) -> None:
@@ -157,6 +171,8 @@ def pykka_child(
                     ref.stop(block=False)
 
                 nursery.start_soon(stop_when_asked)
+                if pacer is not None:
+                    nursery.start_soon(pacer.run)
                 await died.wait()
                 nursery.cancel_scope.cancel()
         finally:

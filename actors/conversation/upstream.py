@@ -121,18 +121,25 @@ async def complete(
     """Make the call, admitted by the limiter, and record its usage. ``identity``: the client
     identity whose limits it counts against (all its sessions share them).
 
-    Raises :class:`~actors.providers.ProviderError` (breaker open, upstream failures) and
-    :class:`~actors.rate_limiter.RateLimited` (a limit refused the call).
+    Raises :class:`~actors.providers.ProviderError` (breaker open, upstream failures),
+    :class:`~actors.rate_limiter.RateLimited` (a limit refused the call) and
+    :class:`UpstreamNotReady` (the rate limiter is restarting, or died while the call waited:
+    nothing was sent).
     """
     provider.check_available()  # no point queueing for an upstream that fails at once
     estimate = provider.estimate(request)
-    lease = await limiter.acquire(
-        session_id,
-        provider.name,
-        tokens=estimate.tokens,
-        cost_usd=estimate.cost_usd,
-        identity=identity,
-    )
+    try:
+        lease = await limiter.acquire(
+            session_id,
+            provider.name,
+            tokens=estimate.tokens,
+            cost_usd=estimate.cost_usd,
+            identity=identity,
+        )
+    except ActorUnavailable as exc:
+        raise UpstreamNotReady(
+            "the rate limiter is restarting; nothing was sent upstream, retry in a moment"
+        ) from exc
     try:
         with trace.handling(f"/root/providers/{provider.name}", "chat.completions"):
             result = await provider.complete(request, on_text=on_text)

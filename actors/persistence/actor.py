@@ -42,7 +42,7 @@ import queue
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeAlias, assert_never
 
 import psycopg
 import pykka
@@ -59,7 +59,7 @@ from actors.persistence.protocol import (
     Tick,
 )
 from runtime import trace
-from runtime.bridge import BridgedActor
+from runtime.pykka_service import ServiceActor
 from storage.breaker import CircuitBreaker
 from storage.connection import Connector
 from storage.errors import StorageUnavailable, WriteRejected
@@ -78,6 +78,9 @@ class _FlushSoon:
 @dataclass(frozen=True, slots=True)
 class _Replay:
     """Self-told: replay the next journal chunk, after the messages queued so far."""
+
+
+_Message: TypeAlias = Ship | Flush | Tick | GetStatus | _FlushSoon | _Replay
 
 
 @dataclass(slots=True)
@@ -102,7 +105,7 @@ class _Stats:
     last_error: str | None = None
 
 
-class PersistenceActor(BridgedActor):
+class PersistenceActor(ServiceActor[_Message]):
     """Batches records into transactions; journals them while the database is away.
 
     ``journal`` is lent, not owned: it outlives any one incarnation of this actor, so a
@@ -139,33 +142,34 @@ class PersistenceActor(BridgedActor):
 
     # --- pykka hooks ------------------------------------------------------------------------
 
-    def on_receive(self, message: object) -> object:
-        if isinstance(message, Ship):
-            # One trace event per shipment, listing every trace it carries: each writer's
-            # timeline shows the persistence step and how long the records waited for it.
-            with trace.handling(
-                "/root/persistence",
-                "Ship",
-                postmark=message.marks,
-                records=len(message.records),
-            ):
-                self._accept(message)
-        elif isinstance(message, _FlushSoon):
-            self._flush_told = False
-            self._flush()
-        elif isinstance(message, _Replay):
-            self._replay_told = False
-            self._drain_journal(everything=False)
-        elif isinstance(message, Tick):
-            self._tick()
-            return self._status()
-        elif isinstance(message, Flush):
-            self._explicit_flush(message)
-            return self._status()
-        elif isinstance(message, GetStatus):
-            return self._status()
-        else:
-            raise TypeError(f"persistence actor got {type(message).__name__}")
+    def handle(self, message: _Message) -> PersistenceStatus | None:
+        match message:
+            case Ship():
+                # One trace event per shipment, listing every trace it carries: each writer's
+                # timeline shows the persistence step and how long the records waited for it.
+                with trace.handling(
+                    "/root/persistence",
+                    "Ship",
+                    postmark=message.marks,
+                    records=len(message.records),
+                ):
+                    self._accept(message)
+            case _FlushSoon():
+                self._flush_told = False
+                self._flush()
+            case _Replay():
+                self._replay_told = False
+                self._drain_journal(everything=False)
+            case Tick():
+                self._tick()
+                return self._status()
+            case Flush():
+                self._explicit_flush(message)
+                return self._status()
+            case GetStatus():
+                return self._status()
+            case _:
+                assert_never(message)
         return None
 
     def on_stop(self) -> None:
@@ -219,7 +223,7 @@ class PersistenceActor(BridgedActor):
         if self._batch_records >= self._config.max_batch:
             self._flush()
         elif not self._flush_told:
-            self._flush_told = self._tell_self(_FlushSoon())
+            self._flush_told = self.tell_self(_FlushSoon())
 
     def _coalesce(self, record: SessionActivity) -> None:
         old = self._activity.get(record.session_id)
@@ -333,17 +337,7 @@ class PersistenceActor(BridgedActor):
             if not self._replay_chunk() or not everything:
                 break
         if self._journal.pending and self._breaker.state == "closed" and not self._replay_told:
-            self._replay_told = self._tell_self(_Replay())
-
-    def _tell_self(self, message: object) -> bool:
-        """Queue ``message`` behind the inbox; ``False`` once stopping (on_stop drains all)."""
-        if self.actor_stopped.is_set():
-            return False
-        try:
-            self.actor_ref.tell(message)
-        except pykka.ActorDeadError:
-            return False
-        return True
+            self._replay_told = self.tell_self(_Replay())
 
     def _replay_chunk(self) -> bool:
         records, end = self._journal.read(self._config.replay_chunk)

@@ -21,14 +21,15 @@ Two delivery classes:
   ``resolve`` then returns (the restarted actor).
 
 The actor is reached through ``resolve``, called at each send, so a restarted actor is picked
-up without the client noticing. All methods must be called from the trio thread that owns
-the client (the first call binds it).
+up without the client noticing: it is a :class:`~runtime.pykka_client.ServiceClient`, like
+every pykka service's trio side (:mod:`runtime.pykka_service`), and its pulse is a
+:class:`~runtime.pacer.Pacer`. All methods must be called from the trio thread that owns the
+client (the first call binds it).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from functools import partial
 from typing import Any, NoReturn
 
@@ -47,13 +48,13 @@ from actors.persistence.protocol import (
     Tick,
 )
 from runtime import trace
-from runtime.bridge import ActorUnavailable, CallbackFuture, wait_reply
+from runtime.bridge import CallbackFuture
+from runtime.pacer import Pacer
+from runtime.pykka_client import Resolve, ServiceClient
 from storage.errors import StorageUnavailable
 from storage.rows import Record
 
 log = structlog.get_logger("persistence")
-
-Resolve = Callable[[], "pykka.ActorRef[Any]"]
 
 
 class _Shipment:
@@ -71,11 +72,7 @@ class _Shipment:
         self.result: ShipmentResult | None = None
 
 
-class _CrashForTest:
-    """No handler knows this message: handling it raises, as a bug in the actor would."""
-
-
-class PersistenceClient:
+class PersistenceClient(ServiceClient):
     """The persistence actor's trio face. See the module doc for the delivery classes."""
 
     def __init__(
@@ -90,7 +87,7 @@ class PersistenceClient:
         (``trio.TooSlowError``; the record may still be written later). ``max_outstanding``
         records sent and not yet answered make the client report storage unavailable, so an
         overloaded database refuses new work instead of growing memory."""
-        self._resolve: Resolve = resolve
+        super().__init__(resolve)
         self._timeout = timeout
         self._max_shipment = max_shipment
         self._max_outstanding = max_outstanding
@@ -106,10 +103,8 @@ class PersistenceClient:
         return cls(lambda: ref, **kwargs)
 
     def crash_actor_for_test(self) -> None:
-        """Test-only fault (``EXAI_TEST_FAULTS``): make the current incarnation fail as a bug
-        would, by telling it a message it does not understand (a failing pykka ``tell`` stops
-        the actor), so supervision can be tested with the real actor under real load."""
-        self._resolve().tell(_CrashForTest())
+        """Test-only fault (``EXAI_TEST_FAULTS``): :meth:`crash_for_test`."""
+        self.crash_for_test()
 
     # --- availability -----------------------------------------------------------------------
 
@@ -177,17 +172,18 @@ class PersistenceClient:
         return await self._ask(GetStatus())
 
     async def pulse(self, period: float = 1.0) -> NoReturn:
-        """Run for the node's lifetime (in its nursery): ticks the actor every ``period``
-        seconds, for journal fsyncs, activity sync, heartbeats and database retries, and
-        re-sends records a dead actor held. The sleep paces work; it synchronises nothing."""
-        while True:
-            await trio.sleep(period)
-            if self._resend and self._open is None:
-                self._ship()
-            try:
-                await self._ask(Tick())
-            except ActorUnavailable:
-                continue  # a restarted actor will be there at the next beat
+        """Run for the node's lifetime (in its nursery): a pacer that ticks the actor every
+        ``period`` seconds, for journal fsyncs, activity sync, heartbeats and database
+        retries, and re-sends records a dead actor held. It paces work; it synchronises
+        nothing."""
+        await Pacer(self._beat, every=period).run()
+
+    async def _beat(self, now: float) -> None:
+        if self._resend and self._open is None:
+            self._ship()
+        # A dead actor's ActorUnavailable is the pacer's to skip: a restarted actor will be
+        # there at the next beat.
+        await self._ask(Tick())
 
     # --- shipments --------------------------------------------------------------------------
 
@@ -290,12 +286,8 @@ class PersistenceClient:
         shipment.done.set()
 
     async def _ask(self, message: Flush | Tick | GetStatus) -> PersistenceStatus:
-        try:
-            future = self._resolve().ask(message, block=False)
-        except Exception as exc:
-            raise ActorUnavailable(f"persistence actor unavailable: {exc}") from exc
         with trio.fail_after(self._timeout if isinstance(message, GetStatus) else math.inf):
-            status = await wait_reply(future)
+            status = await self.ask(message)
         assert isinstance(status, PersistenceStatus)
         self._actor_available = status.available
         return status
