@@ -78,6 +78,15 @@ class ActorName(Generic[A]):
         ``resolve``, called at each send."""
         return self.ref
 
+    async def running(self, incarnation: int = 1) -> pykka.ActorRef[A]:
+        """Wait until the ``incarnation``-th incarnation (1: the first) or a later one runs,
+        and return its ref. Bound the wait with ``trio.fail_after``."""
+        while True:
+            current = self._current
+            if self.incarnations >= incarnation and current is not None and not current.dead:
+                return current.ref
+            await self._changed.wait()
+
     async def ask(self, message: object, *, restart_wait: float = 30.0) -> Any:
         """Ask the current incarnation and await its answer in trio.
 

@@ -19,6 +19,7 @@ import pytest
 import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from structlog.testing import capture_logs
 from trio.testing import MockClock, wait_all_tasks_blocked
 
 from actors.limits import ClientLimits, LimitName, ProviderLimits
@@ -27,9 +28,15 @@ from actors.rate_limiter import (
     Lease,
     RateLimited,
     RateLimiter,
+    RateLimiterActor,
     open_rate_limiter,
+    supervised_rate_limiter,
 )
+from actors.status import NodeStatusSource, SessionDirectory
 from runtime.bridge import ActorUnavailable
+from runtime.pykka_supervision import ActorName
+from runtime.server import Sessions
+from runtime.supervision import ChildSpec, Supervisor, run_root
 
 
 @asynccontextmanager
@@ -435,3 +442,137 @@ async def test_closing_a_session_refuses_its_waiters_and_returns_its_counters(
         snapshot = await limiter.snapshot()
     assert snapshot.sessions == []
     assert snapshot.providers[0].in_flight == 0
+
+
+# -- supervised: a crash heals, and a restart admits conservatively --------------------------
+
+
+@asynccontextmanager
+async def _supervised(
+    providers: Mapping[str, ProviderLimits], client: ClientLimits
+) -> AsyncIterator[tuple[RateLimiter, ActorName[RateLimiterActor], Supervisor]]:
+    """The limiter as the node runs it: a child of a one_for_one root, through its name."""
+    name: ActorName[RateLimiterActor] = ActorName("/root/rate_limiter")
+    limiter, child = supervised_rate_limiter(name, providers, client)
+    root = Supervisor([ChildSpec("rate_limiter", child, shutdown=10)], max_restarts=3, period=60)
+    stop = trio.Event()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(partial(run_root, root, stop_requested=stop))
+        yield limiter, name, root
+        stop.set()
+
+
+async def test_killing_the_limiter_under_load_heals_like_persistence() -> None:
+    """Callers waiting at the crash get ActorUnavailable (none hangs), later calls reach the
+    next incarnation, the supervisor logs the restart and the status shows it."""
+    callers, after_crash = 24, 5
+    granted = 0
+    enough = trio.Event()
+    failed: list[ActorUnavailable] = []
+    limits = {"glm": ProviderLimits(max_concurrency=4)}  # most callers wait at any moment
+    with capture_logs() as logs, trio.fail_after(60):  # a guard against a hang, not a timing
+        async with _supervised(limits, ClientLimits()) as (limiter, name, root):
+
+            async def caller(index: int) -> None:
+                nonlocal granted
+                reached_next = 0
+                while reached_next < after_crash:
+                    try:
+                        lease = await limiter.acquire(f"s{index}", "glm", tokens=1, wait=math.inf)
+                    except ActorUnavailable as exc:
+                        failed.append(exc)
+                        await name.running(2)  # the supervisor brings the next incarnation
+                        continue
+                    granted += 1
+                    if granted >= 200:
+                        enough.set()
+                    if name.incarnations == 2:
+                        reached_next += 1
+                    await trio.lowlevel.checkpoint()  # hold the slot across a scheduling round
+                    _done(limiter, lease)
+
+            async with trio.open_nursery() as load:
+                for index in range(callers):
+                    load.start_soon(caller, index)
+                await enough.wait()
+                limiter.crash_for_test()
+
+            status = await NodeStatusSource(
+                node_id="test",
+                sessions=Sessions(max_sessions=1),
+                url=lambda: None,
+                directory=SessionDirectory(),
+                limiter=lambda: limiter,
+                supervisors=[root],
+                pykka_actors={"/root/rate_limiter": name},
+            ).status()
+
+    # Only calls made before the next incarnation ran failed, at most one per caller.
+    assert 0 < len(failed) <= callers
+    # Each says what happened: the actor died with the call, or the call came while the
+    # supervisor was bringing the next one.
+    unclear = [
+        str(e) for e in failed if "stopped before" not in str(e) and "not running" not in str(e)
+    ]
+    assert unclear == []
+    assert name.incarnations == 2
+    crashed = [e for e in logs if e["event"] == "child.crashed"]
+    assert [(e["path"], e["child"]) for e in crashed] == [("/root/rate_limiter", "rate_limiter")]
+    assert "ActorCrashed" in crashed[0]["reason"]
+    assert [e["child"] for e in logs if e["event"] == "child.restarting"] == ["rate_limiter"]
+    actor = {a.path: a for a in status.actors}["/root/rate_limiter"]
+    assert (actor.kind, actor.state, actor.restarts) == ("pykka", "running", 1)
+    assert status.limits is not None
+    assert status.problems == []
+
+
+async def test_a_restarted_limiter_admits_as_if_its_buckets_were_still_spent(
+    mock_clock: MockClock,
+) -> None:
+    providers = {"glm": ProviderLimits(tokens_per_minute=600)}
+    client = ClientLimits(requests_per_minute=1, token_quota=1000)
+    with capture_logs() as logs:
+        async with _supervised(providers, client) as (limiter, name, _):
+            alice = await limiter.acquire("a", "glm", tokens=100, wait=0, identity="alice")
+            _done(limiter, alice, tokens=100)  # alice's one request a minute is spent
+            await limiter.acquire("c", "glm", tokens=300, wait=0, identity="carol")  # in flight
+            mock_clock.jump(30)  # half alice's window has passed
+            limiter.crash_for_test()
+            await name.running(2)
+            restarted = trio.current_time()
+
+            # Not a fresh ledger (which would admit alice at once), nor the dead one's 30 s
+            # left: spent at the restart, for one window.
+            with pytest.raises(RateLimited) as caught:
+                await limiter.acquire("a2", "glm", tokens=1, wait=0, identity="alice")
+            assert caught.value.limit is LimitName.CLIENT_REQUESTS
+            assert caught.value.retry_after == pytest.approx(60)
+            # Every bucket: bob's own (he may have called before the crash, nobody knows)
+            # and the provider's, whose whole minute of tokens is spent.
+            with pytest.raises(RateLimited) as caught:
+                await limiter.acquire("b", "glm", tokens=100, wait=0, identity="bob")
+            assert caught.value.limit is LimitName.CLIENT_REQUESTS
+            (load,) = (await limiter.snapshot()).providers
+            assert load.tokens_available == pytest.approx(0)
+            # Quotas are kept, and carol's reservation in flight at the crash counts as used.
+            with pytest.raises(RateLimited, match="quota is 1000: 100 are used"):
+                await limiter.acquire("a3", "glm", tokens=950, wait=0, identity="alice")
+            with pytest.raises(RateLimited, match="quota is 1000: 300 are used"):
+                await limiter.acquire("c2", "glm", tokens=701, wait=0, identity="carol")
+
+            # Queued, alice's next call goes exactly one window after the restart.
+            granted: list[float] = []
+
+            async def wait_for_it() -> None:
+                await limiter.acquire("a4", "glm", tokens=1, wait=120, identity="alice")
+                granted.append(trio.current_time())
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(wait_for_it)
+                await wait_all_tasks_blocked()
+                mock_clock.jump(59)
+                await wait_all_tasks_blocked()
+                assert granted == []
+                mock_clock.jump(1)
+            assert granted[0] - restarted == pytest.approx(60)
+    assert [e["event"] for e in logs].count("rate_limiter.restarted_spent") == 1
