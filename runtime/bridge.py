@@ -154,4 +154,6 @@ async def wait_reply(future: pykka.Future[T]) -> T:
     try:
         return await trio.lowlevel.wait_task_rescheduled(abort)  # type: ignore[no-any-return]
     except pykka.ActorDeadError as exc:
-        raise ActorUnavailable(str(exc)) from exc
+        # pykka says "<actor> not found" (dead when asked) or "<actor> stopped before
+        # handling the message" (dead with it in its inbox): to the caller, one thing.
+        raise ActorUnavailable(f"the actor stopped before answering ({exc})") from exc
