@@ -44,8 +44,10 @@ class UpstreamNotReady(Exception):
 class Upstream:
     """The providers and the rate limiter as the node's root children currently run them.
 
-    Each child sets its part when it has started and clears it when it stops; a restarted
-    child sets a fresh one. Callers look them up per call, never keep them.
+    The providers' child sets them when it has started and clears them when it stops; a
+    restarted child sets fresh ones. The rate limiter's client is set once: it reaches
+    whichever incarnation of the actor runs (``ActorName``), and raises ``ActorUnavailable``
+    while none does. Callers look them up per call, never keep them.
     """
 
     def __init__(self) -> None:
