@@ -7,7 +7,7 @@ from typing import Any
 from actors.conversation import Conversations
 from actors.tools.chat import Chat
 from actors.tools.echo import Echo
-from actors.tools.testing import BlockUntilCancelled, ReportSteps, Sleep
+from actors.tools.testing import BlockUntilCancelled, CrashRateLimiter, ReportSteps, Sleep
 from actors.tools.threads import Threads
 from runtime.mcp.tools import Tool, ToolRegistry
 
@@ -22,4 +22,6 @@ def builtin_tools(
         tools.extend([Chat(conversations), Threads(conversations)])
     if test_faults:
         tools.extend([BlockUntilCancelled(), ReportSteps(), Sleep()])
+        if conversations is not None:
+            tools.append(CrashRateLimiter(conversations.upstream))
     return ToolRegistry(tools)

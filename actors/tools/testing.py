@@ -5,6 +5,7 @@ from __future__ import annotations
 import trio
 from pydantic import BaseModel, Field
 
+from actors.conversation import Upstream
 from runtime.mcp.tools import Tool, ToolContext, ToolOutput
 
 
@@ -59,3 +60,27 @@ class ReportSteps(Tool[StepsArgs]):
             await ctx.report_progress(step, args.steps, "a repeat is dropped")
             await ctx.log("info", {"step": step})
         return ToolOutput(text=f"{args.steps} steps")
+
+
+class CrashArgs(BaseModel):
+    pass
+
+
+class CrashRateLimiter(Tool[CrashArgs]):
+    """Crashes the rate limiter's current actor, as a bug in it would, so that its supervision
+    is tested through ``exai serve`` under real load (as ``$/exai/test/crash-persistence``
+    does for persistence)."""
+
+    name = "exai_test_crash_rate_limiter"
+    description = "Test only: crash the rate-limiter actor."
+    Args = CrashArgs
+
+    def __init__(self, upstream: Upstream) -> None:
+        self._upstream = upstream
+
+    async def run(self, args: CrashArgs, ctx: ToolContext) -> ToolOutput:
+        limiter = self._upstream.limiter
+        if limiter is None:
+            return ToolOutput(text="no rate limiter runs", is_error=True)
+        limiter.crash_for_test()
+        return ToolOutput(text="the rate limiter's actor was told to crash")
