@@ -57,7 +57,7 @@ from actors.persistence import PersistenceActor, PersistenceClient, PersistenceC
 from actors.providers import UpstreamConfig, UpstreamConfigError, load_upstream, open_providers
 from actors.rate_limiter import open_rate_limiter
 from actors.session import SessionBounds, SessionConfig, SessionLifecycle, SessionServices
-from actors.status import NodeStatusSource, SessionDirectory
+from actors.status import LiveSession, NodeStatusSource
 from actors.tools import builtin_tools
 from runtime.actor import sole_exception
 from runtime.admin import serve_admin
@@ -80,6 +80,7 @@ from runtime.logs import register_secret
 from runtime.mcp.versions import SUPPORTED_VERSIONS
 from runtime.pykka_supervision import ActorName, pykka_child
 from runtime.server import McpWebSocketServer, Sessions, listener_status
+from runtime.session_registry import SessionPhase, SessionRegistry
 from runtime.statefile import ServerInfo, remove_server_info, write_server_info
 from runtime.supervision import ChildContext, ChildSpec, Strategy, Supervisor, run_root
 from storage.connection import DatabaseTarget, check_database
@@ -356,11 +357,12 @@ class _Tree:
             limits=config.file.chat,
         )
         persistence_config = PersistenceConfig()
-        self.directory = SessionDirectory()
+        #: Every session of the node: what status, resume and the drain read.
+        self.registry: SessionRegistry[LiveSession] = SessionRegistry(settings.resume_grace)
         self.database_ready = _DatabaseProbe(self.persistence)
         #: Set by the first SIGINT/SIGTERM: the tree is asked to stop, and the sessions drain.
         self.stop_requested = stop_requested
-        self.sessions = Sessions(max_sessions=settings.max_sessions)
+        self.sessions = Sessions(self.registry, max_sessions=settings.max_sessions)
         # The listener's admission and counters outlive restarts of the sessions child.
         self.admission = HandshakeAdmission(
             max_total=settings.max_handshakes,
@@ -396,10 +398,9 @@ class _Tree:
             max_restarts=settings.session_max_restarts,
             restart_period=settings.session_restart_period,
             session_ended=self.upstream.session_ended,
-            directory=self.directory,
             bounds=bounds,
         )
-        self.lifecycle = SessionLifecycle(self.services, resume_grace=settings.resume_grace)
+        self.lifecycle = SessionLifecycle(self.services, self.registry)
         self.root = Supervisor(
             [
                 ChildSpec(
@@ -429,8 +430,7 @@ class _Tree:
             node_id=node_id,
             sessions=self.sessions,
             url=lambda: self.url,
-            directory=self.directory,
-            detached=self.lifecycle.resumable,
+            registry=self.registry,
             persistence=self.persistence,
             limiter=lambda: self.upstream.limiter,
             breakers=self._breakers,
@@ -491,8 +491,8 @@ class _Tree:
     async def _sessions(self, ctx: ChildContext) -> None:
         """The listener and every session. A restart binds the same address again."""
         settings = self.settings
-        resumable = self.lifecycle.resumable
-        resumable.parking = True
+        registry = self.registry
+        registry.parking = True
         server = McpWebSocketServer(
             host=settings.host,
             port=settings.port,
@@ -503,7 +503,7 @@ class _Tree:
             handshake_timeout=settings.handshake_timeout,
             admission=self.admission,
             drain_timeout=settings.drain_timeout,
-            work=_SessionWork(self.directory),
+            work=_SessionWork(self.registry),
             database_ready=self.database_ready,
             ping_interval=settings.ws_ping_interval,
             ping_timeout=settings.ws_ping_timeout,
@@ -511,7 +511,7 @@ class _Tree:
         )
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(resumable.run)
+                nursery.start_soon(registry.run)  # the reaper of parked sessions
                 async with trio.open_nursery() as serving:
                     await serving.start(server.run)
                     self._announce(server.url)
@@ -522,7 +522,7 @@ class _Tree:
                         # asked for a stop: what the calls in flight need may be gone, so
                         # none is waited for.
                         self.sessions.cut_drain_short()
-                    resumable.parking = False  # sessions closed by us are over, not parked
+                    registry.parking = False  # sessions closed by us are over, not parked
                     remove_server_info(settings.server_file)
                     server.stop()
                 # server.run has returned: every session has ended; the reaper's work is done.
@@ -534,7 +534,7 @@ class _Tree:
                 # error itself (logged without a traceback), not the nurseries' wrapping.
                 raise error from error.__cause__
             raise
-        await resumable.expire_all()
+        await registry.expire_all()
 
     def _announce(self, url: str) -> None:
         settings = self.settings
@@ -581,24 +581,26 @@ async def _stop_on_signal(
 
 class _SessionWork:
     """What the drain of :mod:`runtime.server` asks of the sessions (its ``SessionWork``),
-    read from the session directory."""
+    read from the session registry."""
 
-    def __init__(self, directory: SessionDirectory) -> None:
-        self._directory = directory
+    def __init__(self, registry: SessionRegistry[LiveSession]) -> None:
+        self._registry = registry
 
     def pending(self, session_id: str) -> bool:
-        live = self._directory.get(session_id)
-        if live is None:
+        entry = self._registry.get(session_id)
+        if entry is None:
             return False
+        live = entry.session
         state = live.state
         unwritten = live.outbox is not None and len(live.outbox) > 0
         return bool(state.queued or state.calls or state.handling) or unwritten
 
     def cancel_all(self) -> int:
         cancelled = 0
-        for live in self._directory:
-            if live.mailbox is None:
+        for entry in self._registry:
+            if entry.phase is not SessionPhase.ATTACHED:
                 continue  # parked: its calls ended with its socket
+            live = entry.session
             for request_id in list(live.state.calls):
                 live.state.cancel(request_id)
                 cancelled += 1

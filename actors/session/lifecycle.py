@@ -1,5 +1,6 @@
 """A session's whole life: recorded on connect, supervised while it runs, parked when its
-socket drops (see ``resume``), recorded at its end.
+socket drops (see ``resume``), recorded at its end. Each step is an operation on the node's
+one session registry (:mod:`runtime.session_registry`): attach, park, claim, end.
 
 Three tasks serve a connection: the reader (:func:`~actors.session.reader.pump`), the writer
 (:meth:`~runtime.outbox.Outbox.run`, which drains the session's outgoing queue to the socket)
@@ -31,8 +32,7 @@ from trio_websocket import CloseReason, ConnectionClosed, WebSocketConnection
 from actors.persistence import PersistenceClient, StorageUnavailable
 from actors.session.actor import Message, SessionActor, SessionConfig, SessionState
 from actors.session.reader import ReaderLimits, pump
-from actors.session.resume import ResumableSessions
-from actors.status import LiveSession, SessionDirectory
+from actors.status import LiveSession
 from runtime import trace
 from runtime.actor import close_mailbox, run_actor
 from runtime.budget import ByteBudget, NodeBudget
@@ -40,6 +40,7 @@ from runtime.mailbox import ActorRef, Inbox, open_mailbox
 from runtime.mcp.tools import ToolRegistry
 from runtime.outbox import Outbox, OutboxClosed
 from runtime.server import CLOSE_GOING_AWAY, CLOSE_INTERNAL_ERROR, Handshake
+from runtime.session_registry import Ending, SessionEntry, SessionRegistry
 from runtime.supervision.errors import SupervisorGaveUp
 from runtime.supervision.intensity import RestartIntensity
 from storage.rows import SessionClose, SessionRow
@@ -51,18 +52,10 @@ CLOSE_POLICY_VIOLATION = 1008
 CLOSE_TRY_AGAIN_LATER = 1013
 
 
-@dataclass(frozen=True, slots=True)
-class _Ending:
-    """How a session's connection ended, for ``session.closed``."""
-
-    #: The close code (RFC 6455 section 7.4.1); ``None`` if no close was seen at all.
-    code: int | None
-    #: The close frame's reason, else the code's name (``ABNORMAL_CLOSURE``), else why.
-    reason: str
-
-    @classmethod
-    def of(cls, close: CloseReason) -> _Ending:
-        return cls(close.code, close.reason or close.name)
+def _ending_of(close: CloseReason) -> Ending:
+    """How a connection ended, from its close (RFC 6455 section 7.4): the frame's reason,
+    else the code's name (``ABNORMAL_CLOSURE``)."""
+    return Ending(close.code, close.reason or close.name)
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,8 +92,6 @@ class SessionServices:
     max_message_bytes: int
     max_restarts: int
     restart_period: float
-    #: Every session of the node, for the status command (actors/status.py).
-    directory: SessionDirectory = field(default_factory=SessionDirectory)
     bounds: SessionBounds = field(default_factory=SessionBounds)
     #: Called once a session is over for good (not while it is parked for resume), after its
     #: end is recorded: the rate limiter forgets its counters there.
@@ -108,20 +99,28 @@ class SessionServices:
 
 
 class SessionLifecycle:
-    """The :class:`~runtime.server.SessionHost` of this node: runs, parks and resumes sessions."""
+    """The :class:`~runtime.server.SessionHost` of this node: runs, parks and resumes sessions.
 
-    def __init__(self, services: SessionServices, resume_grace: float) -> None:
+    The only writer of ``registry`` (the node's sessions, shared with status and the
+    server); it expires the parked ones through :meth:`_expire_parked`.
+    """
+
+    def __init__(self, services: SessionServices, registry: SessionRegistry[LiveSession]) -> None:
         self.services = services
-        self.resumable = ResumableSessions(resume_grace, self._expire_parked)
-        #: How the connection of each parked session ended (for its ``session.closed``).
-        self._parked_endings: dict[str, _Ending] = {}
+        self.registry = registry
+        registry.on_expire = self._expire_parked
 
-    def claim(self, session_id: str, identity: str) -> SessionState | None:
-        return self.resumable.claim(session_id, identity)
+    def claim(self, session_id: str, identity: str) -> LiveSession | None:
+        return self.registry.claim(session_id, identity)
 
     async def unclaim(self, resumed: object) -> None:
-        if isinstance(resumed, SessionState) and not self.resumable.park(resumed):
-            await self._expire_parked(resumed)  # parking has stopped: the node is shutting down
+        if not isinstance(resumed, LiveSession):
+            return
+        if not self.registry.unclaim(resumed.state.session_id):
+            # Parking has stopped: the node is shutting down, the session is over.
+            entry = self.registry.end(resumed.state.session_id)
+            if entry is not None:
+                await self._expire_parked(entry)
 
     async def serve(self, ws: WebSocketConnection, handshake: Handshake) -> None:
         """One connection's session; raises only if the session gave up (see module doc)."""
@@ -145,11 +144,16 @@ class SessionLifecycle:
             stall_timeout=bounds.stall_timeout,
             peer_took=handshake.last_sent,
         )
-        live = services.directory.attach(state, ref, outbox)
+        if isinstance(handshake.resumed, LiveSession):
+            live = handshake.resumed  # its meter and restart count go on
+            live.mailbox, live.outbox = ref, outbox
+        else:
+            live = LiveSession(state, ref, outbox)
         postmarks = trace.Postmarks()
         closed_for_stall = trio.Event()
         close = _Closer(ws, bounds.close_timeout)
-        detached = gave_up = False
+        self.registry.attach(session_id, handshake.identity, live, close)
+        dropped = gave_up = False
         try:
             try:
                 async with trio.open_nursery() as nursery:
@@ -190,9 +194,7 @@ class SessionLifecycle:
                 code = _close_code(closed)
                 if code != CLOSE_NORMAL and not outbox.closed:
                     state.handling.clear()
-                    detached = self.resumable.park(state)
-                    if detached:
-                        services.directory.detach(session_id)
+                    dropped = True
         except* Exception:
             gave_up = True  # the sessions supervisor closes its socket with 1011
             raise
@@ -201,20 +203,28 @@ class SessionLifecycle:
             outbox.close()
             close_mailbox(path, inbox)
             ending = self._ending(close.sent, ws.closed, gave_up=gave_up)
-            if detached:
-                self._parked_endings[session_id] = ending
-            else:
-                with trio.CancelScope(shield=True):
-                    await self._expire(state, ending)
+            await self._detach(live, ending, dropped=dropped)
+
+    async def _detach(self, live: LiveSession, ending: Ending, *, dropped: bool) -> None:
+        """The connection is over: park the session if it ``dropped`` and may be resumed,
+        else end it for good and record its end (shielded: this runs on the way out of a
+        cancelled session too)."""
+        session_id = live.state.session_id
+        if dropped and self.registry.park(session_id, ending):
+            live.mailbox = live.outbox = None  # they went with the connection
+            return
+        entry = self.registry.end(session_id)
+        if entry is not None:
+            with trio.CancelScope(shield=True):
+                await self._finish(entry, ending)
 
     async def _begin(self, ws: WebSocketConnection, handshake: Handshake) -> SessionState | None:
         """The state of the session this connection serves: a resumed one, or a new one once
         its row is written; ``None`` if storage refused a new one (closed with 1013)."""
         session_id = handshake.session_id
-        if isinstance(handshake.resumed, SessionState):
-            self._parked_endings.pop(session_id, None)
+        if isinstance(handshake.resumed, LiveSession):
             log.info("session.resumed", session_id=session_id, remote=handshake.remote)
-            return handshake.resumed
+            return handshake.resumed.state
         try:
             await self.services.persistence.write(
                 SessionRow(
@@ -240,34 +250,34 @@ class SessionLifecycle:
 
     def _ending(
         self, sent: CloseReason | None, seen: CloseReason | None, *, gave_up: bool
-    ) -> _Ending:
+    ) -> Ending:
         """How a connection ended. A close this side starts is known from what it sent:
         trio-websocket reports one as ``1000`` without a reason until the peer's reply (its
         echo, RFC 6455 section 5.5.1) arrives, which the session does not wait for."""
         if sent is not None:
-            return _Ending.of(sent)
+            return _ending_of(sent)
         if gave_up:
             # Raised to the sessions supervisor, which logs it (session.crashed) and closes.
-            return _Ending(CLOSE_INTERNAL_ERROR, "internal error; see session.crashed")
-        if not self.resumable.parking and (
+            return Ending(CLOSE_INTERNAL_ERROR, "internal error; see session.crashed")
+        if not self.registry.parking and (
             seen is None or seen.code == CLOSE_GOING_AWAY or _unanswered(seen)
         ):
-            return _Ending(CLOSE_GOING_AWAY, "server shutting down")  # runtime.server closes
+            return Ending(CLOSE_GOING_AWAY, "server shutting down")  # runtime.server closes
         if seen is None:
-            return _Ending(None, "connection ended without a close")
-        return _Ending.of(seen)
+            return Ending(None, "connection ended without a close")
+        return _ending_of(seen)
 
-    async def _expire_parked(self, state: SessionState) -> None:
-        """A parked session is over: its grace ran out, or the node is stopping."""
-        last = self._parked_endings.pop(state.session_id, _Ending(None, "unknown"))
-        why = "resume grace expired" if self.resumable.parking else "server shutting down"
-        await self._expire(state, _Ending(last.code, f"{why} (detached: {last.reason})"))
+    async def _expire_parked(self, entry: SessionEntry[LiveSession]) -> None:
+        """A parked session is over (it has left the registry): its grace ran out, or the
+        node is stopping."""
+        last = entry.ending or Ending(None, "unknown")
+        why = "resume grace expired" if self.registry.parking else "server shutting down"
+        await self._finish(entry, Ending(last.code, f"{why} (detached: {last.reason})"))
 
-    async def _expire(self, state: SessionState, ending: _Ending) -> None:
-        """The session is over for good: record its end, with its totals as they are now."""
-        directory = self.services.directory
-        live = directory.get(state.session_id)
-        directory.remove(state.session_id)
+    async def _finish(self, entry: SessionEntry[LiveSession], ending: Ending) -> None:
+        """The session is over for good and has left the registry: record its end, with its
+        totals as they are now."""
+        state = entry.session.state
         closed = datetime.now(UTC)
         with trio.move_on_after(10) as scope:
             scope.shield = True
@@ -287,7 +297,7 @@ class SessionLifecycle:
             session_id=state.session_id,
             code=ending.code,
             reason=ending.reason,
-            duration_s=round(time.monotonic() - live.opened_at, 3) if live else None,
+            duration_s=round(time.monotonic() - entry.opened_at, 3),
         )
 
 
