@@ -590,18 +590,15 @@ class _SessionWork:
         live = self._directory.get(session_id)
         if live is None:
             return False
-        state = live.state
         unwritten = live.outbox is not None and len(live.outbox) > 0
-        return bool(state.queued or state.calls or state.handling) or unwritten
+        return live.state.has_pending() or unwritten
 
     def cancel_all(self) -> int:
         cancelled = 0
         for live in self._directory:
             if live.mailbox is None:
                 continue  # parked: its calls ended with its socket
-            for request_id in list(live.state.calls):
-                live.state.cancel(request_id)
-                cancelled += 1
+            cancelled += live.state.cancel_calls()
         return cancelled
 
 

@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 import structlog
 import trio
 
-from actors.session.actor import SessionState
+from actors.session.state import SessionState
 
 log = structlog.get_logger("session")
 
