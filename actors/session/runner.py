@@ -122,6 +122,10 @@ async def run_session(
                 meter=live.meter,
             )
             nursery.cancel_scope.cancel()
+    except* ConnectionGone:
+        # A call that found the connection gone while the session was being cancelled (a
+        # tool sending progress, say): the connection going away is the end, not a crash.
+        pass
     finally:
         close_mailbox(path, inbox)
 
