@@ -398,9 +398,10 @@ class _Tree:
             max_restarts=settings.session_max_restarts,
             restart_period=settings.session_restart_period,
             session_ended=self.upstream.session_ended,
+            registry=self.registry,
             bounds=bounds,
         )
-        self.lifecycle = SessionLifecycle(self.services, self.registry)
+        self.lifecycle = SessionLifecycle(self.services)
         self.root = Supervisor(
             [
                 ChildSpec(
@@ -591,19 +592,15 @@ class _SessionWork:
         if entry is None:
             return False
         live = entry.session
-        state = live.state
         unwritten = live.outbox is not None and len(live.outbox) > 0
-        return bool(state.queued or state.calls or state.handling) or unwritten
+        return live.state.has_pending() or unwritten
 
     def cancel_all(self) -> int:
         cancelled = 0
         for entry in self._registry:
             if entry.phase is not SessionPhase.ATTACHED:
                 continue  # parked: its calls ended with its socket
-            live = entry.session
-            for request_id in list(live.state.calls):
-                live.state.cancel(request_id)
-                cancelled += 1
+            cancelled += entry.session.state.cancel_calls()
         return cancelled
 
 

@@ -56,7 +56,7 @@ from runtime.trace import Meter
 if TYPE_CHECKING:  # at run time these would import the session package, which imports us
     from actors.persistence import PersistenceClient
     from actors.rate_limiter import RateLimiter, SessionUsage
-    from actors.session.actor import SessionState
+    from actors.session.state import SessionState
 
 ROOT = "/root"
 SESSIONS = "/root/sessions"
@@ -353,7 +353,7 @@ class NodeStatusSource:
             client_version=client.version if client is not None else None,
             protocol_version=state.protocol_version,
             initialized=state.initialized,
-            in_flight=len(state.calls),
+            in_flight=state.in_flight,
             queued=entry.mailbox.depth if entry.mailbox is not None else 0,
             queued_bytes=entry.mailbox.queued_bytes if entry.mailbox is not None else 0,
             outgoing=len(entry.outbox) if entry.outbox is not None else 0,

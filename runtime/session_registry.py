@@ -116,6 +116,9 @@ class SessionRegistry(Generic[S]):
         """Every entry, in no particular order; a copy, so operations may run meanwhile."""
         return iter(list(self._entries.values()))
 
+    def __contains__(self, session_id: object) -> bool:
+        return session_id in self._entries
+
     def get(self, session_id: str) -> SessionEntry[S] | None:
         return self._entries.get(session_id)
 
