@@ -12,8 +12,10 @@ used after what it depends on has gone:
    ``persistence`` (pykka actor, reached through an :class:`ActorName`), ``persistence_pulse``
    (the trio side's timer: journal fsyncs, activity sync, heartbeats), ``rate_limiter`` (the
    pykka actor every upstream call asks first, and its pacer), ``providers`` (one HTTP client
-   per configured upstream; none is fine: ``chat`` then says how to configure one), and
-   ``sessions`` (the WebSocket listener with the sessions supervisor);
+   per configured upstream; none is fine: ``chat`` then says how to configure one),
+   ``admin`` (``/status``, ``/metrics``), ``sessions`` (the sessions supervisor: each
+   session's actor is its dynamic child, docs/supervision.md) and ``listener`` (the WebSocket
+   listener, which starts sessions, and the reaper of parked ones);
 3. ``server.json`` and the one line announcing the URL.
 
 Before all of it, the configuration (flags, ``EXAI_*``, the ``EXAI_CONFIG`` file with its
@@ -24,10 +26,11 @@ locked the state dir: ``runtime/statefile.py``.) A cause that stops the start la
 itself to the CLI, which prints its one line.
 
 On SIGINT or SIGTERM the root is asked to stop (never cancelled, so every child gets its grace
-period): ``sessions`` drains (``/readyz`` answers 503 and new sessions are refused; each
+period): ``listener`` drains (``/readyz`` answers 503 and new sessions are refused; each
 session is closed with 1001 once its calls in flight are answered, and those still running
 after ``EXAI_DRAIN_TIMEOUT`` seconds, or at once on a second signal, are cancelled; each
-session records its end and is forgotten by the rate limiter), ``providers`` closes its HTTP
+session records its end and is forgotten by the rate limiter), ``sessions`` stops with no
+child left, ``admin`` stops, ``providers`` closes its HTTP
 clients, ``rate_limiter`` refuses whatever still waits, ``persistence_pulse`` flushes what is
 buffered, ``persistence`` stops behind every write already sent. Then the read pool of
 threads and the journal are closed and the embedded Postgres stopped. A root that gives up
@@ -363,6 +366,11 @@ class _Tree:
         #: Set by the first SIGINT/SIGTERM: the tree is asked to stop, and the sessions drain.
         self.stop_requested = stop_requested
         self.sessions = Sessions(self.registry, max_sessions=settings.max_sessions)
+        #: ``/root/sessions``: every session's actor is its dynamic child (``transient``, with
+        #: the session's own intensity, so a crash-looping session gives up alone and this
+        #: supervisor's own intensity is never charged). Concurrent shutdown: thousands of
+        #: interchangeable children (OTP ``simple_one_for_one``).
+        self.sessions_supervisor = Supervisor(concurrent_shutdown=True)
         # The listener's admission and counters outlive restarts of the sessions child.
         self.admission = HandshakeAdmission(
             max_total=settings.max_handshakes,
@@ -399,6 +407,7 @@ class _Tree:
             restart_period=settings.session_restart_period,
             session_ended=self.upstream.session_ended,
             registry=self.registry,
+            sessions=self.sessions_supervisor,
             bounds=bounds,
         )
         self.lifecycle = SessionLifecycle(self.services)
@@ -421,7 +430,10 @@ class _Tree:
                 ChildSpec("rate_limiter", self._rate_limiter, shutdown=10),
                 ChildSpec("providers", self._providers, shutdown=10),
                 ChildSpec("admin", self._admin, shutdown=5),
-                ChildSpec("sessions", self._sessions, shutdown=None),
+                # Before the listener, which starts its children: stopped after the listener
+                # has drained every session (reverse start order).
+                self.sessions_supervisor.child_spec("sessions"),
+                ChildSpec("listener", self._listener, shutdown=None),
             ],
             strategy=Strategy.ONE_FOR_ONE,
             max_restarts=settings.root_max_restarts,
@@ -435,7 +447,7 @@ class _Tree:
             persistence=self.persistence,
             limiter=lambda: self.upstream.limiter,
             breakers=self._breakers,
-            supervisors=[self.root],
+            supervisors=[self.root, self.sessions_supervisor],
             pykka_actors={"/root/persistence": self.persistence_name},
             tool_slots=self.services.config.total_slots,
             byte_budgets=(self.services.bounds.node_mailbox, self.services.bounds.node_outgoing),
@@ -489,8 +501,9 @@ class _Tree:
             finally:
                 self.upstream.providers = None
 
-    async def _sessions(self, ctx: ChildContext) -> None:
-        """The listener and every session. A restart binds the same address again."""
+    async def _listener(self, ctx: ChildContext) -> None:
+        """The WebSocket listener, every connection, and the reaper of parked sessions; on
+        stop, the drain. A restart binds the same address again."""
         settings = self.settings
         registry = self.registry
         registry.parking = True

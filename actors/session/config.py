@@ -15,6 +15,7 @@ from actors.status import LiveSession
 from runtime.budget import NodeBudget
 from runtime.mcp.tools import ToolRegistry
 from runtime.session_registry import SessionRegistry
+from runtime.supervision import Supervisor
 from storage.tasks import MAX_RESULT_BYTES
 
 
@@ -76,6 +77,9 @@ class SessionServices:
     #: Every session of the node (runtime/session_registry.py): what status, resume and the
     #: drain read. The node's has its resume grace; this default parks nothing.
     registry: SessionRegistry[LiveSession] = field(default_factory=lambda: SessionRegistry(0.0))
+    #: The sessions supervisor (``/root/sessions``): each session's actor is its dynamic
+    #: child. ``None`` outside a node: an in-memory session then runs one of its own.
+    sessions: Supervisor | None = None
     bounds: SessionBounds = field(default_factory=SessionBounds)
     #: Called once a session is over for good (not while it is parked for resume), after its
     #: end is recorded: the rate limiter forgets its counters there.

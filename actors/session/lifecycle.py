@@ -10,7 +10,8 @@ close code, and parking. The socket closing (by the client, or by shutdown with 
 normal end: running tool calls are cancelled, since nobody could receive their answers. A
 clean close (1000) ends the session; any other drop parks it for resume. A session the
 server ends itself (a peer that stopped reading, a binary or oversized frame) is not parked.
-A session whose actor gave up is raised to the sessions supervisor, which closes with 1011.
+A session whose actor gave up (see ``runner``) is raised to ``runtime.server.Sessions``, which
+logs ``session.crashed`` and closes with 1011.
 
 Its end is logged once, as ``session.closed`` (:func:`~actors.session.runner.end_session`),
 with how its (last) connection closed: the close code (RFC 6455 section 7.4), a reason (the
@@ -59,6 +60,9 @@ class SessionLifecycle:
         self.services = services
         self.registry = services.registry
         self.registry.on_expire = self._expire_parked
+        if services.sessions is None:
+            raise ValueError("a node's sessions need their supervisor (services.sessions)")
+        self.supervisor = services.sessions
 
     def claim(self, session_id: str, identity: str) -> LiveSession | None:
         return self.registry.claim(session_id, identity)
@@ -103,7 +107,14 @@ class SessionLifecycle:
             try:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(transport.run)
-                    await run_session(services, state, transport, ws.get_message, attach=attach)
+                    await run_session(
+                        services,
+                        state,
+                        transport,
+                        ws.get_message,
+                        attach=attach,
+                        supervisor=self.supervisor,
+                    )
                     # The reader stopped because the outbox closed for a peer that does
                     # not read: let the 1008 close (bounded by close_timeout) finish.
                     await transport.settle()

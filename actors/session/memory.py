@@ -18,6 +18,7 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from functools import partial
 
 import structlog
 import trio
@@ -27,6 +28,7 @@ from actors.session.runner import end_session, open_session, run_session
 from actors.session.state import SessionState
 from actors.status import LiveSession
 from runtime.memory_transport import CLOSE_NORMAL, MemoryClient, MemoryTransport, memory_pair
+from runtime.supervision import Supervisor, run_root
 
 __all__ = ["MemorySession", "memory_session"]
 
@@ -62,6 +64,9 @@ async def memory_session(
     :class:`~actors.persistence.StorageUnavailable` if storage refuses it), run it in a task
     of this context, and on leaving close the client's side and wait for the session's
     recorded end. Cancelling the context cancels the session as a shutdown would.
+
+    The session's actor is a child of ``services.sessions``, or, without one (no node), of
+    a sessions supervisor of its own, run at ``/root/sessions`` for this context's duration.
     """
     state = await open_session(
         services,
@@ -72,16 +77,28 @@ async def memory_session(
     transport, client = memory_pair()
     session = MemorySession(client, state)
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_run, services, session, transport)
+        supervisor = services.sessions
+        stop_own: trio.Event | None = None
+        if supervisor is None:
+            supervisor, stop_own = Supervisor(concurrent_shutdown=True), trio.Event()
+            await nursery.start(
+                partial(run_root, supervisor, name="root/sessions", stop_requested=stop_own)
+            )
+        nursery.start_soon(_run, services, session, transport, supervisor)
         try:
             yield session
         finally:
             await client.aclose()
             await session.ended.wait()
+            if stop_own is not None:
+                stop_own.set()
 
 
 async def _run(
-    services: SessionServices, session: MemorySession, transport: MemoryTransport
+    services: SessionServices,
+    session: MemorySession,
+    transport: MemoryTransport,
+    supervisor: Supervisor,
 ) -> None:
     state = session.state
     try:
@@ -95,6 +112,7 @@ async def _run(
                     state.session_id, state.identity, LiveSession(state, ref), transport.close
                 ).session
             ),
+            supervisor=supervisor,
         )
     except Exception:
         # Contained as the sessions supervisor contains a WebSocket session's failure.

@@ -1,4 +1,5 @@
-"""A session run over any transport: its reader, and its actor under a restart loop.
+"""A session run over any transport: its reader, and its actor, a dynamic child of the
+sessions supervisor.
 
 The transport (``lifecycle`` for WebSocket, ``memory`` in memory, Streamable HTTP next)
 gives a :class:`~runtime.connection.Connection` and a :data:`~runtime.connection.Receive`,
@@ -6,14 +7,19 @@ runs its own tasks (a writer, a watchdog) beside :func:`run_session`, and decide
 dropped connection means (parking for resume is WebSocket's). Nothing here knows the
 transport, so a new one needs no change here.
 
-Tasks (all in :func:`run_session`'s nursery, which owns them): the reader
-(:func:`~actors.session.reader.pump`) and the session actor under a one-child supervisor with
-OTP ``transient`` semantics: a crash is restarted over the same :class:`SessionState` and
-mailbox, unless more than ``max_restarts`` crashes fall within ``restart_period`` seconds,
-in which case the session gives up (:class:`~runtime.supervision.SupervisorGaveUp`, raised
-to the transport, which closes its connection: 1011 on WebSocket). The reader's end is the
-session's: its actor and running tool calls are cancelled, since nobody could receive their
-answers, and the mailbox is closed (what is left in it becomes dead letters).
+Tasks: the reader (:func:`~actors.session.reader.pump`, in :func:`run_session`'s nursery
+with a watcher of the actor's handle) and the session actor, started by
+:func:`run_session` as a dynamic child of the sessions supervisor (``/root/sessions``, a
+:class:`~runtime.supervision.Supervisor`; docs/supervision.md): ``transient``, with the
+session's own intensity (``max_restarts`` within ``restart_period`` seconds,
+:class:`~runtime.supervision.Intensity`). A crash is restarted by that supervisor over the
+same :class:`SessionState` and mailbox (logged ``session.actor_restarted``); one crash too
+many gives the session up alone (``child.gave_up``): :class:`~runtime.supervision.
+SupervisorGaveUp` is raised to the transport, which closes its connection (1011 on
+WebSocket), while the supervisor, whose own intensity is never charged, and every other
+session go on. The reader's end is the session's: its actor and running tool calls are
+cancelled (``terminate_child``; ``shutdown=0``, OTP ``brutal_kill``), since nobody could
+receive their answers, and the mailbox is closed (what is left in it becomes dead letters).
 
 A session's rows: :func:`open_session` before it first runs (the ``sessions`` row, awaited:
 a session the database does not know is refused), :func:`end_session` once it is over for
@@ -22,6 +28,7 @@ good (closed with its totals, logged as ``session.closed``), whatever the transp
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -40,8 +47,18 @@ from runtime.actor import close_mailbox, run_actor
 from runtime.budget import ByteBudget
 from runtime.connection import Connection, ConnectionGone, Receive
 from runtime.mailbox import ActorRef, Inbox, open_mailbox
-from runtime.supervision.errors import SupervisorGaveUp
-from runtime.supervision.intensity import RestartIntensity
+from runtime.supervision import (
+    ChildContext,
+    ChildHandle,
+    ChildSpec,
+    ExitReason,
+    Intensity,
+    Restart,
+    Supervisor,
+    SupervisorGaveUp,
+    SupervisorNotRunning,
+    UnknownChild,
+)
 from storage.rows import SessionClose, SessionRow
 
 __all__ = ["Attach", "end_session", "open_session", "record_end", "run_session"]
@@ -80,15 +97,18 @@ async def run_session(
     receive: Receive,
     *,
     attach: Attach,
+    supervisor: Supervisor,
 ) -> None:
-    """Run the session over ``connection`` until its reader ends (see the module doc).
+    """Run the session over ``connection`` until its reader ends (see the module doc), its
+    actor a child of ``supervisor`` (running: else :class:`SupervisorNotRunning`).
 
     Returns when the peer has gone plainly (``ConnectionGone``), the session closed the
     connection itself (a frame it refuses), or the connection stopped being writable for
     good. Raises what ``receive`` raises when the peer goes, and
     :class:`~runtime.supervision.SupervisorGaveUp`, each inside an exception group.
     """
-    path = f"/root/sessions/{state.session_id}"
+    session_id = state.session_id
+    path = f"{supervisor.path}/{session_id}"
     bounds = services.bounds
     ref: ActorRef[Message]
     inbox: Inbox[Message]
@@ -100,28 +120,36 @@ async def run_session(
     try:
         live = attach(ref)
         postmarks = trace.Postmarks()
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(
-                partial(
-                    _supervise_actor,
-                    services,
-                    state,
-                    connection,
-                    inbox,
-                    live=live,
+        actor = partial(_actor, services, state, connection, inbox, live=live, postmarks=postmarks)
+        handle = await supervisor.start_child(
+            ChildSpec(
+                session_id,
+                actor,
+                restart=Restart.TRANSIENT,
+                shutdown=0,
+                intensity=Intensity(services.max_restarts, services.restart_period),
+            )
+        )
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_follow_actor, handle, nursery.cancel_scope, services)
+                await pump(
+                    receive,
+                    ref,
+                    connection=connection,
+                    state=state,
+                    limits=ReaderLimits(services.max_message_bytes, bounds.max_batch),
                     postmarks=postmarks,
+                    meter=live.meter,
                 )
-            )
-            await pump(
-                receive,
-                ref,
-                connection=connection,
-                state=state,
-                limits=ReaderLimits(services.max_message_bytes, bounds.max_batch),
-                postmarks=postmarks,
-                meter=live.meter,
-            )
-            nursery.cancel_scope.cancel()
+                nursery.cancel_scope.cancel()
+        finally:
+            # Shielded: a cancelled session must not leave its actor behind.
+            with (
+                trio.CancelScope(shield=True),
+                contextlib.suppress(UnknownChild, SupervisorNotRunning),
+            ):
+                await supervisor.terminate_child(session_id)
     except* ConnectionGone:
         # A call that found the connection gone while the session was being cancelled (a
         # tool sending progress, say): the connection going away is the end, not a crash.
@@ -177,45 +205,58 @@ async def record_end(
     )
 
 
-async def _supervise_actor(
+async def _actor(
     services: SessionServices,
     state: SessionState,
     connection: Connection,
     inbox: Inbox[Message],
+    ctx: ChildContext,
     *,
     live: LiveSession,
     postmarks: trace.Postmarks,
 ) -> None:
-    """The session actor's restart loop (OTP ``transient``: a normal end is not restarted)."""
-    intensity = RestartIntensity(services.max_restarts, services.restart_period)
-    path = f"/root/sessions/{state.session_id}"
-    while True:
-        actor = SessionActor(
-            state,
-            connection,
-            services.tools,
-            services.persistence,
-            services.config,
-            mailbox=live.mailbox,
-            postmarks=postmarks,
-            meter=live.meter,
+    """One incarnation of the session actor: the start function of its child spec.
+
+    Returns (a normal exit: ``transient``, so not restarted) once its mailbox is closed and
+    drained, or when the connection is going away; raises on a crash, which its supervisor
+    restarts within the session's intensity (``ctx.last_error`` is that crash)."""
+    error = ctx.last_error
+    if error is not None:
+        live.restarted(error)
+        log.warning(
+            "session.actor_restarted",
+            session_id=state.session_id,
+            path=ctx.path,
+            error=repr(error),
+            exc_info=error,
         )
-        try:
-            await run_actor(actor, inbox)
-        except ConnectionGone:
-            return  # the connection is going away: not a crash, the end
-        except Exception as error:
-            if not intensity.allow(trio.current_time()):
-                raise SupervisorGaveUp(
-                    path, "actor", services.max_restarts, services.restart_period
-                ) from error
-            live.restarted(error)
-            log.warning(
-                "session.actor_restarted",
-                session_id=state.session_id,
-                path=path,
-                error=repr(error),
-                exc_info=error,
-            )
-        else:
-            return  # mailbox closed and drained: the session is over
+    actor = SessionActor(
+        state,
+        connection,
+        services.tools,
+        services.persistence,
+        services.config,
+        mailbox=live.mailbox,
+        postmarks=postmarks,
+        meter=live.meter,
+    )
+    ctx.started()
+    try:
+        await run_actor(actor, inbox)
+    except ConnectionGone:
+        return  # the connection is going away: not a crash, the end
+
+
+async def _follow_actor(
+    handle: ChildHandle, session: trio.CancelScope, services: SessionServices
+) -> None:
+    """Watch the actor's handle from the session's nursery: an actor that gave up ends the
+    session with :class:`SupervisorGaveUp` (the transport closes 1011); one its supervisor
+    stopped (the node is stopping) ends it too; a normal end leaves the reader to finish."""
+    exit = await handle.wait()
+    if exit.reason is ExitReason.GAVE_UP:
+        raise SupervisorGaveUp(
+            handle.path, "actor", services.max_restarts, services.restart_period
+        ) from exit.error
+    if exit.reason is ExitReason.STOPPED:
+        session.cancel()
