@@ -308,6 +308,9 @@ class NodeStatusSource:
             )
         for registered in sorted(self._registry, key=lambda e: e.session_id):
             session = registered.session
+            # Re-inserted, so that sessions are siblings in id order, whatever their actors'
+            # start order under the sessions supervisor (parked ones have no actor).
+            found.pop(session.path, None)
             found[session.path] = {
                 "kind": "session",
                 "state": "detached" if registered.phase is SessionPhase.PARKED else "running",
