@@ -1,10 +1,14 @@
-"""The WebSocket endpoint ``ws://HOST:PORT/mcp`` and the sessions supervisor that owns sessions.
+"""The WebSocket endpoint ``ws://HOST:PORT/mcp``, and :class:`Sessions`: its connections'
+sessions, contained, counted, refused and drained.
 
 Nothing one connection does reaches another: the accept loop is our own
 (:mod:`runtime.listener`), each connection runs contained in its own task and nursery (with
 trio-websocket's reader task), and a session runs inside :meth:`Sessions.run`, which is the one
 place a session's failure stops: it is logged once with the session id, and only that socket is
-closed (1011). The listener and the other sessions never see it.
+closed (1011). The listener and the other sessions never see it. (The session's actor is a
+child of the sessions supervisor, ``/root/sessions``, which the session host starts it under:
+docs/supervision.md.) Which sessions exist is the node's session registry
+(:mod:`runtime.session_registry`), read here through :class:`SessionTable`.
 
 The port also answers ``GET /healthz`` and ``GET /readyz`` (:mod:`runtime.http_dispatch`).
 

@@ -121,6 +121,27 @@ async def test_cancelling_a_waiter_leaves_the_child_alone(
     assert handle.exit == ChildExit(ExitReason.STOPPED)
 
 
+async def test_on_exit_is_called_once_with_the_exit_even_when_registered_late(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    seen: list[ChildExit] = []
+    sup = Supervisor()
+    async with running(sup):
+        handle = await sup.start_child(ChildSpec("c", until_stopped, restart=Restart.TRANSIENT))
+        handle.on_exit(seen.append)
+        with pytest.raises(RuntimeError, match="already has"):
+            handle.on_exit(seen.append)
+        assert seen == []
+        await sup.terminate_child("c")
+        assert seen == [ChildExit(ExitReason.STOPPED)]
+        late: list[ChildExit] = []
+        ended = await sup.start_child(ChildSpec("d", until_stopped, restart=Restart.TEMPORARY))
+        await sup.terminate_child("d")
+        ended.on_exit(late.append)  # already gone: called at once
+        assert late == [ChildExit(ExitReason.STOPPED)]
+    assert seen == [ChildExit(ExitReason.STOPPED)]  # once
+
+
 async def test_a_child_failing_to_start_gets_no_handle(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

@@ -7,8 +7,8 @@ runs its own tasks (a writer, a watchdog) beside :func:`run_session`, and decide
 dropped connection means (parking for resume is WebSocket's). Nothing here knows the
 transport, so a new one needs no change here.
 
-Tasks: the reader (:func:`~actors.session.reader.pump`, in :func:`run_session`'s nursery
-with a watcher of the actor's handle) and the session actor, started by
+Tasks: the reader (:func:`~actors.session.reader.pump`, run by :func:`run_session`, which
+follows the actor's handle through a callback) and the session actor, started by
 :func:`run_session` as a dynamic child of the sessions supervisor (``/root/sessions``, a
 :class:`~runtime.supervision.Supervisor`; docs/supervision.md): ``transient``, with the
 session's own intensity (``max_restarts`` within ``restart_period`` seconds,
@@ -49,7 +49,7 @@ from runtime.connection import Connection, ConnectionGone, Receive
 from runtime.mailbox import ActorRef, Inbox, open_mailbox
 from runtime.supervision import (
     ChildContext,
-    ChildHandle,
+    ChildExit,
     ChildSpec,
     ExitReason,
     Intensity,
@@ -105,7 +105,7 @@ async def run_session(
     Returns when the peer has gone plainly (``ConnectionGone``), the session closed the
     connection itself (a frame it refuses), or the connection stopped being writable for
     good. Raises what ``receive`` raises when the peer goes, and
-    :class:`~runtime.supervision.SupervisorGaveUp`, each inside an exception group.
+    :class:`~runtime.supervision.SupervisorGaveUp`, bare or inside an exception group.
     """
     session_id = state.session_id
     path = f"{supervisor.path}/{session_id}"
@@ -131,8 +131,9 @@ async def run_session(
             )
         )
         try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(_follow_actor, handle, nursery.cancel_scope, services)
+            with trio.CancelScope() as reading:
+                follower = _ActorFollower(reading)
+                handle.on_exit(follower)
                 await pump(
                     receive,
                     ref,
@@ -142,7 +143,10 @@ async def run_session(
                     postmarks=postmarks,
                     meter=live.meter,
                 )
-                nursery.cancel_scope.cancel()
+            if follower.gave_up is not None:
+                raise SupervisorGaveUp(
+                    handle.path, "actor", services.max_restarts, services.restart_period
+                ) from follower.gave_up.error
         finally:
             # Shielded: a cancelled session must not leave its actor behind.
             with (
@@ -247,16 +251,21 @@ async def _actor(
         return  # the connection is going away: not a crash, the end
 
 
-async def _follow_actor(
-    handle: ChildHandle, session: trio.CancelScope, services: SessionServices
-) -> None:
-    """Watch the actor's handle from the session's nursery: an actor that gave up ends the
-    session with :class:`SupervisorGaveUp` (the transport closes 1011); one its supervisor
-    stopped (the node is stopping) ends it too; a normal end leaves the reader to finish."""
-    exit = await handle.wait()
-    if exit.reason is ExitReason.GAVE_UP:
-        raise SupervisorGaveUp(
-            handle.path, "actor", services.max_restarts, services.restart_period
-        ) from exit.error
-    if exit.reason is ExitReason.STOPPED:
-        session.cancel()
+class _ActorFollower:
+    """The actor's ``on_exit`` (its handle's, called by the supervisor; a callback, not a task
+    per session): an actor that gave up, or that its supervisor stopped (the node is
+    stopping), ends the reading, and :func:`run_session` then raises
+    :class:`SupervisorGaveUp` for the first (the transport closes 1011). A normal end (its
+    mailbox closed, or the connection going away) leaves the reader to finish."""
+
+    __slots__ = ("gave_up", "reading")
+
+    def __init__(self, reading: trio.CancelScope) -> None:
+        self.reading = reading
+        self.gave_up: ChildExit | None = None
+
+    def __call__(self, exit: ChildExit) -> None:
+        if exit.reason is ExitReason.GAVE_UP:
+            self.gave_up = exit
+        if exit.reason is not ExitReason.NORMAL:
+            self.reading.cancel()

@@ -9,6 +9,7 @@ only restarting it.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import trio
@@ -41,17 +42,20 @@ class ChildExit:
 class ChildHandle:
     """The starter's view of one dynamic child (see the module docstring). Trio thread only.
 
-    Costs one :class:`trio.Event`; waiting on it never affects the child, and cancelling a
-    waiter cancels only the wait.
+    Costs a few slots: the event :meth:`wait` needs is made only when someone waits, and a
+    starter that would rather not spend a task waiting registers one :meth:`on_exit`
+    function instead. Waiting never affects the child; cancelling a waiter cancels only the
+    wait.
     """
 
-    __slots__ = ("_ended", "_exit", "id", "path")
+    __slots__ = ("_ended", "_exit", "_on_exit", "id", "path")
 
     def __init__(self, id: str, path: str) -> None:
         self.id = id
         self.path = path
-        self._ended = trio.Event()
+        self._ended: trio.Event | None = None
         self._exit: ChildExit | None = None
+        self._on_exit: Callable[[ChildExit], None] | None = None
 
     @property
     def exit(self) -> ChildExit | None:
@@ -60,12 +64,30 @@ class ChildHandle:
 
     async def wait(self) -> ChildExit:
         """Wait until the child has left its supervisor for good; return how it ended."""
-        await self._ended.wait()
+        if self._exit is None:
+            if self._ended is None:
+                self._ended = trio.Event()
+            await self._ended.wait()
         assert self._exit is not None
         return self._exit
 
+    def on_exit(self, function: Callable[[ChildExit], None]) -> None:
+        """Call ``function(exit)`` once the child has left for good, from the supervisor's
+        task (at once if it already has). It must not block or raise: a starter uses it to
+        cancel a scope or set an event. One function per handle (``RuntimeError`` for a
+        second)."""
+        if self._on_exit is not None:
+            raise RuntimeError(f"child {self.path} already has an on_exit function")
+        self._on_exit = function
+        if self._exit is not None:
+            function(self._exit)
+
     def _end(self, exit: ChildExit) -> None:
         """Called by the supervisor, once; later calls are ignored (the first reason holds)."""
-        if self._exit is None:
-            self._exit = exit
+        if self._exit is not None:
+            return
+        self._exit = exit
+        if self._ended is not None:
             self._ended.set()
+        if self._on_exit is not None:
+            self._on_exit(exit)
