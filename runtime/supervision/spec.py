@@ -58,11 +58,11 @@ class ChildContext:
     __slots__ = (
         "_on_started",
         "_started",
+        "_stop_requested",
         "id",
         "last_error",
         "path",
         "restarts",
-        "stop_requested",
     )
 
     def __init__(
@@ -84,11 +84,19 @@ class ChildContext:
         self.last_error = last_error
         """The exception that ended this child's previous run, when that crash is why it is
         being started again; ``None`` at its first start and after a normal exit."""
-        self.stop_requested = stop_requested if stop_requested is not None else trio.Event()
-        """Set when the supervisor asks the child to stop gracefully. The child should return
-        soon after; once the spec's ``shutdown`` grace period has passed it is cancelled."""
+        # Made on first use: a child that never looks at it (a session's actor, stopped by
+        # cancellation) costs no event.
+        self._stop_requested = stop_requested
         self._on_started = on_started
         self._started = False
+
+    @property
+    def stop_requested(self) -> trio.Event:
+        """Set when the supervisor asks the child to stop gracefully. The child should return
+        soon after; once the spec's ``shutdown`` grace period has passed it is cancelled."""
+        if self._stop_requested is None:
+            self._stop_requested = trio.Event()
+        return self._stop_requested
 
     @property
     def has_started(self) -> bool:

@@ -102,7 +102,17 @@ class _Child:
 class _Run:
     """One start of one child: its context, its cancel scope and how it ended."""
 
-    __slots__ = ("child", "ctx", "error", "finished", "ready", "scope", "stop_reason", "stopping")
+    __slots__ = (
+        "_finished",
+        "child",
+        "ctx",
+        "done",
+        "error",
+        "ready",
+        "scope",
+        "stop_reason",
+        "stopping",
+    )
 
     def __init__(self, child: _Child, cause: Exception | None) -> None:
         self.child = child
@@ -116,12 +126,24 @@ class _Run:
         # Shielded so that only the supervisor cancels it: see the module docstring.
         self.scope = trio.CancelScope(shield=True)
         self.ready = trio.Event()  # set by ctx.started(), or when the run ends without it
-        self.finished = trio.Event()
+        self.done = False  # the run's task has ended
+        self._finished: trio.Event | None = None  # made only for someone who waits
         self.error: Exception | None = None
         # Set by the supervisor before it stops this run, so the run's end is not mistaken
         # for a failure to react to.
         self.stopping = False
         self.stop_reason = "shutdown"
+
+    def finish(self) -> None:
+        self.done = True
+        if self._finished is not None:
+            self._finished.set()
+
+    async def wait_finished(self) -> None:
+        if not self.done:
+            if self._finished is None:
+                self._finished = trio.Event()
+            await self._finished.wait()
 
     def _on_started(self) -> None:
         if not self.stopping:
@@ -511,7 +533,7 @@ class Supervisor:
             child.last_error = repr(exc)
         finally:
             self._runs.discard(run)
-            run.finished.set()
+            run.finish()
             run.ready.set()
         if not run.stopping:
             child.state = ChildState.STOPPED
@@ -570,7 +592,7 @@ class Supervisor:
         try:
             for child in children:
                 run = child.run
-                if run is None or run.finished.is_set():
+                if run is None or run.done:
                     child.state = ChildState.STOPPED
                     continue
                 run.stopping = True
@@ -585,19 +607,19 @@ class Supervisor:
             # Waiting in deadline order keeps every child within its own grace period.
             pending.sort(key=lambda item: item[0])
             for deadline, _, run in pending:
-                if not run.finished.is_set():
+                if not run.done:
                     with trio.move_on_at(deadline):
-                        await run.finished.wait()
-                if not run.finished.is_set():
+                        await run.wait_finished()
+                if not run.done:
                     run.stop_reason = "killed"
                     run.scope.cancel()
             for _, child, run in pending:
-                if not run.finished.is_set():
-                    await run.finished.wait()
+                if not run.done:
+                    await run.wait_finished()
                 child.state = ChildState.STOPPED
         finally:
             for _, _, run in pending:
-                if not run.finished.is_set():
+                if not run.done:
                     run.stop_reason = "cancelled"
                     run.scope.cancel()
 
