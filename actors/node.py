@@ -13,8 +13,10 @@ used after what it depends on has gone:
    (the trio side's timer: journal fsyncs, activity sync, heartbeats), ``rate_limiter`` (the
    pykka actor every upstream call asks first, reached through an :class:`ActorName`, with its
    pacer), ``providers`` (one HTTP client
-   per configured upstream; none is fine: ``chat`` then says how to configure one), and
-   ``sessions`` (the WebSocket listener with the sessions supervisor);
+   per configured upstream; none is fine: ``chat`` then says how to configure one),
+   ``admin`` (``/status``, ``/metrics``), ``sessions`` (the sessions supervisor: each
+   session's actor is its dynamic child, docs/supervision.md) and ``listener`` (the WebSocket
+   listener, which starts sessions, and the reaper of parked ones);
 3. ``server.json`` and the one line announcing the URL.
 
 Before all of it, the configuration (flags, ``EXAI_*``, the ``EXAI_CONFIG`` file with its
@@ -25,10 +27,11 @@ locked the state dir: ``runtime/statefile.py``.) A cause that stops the start la
 itself to the CLI, which prints its one line.
 
 On SIGINT or SIGTERM the root is asked to stop (never cancelled, so every child gets its grace
-period): ``sessions`` drains (``/readyz`` answers 503 and new sessions are refused; each
+period): ``listener`` drains (``/readyz`` answers 503 and new sessions are refused; each
 session is closed with 1001 once its calls in flight are answered, and those still running
 after ``EXAI_DRAIN_TIMEOUT`` seconds, or at once on a second signal, are cancelled; each
-session records its end and is forgotten by the rate limiter), ``providers`` closes its HTTP
+session records its end and is forgotten by the rate limiter), ``sessions`` stops with no
+child left, ``admin`` stops, ``providers`` closes its HTTP
 clients, ``rate_limiter`` refuses whatever still waits, ``persistence_pulse`` flushes what is
 buffered, ``persistence`` stops behind every write already sent. Then the read pool of
 threads and the journal are closed and the embedded Postgres stopped. A root that gives up
@@ -58,7 +61,7 @@ from actors.persistence import PersistenceActor, PersistenceClient, PersistenceC
 from actors.providers import UpstreamConfig, UpstreamConfigError, load_upstream, open_providers
 from actors.rate_limiter import RateLimiterActor, supervised_rate_limiter
 from actors.session import SessionBounds, SessionConfig, SessionLifecycle, SessionServices
-from actors.status import NodeStatusSource, SessionDirectory
+from actors.status import LiveSession, NodeStatusSource
 from actors.tools import builtin_tools
 from runtime.actor import sole_exception
 from runtime.admin import serve_admin
@@ -81,6 +84,7 @@ from runtime.logs import register_secret
 from runtime.mcp.versions import SUPPORTED_VERSIONS
 from runtime.pykka_supervision import ActorName, pykka_child
 from runtime.server import McpWebSocketServer, Sessions, listener_status
+from runtime.session_registry import SessionPhase, SessionRegistry
 from runtime.statefile import ServerInfo, remove_server_info, write_server_info
 from runtime.supervision import ChildContext, ChildSpec, Strategy, Supervisor, run_root
 from storage.connection import DatabaseTarget, check_database
@@ -364,11 +368,17 @@ class _Tree:
             limits=config.file.chat,
         )
         persistence_config = PersistenceConfig()
-        self.directory = SessionDirectory()
+        #: Every session of the node: what status, resume and the drain read.
+        self.registry: SessionRegistry[LiveSession] = SessionRegistry(settings.resume_grace)
         self.database_ready = _DatabaseProbe(self.persistence)
         #: Set by the first SIGINT/SIGTERM: the tree is asked to stop, and the sessions drain.
         self.stop_requested = stop_requested
-        self.sessions = Sessions(max_sessions=settings.max_sessions)
+        self.sessions = Sessions(self.registry, max_sessions=settings.max_sessions)
+        #: ``/root/sessions``: every session's actor is its dynamic child (``transient``, with
+        #: the session's own intensity, so a crash-looping session gives up alone and this
+        #: supervisor's own intensity is never charged). Concurrent shutdown: thousands of
+        #: interchangeable children (OTP ``simple_one_for_one``).
+        self.sessions_supervisor = Supervisor(concurrent_shutdown=True)
         # The listener's admission and counters outlive restarts of the sessions child.
         self.admission = HandshakeAdmission(
             max_total=settings.max_handshakes,
@@ -404,10 +414,11 @@ class _Tree:
             max_restarts=settings.session_max_restarts,
             restart_period=settings.session_restart_period,
             session_ended=self.upstream.session_ended,
-            directory=self.directory,
+            registry=self.registry,
+            sessions=self.sessions_supervisor,
             bounds=bounds,
         )
-        self.lifecycle = SessionLifecycle(self.services, resume_grace=settings.resume_grace)
+        self.lifecycle = SessionLifecycle(self.services)
         self.root = Supervisor(
             [
                 ChildSpec(
@@ -427,7 +438,10 @@ class _Tree:
                 ChildSpec("rate_limiter", rate_limiter, shutdown=10),
                 ChildSpec("providers", self._providers, shutdown=10),
                 ChildSpec("admin", self._admin, shutdown=5),
-                ChildSpec("sessions", self._sessions, shutdown=None),
+                # Before the listener, which starts its children: stopped after the listener
+                # has drained every session (reverse start order).
+                self.sessions_supervisor.child_spec("sessions"),
+                ChildSpec("listener", self._listener, shutdown=None),
             ],
             strategy=Strategy.ONE_FOR_ONE,
             max_restarts=settings.root_max_restarts,
@@ -437,12 +451,11 @@ class _Tree:
             node_id=node_id,
             sessions=self.sessions,
             url=lambda: self.url,
-            directory=self.directory,
-            detached=self.lifecycle.resumable,
+            registry=self.registry,
             persistence=self.persistence,
             limiter=lambda: self.upstream.limiter,
             breakers=self._breakers,
-            supervisors=[self.root],
+            supervisors=[self.root, self.sessions_supervisor],
             pykka_actors={
                 "/root/persistence": self.persistence_name,
                 "/root/rate_limiter": self.limiter_name,
@@ -488,11 +501,12 @@ class _Tree:
             finally:
                 self.upstream.providers = None
 
-    async def _sessions(self, ctx: ChildContext) -> None:
-        """The listener and every session. A restart binds the same address again."""
+    async def _listener(self, ctx: ChildContext) -> None:
+        """The WebSocket listener, every connection, and the reaper of parked sessions; on
+        stop, the drain. A restart binds the same address again."""
         settings = self.settings
-        resumable = self.lifecycle.resumable
-        resumable.parking = True
+        registry = self.registry
+        registry.parking = True
         server = McpWebSocketServer(
             host=settings.host,
             port=settings.port,
@@ -503,7 +517,7 @@ class _Tree:
             handshake_timeout=settings.handshake_timeout,
             admission=self.admission,
             drain_timeout=settings.drain_timeout,
-            work=_SessionWork(self.directory),
+            work=_SessionWork(self.registry),
             database_ready=self.database_ready,
             ping_interval=settings.ws_ping_interval,
             ping_timeout=settings.ws_ping_timeout,
@@ -511,7 +525,7 @@ class _Tree:
         )
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(resumable.run)
+                nursery.start_soon(registry.run)  # the reaper of parked sessions
                 async with trio.open_nursery() as serving:
                     await serving.start(server.run)
                     self._announce(server.url)
@@ -522,7 +536,7 @@ class _Tree:
                         # asked for a stop: what the calls in flight need may be gone, so
                         # none is waited for.
                         self.sessions.cut_drain_short()
-                    resumable.parking = False  # sessions closed by us are over, not parked
+                    registry.parking = False  # sessions closed by us are over, not parked
                     remove_server_info(settings.server_file)
                     server.stop()
                 # server.run has returned: every session has ended; the reaper's work is done.
@@ -534,7 +548,7 @@ class _Tree:
                 # error itself (logged without a traceback), not the nurseries' wrapping.
                 raise error from error.__cause__
             raise
-        await resumable.expire_all()
+        await registry.expire_all()
 
     def _announce(self, url: str) -> None:
         settings = self.settings
@@ -581,27 +595,25 @@ async def _stop_on_signal(
 
 class _SessionWork:
     """What the drain of :mod:`runtime.server` asks of the sessions (its ``SessionWork``),
-    read from the session directory."""
+    read from the session registry."""
 
-    def __init__(self, directory: SessionDirectory) -> None:
-        self._directory = directory
+    def __init__(self, registry: SessionRegistry[LiveSession]) -> None:
+        self._registry = registry
 
     def pending(self, session_id: str) -> bool:
-        live = self._directory.get(session_id)
-        if live is None:
+        entry = self._registry.get(session_id)
+        if entry is None:
             return False
-        state = live.state
+        live = entry.session
         unwritten = live.outbox is not None and len(live.outbox) > 0
-        return bool(state.queued or state.calls or state.handling) or unwritten
+        return live.state.has_pending() or unwritten
 
     def cancel_all(self) -> int:
         cancelled = 0
-        for live in self._directory:
-            if live.mailbox is None:
+        for entry in self._registry:
+            if entry.phase is not SessionPhase.ATTACHED:
                 continue  # parked: its calls ended with its socket
-            for request_id in list(live.state.calls):
-                live.state.cancel(request_id)
-                cancelled += 1
+            cancelled += entry.session.state.cancel_calls()
         return cancelled
 
 

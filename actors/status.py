@@ -7,10 +7,10 @@ stale. Two parts are pykka actors that must be *asked*: each ask is bounded by
 ``ask_timeout`` and a part that does not answer in time is reported in ``problems`` instead of
 hanging the status command, which is when an operator needs it most.
 
-Sessions are not visible from outside their own tasks, so the session lifecycle registers each
-one in a :class:`SessionDirectory`: attached on connect, detached while parked for resume,
-removed at its end; its actor counts restarts on the :class:`LiveSession` and messages on the
-:class:`~runtime.trace.Meter` it passes to :func:`runtime.trace.handling`.
+Sessions are read from the node's one session registry (:mod:`runtime.session_registry`),
+which the session lifecycle keeps: each entry's phase (attached, parked) and its
+:class:`LiveSession`, on which its actor counts restarts and, on the
+:class:`~runtime.trace.Meter` it passes to :func:`runtime.trace.handling`, messages.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import contextlib
 import os
 import queue
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Sized
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import metadata
@@ -36,6 +36,7 @@ from runtime.mcp.versions import SUPPORTED_VERSIONS
 from runtime.outbox import Outbox
 from runtime.pykka_supervision import ActorName
 from runtime.server import Sessions
+from runtime.session_registry import SessionEntry, SessionPhase, SessionRegistry
 from runtime.status_model import (
     ActorState,
     ActorStatus,
@@ -55,7 +56,7 @@ from runtime.trace import Meter
 if TYPE_CHECKING:  # at run time these would import the session package, which imports us
     from actors.persistence import PersistenceClient
     from actors.rate_limiter import RateLimiter, SessionUsage
-    from actors.session.actor import SessionState
+    from actors.session.state import SessionState
 
 ROOT = "/root"
 SESSIONS = "/root/sessions"
@@ -71,16 +72,15 @@ def _version() -> str:
 
 @dataclass(eq=False, slots=True)
 class LiveSession:
-    """One session as the status command sees it; lives from connect to the session's end,
-    across resumes (a resumed session continues the same entry)."""
+    """What the node keeps of one session in its registry (the ``S`` of
+    :class:`~runtime.session_registry.SessionRegistry`); lives from connect to the session's
+    end, across resumes (a resumed session continues the same one)."""
 
     state: SessionState
     mailbox: ActorRef[Any] | None
-    """``None`` while detached: its mailbox went with its socket."""
+    """``None`` while parked: its mailbox went with its socket."""
     outbox: Outbox | None = None
-    """Its outgoing queue; ``None`` while detached."""
-    opened_at: float = field(default_factory=time.monotonic)
-    attached_at: float = field(default_factory=time.monotonic)
+    """Its outgoing queue; ``None`` while parked."""
     meter: Meter = field(default_factory=Meter)
     restarts: int = 0
     last_error: str | None = None
@@ -95,54 +95,13 @@ class LiveSession:
         self.last_error = repr(error)
 
 
-class SessionDirectory:
-    """Every session of this node, attached or parked. Trio thread only."""
-
-    def __init__(self) -> None:
-        self._sessions: dict[str, LiveSession] = {}
-
-    def attach(
-        self, state: SessionState, mailbox: ActorRef[Any], outbox: Outbox | None = None
-    ) -> LiveSession:
-        """A connection runs the session now (new, or resumed: the entry is kept)."""
-        entry = self._sessions.get(state.session_id)
-        if entry is None:
-            entry = self._sessions[state.session_id] = LiveSession(state, mailbox, outbox)
-        else:
-            entry.state = state
-            entry.mailbox = mailbox
-            entry.outbox = outbox
-            entry.attached_at = time.monotonic()
-        return entry
-
-    def detach(self, session_id: str) -> None:
-        """Its socket dropped and it is parked for resume."""
-        entry = self._sessions.get(session_id)
-        if entry is not None:
-            entry.mailbox = None
-            entry.outbox = None
-
-    def remove(self, session_id: str) -> None:
-        """The session is over for good."""
-        self._sessions.pop(session_id, None)
-
-    def get(self, session_id: str) -> LiveSession | None:
-        return self._sessions.get(session_id)
-
-    def __iter__(self) -> Iterator[LiveSession]:
-        return iter(list(self._sessions.values()))
-
-    def __len__(self) -> int:
-        return len(self._sessions)
-
-
 PykkaActor = ActorName[Any] | pykka.ActorRef[Any]
 
 
 class NodeStatusSource:
     """Builds a :class:`NodeStatus` from the node's parts; see the module doc.
 
-    Everything but ``node_id``, ``sessions``, ``url`` and ``directory`` is optional, because
+    Everything but ``node_id``, ``sessions``, ``url`` and ``registry`` is optional, because
     the parts arrive with their issues; a part not given is simply absent from the snapshot.
     ``url``, ``limiter`` and ``breakers`` are asked at each snapshot: those parts come and go
     with the root's children (a restarted child brings a new one).
@@ -154,8 +113,7 @@ class NodeStatusSource:
         node_id: str,
         sessions: Sessions,
         url: Callable[[], str | None],
-        directory: SessionDirectory,
-        detached: Sized | None = None,
+        registry: SessionRegistry[LiveSession],
         persistence: PersistenceClient | None = None,
         limiter: Callable[[], RateLimiter | None] | None = None,
         breakers: Callable[[], Iterable[CircuitBreaker | BreakerSnapshot]] | None = None,
@@ -171,8 +129,7 @@ class NodeStatusSource:
         self._node_id = node_id
         self._sessions = sessions
         self._url = url
-        self._directory = directory
-        self._detached = detached
+        self._registry = registry
         self._persistence = persistence
         self._limiter = limiter
         self._breakers = breakers
@@ -193,9 +150,8 @@ class NodeStatusSource:
         persistence = await self._persistence_status(problems)
         limits, usage = await self._limits(problems)
         actors = self._actors(now)
-        sessions = [self._session(entry, now, usage) for entry in self._directory]
+        sessions = [self._session(entry, now, usage) for entry in self._registry]
         sessions.sort(key=lambda s: s.session_id)
-        live = sum(1 for s in sessions if s.state == "attached")
         slots = self._tool_slots
         node = NodeInfo(
             node_id=self._node_id,
@@ -206,10 +162,8 @@ class NodeStatusSource:
             started_at=self._started_at,
             uptime_s=round(now - self._started, 3),
             protocol_versions=list(SUPPORTED_VERSIONS),
-            sessions_live=len(self._sessions),
-            sessions_detached=(
-                len(self._detached) if self._detached is not None else len(sessions) - live
-            ),
+            sessions_live=self._registry.attached,
+            sessions_detached=self._registry.parked,
             sessions_max=self._sessions.max_sessions,
             tool_calls_in_flight=int(slots.borrowed_tokens)
             if slots is not None
@@ -352,16 +306,20 @@ class NodeStatusSource:
             found.setdefault(path, {"kind": "task", "state": "running"}).update(
                 _meter_view(meter, now)
             )
-        for session in sorted(self._directory, key=lambda s: s.state.session_id):
+        for registered in sorted(self._registry, key=lambda e: e.session_id):
+            session = registered.session
+            # Re-inserted, so that sessions are siblings in id order, whatever their actors'
+            # start order under the sessions supervisor (parked ones have no actor).
+            found.pop(session.path, None)
             found[session.path] = {
                 "kind": "session",
-                "state": "running" if session.mailbox is not None else "detached",
+                "state": "detached" if registered.phase is SessionPhase.PARKED else "running",
                 "mailbox_depth": session.mailbox.depth if session.mailbox is not None else None,
                 "mailbox_capacity": (
                     session.mailbox.capacity if session.mailbox is not None else None
                 ),
                 "restarts": session.restarts,
-                "uptime_s": round(now - session.opened_at, 3),
+                "uptime_s": round(now - registered.opened_at, 3),
                 "last_error": session.last_error,
                 **_meter_view(session.meter, now),
             }
@@ -383,27 +341,28 @@ class NodeStatusSource:
         ]
 
     def _session(
-        self, entry: LiveSession, now: float, usage: Mapping[str, SessionUsage]
+        self, registered: SessionEntry[LiveSession], now: float, usage: Mapping[str, SessionUsage]
     ) -> SessionStatus:
+        entry = registered.session
         state = entry.state
         used = usage.get(state.session_id)
         client = state.client
         last = entry.meter.last_activity
         return SessionStatus(
             session_id=state.session_id,
-            state="attached" if entry.mailbox is not None else "detached",
+            state="detached" if registered.phase is SessionPhase.PARKED else "attached",
             remote=state.remote,
             client_name=client.name if client is not None else None,
             client_version=client.version if client is not None else None,
             protocol_version=state.protocol_version,
             initialized=state.initialized,
-            in_flight=len(state.calls),
+            in_flight=state.in_flight,
             queued=entry.mailbox.depth if entry.mailbox is not None else 0,
             queued_bytes=entry.mailbox.queued_bytes if entry.mailbox is not None else 0,
             outgoing=len(entry.outbox) if entry.outbox is not None else 0,
             outgoing_bytes=entry.outbox.queued_bytes if entry.outbox is not None else 0,
             restarts=entry.restarts,
-            uptime_s=round(now - entry.opened_at, 3),
+            uptime_s=round(now - registered.opened_at, 3),
             last_activity_s=round(now - last, 3) if last is not None else None,
             requests=used.requests if used else 0,
             input_tokens=used.input_tokens if used else 0,

@@ -37,18 +37,13 @@ from collections.abc import Awaitable, Callable
 import trio
 
 from runtime.budget import ByteBudget
+from runtime.connection import ConnectionGone, RequestId, message_size
 
 __all__ = ["Outbox", "OutboxClosed", "message_size"]
 
 
-class OutboxClosed(Exception):
+class OutboxClosed(ConnectionGone):
     """The session's connection is going away: nothing more can be queued for its peer."""
-
-
-def message_size(message: str) -> int:
-    """Bytes of ``message`` in UTF-8, without encoding it when it is ASCII (the usual JSON
-    case: ``str.isascii`` is O(1) on CPython's compact ASCII strings)."""
-    return len(message) if message.isascii() else len(message.encode())
 
 
 class Outbox:
@@ -108,8 +103,10 @@ class Outbox:
         """Room for at least a small message: the reader may read the next frame."""
         return self._admits(1)
 
-    async def put(self, message: str) -> None:
-        """Queue ``message``, waiting while the queue (or the node's) is full.
+    async def put(self, message: str, related_request_id: RequestId | None = None) -> None:
+        """Queue ``message``, waiting while the queue (or the node's) is full. One queue per
+        connection: ``related_request_id`` (see :class:`runtime.connection.Connection`) has
+        no stream to choose, and is taken only so that this *is* the connection's ``send``.
 
         Raises :class:`OutboxClosed` if the connection is going away, before or while waiting.
         """
@@ -120,7 +117,7 @@ class Outbox:
             await self._wait_room(size)
         self._append(message, size)
 
-    def put_nowait(self, message: str) -> None:
+    def put_nowait(self, message: str, related_request_id: RequestId | None = None) -> None:
         """Queue a control message now, whatever the bound (see the module doc).
 
         Raises :class:`OutboxClosed` if the connection is going away.

@@ -1,10 +1,14 @@
-"""The WebSocket endpoint ``ws://HOST:PORT/mcp`` and the sessions supervisor that owns sessions.
+"""The WebSocket endpoint ``ws://HOST:PORT/mcp``, and :class:`Sessions`: its connections'
+sessions, contained, counted, refused and drained.
 
 Nothing one connection does reaches another: the accept loop is our own
 (:mod:`runtime.listener`), each connection runs contained in its own task and nursery (with
 trio-websocket's reader task), and a session runs inside :meth:`Sessions.run`, which is the one
 place a session's failure stops: it is logged once with the session id, and only that socket is
-closed (1011). The listener and the other sessions never see it.
+closed (1011). The listener and the other sessions never see it. (The session's actor is a
+child of the sessions supervisor, ``/root/sessions``, which the session host starts it under:
+docs/supervision.md.) Which sessions exist is the node's session registry
+(:mod:`runtime.session_registry`), read here through :class:`SessionTable`.
 
 The port also answers ``GET /healthz`` and ``GET /readyz`` (:mod:`runtime.http_dispatch`).
 
@@ -43,6 +47,7 @@ from runtime.http_dispatch import RequestHead, answer_plain, read_request_head
 from runtime.keepalive import keep_alive
 from runtime.listener import Listener, ListenerCounters, Peer, PeerStream, Release
 from runtime.log_throttle import LogThrottle
+from runtime.session_registry import CloseConnection, SessionPhase
 from runtime.status_model import ListenerStatus
 
 log = structlog.get_logger("server")
@@ -115,30 +120,52 @@ class SessionWork(Protocol):
         (each is recorded ``cancelled``); returns how many."""
 
 
-class Sessions:
-    """The sessions supervisor: every live session, its failures contained, its shutdown."""
+class SessionTable(Protocol):
+    """What this module reads of the node's session registry
+    (:class:`runtime.session_registry.SessionRegistry`, whatever it keeps per session)."""
 
-    def __init__(self, max_sessions: int) -> None:
+    @property
+    def attached(self) -> int:
+        """Sessions attached to a connection, or claimed by one."""
+
+    def phase(self, session_id: str) -> SessionPhase | None:
+        """The session's phase; ``None`` if there is no such session."""
+
+    def connections(self) -> list[tuple[str, CloseConnection]]:
+        """``(session_id, close)`` of every attached session."""
+
+    async def wait_drained(self) -> None:
+        """Return once no session is attached or claimed."""
+
+
+class Sessions:
+    """Every live session, its failures contained, its shutdown.
+
+    Which sessions exist, and in which phase, is the node's one
+    :class:`~runtime.session_registry.SessionRegistry` (the session host writes it); this
+    class reads it: the session limit counts its attached sessions, a resume of an attached
+    one is refused (409), and the drain closes the attached ones.
+    """
+
+    def __init__(self, registry: SessionTable, max_sessions: int) -> None:
+        self.registry = registry
         self.max_sessions = max_sessions
-        self._live: dict[str, WebSocketConnection] = {}
-        self._drained = trio.Event()
-        self._drained.set()
         self._cut_short = trio.Event()
 
     def __len__(self) -> int:
-        return len(self._live)
+        """Sessions attached to a connection (or about to be: claimed by a resume)."""
+        return self.registry.attached
 
     @property
     def full(self) -> bool:
-        return len(self._live) >= self.max_sessions
+        return self.registry.attached >= self.max_sessions
 
     def __contains__(self, session_id: str) -> bool:
-        return session_id in self._live
+        """Whether ``session_id`` is attached to a connection (or claimed by one)."""
+        return self.registry.phase(session_id) in (SessionPhase.ATTACHED, SessionPhase.CLAIMED)
 
     async def run(self, host: SessionHost, ws: WebSocketConnection, handshake: Handshake) -> None:
         """Run one session to its end. Never raises: a failure ends this session alone."""
-        self._live[handshake.session_id] = ws
-        self._drained = trio.Event() if len(self._live) == 1 else self._drained
         try:
             await host.serve(ws, handshake)
         except Exception:
@@ -146,10 +173,6 @@ class Sessions:
             with trio.move_on_after(5) as scope:
                 scope.shield = True
                 await ws.aclose(CLOSE_INTERNAL_ERROR, "internal error; see server log")
-        finally:
-            del self._live[handshake.session_id]
-            if not self._live:
-                self._drained.set()
 
     def cut_drain_short(self) -> None:
         """End a drain (now, or the next one) at once, as its deadline would."""
@@ -162,27 +185,28 @@ class Sessions:
         every session has ended (``True``), or ``within`` seconds pass or
         :meth:`cut_drain_short` is called (``False``)."""
         closing: set[str] = set()
+        registry = self.registry
         with trio.move_on_after(within):
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_cancel_when_set, self._cut_short, nursery.cancel_scope)
-                while self._live:
-                    for session_id, ws in list(self._live.items()):
+                while registry.attached:
+                    for session_id, close in registry.connections():
                         if session_id in closing:
                             continue
                         if work is None or not work.pending(session_id):
                             closing.add(session_id)
-                            nursery.start_soon(_close_within, ws, code, reason)
+                            nursery.start_soon(_close_within, close, code, reason)
                     with trio.move_on_after(DRAIN_POLL_S):
-                        await self._drained.wait()
+                        await registry.wait_drained()
                 nursery.cancel_scope.cancel()
-        return not self._live
+        return not registry.attached
 
     async def close_all(self, code: int, reason: str) -> None:
-        """Ask every session to end by closing its socket; returns when all have ended."""
+        """Ask every session to end by closing its connection; returns when all have ended."""
         async with trio.open_nursery() as nursery:
-            for ws in list(self._live.values()):
-                nursery.start_soon(ws.aclose, code, reason)
-        await self._drained.wait()
+            for _, close in self.registry.connections():
+                nursery.start_soon(close, code, reason)
+        await self.registry.wait_drained()
 
 
 class McpWebSocketServer:
@@ -468,11 +492,11 @@ def listener_status(admission: HandshakeAdmission, counters: ListenerCounters) -
     )
 
 
-async def _close_within(ws: WebSocketConnection, code: int, reason: str) -> None:
-    """Close ``ws``; a peer that does not answer the close frame in time has its TCP
+async def _close_within(close: CloseConnection, code: int, reason: str) -> None:
+    """Close a connection; a peer that does not answer the close frame in time has its TCP
     connection dropped (trio-websocket closes the stream when ``aclose`` is cancelled)."""
     with trio.move_on_after(DRAIN_CLOSE_TIMEOUT_S):
-        await ws.aclose(code, reason)
+        await close(code, reason)
 
 
 async def _cancel_when_set(event: trio.Event, scope: trio.CancelScope) -> None:

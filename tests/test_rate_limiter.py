@@ -32,10 +32,11 @@ from actors.rate_limiter import (
     open_rate_limiter,
     supervised_rate_limiter,
 )
-from actors.status import NodeStatusSource, SessionDirectory
+from actors.status import LiveSession, NodeStatusSource
 from runtime.bridge import ActorUnavailable
 from runtime.pykka_supervision import ActorName
 from runtime.server import Sessions
+from runtime.session_registry import SessionRegistry
 from runtime.supervision import ChildSpec, Supervisor, run_root
 
 
@@ -497,11 +498,12 @@ async def test_killing_the_limiter_under_load_heals_like_persistence() -> None:
                 await enough.wait()
                 limiter.crash_for_test()
 
+            registry: SessionRegistry[LiveSession] = SessionRegistry(0.0)
             status = await NodeStatusSource(
                 node_id="test",
-                sessions=Sessions(max_sessions=1),
+                sessions=Sessions(registry, max_sessions=1),
                 url=lambda: None,
-                directory=SessionDirectory(),
+                registry=registry,
                 limiter=lambda: limiter,
                 supervisors=[root],
                 pykka_actors={"/root/rate_limiter": name},

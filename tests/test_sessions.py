@@ -85,6 +85,11 @@ async def test_a_session_crashing_past_its_intensity_closes_1011_and_harms_no_ot
     restarts = [e for e in events if e["event"] == "session.actor_restarted"]
     assert [e["session_id"] for e in crashes].count(doomed_id) == 1
     assert [e["session_id"] for e in restarts].count(doomed_id) == 3
+    # The session's actor gave up alone, within its own intensity: the sessions supervisor,
+    # whose own intensity is never charged by a session, and the root go on.
+    gave_up = [e["path"] for e in events if e["event"] == "child.gave_up"]
+    assert gave_up.count(f"/root/sessions/{doomed_id}") == 1
+    assert not [e for e in events if e["event"] == "supervisor.gave_up"]
 
 
 async def test_crash_method_does_not_exist_without_test_faults(

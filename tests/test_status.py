@@ -303,6 +303,49 @@ async def _check_trace_of_the_crash(server: ServerProcess, session_id: str) -> N
     assert any(e["event"] == "actor.message" and e["kind"] == "tools/list" for e in after)
 
 
+async def test_the_status_tree_is_the_supervision_tree_that_runs(own_server: ServerProcess) -> None:
+    """docs/supervision.md and docs/architecture.md draw this tree: ``exai status`` shows the
+    root's children in start order, each session under the sessions supervisor (attached:
+    its actor is that supervisor's child; parked: kept by the registry, with no task), and
+    the listener after the supervisor it feeds."""
+    server = own_server
+    async with open_raw(server.authed_url()) as ws:
+        _, attached = await open_session(ws, name="tree", version="1", protocol="2025-06-18")
+        async with open_raw(server.authed_url()) as ws_gone:
+            _, parked = await open_session(
+                ws_gone, name="tree-gone", version="1", protocol="2025-06-18"
+            )
+            await ws_gone.aclose(1001)
+        await wait_for_status(
+            server,
+            lambda status: status.node.sessions_detached == 1,
+            what="the dropped session to be parked",
+        )
+        done = await exai_async("status", "--state-dir", str(server.state_dir), "--json")
+    assert done.returncode == 0, done.stderr
+    status = NodeStatus.model_validate(json.loads(done.stdout))
+    actors = {a.path: a for a in status.actors}
+    sessions = sorted([f"/root/sessions/{attached}", f"/root/sessions/{parked}"])
+    assert [a.path for a in status.actors] == [
+        "/root",
+        "/root/persistence",
+        "/root/persistence_pulse",
+        "/root/rate_limiter",
+        "/root/providers",
+        "/root/admin",
+        "/root/sessions",
+        *sessions,  # by id (docs/operations.md)
+        "/root/listener",
+    ]
+    assert (actors["/root/sessions"].kind, actors["/root/sessions"].state) == (
+        "supervisor",
+        "running",
+    )
+    assert (actors["/root/listener"].kind, actors["/root/listener"].state) == ("task", "running")
+    assert actors[f"/root/sessions/{attached}"].state == "running"
+    assert actors[f"/root/sessions/{parked}"].state == "detached"
+
+
 async def test_a_tool_call_is_one_trace_across_the_session_and_its_tool(
     server: ServerProcess,
 ) -> None:

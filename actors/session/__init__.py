@@ -1,7 +1,17 @@
-"""The session: one per MCP connection. See ``lifecycle`` for its life, ``actor`` for its work."""
+"""The session: one per MCP connection, whatever the transport.
 
-from actors.session.actor import SessionActor, SessionConfig, SessionState
-from actors.session.lifecycle import SessionBounds, SessionLifecycle, SessionServices
+Modules, one idea each: ``state`` (what a session knows, and who may change it how),
+``methods`` (the MCP method table per era), ``calls`` (the ``tools/call`` runner and
+batches), ``actor`` (the mailbox loop), ``reader`` (frames in), ``runner`` (a session over any
+:class:`~runtime.connection.Connection`, its actor supervised), ``lifecycle`` (WebSocket:
+accept, park, end), ``resume`` (parked sessions), ``memory`` (a session over the in-memory
+transport), ``config`` (what the node gives every session).
+"""
+
+from actors.session.actor import SessionActor
+from actors.session.config import SessionBounds, SessionConfig, SessionServices
+from actors.session.lifecycle import SessionLifecycle
+from actors.session.state import SessionState
 
 __all__ = [
     "SessionActor",

@@ -5,37 +5,40 @@ What needs no session actor is answered here, so that it never waits behind work
 * framing errors (not JSON, not JSON-RPC, a batch over the member cap, an id already in use);
 * ``ping`` (MCP: the receiver "MUST respond promptly"), in every state of the session, even
   while every slot is busy or the mailbox is full;
-* ``notifications/cancelled``, applied through the session state.
+* ``notifications/cancelled``, applied through the session state (:meth:`SessionState.cancel`).
+
+It reads through a :data:`~runtime.connection.Receive` and answers through a
+:class:`~runtime.connection.Connection`, so it knows no transport.
 
 Two bounds shape the loop, both in bytes as well as items:
 
 * *The mailbox is full* (the actor has more waiting than it may): the reader keeps reading, and
   each new request is refused at once with -32000 "server busy" and a retry hint; a
   notification that finds it full becomes a dead letter (nobody awaits it).
-* *The outgoing queue is full* (the peer is not taking our output): the reader stops reading
-  before the next frame, since every further request would only add output, and the socket's
-  receive window does the rest (TCP back-pressure). A peer that stays so past the outbox's
-  ``stall_timeout`` is closed with 1008 by the session (``lifecycle``), which then *ends*:
-  parking it would only let it resume and stall again.
+* *The connection is not writable* (the peer is not taking our output): the reader stops
+  reading before the next frame (:meth:`Connection.wait_writable`), since every further
+  request would only add output, and on WebSocket the socket's receive window does the rest
+  (TCP back-pressure). A peer that stays so past the outgoing queue's ``stall_timeout`` is
+  closed with 1008 by its transport (``runtime.websocket_transport``), and the session then
+  *ends*: parking it would only let it resume and stall again.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import structlog
 import trio
 
-from actors.session.actor import SessionState
+from actors.session.state import SessionState
 from runtime import trace
+from runtime.connection import Connection, ConnectionGone, Receive, message_size
 from runtime.dead_letters import dead_letters
 from runtime.log_throttle import LogThrottle
 from runtime.mailbox import ActorRef, ActorStopped, MailboxFull
 from runtime.mcp import jsonrpc, versions
 from runtime.mcp.errors import InvalidRequest, RpcError, ServerBusy
-from runtime.outbox import Outbox, OutboxClosed, message_size
 from runtime.trace import Meter, Postmarks
 
 log = structlog.get_logger("session")
@@ -60,32 +63,30 @@ class ReaderLimits:
 
 
 async def pump(
-    frames: Callable[[], Awaitable[str | bytes]],
+    receive: Receive,
     mailbox: ActorRef[jsonrpc.Inbound | jsonrpc.Batch],
     *,
-    outbox: Outbox,
-    close: Callable[[int, str], Awaitable[None]],
+    connection: Connection,
     state: SessionState,
     limits: ReaderLimits,
     postmarks: Postmarks | None = None,
     meter: Meter | None = None,
 ) -> None:
-    """Read frames until the socket closes (``ConnectionClosed``), the actor stops, the
-    outbox is closed, or a frame ends the session (then this closes the outbox and the
-    socket, and returns).
+    """Read frames until the peer goes, the actor stops, the connection is closing
+    (:class:`~runtime.connection.ConnectionGone`), or a frame ends the session (then this
+    closes the connection, and returns).
 
-    Raises what ``frames`` raises when the connection closes.
+    Raises what ``receive`` raises when the peer goes (but ``ConnectionGone``: a plain end).
     """
-    reader = _Reader(mailbox, outbox, state, limits, postmarks=postmarks, meter=meter)
+    reader = _Reader(mailbox, connection, state, limits, postmarks=postmarks, meter=meter)
     try:
         while True:
-            await outbox.wait_writable()
-            frame = await frames()
+            await connection.wait_writable()
+            frame = await receive()
             size = message_size(frame) if isinstance(frame, str) else 0
             ending = reader.screen(frame, size)
             if ending is not None:
-                outbox.close()  # nothing more goes out but the close frame
-                await close(*ending)
+                await connection.close(*ending)  # nothing more goes out but the close
                 return
             assert isinstance(frame, str)  # screen() ends the session on a binary frame
             if not reader.handle(frame, size):
@@ -96,8 +97,8 @@ async def pump(
                 # cost the node's time, which other sessions share.
                 with trio.move_on_after(BUSY_RETRY_AFTER_S):
                     await mailbox.wait_for_room()
-    except OutboxClosed:
-        return  # the session is ending; whoever closed the outbox closes the socket
+    except ConnectionGone:
+        return  # the session is ending; whoever closed the connection closes the peer's end
 
 
 class _Reader:
@@ -106,7 +107,7 @@ class _Reader:
     def __init__(
         self,
         mailbox: ActorRef[jsonrpc.Inbound | jsonrpc.Batch],
-        outbox: Outbox,
+        connection: Connection,
         state: SessionState,
         limits: ReaderLimits,
         *,
@@ -115,7 +116,7 @@ class _Reader:
     ) -> None:
         self._mailbox = mailbox
         self._meter = meter
-        self._outbox = outbox
+        self._connection = connection
         self._state = state
         self._limits = limits
         self._postmarks = postmarks
@@ -150,16 +151,16 @@ class _Reader:
     def handle(self, frame: str, size: int) -> bool:
         """Answer, apply or queue one frame of ``size`` bytes; ``False`` once the actor has
         stopped."""
-        outbox = self._outbox
+        send_nowait = self._connection.send_nowait
         decoded: jsonrpc.Inbound | jsonrpc.Batch | list[object]
         try:
             decoded = jsonrpc.decode(frame)
         except jsonrpc.InvalidRequestWithId as error:
-            outbox.put_nowait(jsonrpc.encode_error(error.request_id, error))
+            send_nowait(jsonrpc.encode_error(error.request_id, error), error.request_id)
             return True
         except RpcError as error:
             self._note("session.bad_frame", code=error.code, reason=error.message)
-            outbox.put_nowait(jsonrpc.encode_error(None, error))
+            send_nowait(jsonrpc.encode_error(None, error), None)
             return True
         if isinstance(decoded, list):
             if len(decoded) > self._limits.max_batch:
@@ -167,7 +168,7 @@ class _Reader:
                     f"invalid request: a batch of {len(decoded)} messages; at most "
                     f"{self._limits.max_batch} are accepted in one batch"
                 )
-                outbox.put_nowait(jsonrpc.encode_error(None, refusal))
+                send_nowait(jsonrpc.encode_error(None, refusal), None)
                 return True
             # Whether batches are allowed depends on the negotiated version: the actor knows.
             decoded = jsonrpc.Batch(items=decoded)
@@ -184,7 +185,7 @@ class _Reader:
         if self._postmarks is not None:
             self._postmarks.post(decoded, sender=self._sender)  # starts the message's trace
         if isinstance(decoded, jsonrpc.Request):
-            self._state.queued[decoded.id] = False  # cancellable until the actor takes it
+            self._state.enqueued(decoded.id)  # cancellable until the actor takes it
         return True
 
     def _answered_here(self, message: jsonrpc.Inbound) -> bool:
@@ -205,7 +206,7 @@ class _Reader:
                 f"invalid request: request id {message.id!r} is already in use by a "
                 "request of this session that has not been answered"
             )
-            self._outbox.put_nowait(jsonrpc.encode_error(message.id, refusal))
+            self._connection.send_nowait(jsonrpc.encode_error(message.id, refusal), message.id)
             return True
         if message.method == PING and _answers_ping(state, message):
             # Traced and metered as the session's: status and `exai trace` show it.
@@ -216,7 +217,7 @@ class _Reader:
                 rpc_id=message.id,
                 meter=self._meter,
             ):
-                self._outbox.put_nowait(jsonrpc.encode_result(message.id, {}))
+                self._connection.send_nowait(jsonrpc.encode_result(message.id, {}), message.id)
             return True
         return False
 
@@ -248,7 +249,7 @@ class _Reader:
             "server busy: too many requests queued in this session; retry later",
             {"retryAfterMs": math.ceil(BUSY_RETRY_AFTER_S * 1000)},
         )
-        self._outbox.put_nowait(jsonrpc.encode_error(message.id, busy))
+        self._connection.send_nowait(jsonrpc.encode_error(message.id, busy), message.id)
 
 
 def _answers_ping(state: SessionState, request: jsonrpc.Request) -> bool:

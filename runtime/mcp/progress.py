@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
+from runtime.connection import RequestId
 from runtime.mcp import jsonrpc
 from runtime.mcp.schema import ProgressParams
 
@@ -20,12 +21,20 @@ METHOD = "notifications/progress"
 
 
 class Progress:
-    """Progress for the request that carried ``token``; ``send`` writes one frame."""
+    """Progress for the request ``request_id`` that carried ``token``; ``send`` is the
+    session's :meth:`runtime.connection.Connection.send` (each notification relates to the
+    request, so Streamable HTTP sends it on that request's stream)."""
 
-    __slots__ = ("_last", "_last_sent_at", "_send", "token")
+    __slots__ = ("_last", "_last_sent_at", "_send", "request_id", "token")
 
-    def __init__(self, token: str | int, send: Callable[[str], Awaitable[None]]) -> None:
+    def __init__(
+        self,
+        token: str | int,
+        send: Callable[[str, RequestId | None], Awaitable[None]],
+        request_id: RequestId,
+    ) -> None:
         self.token = token
+        self.request_id = request_id
         self._send = send
         self._last: float | None = None
         self._last_sent_at = trio.current_time()
@@ -41,7 +50,7 @@ class Progress:
         params = ProgressParams(
             progress_token=self.token, progress=progress, total=total, message=message
         )
-        await self._send(jsonrpc.encode_notification(METHOD, params))
+        await self._send(jsonrpc.encode_notification(METHOD, params), self.request_id)
         return True
 
     async def heartbeat(self, interval: float) -> None:

@@ -36,7 +36,7 @@ class ToolContext:
         *,
         identity: str = "default",
         progress: Progress | None = None,
-        log: Callable[[LogLevel, object], Awaitable[None]] | None = None,
+        log: Callable[[LogLevel, object, str | int], Awaitable[None]] | None = None,
     ) -> None:
         self.session_id = session_id
         self.request_id = request_id
@@ -57,9 +57,10 @@ class ToolContext:
             await self._progress.report(progress, total, message)
 
     async def log(self, level: LogLevel, data: object) -> None:
-        """A ``notifications/message`` to the client, if its log level lets it through."""
+        """A ``notifications/message`` to the client, if its log level lets it through; it
+        relates to this call's request (``log`` is given the request id)."""
         if self._log is not None:
-            await self._log(level, data)
+            await self._log(level, data, self.request_id)
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,18 +13,30 @@ from runtime.supervision.errors import (
     SupervisorNotRunning,
     UnknownChild,
 )
+from runtime.supervision.handle import ChildExit, ChildHandle, ExitReason
 from runtime.supervision.intensity import RestartIntensity
 from runtime.supervision.snapshot import ChildSnapshot, ChildState, SupervisorSnapshot
-from runtime.supervision.spec import ChildContext, ChildSpec, Restart, StartFunction, Strategy
+from runtime.supervision.spec import (
+    ChildContext,
+    ChildSpec,
+    Intensity,
+    Restart,
+    StartFunction,
+    Strategy,
+)
 from runtime.supervision.supervisor import Supervisor, run_root
 
 __all__ = [
     "ChildContext",
+    "ChildExit",
+    "ChildHandle",
     "ChildSnapshot",
     "ChildSpec",
     "ChildStartError",
     "ChildState",
     "DuplicateChild",
+    "ExitReason",
+    "Intensity",
     "Restart",
     "RestartIntensity",
     "StartFunction",

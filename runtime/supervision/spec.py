@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import trio
 
-__all__ = ["ChildContext", "ChildSpec", "Restart", "StartFunction", "Strategy"]
+__all__ = ["ChildContext", "ChildSpec", "Intensity", "Restart", "StartFunction", "Strategy"]
 
 
 class Restart(enum.StrEnum):
@@ -55,7 +55,15 @@ class ChildContext:
     this incarnation only.
     """
 
-    __slots__ = ("_on_started", "_started", "id", "path", "restarts", "stop_requested")
+    __slots__ = (
+        "_on_started",
+        "_started",
+        "_stop_requested",
+        "id",
+        "last_error",
+        "path",
+        "restarts",
+    )
 
     def __init__(
         self,
@@ -63,6 +71,7 @@ class ChildContext:
         path: str,
         *,
         restarts: int = 0,
+        last_error: Exception | None = None,
         stop_requested: trio.Event | None = None,
         on_started: Callable[[], None] | None = None,
     ) -> None:
@@ -72,11 +81,22 @@ class ChildContext:
         """Where the child sits in the tree, e.g. ``/root/sessions/session/42``."""
         self.restarts = restarts
         """How many times the supervisor has (re)started this child before this start."""
-        self.stop_requested = stop_requested if stop_requested is not None else trio.Event()
-        """Set when the supervisor asks the child to stop gracefully. The child should return
-        soon after; once the spec's ``shutdown`` grace period has passed it is cancelled."""
+        self.last_error = last_error
+        """The exception that ended this child's previous run, when that crash is why it is
+        being started again; ``None`` at its first start and after a normal exit."""
+        # Made on first use: a child that never looks at it (a session's actor, stopped by
+        # cancellation) costs no event.
+        self._stop_requested = stop_requested
         self._on_started = on_started
         self._started = False
+
+    @property
+    def stop_requested(self) -> trio.Event:
+        """Set when the supervisor asks the child to stop gracefully. The child should return
+        soon after; once the spec's ``shutdown`` grace period has passed it is cancelled."""
+        if self._stop_requested is None:
+            self._stop_requested = trio.Event()
+        return self._stop_requested
 
     @property
     def has_started(self) -> bool:
@@ -98,6 +118,23 @@ class ChildContext:
 
 
 StartFunction = Callable[[ChildContext], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class Intensity:
+    """A restart intensity (OTP's MaxR and MaxT): more than ``max_restarts`` restarts within
+    ``period`` seconds is one too many (see :class:`~runtime.supervision.RestartIntensity`)."""
+
+    max_restarts: int
+    period: float
+
+    def __post_init__(self) -> None:
+        if self.max_restarts < 0:
+            raise ValueError(f"max_restarts must be >= 0, got {self.max_restarts}")
+        if not self.period > 0:
+            raise ValueError(f"period must be > 0 seconds, got {self.period}")
+
+
 """A child's body. Returning is a normal exit, raising an abnormal one."""
 
 
@@ -109,12 +146,23 @@ class ChildSpec:
     cancelling the child when the supervisor stops it: ``0`` cancels at once (OTP
     ``brutal_kill``) and ``None`` waits for as long as it takes (OTP ``infinity``, the right
     value for a child that is itself a supervisor, which has grace periods of its own).
+
+    ``intensity`` gives the child a restart intensity of its own: its restarts count against
+    it instead of against the supervisor's, and one restart too many gives this child up
+    alone (logged ``child.gave_up``, removed, its :class:`~runtime.supervision.ChildHandle`
+    reports :attr:`~runtime.supervision.ExitReason.GAVE_UP`) while the supervisor and its
+    other children go on. It is what OTP gets by putting each such child under a supervisor of
+    its own (one child, this intensity) started as a ``temporary`` child, without a second
+    supervisor per child: a crash-looping session then cannot exhaust the intensity of the
+    supervisor that holds every session. Only under ``ONE_FOR_ONE``, where a restart concerns
+    the child alone.
     """
 
     id: str
     start: StartFunction
     restart: Restart = Restart.PERMANENT
     shutdown: float | None = 5.0
+    intensity: Intensity | None = None
 
     def __post_init__(self) -> None:
         if not self.id:

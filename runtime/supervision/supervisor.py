@@ -48,6 +48,7 @@ from runtime.supervision.errors import (
     SupervisorNotRunning,
     UnknownChild,
 )
+from runtime.supervision.handle import ChildExit, ChildHandle, ExitReason
 from runtime.supervision.intensity import RestartIntensity
 from runtime.supervision.snapshot import ChildSnapshot, ChildState, SupervisorSnapshot
 from runtime.supervision.spec import ChildContext, ChildSpec, Restart, Strategy
@@ -63,7 +64,17 @@ _RETURNED_EARLY = "returned before calling ctx.started()"
 class _Child:
     """A supervisor's record of one child, kept across its restarts."""
 
-    __slots__ = ("last_error", "path", "run", "spec", "started_at", "starts", "state")
+    __slots__ = (
+        "handle",
+        "last_error",
+        "own_intensity",
+        "path",
+        "run",
+        "spec",
+        "started_at",
+        "starts",
+        "state",
+    )
 
     def __init__(self, spec: ChildSpec, path: str) -> None:
         self.spec = spec
@@ -73,27 +84,66 @@ class _Child:
         self.started_at: float | None = None
         self.last_error: str | None = None
         self.run: _Run | None = None
+        #: The starter's handle; only dynamic children have one.
+        self.handle: ChildHandle | None = None
+        #: The window of ``spec.intensity``, made at the first restart (most never restart).
+        self.own_intensity: RestartIntensity | None = None
+
+    def intensity(self) -> RestartIntensity | None:
+        """The child's own restart window, if its spec gives it one."""
+        limit = self.spec.intensity
+        if limit is None:
+            return None
+        if self.own_intensity is None:
+            self.own_intensity = RestartIntensity(limit.max_restarts, limit.period)
+        return self.own_intensity
 
 
 class _Run:
     """One start of one child: its context, its cancel scope and how it ended."""
 
-    __slots__ = ("child", "ctx", "error", "finished", "ready", "scope", "stop_reason", "stopping")
+    __slots__ = (
+        "_finished",
+        "child",
+        "ctx",
+        "done",
+        "error",
+        "ready",
+        "scope",
+        "stop_reason",
+        "stopping",
+    )
 
-    def __init__(self, child: _Child) -> None:
+    def __init__(self, child: _Child, cause: Exception | None) -> None:
         self.child = child
         self.ctx = ChildContext(
-            child.spec.id, child.path, restarts=child.starts, on_started=self._on_started
+            child.spec.id,
+            child.path,
+            restarts=child.starts,
+            last_error=cause,
+            on_started=self._on_started,
         )
         # Shielded so that only the supervisor cancels it: see the module docstring.
         self.scope = trio.CancelScope(shield=True)
         self.ready = trio.Event()  # set by ctx.started(), or when the run ends without it
-        self.finished = trio.Event()
+        self.done = False  # the run's task has ended
+        self._finished: trio.Event | None = None  # made only for someone who waits
         self.error: Exception | None = None
         # Set by the supervisor before it stops this run, so the run's end is not mistaken
         # for a failure to react to.
         self.stopping = False
         self.stop_reason = "shutdown"
+
+    def finish(self) -> None:
+        self.done = True
+        if self._finished is not None:
+            self._finished.set()
+
+    async def wait_finished(self) -> None:
+        if not self.done:
+            if self._finished is None:
+                self._finished = trio.Event()
+            await self._finished.wait()
 
     def _on_started(self) -> None:
         if not self.stopping:
@@ -139,6 +189,8 @@ class Supervisor:
             raise ValueError(f"child ids must be unique, got {ids}")
         self._intensity = RestartIntensity(max_restarts, period)  # validates both
         self.strategy = Strategy(strategy)
+        for spec in children:
+            self._check_spec(spec)
         self.max_restarts = max_restarts
         self.period = period
         self.concurrent_shutdown = concurrent_shutdown
@@ -209,35 +261,47 @@ class Supervisor:
             self._nursery = None
             self._inbox = None
             self._running = False
+            # Every child still on record has been stopped with this run: its starter hears
+            # of it now (the record itself stays, for a snapshot taken after the stop).
+            for child in self._children.values():
+                if child.handle is not None:
+                    last = child.run.error if child.run is not None else None
+                    child.handle._end(ChildExit(ExitReason.STOPPED, last))
         if failure is not None:
             raise failure
         _log.info("supervisor.stopped", path=self._path, reason="shutdown")
 
-    async def start_child(self, spec: ChildSpec) -> None:
+    async def start_child(self, spec: ChildSpec) -> ChildHandle:
         """Add a child after the others and start it; return once it called ``started()``.
 
-        Raises :class:`DuplicateChild` if the id exists, :class:`SupervisorNotRunning` if the
-        supervisor is not running or is stopping, and :class:`ChildStartError` if the child
-        fails before ``started()`` (it is then not added, and the supervisor is unaffected,
-        as with OTP's ``start_child`` returning an error). If the caller is cancelled while
-        the child starts, the child is cancelled and not added.
+        Returns the child's :class:`ChildHandle`, which tells when and how the child leaves
+        the supervisor for good (its restarts are not an end). Raises :class:`DuplicateChild`
+        if the id exists, :class:`SupervisorNotRunning` if the supervisor is not running or is
+        stopping, :class:`ChildStartError` if the child fails before ``started()`` (it is then
+        not added, and the supervisor is unaffected, as with OTP's ``start_child`` returning
+        an error), and ``ValueError`` if the spec has an ``intensity`` of its own and this
+        supervisor is not ``ONE_FOR_ONE``. If the caller is cancelled while the child starts,
+        the child is cancelled and not added.
         """
+        self._check_spec(spec)
         async with self._lock:
             if not self._accepting:
                 raise SupervisorNotRunning(self._path)
             if spec.id in self._children:
                 raise DuplicateChild(f"supervisor {self._path} already has a child {spec.id!r}")
             child = self._add(spec)
+            child.handle = ChildHandle(spec.id, child.path)
             try:
                 error = await self._start(child)
             except BaseException:
-                self._discard(child)
+                self._discard(child, ChildExit(ExitReason.STOPPED))
                 raise
             if error is not None:
-                self._discard(child)
+                self._discard(child, ChildExit(ExitReason.CRASHED, error))
                 if not self._accepting:
                     raise SupervisorNotRunning(self._path) from error
                 raise ChildStartError(child.path, repr(error)) from error
+            return child.handle
 
     async def terminate_child(self, id: str) -> None:
         """Stop a child (graceful, with its ``shutdown`` grace) and remove it.
@@ -255,7 +319,7 @@ class Supervisor:
             try:
                 await self._stop([child])
             finally:
-                self._discard(child)
+                self._discard(child, ChildExit(ExitReason.STOPPED))
 
     def snapshot(self) -> SupervisorSnapshot:
         """The supervisor and its children, in start order, as of now. Costs O(children)."""
@@ -332,7 +396,8 @@ class Supervisor:
             return None  # stale: the child was restarted or removed since it ended
         abnormal = run.error is not None
         if not _should_restart(child.spec.restart, abnormal):
-            self._discard(child)
+            reason = ExitReason.CRASHED if abnormal else ExitReason.NORMAL
+            self._discard(child, ChildExit(reason, run.error))
             return None
         return await self._restart(child, run.error)
 
@@ -340,14 +405,20 @@ class Supervisor:
         # Loops when a restarted child fails before started(): OTP counts that as one more
         # restart and applies the strategy again, with that child as the failed one.
         while True:
-            if not self._intensity.allow(trio.current_time()):
+            own = failed.intensity()
+            if own is not None:
+                # Its own window, not ours (ChildSpec.intensity): only it can give up here.
+                if not own.allow(trio.current_time()):
+                    self._give_up_child(failed, error)
+                    return None
+            elif not self._intensity.allow(trio.current_time()):
                 return await self._give_up(failed, error)
             group = self._restart_group(failed)
             siblings = [child for child in group if child is not failed]
             await self._stop(reversed(siblings))
             for child in siblings:
                 if child.spec.restart is Restart.TEMPORARY:
-                    self._discard(child)
+                    self._discard(child, ChildExit(ExitReason.STOPPED))
             group = [child for child in group if self._children.get(child.spec.id) is child]
             for child in group:
                 child.state = ChildState.RESTARTING
@@ -360,12 +431,24 @@ class Supervisor:
                     reason=f"{failed.spec.id} {cause}",
                     restarts=child.starts,
                 )
-                start_error = await self._start(child)
+                start_error = await self._start(child, cause=error if child is failed else None)
                 if start_error is not None:
                     failed, error = child, start_error
                     break
             else:
                 return None
+
+    def _give_up_child(self, child: _Child, error: Exception | None) -> None:
+        """``child`` exceeded its own intensity: it is removed, and nothing else changes."""
+        limit = child.spec.intensity
+        assert limit is not None
+        _log.error(
+            "child.gave_up",
+            path=child.path,
+            child=child.spec.id,
+            reason=f"more than {limit.max_restarts} restart(s) within {limit.period:g} s",
+        )
+        self._discard(child, ChildExit(ExitReason.GAVE_UP, error))
 
     def _restart_group(self, failed: _Child) -> list[_Child]:
         if self.strategy is Strategy.ONE_FOR_ONE:
@@ -391,27 +474,37 @@ class Supervisor:
 
     # -- children ------------------------------------------------------------------------------
 
+    def _check_spec(self, spec: ChildSpec) -> None:
+        if spec.intensity is not None and self.strategy is not Strategy.ONE_FOR_ONE:
+            raise ValueError(
+                f"child {spec.id!r} has an intensity of its own, which only a one_for_one "
+                f"supervisor can honour (this one is {self.strategy.value})"
+            )
+
     def _add(self, spec: ChildSpec) -> _Child:
         child = _Child(spec, f"{self._path}/{spec.id}")
         self._children[spec.id] = child
         return child
 
-    def _discard(self, child: _Child) -> None:
+    def _discard(self, child: _Child, exit: ChildExit) -> None:
         if self._children.get(child.spec.id) is child:
             del self._children[child.spec.id]
         child.state = ChildState.STOPPED
+        if child.handle is not None:
+            child.handle._end(exit)
 
     def _in_stop_order(self) -> list[_Child]:
         return list(reversed(self._children.values()))
 
-    async def _start(self, child: _Child) -> Exception | None:
-        """Start one run of ``child``; wait until it reports started or ends.
+    async def _start(self, child: _Child, *, cause: Exception | None = None) -> Exception | None:
+        """Start one run of ``child`` (``cause``: the crash it restarts after, for its
+        context); wait until it reports started or ends.
 
         Returns the reason it failed to start, or ``None``. If the waiting task is cancelled,
         the run is cancelled too (it is never left half-started) and ``Cancelled`` propagates.
         """
         assert self._nursery is not None
-        run = _Run(child)
+        run = _Run(child, cause)
         child.starts += 1
         child.run = run
         child.state = ChildState.STARTING
@@ -440,7 +533,7 @@ class Supervisor:
             child.last_error = repr(exc)
         finally:
             self._runs.discard(run)
-            run.finished.set()
+            run.finish()
             run.ready.set()
         if not run.stopping:
             child.state = ChildState.STOPPED
@@ -499,7 +592,7 @@ class Supervisor:
         try:
             for child in children:
                 run = child.run
-                if run is None or run.finished.is_set():
+                if run is None or run.done:
                     child.state = ChildState.STOPPED
                     continue
                 run.stopping = True
@@ -514,19 +607,19 @@ class Supervisor:
             # Waiting in deadline order keeps every child within its own grace period.
             pending.sort(key=lambda item: item[0])
             for deadline, _, run in pending:
-                if not run.finished.is_set():
+                if not run.done:
                     with trio.move_on_at(deadline):
-                        await run.finished.wait()
-                if not run.finished.is_set():
+                        await run.wait_finished()
+                if not run.done:
                     run.stop_reason = "killed"
                     run.scope.cancel()
             for _, child, run in pending:
-                if not run.finished.is_set():
-                    await run.finished.wait()
+                if not run.done:
+                    await run.wait_finished()
                 child.state = ChildState.STOPPED
         finally:
             for _, _, run in pending:
-                if not run.finished.is_set():
+                if not run.done:
                     run.stop_reason = "cancelled"
                     run.scope.cancel()
 

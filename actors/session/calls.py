@@ -1,0 +1,480 @@
+"""The call runner: one ``tools/call`` from admission to its reply, and batches.
+
+A call is *admitted* by the actor (its era, its params, its tool, storage taking work), then
+waits for two slots, the session's (``max_inflight``) and the node's (``total_slots``), and
+runs as a task in the incarnation's nursery: its task row (pending, running, then its final
+state, committed before the reply goes out), the tool itself (with progress and heartbeats
+if the client asked), and its reply, sent through the session's
+:class:`~runtime.connection.Connection`. A call holds its slots until the connection has
+accepted its reply, not merely until its tool returns: a peer that does not read its replies
+therefore stops its own session's work. While every slot is taken the actor stops taking
+messages, so later requests wait in the mailbox, and once that is full the reader refuses
+them with "server busy".
+
+A batch (2025-03-26 only) runs as one task too, one batch at a time, so it never holds up the
+messages behind it; its members' slots are given back as each member's reply is ready (the
+batch holds at most ``max_batch`` replies until its own reply is sent).
+
+Cancellation: ``notifications/cancelled`` cancels a call's scope (through the
+:class:`SessionState`), while it waits for a slot or runs: it then gets no response (MCP:
+the receiver SHOULD NOT send one) and its row is ``cancelled``. A crash or the end of the
+incarnation cancels the nursery: a running call is recorded failed ("interrupted"), and the
+actor answers it -32001 (``actors.session.actor``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Literal
+
+import trio
+from structlog.typing import FilteringBoundLogger
+
+from actors.persistence import (
+    ActorUnavailable,
+    PersistenceClient,
+    StorageUnavailable,
+    WriteConflict,
+    WriteRejected,
+)
+from actors.session.config import SessionConfig
+from actors.session.methods import SessionMethods, finish, params
+from actors.session.state import RequestId, SessionState
+from runtime import trace
+from runtime.connection import Connection, ConnectionGone
+from runtime.mcp import jsonrpc, versions
+from runtime.mcp.errors import InternalError, InvalidParams, InvalidRequest, RpcError, Unavailable
+from runtime.mcp.progress import Progress
+from runtime.mcp.schema import (
+    CallToolParams,
+    CallToolResult,
+    LogLevel,
+    LogMessageParams,
+    TextContent,
+)
+from runtime.mcp.tools import Tool, ToolContext, ToolRegistry
+from storage.rows import SessionActivity, TaskFinished
+from storage.tasks import TaskLifecycle
+
+
+class CallRunner:
+    """The ``tools/call`` requests and batches of one actor incarnation (module doc)."""
+
+    def __init__(
+        self,
+        state: SessionState,
+        connection: Connection,
+        methods: SessionMethods,
+        *,
+        tools: ToolRegistry,
+        persistence: PersistenceClient,
+        config: SessionConfig,
+        path: str,
+    ) -> None:
+        self.state = state
+        self._send = connection.send
+        self._methods = methods
+        self._tools = tools
+        self._persistence = persistence
+        self._config = config
+        self._path = path
+        self._slots = trio.Semaphore(config.max_inflight)
+        #: One batch runs at a time: a second waits in the actor, the mailbox behind it.
+        self._batch_slot = trio.Semaphore(1)
+        self._calls: trio.Nursery | None = None
+
+    @property
+    def _log(self) -> FilteringBoundLogger:
+        """The session's logger, bound to its client once known (``SessionMethods.log``)."""
+        return self._methods.log
+
+    @asynccontextmanager
+    async def lifetime(self) -> AsyncIterator[None]:
+        """The incarnation's nursery of calls: leaving it (a crash, the end) cancels them."""
+        async with trio.open_nursery() as calls:
+            self._calls = calls
+            yield
+            calls.cancel_scope.cancel()
+
+    async def start(self, request: jsonrpc.Request) -> RpcError | None:
+        """Admit the call and start it as a task; the error it was refused with, if so (it
+        has been answered with it)."""
+        admitted = await self._admit(request)
+        if admitted is None:
+            return None
+        if isinstance(admitted, RpcError):
+            await self._send(jsonrpc.encode_error(request.id, admitted), request.id)
+            return admitted
+        assert self._calls is not None
+        self._calls.start_soon(self._call_and_send, request.id, admitted)
+        return None
+
+    # -- admission --------------------------------------------------------------------------
+
+    async def _admit(self, request: jsonrpc.Request) -> RpcError | _Admitted | None:
+        """Validate and take a slot; or the error that refuses the call; or ``None`` if the
+        client cancelled the call while it waited for a slot.
+
+        Waiting for a slot here is the back-pressure: the mailbox fills behind us, then the
+        reader refuses with "server busy".
+        """
+        try:
+            version = self._methods.version_of(request)
+            call = params(CallToolParams, request)
+            tool = self._tools.get(call.name)
+            if tool is None:
+                raise InvalidParams(f"unknown tool: {call.name!r}")
+            if not self._persistence.available:
+                raise Unavailable(
+                    "storage unavailable: the database is unreachable and the write journal "
+                    "is full; nothing was done, retry later",
+                    {"retryAfterMs": 1000},
+                )
+        except RpcError as error:
+            return error
+        # The node-wide limiter counts borrowers: each call is its own, whatever id its client
+        # chose (ids are only unique within a session, and only while unanswered).
+        admitted = _Admitted(tool, call, version)
+        state = self.state
+        # While it waits for a slot the call is already cancellable (its scope is known).
+        waiting = state.waiting_for_slot(request.id)
+        taken = False
+        try:
+            with waiting:
+                await _acquire(self._slots.acquire_nowait, self._slots.acquire)
+                try:
+                    limiter = self._config.total_slots
+                    await _acquire(
+                        partial(limiter.acquire_on_behalf_of_nowait, admitted),
+                        partial(limiter.acquire_on_behalf_of, admitted),
+                    )
+                except BaseException:
+                    self._slots.release()
+                    raise
+                taken = True
+        finally:
+            state.slot_wait_over(request.id)
+        if not taken:
+            return None  # cancelled while waiting: no response
+        state.admitted(request.id)
+        return admitted
+
+    def _release(self, admitted: _Admitted) -> None:
+        """Give back a call's two slots, once. Cannot raise: it runs on every path out of a
+        call (reply sent, cancelled, crashed, session gone)."""
+        if admitted.released:
+            return
+        admitted.released = True
+        self._slots.release()
+        self._config.total_slots.release_on_behalf_of(admitted)
+
+    # -- one call ---------------------------------------------------------------------------
+
+    async def _call_and_send(self, request_id: RequestId, admitted: _Admitted) -> None:
+        try:
+            reply = await self._call(request_id, admitted)
+            # A call the client cancelled gets no response (MCP: the receiver SHOULD NOT).
+            if reply is not None:
+                try:
+                    await self._send(reply, request_id)
+                except ConnectionGone:
+                    return  # the connection is going away; the reader sees it too
+            # Not in a `finally`: a call cut short by a crash stays being handled, so that
+            # the actor's on_failure can tell the client it did not complete.
+            self.state.answered(request_id)
+        finally:
+            self._release(admitted)
+
+    async def _call(self, request_id: RequestId, admitted: _Admitted) -> str | None:
+        """Run an admitted call as a task (a row: pending, running, then its final state);
+        its encoded reply, or ``None`` if the client cancelled it. The caller releases the
+        call's slots once the reply is sent.
+
+        The final state is committed (or durably journaled) before the reply is returned, so
+        a client never holds a result the database does not. A call cut short by a crash or a
+        shutdown is recorded as failed without waiting, as the incarnation is going away.
+        """
+        tool, call, version = admitted.tool, admitted.params, admitted.version
+        state = self.state
+        scope = state.call_scope(request_id)
+        persistence = self._persistence
+        task = TaskLifecycle.create(
+            session_id=state.session_id,
+            request_id=request_id,
+            tool_name=tool.name,
+            arguments=call.arguments or {},
+            node_id=self._config.node_id,
+            max_result_bytes=self._config.max_result_bytes,
+        )
+        persistence.write_soon(task.created)
+        persistence.write_soon(task.started())
+        outcome: _Outcome | None = None
+        try:
+            # The call task's trace event; a call answered with a failure (an error response,
+            # an `isError` result) is an `error` event, not only one that raised.
+            with (
+                scope,
+                trace.handling(
+                    f"{self._path}/tools/{tool.name}", "tools/call", rpc_id=request_id
+                ) as traced,
+            ):
+                outcome = await self._run_tool(request_id, tool, call, version)
+                if outcome.status == "failed":
+                    traced.failed(outcome.error or "failed")
+        except BaseException:
+            persistence.write_soon(
+                task.finished("failed", error_message="interrupted: session restarted or stopped")
+            )
+            raise
+        finally:
+            state.call_ended(request_id)
+        if outcome is None:
+            state.answered(request_id)
+            persistence.write_soon(task.finished("cancelled"))
+            return None
+        state.count_call(failed=outcome.status == "failed")
+        final = task.finished(outcome.status, result=outcome.result, error_message=outcome.error)
+        try:
+            await _write_retrying(persistence, final)
+        except (StorageUnavailable, WriteConflict, WriteRejected, ActorUnavailable) as error:
+            # The tool ran and its answer stands; the record of it could not be confirmed.
+            self._log.error("task.final_write_failed", task_id=str(task.task_id), error=repr(error))
+        except trio.TooSlowError:
+            self._log.error("task.final_write_slow", task_id=str(task.task_id))
+        # Cheap: the persistence actor keeps only the latest per session and syncs it lazily.
+        persistence.write_soon(
+            SessionActivity(
+                session_id=state.session_id,
+                last_activity=final.completed_at,
+                tool_calls=state.tool_calls,
+                tool_errors=state.tool_errors,
+            )
+        )
+        return outcome.reply
+
+    async def _run_tool(
+        self, request_id: RequestId, tool: Tool[Any], call: CallToolParams, version: str
+    ) -> _Outcome:
+        try:
+            args = tool.parse(call.arguments)
+        except InvalidParams as error:
+            return _invalid_input(request_id, error, version)
+        token = call.meta.progress_token if call.meta else None
+        progress = Progress(token, self._send, request_id) if token is not None else None
+        ctx = ToolContext(
+            self.state.session_id,
+            request_id,
+            identity=self.state.identity,
+            progress=progress,
+            log=self._log_to_client,
+        )
+        try:
+            if progress is None:
+                output = await tool.run(args, ctx)
+            else:
+                # Only calls that asked for progress pay for a nursery and a heartbeat task.
+                async with trio.open_nursery() as running:
+                    running.start_soon(progress.heartbeat, self._config.heartbeat_interval)
+                    output = await tool.run(args, ctx)
+                    running.cancel_scope.cancel()
+        except InvalidParams as error:
+            # Input the tool refused once it looked closer (a model not offered): answered as
+            # input that did not parse is, in the request's era.
+            return _invalid_input(request_id, error, version)
+        except RpcError as error:
+            # The tool refused with a meaning (retry later, a limit): answered as it is.
+            return _Outcome(jsonrpc.encode_error(request_id, error), "failed", None, error.message)
+        except Exception as exc:
+            # A failing tool is the tool's failure, not the session's: answer and carry on.
+            self._log.exception("tool.failed", tool=tool.name, id=request_id)
+            failure = InternalError(f"tool {tool.name!r} failed; see server log")
+            return _Outcome(
+                jsonrpc.encode_error(request_id, failure), "failed", None, repr(exc)[:1000]
+            )
+        # Built as plain data, not through CallToolResult: this is the hot path of every call,
+        # and the shape is fixed.
+        body: dict[str, Any] = {"content": [{"type": "text", "text": output.text}]}
+        if output.structured is not None and versions.has_structured_content(version):
+            body["structuredContent"] = output.structured.model_dump(mode="json")
+        body["isError"] = output.is_error
+        if versions.is_modern(version):
+            body["resultType"] = "complete"
+        if output.is_error:
+            return _Outcome(jsonrpc.encode_result(request_id, body), "failed", body, output.text)
+        return _Outcome(jsonrpc.encode_result(request_id, body), "completed", body, None)
+
+    async def _log_to_client(self, level: LogLevel, data: object, request_id: RequestId) -> None:
+        """A tool's ``notifications/message``, if the client's level lets it through; it
+        relates to the call's request."""
+        if not self.state.wants_log(level):
+            return
+        note = LogMessageParams(level=level, logger="exai", data=data)
+        await self._send(jsonrpc.encode_notification("notifications/message", note), request_id)
+
+    # -- batches (2025-03-26) ---------------------------------------------------------------
+
+    async def batch(self, batch: jsonrpc.Batch) -> None:
+        """Classify a batch's members and start it as a task (one batch at a time); an empty
+        batch, or one outside 2025-03-26, is refused as a whole (-32600, id null)."""
+        version = self.state.protocol_version or ""
+        if not batch.items or not versions.allows_batches(version):
+            why = (
+                "an empty batch"
+                if not batch.items
+                else f"batches are not part of protocol version {version or '(none yet)'}"
+            )
+            refusal = InvalidRequest(f"invalid request: {why}")
+            await self._send(jsonrpc.encode_error(None, refusal), None)
+            return
+        # Members are classified here, in order and before anything runs, so that an id that
+        # is already in use (in the session, or earlier in this batch) is refused for that
+        # member alone, deterministically. The ids taken are reserved until the batch's reply
+        # is sent, so that no later request can borrow them meanwhile.
+        members: list[jsonrpc.Inbound | str] = []
+        reserved: list[RequestId] = []
+        for item in batch.items:
+            members.append(self._classify_member(item, reserved))
+        await _acquire(self._batch_slot.acquire_nowait, self._batch_slot.acquire)
+        assert self._calls is not None
+        self._calls.start_soon(self._run_batch, members, reserved)
+
+    def _classify_member(self, item: object, reserved: list[RequestId]) -> jsonrpc.Inbound | str:
+        """The member as a message, or its encoded refusal."""
+        try:
+            message = jsonrpc.classify(item)
+        except jsonrpc.InvalidRequestWithId as error:
+            return jsonrpc.encode_error(error.request_id, error)
+        except RpcError as error:
+            return jsonrpc.encode_error(None, error)
+        if isinstance(message, jsonrpc.Request):
+            if self.state.in_use(message.id):
+                refusal = InvalidRequest(
+                    f"invalid request: request id {message.id!r} is already in use in this "
+                    "session (or earlier in this batch)"
+                )
+                return jsonrpc.encode_error(message.id, refusal)
+            self.state.handling(message.id)
+            reserved.append(message.id)
+        return message
+
+    async def _run_batch(
+        self, members: list[jsonrpc.Inbound | str], reserved: list[RequestId]
+    ) -> None:
+        # A member's slots are given back as soon as its own reply is ready, not when the
+        # batch's is sent: a batch with more calls than the session has slots would
+        # otherwise wait for slots only it could free. What the batch holds meanwhile is
+        # bounded by its own bounds: one batch at a time, at most max_batch replies.
+        replies: list[str | None] = [None] * len(members)
+        try:
+            async with trio.open_nursery() as running:
+                for index, member in enumerate(members):
+                    if isinstance(member, str):
+                        replies[index] = member
+                    else:
+                        running.start_soon(self._batch_member, member, replies, index)
+            answered = [reply for reply in replies if reply is not None]
+            if answered:  # a batch of notifications only gets no response at all
+                # One reply for the whole batch: it relates to the batch's first request (a
+                # transport with a stream per request sends it on the batch's).
+                related = reserved[0] if reserved else None
+                await self._send(jsonrpc.encode_batch(answered), related)
+            for request_id in reserved:
+                self.state.answered(request_id)
+        except ConnectionGone:
+            return
+        finally:
+            self._batch_slot.release()
+
+    async def _batch_member(
+        self, message: jsonrpc.Inbound, replies: list[str | None], index: int
+    ) -> None:
+        if isinstance(message, jsonrpc.Notification):
+            self._methods.notify(message)
+        elif isinstance(message, jsonrpc.Request):
+            if message.method == "initialize":
+                refusal = InvalidRequest("invalid request: 'initialize' must not be batched")
+                replies[index] = jsonrpc.encode_error(message.id, refusal)
+            elif message.method == "tools/call":
+                admitted = await self._admit(message)
+                if admitted is None:
+                    replies[index] = None
+                elif isinstance(admitted, RpcError):
+                    replies[index] = jsonrpc.encode_error(message.id, admitted)
+                else:
+                    try:
+                        replies[index] = await self._call(message.id, admitted)
+                    finally:
+                        self._release(admitted)
+            else:
+                replies[index] = await self._methods.reply(message)
+
+
+def _invalid_input(request_id: RequestId, error: InvalidParams, version: str) -> _Outcome:
+    """Invalid tool input: -32602, or since 2025-11-25 a tool error the model can read."""
+    if versions.input_errors_are_tool_results(version):
+        result = finish(
+            CallToolResult(content=[TextContent(text=error.message)], is_error=True), version
+        )
+        return _Outcome(jsonrpc.encode_result(request_id, result), "failed", result, error.message)
+    return _Outcome(jsonrpc.encode_error(request_id, error), "failed", None, error.message)
+
+
+async def _write_retrying(persistence: PersistenceClient, record: TaskFinished) -> None:
+    """The final state of a task, written across a persistence actor restart.
+
+    The client re-sends a write lost with a crashed incarnation. After a restart the
+    task's earlier records (pending, running) are re-sent in the background and this one may
+    overtake them: the row is then *behind* (missing, or at an older version), which the
+    versioned write reports as a conflict. Flushing lets those records land, then this one is
+    retried. A row that moved elsewhere (say, recovery marked it interrupted) stays a conflict.
+    """
+    attempts = 5
+    for attempt in range(1, attempts + 1):
+        try:
+            await persistence.write(record)  # retries an actor restart itself
+        except WriteConflict as conflict:
+            if attempt == attempts or not _row_behind(conflict, record):
+                raise
+            await persistence.flush()
+        else:
+            return
+
+
+def _row_behind(conflict: WriteConflict, record: TaskFinished) -> bool:
+    if conflict.current is None:
+        return True  # the row is not there yet
+    _, _, version = conflict.current.rpartition("@")
+    return version.isdigit() and int(version) < record.version - 1
+
+
+@dataclass(eq=False, slots=True)
+class _Admitted:
+    """A call that holds its two slots (the session's and the node's) until released; it is
+    itself the node-wide limiter's borrower, so accounting never rests on a client's id."""
+
+    tool: Tool[Any]
+    params: CallToolParams
+    version: str
+    released: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class _Outcome:
+    """How a call ended: the encoded reply and what its task row records."""
+
+    reply: str
+    status: Literal["completed", "failed"]
+    result: dict[str, Any] | None
+    error: str | None
+
+
+async def _acquire(nowait: Callable[[], None], wait: Callable[[], Awaitable[None]]) -> None:
+    """Take a slot without yielding to the scheduler when one is free (the common case);
+    wait only when none is. Saves two scheduler round trips per call on the hot path."""
+    try:
+        nowait()
+    except trio.WouldBlock:
+        await wait()

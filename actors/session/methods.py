@@ -1,0 +1,323 @@
+"""The MCP methods a session answers, by protocol era: method name -> handler.
+
+As the official SDK's ``Server.request_handlers`` table, each request method maps to one
+handler; here each entry also says in which eras the method exists and whether it may come
+before the session has a version. ``tools/call`` is not in the table: it runs as a task with
+its own admission (``actors.session.calls``). ``ping`` and ``notifications/cancelled`` are
+normally answered by the reader before the mailbox (``actors.session.reader``); the entries
+here answer what reaches the actor (a batch member, a 2026-07-28 ``ping`` refused in its era).
+
+Dual era (``runtime/mcp/versions.py``): a *handshake* client (2024-11-05 .. 2025-11-25) sends
+``initialize`` once and the negotiated version holds for the session; a *modern* (2026-07-28)
+client names its version in every request's ``_meta`` and may start with ``server/discover``.
+Each request is answered in the era of its own version (:meth:`SessionMethods.version_of`):
+
+=======================  ==========================  =====================================
+method                   eras                        before a version is known
+=======================  ==========================  =====================================
+``initialize``           handshake (-32022 modern)   yes (it is how one is agreed)
+``server/discover``      every                       yes
+``ping``                 handshake (2026-07-28: no)  yes
+``tools/list``           every                       no: -32002 "session not initialized"
+``logging/setLevel``     handshake (2026-07-28: no)  no
+``$/exai/test/crash*``   every, with test faults on  yes
+anything else            -32601 "method not found"   no
+=======================  ==========================  =====================================
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Final, TypeVar
+
+import structlog
+from pydantic import BaseModel, ValidationError
+from structlog.typing import FilteringBoundLogger
+
+from actors.persistence import PersistenceClient
+from actors.session.config import SessionConfig
+from actors.session.state import SessionState
+from runtime.mcp import jsonrpc, versions
+from runtime.mcp.errors import (
+    InvalidRequest,
+    MethodNotFound,
+    RpcError,
+    SessionNotInitialized,
+    UnsupportedProtocolVersion,
+    invalid_params,
+)
+from runtime.mcp.paging import page
+from runtime.mcp.schema import (
+    CACHEABLE_RESULTS,
+    DiscoverResult,
+    EmptyResult,
+    Implementation,
+    InitializeParams,
+    InitializeResult,
+    ListToolsParams,
+    ListToolsResult,
+    ServerCapabilities,
+    SetLevelParams,
+)
+from runtime.mcp.tools import ToolRegistry
+from storage.rows import SessionIdentified
+
+__all__ = [
+    "CRASH_METHOD",
+    "CRASH_PERSISTENCE_METHOD",
+    "METHODS",
+    "SERVER_INFO",
+    "Method",
+    "SessionCrashRequested",
+    "SessionMethods",
+    "finish",
+    "params",
+]
+
+log = structlog.get_logger("session")
+
+SERVER_INFO = Implementation(name="exai-runtime", version="0.1.0")
+#: Test-only fault: crashes the session actor itself (not a tool). Off unless configured.
+CRASH_METHOD = "$/exai/test/crash"
+#: Test-only fault: crashes the (shared) persistence actor, which the root then restarts.
+CRASH_PERSISTENCE_METHOD = "$/exai/test/crash-persistence"
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
+
+
+class SessionCrashRequested(Exception):
+    """Raised by the test-only fault method to prove a crash is contained and healed."""
+
+
+#: A request handler: the session, the request, the version it is answered in -> its result.
+Handler = Callable[["SessionMethods", jsonrpc.Request, str], Awaitable[BaseModel]]
+
+
+def _every_era(session: SessionMethods, version: str) -> bool:
+    return True
+
+
+def _handshake_era(session: SessionMethods, version: str) -> bool:
+    """``ping`` and ``logging/setLevel``: gone in 2026-07-28 (``versions.has_ping``)."""
+    return versions.has_ping(version)
+
+
+def _test_faults_on(session: SessionMethods, version: str) -> bool:
+    return session.config.test_faults
+
+
+@dataclass(frozen=True, slots=True)
+class Method:
+    """One entry of the method table."""
+
+    handler: Handler
+    #: Whether the request may come before the session has a version (else -32002).
+    before_version: bool = False
+    #: Whether the method exists for this session in this version's era (else -32601).
+    exists: Callable[[SessionMethods, str], bool] = _every_era
+
+
+class SessionMethods:
+    """The session's answers to every request but ``tools/call``, and to notifications.
+
+    One per actor incarnation (the actor calls it, one message at a time); what must outlive
+    a crash is in the :class:`SessionState`. :attr:`log` is the session's logger, bound to its
+    client and version once known (the call runner logs through it too).
+    """
+
+    def __init__(
+        self,
+        state: SessionState,
+        tools: ToolRegistry,
+        persistence: PersistenceClient,
+        config: SessionConfig,
+    ) -> None:
+        self.state = state
+        self.tools = tools
+        self.persistence = persistence
+        self.config = config
+        self.log: FilteringBoundLogger = log.bind(session_id=state.session_id)
+
+    async def reply(self, request: jsonrpc.Request) -> str:
+        """The encoded response to one request (never ``tools/call``): its result in its
+        era, or its JSON-RPC error."""
+        try:
+            version = self.version_of(request)
+            entry = METHODS.get(request.method)
+            if entry is None or not entry.exists(self, version):
+                raise MethodNotFound(
+                    f"method not found: {request.method!r} (protocol version {version})"
+                )
+            result = await entry.handler(self, request, version)
+        except RpcError as error:
+            return jsonrpc.encode_error(request.id, error)
+        return jsonrpc.encode_result(request.id, finish(result, version))
+
+    def version_of(self, request: jsonrpc.Request) -> str:
+        """The protocol version this request is answered in (``""`` before any is known, for
+        the methods that may come then), or the error that refuses it: -32022 for a
+        ``_meta`` version that is not a modern one, -32002 before a version is known."""
+        meta = (request.params or {}).get("_meta")
+        if not isinstance(meta, dict):
+            meta = {}
+        named = meta.get(versions.PROTOCOL_VERSION_META)
+        if named is not None:
+            if not isinstance(named, str) or not versions.is_modern(named):
+                raise UnsupportedProtocolVersion(str(named), list(versions.MODERN_VERSIONS))
+            if self.state.protocol_version is None:
+                self._adopt_modern(named, meta)
+            # Otherwise answered in its own era, leaving a handshake session as it is.
+            return named
+        entry = METHODS.get(request.method)
+        if entry is not None and entry.before_version:
+            return self.state.protocol_version or ""
+        if self.state.protocol_version is None or versions.is_modern(self.state.protocol_version):
+            raise SessionNotInitialized(
+                f"session not initialized: send 'initialize' before {request.method!r}, "
+                f"or name a protocol version in _meta[{versions.PROTOCOL_VERSION_META!r}]"
+            )
+        return self.state.protocol_version
+
+    def notify(self, note: jsonrpc.Notification) -> None:
+        """A notification from the client (no response, ever)."""
+        if note.method == "notifications/initialized":
+            self.state.mark_initialized()
+        elif note.method == "notifications/cancelled":
+            # Normally applied by the reader before queueing; kept for batches.
+            self.state.cancel((note.params or {}).get("requestId"))
+        else:
+            self.log.debug("session.notification_ignored", method=note.method)
+
+    def _adopt_modern(self, version: str, meta: Mapping[str, Any]) -> None:
+        """The first request of a modern session carries the client's identity: record it."""
+        client = meta.get(versions.CLIENT_INFO_META)
+        try:
+            info = Implementation.model_validate(client or {})
+        except ValidationError:
+            info = Implementation(name="unknown", version="unknown")
+        self.state.negotiated(version)
+        self.identify(info, version, requested=version)
+
+    def identify(self, client: Implementation, version: str, *, requested: str) -> None:
+        """The client named itself: kept, logged (``session.initialized``), recorded."""
+        self.state.negotiated(version, client)
+        self.log = self.log.bind(client=client.name, protocol=version)
+        self.log.info("session.initialized", requested=requested)
+        self.persistence.write_soon(
+            SessionIdentified(
+                session_id=self.state.session_id,
+                client_name=client.name,
+                client_version=client.version,
+                protocol_version=version,
+                at=datetime.now(UTC),
+            )
+        )
+
+
+# -- the handlers ----------------------------------------------------------------------------
+
+
+async def _initialize(
+    session: SessionMethods, request: jsonrpc.Request, version: str
+) -> InitializeResult:
+    """``initialize`` (handshake era): negotiate once (``versions.negotiate``)."""
+    asked = params(InitializeParams, request)
+    state = session.state
+    if state.protocol_version is not None and versions.is_modern(state.protocol_version):
+        # The session is modern already (say, a discover the client timed out on was
+        # answered): -32022 names the modern versions, so the client re-probes with one.
+        raise UnsupportedProtocolVersion(asked.protocol_version, list(versions.MODERN_VERSIONS))
+    if state.protocol_version is not None:
+        raise InvalidRequest("session already initialized: 'initialize' may be sent once")
+    negotiated = versions.negotiate(asked.protocol_version)
+    session.identify(asked.client_info, negotiated, requested=asked.protocol_version)
+    return InitializeResult(
+        protocol_version=negotiated,
+        capabilities=ServerCapabilities(),
+        server_info=SERVER_INFO,
+        meta={"exai/sessionId": state.session_id},
+    )
+
+
+async def _discover(
+    session: SessionMethods, request: jsonrpc.Request, version: str
+) -> DiscoverResult:
+    """``server/discover`` (2026-07-28's probe, answered in every era)."""
+    return DiscoverResult(
+        supported_versions=list(versions.SUPPORTED_VERSIONS),
+        capabilities=ServerCapabilities(),
+        meta={
+            versions.SERVER_INFO_META: SERVER_INFO.model_dump(exclude_none=True),
+            "exai/sessionId": session.state.session_id,
+        },
+    )
+
+
+async def _ping(session: SessionMethods, request: jsonrpc.Request, version: str) -> EmptyResult:
+    return EmptyResult()
+
+
+async def _list_tools(
+    session: SessionMethods, request: jsonrpc.Request, version: str
+) -> ListToolsResult:
+    """``tools/list``, paged (``runtime/mcp/paging.py``: opaque cursors, -32602 if bad)."""
+    cursor = params(ListToolsParams, request).cursor
+    tools, next_cursor = page(session.tools.descriptors(), cursor, session.config.page_size)
+    return ListToolsResult(tools=tools, next_cursor=next_cursor)
+
+
+async def _set_level(
+    session: SessionMethods, request: jsonrpc.Request, version: str
+) -> EmptyResult:
+    """``logging/setLevel``: the threshold of ``notifications/message`` from now on."""
+    session.state.set_log_level(params(SetLevelParams, request).level)
+    return EmptyResult()
+
+
+async def _crash(session: SessionMethods, request: jsonrpc.Request, version: str) -> BaseModel:
+    raise SessionCrashRequested("test fault: session crash requested")
+
+
+async def _crash_persistence(
+    session: SessionMethods, request: jsonrpc.Request, version: str
+) -> EmptyResult:
+    session.persistence.crash_actor_for_test()
+    return EmptyResult()
+
+
+#: The method table (see the module doc).
+METHODS: Final[Mapping[str, Method]] = {
+    "initialize": Method(_initialize, before_version=True),
+    "server/discover": Method(_discover, before_version=True),
+    "ping": Method(_ping, before_version=True, exists=_handshake_era),
+    "tools/list": Method(_list_tools),
+    "logging/setLevel": Method(_set_level, exists=_handshake_era),
+    CRASH_METHOD: Method(_crash, before_version=True, exists=_test_faults_on),
+    CRASH_PERSISTENCE_METHOD: Method(
+        _crash_persistence, before_version=True, exists=_test_faults_on
+    ),
+}
+
+
+# -- what every answer shares ----------------------------------------------------------------
+
+
+def finish(result: BaseModel, version: str) -> dict[str, Any]:
+    """The result as the request's era wants it: 2026-07-28 tags every result."""
+    body: dict[str, Any] = result.model_dump(mode="json", by_alias=True, exclude_none=True)
+    if versions.is_modern(version):
+        body.setdefault("resultType", "complete")
+        if isinstance(result, CACHEABLE_RESULTS):
+            body.setdefault("ttlMs", 0)
+            body.setdefault("cacheScope", "private")
+    return body
+
+
+def params(model: type[ModelT], request: jsonrpc.Request) -> ModelT:
+    """The request's params as ``model``; -32602 naming every bad field."""
+    try:
+        return model.model_validate(request.params or {})
+    except ValidationError as exc:
+        raise invalid_params(f"params for {request.method!r}", exc) from None
