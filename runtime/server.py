@@ -151,6 +151,9 @@ class Sessions:
         self.registry = registry
         self.max_sessions = max_sessions
         self._cut_short = trio.Event()
+        #: Sessions being served (:meth:`run`), from their handshake on: a new session
+        #: enters the registry only once its row is written, and must count before that.
+        self._serving = 0
 
     def __len__(self) -> int:
         """Sessions attached to a connection (or about to be: claimed by a resume)."""
@@ -158,7 +161,11 @@ class Sessions:
 
     @property
     def full(self) -> bool:
-        return self.registry.attached >= self.max_sessions
+        """Whether a new session would pass ``max_sessions``. Counts every session being
+        served, so a burst of handshakes while the database is slow to record new sessions
+        cannot pass the limit; and every attached or claimed one, so a resume whose
+        connection has not started its session yet counts too."""
+        return max(self._serving, self.registry.attached) >= self.max_sessions
 
     def __contains__(self, session_id: str) -> bool:
         """Whether ``session_id`` is attached to a connection (or claimed by one)."""
@@ -166,6 +173,7 @@ class Sessions:
 
     async def run(self, host: SessionHost, ws: WebSocketConnection, handshake: Handshake) -> None:
         """Run one session to its end. Never raises: a failure ends this session alone."""
+        self._serving += 1
         try:
             await host.serve(ws, handshake)
         except Exception:
@@ -173,6 +181,8 @@ class Sessions:
             with trio.move_on_after(5) as scope:
                 scope.shield = True
                 await ws.aclose(CLOSE_INTERNAL_ERROR, "internal error; see server log")
+        finally:
+            self._serving -= 1
 
     def cut_drain_short(self) -> None:
         """End a drain (now, or the next one) at once, as its deadline would."""

@@ -194,3 +194,37 @@ async def test_the_server_view_counts_refuses_and_drains_from_the_registry(
     assert closes["a"].calls == closes["b"].calls == [(1001, "server shutting down")]
     assert closes["c"].calls == []
     assert (reg.attached, reg.phase("c")) == (0, SessionPhase.PARKED)
+
+
+class _OpeningHost:
+    """A session host whose sessions stay in their opening step (their row not yet written,
+    so not in the registry) until ``proceed`` is set."""
+
+    def __init__(self) -> None:
+        self.proceed = trio.Event()
+        self.opening = 0
+
+    def claim(self, session_id: str, identity: str) -> object | None:
+        return None
+
+    async def unclaim(self, resumed: object) -> None:
+        return None
+
+    async def serve(self, ws: object, handshake: object) -> None:
+        self.opening += 1
+        await self.proceed.wait()
+
+
+async def test_sessions_still_opening_count_toward_the_limit() -> None:
+    """A burst of handshakes while the database is slow to record new sessions cannot pass
+    ``max_sessions``: a session counts from the start of its serve, before it is attached."""
+    reg, _ = registry()
+    sessions = Sessions(reg, max_sessions=2)
+    host = _OpeningHost()
+    async with trio.open_nursery() as nursery:
+        for index in range(2):
+            nursery.start_soon(sessions.run, host, None, f"handshake-{index}")  # type: ignore[arg-type]
+        await trio.testing.wait_all_tasks_blocked()
+        assert (host.opening, reg.attached, sessions.full) == (2, 0, True)
+        host.proceed.set()
+    assert not sessions.full
