@@ -106,7 +106,7 @@ class SessionLifecycle:
         try:
             try:
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(transport.run)
+                    transport.start(nursery)
                     await run_session(
                         services,
                         state,
