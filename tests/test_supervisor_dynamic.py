@@ -76,6 +76,37 @@ async def test_a_handle_reports_a_normal_exit_once_the_child_has_left(
         assert sup.snapshot().children == ()
 
 
+async def test_dynamic_children_log_their_progress_at_debug_static_ones_at_info(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A session's actor comes and goes with its connection: its child.started and
+    child.stopped are progress reports at debug (its session logs its own life at info),
+    while a static child's stay at info; a dynamic child's crash is still an error."""
+
+    async def crashes(ctx: ChildContext) -> None:
+        ctx.started()
+        raise Boom("dynamic")
+
+    sup = Supervisor(children=[ChildSpec("static", until_stopped)])
+    with capture_logs() as logs:
+        async with running(sup):
+            await sup.start_child(ChildSpec("d", until_stopped, restart=Restart.TRANSIENT))
+            await sup.terminate_child("d")
+            crashing = await sup.start_child(ChildSpec("x", crashes, restart=Restart.TEMPORARY))
+            await crashing.wait()
+    levels = {
+        (e["event"], e["child"]): e["log_level"] for e in logs if e["event"].startswith("child.")
+    }
+    assert levels == {
+        ("child.started", "static"): "info",
+        ("child.stopped", "static"): "info",
+        ("child.started", "d"): "debug",
+        ("child.stopped", "d"): "debug",
+        ("child.started", "x"): "debug",
+        ("child.crashed", "x"): "error",
+    }
+
+
 async def test_a_temporary_crash_is_reported_not_restarted_and_costs_no_intensity(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

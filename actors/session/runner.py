@@ -231,8 +231,8 @@ async def _actor(
             "session.actor_restarted",
             session_id=state.session_id,
             path=ctx.path,
+            # The traceback is the supervisor's child.crashed, logged once, just before.
             error=repr(error),
-            exc_info=error,
         )
     actor = SessionActor(
         state,

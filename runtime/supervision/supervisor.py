@@ -34,6 +34,7 @@ supervisor serialises them through its mailbox: while a child is starting (until
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterable, Sequence
 
@@ -149,8 +150,18 @@ class _Run:
         if not self.stopping:
             self.child.state = ChildState.RUNNING
             self.child.started_at = trio.current_time()
-        _log.info("child.started", path=self.child.path, child=self.child.spec.id)
+        _log.log(
+            _progress(self.child), "child.started", path=self.child.path, child=self.child.spec.id
+        )
         self.ready.set()
+
+
+def _progress(child: _Child) -> int:
+    """The level a child's progress (started, stopped or exited normally) is logged: at info for
+    the static children a node starts once, at debug for dynamic ones, which come and go
+    with their work (a session each: its own events say so), as OTP logs its supervisors'
+    progress reports below the default level. Failures are logged at their level always."""
+    return logging.DEBUG if child.handle is not None else logging.INFO
 
 
 def _should_restart(restart: Restart, abnormal: bool) -> bool:
@@ -550,7 +561,7 @@ class Supervisor:
         fields = {"path": child.path, "child": child.spec.id}
         if run.stopping:
             if run.error is None:
-                _log.info("child.stopped", reason=run.stop_reason, **fields)
+                _log.log(_progress(child), "child.stopped", reason=run.stop_reason, **fields)
             else:
                 _log.warning(
                     "child.stopped", reason=run.stop_reason, error=repr(run.error), **fields
@@ -570,7 +581,7 @@ class Supervisor:
         elif not run.ctx.has_started:
             _log.error("child.start_failed", reason=_RETURNED_EARLY, **fields)
         else:
-            _log.info("child.exited", reason="normal", **fields)
+            _log.log(_progress(child), "child.exited", reason="normal", **fields)
 
     async def _stop(self, children: Iterable[_Child], *, reason: str | None = None) -> None:
         """Stop ``children`` in the given order, one after the other or all at once.
