@@ -231,8 +231,10 @@ async def _actor(
             "session.actor_restarted",
             session_id=state.session_id,
             path=ctx.path,
-            # The traceback is the supervisor's child.crashed, logged once, just before.
             error=repr(error),
+            # Also in the supervisor's child.crashed, but that one carries no session id:
+            # `exai trace --session` shows this one.
+            exc_info=error,
         )
     actor = SessionActor(
         state,
