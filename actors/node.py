@@ -67,7 +67,6 @@ from runtime.actor import sole_exception
 from runtime.admin import serve_admin
 from runtime.auth import ClientTokens, load_or_create_token
 from runtime.breaker import BreakerSnapshot
-from runtime.bridge import ActorUnavailable
 from runtime.budget import NodeBudget
 from runtime.collector import tune_for_long_lived_objects
 from runtime.config import (
@@ -89,6 +88,7 @@ from runtime.statefile import ServerInfo, remove_server_info, write_server_info
 from runtime.supervision import ChildContext, ChildSpec, Strategy, Supervisor, run_root
 from storage.connection import DatabaseTarget, check_database
 from storage.embedded import EmbeddedPostgres
+from storage.errors import ActorUnavailable
 from storage.journal import Journal
 from storage.migrations import apply_migrations
 from storage.recovery import recover

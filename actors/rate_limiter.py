@@ -77,6 +77,7 @@ from runtime.pykka_client import Resolve, ServiceClient
 from runtime.pykka_service import ServiceActor
 from runtime.pykka_supervision import ActorName, pykka_child
 from runtime.supervision.spec import StartFunction
+from storage.errors import LimitExhausted, Refused, RetryLater
 
 log = structlog.get_logger("rate_limiter")
 
@@ -101,20 +102,37 @@ class Refusal(BaseModel):
     provider: str
 
 
-class RateLimited(Exception):
-    """A call was refused by a limit (see :attr:`refusal`); the message is for the client."""
+class RateLimited(Refused):
+    """A call was refused by a limit (see :attr:`refusal`); ``str()`` is the refusal's
+    sentence, :attr:`client_message` names the limit too. Raised as one of its two leaves
+    (:meth:`of`): :class:`RateLimitedForNow` (a ``RetryLater``: -32004) or
+    :class:`LimitSpent` (a ``LimitExhausted``: -32005)."""
 
     def __init__(self, refusal: Refusal) -> None:
         super().__init__(refusal.message)
         self.refusal = refusal
+        self.limit = refusal.limit
+        self.retry_after = refusal.retry_after
+        self.provider = refusal.provider
+
+    @staticmethod
+    def of(refusal: Refusal) -> RateLimited:
+        """The refusal as the error that says what the caller can do: wait, or not."""
+        if refusal.permanent:
+            return LimitSpent(refusal)
+        return RateLimitedForNow(refusal)
 
     @property
-    def limit(self) -> LimitName:
-        return self.refusal.limit
+    def client_message(self) -> str:
+        return f"rate limited ({self.refusal.limit.value}): {self.refusal.message}"
 
-    @property
-    def retry_after(self) -> float | None:
-        return self.refusal.retry_after
+
+class RateLimitedForNow(RateLimited, RetryLater):
+    """A rate limit (or capacity in use) refused the call: it may go after ``retry_after``."""
+
+
+class LimitSpent(RateLimited, LimitExhausted):
+    """A quota is spent, or the call is larger than a limit allows: waiting will not help."""
 
 
 @dataclass(slots=True)
@@ -560,7 +578,7 @@ class RateLimiter(ServiceClient):
             case _Granted():
                 return Lease(ticket, session_id, provider, tokens, cost_usd)
             case Refusal():
-                raise RateLimited(decision)
+                raise RateLimited.of(decision)
         raise TypeError(f"rate limiter answered {decision!r}")
 
     def settle(

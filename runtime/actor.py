@@ -8,7 +8,7 @@ guarantees as pykka's, so both kinds of actor behave alike under supervision:
   re-raises, so the actor's supervisor sees an abnormal exit and applies its restart policy;
 * an exception while handling an ``ask`` goes back to the asker and the actor lives on;
 * an ask being handled when the actor crashes, or is cancelled, is answered with
-  :class:`~runtime.mailbox.ActorStopped` rather than left hanging.
+  :class:`~storage.errors.ActorUnavailable` rather than left hanging.
 
 The mailbox belongs to the actor's *name*, not to one incarnation: a restarted actor reads the
 same mailbox, so messages queued behind a crash are handled by the next incarnation. Only when
@@ -25,7 +25,8 @@ import outcome
 import trio
 
 from runtime.dead_letters import dead_letters
-from runtime.mailbox import ActorStopped, Ask, Inbox
+from runtime.mailbox import Ask, Inbox
+from storage.errors import ActorUnavailable
 
 M = TypeVar("M")
 
@@ -89,7 +90,8 @@ async def run_actor(
         raise cause from None
     finally:
         if current is not None:
-            current.reply.set(outcome.Error(ActorStopped(f"{actor.path} ended before answering")))
+            ended = ActorUnavailable(f"{actor.path} ended before answering")
+            current.reply.set(outcome.Error(ended))
         with trio.CancelScope(shield=True):
             await actor.on_stop()
 
@@ -109,7 +111,7 @@ def close_mailbox(path: str, inbox: Inbox[Any]) -> None:
         except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
             break
         if isinstance(envelope, Ask):
-            envelope.reply.set(outcome.Error(ActorStopped(f"{path} stopped")))
+            envelope.reply.set(outcome.Error(ActorUnavailable(f"{path} stopped")))
         kind = type(envelope.message if isinstance(envelope, Ask) else envelope).__name__
         dead_letters.record(target=path, sender="?", reason="actor stopped", kind=kind)
     inbox.close()

@@ -31,6 +31,8 @@ import structlog
 import trio
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from storage.errors import RetryLater
+
 log = structlog.get_logger("breaker")
 
 
@@ -80,8 +82,9 @@ class BreakerConfig(BaseModel):
         return self
 
 
-class BreakerOpen(Exception):
-    """The breaker refused the call without trying it."""
+class BreakerOpen(RetryLater):
+    """The breaker refused the call without trying it; ``retry_after`` is when it tries again
+    (``None`` while half-open: shortly)."""
 
     def __init__(self, name: str, state: BreakerState, retry_after: float | None) -> None:
         self.name = name

@@ -25,11 +25,9 @@ import outcome
 import pykka
 import trio
 
+from storage.errors import ActorUnavailable
+
 T = TypeVar("T")
-
-
-class ActorUnavailable(Exception):
-    """The actor stopped or crashed before it answered; the request may not have been done."""
 
 
 class CallbackFuture(pykka.ThreadingFuture[T], Generic[T]):

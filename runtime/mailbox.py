@@ -13,7 +13,8 @@ is. The sizes of queued messages are kept in arrival order beside the channel, w
 with one consumer, so taking a message gives back exactly its size.
 
 ``ask`` is ``tell`` plus a one-shot reply the actor fills in; the asker bounds its wait with a
-timeout and gets :class:`ActorStopped` if the actor ends before answering, never a hang.
+timeout and gets :class:`~storage.errors.ActorUnavailable` (the node's one "actor is gone"
+error, as a pykka service's callers get) if the actor ends before answering, never a hang.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import trio
 
 from runtime.budget import ByteBudget
 from runtime.dead_letters import dead_letters
+from storage.errors import ActorUnavailable
 
 M = TypeVar("M")
 
@@ -36,10 +38,6 @@ M = TypeVar("M")
 class MailboxFull(Exception):
     """The actor has ``capacity`` messages, or its byte budget, waiting already; this one was
     not queued."""
-
-
-class ActorStopped(Exception):
-    """The actor no longer takes messages, or ended before answering an ask."""
 
 
 class Overflow(enum.StrEnum):
@@ -114,7 +112,7 @@ class ActorRef(Generic[M]):
 
         ``size`` is the message's size in bytes (its frame, for a session), counted against
         the mailbox's byte budget until the actor takes it. Raises :class:`MailboxFull`
-        (``REJECT`` policy) or :class:`ActorStopped`.
+        (``REJECT`` policy) or :class:`~storage.errors.ActorUnavailable`.
         """
         self._post(message, sender, size)
 
@@ -128,9 +126,9 @@ class ActorRef(Generic[M]):
         """Send ``message`` and wait for the actor's answer.
 
         An exception raised by the actor while handling it is raised here (the actor lives
-        on). Raises :class:`ActorStopped` if the actor ends first, ``trio.TooSlowError`` after
-        ``timeout`` seconds. Cancelling the wait leaves the message queued; its answer is
-        then simply not read.
+        on). Raises :class:`~storage.errors.ActorUnavailable` if the actor ends first,
+        ``trio.TooSlowError`` after ``timeout`` seconds. Cancelling the wait leaves the
+        message queued; its answer is then simply not read.
         """
         reply = Reply()
         self._post(Ask(message, reply), sender, 0)
@@ -151,7 +149,7 @@ class ActorRef(Generic[M]):
             dead_letters.record(
                 target=self.path, sender=sender, reason="actor stopped", kind=_kind(message)
             )
-            raise ActorStopped(f"{self.path}: stopped") from None
+            raise ActorUnavailable(f"{self.path}: stopped") from None
         if budget is not None:
             # Every queued message has its size here, in channel order (see the module doc).
             budget.add(size)

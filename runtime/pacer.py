@@ -30,7 +30,7 @@ from typing import NoReturn
 
 import trio
 
-from runtime.bridge import ActorUnavailable
+from storage.errors import ActorUnavailable
 
 #: ``tick(now)``: do what is due at ``now``; the next time wanted, or ``None``.
 Tick = Callable[[float], Awaitable[float | None]]

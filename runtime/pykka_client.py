@@ -23,7 +23,8 @@ import outcome
 import pykka
 import structlog
 
-from runtime.bridge import ActorUnavailable, CallbackFuture, wait_reply
+from runtime.bridge import CallbackFuture, wait_reply
+from storage.errors import ActorUnavailable
 
 log = structlog.get_logger("pykka")
 

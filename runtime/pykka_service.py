@@ -35,7 +35,8 @@ from typing import Any, ClassVar, Generic, TypeVar, cast
 
 import pykka
 
-from runtime.bridge import ActorUnavailable, BridgedActor, CallbackFuture
+from runtime.bridge import BridgedActor, CallbackFuture
+from storage.errors import ActorUnavailable
 
 M = TypeVar("M")
 T = TypeVar("T")

@@ -25,9 +25,10 @@ import pykka
 import structlog
 import trio
 
-from runtime.bridge import ActorUnavailable, BridgedActor, wait_reply, watch_death
+from runtime.bridge import BridgedActor, wait_reply, watch_death
 from runtime.pacer import Pacer
 from runtime.supervision.spec import ChildContext, StartFunction
+from storage.errors import ActorUnavailable
 
 log = structlog.get_logger("supervision")
 

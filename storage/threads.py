@@ -26,15 +26,17 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 from pydantic import BaseModel, ConfigDict
 
 from storage.connection import connect_kwargs
+from storage.errors import InvalidInput, StorageError
 
 _CURSOR_PREFIX = "exai:threads:v1:"
 
 
-class ThreadReadError(Exception):
-    """The database could not be read (unreachable, too slow, or no connection free)."""
+class ThreadReadError(StorageError):
+    """The database could not be read (unreachable, too slow, or no connection free). Its
+    reader says what could not be read (``actors.conversation``: ``ThreadStoreUnavailable``)."""
 
 
-class InvalidThreadCursor(ValueError):
+class InvalidThreadCursor(InvalidInput, ValueError):
     """A listing cursor this server did not issue."""
 
 

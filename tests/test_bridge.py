@@ -11,7 +11,8 @@ import pykka
 import pytest
 import trio
 
-from runtime.bridge import ActorUnavailable, BridgedActor, wait_reply
+from runtime.bridge import BridgedActor, wait_reply
+from storage.errors import ActorUnavailable
 
 
 @dataclass(frozen=True)

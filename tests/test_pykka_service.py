@@ -15,10 +15,11 @@ import pytest
 import trio
 from trio.testing import MockClock, wait_all_tasks_blocked
 
-from runtime.bridge import ActorUnavailable, CallbackFuture
+from runtime.bridge import CallbackFuture
 from runtime.pacer import Pacer
 from runtime.pykka_client import ServiceClient
 from runtime.pykka_service import ServiceActor, UnknownMessage
+from storage.errors import ActorUnavailable
 
 
 @dataclass(frozen=True)

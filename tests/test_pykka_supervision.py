@@ -9,9 +9,10 @@ import pykka
 import pytest
 import trio
 
-from runtime.bridge import ActorUnavailable, BridgedActor
+from runtime.bridge import BridgedActor
 from runtime.pykka_supervision import ActorName, pykka_child
 from runtime.supervision import ChildSpec, Supervisor, SupervisorGaveUp, run_root
+from storage.errors import ActorUnavailable
 
 
 @dataclass(frozen=True)

@@ -33,11 +33,11 @@ from actors.rate_limiter import (
     supervised_rate_limiter,
 )
 from actors.status import LiveSession, NodeStatusSource
-from runtime.bridge import ActorUnavailable
 from runtime.pykka_supervision import ActorName
 from runtime.server import Sessions
 from runtime.session_registry import SessionRegistry
 from runtime.supervision import ChildSpec, Supervisor, run_root
+from storage.errors import ActorUnavailable
 
 
 @asynccontextmanager

@@ -7,7 +7,9 @@ from actors.conversation.errors import (
     PromptOnlyHistory,
     ThreadExpired,
     ThreadFull,
+    ThreadListUnavailable,
     ThreadNotFound,
+    ThreadStoreUnavailable,
 )
 from actors.conversation.history import FileCopy
 from actors.conversation.service import Conversations, TurnOutcome, TurnRequest
@@ -20,7 +22,9 @@ __all__ = [
     "PromptOnlyHistory",
     "ThreadExpired",
     "ThreadFull",
+    "ThreadListUnavailable",
     "ThreadNotFound",
+    "ThreadStoreUnavailable",
     "TurnOutcome",
     "TurnRequest",
     "Upstream",

@@ -1,15 +1,20 @@
-"""Why a turn cannot happen as asked. Each message is written for the client (the ``chat``
-tool answers it as an ``isError`` result, for the model to read and adapt)."""
+"""Why a turn, or a listing of threads, cannot happen as asked.
+
+Leaves of the node's error tree (``storage.errors``): a :class:`ConversationError` is a
+``ToolFailed`` (``chat`` answers it as an ``isError`` result whose text is for the model to
+read and adapt); a :class:`ThreadStoreUnavailable` is a ``RetryLater`` (JSON-RPC -32004,
+``data.limit`` ``storage``).
+"""
 
 from __future__ import annotations
 
+from typing import ClassVar
 
-class ConversationError(Exception):
+from storage.errors import RetryLater, ToolFailed
+
+
+class ConversationError(ToolFailed):
     """Base: the turn was refused; nothing was sent upstream and nothing was stored."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
 
 
 class ThreadNotFound(ConversationError):
@@ -27,3 +32,18 @@ class ThreadFull(ConversationError):
 
 class PromptOnlyHistory(ConversationError):
     """Once the embedded history was stripped, nothing new was left to say."""
+
+
+class ThreadStoreUnavailable(RetryLater):
+    """A turn's thread cannot be read (``storage.threads.ThreadReadError``: the database is
+    unreachable, too slow, or no reader connection is free); nothing was sent upstream."""
+
+    limit = "storage"
+    retry_after = 1.0
+
+
+class ThreadListUnavailable(ThreadStoreUnavailable):
+    """The caller's threads cannot be listed (same causes). Its ``data`` names no provider:
+    the ``threads`` tool's answer as clients have always seen it."""
+
+    names_provider: ClassVar[bool] = False

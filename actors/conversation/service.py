@@ -38,7 +38,9 @@ from actors.conversation.errors import (
     PromptOnlyHistory,
     ThreadExpired,
     ThreadFull,
+    ThreadListUnavailable,
     ThreadNotFound,
+    ThreadStoreUnavailable,
 )
 from actors.conversation.history import (
     FILE_MESSAGE,
@@ -56,7 +58,7 @@ from actors.persistence import PersistenceClient
 from actors.providers import ChatMessage, ChatRequest, ChatResult, OnText
 from runtime.config import ChatLimits
 from storage.rows import MessageRole, MessageRow, ThreadRow
-from storage.threads import StoredThread, ThreadPage, ThreadStore
+from storage.threads import StoredThread, ThreadPage, ThreadReadError, ThreadStore
 from storage.untrusted import storable_text
 
 log = structlog.get_logger("conversation")
@@ -112,7 +114,8 @@ class Conversations:
 
     async def turn(self, request: TurnRequest, *, on_text: OnText | None = None) -> TurnOutcome:
         """One exchange; raises ConversationError, ProviderError, RateLimited,
-        UpstreamNotReady or ThreadReadError (see the module doc)."""
+        UpstreamNotReady or ThreadStoreUnavailable (see the module doc): each a domain error
+        of the node's tree (``storage.errors``), which the call runner answers."""
         providers, limiter = self.upstream.ready()
         provider = choose_provider(providers, request.model)  # ProviderNotConfigured first
         prompt = storable_text(request.prompt)
@@ -173,22 +176,33 @@ class Conversations:
         self, identity: str, *, limit: int, cursor: str | None, include_expired: bool
     ) -> ThreadPage:
         """A page of the caller's threads, most recently active first. Raises
-        ``InvalidThreadCursor`` or ``ThreadReadError``."""
+        ``InvalidThreadCursor`` (an ``InvalidInput``) or :class:`ThreadListUnavailable`."""
         live_at = None if include_expired else datetime.now(UTC)
-        return await self._read(
-            partial(
-                self.store.list_owned,
-                owner_id(identity),
-                limit=limit,
-                cursor=cursor,
-                live_at=live_at,
+        try:
+            return await self._read(
+                partial(
+                    self.store.list_owned,
+                    owner_id(identity),
+                    limit=limit,
+                    cursor=cursor,
+                    live_at=live_at,
+                )
             )
-        )
+        except ThreadReadError as exc:
+            raise ThreadListUnavailable(
+                f"storage unavailable: threads cannot be read ({exc}); retry later"
+            ) from exc
 
     # -- steps ---------------------------------------------------------------------------
 
     async def _owned_thread(self, thread_id: UUID, identity: str) -> StoredThread:
-        thread = await self._read(partial(self.store.load, thread_id))
+        try:
+            thread = await self._read(partial(self.store.load, thread_id))
+        except ThreadReadError as exc:
+            raise ThreadStoreUnavailable(
+                f"storage unavailable: the thread cannot be read ({exc}); nothing was sent "
+                "upstream, retry later"
+            ) from exc
         if thread is None or thread.owner_id != owner_id(identity):
             raise ThreadNotFound(
                 f"unknown continuation_id {thread_id}: no such thread for this client. "

@@ -28,7 +28,7 @@ from actors.providers import (
 from actors.rate_limiter import RateLimiter, UsageRecord
 from runtime import trace
 from runtime.breaker import CircuitBreaker
-from runtime.bridge import ActorUnavailable
+from storage.errors import ActorUnavailable, RetryLater
 from storage.rows import TokenUsage
 from storage.untrusted import NAME_CHARS, clip
 
@@ -37,8 +37,11 @@ log = structlog.get_logger("conversation")
 _COST_QUANTUM = Decimal("0.000001")  # token_usage.cost is decimal(10, 6)
 
 
-class UpstreamNotReady(Exception):
+class UpstreamNotReady(RetryLater):
     """The providers or the rate limiter are (re)starting; nothing was sent."""
+
+    limit = "upstream_starting"
+    retry_after = 1.0
 
 
 class Upstream:

@@ -7,9 +7,8 @@ See docs/persistence.md for the guarantees (delivery classes, journal, recovery)
 from actors.persistence.actor import PersistenceActor
 from actors.persistence.client import PersistenceClient
 from actors.persistence.protocol import PersistenceConfig, PersistenceStatus
-from runtime.bridge import ActorUnavailable
 from runtime.pykka_client import Resolve
-from storage.errors import StorageUnavailable, WriteConflict, WriteRejected
+from storage.errors import ActorUnavailable, StorageUnavailable, WriteConflict, WriteRejected
 
 __all__ = [
     "ActorUnavailable",

@@ -2,29 +2,36 @@
 
 ::
 
-    ProviderError
+    ProviderError                a ToolFailed of the node's tree (storage.errors)
     ├── ProviderNotConfigured    no upstream is configured (the message says how to add one)
-    ├── ModelNotOffered          no configured upstream lists the model asked for (``models``)
-    ├── ProviderUnavailable      its circuit breaker is open: failed at once, not tried
+    ├── ModelNotOffered          no configured upstream lists the model asked for (``models``);
+    │                            also an InvalidInput
+    ├── ProviderUnavailable      its circuit breaker is open: failed at once, not tried; also
+    │                            a RetryLater (``limit`` ``provider_circuit_open``)
     ├── ProviderTimeout          no answer in time
     ├── ProviderConnectionError  could not connect, or the connection dropped mid-answer
-    ├── ProviderRateLimited      429 after the retries allowed (``retry_after`` if known)
+    ├── ProviderRateLimited      429 after the retries allowed (``retry_after`` if known); also
+    │                            a RetryLater (``limit`` ``upstream_rate_limit``)
     ├── ProviderRejected         4xx: the upstream refused this request (``status``)
     ├── ProviderServerError      5xx after the retries allowed (``status``)
     └── ProviderProtocolError    an answer that is not the chat-completions API
 
 Messages are written for the MCP client and never contain an API key: text that comes from
-the upstream is scrubbed of the key before it is put into an error (:func:`scrub`).
+the upstream is scrubbed of the key before it is put into an error (:func:`scrub`). What a
+client is told is :attr:`ProviderError.client_message`: for a failure of the upstream itself,
+that nothing was stored and the turn may be retried.
 """
 
 from __future__ import annotations
 
 from pydantic import SecretStr
 
+from storage.errors import InvalidInput, RetryLater, ToolFailed
+
 _MAX_UPSTREAM_TEXT = 500
 
 
-class ProviderError(Exception):
+class ProviderError(ToolFailed):
     """Base of every upstream failure. ``provider`` names the upstream, when there is one."""
 
     def __init__(
@@ -38,17 +45,36 @@ class ProviderError(Exception):
         # the call can be withdrawn from the rate limiter rather than settled.
         self.sent = 0
 
+    @property
+    def client_message(self) -> str:
+        """The upstream failed this turn: the client may retry it, as nothing was kept."""
+        return f"{self.message}. Nothing was stored; the turn may be retried."
+
 
 class ProviderNotConfigured(ProviderError):
     """No upstream (or not the one asked for) is configured."""
 
+    @property
+    def client_message(self) -> str:
+        return self.message  # it says how to configure one; there is no turn to retry
 
-class ModelNotOffered(ProviderError):
+
+class ModelNotOffered(ProviderError, InvalidInput):
     """The model asked for is in no configured provider's ``models``: nothing was sent."""
 
+    @property
+    def client_message(self) -> str:
+        return f"invalid arguments: {self.message}"
 
-class ProviderUnavailable(ProviderError):
+
+class ProviderUnavailable(ProviderError, RetryLater):
     """The provider's circuit breaker is open; ``retry_after`` says when it tries again."""
+
+    limit = "provider_circuit_open"
+
+    @property
+    def client_message(self) -> str:
+        return self.message
 
 
 class ProviderTimeout(ProviderError):
@@ -59,8 +85,14 @@ class ProviderConnectionError(ProviderError):
     """The upstream could not be reached, or dropped the connection before the answer ended."""
 
 
-class ProviderRateLimited(ProviderError):
+class ProviderRateLimited(ProviderError, RetryLater):
     """The upstream answered 429 on every attempt allowed."""
+
+    limit = "upstream_rate_limit"
+
+    @property
+    def client_message(self) -> str:
+        return self.message
 
 
 class ProviderRejected(ProviderError):

@@ -41,21 +41,16 @@ from actors.persistence import (
     WriteRejected,
 )
 from actors.session.config import SessionConfig
-from actors.session.methods import SessionMethods, finish, params
+from actors.session.methods import SessionMethods, params
 from actors.session.state import RequestId, SessionState
 from runtime import trace
 from runtime.connection import Connection, ConnectionGone
-from runtime.mcp import jsonrpc, versions
-from runtime.mcp.errors import InternalError, InvalidParams, InvalidRequest, RpcError, Unavailable
+from runtime.mcp import jsonrpc, translation, versions
+from runtime.mcp.errors import InvalidParams, InvalidRequest, RpcError
 from runtime.mcp.progress import Progress
-from runtime.mcp.schema import (
-    CallToolParams,
-    CallToolResult,
-    LogLevel,
-    LogMessageParams,
-    TextContent,
-)
+from runtime.mcp.schema import CallToolParams, LogLevel, LogMessageParams
 from runtime.mcp.tools import Tool, ToolContext, ToolRegistry
+from storage.errors import ExaiError
 from storage.rows import SessionActivity, TaskFinished
 from storage.tasks import TaskLifecycle
 
@@ -128,13 +123,12 @@ class CallRunner:
             if tool is None:
                 raise InvalidParams(f"unknown tool: {call.name!r}")
             if not self._persistence.available:
-                raise Unavailable(
+                raise StorageUnavailable(
                     "storage unavailable: the database is unreachable and the write journal "
-                    "is full; nothing was done, retry later",
-                    {"retryAfterMs": 1000},
+                    "is full; nothing was done, retry later"
                 )
-        except RpcError as error:
-            return error
+        except (RpcError, ExaiError) as error:
+            return translation.refusal(error)
         # The node-wide limiter counts borrowers: each call is its own, whatever id its client
         # chose (ids are only unique within a session, and only while unanswered).
         admitted = _Admitted(tool, call, version)
@@ -261,7 +255,9 @@ class CallRunner:
         try:
             args = tool.parse(call.arguments)
         except InvalidParams as error:
-            return _invalid_input(request_id, error, version)
+            return _failed(
+                request_id, translation.call_failure(error, tool=tool.name, version=version)
+            )
         token = call.meta.progress_token if call.meta else None
         progress = Progress(token, self._send, request_id) if token is not None else None
         ctx = ToolContext(
@@ -280,20 +276,14 @@ class CallRunner:
                     running.start_soon(progress.heartbeat, self._config.heartbeat_interval)
                     output = await tool.run(args, ctx)
                     running.cancel_scope.cancel()
-        except InvalidParams as error:
-            # Input the tool refused once it looked closer (a model not offered): answered as
-            # input that did not parse is, in the request's era.
-            return _invalid_input(request_id, error, version)
-        except RpcError as error:
-            # The tool refused with a meaning (retry later, a limit): answered as it is.
-            return _Outcome(jsonrpc.encode_error(request_id, error), "failed", None, error.message)
         except Exception as exc:
             # A failing tool is the tool's failure, not the session's: answer and carry on.
-            self._log.exception("tool.failed", tool=tool.name, id=request_id)
-            failure = InternalError(f"tool {tool.name!r} failed; see server log")
-            return _Outcome(
-                jsonrpc.encode_error(request_id, failure), "failed", None, repr(exc)[:1000]
-            )
+            # Domain errors (retry later, a limit, invalid input, the tool failed) and the
+            # rest are answered in one place, in the request's era (runtime.mcp.translation).
+            failure = translation.call_failure(exc, tool=tool.name, version=version)
+            if failure.unexpected:
+                self._log.exception("tool.failed", tool=tool.name, id=request_id)
+            return _failed(request_id, failure)
         # Built as plain data, not through CallToolResult: this is the hot path of every call,
         # and the shape is fixed.
         body: dict[str, Any] = {"content": [{"type": "text", "text": output.text}]}
@@ -412,14 +402,17 @@ class CallRunner:
                 replies[index] = await self._methods.reply(message)
 
 
-def _invalid_input(request_id: RequestId, error: InvalidParams, version: str) -> _Outcome:
-    """Invalid tool input: -32602, or since 2025-11-25 a tool error the model can read."""
-    if versions.input_errors_are_tool_results(version):
-        result = finish(
-            CallToolResult(content=[TextContent(text=error.message)], is_error=True), version
+def _failed(request_id: RequestId, failure: translation.CallFailure) -> _Outcome:
+    """A failed call's reply as its translation says: a JSON-RPC error or an ``isError``
+    result."""
+    if failure.error is not None:
+        return _Outcome(
+            jsonrpc.encode_error(request_id, failure.error), "failed", None, failure.record
         )
-        return _Outcome(jsonrpc.encode_result(request_id, result), "failed", result, error.message)
-    return _Outcome(jsonrpc.encode_error(request_id, error), "failed", None, error.message)
+    assert failure.result is not None
+    return _Outcome(
+        jsonrpc.encode_result(request_id, failure.result), "failed", failure.result, failure.record
+    )
 
 
 async def _write_retrying(persistence: PersistenceClient, record: TaskFinished) -> None:

@@ -36,10 +36,11 @@ from runtime import trace
 from runtime.connection import Connection, ConnectionGone, Receive, message_size
 from runtime.dead_letters import dead_letters
 from runtime.log_throttle import LogThrottle
-from runtime.mailbox import ActorRef, ActorStopped, MailboxFull
+from runtime.mailbox import ActorRef, MailboxFull
 from runtime.mcp import jsonrpc, versions
 from runtime.mcp.errors import InvalidRequest, RpcError, ServerBusy
 from runtime.trace import Meter, Postmarks
+from storage.errors import ActorUnavailable
 
 log = structlog.get_logger("session")
 
@@ -179,7 +180,7 @@ class _Reader:
         except MailboxFull:
             self._refuse(decoded)
             return True
-        except ActorStopped:
+        except ActorUnavailable:
             return False
         self._busy_refusals = 0
         if self._postmarks is not None:

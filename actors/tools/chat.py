@@ -1,18 +1,20 @@
 """``chat``: a turn of a conversation thread with the configured upstream LLM.
 
 The conversation itself is :mod:`actors.conversation`; this module is the MCP face of it:
-arguments, the answer (text plus structured content), streaming as progress, and how each
-failure reaches the client (docs/chat.md):
+arguments, the answer (text plus structured content), and streaming as progress. A turn that
+cannot happen raises a domain error of the node's tree (``storage.errors``), which the call
+runner answers through ``runtime.mcp.translation`` (docs/chat.md):
 
-* a model no provider offers (``models``): invalid params, answered in the request's era
-  (JSON-RPC -32602 before 2025-11-25, an ``isError`` result from it on), nothing sent;
-* the turn cannot happen as asked (unknown, expired or full thread; no provider configured;
-  the upstream failed or refused): an ``isError`` result whose text says what to do, for the
-  model to read;
+* a model no provider offers (``ModelNotOffered``, an ``InvalidInput``): -32602 before
+  2025-11-25, an ``isError`` result from it on, nothing sent;
+* the turn cannot happen as asked (a ``ConversationError``: unknown, expired or full thread;
+  ``ProviderNotConfigured``; the upstream failed or refused: ``ToolFailed``): an ``isError``
+  result whose text says what to do, for the model to read;
 * retry later (a rate limit, the upstream's 429, its circuit breaker open, storage or the
-  upstream starting): JSON-RPC -32004 with ``data.limit`` and ``data.retry_after`` (seconds;
-  ``retryAfterMs`` too, as every -32004 of this server carries);
-* a limit that waiting cannot lift (a spent quota): JSON-RPC -32005 with ``data.limit``.
+  upstream starting: ``RetryLater``): JSON-RPC -32004 with ``data.limit`` and
+  ``data.retry_after`` (seconds; ``retryAfterMs`` too, as every -32004 of this server carries);
+* a limit that waiting cannot lift (a spent quota: ``LimitExhausted``): JSON-RPC -32005 with
+  ``data.limit``.
 """
 
 from __future__ import annotations
@@ -23,28 +25,9 @@ from uuid import UUID
 
 from pydantic import BaseModel, Field, field_validator
 
-from actors.conversation import (
-    ConversationError,
-    Conversations,
-    FileCopy,
-    TurnOutcome,
-    TurnRequest,
-    UpstreamNotReady,
-)
-from actors.providers import (
-    ModelNotOffered,
-    OnText,
-    ProviderError,
-    ProviderNotConfigured,
-    ProviderRateLimited,
-    ProviderUnavailable,
-)
-from actors.rate_limiter import RateLimited
-from runtime.mcp.errors import InvalidParams, LimitExceeded, RpcError, Unavailable
+from actors.conversation import Conversations, FileCopy, TurnOutcome, TurnRequest
+from actors.providers import OnText
 from runtime.mcp.tools import Tool, ToolContext, ToolOutput
-from storage.threads import ThreadReadError
-
-STORAGE_RETRY_SECONDS = 1.0
 
 
 class ChatFileArg(BaseModel):
@@ -126,32 +109,9 @@ class Chat(Tool[ChatArgs]):
             model=args.model,
             files=tuple(FileCopy(f.path, f.content) for f in args.files),
         )
-        try:
-            outcome = await self._conversations.turn(request, on_text=_streamer(ctx))
-        except ModelNotOffered as exc:
-            raise InvalidParams(f"invalid arguments: {exc.message}") from None
-        except (ConversationError, ProviderNotConfigured) as exc:
-            return ToolOutput(text=exc.message, is_error=True)
-        except RateLimited as exc:
-            raise _limited(exc) from None
-        except ProviderUnavailable as exc:
-            raise _retry_later(exc.message, "provider_circuit_open", exc.retry_after, exc) from None
-        except ProviderRateLimited as exc:
-            raise _retry_later(exc.message, "upstream_rate_limit", exc.retry_after, exc) from None
-        except ProviderError as exc:
-            return ToolOutput(
-                text=f"{exc.message}. Nothing was stored; the turn may be retried.",
-                is_error=True,
-            )
-        except UpstreamNotReady as exc:
-            raise _retry_later(str(exc), "upstream_starting", STORAGE_RETRY_SECONDS) from None
-        except ThreadReadError as exc:
-            raise _retry_later(
-                f"storage unavailable: the thread cannot be read ({exc}); nothing was sent "
-                "upstream, retry later",
-                "storage",
-                STORAGE_RETRY_SECONDS,
-            ) from None
+        # Whatever refuses the turn is a domain error (storage.errors), answered by the
+        # call runner's one translation (runtime.mcp.translation): see the module doc.
+        outcome = await self._conversations.turn(request, on_text=_streamer(ctx))
         return self._answer(outcome)
 
     def _answer(self, outcome: TurnOutcome) -> ToolOutput:
@@ -216,33 +176,3 @@ def _streamer(ctx: ToolContext) -> OnText | None:
         await ctx.report_progress(received, None, text)
 
     return on_text
-
-
-def _retry_data(
-    limit: str, retry_after: float | None, provider: str | None, *, permanent: bool = False
-) -> dict[str, object]:
-    return {
-        "limit": limit,
-        "retry_after": retry_after,
-        "retryAfterMs": math.ceil(retry_after * 1000) if retry_after is not None else None,
-        "provider": provider,
-        "permanent": permanent,
-    }
-
-
-def _retry_later(
-    message: str, limit: str, retry_after: float | None, error: ProviderError | None = None
-) -> RpcError:
-    provider = error.provider if error is not None else None
-    return Unavailable(message, _retry_data(limit, retry_after, provider))
-
-
-def _limited(exc: RateLimited) -> RpcError:
-    refusal = exc.refusal
-    message = f"rate limited ({refusal.limit.value}): {refusal.message}"
-    data = _retry_data(
-        refusal.limit.value, refusal.retry_after, refusal.provider, permanent=refusal.permanent
-    )
-    if refusal.permanent:
-        return LimitExceeded(message, data)
-    return Unavailable(message, data)

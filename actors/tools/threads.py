@@ -11,9 +11,8 @@ from datetime import UTC, datetime
 from pydantic import BaseModel, Field
 
 from actors.conversation import Conversations
-from runtime.mcp.errors import InvalidParams, Unavailable
 from runtime.mcp.tools import Tool, ToolContext, ToolOutput
-from storage.threads import InvalidThreadCursor, ThreadReadError, ThreadSummary
+from storage.threads import ThreadSummary
 
 
 class ThreadsArgs(BaseModel):
@@ -51,20 +50,14 @@ class Threads(Tool[ThreadsArgs]):
         self._conversations = conversations
 
     async def run(self, args: ThreadsArgs, ctx: ToolContext) -> ToolOutput:
-        try:
-            page = await self._conversations.list_threads(
-                ctx.identity,
-                limit=args.limit,
-                cursor=args.cursor,
-                include_expired=args.include_expired,
-            )
-        except InvalidThreadCursor as exc:
-            raise InvalidParams(str(exc)) from None
-        except ThreadReadError as exc:
-            raise Unavailable(
-                f"storage unavailable: threads cannot be read ({exc}); retry later",
-                {"limit": "storage", "retry_after": 1.0, "retryAfterMs": 1000},
-            ) from None
+        # A cursor we did not issue (InvalidInput) or threads that cannot be read (RetryLater)
+        # are answered by the call runner's one translation (runtime.mcp.translation).
+        page = await self._conversations.list_threads(
+            ctx.identity,
+            limit=args.limit,
+            cursor=args.cursor,
+            include_expired=args.include_expired,
+        )
         now = datetime.now(UTC)
         max_turns = self._conversations.limits.max_turns
         output = ThreadsOutput(

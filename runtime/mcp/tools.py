@@ -68,8 +68,9 @@ class ToolOutput:
     """A tool's answer: text for every client, plus structured content for clients that take it.
 
     ``is_error``: the tool ran but could not do what was asked (MCP's ``isError`` result), and
-    ``text`` says why, for the model to read and adapt. A refusal that is the protocol's
-    business (retry later, invalid params) is raised as an :class:`RpcError` instead.
+    ``text`` says why, for the model to read and adapt. A refusal (retry later, a limit,
+    invalid input, a failure its callee raised) is raised as a domain error of the node's tree
+    (``storage.errors``) instead, and answered by :mod:`runtime.mcp.translation`.
     """
 
     text: str
@@ -98,8 +99,11 @@ class Tool(ABC, Generic[ArgsT]):
     async def run(self, args: ArgsT, ctx: ToolContext) -> ToolOutput:
         """Do the work. Cancellation (client cancel, shutdown) arrives as ``trio.Cancelled``.
 
-        Raising an :class:`~runtime.mcp.errors.RpcError` answers with that JSON-RPC error;
-        any other exception is a bug, answered as an internal error.
+        Raise a domain error (``storage.errors``: ``RetryLater``, ``LimitExhausted``,
+        ``InvalidInput``, ``ToolFailed``); the call runner answers it through
+        :mod:`runtime.mcp.translation`, in the request's era. An
+        :class:`~runtime.mcp.errors.RpcError` is answered as it is; any other exception is a
+        bug, answered as an internal error (-32603).
         """
 
     def descriptor(self) -> ToolDescriptor:
