@@ -52,30 +52,30 @@ class StoredMessage(BaseModel):
     created_at: datetime
 
 
-class StoredThread(BaseModel):
-    """A thread row with its messages, oldest first (turn, then the order they were written)."""
+class ThreadSummary(BaseModel):
+    """A thread row without its messages (a page of an owner's threads)."""
 
     model_config = ConfigDict(frozen=True)
 
     thread_id: UUID
-    owner_id: UUID | None
     title: str | None
     turn_count: int
     created_at: datetime
     updated_at: datetime
     expires_at: datetime
+
+
+class StoredThread(ThreadSummary):
+    """A thread row with its owner and its messages, oldest first (turn, then the order they
+    were written)."""
+
+    owner_id: UUID | None
     messages: list[StoredMessage]
 
 
-class ThreadSummary(BaseModel):
-    model_config = ConfigDict(frozen=True)
-
-    thread_id: UUID
-    title: str | None
-    turn_count: int
-    created_at: datetime
-    updated_at: datetime
-    expires_at: datetime
+#: The columns of a :class:`ThreadSummary`, named as its fields: both reads build it from
+#: the row by name, so the mapping exists once.
+_SUMMARY_COLUMNS = "id as thread_id, title, turn_count, created_at, updated_at, expires_at"
 
 
 class ThreadPage(BaseModel):
@@ -147,26 +147,17 @@ class ThreadStore:
     def load(self, thread_id: UUID) -> StoredThread | None:
         """The thread and every message of it, or ``None`` if there is no such thread."""
         rows = self._query(
-            "select id, owner_id, title, turn_count, created_at, updated_at, expires_at"
-            " from threads where id = %s",
-            (thread_id,),
+            f"select {_SUMMARY_COLUMNS}, owner_id from threads where id = %s", (thread_id,)
         )
         if not rows:
             return None
-        thread = rows[0]
         messages = self._query(
             "select id, turn_index, role, content, files, tool_name, created_at"
             " from messages where thread_id = %s order by turn_index, created_at, id",
             (thread_id,),
         )
         return StoredThread(
-            thread_id=thread["id"],
-            owner_id=thread["owner_id"],
-            title=thread["title"],
-            turn_count=thread["turn_count"],
-            created_at=thread["created_at"],
-            updated_at=thread["updated_at"],
-            expires_at=thread["expires_at"],
+            **rows[0],
             messages=[
                 StoredMessage(
                     message_id=m["id"],
@@ -205,21 +196,11 @@ class ThreadStore:
             params.extend([updated_at, last_id])
         params.append(limit + 1)  # one more tells whether there is a next page
         rows = self._query(
-            "select id, title, turn_count, created_at, updated_at, expires_at from threads"
+            f"select {_SUMMARY_COLUMNS} from threads"
             f" where {' and '.join(where)} order by updated_at desc, id desc limit %s",
             tuple(params),
         )
-        summaries = [
-            ThreadSummary(
-                thread_id=r["id"],
-                title=r["title"],
-                turn_count=r["turn_count"],
-                created_at=r["created_at"],
-                updated_at=r["updated_at"],
-                expires_at=r["expires_at"],
-            )
-            for r in rows[:limit]
-        ]
+        summaries = [ThreadSummary(**r) for r in rows[:limit]]
         next_cursor = None
         if len(rows) > limit and summaries:
             last = summaries[-1]
