@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import httpx
@@ -294,13 +295,8 @@ class ChatProvider:
         return {"Authorization": f"Bearer {key.get_secret_value()}"}
 
     async def _plain(self, body: dict[str, object]) -> _Answer:
-        with trio.move_on_after(self.settings.timeout_seconds) as scope:
-            try:
-                response = await self._http.post(self._url, json=body, headers=self._headers())
-            except httpx.TimeoutException:
-                raise self._timeout() from None
-            except httpx.TransportError as exc:
-                raise self._connection_error(exc) from None
+        with trio.move_on_after(self.settings.timeout_seconds) as scope, self._transport_errors():
+            response = await self._http.post(self._url, json=body, headers=self._headers())
         if scope.cancelled_caught:
             raise self._timeout()
         self._raise_for_status(response.status_code, response.headers, response.text)
@@ -320,38 +316,34 @@ class ChatProvider:
         done = False
         # The provider's timeout bounds the wait for the first chunk; after it, only the gap
         # between chunks is bounded (httpx's read timeout), so long answers are not cut.
-        with trio.CancelScope(deadline=started + self.settings.timeout_seconds) as first_chunk:
-            try:
-                async with self._http.stream(
-                    "POST", self._url, json=body, headers=self._headers()
-                ) as response:
-                    if response.status_code != 200:
-                        await response.aread()
-                        self._raise_for_status(
-                            response.status_code, response.headers, response.text
-                        )
-                    decoder = SseDecoder()
-                    async for line in response.aiter_lines():
-                        data = decoder.feed(line)
-                        if data is None:
-                            continue
-                        if stream.first_chunk_after is None:
-                            stream.first_chunk_after = trio.current_time() - started
-                            first_chunk.deadline = math.inf
-                        if data.strip() == DONE:
-                            done = True
-                            break
-                        chunk = self._chunk(data)
-                        finish = chunk.finish_reason or finish
-                        usage = chunk.reported_usage or usage
-                        if chunk.text:
-                            stream.parts.append(chunk.text)
-                            stream.delivered = True
-                            await on_text(chunk.text)
-            except httpx.TimeoutException:
-                raise self._timeout() from None
-            except httpx.TransportError as exc:
-                raise self._connection_error(exc) from None
+        with (
+            trio.CancelScope(deadline=started + self.settings.timeout_seconds) as first_chunk,
+            self._transport_errors(),
+        ):
+            async with self._http.stream(
+                "POST", self._url, json=body, headers=self._headers()
+            ) as response:
+                if response.status_code != 200:
+                    await response.aread()
+                    self._raise_for_status(response.status_code, response.headers, response.text)
+                decoder = SseDecoder()
+                async for line in response.aiter_lines():
+                    data = decoder.feed(line)
+                    if data is None:
+                        continue
+                    if stream.first_chunk_after is None:
+                        stream.first_chunk_after = trio.current_time() - started
+                        first_chunk.deadline = math.inf
+                    if data.strip() == DONE:
+                        done = True
+                        break
+                    chunk = self._chunk(data)
+                    finish = chunk.finish_reason or finish
+                    usage = chunk.reported_usage or usage
+                    if chunk.text:
+                        stream.parts.append(chunk.text)
+                        stream.delivered = True
+                        await on_text(chunk.text)
         if first_chunk.cancelled_caught:
             raise self._timeout()
         if not done and finish is None:
@@ -360,6 +352,17 @@ class ChatProvider:
                 provider=self.name,
             )
         return _Answer("".join(stream.parts), finish, usage)
+
+    @contextmanager
+    def _transport_errors(self) -> Iterator[None]:
+        """httpx's transport failures as this provider's errors: a timeout, or a connection
+        that failed (both attempts, plain and streamed, map them the same way)."""
+        try:
+            yield
+        except httpx.TimeoutException:
+            raise self._timeout() from None
+        except httpx.TransportError as exc:
+            raise self._connection_error(exc) from None
 
     def _chunk(self, data: str) -> Chunk:
         try:
