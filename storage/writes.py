@@ -29,7 +29,7 @@ with ``set_config(..., true)``, which lasts one transaction.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from uuid import UUID
@@ -237,15 +237,9 @@ def _session_tuple(row: SessionRow) -> tuple[object, ...]:
 
 
 def _insert_sessions(conn: Connection, rows: list[SessionRow], *, fast: bool) -> None:
-    if fast:
-        _copy(conn, f"sessions ({_SESSION_COLUMNS})", map(_session_tuple, rows))
-        return
-    with conn.cursor() as cur:
-        cur.executemany(
-            f"insert into sessions ({_SESSION_COLUMNS}) values (%s, %s, %s, %s, %s, %s, %s, %s, %s)"
-            " on conflict (session_id) do nothing",
-            [_session_tuple(row) for row in rows],
-        )
+    _insert_new(
+        conn, "sessions", _SESSION_COLUMNS, "session_id", map(_session_tuple, rows), fast=fast
+    )
 
 
 def _identify_sessions(conn: Connection, rows: list[SessionIdentified]) -> None:
@@ -504,15 +498,7 @@ def _usage_tuple(r: TokenUsage) -> tuple[object, ...]:
 
 
 def _insert_usage(conn: Connection, rows: list[TokenUsage], *, fast: bool) -> None:
-    if fast:
-        _copy(conn, f"token_usage ({_USAGE_COLUMNS})", map(_usage_tuple, rows))
-        return
-    with conn.cursor() as cur:
-        cur.executemany(
-            f"insert into token_usage ({_USAGE_COLUMNS})"
-            " values (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) on conflict (id) do nothing",
-            [_usage_tuple(r) for r in rows],
-        )
+    _insert_new(conn, "token_usage", _USAGE_COLUMNS, "id", map(_usage_tuple, rows), fast=fast)
 
 
 def _sum_session_tokens(conn: Connection, session_ids: set[str]) -> None:
@@ -589,15 +575,7 @@ def _message_tuple(r: MessageRow) -> tuple[object, ...]:
 
 
 def _insert_messages(conn: Connection, rows: list[MessageRow], *, fast: bool) -> None:
-    if fast:
-        _copy(conn, f"messages ({_MESSAGE_COLUMNS})", map(_message_tuple, rows))
-        return
-    with conn.cursor() as cur:
-        cur.executemany(
-            f"insert into messages ({_MESSAGE_COLUMNS})"
-            " values (%s, %s, %s, %s, %s, %s, %s, %s, %s) on conflict (id) do nothing",
-            [_message_tuple(r) for r in rows],
-        )
+    _insert_new(conn, "messages", _MESSAGE_COLUMNS, "id", map(_message_tuple, rows), fast=fast)
 
 
 def _heartbeats(conn: Connection, rows: list[NodeHeartbeat]) -> None:
@@ -619,6 +597,30 @@ def _heartbeats(conn: Connection, rows: list[NodeHeartbeat]) -> None:
 
 
 # --- helpers --------------------------------------------------------------------------------
+
+
+def _insert_new(
+    conn: Connection,
+    table: str,
+    columns: str,
+    key: str,
+    rows: Iterable[tuple[object, ...]],
+    *,
+    fast: bool,
+) -> None:
+    """Insert rows that are written once and never change (sessions, usage, messages): COPY
+    on the ``fast`` path, else one ``insert ... on conflict (key) do nothing`` per row, so a
+    replayed batch (the journal's, after a crash) skips what is already there."""
+    if fast:
+        _copy(conn, f"{table} ({columns})", rows)
+        return
+    placeholders = ", ".join(["%s"] * len(columns.split(",")))
+    with conn.cursor() as cur:
+        cur.executemany(
+            f"insert into {table} ({columns}) values ({placeholders})"
+            f" on conflict ({key}) do nothing",
+            list(rows),
+        )
 
 
 def _copy(conn: Connection, target: str, rows: Any) -> None:
