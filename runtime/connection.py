@@ -31,7 +31,21 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
-__all__ = ["Connection", "ConnectionGone", "Receive", "RequestId", "message_size"]
+__all__ = [
+    "CLOSE_INTERNAL_ERROR",
+    "CLOSE_INTERNAL_ERROR_REASON",
+    "Connection",
+    "ConnectionGone",
+    "Receive",
+    "RequestId",
+    "message_size",
+]
+
+#: RFC 6455 section 7.4.1 "internal error": a session that failed (its actor gave up) is
+#: closed with it, on every transport.
+CLOSE_INTERNAL_ERROR = 1011
+#: Its reason, on the wire and in ``session.closed``.
+CLOSE_INTERNAL_ERROR_REASON = "internal error; see server log"
 
 #: A JSON-RPC request id (JSON-RPC 2.0: a string or a number; never ``null`` for a request).
 RequestId = str | int

@@ -42,6 +42,7 @@ from trio_websocket import (
 )
 
 from runtime.auth import ClientTokens, presented_token
+from runtime.connection import CLOSE_INTERNAL_ERROR, CLOSE_INTERNAL_ERROR_REASON
 from runtime.handshake_admission import HandshakeAdmission, parse_networks
 from runtime.http_dispatch import RequestHead, answer_plain, read_request_head
 from runtime.keepalive import keep_alive
@@ -55,7 +56,6 @@ log = structlog.get_logger("server")
 MCP_PATH = "/mcp"
 SUBPROTOCOL = "mcp"
 CLOSE_GOING_AWAY = 1001
-CLOSE_INTERNAL_ERROR = 1011
 _REQUEST_TIMEOUT_BODY = b"request not complete within the handshake deadline\n"
 REQUEST_TIMEOUT_RESPONSE = (
     b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Type: text/plain\r\n"
@@ -138,6 +138,38 @@ class SessionTable(Protocol):
         """Return once no session is attached or claimed."""
 
 
+class SessionSlot:
+    """One connection's place under ``max_sessions``.
+
+    Taken in the same step as the capacity check (:meth:`take`: no checkpoint between
+    them, so concurrent handshakes cannot all pass one free place), held for the whole
+    connection, and given back exactly once, by the connection's own task when it ends
+    (:meth:`release`), whatever path it took.
+    """
+
+    __slots__ = ("_sessions", "taken")
+
+    def __init__(self, sessions: Sessions) -> None:
+        self._sessions = sessions
+        self.taken = False
+
+    def take(self) -> bool:
+        """Take the place if the node has one; ``False`` if it is full."""
+        if self.taken:
+            return True
+        if self._sessions.full:
+            return False
+        self._sessions._taken += 1
+        self.taken = True
+        return True
+
+    def release(self) -> None:
+        """Give the place back (idempotent)."""
+        if self.taken:
+            self.taken = False
+            self._sessions._taken -= 1
+
+
 class Sessions:
     """Every live session, its failures contained, its shutdown.
 
@@ -151,9 +183,10 @@ class Sessions:
         self.registry = registry
         self.max_sessions = max_sessions
         self._cut_short = trio.Event()
-        #: Sessions being served (:meth:`run`), from their handshake on: a new session
-        #: enters the registry only once its row is written, and must count before that.
-        self._serving = 0
+        #: Places taken under ``max_sessions`` (:class:`SessionSlot`), each from the
+        #: handshake's capacity check to the end of its connection: a new session enters the
+        #: registry only once its row is written, and must count before that.
+        self._taken = 0
 
     def __len__(self) -> int:
         """Sessions attached to a connection (or about to be: claimed by a resume)."""
@@ -161,11 +194,16 @@ class Sessions:
 
     @property
     def full(self) -> bool:
-        """Whether a new session would pass ``max_sessions``. Counts every session being
-        served, so a burst of handshakes while the database is slow to record new sessions
-        cannot pass the limit; and every attached or claimed one, so a resume whose
-        connection has not started its session yet counts too."""
-        return max(self._serving, self.registry.attached) >= self.max_sessions
+        """Whether a new session would pass ``max_sessions``: every place taken by a
+        connection (:meth:`slot`), from its handshake's check on, so neither a burst of
+        handshakes nor a database slow to record new sessions can pass the limit; and every
+        session the registry holds attached or claimed."""
+        return max(self._taken, self.registry.attached) >= self.max_sessions
+
+    def slot(self) -> SessionSlot:
+        """A connection's place under ``max_sessions``, not yet taken (see
+        :class:`SessionSlot`)."""
+        return SessionSlot(self)
 
     def __contains__(self, session_id: str) -> bool:
         """Whether ``session_id`` is attached to a connection (or claimed by one)."""
@@ -173,16 +211,13 @@ class Sessions:
 
     async def run(self, host: SessionHost, ws: WebSocketConnection, handshake: Handshake) -> None:
         """Run one session to its end. Never raises: a failure ends this session alone."""
-        self._serving += 1
         try:
             await host.serve(ws, handshake)
         except Exception:
             log.exception("session.crashed", session_id=handshake.session_id)
             with trio.move_on_after(5) as scope:
                 scope.shield = True
-                await ws.aclose(CLOSE_INTERNAL_ERROR, "internal error; see server log")
-        finally:
-            self._serving -= 1
+                await ws.aclose(CLOSE_INTERNAL_ERROR, CLOSE_INTERNAL_ERROR_REASON)
 
     def cut_drain_short(self) -> None:
         """End a drain (now, or the next one) at once, as its deadline would."""
@@ -335,9 +370,18 @@ class McpWebSocketServer:
     async def _serve_connection(self, stream: PeerStream, peer: Peer, release: Release) -> None:
         """One connection from accept to its end; raising ends this connection only (the
         listener contains and logs it)."""
+        slot = self.sessions.slot()
+        try:
+            await self._serve_opened(stream, peer, release, slot)
+        finally:
+            slot.release()
+
+    async def _serve_opened(
+        self, stream: PeerStream, peer: Peer, release: Release, slot: SessionSlot
+    ) -> None:
         async with trio.open_nursery() as connection:  # trio-websocket's reader task lives here
             try:
-                opened = await self._open(connection, stream, peer)
+                opened = await self._open(connection, stream, peer, slot)
             finally:
                 release()
             if opened is not None:
@@ -358,7 +402,7 @@ class McpWebSocketServer:
             connection.cancel_scope.cancel()
 
     async def _open(
-        self, connection: trio.Nursery, stream: PeerStream, peer: Peer
+        self, connection: trio.Nursery, stream: PeerStream, peer: Peer, slot: SessionSlot
     ) -> tuple[WebSocketConnection, Handshake] | None:
         """The handshake, bounded by the deadline and by the peer's presence; ``None`` if it
         ended without a session (a plain HTTP request answered, refused, timed out, or the
@@ -380,7 +424,7 @@ class McpWebSocketServer:
                         receive_buffer_size=None,
                     )
                     try:
-                        opened = await self._handshake(request, peer, stream)
+                        opened = await self._handshake(request, peer, stream, slot)
                     except ConnectionClosed:
                         # The peer left while we answered it (a reset right after its
                         # request): its doing, not a failure of ours.
@@ -405,9 +449,10 @@ class McpWebSocketServer:
         return None
 
     async def _handshake(
-        self, request: WebSocketRequest, peer: Peer, stream: PeerStream
+        self, request: WebSocketRequest, peer: Peer, stream: PeerStream, slot: SessionSlot
     ) -> tuple[WebSocketConnection, Handshake] | None:
-        """Path, token and capacity are checked before anything else happens."""
+        """Path, token and capacity are checked before anything else happens; the capacity
+        check takes the connection's ``slot`` (released by the caller when it ends)."""
         path = request.path.partition("?")[0]
         if path != MCP_PATH:
             await request.reject(404, body=b"not found: the MCP endpoint is /mcp\n")
@@ -428,7 +473,7 @@ class McpWebSocketServer:
                 body=b"unauthorized: present the token as 'Authorization: Bearer' or ?token=\n",
             )
             return None
-        if self.sessions.full:
+        if not slot.take():
             self._throttle.emit(
                 log.warning,
                 "handshake.refused",

@@ -84,6 +84,7 @@ async def test_sessions_over_the_limit_are_refused_with_503_and_retry_after(
     )
     try:
         await _refuses_the_fourth_session(server.authed_url())
+        await _a_burst_stays_within_the_limit(server.authed_url(), limit=3, attempts=12)
     finally:
         assert server.stop() == 0
 
@@ -162,3 +163,35 @@ async def test_notifications_that_find_the_mailbox_full_become_counted_dead_lett
     assert mine[0]["reason"] == "mailbox full"
     assert mine[0]["kind"] == "Notification"
     assert mine[0]["sender"] == f"/root/sessions/{session_id}/reader"
+
+
+async def _a_burst_stays_within_the_limit(url: str, *, limit: int, attempts: int) -> None:
+    """Handshakes that arrive together cannot all pass one free place: the capacity check
+    and taking the place are one step, so at most ``limit`` are accepted (fewer while the
+    sessions of the step before are still ending) and every other one gets 503."""
+    accepted = 0
+    refused: list[int] = []
+    resolved = trio.Event()
+    hold = trio.Event()
+
+    async def attempt() -> None:
+        nonlocal accepted
+        try:
+            async with open_raw(url):
+                accepted += 1
+                if accepted + len(refused) == attempts:
+                    resolved.set()
+                await hold.wait()  # keep the session, and its place, until all have tried
+        except ConnectionRejected as rejected:
+            refused.append(rejected.status_code)
+            if accepted + len(refused) == attempts:
+                resolved.set()
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            for _ in range(attempts):
+                nursery.start_soon(attempt)
+            await resolved.wait()
+            hold.set()
+    assert 1 <= accepted <= limit
+    assert refused == [503] * (attempts - accepted)

@@ -196,35 +196,19 @@ async def test_the_server_view_counts_refuses_and_drains_from_the_registry(
     assert (reg.attached, reg.phase("c")) == (0, SessionPhase.PARKED)
 
 
-class _OpeningHost:
-    """A session host whose sessions stay in their opening step (their row not yet written,
-    so not in the registry) until ``proceed`` is set."""
-
-    def __init__(self) -> None:
-        self.proceed = trio.Event()
-        self.opening = 0
-
-    def claim(self, session_id: str, identity: str) -> object | None:
-        return None
-
-    async def unclaim(self, resumed: object) -> None:
-        return None
-
-    async def serve(self, ws: object, handshake: object) -> None:
-        self.opening += 1
-        await self.proceed.wait()
-
-
-async def test_sessions_still_opening_count_toward_the_limit() -> None:
-    """A burst of handshakes while the database is slow to record new sessions cannot pass
-    ``max_sessions``: a session counts from the start of its serve, before it is attached."""
+async def test_a_slot_is_taken_with_the_capacity_check_and_given_back_once() -> None:
+    """What the handshake does: the check and the taking are one step, so two handshakes
+    cannot both pass the last free place; a place is given back once, however often its
+    connection's end releases it."""
     reg, _ = registry()
     sessions = Sessions(reg, max_sessions=2)
-    host = _OpeningHost()
-    async with trio.open_nursery() as nursery:
-        for index in range(2):
-            nursery.start_soon(sessions.run, host, None, f"handshake-{index}")  # type: ignore[arg-type]
-        await trio.testing.wait_all_tasks_blocked()
-        assert (host.opening, reg.attached, sessions.full) == (2, 0, True)
-        host.proceed.set()
-    assert not sessions.full
+    first, second, third = sessions.slot(), sessions.slot(), sessions.slot()
+    assert (first.take(), second.take()) == (True, True)
+    assert (sessions.full, third.take()) == (True, False)
+    first.release()
+    first.release()
+    assert (sessions.full, third.take(), sessions.full) == (False, True, True)
+    reg.attach("s1", "alice", "state-1", Closed())
+    second.release()
+    third.release()
+    assert not sessions.full  # one attached session: the limit of 2 has room

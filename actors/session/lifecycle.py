@@ -31,9 +31,10 @@ from actors.session.runner import end_session, open_session, record_end, run_ses
 from actors.session.state import SessionState
 from actors.status import LiveSession
 from runtime.budget import ByteBudget
+from runtime.connection import CLOSE_INTERNAL_ERROR, CLOSE_INTERNAL_ERROR_REASON
 from runtime.mailbox import ActorRef
 from runtime.outbox import Outbox
-from runtime.server import CLOSE_GOING_AWAY, CLOSE_INTERNAL_ERROR, Handshake
+from runtime.server import CLOSE_GOING_AWAY, Handshake
 from runtime.session_registry import Ending, SessionEntry
 from runtime.websocket_transport import WebSocketTransport
 
@@ -177,7 +178,7 @@ class SessionLifecycle:
             return _ending_of(sent)
         if gave_up:
             # Raised to the sessions supervisor, which logs it (session.crashed) and closes.
-            return Ending(CLOSE_INTERNAL_ERROR, "internal error; see session.crashed")
+            return Ending(CLOSE_INTERNAL_ERROR, CLOSE_INTERNAL_ERROR_REASON)
         if not self.registry.parking and (
             seen is None or seen.code == CLOSE_GOING_AWAY or _unanswered(seen)
         ):

@@ -27,15 +27,13 @@ from actors.session.config import SessionServices
 from actors.session.runner import end_session, open_session, run_session
 from actors.session.state import SessionState
 from actors.status import LiveSession
+from runtime.connection import CLOSE_INTERNAL_ERROR, CLOSE_INTERNAL_ERROR_REASON
 from runtime.memory_transport import CLOSE_NORMAL, MemoryClient, MemoryTransport, memory_pair
 from runtime.supervision import Supervisor, run_root
 
 __all__ = ["MemorySession", "memory_session"]
 
 log = structlog.get_logger("session")
-
-#: RFC 6455 section 7.4.1 "internal error", as the sessions supervisor closes with.
-CLOSE_INTERNAL_ERROR = 1011
 
 
 @dataclass(eq=False)
@@ -117,7 +115,7 @@ async def _run(
     except Exception:
         # Contained as the sessions supervisor contains a WebSocket session's failure.
         log.exception("session.crashed", session_id=state.session_id)
-        await transport.close(CLOSE_INTERNAL_ERROR, "internal error; see server log")
+        await transport.close(CLOSE_INTERNAL_ERROR, CLOSE_INTERNAL_ERROR_REASON)
     finally:
         closed = transport.closed
         code, reason = (closed.code, closed.reason) if closed else (CLOSE_NORMAL, "closed")
