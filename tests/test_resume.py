@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
-from trio_websocket import ConnectionRejected
+from trio_websocket import ConnectionClosed, ConnectionRejected
 
 from tests.harness import RawClient, ServerProcess, open_raw, session_row, start_server, wait_until
 
@@ -115,5 +116,34 @@ async def test_after_the_grace_period_the_session_is_closed_and_refused(
     )
     with pytest.raises(ConnectionRejected) as refused:
         async with open_raw(f"{short_grace.authed_url()}&session={session_id}"):
+            pass
+    assert refused.value.status_code == 404
+
+
+def _masked_text_frame(payload: bytes) -> bytes:
+    """One final text frame as a client sends it (masked; RFC 6455 section 5.2), whatever
+    its payload: the client library itself only ever sends valid UTF-8."""
+    assert len(payload) < 126
+    mask = os.urandom(4)
+    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    return bytes([0x81, 0x80 | len(payload)]) + mask + masked
+
+
+async def test_a_peer_that_breaks_the_websocket_protocol_ends_its_session(
+    server: ServerProcess, database_url: str
+) -> None:
+    """A text frame that is not UTF-8 is the peer's fault, not a dropped network (1007):
+    its session ends at once instead of waiting, parked, for a resume."""
+    async with open_raw(server.authed_url()) as ws:
+        session_id = (await RawClient(ws).initialize())["result"]["_meta"]["exai/sessionId"]
+        await ws._stream.send_all(_masked_text_frame(b"\xff\xfe not utf-8"))
+        with pytest.raises(ConnectionClosed):
+            await ws.get_message()
+    await wait_until(
+        lambda: (session_row(database_url, session_id) or {}).get("status") == "closed",
+        what="the session to end",
+    )
+    with pytest.raises(ConnectionRejected) as refused:
+        async with open_raw(f"{server.authed_url()}&session={session_id}"):
             pass
     assert refused.value.status_code == 404

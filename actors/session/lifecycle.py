@@ -41,6 +41,12 @@ from runtime.websocket_transport import WebSocketTransport
 log = structlog.get_logger("session")
 
 CLOSE_NORMAL = 1000
+#: Closes after which a session ends instead of being parked (RFC 6455 section 7.4.1): the
+#: client ended it (1000), or the connection broke the protocol (1002), sent what cannot be
+#: taken (1003, 1007: not UTF-8 in a text frame; 1009: too big) or was closed for its
+#: behaviour (1008). A resume would only meet the same peer; a drop (1006) or a peer going
+#: away (1001) is parked.
+_ENDS_SESSION = frozenset({CLOSE_NORMAL, 1002, 1003, 1007, 1008, 1009})
 CLOSE_TRY_AGAIN_LATER = 1013
 
 
@@ -125,7 +131,7 @@ class SessionLifecycle:
                 # server closed itself (the outbox is closed first) is over too. Anything
                 # else (a dropped connection, 1001 going away) may be followed by a resume.
                 code = _close_code(closed)
-                if code != CLOSE_NORMAL and not outbox.closed:
+                if code not in _ENDS_SESSION and not outbox.closed:
                     state.detached()
                     dropped = True
         except* Exception:
