@@ -7,6 +7,23 @@ class StorageUnavailable(Exception):
     """The database is unreachable and the journal that stands in for it is full (or cannot
     be written). New work must be refused until storage recovers; nothing accepted is lost."""
 
+    def __init__(self, message: str, *, reason: str | None = None) -> None:
+        super().__init__(message)
+        #: What is unavailable, without the advice to retry: a caller that refuses its own
+        #: work says it in its own words (``actors.session.calls``: "nothing was done").
+        self.reason = reason or message
+
+    @classmethod
+    def journal_full(cls, detail: str = "") -> StorageUnavailable:
+        """The one sentence for new work refused while the journal stands in for the database
+        and is full (the persistence actor's own answer, and its client's from the actor's
+        latest status); ``detail`` (say, the journal's size) follows it in parentheses."""
+        where = f" ({detail})" if detail else ""
+        reason = (
+            f"storage unavailable: the database is unreachable and the write journal is full{where}"
+        )
+        return cls(f"{reason}; retry later", reason=reason)
+
 
 class WriteConflict(Exception):
     """A versioned write found the row moved by someone else (optimistic concurrency): the

@@ -209,9 +209,8 @@ class PersistenceActor(ServiceActor[_Message]):
         for position, record in enumerate(ship.records):
             critical = position in ship.critical
             if critical and isinstance(record, ADMISSIONS) and not self._available():
-                held.errors[position] = StorageUnavailable(
-                    "storage unavailable: the database is unreachable and the write journal is"
-                    f" full ({self._journal.size_bytes} bytes); retry later"
+                held.errors[position] = StorageUnavailable.journal_full(
+                    f"{self._journal.size_bytes} bytes"
                 )
             elif not critical and isinstance(record, SessionActivity):
                 self._coalesce(record)

@@ -115,17 +115,14 @@ class PersistenceClient(ServiceClient):
         return self._actor_available and self._outstanding < self._max_outstanding
 
     def ensure_available(self) -> None:
-        """Raise :class:`StorageUnavailable` if new work (a tool call) should be refused."""
+        """Raise :class:`StorageUnavailable` if new work (a tool call, a session) should be
+        refused: the one check of availability on the trio side, from the actor's latest
+        answer and this client's backlog (no round trip)."""
         if not self._actor_available:
-            raise StorageUnavailable(
-                "storage unavailable: the database is unreachable and the write journal is "
-                "full; retry later"
-            )
+            raise StorageUnavailable.journal_full()
         if self._outstanding >= self._max_outstanding:
-            raise StorageUnavailable(
-                f"storage unavailable: {self._outstanding} writes are waiting for the "
-                "database; retry later"
-            )
+            reason = f"storage unavailable: {self._outstanding} writes are waiting for the database"
+            raise StorageUnavailable(f"{reason}; retry later", reason=reason)
 
     # --- writing ----------------------------------------------------------------------------
 

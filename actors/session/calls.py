@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, Literal
 
+import pydantic_core
 import trio
 from structlog.typing import FilteringBoundLogger
 
@@ -53,11 +54,15 @@ from runtime.mcp.schema import (
     CallToolResult,
     LogLevel,
     LogMessageParams,
+    RequestMeta,
     TextContent,
 )
 from runtime.mcp.tools import Tool, ToolContext, ToolRegistry
 from storage.rows import SessionActivity, TaskFinished
 from storage.tasks import TaskLifecycle
+
+#: The ``_meta`` of a call that sent none.
+_NO_META = RequestMeta()
 
 
 class CallRunner:
@@ -122,17 +127,24 @@ class CallRunner:
         reader refuses with "server busy".
         """
         try:
-            version = self._methods.version_of(request)
-            call = params(CallToolParams, request)
+            # The params (their `_meta` with them) are parsed once, here; the version is read
+            # from that parse, and refused first, as for any other request.
+            try:
+                call: CallToolParams | None = params(CallToolParams, request)
+            except InvalidParams as error:
+                call, bad_params = None, error
+            version = self._methods.version_of(request, call.meta or _NO_META if call else None)
+            if call is None:
+                raise bad_params
             tool = self._tools.get(call.name)
             if tool is None:
                 raise InvalidParams(f"unknown tool: {call.name!r}")
-            if not self._persistence.available:
+            try:
+                self._persistence.ensure_available()
+            except StorageUnavailable as error:
                 raise Unavailable(
-                    "storage unavailable: the database is unreachable and the write journal "
-                    "is full; nothing was done, retry later",
-                    {"retryAfterMs": 1000},
-                )
+                    f"{error.reason}; nothing was done, retry later", {"retryAfterMs": 1000}
+                ) from None
         except RpcError as error:
             return error
         # The node-wide limiter counts borrowers: each call is its own, whatever id its client
@@ -236,7 +248,12 @@ class CallRunner:
             persistence.write_soon(task.finished("cancelled"))
             return None
         state.count_call(failed=outcome.status == "failed")
-        final = task.finished(outcome.status, result=outcome.result, error_message=outcome.error)
+        final = task.finished(
+            outcome.status,
+            result=outcome.result,
+            error_message=outcome.error,
+            result_size=outcome.result_size,
+        )
         try:
             await _write_retrying(persistence, final)
         except (StorageUnavailable, WriteConflict, WriteRejected, ActorUnavailable) as error:
@@ -302,9 +319,12 @@ class CallRunner:
         body["isError"] = output.is_error
         if versions.is_modern(version):
             body["resultType"] = "complete"
+        # Encoded once: the reply is built around it, and the task row's bound is its size.
+        encoded = pydantic_core.to_json(body)
+        reply = jsonrpc.encode_encoded_result(request_id, encoded)
         if output.is_error:
-            return _Outcome(jsonrpc.encode_result(request_id, body), "failed", body, output.text)
-        return _Outcome(jsonrpc.encode_result(request_id, body), "completed", body, None)
+            return _Outcome(reply, "failed", body, output.text, len(encoded))
+        return _Outcome(reply, "completed", body, None, len(encoded))
 
     async def _log_to_client(self, level: LogLevel, data: object, request_id: RequestId) -> None:
         """A tool's ``notifications/message``, if the client's level lets it through; it
@@ -469,6 +489,8 @@ class _Outcome:
     status: Literal["completed", "failed"]
     result: dict[str, Any] | None
     error: str | None
+    #: Bytes of ``result`` as compact JSON, when the reply already encoded it.
+    result_size: int | None = None
 
 
 async def _acquire(nowait: Callable[[], None], wait: Callable[[], Awaitable[None]]) -> None:
