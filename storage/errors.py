@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 
 class StorageUnavailable(Exception):
     """The database is unreachable and the journal that stands in for it is full (or cannot
@@ -25,13 +27,29 @@ class StorageUnavailable(Exception):
         return cls(f"{reason}; retry later", reason=reason)
 
 
+@dataclass(frozen=True, slots=True)
+class RowVersion:
+    """Where a versioned row stands: its state and its version (``storage.rows``' task
+    versions: 1 pending, 2 running, 3 final)."""
+
+    state: str
+    version: int
+
+
 class WriteConflict(Exception):
     """A versioned write found the row moved by someone else (optimistic concurrency): the
-    row was left as it was. ``current`` describes what the write found."""
+    row was left as it was. ``current``: what the write found, ``None`` if no row."""
 
-    def __init__(self, message: str, *, current: str | None = None) -> None:
+    def __init__(self, message: str, *, current: RowVersion | None = None) -> None:
         super().__init__(message)
         self.current = current
+
+    def behind(self, version: int) -> bool:
+        """Whether the row has only not caught up with a write to ``version``: it is missing,
+        or at a version older than the one that write moves it from (its earlier steps, sent
+        again after a persistence actor restart, have not landed yet). A row that moved
+        elsewhere (recovery marked it interrupted) is not behind: that conflict stands."""
+        return self.current is None or self.current.version < version - 1
 
 
 class WriteRejected(Exception):

@@ -26,6 +26,7 @@ from actors.persistence import (
     WriteConflict,
     WriteRejected,
 )
+from storage.errors import RowVersion
 from storage.journal import REJECTED_FILE, Journal
 from storage.migrations import apply_migrations
 from storage.recovery import recover
@@ -237,8 +238,11 @@ async def test_a_step_on_a_task_someone_else_moved_is_a_conflict(db: str, journa
                 "update tasks set status = 'interrupted', version = version + 1 where id = any(%s)",
                 ([critical.task_id, background.task_id],),
             )
-        with pytest.raises(WriteConflict, match="found 'interrupted' at version 3"):
+        with pytest.raises(WriteConflict, match="found 'interrupted' at version 3") as conflict:
             await client.write(critical.finished("completed", result="late"))
+        # Typed, not a string to parse back; a row moved elsewhere is not behind (no retry).
+        assert conflict.value.current == RowVersion("interrupted", 3)
+        assert not conflict.value.behind(critical.version)
         client.write_soon(background.finished("completed", result="late"))
         status = await client.flush()
 
@@ -425,3 +429,11 @@ async def test_the_pulse_heartbeats_this_node(db: str, journal: Journal) -> None
         nursery.start_soon(client.pulse, 0.01)
         await wait_until(lambda: heartbeat() > registered, what="a heartbeat")
         nursery.cancel_scope.cancel()
+
+
+def test_a_conflict_is_behind_only_while_the_row_has_not_caught_up() -> None:
+    """``WriteConflict.behind``: what ``PersistenceClient.write`` retries after a restart."""
+    assert WriteConflict("no row").behind(3)
+    assert WriteConflict("pending", current=RowVersion("pending", 1)).behind(3)
+    assert not WriteConflict("running", current=RowVersion("running", 2)).behind(3)
+    assert not WriteConflict("moved", current=RowVersion("interrupted", 3)).behind(3)

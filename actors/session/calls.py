@@ -58,7 +58,7 @@ from runtime.mcp.schema import (
     TextContent,
 )
 from runtime.mcp.tools import Tool, ToolContext, ToolRegistry
-from storage.rows import SessionActivity, TaskFinished
+from storage.rows import SessionActivity
 from storage.tasks import TaskLifecycle
 
 #: The ``_meta`` of a call that sent none.
@@ -255,7 +255,8 @@ class CallRunner:
             result_size=outcome.result_size,
         )
         try:
-            await _write_retrying(persistence, final)
+            # The one retry layer of the final write is the client's (across an actor restart).
+            await persistence.write(final)
         except (StorageUnavailable, WriteConflict, WriteRejected, ActorUnavailable) as error:
             # The tool ran and its answer stands; the record of it could not be confirmed.
             self._log.error("task.final_write_failed", task_id=str(task.task_id), error=repr(error))
@@ -440,34 +441,6 @@ def _invalid_input(request_id: RequestId, error: InvalidParams, version: str) ->
         )
         return _Outcome(jsonrpc.encode_result(request_id, result), "failed", result, error.message)
     return _Outcome(jsonrpc.encode_error(request_id, error), "failed", None, error.message)
-
-
-async def _write_retrying(persistence: PersistenceClient, record: TaskFinished) -> None:
-    """The final state of a task, written across a persistence actor restart.
-
-    The client re-sends a write lost with a crashed incarnation. After a restart the
-    task's earlier records (pending, running) are re-sent in the background and this one may
-    overtake them: the row is then *behind* (missing, or at an older version), which the
-    versioned write reports as a conflict. Flushing lets those records land, then this one is
-    retried. A row that moved elsewhere (say, recovery marked it interrupted) stays a conflict.
-    """
-    attempts = 5
-    for attempt in range(1, attempts + 1):
-        try:
-            await persistence.write(record)  # retries an actor restart itself
-        except WriteConflict as conflict:
-            if attempt == attempts or not _row_behind(conflict, record):
-                raise
-            await persistence.flush()
-        else:
-            return
-
-
-def _row_behind(conflict: WriteConflict, record: TaskFinished) -> bool:
-    if conflict.current is None:
-        return True  # the row is not there yet
-    _, _, version = conflict.current.rpartition("@")
-    return version.isdigit() and int(version) < record.version - 1
 
 
 @dataclass(eq=False, slots=True)
