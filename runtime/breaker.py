@@ -1,4 +1,7 @@
-"""A circuit breaker for trio, judged the way resilience4j judges (its CircuitBreaker docs).
+"""The providers' circuit breaker, :class:`FailureRateBreaker`: a failure *rate* over a window,
+for trio, judged the way resilience4j judges (its CircuitBreaker docs). Its twin,
+``storage.breaker.ConsecutiveFailureBreaker`` (the persistence actor's: consecutive failures,
+one trial), shares its state type, :class:`~storage.breaker.BreakerState`.
 
 pybreaker, purgatory and circuitbreaker count *consecutive* failures and let any number of
 trial calls through once half-open; none of them targets trio. This one:
@@ -25,19 +28,15 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from enum import Enum, StrEnum
+from enum import Enum
 
 import structlog
 import trio
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from storage.breaker import BreakerState
+
 log = structlog.get_logger("breaker")
-
-
-class BreakerState(StrEnum):
-    CLOSED = "closed"
-    OPEN = "open"
-    HALF_OPEN = "half_open"
 
 
 class CallOutcome(Enum):
@@ -129,7 +128,7 @@ class Permit:
 
     __slots__ = ("_breaker", "_done", "_generation", "_half_open", "_started")
 
-    def __init__(self, breaker: CircuitBreaker, generation: int, *, half_open: bool) -> None:
+    def __init__(self, breaker: FailureRateBreaker, generation: int, *, half_open: bool) -> None:
         self._breaker = breaker
         self._generation = generation
         self._half_open = half_open
@@ -161,7 +160,7 @@ def default_classify(error: BaseException) -> CallOutcome:
     return CallOutcome.FAILURE
 
 
-class CircuitBreaker:
+class FailureRateBreaker:
     """One upstream's breaker. Use :meth:`guard`, or :meth:`acquire` and ``Permit.finish``."""
 
     def __init__(self, name: str, config: BreakerConfig | None = None) -> None:

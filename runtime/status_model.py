@@ -12,9 +12,11 @@ interface (``runtime/admin.py``) serves it and renders it as Prometheus metrics.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal, Protocol
+from typing import Literal, Protocol, assert_never
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from storage.breaker import BreakerState
 
 SCHEMA_VERSION = 1
 
@@ -109,7 +111,7 @@ class LimitsStatus(_Model):
 
 class BreakerStatus(_Model):
     name: str
-    state: Literal["closed", "open", "half_open"]
+    state: BreakerState
     window_calls: int
     window_failures: int
     failure_rate: float | None
@@ -118,9 +120,29 @@ class BreakerStatus(_Model):
     rejected: int
 
 
+Database = Literal["up", "down", "trying"]
+
+
+def database_of(breaker: BreakerState) -> Database:
+    """The database as the storage breaker sees it: closed = up, open = down, half_open =
+    trying."""
+    match breaker:
+        case BreakerState.CLOSED:
+            return "up"
+        case BreakerState.OPEN:
+            return "down"
+        case BreakerState.HALF_OPEN:
+            return "trying"
+        case _:
+            assert_never(breaker)
+
+
 class PersistenceStatus(_Model):
+    """The persistence actor's status, as it answers ``status``/``flush``/a tick (it fills it
+    in: ``actors/persistence/actor.py``) and as ``exai status`` shows it: one model."""
+
     available: bool = Field(description="Storage takes new work (sessions, tool calls).")
-    database: Literal["up", "down", "trying"] = Field(
+    database: Database = Field(
         description="The storage breaker: closed = up, open = down, half_open = trying."
     )
     queue: int = Field(description="Messages waiting in the persistence actor's inbox.")

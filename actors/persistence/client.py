@@ -42,7 +42,6 @@ from actors.persistence.protocol import (
     ADMISSIONS,
     Flush,
     GetStatus,
-    PersistenceStatus,
     Ship,
     ShipmentResult,
     Tick,
@@ -51,6 +50,7 @@ from runtime import trace
 from runtime.bridge import CallbackFuture
 from runtime.pacer import Pacer
 from runtime.pykka_client import Resolve, ServiceClient
+from runtime.status_model import PersistenceStatus
 from storage.errors import StorageUnavailable, WriteConflict
 from storage.rows import Record, TaskFinished, TaskStarted
 

@@ -57,11 +57,11 @@ from actors.providers.wire import (
 from runtime.breaker import (
     BreakerOpen,
     BreakerSnapshot,
-    BreakerState,
     CallOutcome,
-    CircuitBreaker,
+    FailureRateBreaker,
     Permit,
 )
+from storage.breaker import BreakerState
 
 log = structlog.get_logger("provider")
 
@@ -137,11 +137,11 @@ class ChatProvider:
         settings: ProviderSettings,
         http: httpx.AsyncClient,
         *,
-        breaker: CircuitBreaker | None = None,
+        breaker: FailureRateBreaker | None = None,
         rng: random.Random | None = None,
     ) -> None:
         self.settings = settings
-        self.breaker = breaker or CircuitBreaker(settings.name, settings.breaker)
+        self.breaker = breaker or FailureRateBreaker(settings.name, settings.breaker)
         self._http = http
         self._rng = rng or random.Random()
         self._url = f"{settings.base_url}/chat/completions"
