@@ -4,7 +4,7 @@ One actor serialises the shared limits (requests and tokens per minute of each u
 calls in flight per provider) and each client identity's own (requests per minute, token and
 cost quotas, shared by all the identity's sessions and kept when they end, so reconnecting
 resets nothing), so admission is exact under any number of concurrent sessions. The arithmetic is
-:mod:`actors.limits`; this module is the actor around it: waiting, fairness, time, the trio
+:mod:`actors.rate_ledger`; this module is the actor around it: waiting, fairness, time, the trio
 side.
 
 It is a pykka service like persistence (:mod:`runtime.pykka_service`): typed messages, a trio
@@ -61,7 +61,8 @@ import structlog
 import trio
 from pydantic import BaseModel, ConfigDict
 
-from actors.limits import (
+from actors.providers.usage import Usage
+from actors.rate_ledger import (
     Blocked,
     ClientLimits,
     Consumed,
@@ -70,7 +71,6 @@ from actors.limits import (
     LimitName,
     ProviderLimits,
 )
-from actors.providers.usage import Usage
 from runtime.bridge import CallbackFuture
 from runtime.pacer import Pacer
 from runtime.pykka_client import Resolve, ServiceClient
@@ -250,10 +250,10 @@ class _Waiter:
 
 
 class RateLimiterActor(ServiceActor[_Message]):
-    """Owns the :class:`~actors.limits.Ledger` and the queues of waiting calls.
+    """Owns the :class:`~actors.rate_ledger.Ledger` and the queues of waiting calls.
 
     ``wake(at)`` asks the pacer for a tick (from this thread). ``ledger``: the ledger to
-    start from (:meth:`~actors.limits.Ledger.successor` of a crashed incarnation's); a fresh
+    start from (:meth:`~actors.rate_ledger.Ledger.successor` of a crashed incarnation's); a fresh
     one by default.
     """
 
@@ -636,7 +636,7 @@ def supervised_rate_limiter(
     """The limiter as a supervisor's child reached through ``name``: its client (valid for
     the node's life, across restarts) and the child's start function (``pykka_child`` with
     the client's pacer). Every incarnation after the first starts from the
-    :meth:`~actors.limits.Ledger.successor` of the last one's ledger (see the module doc)."""
+    :meth:`~actors.rate_ledger.Ledger.successor` of the last one's ledger (see the module doc)."""
     limiter = RateLimiter(name.resolve, default_wait=client.max_wait_seconds)
     ledgers: list[Ledger] = []  # the current incarnation's, read only once it is dead
 
