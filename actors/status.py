@@ -405,14 +405,5 @@ def _meter_view(meter: Meter, now: float) -> dict[str, Any]:
 
 
 def _breaker(breaker: FailureRateBreaker | BreakerSnapshot) -> BreakerStatus:
-    snap = breaker.snapshot() if isinstance(breaker, FailureRateBreaker) else breaker
-    return BreakerStatus(
-        name=snap.name,
-        state=snap.state.value,
-        window_calls=snap.window_calls,
-        window_failures=snap.window_failures,
-        failure_rate=snap.failure_rate,
-        retry_after_s=snap.retry_after,
-        times_opened=snap.times_opened,
-        rejected=snap.rejected,
-    )
+    """The breaker's own model: its snapshot is a :class:`BreakerStatus`, served as that."""
+    return breaker.snapshot() if isinstance(breaker, FailureRateBreaker) else breaker

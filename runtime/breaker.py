@@ -34,6 +34,7 @@ import structlog
 import trio
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from runtime.status_model import BreakerStatus
 from storage.breaker import BreakerState
 
 log = structlog.get_logger("breaker")
@@ -99,22 +100,14 @@ class BreakerOpen(Exception):
         super().__init__(message)
 
 
-class BreakerSnapshot(BaseModel):
-    """A breaker's state for the status command; a copy, safe to serialise."""
+class BreakerSnapshot(BreakerStatus):
+    """A breaker's state: the public status (``exai status`` shows these fields, and only
+    these: a model field serialises as its declared type) and what only tests and the provider
+    read besides. A copy, safe to serialise."""
 
-    model_config = ConfigDict(frozen=True)
-
-    name: str
-    state: BreakerState
-    window_calls: int = Field(description="Calls in the window (closed state).")
-    window_failures: int = Field(description="Of which failed, slow ones included.")
-    window_slow: int = Field(description="Of which were slow.")
-    failure_rate: float | None = Field(description="None until minimum_calls are in the window.")
-    retry_after: float | None = Field(description="Seconds until a trial, while open.")
+    window_slow: int = Field(description="Of the window's failures, how many were slow.")
     half_open_in_flight: int
     half_open_results: int
-    times_opened: int
-    rejected: int = Field(description="Calls refused without being tried.")
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,7 +217,7 @@ class FailureRateBreaker:
             window_failures=failures,
             window_slow=sum(1 for r in self._window if r.slow),
             failure_rate=failures / len(self._window) if judged else None,
-            retry_after=(
+            retry_after_s=(
                 max(0.0, self._open_until - now) if self._state is BreakerState.OPEN else None
             ),
             half_open_in_flight=self._trials_issued - len(self._trials),

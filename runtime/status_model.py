@@ -110,14 +110,16 @@ class LimitsStatus(_Model):
 
 
 class BreakerStatus(_Model):
+    """A provider's breaker (``runtime/breaker.py``: its snapshot is this model, and more)."""
+
     name: str
     state: BreakerState
-    window_calls: int
-    window_failures: int
-    failure_rate: float | None
+    window_calls: int = Field(description="Calls in the window (closed state).")
+    window_failures: int = Field(description="Of which failed, slow ones included.")
+    failure_rate: float | None = Field(description="None until minimum_calls are in the window.")
     retry_after_s: float | None = Field(description="Seconds until a trial, while open.")
     times_opened: int
-    rejected: int
+    rejected: int = Field(description="Calls refused without being tried.")
 
 
 Database = Literal["up", "down", "trying"]

@@ -79,7 +79,7 @@ async def test_open_refuses_at_once_naming_itself_and_when_it_retries(
     assert "18.0 s" in str(caught.value)
     snapshot = breaker.snapshot()
     assert snapshot.rejected == 1
-    assert snapshot.retry_after == pytest.approx(18)
+    assert snapshot.retry_after_s == pytest.approx(18)
 
 
 async def test_half_open_lets_exactly_the_configured_trials_through(mock_clock: MockClock) -> None:

@@ -190,9 +190,9 @@ class ChatProvider:
         if snapshot.state is BreakerState.OPEN:
             raise ProviderUnavailable(
                 f"upstream {self.name!r} is unavailable: its circuit breaker is open and "
-                f"tries again in {snapshot.retry_after or 0:.1f} s",
+                f"tries again in {snapshot.retry_after_s or 0:.1f} s",
                 provider=self.name,
-                retry_after=snapshot.retry_after,
+                retry_after=snapshot.retry_after_s,
             )
 
     async def complete(self, request: ChatRequest, *, on_text: OnText | None = None) -> ChatResult:
