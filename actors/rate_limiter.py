@@ -76,6 +76,7 @@ from runtime.pacer import Pacer
 from runtime.pykka_client import Resolve, ServiceClient
 from runtime.pykka_service import ServiceActor
 from runtime.pykka_supervision import ActorName, pykka_child
+from runtime.status_model import ProviderLimitStatus
 from runtime.supervision.spec import StartFunction
 
 log = structlog.get_logger("rate_limiter")
@@ -163,21 +164,11 @@ class SessionUsage(BaseModel):
     cost_reserved_usd: float
 
 
-class ProviderLoad(BaseModel):
-    model_config = ConfigDict(frozen=True)
-
-    name: str
-    limits: ProviderLimits
-    in_flight: int
-    waiting: int
-    requests_available: float | None
-    tokens_available: float | None
-
-
 class LimiterSnapshot(BaseModel):
     model_config = ConfigDict(frozen=True)
 
-    providers: list[ProviderLoad]
+    #: Each provider's load, as ``exai status`` shows it (the public model, filled in here).
+    providers: list[ProviderLimitStatus]
     sessions: list[SessionUsage]
 
 
@@ -481,9 +472,11 @@ class RateLimiterActor(ServiceActor[_Message]):
         for waiter in self._waiters.values():
             waiting[waiter.demand.provider] = waiting.get(waiter.demand.provider, 0) + 1
         providers = [
-            ProviderLoad(
+            ProviderLimitStatus(
                 name=p.name,
-                limits=p.limits,
+                requests_per_minute=p.limits.requests_per_minute,
+                tokens_per_minute=p.limits.tokens_per_minute,
+                max_concurrency=p.limits.max_concurrency,
                 in_flight=p.in_flight,
                 waiting=waiting.get(p.name, 0),
                 requests_available=p.requests.available(now) if p.requests else None,

@@ -47,7 +47,6 @@ from runtime.status_model import (
     NodeInfo,
     NodeStatus,
     PersistenceStatus,
-    ProviderLimitStatus,
     SessionStatus,
 )
 from runtime.supervision import Supervisor
@@ -234,21 +233,9 @@ class NodeStatusSource:
         except Exception as exc:
             problems.append(f"rate limiter: {exc!r}")
             return None, {}
-        providers = [
-            ProviderLimitStatus(
-                name=p.name,
-                requests_per_minute=p.limits.requests_per_minute,
-                tokens_per_minute=p.limits.tokens_per_minute,
-                max_concurrency=p.limits.max_concurrency,
-                in_flight=p.in_flight,
-                waiting=p.waiting,
-                requests_available=p.requests_available,
-                tokens_available=p.tokens_available,
-            )
-            for p in snapshot.providers
-        ]
         usage = {s.session_id: s for s in snapshot.sessions}
-        return LimitsStatus(providers=providers, sessions_tracked=len(usage)), usage
+        # The limiter's own model of each provider, as it answered.
+        return LimitsStatus(providers=snapshot.providers, sessions_tracked=len(usage)), usage
 
     def _breaker_list(self) -> Iterable[FailureRateBreaker | BreakerSnapshot]:
         return self._breakers() if self._breakers is not None else ()
