@@ -650,7 +650,7 @@ class _DatabaseProbe:
                 except ActorUnavailable:
                     pass  # restarting: not reachable now
                 else:
-                    reachable = status.breaker == "closed" and status.available
+                    reachable = status.database == "up" and status.available
             self._reachable = reachable
             self._fresh_until = trio.current_time() + self._period
         finally:

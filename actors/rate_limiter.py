@@ -4,7 +4,7 @@ One actor serialises the shared limits (requests and tokens per minute of each u
 calls in flight per provider) and each client identity's own (requests per minute, token and
 cost quotas, shared by all the identity's sessions and kept when they end, so reconnecting
 resets nothing), so admission is exact under any number of concurrent sessions. The arithmetic is
-:mod:`actors.limits`; this module is the actor around it: waiting, fairness, time, the trio
+:mod:`actors.rate_ledger`; this module is the actor around it: waiting, fairness, time, the trio
 side.
 
 It is a pykka service like persistence (:mod:`runtime.pykka_service`): typed messages, a trio
@@ -61,7 +61,8 @@ import structlog
 import trio
 from pydantic import BaseModel, ConfigDict
 
-from actors.limits import (
+from actors.providers.usage import Usage
+from actors.rate_ledger import (
     Blocked,
     ClientLimits,
     Consumed,
@@ -70,12 +71,12 @@ from actors.limits import (
     LimitName,
     ProviderLimits,
 )
-from actors.providers.usage import Usage
 from runtime.bridge import CallbackFuture
 from runtime.pacer import Pacer
 from runtime.pykka_client import Resolve, ServiceClient
 from runtime.pykka_service import ServiceActor
 from runtime.pykka_supervision import ActorName, pykka_child
+from runtime.status_model import ProviderLimitStatus
 from runtime.supervision.spec import StartFunction
 from storage.errors import LimitExhausted, Refused, RetryLater
 
@@ -181,21 +182,11 @@ class SessionUsage(BaseModel):
     cost_reserved_usd: float
 
 
-class ProviderLoad(BaseModel):
-    model_config = ConfigDict(frozen=True)
-
-    name: str
-    limits: ProviderLimits
-    in_flight: int
-    waiting: int
-    requests_available: float | None
-    tokens_available: float | None
-
-
 class LimiterSnapshot(BaseModel):
     model_config = ConfigDict(frozen=True)
 
-    providers: list[ProviderLoad]
+    #: Each provider's load, as ``exai status`` shows it (the public model, filled in here).
+    providers: list[ProviderLimitStatus]
     sessions: list[SessionUsage]
 
 
@@ -268,10 +259,10 @@ class _Waiter:
 
 
 class RateLimiterActor(ServiceActor[_Message]):
-    """Owns the :class:`~actors.limits.Ledger` and the queues of waiting calls.
+    """Owns the :class:`~actors.rate_ledger.Ledger` and the queues of waiting calls.
 
     ``wake(at)`` asks the pacer for a tick (from this thread). ``ledger``: the ledger to
-    start from (:meth:`~actors.limits.Ledger.successor` of a crashed incarnation's); a fresh
+    start from (:meth:`~actors.rate_ledger.Ledger.successor` of a crashed incarnation's); a fresh
     one by default.
     """
 
@@ -499,9 +490,11 @@ class RateLimiterActor(ServiceActor[_Message]):
         for waiter in self._waiters.values():
             waiting[waiter.demand.provider] = waiting.get(waiter.demand.provider, 0) + 1
         providers = [
-            ProviderLoad(
+            ProviderLimitStatus(
                 name=p.name,
-                limits=p.limits,
+                requests_per_minute=p.limits.requests_per_minute,
+                tokens_per_minute=p.limits.tokens_per_minute,
+                max_concurrency=p.limits.max_concurrency,
                 in_flight=p.in_flight,
                 waiting=waiting.get(p.name, 0),
                 requests_available=p.requests.available(now) if p.requests else None,
@@ -654,7 +647,7 @@ def supervised_rate_limiter(
     """The limiter as a supervisor's child reached through ``name``: its client (valid for
     the node's life, across restarts) and the child's start function (``pykka_child`` with
     the client's pacer). Every incarnation after the first starts from the
-    :meth:`~actors.limits.Ledger.successor` of the last one's ledger (see the module doc)."""
+    :meth:`~actors.rate_ledger.Ledger.successor` of the last one's ledger (see the module doc)."""
     limiter = RateLimiter(name.resolve, default_wait=client.max_wait_seconds)
     ledgers: list[Ledger] = []  # the current incarnation's, read only once it is dead
 

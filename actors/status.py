@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import pykka
 import trio
 
-from runtime.breaker import BreakerSnapshot, CircuitBreaker
+from runtime.breaker import BreakerSnapshot, FailureRateBreaker
 from runtime.budget import NodeBudget
 from runtime.dead_letters import DeadLetters, dead_letters
 from runtime.mailbox import ActorRef
@@ -47,7 +47,6 @@ from runtime.status_model import (
     NodeInfo,
     NodeStatus,
     PersistenceStatus,
-    ProviderLimitStatus,
     SessionStatus,
 )
 from runtime.supervision import Supervisor
@@ -116,7 +115,7 @@ class NodeStatusSource:
         registry: SessionRegistry[LiveSession],
         persistence: PersistenceClient | None = None,
         limiter: Callable[[], RateLimiter | None] | None = None,
-        breakers: Callable[[], Iterable[CircuitBreaker | BreakerSnapshot]] | None = None,
+        breakers: Callable[[], Iterable[FailureRateBreaker | BreakerSnapshot]] | None = None,
         supervisors: Sequence[Supervisor] = (),
         pykka_actors: Mapping[str, PykkaActor] | None = None,
         meters: Mapping[str, Meter] | None = None,
@@ -207,30 +206,14 @@ class NodeStatusSource:
             return None
         try:
             with trio.fail_after(self._ask_timeout):
-                raw = await self._persistence.status()
+                status = await self._persistence.status()
         except trio.TooSlowError:
             problems.append(f"persistence: no answer within {self._ask_timeout:g} s")
             return None
         except Exception as exc:
             problems.append(f"persistence: {exc!r}")
             return None
-        return PersistenceStatus(
-            available=raw.available,
-            database={"closed": "up", "open": "down", "half_open": "trying"}[raw.breaker],
-            queue=0,
-            journal_file=raw.journal_file,
-            journal_bytes=raw.journal_bytes,
-            journal_pending_records=raw.journal_pending_records,
-            journal_full=raw.journal_full,
-            batches=raw.batches,
-            largest_batch=raw.largest_batch,
-            records_written=raw.records_written,
-            records_journaled=raw.records_journaled,
-            records_replayed=raw.records_replayed,
-            conflicts=raw.conflicts,
-            rejected=raw.rejected,
-            last_error=raw.last_error,
-        )
+        return status  # the actor's own model, as it answered
 
     async def _limits(
         self, problems: list[str]
@@ -250,23 +233,11 @@ class NodeStatusSource:
         except Exception as exc:
             problems.append(f"rate limiter: {exc!r}")
             return None, {}
-        providers = [
-            ProviderLimitStatus(
-                name=p.name,
-                requests_per_minute=p.limits.requests_per_minute,
-                tokens_per_minute=p.limits.tokens_per_minute,
-                max_concurrency=p.limits.max_concurrency,
-                in_flight=p.in_flight,
-                waiting=p.waiting,
-                requests_available=p.requests_available,
-                tokens_available=p.tokens_available,
-            )
-            for p in snapshot.providers
-        ]
         usage = {s.session_id: s for s in snapshot.sessions}
-        return LimitsStatus(providers=providers, sessions_tracked=len(usage)), usage
+        # The limiter's own model of each provider, as it answered.
+        return LimitsStatus(providers=snapshot.providers, sessions_tracked=len(usage)), usage
 
-    def _breaker_list(self) -> Iterable[CircuitBreaker | BreakerSnapshot]:
+    def _breaker_list(self) -> Iterable[FailureRateBreaker | BreakerSnapshot]:
         return self._breakers() if self._breakers is not None else ()
 
     # -- the tree ------------------------------------------------------------------------------
@@ -420,15 +391,6 @@ def _meter_view(meter: Meter, now: float) -> dict[str, Any]:
     }
 
 
-def _breaker(breaker: CircuitBreaker | BreakerSnapshot) -> BreakerStatus:
-    snap = breaker.snapshot() if isinstance(breaker, CircuitBreaker) else breaker
-    return BreakerStatus(
-        name=snap.name,
-        state=snap.state.value,
-        window_calls=snap.window_calls,
-        window_failures=snap.window_failures,
-        failure_rate=snap.failure_rate,
-        retry_after_s=snap.retry_after,
-        times_opened=snap.times_opened,
-        rejected=snap.rejected,
-    )
+def _breaker(breaker: FailureRateBreaker | BreakerSnapshot) -> BreakerStatus:
+    """The breaker's own model: its snapshot is a :class:`BreakerStatus`, served as that."""
+    return breaker.snapshot() if isinstance(breaker, FailureRateBreaker) else breaker

@@ -1,4 +1,7 @@
-"""A circuit breaker for trio, judged the way resilience4j judges (its CircuitBreaker docs).
+"""The providers' circuit breaker, :class:`FailureRateBreaker`: a failure *rate* over a window,
+for trio, judged the way resilience4j judges (its CircuitBreaker docs). Its twin,
+``storage.breaker.ConsecutiveFailureBreaker`` (the persistence actor's: consecutive failures,
+one trial), shares its state type, :class:`~storage.breaker.BreakerState`.
 
 pybreaker, purgatory and circuitbreaker count *consecutive* failures and let any number of
 trial calls through once half-open; none of them targets trio. This one:
@@ -25,21 +28,17 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from enum import Enum, StrEnum
+from enum import Enum
 
 import structlog
 import trio
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from runtime.status_model import BreakerStatus
+from storage.breaker import BreakerState
 from storage.errors import RetryLater
 
 log = structlog.get_logger("breaker")
-
-
-class BreakerState(StrEnum):
-    CLOSED = "closed"
-    OPEN = "open"
-    HALF_OPEN = "half_open"
 
 
 class CallOutcome(Enum):
@@ -103,22 +102,14 @@ class BreakerOpen(RetryLater):
         super().__init__(message)
 
 
-class BreakerSnapshot(BaseModel):
-    """A breaker's state for the status command; a copy, safe to serialise."""
+class BreakerSnapshot(BreakerStatus):
+    """A breaker's state: the public status (``exai status`` shows these fields, and only
+    these: a model field serialises as its declared type) and what only tests and the provider
+    read besides. A copy, safe to serialise."""
 
-    model_config = ConfigDict(frozen=True)
-
-    name: str
-    state: BreakerState
-    window_calls: int = Field(description="Calls in the window (closed state).")
-    window_failures: int = Field(description="Of which failed, slow ones included.")
-    window_slow: int = Field(description="Of which were slow.")
-    failure_rate: float | None = Field(description="None until minimum_calls are in the window.")
-    retry_after: float | None = Field(description="Seconds until a trial, while open.")
+    window_slow: int = Field(description="Of the window's failures, how many were slow.")
     half_open_in_flight: int
     half_open_results: int
-    times_opened: int
-    rejected: int = Field(description="Calls refused without being tried.")
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,7 +123,7 @@ class Permit:
 
     __slots__ = ("_breaker", "_done", "_generation", "_half_open", "_started")
 
-    def __init__(self, breaker: CircuitBreaker, generation: int, *, half_open: bool) -> None:
+    def __init__(self, breaker: FailureRateBreaker, generation: int, *, half_open: bool) -> None:
         self._breaker = breaker
         self._generation = generation
         self._half_open = half_open
@@ -164,7 +155,7 @@ def default_classify(error: BaseException) -> CallOutcome:
     return CallOutcome.FAILURE
 
 
-class CircuitBreaker:
+class FailureRateBreaker:
     """One upstream's breaker. Use :meth:`guard`, or :meth:`acquire` and ``Permit.finish``."""
 
     def __init__(self, name: str, config: BreakerConfig | None = None) -> None:
@@ -228,7 +219,7 @@ class CircuitBreaker:
             window_failures=failures,
             window_slow=sum(1 for r in self._window if r.slow),
             failure_rate=failures / len(self._window) if judged else None,
-            retry_after=(
+            retry_after_s=(
                 max(0.0, self._open_until - now) if self._state is BreakerState.OPEN else None
             ),
             half_open_in_flight=self._trials_issued - len(self._trials),

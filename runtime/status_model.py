@@ -12,9 +12,11 @@ interface (``runtime/admin.py``) serves it and renders it as Prometheus metrics.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal, Protocol
+from typing import Literal, Protocol, assert_never
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from storage.breaker import BreakerState
 
 SCHEMA_VERSION = 1
 
@@ -108,19 +110,41 @@ class LimitsStatus(_Model):
 
 
 class BreakerStatus(_Model):
+    """A provider's breaker (``runtime/breaker.py``: its snapshot is this model, and more)."""
+
     name: str
-    state: Literal["closed", "open", "half_open"]
-    window_calls: int
-    window_failures: int
-    failure_rate: float | None
+    state: BreakerState
+    window_calls: int = Field(description="Calls in the window (closed state).")
+    window_failures: int = Field(description="Of which failed, slow ones included.")
+    failure_rate: float | None = Field(description="None until minimum_calls are in the window.")
     retry_after_s: float | None = Field(description="Seconds until a trial, while open.")
     times_opened: int
-    rejected: int
+    rejected: int = Field(description="Calls refused without being tried.")
+
+
+Database = Literal["up", "down", "trying"]
+
+
+def database_of(breaker: BreakerState) -> Database:
+    """The database as the storage breaker sees it: closed = up, open = down, half_open =
+    trying."""
+    match breaker:
+        case BreakerState.CLOSED:
+            return "up"
+        case BreakerState.OPEN:
+            return "down"
+        case BreakerState.HALF_OPEN:
+            return "trying"
+        case _:
+            assert_never(breaker)
 
 
 class PersistenceStatus(_Model):
+    """The persistence actor's status, as it answers ``status``/``flush``/a tick (it fills it
+    in: ``actors/persistence/actor.py``) and as ``exai status`` shows it: one model."""
+
     available: bool = Field(description="Storage takes new work (sessions, tool calls).")
-    database: Literal["up", "down", "trying"] = Field(
+    database: Database = Field(
         description="The storage breaker: closed = up, open = down, half_open = trying."
     )
     queue: int = Field(description="Messages waiting in the persistence actor's inbox.")

@@ -10,9 +10,9 @@ Every unit of that work logs one ``actor.message`` event carrying the same ``tra
 and trio copies the context into tasks started from there. A message to a pykka actor crosses
 threads, where context variables do not follow, so the message carries a :class:`Postmark`
 (trace id, session id, sender, and when it was posted, for the time it waited in the
-mailbox); the actor passes it back to :func:`handling`. For a trio mailbox whose messages
-cannot carry one (the session's JSON-RPC messages), :class:`Postmarks` keeps them beside the
-mailbox.
+mailbox); the actor passes it back to :func:`handling`. A trio mailbox whose messages cannot
+carry one (the session's JSON-RPC messages) carries each in an :class:`Envelope` with its
+postmark (:func:`post`).
 
 **Sampling.** ``EXAI_TRACE_SAMPLE`` (0..1) keeps that share of *traces*, decided from the trace
 id, so a kept trace is complete in every actor. A unit whose outcome is not ``ok`` is logged
@@ -37,7 +37,7 @@ from collections.abc import MutableMapping, Sequence
 from contextvars import ContextVar, Token
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import structlog
 import trio
@@ -51,6 +51,8 @@ CANCELLED = "cancelled"
 RequestId = str | int
 
 log = structlog.get_logger("trace")
+
+M = TypeVar("M")
 
 # Not cryptographic: trace ids need to be unique, not unguessable, and this costs ~0.2 µs.
 _ids = random.Random(os.urandom(16))
@@ -134,35 +136,27 @@ def postmark(sender: str | None = None) -> Postmark:
     )
 
 
-class Postmarks:
-    """Postmarks of the messages in one trio mailbox, kept beside it (by message identity)
-    because its messages have no room for one. Single trio thread; no locking."""
+@dataclass(frozen=True, slots=True)
+class Envelope(Generic[M]):
+    """A message in a trio mailbox with its postmark: the envelope carries the trace context,
+    so nothing is kept beside the mailbox (a message of the peer's, such as a session's
+    JSON-RPC request, has no room for one). Made by :func:`post`."""
 
-    __slots__ = ("_marks",)
+    message: M
+    mark: Postmark
 
-    def __init__(self) -> None:
-        self._marks: dict[int, Postmark] = {}
 
-    def post(
-        self, message: object, *, sender: str | None = None, trace_id: str | None = None
-    ) -> Postmark:
-        """Call right after the message was queued. Starts a trace if none is bound."""
-        context = _current.get()
-        mark = Postmark(
-            trace_id or context.trace_id or new_trace_id(),
-            context.session_id,
-            sender or context.actor,
-            time.perf_counter(),
-        )
-        self._marks[id(message)] = mark
-        return mark
-
-    def take(self, message: object) -> Postmark | None:
-        """Call when the actor takes the message; ``None`` if it was never posted here."""
-        return self._marks.pop(id(message), None)
-
-    def __len__(self) -> int:
-        return len(self._marks)
+def post(message: M, *, sender: str | None = None, trace_id: str | None = None) -> Envelope[M]:
+    """``message`` in its envelope, stamped now, for a trio mailbox; starts a trace if none is
+    bound (``trace_id``: continue that one instead)."""
+    context = _current.get()
+    mark = Postmark(
+        trace_id or context.trace_id or new_trace_id(),
+        context.session_id,
+        sender or context.actor,
+        time.perf_counter(),
+    )
+    return Envelope(message, mark)
 
 
 @dataclass(slots=True)

@@ -1,4 +1,7 @@
-"""The storage circuit breaker: stop hammering a database that is down or slow.
+"""The storage circuit breaker, :class:`ConsecutiveFailureBreaker`: stop hammering a database
+that is down or slow. Its twin, ``runtime.breaker.FailureRateBreaker`` (the providers': a
+failure rate over a window, several trials), shares :class:`BreakerState`, defined here, in
+the bottom layer, so that both can use it.
 
 Closed, every batch goes to the database. ``failure_threshold`` consecutive failures (an error,
 or a success slower than ``slow_call``) open it: batches then go straight to the journal. After
@@ -16,12 +19,21 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Literal
-
-BreakerState = Literal["closed", "open", "half_open"]
+from enum import StrEnum
 
 
-class CircuitBreaker:
+class BreakerState(StrEnum):
+    """Where a circuit breaker stands (both breakers); its value is what status shows."""
+
+    CLOSED = "closed"
+    OPEN = "open"
+    HALF_OPEN = "half_open"
+
+
+class ConsecutiveFailureBreaker:
+    """``failure_threshold`` consecutive failures open it; one trial when half-open (module
+    doc)."""
+
     def __init__(
         self,
         *,
@@ -38,7 +50,7 @@ class CircuitBreaker:
         self.max_reset_after = max_reset_after
         self.slow_call = slow_call
         self._clock = clock
-        self._state: BreakerState = "closed"
+        self._state = BreakerState.CLOSED
         self._failures = 0
         self._reset_after = reset_after
         self._opened_at = 0.0
@@ -51,19 +63,22 @@ class CircuitBreaker:
     @property
     def retry_in(self) -> float:
         """Seconds until a trial is allowed (0 when closed or due)."""
-        if self._state != "open":
+        if self._state is not BreakerState.OPEN:
             return 0.0
         return max(0.0, self._opened_at + self._reset_after - self._clock())
 
     def allow(self) -> bool:
         """May the caller try the database now? When open and due, this grants the one trial."""
-        if self._state == "closed":
+        if self._state is BreakerState.CLOSED:
             return True
-        if self._state == "open" and self.retry_in == 0.0:
-            self._state = "half_open"
+        if self._state is BreakerState.OPEN and self.retry_in == 0.0:
+            self._state = BreakerState.HALF_OPEN
             self._trial_at = self._clock()
             return True
-        if self._state == "half_open" and self._clock() - self._trial_at > self.max_reset_after:
+        if (
+            self._state is BreakerState.HALF_OPEN
+            and self._clock() - self._trial_at > self.max_reset_after
+        ):
             # The last trial was never reported (its caller failed in an unexpected way):
             # do not stay half-open, and so closed to the database, forever.
             self._trial_at = self._clock()
@@ -73,11 +88,11 @@ class CircuitBreaker:
     def record(self, *, ok: bool, duration: float = 0.0) -> None:
         """Report how the call that :meth:`allow` permitted went."""
         if ok and duration < self.slow_call:
-            self._state = "closed"
+            self._state = BreakerState.CLOSED
             self._failures = 0
             self._reset_after = self.initial_reset
             return
-        if self._state == "half_open":
+        if self._state is BreakerState.HALF_OPEN:
             self._reset_after = min(self._reset_after * 2, self.max_reset_after)
             self._open()
             return
@@ -88,10 +103,10 @@ class CircuitBreaker:
     def force_trial(self) -> None:
         """Make the next :meth:`allow` grant a trial now (an explicit flush), whatever the
         schedule says."""
-        if self._state != "closed":
-            self._state = "open"
+        if self._state is not BreakerState.CLOSED:
+            self._state = BreakerState.OPEN
             self._opened_at = self._clock() - self._reset_after
 
     def _open(self) -> None:
-        self._state = "open"
+        self._state = BreakerState.OPEN
         self._opened_at = self._clock()

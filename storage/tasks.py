@@ -107,11 +107,13 @@ class TaskLifecycle:
         result: JsonValue = None,
         error_message: str | None = None,
         at: datetime | None = None,
+        result_size: int | None = None,
     ) -> TaskFinished:
         """The final record. A ``result`` whose JSON exceeds ``max_result_bytes`` is stored as
         :func:`~storage.untrusted.bounded_json` makes it (its beginning, a marker and its real
         size), an ``error_message`` beyond as many UTF-8 bytes is cut with a marker: the client
-        got the whole answer, the database keeps a bounded record of it."""
+        got the whole answer, the database keeps a bounded record of it. ``result_size``: the
+        bytes of the result's compact JSON, if the caller encoded it already (not again)."""
         if self.version > RUNNING_VERSION:
             raise ValueError(f"task {self.task_id} has already finished")
         self.version += 1
@@ -120,7 +122,7 @@ class TaskLifecycle:
             status=status,
             completed_at=at or datetime.now(UTC),
             version=self.version,
-            result=bounded_json(result, self.max_result_bytes),
+            result=bounded_json(result, self.max_result_bytes, size=result_size),
             error_message=(
                 None if error_message is None else clip_bytes(error_message, self.max_result_bytes)
             ),

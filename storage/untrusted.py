@@ -119,7 +119,7 @@ def json_size(value: JsonValue) -> int:
     return len(pydantic_core.to_json(value))
 
 
-def bounded_json(value: JsonValue, max_bytes: int) -> JsonValue:
+def bounded_json(value: JsonValue, max_bytes: int, *, size: int | None = None) -> JsonValue:
     """``value`` if its compact JSON is at most ``max_bytes``; else an object saying so::
 
         {"truncated": true, "size_bytes": 4194400, "max_bytes": 1048576,
@@ -127,7 +127,13 @@ def bounded_json(value: JsonValue, max_bytes: int) -> JsonValue:
 
     whose own JSON is at most ``max_bytes`` (``max_bytes`` of at least 256). The prefix is the
     beginning of the value's JSON text, so what was stored can still be recognised.
+
+    ``size``: the bytes of the value's compact JSON if the caller has encoded it already
+    (a tool's result, encoded for its reply), so that a value within the bound is not
+    encoded again.
     """
+    if size is not None and size <= max_bytes:
+        return value
     encoded = pydantic_core.to_json(value)
     if len(encoded) <= max_bytes:
         return value

@@ -31,7 +31,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, assert_never
 from uuid import UUID
 
 import psycopg
@@ -40,7 +40,7 @@ from psycopg.types.json import Jsonb
 from pydantic import JsonValue
 from pydantic_core import to_json
 
-from storage.errors import WriteConflict, WriteRejected
+from storage.errors import RowVersion, WriteConflict, WriteRejected
 from storage.rows import (
     PENDING_VERSION,
     MessageRow,
@@ -143,28 +143,33 @@ class _Groups:
         return groups
 
     def add(self, index: int, record: Record) -> None:
-        if isinstance(record, SessionRow):
-            self.sessions.append(record)
-        elif isinstance(record, ThreadRow):
-            self.threads.append(record)
-        elif isinstance(record, TaskCreated):
-            self.created.append(record)
-        elif isinstance(record, TaskStarted):
-            self.started.append((index, record))
-        elif isinstance(record, TaskFinished):
-            self.finished.append((index, record))
-        elif isinstance(record, TokenUsage):
-            self.usage.append(record)
-        elif isinstance(record, MessageRow):
-            self.messages.append(record)
-        elif isinstance(record, SessionIdentified):
-            self.identified.append(record)
-        elif isinstance(record, SessionActivity):
-            self.activity.append(record)
-        elif isinstance(record, SessionClose):
-            self.closes.append(record)
-        else:
-            self.heartbeats.append(record)
+        # Every kind of record has its group; a new kind without one is a type error
+        # (mypy: assert_never), not a heartbeat.
+        match record:
+            case SessionRow():
+                self.sessions.append(record)
+            case ThreadRow():
+                self.threads.append(record)
+            case TaskCreated():
+                self.created.append(record)
+            case TaskStarted():
+                self.started.append((index, record))
+            case TaskFinished():
+                self.finished.append((index, record))
+            case TokenUsage():
+                self.usage.append(record)
+            case MessageRow():
+                self.messages.append(record)
+            case SessionIdentified():
+                self.identified.append(record)
+            case SessionActivity():
+                self.activity.append(record)
+            case SessionClose():
+                self.closes.append(record)
+            case NodeHeartbeat():
+                self.heartbeats.append(record)
+            case _:
+                assert_never(record)
 
 
 def _apply(conn: Connection, groups: _Groups, *, fast: bool) -> BatchResult:
@@ -469,7 +474,7 @@ def _classify(
         conflicts[index] = WriteConflict(
             f"task {task_id}: expected version {version - 1}, found {row_status!r} at version "
             f"{row_version}; the row was left as it was",
-            current=f"{row_status}@{row_version}",
+            current=RowVersion(row_status, row_version),
         )
     return conflicts
 

@@ -16,7 +16,7 @@ from runtime.breaker import (
     BreakerOpen,
     BreakerState,
     CallOutcome,
-    CircuitBreaker,
+    FailureRateBreaker,
 )
 
 OK, FAIL, IGNORE = CallOutcome.SUCCESS, CallOutcome.FAILURE, CallOutcome.IGNORED
@@ -31,13 +31,13 @@ CONFIG = BreakerConfig(
 )
 
 
-def _calls(breaker: CircuitBreaker, outcomes: Sequence[CallOutcome]) -> None:
+def _calls(breaker: FailureRateBreaker, outcomes: Sequence[CallOutcome]) -> None:
     for outcome in outcomes:
         breaker.acquire().finish(outcome)
 
 
 async def test_it_judges_nothing_before_the_minimum_number_of_calls(mock_clock: MockClock) -> None:
-    breaker = CircuitBreaker("glm", CONFIG)
+    breaker = FailureRateBreaker("glm", CONFIG)
     _calls(breaker, [FAIL, FAIL, FAIL])
     snapshot = breaker.snapshot()
     assert snapshot.state is BreakerState.CLOSED
@@ -48,13 +48,13 @@ async def test_it_judges_nothing_before_the_minimum_number_of_calls(mock_clock: 
 async def test_it_opens_on_the_failure_rate_not_on_consecutive_failures(
     mock_clock: MockClock,
 ) -> None:
-    breaker = CircuitBreaker("glm", CONFIG)
+    breaker = FailureRateBreaker("glm", CONFIG)
     _calls(breaker, [FAIL, OK, OK, FAIL])  # 2 of 4 = 0.5, never two failures in a row
     assert breaker.snapshot().state is BreakerState.OPEN
 
 
 async def test_the_window_slides(mock_clock: MockClock) -> None:
-    breaker = CircuitBreaker("glm", CONFIG)
+    breaker = FailureRateBreaker("glm", CONFIG)
     _calls(breaker, [OK, OK, FAIL, OK, FAIL])  # 2 of 5 = 0.4: closed
     assert breaker.snapshot().state is BreakerState.CLOSED
     _calls(breaker, [OK] * 5)  # the two failures slide out
@@ -68,7 +68,7 @@ async def test_the_window_slides(mock_clock: MockClock) -> None:
 async def test_open_refuses_at_once_naming_itself_and_when_it_retries(
     mock_clock: MockClock,
 ) -> None:
-    breaker = CircuitBreaker("kimi", CONFIG)
+    breaker = FailureRateBreaker("kimi", CONFIG)
     _calls(breaker, [FAIL] * 4)
     mock_clock.jump(12)
     with pytest.raises(BreakerOpen) as caught:
@@ -79,11 +79,11 @@ async def test_open_refuses_at_once_naming_itself_and_when_it_retries(
     assert "18.0 s" in str(caught.value)
     snapshot = breaker.snapshot()
     assert snapshot.rejected == 1
-    assert snapshot.retry_after == pytest.approx(18)
+    assert snapshot.retry_after_s == pytest.approx(18)
 
 
 async def test_half_open_lets_exactly_the_configured_trials_through(mock_clock: MockClock) -> None:
-    breaker = CircuitBreaker("glm", CONFIG)
+    breaker = FailureRateBreaker("glm", CONFIG)
     _calls(breaker, [FAIL] * 4)
     mock_clock.jump(30)
     assert breaker.snapshot().state is BreakerState.HALF_OPEN
@@ -98,7 +98,7 @@ async def test_half_open_lets_exactly_the_configured_trials_through(mock_clock: 
 
 
 async def test_a_failing_trial_reopens_for_another_full_period(mock_clock: MockClock) -> None:
-    breaker = CircuitBreaker("glm", CONFIG)
+    breaker = FailureRateBreaker("glm", CONFIG)
     _calls(breaker, [FAIL] * 4)
     mock_clock.jump(30)
     _calls(breaker, [OK, FAIL])  # 0.5 of the trials failed
@@ -111,7 +111,7 @@ async def test_a_failing_trial_reopens_for_another_full_period(mock_clock: MockC
 
 
 async def test_an_ignored_trial_gives_its_slot_back(mock_clock: MockClock) -> None:
-    breaker = CircuitBreaker("glm", CONFIG)
+    breaker = FailureRateBreaker("glm", CONFIG)
     _calls(breaker, [FAIL] * 4)
     mock_clock.jump(30)
     first, second = breaker.acquire(), breaker.acquire()
@@ -123,7 +123,7 @@ async def test_an_ignored_trial_gives_its_slot_back(mock_clock: MockClock) -> No
 
 
 async def test_slow_successes_count_as_failures(mock_clock: MockClock) -> None:
-    breaker = CircuitBreaker("glm", CONFIG)
+    breaker = FailureRateBreaker("glm", CONFIG)
     for _ in range(4):
         with breaker.guard():
             mock_clock.jump(10)  # the call "takes" exactly the slow threshold
@@ -133,7 +133,7 @@ async def test_slow_successes_count_as_failures(mock_clock: MockClock) -> None:
 
 
 async def test_a_finish_can_say_which_duration_is_judged(mock_clock: MockClock) -> None:
-    breaker = CircuitBreaker("glm", CONFIG)
+    breaker = FailureRateBreaker("glm", CONFIG)
     for _ in range(4):
         permit = breaker.acquire()
         mock_clock.jump(60)  # a long stream...
@@ -145,7 +145,7 @@ async def test_a_finish_can_say_which_duration_is_judged(mock_clock: MockClock) 
 async def test_guard_records_exceptions_and_ignores_cancellation(
     autojump_clock: MockClock,
 ) -> None:
-    breaker = CircuitBreaker("glm", CONFIG)
+    breaker = FailureRateBreaker("glm", CONFIG)
     for _ in range(3):
         with trio.move_on_after(1), breaker.guard():
             await trio.sleep_forever()
@@ -156,7 +156,7 @@ async def test_guard_records_exceptions_and_ignores_cancellation(
 
 
 async def test_results_from_before_a_transition_are_dropped(mock_clock: MockClock) -> None:
-    breaker = CircuitBreaker("glm", CONFIG)
+    breaker = FailureRateBreaker("glm", CONFIG)
     straggler = breaker.acquire()  # started while closed
     _calls(breaker, [FAIL] * 4)
     mock_clock.jump(30)
@@ -170,7 +170,7 @@ async def test_results_from_before_a_transition_are_dropped(mock_clock: MockCloc
 
 
 async def test_the_snapshot_is_plain_data(mock_clock: MockClock) -> None:
-    breaker = CircuitBreaker("glm", CONFIG)
+    breaker = FailureRateBreaker("glm", CONFIG)
     _calls(breaker, [OK, FAIL, OK, OK])
     data = breaker.snapshot().model_dump(mode="json")
     assert data["state"] == "closed"
@@ -199,7 +199,7 @@ def test_it_opens_exactly_when_the_window_rate_reaches_the_threshold(
     )
 
     async def scenario() -> None:
-        breaker = CircuitBreaker("model", config)
+        breaker = FailureRateBreaker("model", config)
         for index, failed in enumerate(failures):
             breaker.acquire().finish(FAIL if failed else OK)
             recent = failures[max(0, index + 1 - window) : index + 1]

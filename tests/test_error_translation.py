@@ -36,7 +36,6 @@ from actors.conversation import (
     ThreadStoreUnavailable,
     UpstreamNotReady,
 )
-from actors.limits import LimitName
 from actors.persistence import PersistenceActor, PersistenceClient
 from actors.providers import (
     ModelNotOffered,
@@ -50,6 +49,7 @@ from actors.providers import (
     ProviderTimeout,
     ProviderUnavailable,
 )
+from actors.rate_ledger import LimitName
 from actors.rate_limiter import LimitSpent, RateLimited, RateLimitedForNow, Refusal
 from actors.session import SessionConfig, SessionServices
 from actors.session.memory import memory_session

@@ -26,6 +26,7 @@ from actors.persistence import (
     WriteConflict,
     WriteRejected,
 )
+from storage.errors import RowVersion
 from storage.journal import REJECTED_FILE, Journal
 from storage.migrations import apply_migrations
 from storage.recovery import recover
@@ -237,8 +238,11 @@ async def test_a_step_on_a_task_someone_else_moved_is_a_conflict(db: str, journa
                 "update tasks set status = 'interrupted', version = version + 1 where id = any(%s)",
                 ([critical.task_id, background.task_id],),
             )
-        with pytest.raises(WriteConflict, match="found 'interrupted' at version 3"):
+        with pytest.raises(WriteConflict, match="found 'interrupted' at version 3") as conflict:
             await client.write(critical.finished("completed", result="late"))
+        # Typed, not a string to parse back; a row moved elsewhere is not behind (no retry).
+        assert conflict.value.current == RowVersion("interrupted", 3)
+        assert not conflict.value.behind(critical.version)
         client.write_soon(background.finished("completed", result="late"))
         status = await client.flush()
 
@@ -324,7 +328,7 @@ async def test_with_the_database_away_writes_are_journaled_until_the_bound(
         client.write_soon(accepted[0].started())  # accepted work still gets recorded
         status = await client.flush()
         assert status.journal_full
-        assert status.breaker == "open"
+        assert status.database == "down"
         assert status.records_written == 0
         assert status.journal_pending_records == len(accepted) + 2
     journal.close()  # as a crash would: the file stays, its lock is released
@@ -360,11 +364,11 @@ async def test_a_slow_database_is_bypassed_through_the_journal(db: str, journal:
             blocker.rollback()
         drained = await client.flush(force=True)
 
-    assert stuck.breaker == "open"
+    assert stuck.database == "down"
     assert stuck.journal_pending_records == 1
     assert "statement timeout" in (stuck.last_error or "")
     assert drained.journal_pending_records == 0
-    assert drained.breaker == "closed"
+    assert drained.database == "up"
     assert query(db, "select count(*) from token_usage where id = %s", (usage.usage_id,)) == [(1,)]
 
 
@@ -425,3 +429,11 @@ async def test_the_pulse_heartbeats_this_node(db: str, journal: Journal) -> None
         nursery.start_soon(client.pulse, 0.01)
         await wait_until(lambda: heartbeat() > registered, what="a heartbeat")
         nursery.cancel_scope.cancel()
+
+
+def test_a_conflict_is_behind_only_while_the_row_has_not_caught_up() -> None:
+    """``WriteConflict.behind``: what ``PersistenceClient.write`` retries after a restart."""
+    assert WriteConflict("no row").behind(3)
+    assert WriteConflict("pending", current=RowVersion("pending", 1)).behind(3)
+    assert not WriteConflict("running", current=RowVersion("running", 2)).behind(3)
+    assert not WriteConflict("moved", current=RowVersion("interrupted", 3)).behind(3)

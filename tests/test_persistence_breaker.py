@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from storage.breaker import CircuitBreaker
+from storage.breaker import ConsecutiveFailureBreaker
 
 
 class Clock:
@@ -15,7 +15,7 @@ class Clock:
 
 def test_opens_waits_then_allows_one_trial_that_closes_it() -> None:
     clock = Clock()
-    breaker = CircuitBreaker(failure_threshold=2, reset_after=1.0, clock=clock)
+    breaker = ConsecutiveFailureBreaker(failure_threshold=2, reset_after=1.0, clock=clock)
     assert breaker.allow()
     breaker.record(ok=False)
     assert breaker.state == "closed"
@@ -34,7 +34,7 @@ def test_opens_waits_then_allows_one_trial_that_closes_it() -> None:
 
 def test_a_failed_trial_doubles_the_wait_up_to_the_cap() -> None:
     clock = Clock()
-    breaker = CircuitBreaker(reset_after=1.0, max_reset_after=3.0, clock=clock)
+    breaker = ConsecutiveFailureBreaker(reset_after=1.0, max_reset_after=3.0, clock=clock)
     breaker.record(ok=False)
     waits = []
     for _ in range(4):
@@ -51,13 +51,13 @@ def test_a_failed_trial_doubles_the_wait_up_to_the_cap() -> None:
 
 
 def test_a_slow_success_counts_as_a_failure() -> None:
-    breaker = CircuitBreaker(slow_call=2.0, clock=Clock())
+    breaker = ConsecutiveFailureBreaker(slow_call=2.0, clock=Clock())
     breaker.record(ok=True, duration=2.5)
     assert breaker.state == "open"
 
 
 def test_force_trial_skips_the_wait() -> None:
-    breaker = CircuitBreaker(reset_after=60.0, clock=Clock())
+    breaker = ConsecutiveFailureBreaker(reset_after=60.0, clock=Clock())
     breaker.record(ok=False)
     assert not breaker.allow()
     breaker.force_trial()
@@ -69,7 +69,7 @@ def test_force_trial_skips_the_wait() -> None:
 
 def test_a_trial_never_reported_is_granted_again_after_the_longest_wait() -> None:
     clock = Clock()
-    breaker = CircuitBreaker(reset_after=1.0, max_reset_after=5.0, clock=clock)
+    breaker = ConsecutiveFailureBreaker(reset_after=1.0, max_reset_after=5.0, clock=clock)
     breaker.record(ok=False)
     clock.now += 1.0
     assert breaker.allow()

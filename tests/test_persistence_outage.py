@@ -161,7 +161,7 @@ async def _phases(
         # (a condition, bounded only so that a failure ends).
         while True:
             status = await client.status()
-            if status.journal_pending_records == 0 and status.breaker == "closed":
+            if status.journal_pending_records == 0 and status.database == "up":
                 break
             await trio.sleep(0.02)
         load.stop = True

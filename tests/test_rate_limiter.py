@@ -22,8 +22,8 @@ from hypothesis import strategies as st
 from structlog.testing import capture_logs
 from trio.testing import MockClock, wait_all_tasks_blocked
 
-from actors.limits import ClientLimits, LimitName, ProviderLimits
 from actors.providers.usage import Usage
+from actors.rate_ledger import ClientLimits, LimitName, ProviderLimits
 from actors.rate_limiter import (
     Lease,
     RateLimited,

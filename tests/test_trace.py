@@ -63,12 +63,12 @@ class Store(BridgedActor):
 class Session(Actor):
     path = PATH
 
-    def __init__(self, ref, postmarks, store, calls, done):
-        self.ref, self.postmarks, self.store = ref, postmarks, store
+    def __init__(self, ref, store, calls, done):
+        self.ref, self.store = ref, store
         self.calls, self.done = calls, done
 
-    async def receive(self, message):
-        mark = self.postmarks.take(message)
+    async def receive(self, envelope):
+        message, mark = envelope.message, envelope.mark
         with trace.handling(self.path, message["method"], postmark=mark, session_id=SESSION,
                             rpc_id=message["id"], depth=self.ref.depth,
                             capacity=self.ref.capacity):
@@ -85,16 +85,16 @@ class Session(Actor):
 async def main():
     store = Store.start()
     ref, inbox = open_mailbox(PATH, 8)
-    postmarks = trace.Postmarks()
     traces = {}
     for rpc_id in range(1, int(sys.argv[3]) + 1):
         message = {"method": "tools/call", "id": rpc_id, "text": f"call {rpc_id}"}
-        ref.tell(message, sender=f"{PATH}/reader")
-        traces[rpc_id] = postmarks.post(message, sender=f"{PATH}/reader").trace_id
+        envelope = trace.post(message, sender=f"{PATH}/reader")
+        ref.tell(envelope, sender=f"{PATH}/reader")
+        traces[rpc_id] = envelope.mark.trace_id
     ref.close()
     done = []
     async with trio.open_nursery() as calls:
-        await run_actor(Session(ref, postmarks, store, calls, done), inbox)
+        await run_actor(Session(ref, store, calls, done), inbox)
     await trio.to_thread.run_sync(store.stop)
     assert sorted(done) == sorted(traces)
     print(json.dumps(traces))

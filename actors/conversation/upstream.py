@@ -27,7 +27,7 @@ from actors.providers import (
 )
 from actors.rate_limiter import RateLimiter, UsageRecord
 from runtime import trace
-from runtime.breaker import CircuitBreaker
+from runtime.breaker import FailureRateBreaker
 from storage.errors import ActorUnavailable, RetryLater
 from storage.rows import TokenUsage
 from storage.untrusted import NAME_CHARS, clip
@@ -62,7 +62,7 @@ class Upstream:
             raise UpstreamNotReady("the upstream providers are starting; retry in a moment")
         return self.providers, self.limiter
 
-    def breakers(self) -> list[CircuitBreaker]:
+    def breakers(self) -> list[FailureRateBreaker]:
         """Every provider's circuit breaker, for the status command (none while stopped)."""
         providers = self.providers
         if providers is None:

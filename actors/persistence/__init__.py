@@ -6,8 +6,9 @@ See docs/persistence.md for the guarantees (delivery classes, journal, recovery)
 
 from actors.persistence.actor import PersistenceActor
 from actors.persistence.client import PersistenceClient
-from actors.persistence.protocol import PersistenceConfig, PersistenceStatus
+from actors.persistence.protocol import PersistenceConfig
 from runtime.pykka_client import Resolve
+from runtime.status_model import PersistenceStatus
 from storage.errors import ActorUnavailable, StorageUnavailable, WriteConflict, WriteRejected
 
 __all__ = [

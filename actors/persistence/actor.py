@@ -53,14 +53,14 @@ from actors.persistence.protocol import (
     Flush,
     GetStatus,
     PersistenceConfig,
-    PersistenceStatus,
     Ship,
     ShipmentResult,
     Tick,
 )
 from runtime import trace
 from runtime.pykka_service import ServiceActor
-from storage.breaker import CircuitBreaker
+from runtime.status_model import PersistenceStatus, database_of
+from storage.breaker import BreakerState, ConsecutiveFailureBreaker
 from storage.connection import Connector
 from storage.errors import StorageUnavailable, WriteRejected
 from storage.journal import Journal
@@ -124,7 +124,7 @@ class PersistenceActor(ServiceActor[_Message]):
         self._config = config = config or PersistenceConfig()
         self._connector = Connector(database_url, connect_timeout=config.connect_timeout)
         self._journal = journal
-        self._breaker = CircuitBreaker(
+        self._breaker = ConsecutiveFailureBreaker(
             failure_threshold=config.breaker_threshold,
             reset_after=config.breaker_reset,
             max_reset_after=config.breaker_max_reset,
@@ -209,9 +209,8 @@ class PersistenceActor(ServiceActor[_Message]):
         for position, record in enumerate(ship.records):
             critical = position in ship.critical
             if critical and isinstance(record, ADMISSIONS) and not self._available():
-                held.errors[position] = StorageUnavailable(
-                    "storage unavailable: the database is unreachable and the write journal is"
-                    f" full ({self._journal.size_bytes} bytes); retry later"
+                held.errors[position] = StorageUnavailable.journal_full(
+                    f"{self._journal.size_bytes} bytes"
                 )
             elif not critical and isinstance(record, SessionActivity):
                 self._coalesce(record)
@@ -315,7 +314,7 @@ class PersistenceActor(ServiceActor[_Message]):
             self._drain_journal(everything=False)
             if self._journal.pending:
                 return False
-            return self._breaker.state == "closed"
+            return self._breaker.state is BreakerState.CLOSED
         return self._breaker.allow()
 
     def _append(self, records: list[Record], *, durable: bool) -> dict[int, Exception]:
@@ -336,7 +335,11 @@ class PersistenceActor(ServiceActor[_Message]):
         while self._journal.pending and self._breaker.allow():
             if not self._replay_chunk() or not everything:
                 break
-        if self._journal.pending and self._breaker.state == "closed" and not self._replay_told:
+        if (
+            self._journal.pending
+            and self._breaker.state is BreakerState.CLOSED
+            and not self._replay_told
+        ):
             self._replay_told = self.tell_self(_Replay())
 
     def _replay_chunk(self) -> bool:
@@ -381,7 +384,7 @@ class PersistenceActor(ServiceActor[_Message]):
         log.warning(
             "persistence.database_unavailable",
             error=self._stats.last_error[:300],
-            breaker=self._breaker.state,
+            database=database_of(self._breaker.state),
             was=was,
             retry_in=round(self._breaker.retry_in, 3),
         )
@@ -403,7 +406,7 @@ class PersistenceActor(ServiceActor[_Message]):
         extra: list[Record] = []
         if now - self._last_sync >= self._config.sync_interval:
             extra += self._take_activity()
-        healthy = self._breaker.state == "closed" and not self._journal.pending
+        healthy = self._breaker.state is BreakerState.CLOSED and not self._journal.pending
         if healthy and now - self._last_heartbeat >= self._config.heartbeat_interval:
             self._last_heartbeat = now
             extra.append(NodeHeartbeat(node_id=self._journal.node_id))
@@ -424,7 +427,7 @@ class PersistenceActor(ServiceActor[_Message]):
         self._journal.sync()
 
     def _available(self) -> bool:
-        if self._breaker.state == "closed" and not self._journal.pending:
+        if self._breaker.state is BreakerState.CLOSED and not self._journal.pending:
             return True
         return not (self._journal.full or self._journal_broken)
 
@@ -432,7 +435,7 @@ class PersistenceActor(ServiceActor[_Message]):
         stats = self._stats
         return PersistenceStatus(
             available=self._available(),
-            breaker=self._breaker.state,
+            database=database_of(self._breaker.state),
             queue=self.actor_inbox.qsize() if isinstance(self.actor_inbox, queue.Queue) else 0,
             journal_file=str(self._journal.path),
             journal_bytes=self._journal.size_bytes,

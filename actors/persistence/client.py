@@ -42,7 +42,6 @@ from actors.persistence.protocol import (
     ADMISSIONS,
     Flush,
     GetStatus,
-    PersistenceStatus,
     Ship,
     ShipmentResult,
     Tick,
@@ -51,10 +50,14 @@ from runtime import trace
 from runtime.bridge import CallbackFuture
 from runtime.pacer import Pacer
 from runtime.pykka_client import Resolve, ServiceClient
-from storage.errors import StorageUnavailable
-from storage.rows import Record
+from runtime.status_model import PersistenceStatus
+from storage.errors import StorageUnavailable, WriteConflict
+from storage.rows import Record, TaskFinished, TaskStarted
 
 log = structlog.get_logger("persistence")
+
+#: How many times a critical versioned step whose row is behind is retried (``write``).
+_BEHIND_RETRIES = 4
 
 
 class _Shipment:
@@ -115,47 +118,61 @@ class PersistenceClient(ServiceClient):
         return self._actor_available and self._outstanding < self._max_outstanding
 
     def ensure_available(self) -> None:
-        """Raise :class:`StorageUnavailable` if new work (a tool call) should be refused."""
+        """Raise :class:`StorageUnavailable` if new work (a tool call, a session) should be
+        refused: the one check of availability on the trio side, from the actor's latest
+        answer and this client's backlog (no round trip)."""
         if not self._actor_available:
-            raise StorageUnavailable(
-                "storage unavailable: the database is unreachable and the write journal is "
-                "full; retry later"
-            )
+            raise StorageUnavailable.journal_full()
         if self._outstanding >= self._max_outstanding:
-            raise StorageUnavailable(
-                f"storage unavailable: {self._outstanding} writes are waiting for the "
-                "database; retry later"
-            )
+            reason = f"storage unavailable: {self._outstanding} writes are waiting for the database"
+            raise StorageUnavailable(f"{reason}; retry later", reason=reason)
 
     # --- writing ----------------------------------------------------------------------------
 
     async def write(self, record: Record) -> None:
         """Critical write: return once committed (or durably journaled); see module doc.
 
-        A shipment lost with a crashed actor is sent again, with backoff, until the next
-        incarnation answers or ``timeout`` passes: every record is idempotent, so a record
-        that did land before the crash is not duplicated. Only then does the caller see
-        :class:`ActorUnavailable` (or ``trio.TooSlowError``).
+        The one retry layer of a critical write, across a persistence actor restart, until
+        ``timeout`` passes (then ``trio.TooSlowError``):
+
+        * a shipment lost with a crashed actor is sent again, with backoff, until the next
+          incarnation answers: every record is idempotent, so a record that did land before
+          the crash is not duplicated;
+        * a versioned step whose row is *behind* (:meth:`WriteConflict.behind`: the earlier
+          steps this client re-sends after the restart have not landed, and this one
+          overtook them) is retried once those have been flushed, up to
+          :data:`_BEHIND_RETRIES` times. A row that moved elsewhere stays a conflict.
         """
         if isinstance(record, ADMISSIONS):
             self.ensure_available()
         backoff = 0.01
+        behind = 0
         with trio.fail_after(self._timeout):
             while True:
                 shipment, position = self._enqueue(record, critical=True)
                 await shipment.done.wait()
                 result = shipment.result
                 assert result is not None
-                if result.failure is None:
-                    break
-                # The supervisor is starting the next incarnation; until its death reaches
-                # trio, the resolver may still return the dead one.
-                log.info("persistence.write_retry", error=repr(result.failure), delay=backoff)
-                await trio.sleep(backoff)
-                backoff = min(backoff * 2, 1.0)
-        error = result.errors.get(shipment.offset + position)
-        if error is not None:
-            raise error
+                if result.failure is not None:
+                    # The supervisor is starting the next incarnation; until its death reaches
+                    # trio, the resolver may still return the dead one.
+                    log.info("persistence.write_retry", error=repr(result.failure), delay=backoff)
+                    await trio.sleep(backoff)
+                    backoff = min(backoff * 2, 1.0)
+                    continue
+                error = result.errors.get(shipment.offset + position)
+                if (
+                    isinstance(error, WriteConflict)
+                    and isinstance(record, TaskStarted | TaskFinished)
+                    and error.behind(record.version)
+                    and behind < _BEHIND_RETRIES
+                ):
+                    behind += 1
+                    await self.flush()
+                    continue
+                if error is not None:
+                    raise error
+                return
 
     def write_soon(self, record: Record) -> None:
         """Background write: never waits, never lost (see module doc)."""

@@ -1,5 +1,6 @@
 """What crosses between the persistence client (trio) and the persistence actor (its thread):
-messages, the reply to a shipment, the actor's status, and its configuration."""
+messages, the reply to a shipment, and its configuration. The actor's status is the public
+one, :class:`runtime.status_model.PersistenceStatus`, which it fills in itself (one model)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ from dataclasses import dataclass, field
 from pydantic import BaseModel, ConfigDict, Field
 
 from runtime import trace
-from storage.breaker import BreakerState
 from storage.rows import Record, SessionRow, TaskCreated
 
 #: Records that start new work: refused with StorageUnavailable when storage cannot take more.
@@ -60,26 +60,6 @@ class Tick:
 @dataclass(frozen=True, slots=True)
 class GetStatus:
     """Answered with a :class:`PersistenceStatus`, nothing else done."""
-
-
-class PersistenceStatus(BaseModel):
-    model_config = ConfigDict(frozen=True)
-
-    available: bool
-    breaker: BreakerState
-    queue: int = Field(description="Messages waiting in the actor's inbox.")
-    journal_file: str
-    journal_bytes: int
-    journal_pending_records: int
-    journal_full: bool
-    batches: int
-    largest_batch: int
-    records_written: int
-    records_journaled: int
-    records_replayed: int
-    conflicts: int
-    rejected: int
-    last_error: str | None
 
 
 class PersistenceConfig(BaseModel):

@@ -58,11 +58,11 @@ from actors.providers.wire import (
 from runtime.breaker import (
     BreakerOpen,
     BreakerSnapshot,
-    BreakerState,
     CallOutcome,
-    CircuitBreaker,
+    FailureRateBreaker,
     Permit,
 )
+from storage.breaker import BreakerState
 
 log = structlog.get_logger("provider")
 
@@ -138,11 +138,11 @@ class ChatProvider:
         settings: ProviderSettings,
         http: httpx.AsyncClient,
         *,
-        breaker: CircuitBreaker | None = None,
+        breaker: FailureRateBreaker | None = None,
         rng: random.Random | None = None,
     ) -> None:
         self.settings = settings
-        self.breaker = breaker or CircuitBreaker(settings.name, settings.breaker)
+        self.breaker = breaker or FailureRateBreaker(settings.name, settings.breaker)
         self._http = http
         self._rng = rng or random.Random()
         self._url = f"{settings.base_url}/chat/completions"
@@ -191,9 +191,9 @@ class ChatProvider:
         if snapshot.state is BreakerState.OPEN:
             raise ProviderUnavailable(
                 f"upstream {self.name!r} is unavailable: its circuit breaker is open and "
-                f"tries again in {snapshot.retry_after or 0:.1f} s",
+                f"tries again in {snapshot.retry_after_s or 0:.1f} s",
                 provider=self.name,
-                retry_after=snapshot.retry_after,
+                retry_after=snapshot.retry_after_s,
             )
 
     async def complete(self, request: ChatRequest, *, on_text: OnText | None = None) -> ChatResult:

@@ -41,10 +41,10 @@ from pydantic import (
     model_validator,
 )
 
-from actors.limits import ClientLimits, ProviderLimits
 from actors.providers.errors import ProviderNotConfigured
 from actors.providers.presets import PRESET_HOSTS, PRESETS, PresetName
 from actors.providers.usage import Price
+from actors.rate_ledger import ClientLimits, ProviderLimits
 from runtime.breaker import BreakerConfig
 
 ENV_BASE_URL = "EXAI_UPSTREAM_BASE_URL"

@@ -32,13 +32,15 @@ from runtime.mcp import jsonrpc
 from runtime.mcp.errors import RpcError, SessionRestarted
 from runtime.mcp.tools import ToolRegistry
 
-__all__ = ["Message", "SessionActor"]
+__all__ = ["Mail", "Message", "SessionActor"]
 
 #: What the reader puts in a session's mailbox.
 Message = jsonrpc.Inbound | jsonrpc.Batch
+#: What the session's mailbox carries: a message in its envelope (the trace it belongs to).
+Mail = trace.Envelope[Message]
 
 
-class SessionActor(Actor[Message]):
+class SessionActor(Actor[Mail]):
     """One incarnation of a session's actor. A restart makes a new one over the same state."""
 
     def __init__(
@@ -50,12 +52,10 @@ class SessionActor(Actor[Message]):
         config: SessionConfig,
         *,
         mailbox: ActorRef[Any] | None = None,
-        postmarks: trace.Postmarks | None = None,
         meter: trace.Meter | None = None,
     ) -> None:
         self.path = f"/root/sessions/{state.session_id}"
         self._mailbox = mailbox
-        self._postmarks = postmarks
         self._meter = meter
         self.state = state
         self._connection = connection
@@ -80,10 +80,10 @@ class SessionActor(Actor[Message]):
         async with self.calls.lifetime():
             yield
 
-    async def receive(self, message: Message) -> None:
+    async def receive(self, mail: Mail) -> None:
         # One trace event per message: the trace it starts (or continues) is bound while it
         # is handled, and tool-call tasks started here inherit it.
-        mark = self._postmarks.take(message) if self._postmarks is not None else None
+        message, mark = mail.message, mail.mark
         kind, rpc_id = _describe(message)
         mailbox = self._mailbox
         with trace.handling(

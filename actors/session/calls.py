@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, Literal
 
+import pydantic_core
 import trio
 from structlog.typing import FilteringBoundLogger
 
@@ -37,8 +38,6 @@ from actors.persistence import (
     ActorUnavailable,
     PersistenceClient,
     StorageUnavailable,
-    WriteConflict,
-    WriteRejected,
 )
 from actors.session.config import SessionConfig
 from actors.session.methods import SessionMethods, params
@@ -48,11 +47,19 @@ from runtime.connection import Connection, ConnectionGone
 from runtime.mcp import jsonrpc, translation, versions
 from runtime.mcp.errors import InvalidParams, InvalidRequest, RpcError
 from runtime.mcp.progress import Progress
-from runtime.mcp.schema import CallToolParams, LogLevel, LogMessageParams
+from runtime.mcp.schema import (
+    CallToolParams,
+    LogLevel,
+    LogMessageParams,
+    RequestMeta,
+)
 from runtime.mcp.tools import Tool, ToolContext, ToolRegistry
-from storage.errors import ExaiError
-from storage.rows import SessionActivity, TaskFinished
+from storage.errors import ExaiError, StorageError
+from storage.rows import SessionActivity
 from storage.tasks import TaskLifecycle
+
+#: The ``_meta`` of a call that sent none.
+_NO_META = RequestMeta()
 
 
 class CallRunner:
@@ -117,16 +124,24 @@ class CallRunner:
         reader refuses with "server busy".
         """
         try:
-            version = self._methods.version_of(request)
-            call = params(CallToolParams, request)
+            # The params (their `_meta` with them) are parsed once, here; the version is read
+            # from that parse, and refused first, as for any other request.
+            try:
+                call: CallToolParams | None = params(CallToolParams, request)
+            except InvalidParams as error:
+                call, bad_params = None, error
+            version = self._methods.version_of(request, call.meta or _NO_META if call else None)
+            if call is None:
+                raise bad_params
             tool = self._tools.get(call.name)
             if tool is None:
                 raise InvalidParams(f"unknown tool: {call.name!r}")
-            if not self._persistence.available:
-                raise StorageUnavailable(
-                    "storage unavailable: the database is unreachable and the write journal "
-                    "is full; nothing was done, retry later"
-                )
+            try:
+                self._persistence.ensure_available()
+            except StorageUnavailable as error:
+                # The persistence actor's words for what is unavailable, and the call's own
+                # for what was done about it; answered by the translation point (-32004).
+                raise StorageUnavailable(f"{error.reason}; nothing was done, retry later") from None
         except (RpcError, ExaiError) as error:
             return translation.refusal(error)
         # The node-wide limiter counts borrowers: each call is its own, whatever id its client
@@ -230,10 +245,16 @@ class CallRunner:
             persistence.write_soon(task.finished("cancelled"))
             return None
         state.count_call(failed=outcome.status == "failed")
-        final = task.finished(outcome.status, result=outcome.result, error_message=outcome.error)
+        final = task.finished(
+            outcome.status,
+            result=outcome.result,
+            error_message=outcome.error,
+            result_size=outcome.result_size,
+        )
         try:
-            await _write_retrying(persistence, final)
-        except (StorageUnavailable, WriteConflict, WriteRejected, ActorUnavailable) as error:
+            # The one retry layer of the final write is the client's (across an actor restart).
+            await persistence.write(final)
+        except (StorageError, ActorUnavailable) as error:
             # The tool ran and its answer stands; the record of it could not be confirmed.
             self._log.error("task.final_write_failed", task_id=str(task.task_id), error=repr(error))
         except trio.TooSlowError:
@@ -292,9 +313,12 @@ class CallRunner:
         body["isError"] = output.is_error
         if versions.is_modern(version):
             body["resultType"] = "complete"
+        # Encoded once: the reply is built around it, and the task row's bound is its size.
+        encoded = pydantic_core.to_json(body)
+        reply = jsonrpc.encode_encoded_result(request_id, encoded)
         if output.is_error:
-            return _Outcome(jsonrpc.encode_result(request_id, body), "failed", body, output.text)
-        return _Outcome(jsonrpc.encode_result(request_id, body), "completed", body, None)
+            return _Outcome(reply, "failed", body, output.text, len(encoded))
+        return _Outcome(reply, "completed", body, None, len(encoded))
 
     async def _log_to_client(self, level: LogLevel, data: object, request_id: RequestId) -> None:
         """A tool's ``notifications/message``, if the client's level lets it through; it
@@ -415,34 +439,6 @@ def _failed(request_id: RequestId, failure: translation.CallFailure) -> _Outcome
     )
 
 
-async def _write_retrying(persistence: PersistenceClient, record: TaskFinished) -> None:
-    """The final state of a task, written across a persistence actor restart.
-
-    The client re-sends a write lost with a crashed incarnation. After a restart the
-    task's earlier records (pending, running) are re-sent in the background and this one may
-    overtake them: the row is then *behind* (missing, or at an older version), which the
-    versioned write reports as a conflict. Flushing lets those records land, then this one is
-    retried. A row that moved elsewhere (say, recovery marked it interrupted) stays a conflict.
-    """
-    attempts = 5
-    for attempt in range(1, attempts + 1):
-        try:
-            await persistence.write(record)  # retries an actor restart itself
-        except WriteConflict as conflict:
-            if attempt == attempts or not _row_behind(conflict, record):
-                raise
-            await persistence.flush()
-        else:
-            return
-
-
-def _row_behind(conflict: WriteConflict, record: TaskFinished) -> bool:
-    if conflict.current is None:
-        return True  # the row is not there yet
-    _, _, version = conflict.current.rpartition("@")
-    return version.isdigit() and int(version) < record.version - 1
-
-
 @dataclass(eq=False, slots=True)
 class _Admitted:
     """A call that holds its two slots (the session's and the node's) until released; it is
@@ -462,6 +458,8 @@ class _Outcome:
     status: Literal["completed", "failed"]
     result: dict[str, Any] | None
     error: str | None
+    #: Bytes of ``result`` as compact JSON, when the reply already encoded it.
+    result_size: int | None = None
 
 
 async def _acquire(nowait: Callable[[], None], wait: Callable[[], Awaitable[None]]) -> None:

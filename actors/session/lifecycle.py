@@ -25,7 +25,7 @@ import trio
 from trio_websocket import CloseReason, ConnectionClosed, WebSocketConnection
 
 from actors.persistence import StorageUnavailable
-from actors.session.actor import Message
+from actors.session.actor import Mail
 from actors.session.config import SessionServices
 from actors.session.runner import end_session, open_session, record_end, run_session
 from actors.session.state import SessionState
@@ -102,7 +102,7 @@ class SessionLifecycle:
         )
         resumed = handshake.resumed if isinstance(handshake.resumed, LiveSession) else None
 
-        def attach(ref: ActorRef[Message]) -> LiveSession:
+        def attach(ref: ActorRef[Mail]) -> LiveSession:
             if resumed is not None:  # its meter and restart count go on
                 resumed.mailbox, resumed.outbox = ref, outbox
             live = resumed or LiveSession(state, ref, outbox)

@@ -58,6 +58,7 @@ from runtime.mcp.schema import (
     InitializeResult,
     ListToolsParams,
     ListToolsResult,
+    RequestMeta,
     ServerCapabilities,
     SetLevelParams,
 )
@@ -155,19 +156,27 @@ class SessionMethods:
             return jsonrpc.encode_error(request.id, error)
         return jsonrpc.encode_result(request.id, finish(result, version))
 
-    def version_of(self, request: jsonrpc.Request) -> str:
+    def version_of(self, request: jsonrpc.Request, meta: RequestMeta | None = None) -> str:
         """The protocol version this request is answered in (``""`` before any is known, for
         the methods that may come then), or the error that refuses it: -32022 for a
-        ``_meta`` version that is not a modern one, -32002 before a version is known."""
-        meta = (request.params or {}).get("_meta")
-        if not isinstance(meta, dict):
-            meta = {}
-        named = meta.get(versions.PROTOCOL_VERSION_META)
+        ``_meta`` version that is not a modern one, -32002 before a version is known.
+
+        ``meta``: the request's ``_meta`` already parsed (a ``tools/call``'s params carry
+        it), so that it is read once; else it is read here from the raw params.
+        """
+        if meta is not None:
+            named, client = meta.protocol_version, meta.client_info
+        else:
+            raw = (request.params or {}).get("_meta")
+            if not isinstance(raw, dict):
+                raw = {}
+            named = raw.get(versions.PROTOCOL_VERSION_META)
+            client = raw.get(versions.CLIENT_INFO_META)
         if named is not None:
             if not isinstance(named, str) or not versions.is_modern(named):
                 raise UnsupportedProtocolVersion(str(named), list(versions.MODERN_VERSIONS))
             if self.state.protocol_version is None:
-                self._adopt_modern(named, meta)
+                self._adopt_modern(named, client)
             # Otherwise answered in its own era, leaving a handshake session as it is.
             return named
         entry = METHODS.get(request.method)
@@ -190,9 +199,9 @@ class SessionMethods:
         else:
             self.log.debug("session.notification_ignored", method=note.method)
 
-    def _adopt_modern(self, version: str, meta: Mapping[str, Any]) -> None:
-        """The first request of a modern session carries the client's identity: record it."""
-        client = meta.get(versions.CLIENT_INFO_META)
+    def _adopt_modern(self, version: str, client: object) -> None:
+        """The first request of a modern session carries the client's identity
+        (``_meta[CLIENT_INFO_META]``, as the client sent it): record it."""
         try:
             info = Implementation.model_validate(client or {})
         except ValidationError:

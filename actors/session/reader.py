@@ -39,7 +39,7 @@ from runtime.log_throttle import LogThrottle
 from runtime.mailbox import ActorRef, MailboxFull
 from runtime.mcp import jsonrpc, versions
 from runtime.mcp.errors import InvalidRequest, RpcError, ServerBusy
-from runtime.trace import Meter, Postmarks
+from runtime.trace import Envelope, Meter, post
 from storage.errors import ActorUnavailable
 
 log = structlog.get_logger("session")
@@ -65,12 +65,11 @@ class ReaderLimits:
 
 async def pump(
     receive: Receive,
-    mailbox: ActorRef[jsonrpc.Inbound | jsonrpc.Batch],
+    mailbox: ActorRef[Envelope[jsonrpc.Inbound | jsonrpc.Batch]],
     *,
     connection: Connection,
     state: SessionState,
     limits: ReaderLimits,
-    postmarks: Postmarks | None = None,
     meter: Meter | None = None,
 ) -> None:
     """Read frames until the peer goes, the actor stops, the connection is closing
@@ -79,7 +78,7 @@ async def pump(
 
     Raises what ``receive`` raises when the peer goes (but ``ConnectionGone``: a plain end).
     """
-    reader = _Reader(mailbox, connection, state, limits, postmarks=postmarks, meter=meter)
+    reader = _Reader(mailbox, connection, state, limits, meter=meter)
     try:
         while True:
             await connection.wait_writable()
@@ -107,12 +106,11 @@ class _Reader:
 
     def __init__(
         self,
-        mailbox: ActorRef[jsonrpc.Inbound | jsonrpc.Batch],
+        mailbox: ActorRef[Envelope[jsonrpc.Inbound | jsonrpc.Batch]],
         connection: Connection,
         state: SessionState,
         limits: ReaderLimits,
         *,
-        postmarks: Postmarks | None,
         meter: Meter | None,
     ) -> None:
         self._mailbox = mailbox
@@ -120,7 +118,6 @@ class _Reader:
         self._connection = connection
         self._state = state
         self._limits = limits
-        self._postmarks = postmarks
         self._sender = f"/root/sessions/{state.session_id}/reader"
         self._log = log.bind(session_id=state.session_id)
         #: Requests refused as "server busy": in this episode (since the mailbox last took
@@ -176,15 +173,14 @@ class _Reader:
         elif self._answered_here(decoded):
             return True
         try:
-            self._mailbox.tell(decoded, sender=self._sender, size=size)
+            # In its envelope, stamped as it goes in: the message's trace starts here.
+            self._mailbox.tell(post(decoded, sender=self._sender), sender=self._sender, size=size)
         except MailboxFull:
             self._refuse(decoded)
             return True
         except ActorUnavailable:
             return False
         self._busy_refusals = 0
-        if self._postmarks is not None:
-            self._postmarks.post(decoded, sender=self._sender)  # starts the message's trace
         if isinstance(decoded, jsonrpc.Request):
             self._state.enqueued(decoded.id)  # cancellable until the actor takes it
         return True

@@ -37,12 +37,11 @@ from functools import partial
 import structlog
 import trio
 
-from actors.session.actor import Message, SessionActor
+from actors.session.actor import Mail, SessionActor
 from actors.session.config import SessionServices
 from actors.session.reader import ReaderLimits, pump
 from actors.session.state import SessionState
 from actors.status import LiveSession
-from runtime import trace
 from runtime.actor import close_mailbox, run_actor
 from runtime.budget import ByteBudget
 from runtime.connection import Connection, ConnectionGone, Receive
@@ -67,7 +66,7 @@ log = structlog.get_logger("session")
 
 #: How a transport registers a running session for status: given its mailbox, the entry
 #: (``actors.status.LiveSession``) whose meter and restart count the session keeps.
-Attach = Callable[[ActorRef[Message]], LiveSession]
+Attach = Callable[[ActorRef[Mail]], LiveSession]
 
 
 async def open_session(
@@ -110,8 +109,8 @@ async def run_session(
     session_id = state.session_id
     path = f"{supervisor.path}/{session_id}"
     bounds = services.bounds
-    ref: ActorRef[Message]
-    inbox: Inbox[Message]
+    ref: ActorRef[Mail]
+    inbox: Inbox[Mail]
     ref, inbox = open_mailbox(
         path,
         services.mailbox_capacity,
@@ -119,8 +118,7 @@ async def run_session(
     )
     try:
         live = attach(ref)
-        postmarks = trace.Postmarks()
-        actor = partial(_actor, services, state, connection, inbox, live=live, postmarks=postmarks)
+        actor = partial(_actor, services, state, connection, inbox, live=live)
         handle = await supervisor.start_child(
             ChildSpec(
                 session_id,
@@ -140,7 +138,6 @@ async def run_session(
                     connection=connection,
                     state=state,
                     limits=ReaderLimits(services.max_message_bytes, bounds.max_batch),
-                    postmarks=postmarks,
                     meter=live.meter,
                 )
             if follower.gave_up is not None:
@@ -213,11 +210,10 @@ async def _actor(
     services: SessionServices,
     state: SessionState,
     connection: Connection,
-    inbox: Inbox[Message],
+    inbox: Inbox[Mail],
     ctx: ChildContext,
     *,
     live: LiveSession,
-    postmarks: trace.Postmarks,
 ) -> None:
     """One incarnation of the session actor: the start function of its child spec.
 
@@ -243,7 +239,6 @@ async def _actor(
         services.persistence,
         services.config,
         mailbox=live.mailbox,
-        postmarks=postmarks,
         meter=live.meter,
     )
     ctx.started()

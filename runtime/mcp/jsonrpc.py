@@ -170,6 +170,14 @@ def encode_result(request_id: RequestId, result: BaseModel | JsonObject) -> str:
     return pydantic_core.to_json({"jsonrpc": "2.0", "id": request_id, "result": body}).decode()
 
 
+def encode_encoded_result(request_id: RequestId, result: bytes) -> str:
+    """A response around a result already encoded as compact JSON (``pydantic_core.to_json``):
+    the same text :func:`encode_result` makes, for a caller that needs the result's JSON
+    itself too (a ``tools/call`` stores it: ``actors.session.calls``), so it is made once."""
+    request = pydantic_core.to_json(request_id).decode()
+    return f'{{"jsonrpc":"2.0","id":{request},"result":{result.decode()}}}'
+
+
 def encode_error(request_id: RequestId | None, error: RpcError) -> str:
     body: dict[str, Any] = {"code": error.code, "message": error.message}
     if error.data is not None:

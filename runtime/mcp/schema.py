@@ -7,10 +7,19 @@ never gets ``-32602`` for a field we do not know yet.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    StrictInt,
+    StrictStr,
+    model_validator,
+)
 from pydantic.alias_generators import to_camel
+from pydantic_core import PydanticKnownError
 
 from storage.untrusted import NAME_CHARS, clip
 
@@ -93,8 +102,14 @@ class ListToolsResult(WireModel):
 
 
 class RequestMeta(WireModel):
+    """A request's ``_meta``, parsed once per request (``tools/call``): its progress token, and
+    what a 2026-07-28 client names in every request (its version, its identity), left as the
+    client sent them: the session decides what a bad one means (-32022), not this model."""
+
     # Strict: a lax int would turn `true` into 1, a token the client never sent.
     progress_token: StrictStr | StrictInt | None = None
+    protocol_version: Any = Field(default=None, alias="io.modelcontextprotocol/protocolVersion")
+    client_info: Any = Field(default=None, alias="io.modelcontextprotocol/clientInfo")
 
 
 class ProgressParams(WireModel):
@@ -128,9 +143,19 @@ class LogMessageParams(WireModel):
     data: Any
 
 
+def _json_object(value: object) -> object:
+    """An object as it is (no copy, nothing inside looked at): a tool's ``Args`` model
+    validates what is in it, once (``Tool.parse``)."""
+    if value is not None and not isinstance(value, dict):
+        raise PydanticKnownError("dict_type")
+    return value
+
+
 class CallToolParams(WireModel):
     name: str
-    arguments: dict[str, Any] | None = None
+    #: Checked to be an object here (-32602 at admission, as any bad param); its members are
+    #: the tool's to validate, once.
+    arguments: Annotated[dict[str, Any] | None, PlainValidator(_json_object)] = None
     meta: RequestMeta | None = Field(default=None, alias="_meta")
 
 

@@ -1,8 +1,9 @@
-"""What the rate limiter enforces, and the arithmetic of admitting one upstream call.
+"""The rate limiter's ledger: what it enforces, and the arithmetic of admitting one upstream
+call (the limits, the buckets, the quotas, the refunds). The actor around it, which waits,
+orders and wakes calls, is :mod:`actors.rate_limiter`; this module was ``actors/limits.py``.
 
-No threads and no trio here: the rate-limiter actor (:mod:`actors.rate_limiter`) owns one
-:class:`Ledger` and feeds it the time with every message, so this arithmetic is exact and
-testable on its own.
+No threads and no trio here: the rate-limiter actor owns one :class:`Ledger` and feeds it the
+time with every message, so this arithmetic is exact and testable on its own.
 
 Rates are GCRA (the generic cell rate algorithm of ITU-T I.371; see brandur.org/rate-limiting),
 kept as the bucket's *level* rather than as a theoretical arrival time: the two are the same
