@@ -18,7 +18,7 @@ method                   eras                        before a version is known
 ``initialize``           handshake (-32022 modern)   yes (it is how one is agreed)
 ``server/discover``      every                       yes
 ``ping``                 handshake (2026-07-28: no)  yes
-``tools/list``           every                       no: -32002 "session not initialized"
+``tools/list``           every                       no: -32600 "session not initialized"
 ``logging/setLevel``     handshake (2026-07-28: no)  no
 ``$/exai/test/crash*``   every, with test faults on  yes
 anything else            -32601 "method not found"   no
@@ -114,7 +114,8 @@ class Method:
     """One entry of the method table."""
 
     handler: Handler
-    #: Whether the request may come before the session has a version (else -32002).
+    #: Whether the request may come before the session has a version (else -32600,
+    #: ``SessionNotInitialized``).
     before_version: bool = False
     #: Whether the method exists for this session in this version's era (else -32601).
     exists: Callable[[SessionMethods, str], bool] = _every_era
@@ -159,7 +160,8 @@ class SessionMethods:
     def version_of(self, request: jsonrpc.Request, meta: RequestMeta | None = None) -> str:
         """The protocol version this request is answered in (``""`` before any is known, for
         the methods that may come then), or the error that refuses it: -32022 for a
-        ``_meta`` version that is not a modern one, -32002 before a version is known.
+        ``_meta`` version that is not a modern one, -32600 (``SessionNotInitialized``) before a
+        version is known.
 
         ``meta``: the request's ``_meta`` already parsed (a ``tools/call``'s params carry
         it), so that it is read once; else it is read here from the raw params.
