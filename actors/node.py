@@ -369,7 +369,9 @@ class _Tree:
         )
         persistence_config = PersistenceConfig()
         #: Every session of the node: what status, resume and the drain read.
-        self.registry: SessionRegistry[LiveSession] = SessionRegistry(settings.resume_grace)
+        self.registry: SessionRegistry[LiveSession] = SessionRegistry(
+            settings.resume_grace, max_parked=settings.max_sessions
+        )
         self.database_ready = _DatabaseProbe(self.persistence)
         #: Set by the first SIGINT/SIGTERM: the tree is asked to stop, and the sessions drain.
         self.stop_requested = stop_requested

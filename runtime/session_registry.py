@@ -36,6 +36,8 @@ from typing import Generic, TypeVar
 import structlog
 import trio
 
+from runtime.log_throttle import LogThrottle
+
 __all__ = ["CloseConnection", "Ending", "SessionEntry", "SessionPhase", "SessionRegistry"]
 
 log = structlog.get_logger("session")
@@ -93,10 +95,19 @@ class SessionRegistry(Generic[S]):
     """
 
     def __init__(
-        self, grace: float, on_expire: Callable[[SessionEntry[S]], Awaitable[None]] | None = None
+        self,
+        grace: float,
+        on_expire: Callable[[SessionEntry[S]], Awaitable[None]] | None = None,
+        *,
+        max_parked: int | None = None,
     ) -> None:
         self.grace = grace
         self.on_expire = on_expire
+        #: Most sessions parked at once (the node: ``EXAI_MAX_SESSIONS``); beyond it a dropped
+        #: session ends instead, so clients that connect and drop over and over cannot grow
+        #: the table without bound. ``None``: no bound.
+        self.max_parked = max_parked
+        self._throttle = LogThrottle()
         self.parking = True
         """Whether :meth:`park` keeps sessions; the node turns it off when it stops (a process
         that is going away cannot honour a resume)."""
@@ -171,11 +182,17 @@ class SessionRegistry(Generic[S]):
 
     def park(self, session_id: str, ending: Ending) -> bool:
         """The session's connection dropped: keep it for ``grace`` seconds. ``False`` (and
-        nothing changes) if parking has stopped or ``grace`` is 0: the caller ends it."""
+        nothing changes) if parking has stopped, ``grace`` is 0 or ``max_parked`` sessions
+        are parked already (logged ``session.not_parked``, throttled): the caller ends it."""
         entry = self._entries.get(session_id)
         if entry is None or entry.phase is SessionPhase.PARKED:
             raise ValueError(f"session {session_id} is not attached")
         if not self.parking or self.grace <= 0:
+            return False
+        if self.max_parked is not None and self.parked >= self.max_parked:
+            self._throttle.emit(
+                log.warning, "session.not_parked", reason="parking full", limit=self.max_parked
+            )
             return False
         entry.phase = SessionPhase.PARKED
         entry.close = None

@@ -212,3 +212,22 @@ async def test_a_slot_is_taken_with_the_capacity_check_and_given_back_once() -> 
     second.release()
     third.release()
     assert not sessions.full  # one attached session: the limit of 2 has room
+
+
+async def test_parking_is_bounded_and_a_session_past_the_bound_is_left_to_end() -> None:
+    """Clients that connect and drop over and over cannot grow the table without bound: past
+    ``max_parked`` a dropped session is not parked (the caller ends it), and once a parked
+    one is claimed or expires there is room again."""
+    reg: SessionRegistry[str] = SessionRegistry(60.0, max_parked=2)
+    for name in ("a", "b", "c"):
+        reg.attach(name, "alice", name, Closed())
+    assert (reg.park("a", DROPPED), reg.park("b", DROPPED), reg.park("c", DROPPED)) == (
+        True,
+        True,
+        False,
+    )
+    assert (reg.parked, reg.phase("c")) == (2, SessionPhase.ATTACHED)
+    reg.end("c")
+    reg.claim("a", "alice")
+    reg.attach("d", "alice", "d", Closed())
+    assert reg.park("d", DROPPED)
