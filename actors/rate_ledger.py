@@ -254,8 +254,9 @@ class Ledger:
     def successor(self, now: float) -> Ledger:
         """A conservative ledger for the incarnation after a crash, which lost this one's
         calls in flight: every rate bucket spent at ``now`` (no burst admitted for one
-        window), each client's quotas at what it used plus what it had reserved (the
-        settlements of those calls will not reach the successor), no session, nothing in
+        window), each client's quotas and each session's counters at what it used plus what
+        it had reserved (the settlements of those calls will not reach the successor; a
+        session's usage shown by ``exai status`` must not fall back to zero), nothing in
         flight."""
         limits = {name: p.limits for name, p in self.providers.items()}
         successor = Ledger(limits, self.client_limits, spent_at=now)
@@ -264,6 +265,15 @@ class Ledger:
             new.input_tokens = old.input_tokens + old.tokens_reserved
             new.output_tokens = old.output_tokens
             new.cost_usd = old.cost_usd + old.cost_reserved
+        for session_id, was in self.sessions.items():
+            kept = successor.session(session_id)
+            kept.calls = was.calls
+            kept.input_tokens = was.input_tokens + was.tokens_reserved
+            kept.output_tokens = was.output_tokens
+            kept.cost_usd = was.cost_usd + was.cost_reserved
+            kept.refused = was.refused
+            kept.estimated_calls = was.estimated_calls
+            kept.closing = was.closing
         return successor
 
     def provider(self, name: str) -> ProviderLedger:

@@ -561,6 +561,10 @@ async def test_a_restarted_limiter_admits_as_if_its_buckets_were_still_spent(
                 await limiter.acquire("a3", "glm", tokens=950, wait=0, identity="alice")
             with pytest.raises(RateLimited, match="quota is 1000: 300 are used"):
                 await limiter.acquire("c2", "glm", tokens=701, wait=0, identity="carol")
+            # So are the sessions' counters that `exai status` shows.
+            usage = {u.session_id: u for u in (await limiter.snapshot()).sessions}
+            assert (usage["a"].requests, usage["a"].input_tokens) == (1, 100)
+            assert (usage["c"].input_tokens, usage["c"].in_flight) == (300, 0)
 
             # Queued, alice's next call goes exactly one window after the restart.
             granted: list[float] = []
