@@ -94,6 +94,7 @@ async def test_killing_the_rate_limiter_under_load_heals_like_persistence(
                     error = reply["error"]
                     assert error["code"] == -32004, reply
                     assert error["data"]["limit"] == "upstream_starting", reply
+                    assert error["data"]["provider"] == "limited", reply
                     assert "rate limiter is restarting" in error["message"], reply
                 status = await wait_for_status(
                     server,

@@ -142,9 +142,11 @@ async def complete(
             identity=identity,
         )
     except ActorUnavailable as exc:
-        raise UpstreamNotReady(
+        refusal = UpstreamNotReady(
             "the rate limiter is restarting; nothing was sent upstream, retry in a moment"
-        ) from exc
+        )
+        refusal.provider = provider.name  # the client is told which upstream it waited for
+        raise refusal from exc
     try:
         with trace.handling(f"/root/providers/{provider.name}", "chat.completions"):
             result = await provider.complete(request, on_text=on_text)

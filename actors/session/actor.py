@@ -135,9 +135,11 @@ class SessionActor(Actor[Mail]):
         orphans = self.state.take_unanswered()
         if self._current is not None:
             orphans.add(self._current)
+        # Said before the supervisor decides whether this incarnation is restarted or the
+        # session gives up (then its connection closes with 1011): true in both cases.
         failure = SessionRestarted(
-            "session restarted after an internal error; this request did not complete "
-            "and may be retried"
+            "session failed with an internal error and is restarted, or closed if it keeps "
+            "failing; this request did not complete and may be retried"
         )
         for request_id in sorted(orphans, key=str):
             try:
