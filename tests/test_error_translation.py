@@ -13,16 +13,12 @@ call runner the rest): the wire a client sees did not change. Two things are che
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 
-import pykka
 import pytest
-import trio
 from pydantic import BaseModel
 
 import actors.node  # noqa: F401  (imports every module that defines a domain error)
@@ -36,7 +32,6 @@ from actors.conversation import (
     ThreadStoreUnavailable,
     UpstreamNotReady,
 )
-from actors.persistence import PersistenceActor, PersistenceClient
 from actors.providers import (
     ModelNotOffered,
     ProviderConnectionError,
@@ -51,12 +46,12 @@ from actors.providers import (
 )
 from actors.rate_ledger import LimitName
 from actors.rate_limiter import LimitSpent, RateLimited, RateLimitedForNow, Refusal
-from actors.session import SessionConfig, SessionServices
+from actors.session import SessionServices
 from actors.session.memory import memory_session
 from runtime.breaker import BreakerOpen, BreakerState
 from runtime.mcp import translation, versions
 from runtime.mcp.errors import InvalidParams, LimitExceeded, Unavailable
-from runtime.mcp.tools import Tool, ToolContext, ToolOutput, ToolRegistry
+from runtime.mcp.tools import Tool, ToolContext, ToolOutput
 from runtime.memory_transport import MemoryClient
 from storage.errors import (
     ActorUnavailable,
@@ -71,10 +66,8 @@ from storage.errors import (
     WriteConflict,
     WriteRejected,
 )
-from storage.journal import Journal
-from storage.migrations import apply_migrations
 from storage.threads import InvalidThreadCursor, ThreadReadError
-from tests.harness import fresh_database
+from tests.memory_support import migrated_database, running_persistence, session_services
 
 TOOL = "raises"
 ERAS = versions.SUPPORTED_VERSIONS
@@ -431,34 +424,14 @@ class Raises(Tool[_CaseArgs]):
 
 @pytest.fixture(scope="module")
 def db(database_url: str) -> Iterator[str]:
-    with fresh_database(database_url) as url:
-        apply_migrations(url)
+    with migrated_database(database_url) as url:
         yield url
 
 
 @pytest.fixture
 async def services(db: str, tmp_path: Path) -> AsyncIterator[SessionServices]:
-    journal = Journal.open(tmp_path / "journal", node_id=f"tr-{uuid.uuid4().hex[:8]}")
-    ref: pykka.ActorRef[Any] = PersistenceActor.start(db, journal)
-    try:
-        yield SessionServices(
-            tools=ToolRegistry([Raises()]),
-            persistence=PersistenceClient.for_ref(ref),
-            config=SessionConfig(
-                max_inflight=4,
-                test_faults=False,
-                node_id="translation-test",
-                total_slots=trio.CapacityLimiter(16),
-            ),
-            mailbox_capacity=8,
-            max_message_bytes=64 * 1024,
-            max_restarts=3,
-            restart_period=60,
-        )
-    finally:
-        with trio.CancelScope(shield=True):
-            await trio.to_thread.run_sync(partial(ref.stop, block=True, timeout=30))
-        journal.close()
+    async with running_persistence(db, tmp_path / "journal") as persistence:
+        yield session_services(persistence, [Raises()], node_id="translation-test")
 
 
 async def _open(client: MemoryClient, version: str) -> dict[str, Any]:

@@ -13,31 +13,27 @@ session idle: a call admitted, a request queued), never on time.
 from __future__ import annotations
 
 import json
-import uuid
 from collections.abc import AsyncIterator, Iterator
-from functools import partial
 from pathlib import Path
 from typing import Any
 
-import pykka
 import pytest
 import trio
 import trio.testing
 from pydantic import BaseModel
 
-from actors.persistence import PersistenceActor, PersistenceClient
-from actors.session import SessionConfig, SessionServices
+from actors.persistence import PersistenceClient
+from actors.session import SessionServices
 from actors.session.memory import memory_session
 from actors.session.methods import CRASH_METHOD
 from actors.tools.echo import Echo
 from actors.tools.testing import BlockUntilCancelled, ReportSteps
 from runtime.mcp import versions
 from runtime.mcp.errors import LimitExceeded
-from runtime.mcp.tools import Tool, ToolContext, ToolOutput, ToolRegistry
+from runtime.mcp.tools import Tool, ToolContext, ToolOutput
 from runtime.memory_transport import Delivery, MemoryClient, MemoryClosed
-from storage.journal import Journal
-from storage.migrations import apply_migrations
-from tests.harness import call, cancel, fresh_database, query
+from tests.harness import call, cancel, query
+from tests.memory_support import migrated_database, running_persistence, session_services
 
 MODERN = versions.MODERN_VERSIONS[0]
 PAGE = 2
@@ -85,38 +81,24 @@ TOOLS = [Echo(), BlockUntilCancelled(), ReportSteps(), Refuses(), Breaks(), Limi
 
 @pytest.fixture(scope="module")
 def db(database_url: str) -> Iterator[str]:
-    with fresh_database(database_url) as url:
-        apply_migrations(url)
+    with migrated_database(database_url) as url:
         yield url
 
 
 @pytest.fixture
 async def persistence(db: str, tmp_path: Path) -> AsyncIterator[PersistenceClient]:
-    journal = Journal.open(tmp_path / "journal", node_id=f"mem-{uuid.uuid4().hex[:8]}")
-    ref: pykka.ActorRef[Any] = PersistenceActor.start(db, journal)
-    try:
-        yield PersistenceClient.for_ref(ref)
-    finally:
-        with trio.CancelScope(shield=True):
-            await trio.to_thread.run_sync(partial(ref.stop, block=True, timeout=30))
-        journal.close()
+    async with running_persistence(db, tmp_path / "journal") as client:
+        yield client
 
 
 def _services(persistence: PersistenceClient, *, max_inflight: int = 4) -> SessionServices:
-    return SessionServices(
-        tools=ToolRegistry(TOOLS),
-        persistence=persistence,
-        config=SessionConfig(
-            max_inflight=max_inflight,
-            test_faults=True,
-            node_id="mem-test",
-            total_slots=trio.CapacityLimiter(16),
-            page_size=PAGE,
-        ),
-        mailbox_capacity=8,
-        max_message_bytes=64 * 1024,
-        max_restarts=3,
-        restart_period=60,
+    return session_services(
+        persistence,
+        TOOLS,
+        node_id="mem-test",
+        max_inflight=max_inflight,
+        test_faults=True,
+        page_size=PAGE,
     )
 
 
