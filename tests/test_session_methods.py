@@ -370,6 +370,15 @@ async def test_a_modern_request_names_its_version_and_client_in_meta(
             request(6, "tools/list", {"_meta": {versions.PROTOCOL_VERSION_META: "2025-06-18"}}),
         )
         assert wrong.message["error"]["code"] == -32022
+        # A tools/call whose params are bad too: the version is refused first, as for any
+        # other request, and its params are parsed once (only after it).
+        both = await exchange(
+            client,
+            request(7, "tools/call", {"_meta": {versions.PROTOCOL_VERSION_META: "2025-06-18"}}),
+        )
+        assert both.message["error"]["code"] == -32022
+        bad = await exchange(client, request(8, "tools/call", modern({"arguments": {}})))
+        assert bad.message["error"]["code"] == -32602
     await session.client.aclose()
     assert await row(
         services.persistence,

@@ -127,12 +127,11 @@ class CallRunner:
             # The params (their `_meta` with them) are parsed once, here; the version is read
             # from that parse, and refused first, as for any other request.
             try:
-                call: CallToolParams | None = params(CallToolParams, request)
-            except InvalidParams as error:
-                call, bad_params = None, error
-            version = self._methods.version_of(request, call.meta or _NO_META if call else None)
-            if call is None:
-                raise bad_params
+                call = params(CallToolParams, request)
+            except InvalidParams:
+                self._methods.version_of(request)  # a bad version is refused before bad params
+                raise
+            version = self._methods.version_of(request, call.meta or _NO_META)
             tool = self._tools.get(call.name)
             if tool is None:
                 raise InvalidParams(f"unknown tool: {call.name!r}")
