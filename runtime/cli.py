@@ -84,6 +84,12 @@ def _serve_parser(commands: Commands[argparse.ArgumentParser]) -> None:
         help="seconds to wait at start for a database that does not answer "
         "(EXAI_DATABASE_WAIT, default 30)",
     )
+    serve.add_argument(
+        "--durability",
+        choices=["commit", "journal", "async"],
+        help="what a call's answer waits for: the database's commit, the local journal's "
+        "fsync, or nothing (EXAI_DURABILITY, default journal; docs/persistence.md)",
+    )
     serve.add_argument("--log-level", help="debug, info, warning, error (EXAI_LOG_LEVEL)")
     serve.add_argument(
         "--trace-sample",
@@ -205,6 +211,7 @@ def _serve(args: argparse.Namespace) -> int:
             state_dir=args.state_dir,
             database_url=args.database_url,
             database_wait=args.database_wait,
+            durability=args.durability,
             log_level=args.log_level,
             config=args.config,
         )

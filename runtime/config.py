@@ -33,6 +33,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from runtime.auth import TokenDigest
 from runtime.handshake_admission import Network, parse_networks
+from storage.durability import Durability
 
 
 class ConfigError(Exception):
@@ -203,6 +204,13 @@ class Settings(BaseSettings):
         ge=0,
         description="Seconds a session whose socket dropped can be resumed by presenting its "
         "id (Mcp-Session-Id header or ?session=); 0 disables resume.",
+    )
+    durability: Durability = Field(
+        default=Durability.JOURNAL,
+        description="What a call's answer waits for: 'commit' (the database's commit), "
+        "'journal' (the local journal's group fsync; the database follows in batches) or "
+        "'async' (nothing; the last moments may be lost on a crash). docs/persistence.md says "
+        "what each keeps when the process is killed and when the machine is lost.",
     )
     journal_max_bytes: int = Field(
         default=128 * 2**20,
