@@ -351,7 +351,9 @@ class _Tree:
         self.config = config
         self.announce = announce
         self.persistence_name: ActorName[PersistenceActor] = ActorName("/root/persistence")
-        self.persistence = PersistenceClient(self.persistence_name.resolve)
+        self.persistence = PersistenceClient(
+            self.persistence_name.resolve, durability=settings.durability
+        )
         # The providers are filled in by their child while it runs; the rate limiter's client
         # is there for the node's life, whichever incarnation of its actor runs.
         self.upstream = Upstream()

@@ -152,6 +152,16 @@ class PersistenceStatus(_Model):
     journal_bytes: int
     journal_pending_records: int = Field(description="Accepted, not yet in the database.")
     journal_full: bool
+    appended: int = Field(
+        description="Journal position (bytes of records ever appended) after the last record."
+    )
+    synced: int = Field(description="Journal position up to which records are fsynced.")
+    committed: int = Field(description="Journal position up to which the database has them.")
+    confirmed_at: datetime | None = Field(
+        default=None,
+        description="Every record handed to the node's persistence before this instant is "
+        "fsynced or in the database (None: nothing confirmed yet).",
+    )
     batches: int
     largest_batch: int
     records_written: int

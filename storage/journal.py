@@ -37,8 +37,9 @@ import contextlib
 import fcntl
 import json
 import os
+import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -56,24 +57,64 @@ REJECTED_FILE = "rejected.jsonl"
 _BLOCK = 1 << 20
 
 
+@dataclass(slots=True)
+class _Segment:
+    """One file of the journal. ``start``: the logical position of its first record."""
+
+    path: Path
+    fd: int
+    header_end: int
+    size: int
+    start: int
+
+    @property
+    def end(self) -> int:
+        """The logical position after its last record."""
+        return self.start + self.size - self.header_end
+
+
 class Journal:
-    """This process's journal. Used by one thread at a time (the persistence actor's, or the
-    start-up code before the actor runs); it outlives any one incarnation of the actor."""
+    """This process's journal, in segment files.
+
+    **Two threads.** One thread appends (and fsyncs): the persistence actor's. Another reads
+    and advances (the database writer, :mod:`actors.persistence.database_writer`), or the
+    start-up code before either runs. A lock guards the segment list and the counters; the
+    appender's ``fdatasync`` runs outside it, on a segment only the appender may retire.
+
+    **Positions** are logical: bytes of records ever appended (headers excluded), so they stay
+    valid across truncation and rotation. ``appended`` is the end of what was written,
+    ``synced`` of what was fsynced, ``committed`` of what the database has (advanced by the
+    reader).
+
+    **Segments.** Appends go to the last segment; past ``segment_bytes`` the next append opens a
+    new one, so that a journal that is never fully caught up (steady load) still shrinks: a
+    segment whose records are all in the database is deleted, and the last one is truncated
+    back to its header. The journal outlives any one incarnation of the persistence actor.
+    """
 
     def __init__(
-        self, path: Path, fd: int, *, node_id: str, max_bytes: int, fsync_interval: float
+        self,
+        directory: Path,
+        first: _Segment,
+        *,
+        node_id: str,
+        max_bytes: int,
+        fsync_interval: float,
+        segment_bytes: int,
     ) -> None:
-        self.path = path
+        self.directory = directory
         self.node_id = node_id
         self.max_bytes = max_bytes
         self.fsync_interval = fsync_interval
-        self._fd = fd
-        self._header_end = os.fstat(fd).st_size
-        self._size = self._header_end
-        self._replayed = self._header_end
+        self.segment_bytes = segment_bytes
+        self._lock = threading.Lock()
+        self._segments: list[_Segment] = [first]
+        self._committed = 0
+        self._synced = 0
         self._pending_records = 0
         self._dirty = False
         self._last_sync = time.monotonic()
+        self._closed = False
 
     @classmethod
     def open(
@@ -83,36 +124,46 @@ class Journal:
         node_id: str,
         max_bytes: int = 128 * 1024 * 1024,
         fsync_interval: float = 1.0,
+        segment_bytes: int = 8 * 1024 * 1024,
     ) -> Journal:
-        """Create and lock this process's journal file in ``directory``."""
+        """Create and lock this process's journal (its first segment) in ``directory``."""
         directory.mkdir(parents=True, exist_ok=True)
-        path = directory / f"journal-{time.time_ns()}-{os.getpid()}.jsonl"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            header = {
-                "journal": FORMAT,
-                "node_id": node_id,
-                "pid": os.getpid(),
-                "created_at": datetime.now(UTC).isoformat(),
-            }
-            _write_all(fd, json.dumps(header).encode() + b"\n")
-            os.fsync(fd)
-            _fsync_directory(directory)
-        except BaseException:
-            os.close(fd)
-            path.unlink(missing_ok=True)
-            raise
-        return cls(path, fd, node_id=node_id, max_bytes=max_bytes, fsync_interval=fsync_interval)
+        first = _create_segment(directory, node_id, start=0)
+        return cls(
+            directory,
+            first,
+            node_id=node_id,
+            max_bytes=max_bytes,
+            fsync_interval=fsync_interval,
+            segment_bytes=max(segment_bytes, 4096),
+        )
 
     @property
-    def directory(self) -> Path:
-        return self.path.parent
+    def path(self) -> Path:
+        """The segment appends go to now."""
+        return self._segments[-1].path
+
+    @property
+    def paths(self) -> list[Path]:
+        with self._lock:
+            return [segment.path for segment in self._segments]
+
+    @property
+    def appended(self) -> int:
+        return self._segments[-1].end
+
+    @property
+    def synced(self) -> int:
+        return self._synced
+
+    @property
+    def committed(self) -> int:
+        return self._committed
 
     @property
     def pending(self) -> bool:
         """Records wait here that the database has not taken yet."""
-        return self._replayed < self._size
+        return self._committed < self.appended
 
     @property
     def pending_records(self) -> int:
@@ -120,7 +171,9 @@ class Journal:
 
     @property
     def size_bytes(self) -> int:
-        return self._size
+        """Bytes on disk, headers included: what ``max_bytes`` bounds."""
+        with self._lock:
+            return sum(segment.size for segment in self._segments)
 
     @property
     def admit_bytes(self) -> int:
@@ -130,89 +183,149 @@ class Journal:
     @property
     def full(self) -> bool:
         """New work must be refused: the rest of the bound is for work already accepted."""
-        return self._size >= self.admit_bytes
+        return self.size_bytes >= self.admit_bytes
+
+    # --- the appender's side ----------------------------------------------------------------
 
     def append(self, records: Sequence[Record], *, durable: bool) -> dict[int, StorageUnavailable]:
         """Append ``records`` in one write; ``durable``: fdatasync before returning.
 
         Returns the records left out, by position, each with the reason: those that would
-        have taken the file past ``max_bytes``. The others are appended, in order.
+        have taken the journal past ``max_bytes``. The others are appended, in order; their
+        end is :attr:`appended`.
         """
         refused: dict[int, StorageUnavailable] = {}
         if records:
-            lines: list[bytes] = []
-            size = self._size
-            for index, record in enumerate(records):
-                line = record.model_dump_json().encode() + b"\n"
-                if size + len(line) > self.max_bytes:
-                    refused[index] = self._refusal(record.kind, len(line), size)
-                    continue
-                lines.append(line)
-                size += len(line)
-            if lines:
-                _write_all(self._fd, b"".join(lines))
-                self._size = size
-                self._pending_records += len(lines)
-                self._dirty = True
+            encoded = [record.model_dump_json().encode() + b"\n" for record in records]
+            self._maybe_rotate()
+            with self._lock:
+                size = total = sum(segment.size for segment in self._segments)
+                lines: list[bytes] = []
+                for index, line in enumerate(encoded):
+                    if size + len(line) > self.max_bytes:
+                        refused[index] = self._refusal(records[index].kind, len(line), size)
+                        continue
+                    lines.append(line)
+                    size += len(line)
+                if lines:
+                    last = self._segments[-1]
+                    _write_all(last.fd, b"".join(lines))
+                    last.size += size - total
+                    self._pending_records += len(lines)
+                    self._dirty = True
         if durable:
             self.sync()
         else:
             self.sync_if_due()
         return refused
 
+    def _maybe_rotate(self) -> None:
+        last = self._segments[-1]
+        if last.size < self.segment_bytes or last.size == last.header_end:
+            return
+        # The old segment is fsynced before it is left: from now on only the new one is
+        # written and synced by this thread, and the reader may delete the old one.
+        self.sync()
+        segment = _create_segment(self.directory, self.node_id, start=last.end)
+        with self._lock:
+            self._segments.append(segment)
+
     def _refusal(self, kind: str, length: int, size: int) -> StorageUnavailable:
-        if self._header_end + length > self.max_bytes:
+        if self._segments[-1].header_end + length > self.max_bytes:
             return StorageUnavailable(
-                f"storage unavailable: the database is unreachable and a {kind} record of "
-                f"{length} bytes can never fit the write journal (bound {self.max_bytes} bytes)"
+                f"storage unavailable: a {kind} record of {length} bytes can never fit the "
+                f"write journal (bound {self.max_bytes} bytes)"
             )
         return StorageUnavailable(
-            f"storage unavailable: the database is unreachable and the write journal is full "
+            f"storage unavailable: the database is behind and the write journal is full "
             f"({size} of {self.max_bytes} bytes): a {kind} record of {length} bytes was not kept"
         )
 
     def sync(self) -> None:
+        """fdatasync what was appended (the appender's thread only)."""
+        end = self.appended
         if self._dirty:
-            os.fdatasync(self._fd)
+            os.fdatasync(self._segments[-1].fd)
             self._dirty = False
+        self._synced = max(self._synced, end)
         self._last_sync = time.monotonic()
 
     def sync_if_due(self) -> None:
         if self._dirty and time.monotonic() - self._last_sync >= self.fsync_interval:
             self.sync()
 
-    def read(self, max_records: int) -> tuple[list[Record], int]:
-        """The next records to replay (at most ``max_records``) and the offset after them;
-        pass both to :meth:`advance` once the database has them."""
-        lines, end, _ = _read_lines(self._fd, self._replayed, self._size, max_records)
-        return _parse(lines, self.directory, source=self.path.name), end
+    # --- the reader's side ------------------------------------------------------------------
 
-    def advance(self, offset: int, records: int) -> None:
-        """The records before ``offset`` are in the database: forget them. Once everything is,
-        the file is truncated back to its header."""
-        self._replayed = offset
-        self._pending_records = max(0, self._pending_records - records)
-        if self._replayed >= self._size:
-            os.ftruncate(self._fd, self._header_end)
-            self._size = self._replayed = self._header_end
-            self._pending_records = 0
+    def read(self, max_records: int) -> tuple[list[Record], int]:
+        """The next records the database does not have yet (at most ``max_records``, from one
+        segment) and the position after them; pass both to :meth:`advance` once the
+        database has them."""
+        with self._lock:
+            segment = next((s for s in self._segments if s.end > self._committed), None)
+            if segment is None:
+                return [], self._committed
+            offset = segment.header_end + (self._committed - segment.start)
+            size, fd, base = segment.size, segment.fd, segment.start - segment.header_end
+        lines, end, _ = _read_lines(fd, offset, size, max_records)
+        return _parse(lines, self.directory, source=segment.path.name), base + end
+
+    def advance(self, position: int, records: int) -> None:
+        """The records before ``position`` are in the database: forget them. Segments left
+        with nothing pending are deleted; the last one is truncated back to its header."""
+        with self._lock:
+            self._committed = max(self._committed, position)
+            self._pending_records = max(0, self._pending_records - records)
+            while len(self._segments) > 1 and self._segments[0].end <= self._committed:
+                done = self._segments.pop(0)
+                os.close(done.fd)
+                done.path.unlink(missing_ok=True)
+            last = self._segments[-1]
+            if len(self._segments) == 1 and last.end <= self._committed:
+                os.ftruncate(last.fd, last.header_end)
+                last.start, last.size = self._committed, last.header_end
+                self._pending_records = 0
 
     def set_aside(self, rejected: Sequence[tuple[Record, Exception]]) -> None:
         """Keep records the database refused, with the reason, in ``rejected.jsonl``."""
         set_aside(self.directory, rejected, node_id=self.node_id)
 
     def close(self) -> None:
-        """Sync and release the file; delete it if nothing is pending (a clean stop). A file
-        left behind is replayed by the next start."""
-        if self._fd < 0:
+        """Sync and release the files; delete them if nothing is pending (a clean stop).
+        Files left behind are replayed by the next start."""
+        if self._closed:
             return
+        self._closed = True
         try:
             self.sync()
             if not self.pending:
-                self.path.unlink(missing_ok=True)
+                for segment in self._segments:
+                    segment.path.unlink(missing_ok=True)
         finally:
-            os.close(self._fd)
-            self._fd = -1
+            for segment in self._segments:
+                os.close(segment.fd)
+
+
+def _create_segment(directory: Path, node_id: str, *, start: int) -> _Segment:
+    """A new segment file, locked, with its header, fsynced with its directory."""
+    path = directory / f"journal-{time.time_ns()}-{os.getpid()}.jsonl"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        header = {
+            "journal": FORMAT,
+            "node_id": node_id,
+            "pid": os.getpid(),
+            "created_at": datetime.now(UTC).isoformat(),
+        }
+        _write_all(fd, json.dumps(header).encode() + b"\n")
+        os.fsync(fd)
+        _fsync_directory(directory)
+    except BaseException:
+        os.close(fd)
+        path.unlink(missing_ok=True)
+        raise
+    size = os.fstat(fd).st_size
+    return _Segment(path, fd, size, size, start)
 
 
 @dataclass
@@ -249,11 +362,12 @@ class OrphanJournal:
         return end if lines else 0
 
 
-def find_orphans(directory: Path, *, exclude: Path | None = None) -> list[OrphanJournal]:
-    """Journals in ``directory`` whose writer is dead, oldest first, each locked by us now."""
+def find_orphans(directory: Path, *, exclude: Collection[Path] = ()) -> list[OrphanJournal]:
+    """Journal files in ``directory`` whose writer is dead, oldest first (a dead process's
+    segments in the order it wrote them), each locked by us now."""
     found = []
     for path in sorted(directory.glob("journal-*.jsonl"), key=_creation_order):
-        if exclude is not None and path == exclude:
+        if path in exclude:
             continue
         try:
             fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)

@@ -63,7 +63,7 @@ def recover(
     statement_timeout: float = 60.0,
 ) -> RecoveryReport:
     """Replay dead processes' journals and interrupt dead nodes' work; register this node."""
-    orphans = find_orphans(journal.directory, exclude=journal.path)
+    orphans = find_orphans(journal.directory, exclude=journal.paths)
     connector = Connector(database_url)
     try:
         conn = connector.connection()

@@ -74,7 +74,7 @@ ERAS = versions.SUPPORTED_VERSIONS
 FIRST_INPUT_AS_RESULT = "2025-11-25"
 INTERNAL = {"code": -32603, "message": f"tool {TOOL!r} failed; see server log"}
 STORAGE_FULL = (
-    "storage unavailable: the database is unreachable and the write journal is full; "
+    "storage unavailable: the write journal is full: the database is unreachable or behind; "
     "nothing was done, retry later"
 )
 THREAD_UNREADABLE = (

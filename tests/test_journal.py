@@ -103,7 +103,7 @@ def test_a_live_journal_is_never_an_orphan_and_a_released_one_is(tmp_path: Path)
     dead.append(written, durable=True)
     dead.close()  # what the kernel does for a killed process: the lock is released
 
-    orphans = find_orphans(tmp_path, exclude=mine.path)
+    orphans = find_orphans(tmp_path, exclude=mine.paths)
     try:
         assert [o.node_id for o in orphans] == ["dead"]
         assert [r for chunk in orphans[0].chunks(1) for r in chunk] == written

@@ -1,91 +1,88 @@
-"""The persistence actor: the only code that writes to Postgres.
+"""The persistence actor: every record a node keeps goes through it, journal first.
 
 A pykka thread, because psycopg's async API is asyncio-only (trio support is the open issue
-psycopg/psycopg#29); one writer also serialises writes, so the database sees them in the order
-sessions sent them.
+psycopg/psycopg#29); one appender also serialises records, so the journal, and after it the
+database, see them in the order sessions sent them.
 
-**Batching without a timer.** A pykka thread blocked on its inbox cannot "wait a few ms", and
-a timer thread would be an unowned thread. Instead, a shipment (:class:`Ship`) is added to the
-batch and, if none is pending, the actor tells *itself* a flush. Its inbox is FIFO, so the
+**Journal first.** Every shipment is appended to the node's journal (:mod:`storage.journal`),
+then handed to the :class:`~actors.persistence.database_writer.DatabaseWriter`, a thread this
+actor owns, which writes the journal's records to the database in order, behind. So an answer
+never waits on a database round trip unless its writer asked for one: each awaited record says
+how far it must have gone (:class:`~actors.persistence.protocol.Point`: written, synced,
+committed, in the database), and the client answers it when the :class:`Progress` this actor
+and the writer report says it has. What a call waits for is the node's durability setting
+(:mod:`storage.durability`), chosen by the session's call runner.
+
+**Group commit without a timer.** A pykka thread blocked on its inbox cannot "wait a few ms",
+and a timer thread would be an unowned thread. Instead, a shipment (:class:`Ship`) is added to
+the batch and, if none is pending, the actor tells *itself* a flush. Its inbox is FIFO, so the
 flush runs after every shipment already queued: the batch is whatever arrived while the
-previous batch was committing. At low load that is one shipment, written at once (no added
-latency); under load, batches grow with the commit time (group commit). ``max_batch`` caps a
-transaction. The client already coalesces all writes of one trio scheduling round into one
-shipment, so per-record messaging cost is gone before the actor sees anything.
-
-**Where a batch goes.** To the database, in one transaction (:func:`storage.writes.write_batch`),
-while the breaker is closed and the journal is empty. Otherwise, and when a database write
-fails, to the journal (:mod:`storage.journal`), where it joins the end of the queue: once
-anything is journaled, later batches are journaled behind it until replay catches up, so the
-database still receives records in their original order. A replay step (``replay_chunk``
-records) runs on each flush and tick while the breaker allows, and continues through
-self-told :class:`_Replay` messages, interleaved with new shipments, so writers are answered
-(from the journal) while a long backlog drains.
-
-**Answers.** A shipment is answered after its batch is committed, or appended to the journal
-(fsynced first if it holds a critical write). Critical writers get per-record errors:
-``WriteConflict``, ``WriteRejected``, or ``StorageUnavailable`` for a new session or task
-refused because the journal is full.
+previous batch was being appended and fsynced. At low load that is one shipment, written at
+once (no added latency); under load, batches grow with the fsync time. One ``write(2)`` per
+batch, and one ``fdatasync`` if any of its shipments waits for one.
 
 **Session activity** (:class:`~storage.rows.SessionActivity`) sent in the background is
-coalesced per session and written every ``sync_interval`` (and on flush and stop); its fields
-only grow, so writing the latest is writing all of them.
+coalesced per session and appended every ``sync_interval`` (and on flush and stop); its
+fields only grow, so writing the latest is writing all of them.
 
-Stopping (``stop()``) is queued behind every shipment already sent, and :meth:`on_stop` writes
-what is held, so a graceful stop keeps everything accepted. On a crash (:meth:`on_failure`),
-held shipments are journaled if possible, else failed so that their callers know.
+Stopping (``stop()``) is queued behind every shipment already sent; :meth:`on_stop` appends
+what is held and lets the writer write what it can. On a crash (:meth:`on_failure`), held
+shipments are journaled if possible, else failed so that their callers know; the journal (and
+so everything appended) is the next incarnation's, whose writer replays it.
 """
 
 from __future__ import annotations
 
 import queue
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeAlias, assert_never
 
-import psycopg
 import pykka
 import structlog
 
+from actors.persistence.database_writer import Committed, DatabaseWriter, Span
 from actors.persistence.protocol import (
     ADMISSIONS,
     Flush,
     GetStatus,
     PersistenceConfig,
+    Point,
+    Progress,
     Ship,
-    ShipmentResult,
     Tick,
 )
 from runtime import trace
+from runtime.bridge import CallbackFuture
 from runtime.pykka_service import ServiceActor
 from runtime.status_model import PersistenceStatus, database_of
-from storage.breaker import BreakerState, ConsecutiveFailureBreaker
-from storage.connection import Connector
-from storage.errors import StorageUnavailable, WriteRejected
+from storage.breaker import BreakerState
+from storage.errors import StorageUnavailable
 from storage.journal import Journal
 from storage.rows import NodeHeartbeat, Record, SessionActivity
-from storage.writes import write_batch
 
 log = structlog.get_logger("persistence")
 
 
 @dataclass(frozen=True, slots=True)
 class _FlushSoon:
-    """Self-told: write the batch once the shipments queued before this one are in it."""
+    """Self-told: append the batch once the shipments queued before this one are in it."""
 
 
 @dataclass(frozen=True, slots=True)
-class _Replay:
-    """Self-told: replay the next journal chunk, after the messages queued so far."""
+class _Written:
+    """Told by the database writer: it committed up to a position, or failed."""
+
+    report: Committed
 
 
-_Message: TypeAlias = Ship | Flush | Tick | GetStatus | _FlushSoon | _Replay
+_Message: TypeAlias = Ship | Flush | Tick | GetStatus | _FlushSoon | _Written
 
 
 @dataclass(slots=True)
 class _Held:
-    """A shipment in the batch: the records still to write, and where each came from."""
+    """A shipment in the batch: the records still to append, and where each came from."""
 
     ship: Ship
     records: list[Record] = field(default_factory=list)
@@ -94,23 +91,19 @@ class _Held:
 
 
 @dataclass(slots=True)
-class _Stats:
-    batches: int = 0
-    largest_batch: int = 0
-    records_written: int = 0
-    records_journaled: int = 0
-    records_replayed: int = 0
-    conflicts: int = 0
-    rejected: int = 0
-    last_error: str | None = None
+class _Flushing:
+    """An explicit flush waiting for the database to reach ``target``."""
+
+    target: int
+    reply: CallbackFuture[PersistenceStatus]
 
 
 class PersistenceActor(ServiceActor[_Message]):
-    """Batches records into transactions; journals them while the database is away.
+    """Appends records to the journal, answers, and has its writer take them to the database.
 
     ``journal`` is lent, not owned: it outlives any one incarnation of this actor, so a
-    restarted actor continues the same journal (and replays what its predecessor left). The
-    node's id is the journal's.
+    restarted actor continues the same journal (its writer replays what the previous one had
+    not written). The node's id is the journal's.
     """
 
     def __init__(
@@ -122,27 +115,25 @@ class PersistenceActor(ServiceActor[_Message]):
     ) -> None:
         super().__init__()
         self._config = config = config or PersistenceConfig()
-        self._connector = Connector(database_url, connect_timeout=config.connect_timeout)
         self._journal = journal
-        self._breaker = ConsecutiveFailureBreaker(
-            failure_threshold=config.breaker_threshold,
-            reset_after=config.breaker_reset,
-            max_reset_after=config.breaker_max_reset,
-            slow_call=config.slow_commit,
-        )
+        self._writer = DatabaseWriter(database_url, journal, config, self._on_committed)
         self._batch: list[_Held] = []
         self._batch_records = 0
         self._activity: dict[str, SessionActivity] = {}
         self._flush_told = False
-        self._replay_told = False
         self._journal_broken = False
+        self._listener: Callable[[Progress], None] | None = None
+        self._flushing: list[_Flushing] = []
         self._last_sync = time.monotonic()
         self._last_heartbeat = float("-inf")
-        self._stats = _Stats()
+        self._records_journaled = 0
 
     # --- pykka hooks ------------------------------------------------------------------------
 
-    def handle(self, message: _Message) -> PersistenceStatus | None:
+    def on_start(self) -> None:
+        self._writer.start()
+
+    def handle(self, message: _Message) -> PersistenceStatus | CallbackFuture[Any] | None:
         match message:
             case Ship():
                 # One trace event per shipment, listing every trace it carries: each writer's
@@ -157,15 +148,13 @@ class PersistenceActor(ServiceActor[_Message]):
             case _FlushSoon():
                 self._flush_told = False
                 self._flush()
-            case _Replay():
-                self._replay_told = False
-                self._drain_journal(everything=False)
+            case _Written():
+                self._written(message.report)
             case Tick():
                 self._tick()
                 return self._status()
             case Flush():
-                self._explicit_flush(message)
-                return self._status()
+                return self._explicit_flush(message)
             case GetStatus():
                 return self._status()
             case _:
@@ -174,45 +163,43 @@ class PersistenceActor(ServiceActor[_Message]):
 
     def on_stop(self) -> None:
         self._flush(self._take_activity())
-        self._breaker.force_trial()
-        self._drain_journal(everything=True)
         self._journal.sync()
-        self._connector.close()
+        self._writer.stop()
+        self._answer_flushes(everything=True)
         log.info(
             "persistence.stopped",
             journal_pending=self._journal.pending_records,
-            records_written=self._stats.records_written,
+            records_written=self._writer.stats.records_written,
         )
 
     def on_failure(self, exception_type: Any, exception_value: Any, traceback: Any) -> None:
         # Not expected (every handler contains its errors), but if it happens, what is held
         # must not vanish: journal it, or tell its writers.
-        held, self._batch = self._batch, []
-        records = [record for h in held for record in h.records]
-        failure: BaseException | None = None
         try:
-            refused = self._journal.append(records + list(self._take_activity()), durable=True)
-        except OSError as exc:
-            failure = pykka.ActorDeadError(f"persistence actor crashed: {exc}")
-        else:
-            if refused:
-                first = next(iter(refused.values()))
-                log.error("persistence.records_lost", records=len(refused), error=str(first))
-        for h in held:
-            h.ship.reply(ShipmentResult(errors=h.errors, failure=failure))
-        self._connector.close()
+            self._flush(self._take_activity(), sync=True)
+        except Exception:
+            log.exception("persistence.records_lost", records=self._batch_records)
+            failure = pykka.ActorDeadError("persistence actor crashed")
+            for held in self._batch:
+                if held.ship.waits:
+                    errors: dict[tuple[int, int], Exception] = {
+                        (held.ship.shipment_id, p): failure for p in held.ship.waits
+                    }
+                    held.ship.listener(self._progress(errors=errors))
+        self._writer.stop()
 
     # --- shipments and batches --------------------------------------------------------------
 
     def _accept(self, ship: Ship) -> None:
+        self._listener = ship.listener
         held = _Held(ship)
         for position, record in enumerate(ship.records):
-            critical = position in ship.critical
-            if critical and isinstance(record, ADMISSIONS) and not self._available():
+            awaited = position in ship.waits
+            if awaited and isinstance(record, ADMISSIONS) and not self._available():
                 held.errors[position] = StorageUnavailable.journal_full(
                     f"{self._journal.size_bytes} bytes"
                 )
-            elif not critical and isinstance(record, SessionActivity):
+            elif not awaited and isinstance(record, SessionActivity):
                 self._coalesce(record)
             else:
                 held.records.append(record)
@@ -241,210 +228,174 @@ class PersistenceActor(ServiceActor[_Message]):
         self._last_sync = time.monotonic()
         return records
 
-    def _flush(self, extra: Sequence[Record] = ()) -> None:
-        """Write the batch (plus ``extra``) and answer its shipments."""
+    def _flush(self, extra: Sequence[Record] = (), *, sync: bool = False) -> None:
+        """Append the batch (plus ``extra``), fsync it if a writer waits for that, answer its
+        shipments, and hand it to the database writer."""
         held, self._batch, self._batch_records = self._batch, [], 0
         records = [record for h in held for record in h.records]
         records.extend(extra)
-        durable = any(h.ship.critical for h in held)
-        errors: dict[int, Exception] = {}
-        lost: StorageUnavailable | None = None
+        if not records and not held:
+            return
+        sync = sync or any(h.ship.sync for h in held)
+        if not sync and self._writer.database is not BreakerState.CLOSED:
+            # While the database is down, a commit waits for the fsync instead.
+            sync = any(Point.COMMITTED in h.ship.waits.values() for h in held)
+        start = self._journal.appended
         try:
-            errors = self._store(records, durable=durable)
-        except StorageUnavailable as exc:
-            # Neither the database nor the journal took them. Critical writers are told;
-            # background records are lost, loudly (below).
-            errors = dict.fromkeys(range(len(records)), exc)
-            lost = exc
-        except Exception as exc:
-            # A bug, not the database: the records cannot be written as they are. Keep them
-            # aside rather than retrying forever.
-            log.exception("persistence.batch_failed", records=len(records))
-            rejected = WriteRejected(f"internal error writing the batch: {exc!r}")
-            errors = dict.fromkeys(range(len(records)), rejected)
-            self._set_aside([(record, rejected) for record in records])
-        if lost is not None:
-            count = len(records) - sum(len(h.ship.critical) for h in held)
-            log.error("persistence.records_lost", records=count, error=str(lost))
-        self._answer(held, errors)
-
-    def _answer(self, held: list[_Held], errors: dict[int, Exception]) -> None:
-        available = self._available()
-        offset = 0
-        unheard: dict[str, int] = {}  # background failures nobody awaits: logged once, here
-        for h in held:
-            for i, position in enumerate(h.positions):
-                error = errors.get(offset + i)
-                if error is not None:
-                    h.errors[position] = error
-                    if position not in h.ship.critical:
-                        key = f"{h.records[i].kind}: {error}"[:300]
-                        unheard[key] = unheard.get(key, 0) + 1
-            offset += len(h.records)
-            h.ship.reply(ShipmentResult(errors=h.errors, available=available))
-        for key, count in unheard.items():
-            log.warning("persistence.background_write_failed", error=key, records=count)
-
-    def _store(self, records: list[Record], *, durable: bool) -> dict[int, Exception]:
-        if not records:
-            return {}
-        if self._database_open():
-            started = time.monotonic()
-            try:
-                result = write_batch(
-                    self._connector.connection(),
-                    records,
-                    statement_timeout=self._config.statement_timeout,
-                )
-            except psycopg.Error as exc:
-                self._database_failed(exc)
-            else:
-                self._breaker.record(ok=True, duration=time.monotonic() - started)
-                self._stats.batches += 1
-                self._stats.largest_batch = max(self._stats.largest_batch, len(records))
-                self._stats.records_written += len(records) - len(result.rejected)
-                self._stats.conflicts += len(result.conflicts)
-                self._set_aside([(records[i], error) for i, error in result.rejected.items()])
-                return result.errors
-        return self._append(records, durable=durable)
-
-    def _database_open(self) -> bool:
-        """Should this batch go to the database? Drains the journal first if it may."""
-        if self._journal.pending:
-            self._drain_journal(everything=False)
-            if self._journal.pending:
-                return False
-            return self._breaker.state is BreakerState.CLOSED
-        return self._breaker.allow()
-
-    def _append(self, records: list[Record], *, durable: bool) -> dict[int, Exception]:
-        """Journal ``records``; those the bound left out are returned with the reason."""
-        try:
-            refused = self._journal.append(records, durable=durable)
+            refused = self._journal.append(records, durable=sync)
         except OSError as exc:
             self._journal_broken = True
-            raise StorageUnavailable(f"storage unavailable: journal write failed: {exc}") from exc
-        self._journal_broken = False
-        self._stats.records_journaled += len(records) - len(refused)
-        return dict(refused)
+            lost = StorageUnavailable(f"storage unavailable: journal write failed: {exc}")
+            refused = dict.fromkeys(range(len(records)), lost)
+            log.exception("persistence.records_lost", records=len(records), error=str(lost))
+        else:
+            self._journal_broken = False
+        end = self._journal.appended
+        kept: list[Record] = []
+        owners: dict[int, tuple[int, int]] = {}
+        errors: dict[tuple[int, int], Exception] = {}
+        unheard: dict[str, int] = {}  # refusals nobody awaits: logged once, here
+        index = 0
+        for h in held:
+            ship = h.ship
+            errors.update(((ship.shipment_id, p), e) for p, e in h.errors.items())
+            for record, position in zip(h.records, h.positions, strict=True):
+                error = refused.get(index)
+                index += 1
+                if error is not None:
+                    if position in ship.waits:
+                        errors[(ship.shipment_id, position)] = error
+                    else:
+                        key = f"{record.kind}: {error}"[:300]
+                        unheard[key] = unheard.get(key, 0) + 1
+                    continue
+                if position in ship.waits:
+                    owners[len(kept)] = (ship.shipment_id, position)
+                kept.append(record)
+        for record in records[index:]:  # extra: the actor's own records
+            if refused.get(index) is None:
+                kept.append(record)
+            index += 1
+        for key, count in unheard.items():
+            log.warning("persistence.background_write_failed", error=key, records=count)
+        self._records_journaled += len(kept)
+        if kept:
+            # Far behind, the writer reads the records back from the journal: memory stays
+            # bounded whatever the database's speed.
+            behind = self._writer.backlog >= self._config.max_held_records
+            self._writer.hand(Span(start, end, None if behind else kept, owners))
+        placed = {h.ship.shipment_id: end for h in held}
+        listeners = {id(h.ship.listener): h.ship.listener for h in held}
+        progress = self._progress(placed=placed, errors=errors)
+        for listener in listeners.values():
+            listener(progress)
 
-    # --- the journal ------------------------------------------------------------------------
-
-    def _drain_journal(self, *, everything: bool) -> None:
-        """Replay journal chunks while the breaker allows: one, or ``everything``."""
-        while self._journal.pending and self._breaker.allow():
-            if not self._replay_chunk() or not everything:
-                break
-        if (
-            self._journal.pending
-            and self._breaker.state is BreakerState.CLOSED
-            and not self._replay_told
-        ):
-            self._replay_told = self.tell_self(_Replay())
-
-    def _replay_chunk(self) -> bool:
-        records, end = self._journal.read(self._config.replay_chunk)
-        started = time.monotonic()
-        try:
-            result = write_batch(
-                self._connector.connection(),
-                records,
-                replay=True,
-                statement_timeout=self._config.statement_timeout,
-            )
-        except psycopg.Error as exc:
-            self._database_failed(exc)
-            return False
-        except Exception as exc:
-            # A bug, not the database. Replaying this chunk again would fail again, and a
-            # crash would hand the same journal to the next incarnation: set it aside.
-            log.exception("persistence.replay_failed", records=len(records))
-            rejected = WriteRejected(f"internal error replaying the journal: {exc!r}")
-            self._set_aside([(record, rejected) for record in records])
-            self._journal.advance(end, len(records))
-            return True
-        self._breaker.record(ok=True, duration=time.monotonic() - started)
-        self._journal.advance(end, len(records))
-        self._stats.records_replayed += len(records)
-        self._stats.conflicts += len(result.conflicts)
-        for index, conflict in result.conflicts.items():
-            log.warning(
-                "persistence.replay_conflict", kind=records[index].kind, error=str(conflict)
-            )
-        self._set_aside([(records[i], error) for i, error in result.rejected.items()])
-        if not self._journal.pending:
-            log.info("persistence.journal_drained", replayed=self._stats.records_replayed)
-        return True
-
-    def _database_failed(self, exc: psycopg.Error) -> None:
-        self._connector.discard()
-        was = self._breaker.state
-        self._breaker.record(ok=False)
-        self._stats.last_error = f"{type(exc).__name__}: {exc}".strip()
-        log.warning(
-            "persistence.database_unavailable",
-            error=self._stats.last_error[:300],
-            database=database_of(self._breaker.state),
-            was=was,
-            retry_in=round(self._breaker.retry_in, 3),
+    def _progress(
+        self,
+        *,
+        placed: dict[int, int] | None = None,
+        errors: dict[tuple[int, int], Exception] | None = None,
+    ) -> Progress:
+        journal = self._journal
+        return Progress(
+            appended=journal.appended,
+            synced=journal.synced,
+            committed=journal.committed,
+            database_down=self._writer.database is not BreakerState.CLOSED,
+            available=self._available(),
+            placed=placed or {},
+            errors=errors or {},
         )
 
-    def _set_aside(self, rejected: list[tuple[Record, Exception]]) -> None:
-        if not rejected:
-            return
-        self._stats.rejected += len(rejected)
-        try:
-            self._journal.set_aside(rejected)
-        except OSError:
-            log.exception("persistence.set_aside_failed", records=len(rejected))
+    # --- the database writer's reports (its thread, then ours) -------------------------------
+
+    def _on_committed(self, report: Committed) -> None:
+        """The writer's report, on its thread: the client hears it at once (a ``commit``
+        write waits for it); the actor only if an explicit flush waits, or the database
+        failed and ``committed`` writers must fall back to the journal's fsync."""
+        listener = self._listener
+        if listener is not None:
+            listener(self._progress(errors=report.errors))
+        if report.failed or self._flushing:
+            self.tell_self(_Written(report))
+
+    def _written(self, report: Committed) -> None:
+        if report.failed and self._journal.synced < self._journal.appended:
+            # Writers waiting for a commit fall back to the fsync while the database is down.
+            self._journal.sync()
+            if self._listener is not None:
+                self._listener(self._progress())
+        self._answer_flushes(everything=report.failed)
+
+    def _answer_flushes(self, *, everything: bool) -> None:
+        waiting, self._flushing = self._flushing, []
+        for flushing in waiting:
+            if everything or self._journal.committed >= flushing.target:
+                self.answer(flushing.reply, self._status())
+            else:
+                self._flushing.append(flushing)
 
     # --- periodic and explicit work ---------------------------------------------------------
 
     def _tick(self) -> None:
-        self._journal.sync_if_due()
         now = time.monotonic()
         extra: list[Record] = []
         if now - self._last_sync >= self._config.sync_interval:
             extra += self._take_activity()
-        healthy = self._breaker.state is BreakerState.CLOSED and not self._journal.pending
+        healthy = self._writer.database is BreakerState.CLOSED and not self._journal.pending
         if healthy and now - self._last_heartbeat >= self._config.heartbeat_interval:
             self._last_heartbeat = now
             extra.append(NodeHeartbeat(node_id=self._journal.node_id))
-        if self._journal.pending:
-            self._drain_journal(everything=False)
         if extra or self._batch:
             self._flush(extra)
+        synced = self._journal.synced
+        self._journal.sync_if_due()
+        if self._journal.synced != synced and self._listener is not None:
+            self._listener(self._progress())
 
-    def _explicit_flush(self, request: Flush) -> None:
+    def _explicit_flush(self, request: Flush) -> PersistenceStatus | CallbackFuture[Any]:
         if request.force:
-            self._breaker.force_trial()
+            self._writer.force_trial()
         extra = self._take_activity()
         if request.retire:
             extra.append(NodeHeartbeat(node_id=self._journal.node_id, stopping=True))
-        self._drain_journal(everything=True)
-        self._flush(extra)
-        self._drain_journal(everything=True)
-        self._journal.sync()
+        self._flush(extra, sync=True)
+        if self._listener is not None:
+            self._listener(self._progress())
+        target = self._journal.appended
+        down = self._writer.database is not BreakerState.CLOSED
+        if down and not request.force:
+            return self._status()
+        # Registered before the check: the writer, which advances the journal before it
+        # reports, then either sees this flush waiting or has already passed the target.
+        flushing = _Flushing(target, request.reply)
+        self._flushing.append(flushing)
+        if self._journal.committed >= target:
+            self._flushing.remove(flushing)
+            return self._status()
+        return self.defer(request.reply)
 
     def _available(self) -> bool:
-        if self._breaker.state is BreakerState.CLOSED and not self._journal.pending:
-            return True
         return not (self._journal.full or self._journal_broken)
 
     def _status(self) -> PersistenceStatus:
-        stats = self._stats
+        stats = self._writer.stats
+        journal = self._journal
         return PersistenceStatus(
             available=self._available(),
-            database=database_of(self._breaker.state),
+            database=database_of(self._writer.database),
             queue=self.actor_inbox.qsize() if isinstance(self.actor_inbox, queue.Queue) else 0,
-            journal_file=str(self._journal.path),
-            journal_bytes=self._journal.size_bytes,
-            journal_pending_records=self._journal.pending_records,
-            journal_full=self._journal.full,
+            journal_file=str(journal.path),
+            journal_bytes=journal.size_bytes,
+            journal_pending_records=journal.pending_records,
+            journal_full=journal.full,
+            appended=journal.appended,
+            synced=journal.synced,
+            committed=journal.committed,
             batches=stats.batches,
             largest_batch=stats.largest_batch,
             records_written=stats.records_written,
-            records_journaled=stats.records_journaled,
+            records_journaled=self._records_journaled,
             records_replayed=stats.records_replayed,
             conflicts=stats.conflicts,
             rejected=stats.rejected,

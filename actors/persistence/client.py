@@ -4,21 +4,32 @@ Every record written in one trio scheduling round goes to the actor as one shipm
 message), sent by a ``run_sync_soon`` callback once the round's tasks have run: no task, no
 thread, and no per-record messaging. Measured: ~40k records/s with one pykka ``ask`` per record
 against millions with shipments (docs/benchmarks.md). Shipments reach the actor's FIFO inbox in
-the order they were sent, so the actor sees records in the order callers wrote them.
+the order they were sent, so the journal, and after it the database, see records in the order
+callers wrote them.
 
-Two delivery classes:
+Delivery classes (what each waits for is a :class:`~actors.persistence.protocol.Point`):
 
-* :meth:`PersistenceClient.write` (critical): returns once the record is committed, or, while
-  the database is away, appended to the journal and fsynced. It raises ``WriteConflict``
-  (versioned task step refused), ``WriteRejected`` (the database refused the record itself),
-  ``StorageUnavailable`` (a new session or task while the journal is full, or a record
-  the journal's bound leaves out while the database is away), or
-  ``ActorUnavailable`` (the actor died first: nothing is known, retrying is safe because
-  every write is idempotent). Because the actor is FIFO, a returned ``write`` also means that
-  every record this client was given before it has been taken care of.
+* :meth:`PersistenceClient.write`: returns once the record is as durable as the node's
+  durability setting says (:mod:`storage.durability`): ``commit``, in the database (or, while
+  the database is down, fsynced in the journal); ``journal``, fsynced in the journal
+  (``fsync=False``: written to it, which survives the process but not the machine);
+  ``async``, written to the journal. Raises ``WriteConflict`` (a versioned task step refused,
+  when the database was waited for), ``WriteRejected`` (the database refused the record),
+  ``StorageUnavailable`` (a new session or task while the journal is full, a record the
+  journal's bound leaves out, a journal that cannot be written), ``trio.TooSlowError`` after
+  ``timeout`` (the record may still land). Because the actor is FIFO, a returned ``write``
+  covers every record this client was given before it, to the same point.
+* :meth:`PersistenceClient.write_through`: returns once the record is in the *database*,
+  whatever the durability setting: for the few records another node must see at once.
+  Refused at once with ``StorageUnavailable`` while the database is known to be down.
 * :meth:`PersistenceClient.write_soon` (background): never waits, never fails the caller. If
-  the actor dies holding it, the record is sent again, with the next shipment, to whatever
-  ``resolve`` then returns (the restarted actor).
+  the actor dies before taking it, the record is sent again, with the next shipment, to
+  whatever ``resolve`` then returns (the restarted actor).
+
+Answers come from :class:`~actors.persistence.protocol.Progress` reports, which the actor and
+its database writer send after every append, commit and failure: a waiter is answered once the
+journal position after its record is synced or committed, as it asked. A report comes from
+another thread and is handed to the trio thread with ``run_sync_soon``.
 
 The actor is reached through ``resolve``, called at each send, so a restarted actor is picked
 up without the client noticing: it is a :class:`~runtime.pykka_client.ServiceClient`, like
@@ -30,6 +41,9 @@ client (the first call binds it).
 from __future__ import annotations
 
 import math
+import time
+from collections import deque
+from datetime import UTC, datetime
 from functools import partial
 from typing import Any, NoReturn
 
@@ -42,8 +56,9 @@ from actors.persistence.protocol import (
     ADMISSIONS,
     Flush,
     GetStatus,
+    Point,
+    Progress,
     Ship,
-    ShipmentResult,
     Tick,
 )
 from runtime import trace
@@ -51,28 +66,54 @@ from runtime.bridge import CallbackFuture
 from runtime.pacer import Pacer
 from runtime.pykka_client import Resolve, ServiceClient
 from runtime.status_model import PersistenceStatus
-from storage.errors import StorageUnavailable, WriteConflict
-from storage.rows import Record, TaskFinished, TaskStarted
+from storage.durability import Durability
+from storage.errors import StorageUnavailable
+from storage.rows import Record
 
 log = structlog.get_logger("persistence")
 
-#: How many times a critical versioned step whose row is behind is retried (``write``).
-_BEHIND_RETRIES = 4
+#: What :meth:`PersistenceClient.write` waits for, per durability setting.
+_WRITE_POINT = {
+    Durability.COMMIT: Point.COMMITTED,
+    Durability.JOURNAL: Point.SYNCED,
+    Durability.ASYNC: Point.WRITTEN,
+}
+
+
+class _Waiter:
+    """One awaited record: answered (``done``) with ``error`` or success."""
+
+    __slots__ = ("done", "end", "error", "key", "point")
+
+    def __init__(self, point: Point) -> None:
+        self.point = point
+        self.done = trio.Event()
+        self.error: BaseException | None = None
+        self.end = 0
+        #: (shipment, position), once placed: where the database writer's errors find it.
+        self.key: tuple[int, int] | None = None
+
+    def settle(self, error: BaseException | None = None) -> None:
+        if not self.done.is_set():
+            self.error = error
+            self.done.set()
 
 
 class _Shipment:
-    """Records gathered in one scheduling round; the critical writers among them wait on
-    ``done``. ``offset``: how many re-sent records went ahead of them in the message."""
+    """Records gathered in one scheduling round, and the waiters among them."""
 
-    __slots__ = ("critical", "done", "marks", "offset", "records", "result")
+    __slots__ = ("ident", "marks", "records", "sent_at", "waiters")
 
-    def __init__(self) -> None:
+    def __init__(self, ident: int) -> None:
+        self.ident = ident
         self.records: list[Record] = []
         self.marks: list[trace.Postmark] = []
-        self.critical: set[int] = set()
-        self.done = trio.Event()
-        self.offset = 0
-        self.result: ShipmentResult | None = None
+        self.waiters: dict[int, _Waiter] = {}
+        self.sent_at = 0.0
+
+
+class _ActorLost(Exception):
+    """The actor died before it took a shipment: nothing of it was kept; send it again."""
 
 
 class PersistenceClient(ServiceClient):
@@ -82,23 +123,36 @@ class PersistenceClient(ServiceClient):
         self,
         resolve: Resolve,
         *,
+        durability: Durability = Durability.COMMIT,
         timeout: float = 30.0,
         max_shipment: int = 1000,
         max_outstanding: int = 200_000,
     ) -> None:
-        """``resolve()`` returns the current actor. ``timeout`` bounds a critical write
-        (``trio.TooSlowError``; the record may still be written later). ``max_outstanding``
-        records sent and not yet answered make the client report storage unavailable, so an
-        overloaded database refuses new work instead of growing memory."""
+        """``resolve()`` returns the current actor. ``durability`` is what :meth:`write`
+        waits for (the node passes its setting; ``commit`` here, the strictest). ``timeout``
+        bounds a waiting write (``trio.TooSlowError``; the record may still be written
+        later). ``max_outstanding`` records sent and not yet appended make the client report
+        storage unavailable, so an overloaded node refuses new work instead of growing
+        memory."""
         super().__init__(resolve)
+        self.durability = durability
         self._timeout = timeout
         self._max_shipment = max_shipment
         self._max_outstanding = max_outstanding
         self._token: trio.lowlevel.TrioToken | None = None
         self._open: _Shipment | None = None
+        self._sent: dict[int, _Shipment] = {}
+        self._next_id = 0
         self._resend: list[Record] = []
         self._outstanding = 0
         self._actor_available = True
+        self._database_down = False
+        self._synced = 0
+        self._committed = 0
+        self._waiting: dict[Point, deque[_Waiter]] = {point: deque() for point in Point}
+        self._placed: dict[tuple[int, int], _Waiter] = {}
+        self._confirming: deque[tuple[int, float]] = deque()
+        self._confirmed_at: float | None = None
 
     @classmethod
     def for_ref(cls, ref: pykka.ActorRef[Any], **kwargs: Any) -> PersistenceClient:
@@ -113,86 +167,82 @@ class PersistenceClient(ServiceClient):
 
     @property
     def available(self) -> bool:
-        """Can storage take new work? From the actor's latest answer (updated at least every
-        pulse) and this client's backlog; cheap, no round trip."""
+        """Can storage take new work? From the actor's latest report (at least every pulse)
+        and this client's backlog; cheap, no round trip."""
         return self._actor_available and self._outstanding < self._max_outstanding
 
     def ensure_available(self) -> None:
         """Raise :class:`StorageUnavailable` if new work (a tool call, a session) should be
         refused: the one check of availability on the trio side, from the actor's latest
-        answer and this client's backlog (no round trip)."""
+        report and this client's backlog (no round trip)."""
         if not self._actor_available:
             raise StorageUnavailable.journal_full()
         if self._outstanding >= self._max_outstanding:
-            reason = f"storage unavailable: {self._outstanding} writes are waiting for the database"
+            reason = f"storage unavailable: {self._outstanding} writes are waiting for the journal"
             raise StorageUnavailable(f"{reason}; retry later", reason=reason)
 
     # --- writing ----------------------------------------------------------------------------
 
-    async def write(self, record: Record) -> None:
-        """Critical write: return once committed (or durably journaled); see module doc.
+    async def write(self, record: Record, *, fsync: bool = True) -> None:
+        """Return once ``record`` is as durable as the node's setting says (module doc).
+        ``fsync=False``, with ``journal`` durability: once it is written to the journal
+        (survives the process, not the machine), for records whose loss with the machine
+        harms no one (a read-only call's intent)."""
+        point = _WRITE_POINT[self.durability]
+        if point is Point.SYNCED and not fsync:
+            point = Point.WRITTEN
+        await self._write(record, point)
 
-        The one retry layer of a critical write, across a persistence actor restart, until
-        ``timeout`` passes (then ``trio.TooSlowError``):
+    async def write_through(self, record: Record) -> None:
+        """Return once ``record`` is in the database, whatever the durability setting.
 
-        * a shipment lost with a crashed actor is sent again, with backoff, until the next
-          incarnation answers: every record is idempotent, so a record that did land before
-          the crash is not duplicated;
-        * a versioned step whose row is *behind* (:meth:`WriteConflict.behind`: the earlier
-          steps this client re-sends after the restart have not landed, and this one
-          overtook them) is retried once those have been flushed, up to
-          :data:`_BEHIND_RETRIES` times. A row that moved elsewhere stays a conflict.
-        """
+        Raises :class:`StorageUnavailable` at once, writing nothing, while the database is
+        known to be down; ``trio.TooSlowError`` after ``timeout`` (the record is in the
+        journal and lands when the database is back); and what :meth:`write` raises."""
+        if self._database_down:
+            reason = "storage unavailable: the database is unreachable"
+            raise StorageUnavailable(f"{reason}; nothing was written, retry later", reason=reason)
+        await self._write(record, Point.DATABASE)
+
+    async def _write(self, record: Record, point: Point) -> None:
         if isinstance(record, ADMISSIONS):
             self.ensure_available()
         backoff = 0.01
-        behind = 0
         with trio.fail_after(self._timeout):
             while True:
-                shipment, position = self._enqueue(record, critical=True)
-                await shipment.done.wait()
-                result = shipment.result
-                assert result is not None
-                if result.failure is not None:
+                waiter = _Waiter(point)
+                self._enqueue(record, waiter)
+                await waiter.done.wait()
+                if isinstance(waiter.error, _ActorLost):
                     # The supervisor is starting the next incarnation; until its death reaches
                     # trio, the resolver may still return the dead one.
-                    log.info("persistence.write_retry", error=repr(result.failure), delay=backoff)
+                    log.info("persistence.write_retry", error=repr(waiter.error), delay=backoff)
                     await trio.sleep(backoff)
                     backoff = min(backoff * 2, 1.0)
                     continue
-                error = result.errors.get(shipment.offset + position)
-                if (
-                    isinstance(error, WriteConflict)
-                    and isinstance(record, TaskStarted | TaskFinished)
-                    and error.behind(record.version)
-                    and behind < _BEHIND_RETRIES
-                ):
-                    behind += 1
-                    await self.flush()
-                    continue
-                if error is not None:
-                    raise error
+                if waiter.error is not None:
+                    raise waiter.error
                 return
 
     def write_soon(self, record: Record) -> None:
         """Background write: never waits, never lost (see module doc)."""
-        self._enqueue(record, critical=False)
+        self._enqueue(record, None)
 
     async def flush(self, *, force: bool = False, retire: bool = False) -> PersistenceStatus:
-        """Write everything sent so far, including coalesced activity, and try to empty the
-        journal; ``force`` tries the database even if the breaker is waiting. ``retire``
-        records that this node stops cleanly (call once, at shutdown)."""
+        """Append everything sent so far, including coalesced activity, fsync it, and wait
+        until the database has it all (or has failed); ``force`` tries the database even if
+        the breaker is waiting. ``retire`` records that this node stops cleanly (call once,
+        at shutdown)."""
         self._ship()
-        return await self._ask(Flush(force=force, retire=retire))
+        return await self._ask(Flush(reply=CallbackFuture(), force=force, retire=retire))
 
     async def status(self) -> PersistenceStatus:
         return await self._ask(GetStatus())
 
     async def pulse(self, period: float = 1.0) -> NoReturn:
         """Run for the node's lifetime (in its nursery): a pacer that ticks the actor every
-        ``period`` seconds, for journal fsyncs, activity sync, heartbeats and database
-        retries, and re-sends records a dead actor held. It paces work; it synchronises
-        nothing."""
+        ``period`` seconds, for journal fsyncs, activity sync, heartbeats and reports, and
+        re-sends records a dead actor never took. It paces work; it synchronises nothing."""
         await Pacer(self._beat, every=period).run()
 
     async def _beat(self, now: float) -> None:
@@ -204,19 +254,22 @@ class PersistenceClient(ServiceClient):
 
     # --- shipments --------------------------------------------------------------------------
 
-    def _enqueue(self, record: Record, *, critical: bool) -> tuple[_Shipment, int]:
+    def _enqueue(self, record: Record, waiter: _Waiter | None) -> None:
         shipment = self._open
         if shipment is None:
-            shipment = self._open = _Shipment()
+            shipment = self._open = self._new_shipment()
             self._trio_token().run_sync_soon(self._ship_soon, idempotent=True)
         position = len(shipment.records)
         shipment.records.append(record)
         shipment.marks.append(trace.postmark())  # the writer's trace, for its timeline
-        if critical:
-            shipment.critical.add(position)
+        if waiter is not None:
+            shipment.waiters[position] = waiter
         if position + 1 >= self._max_shipment:
             self._ship()
-        return shipment, position
+
+    def _new_shipment(self) -> _Shipment:
+        self._next_id += 1
+        return _Shipment(self._next_id)
 
     def _ship_soon(self) -> None:
         # Runs as a trio run_sync_soon callback, where an exception would crash the whole
@@ -232,84 +285,151 @@ class PersistenceClient(ServiceClient):
         if shipment is None:
             if not self._resend:
                 return
-            shipment = _Shipment()
-        resend, self._resend = self._resend, []
-        shipment.offset = len(resend)
-        records = (*resend, *shipment.records)
-        self._outstanding += len(records)
+            shipment = self._new_shipment()
+        if self._resend:
+            # Records a dead actor never took go first, keeping their order; the waiters'
+            # positions move behind them.
+            resend, self._resend = self._resend, []
+            shipment.records[:0] = resend
+            shipment.waiters = {p + len(resend): w for p, w in shipment.waiters.items()}
+        shipment.sent_at = time.time()
+        self._outstanding += len(shipment.records)
+        self._sent[shipment.ident] = shipment
         token = self._trio_token()
         message = Ship(
-            records=records,
-            critical=frozenset(position + len(resend) for position in shipment.critical),
-            reply=partial(self._on_reply, token, shipment, records),
+            shipment_id=shipment.ident,
+            records=tuple(shipment.records),
+            waits={position: waiter.point for position, waiter in shipment.waiters.items()},
+            listener=partial(self._on_progress, token),
             marks=tuple(shipment.marks),
         )
         try:
-            future = self._resolve().ask(message, block=False)
-        except Exception as exc:  # the resolver itself failed: no actor to send to
-            self._on_reply(token, shipment, records, ShipmentResult(failure=exc))
+            future = self.ref().ask(message, block=False)
+        except Exception as exc:  # no actor to send to
+            self._lost(shipment, exc)
             return
         if isinstance(future, CallbackFuture):
-            future.add_done_callback(partial(self._on_asked, token, shipment, records))
+            future.add_done_callback(partial(self._on_asked, token, shipment.ident))
 
     def _on_asked(
-        self,
-        token: trio.lowlevel.TrioToken,
-        shipment: _Shipment,
-        records: tuple[Record, ...],
-        result: outcome.Outcome[object],
+        self, token: trio.lowlevel.TrioToken, ident: int, result: outcome.Outcome[object]
     ) -> None:
-        # pykka's own reply: success only means "received"; the real answer comes through
-        # ``Ship.reply``. An error means the actor died with the shipment still in its inbox.
+        # pykka's own reply: success only means "received"; what became of the records comes
+        # through the listener. An error means the actor died with the shipment in its inbox.
         if isinstance(result, outcome.Error):
-            self._on_reply(token, shipment, records, ShipmentResult(failure=result.error))
+            with _finished_run(ident):
+                token.run_sync_soon(self._actor_lost, ident, result.error)
 
-    def _on_reply(
-        self,
-        token: trio.lowlevel.TrioToken,
-        shipment: _Shipment,
-        records: tuple[Record, ...],
-        result: ShipmentResult,
-    ) -> None:
+    def _actor_lost(self, ident: int, error: BaseException) -> None:
+        shipment = self._sent.get(ident)
+        if shipment is not None:
+            self._lost(shipment, error)
+
+    def _lost(self, shipment: _Shipment, error: BaseException) -> None:
+        self._sent.pop(shipment.ident, None)
+        self._outstanding -= len(shipment.records)
+        again = [r for i, r in enumerate(shipment.records) if i not in shipment.waiters]
+        self._resend.extend(again)
+        log.warning(
+            "persistence.shipment_failed",
+            resend=len(again),
+            critical=len(shipment.waiters),
+            error=repr(error),
+        )
+        lost = _ActorLost(repr(error))
+        for waiter in shipment.waiters.values():
+            waiter.settle(lost)
+
+    # --- progress ---------------------------------------------------------------------------
+
+    def _on_progress(self, token: trio.lowlevel.TrioToken, progress: Progress) -> None:
         # Any thread: hand over to the trio thread.
-        try:
-            token.run_sync_soon(self._deliver, shipment, records, result)
-        except trio.RunFinishedError:
-            finished = True
-        else:
-            finished = False
-        if finished and result.failure is not None:
-            log.error("persistence.records_lost", records=len(records), reason="trio run ended")
+        with _finished_run(progress.placed):
+            token.run_sync_soon(self._progress, progress)
 
-    def _deliver(
-        self, shipment: _Shipment, records: tuple[Record, ...], result: ShipmentResult
-    ) -> None:
-        if shipment.result is not None:
-            return  # answered already (the actor replied, then its death was noticed)
-        shipment.result = result
-        self._outstanding -= len(records)
-        if result.failure is None:
-            self._actor_available = result.available
-        else:
-            waiting = {position + shipment.offset for position in shipment.critical}
-            again = [record for i, record in enumerate(records) if i not in waiting]
-            self._resend.extend(again)
-            log.warning(
-                "persistence.shipment_failed",
-                resend=len(again),
-                critical=len(waiting),
-                error=repr(result.failure),
-            )
-        shipment.done.set()
+    def _progress(self, progress: Progress) -> None:
+        """Apply a report: errors first (they may concern records the same report places or
+        commits), then placements, then every waiter the positions now answer."""
+        self._actor_available = progress.available
+        self._database_down = progress.database_down
+        for key, error in progress.errors.items():
+            errored = self._sent.get(key[0])
+            waiter = errored.waiters.get(key[1]) if errored is not None else None
+            if waiter is None:
+                waiter = self._placed.pop(key, None)
+            if waiter is not None:
+                waiter.settle(error)
+        for ident, end in progress.placed.items():
+            shipment = self._sent.pop(ident, None)
+            if shipment is None:
+                continue
+            self._outstanding -= len(shipment.records)
+            self._confirming.append((end, shipment.sent_at))
+            for position, waiter in shipment.waiters.items():
+                waiter.end = end
+                if waiter.point is Point.WRITTEN:
+                    waiter.settle()
+                elif not waiter.done.is_set():
+                    waiter.key = (ident, position)
+                    self._placed[waiter.key] = waiter
+                    self._waiting[waiter.point].append(waiter)
+        self._advance(progress.synced, progress.committed)
+
+    def _advance(self, synced: int, committed: int) -> None:
+        self._synced = max(self._synced, synced)
+        self._committed = max(self._committed, committed)
+        synced, committed = self._synced, self._committed
+        placed = self._placed
+        _settle_through(self._waiting[Point.SYNCED], synced, placed)
+        _settle_through(self._waiting[Point.DATABASE], committed, placed)
+        # A commit waits for the database, or, while it is down, for the fsync.
+        fallback = max(committed, synced) if self._database_down else committed
+        _settle_through(self._waiting[Point.COMMITTED], fallback, placed)
+        durable = max(synced, committed)
+        confirming = self._confirming
+        while confirming and confirming[0][0] <= durable:
+            self._confirmed_at = confirming.popleft()[1]
 
     async def _ask(self, message: Flush | Tick | GetStatus) -> PersistenceStatus:
         with trio.fail_after(self._timeout if isinstance(message, GetStatus) else math.inf):
             status = await self.ask(message)
         assert isinstance(status, PersistenceStatus)
         self._actor_available = status.available
-        return status
+        self._database_down = status.database != "up"
+        self._advance(status.synced, status.committed)
+        confirmed = self._confirmed_at
+        at = datetime.fromtimestamp(confirmed, UTC) if confirmed is not None else None
+        return status.model_copy(update={"confirmed_at": at})
 
     def _trio_token(self) -> trio.lowlevel.TrioToken:
         if self._token is None:
             self._token = trio.lowlevel.current_trio_token()
         return self._token
+
+
+def _settle_through(
+    waiters: deque[_Waiter], position: int, placed: dict[tuple[int, int], _Waiter]
+) -> None:
+    """Answer the waiters (in position order) whose records end at or before ``position``."""
+    while waiters and waiters[0].end <= position:
+        waiter = waiters.popleft()
+        if waiter.key is not None:
+            placed.pop(waiter.key, None)
+        waiter.settle()
+
+
+class _finished_run:
+    """Swallow ``trio.RunFinishedError`` (a report arriving after the node's trio run ended:
+    nobody is left to answer), logging it once."""
+
+    def __init__(self, what: object) -> None:
+        self._what = what
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: object, error: object, traceback: object) -> bool:
+        if isinstance(error, trio.RunFinishedError):
+            log.debug("persistence.report_after_run", what=repr(self._what)[:100])
+            return True
+        return False

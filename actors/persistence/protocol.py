@@ -4,49 +4,85 @@ one, :class:`runtime.status_model.PersistenceStatus`, which it fills in itself (
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from runtime import trace
+from runtime.bridge import CallbackFuture
+from runtime.status_model import PersistenceStatus
 from storage.rows import Record, SessionRow, TaskCreated
 
 #: Records that start new work: refused with StorageUnavailable when storage cannot take more.
 ADMISSIONS = (SessionRow, TaskCreated)
 
 
-@dataclass(frozen=True, slots=True)
-class ShipmentResult:
-    """How a shipment went. ``errors`` by position (absent: the record is committed, or durably
-    journaled while the database is away); ``failure``: the actor died before it answered,
-    nothing is known about any record."""
+class Point(StrEnum):
+    """How far a record must have gone before its writer is answered."""
 
-    errors: dict[int, Exception] = field(default_factory=dict)
-    available: bool = True
-    failure: BaseException | None = None
+    #: Written to the journal: survives the process (the page cache does), not the machine.
+    WRITTEN = "written"
+    #: Written and fdatasync-ed (a group commit): survives the machine.
+    SYNCED = "synced"
+    #: In the database; while the database is down, SYNCED instead (the node keeps serving).
+    COMMITTED = "committed"
+    #: In the database, whatever it takes: for records another node must see at once.
+    DATABASE = "database"
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    """Where a node's records stand, as logical journal positions (bytes of records ever
+    appended; :mod:`storage.journal`): everything before ``synced`` survives the machine,
+    before ``committed`` is in the database. Sent to the client's listener after every append,
+    commit and failure, from the actor's or the database writer's thread.
+
+    ``placed``: shipments appended by this report, each with the position after its records.
+    ``errors``: records that were not kept, by (shipment, position): refused by the journal's
+    bound, by admission, or by the database when written from memory.
+    """
+
+    appended: int
+    synced: int
+    committed: int
+    database_down: bool
+    available: bool
+    placed: Mapping[int, int] = field(default_factory=dict)
+    errors: Mapping[tuple[int, int], Exception] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
 class Ship:
-    """Records from the client, in the order its callers wrote them. ``critical`` are the
-    positions a caller awaits. ``reply`` is called exactly once, from the actor's thread."""
+    """Records from the client, in the order its callers wrote them. ``waits``: the positions
+    a caller awaits, each with the point it waits for. ``listener`` receives every
+    :class:`Progress` (the same function for every shipment of one client)."""
 
+    shipment_id: int
     records: tuple[Record, ...]
-    critical: frozenset[int]
-    reply: Callable[[ShipmentResult], None]
+    waits: Mapping[int, Point]
+    listener: Callable[[Progress], None]
     #: One postmark per record written (re-sent ones excepted): whose traces this serves.
     marks: tuple[trace.Postmark, ...] = ()
+
+    @property
+    def sync(self) -> bool:
+        """Its append must be fsynced before the actor answers."""
+        return Point.SYNCED in self.waits.values()
 
 
 @dataclass(frozen=True, slots=True)
 class Flush:
-    """Write everything held (batch, coalesced activity) now and try to empty the journal.
+    """Write everything held (batch, coalesced activity) now and wait until the database has
+    everything appended, or has failed: answered through ``reply`` with a
+    :class:`PersistenceStatus`.
 
     ``force`` tries the database even while the breaker waits; ``retire`` also records that
-    this node is stopping cleanly. Answered with a :class:`PersistenceStatus`.
+    this node is stopping cleanly.
     """
 
+    reply: CallbackFuture[PersistenceStatus]
     force: bool = False
     retire: bool = False
 
@@ -67,7 +103,15 @@ class PersistenceConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    max_batch: int = Field(default=5000, ge=1, description="Records per transaction, at most.")
+    max_batch: int = Field(
+        default=5000, ge=1, description="Records per append and per transaction, at most."
+    )
+    max_held_records: int = Field(
+        default=50_000,
+        ge=1,
+        description="Records the database writer may hold in memory; past it, spans are "
+        "handed over without them and read back from the journal.",
+    )
     connect_timeout: float = Field(default=5.0, gt=0, description="Seconds (libpq minimum 2).")
     statement_timeout: float = Field(
         default=15.0, gt=0, description="Per statement, set for each transaction."

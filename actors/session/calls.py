@@ -54,6 +54,7 @@ from runtime.mcp.schema import (
     RequestMeta,
 )
 from runtime.mcp.tools import Tool, ToolContext, ToolRegistry
+from storage.durability import Durability
 from storage.errors import ExaiError, StorageError
 from storage.rows import SessionActivity
 from storage.tasks import TaskLifecycle
@@ -218,7 +219,6 @@ class CallRunner:
             max_result_bytes=self._config.max_result_bytes,
         )
         persistence.write_soon(task.created)
-        persistence.write_soon(task.started())
         outcome: _Outcome | None = None
         try:
             # The call task's trace event; a call answered with a failure (an error response,
@@ -229,7 +229,14 @@ class CallRunner:
                     f"{self._path}/tools/{tool.name}", "tools/call", rpc_id=request_id
                 ) as traced,
             ):
-                outcome = await self._run_tool(request_id, tool, call, version)
+                refused = await self._record_intent(task, tool)
+                if refused is not None:
+                    outcome = _failed(
+                        request_id,
+                        translation.call_failure(refused, tool=tool.name, version=version),
+                    )
+                else:
+                    outcome = await self._run_tool(request_id, tool, call, version)
                 if outcome.status == "failed":
                     traced.failed(outcome.error or "failed")
         except BaseException:
@@ -251,8 +258,11 @@ class CallRunner:
             result_size=outcome.result_size,
         )
         try:
-            # The one retry layer of the final write is the client's (across an actor restart).
-            await persistence.write(final)
+            if persistence.durability is Durability.ASYNC:
+                persistence.write_soon(final)
+            else:
+                # The one retry layer of the final write is the client's.
+                await persistence.write(final)
         except (StorageError, ActorUnavailable) as error:
             # The tool ran and its answer stands; the record of it could not be confirmed.
             self._log.error("task.final_write_failed", task_id=str(task.task_id), error=repr(error))
@@ -268,6 +278,32 @@ class CallRunner:
             )
         )
         return outcome.reply
+
+    async def _record_intent(self, task: TaskLifecycle, tool: Tool[Any]) -> ExaiError | None:
+        """Record that the call runs (its row ``running``) before its tool does, as a
+        write-ahead log would, so that a call whose tool had an effect always leaves a row:
+        committed (``commit``), or written to the journal (``journal``; fsynced too unless the
+        tool is read-only: storage/durability.py); not waited for with ``async``. The error
+        that refuses the call if the intent could not be recorded (nothing ran)."""
+        persistence = self._persistence
+        started = task.started()
+        if persistence.durability is Durability.ASYNC:
+            persistence.write_soon(started)
+            return None
+        try:
+            await persistence.write(started, fsync=not tool.read_only)
+        except (StorageError, ActorUnavailable, trio.TooSlowError) as error:
+            # The row may still land (a slow database): close it, so it never stays running.
+            persistence.write_soon(
+                task.finished("failed", error_message="not run: its intent was not recorded")
+            )
+            self._log.warning(
+                "task.intent_not_recorded", task_id=str(task.task_id), error=repr(error)
+            )
+            return StorageUnavailable(
+                "storage unavailable: the call could not be recorded; nothing was done, retry later"
+            )
+        return None
 
     async def _run_tool(
         self, request_id: RequestId, tool: Tool[Any], call: CallToolParams, version: str

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field
 
+from runtime.mcp.schema import ToolAnnotations
 from runtime.mcp.tools import Tool, ToolContext, ToolOutput
 
 
@@ -18,6 +19,7 @@ class EchoOutput(BaseModel):
 class Echo(Tool[EchoArgs]):
     name = "echo"
     description = "Return the given text unchanged (a diagnostic of the round trip)."
+    annotations = ToolAnnotations(read_only_hint=True, open_world_hint=False)
     Args = EchoArgs
     Output = EchoOutput
 

@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 from pydantic import BaseModel, Field
 
 from actors.conversation import Conversations
+from runtime.mcp.schema import ToolAnnotations
 from runtime.mcp.tools import Tool, ToolContext, ToolOutput
 from storage.threads import ThreadSummary
 
@@ -45,6 +46,7 @@ class Threads(Tool[ThreadsArgs]):
     )
     Args = ThreadsArgs
     Output = ThreadsOutput
+    annotations = ToolAnnotations(read_only_hint=True, open_world_hint=False)
 
     def __init__(self, conversations: Conversations) -> None:
         self._conversations = conversations

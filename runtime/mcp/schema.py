@@ -88,12 +88,25 @@ class DiscoverResult(WireModel):
     meta: dict[str, Any] | None = Field(default=None, alias="_meta")
 
 
+class ToolAnnotations(WireModel):
+    """Hints about a tool's behaviour (MCP 2025-03-26 on, ``ToolAnnotations`` in the schema):
+    hints, never guarantees, to a client; to this server, ``readOnlyHint`` also says that a
+    call that never finished had no effect worth a durable record (storage/durability.py)."""
+
+    title: str | None = None
+    read_only_hint: bool | None = None
+    destructive_hint: bool | None = None
+    idempotent_hint: bool | None = None
+    open_world_hint: bool | None = None
+
+
 class ToolDescriptor(WireModel):
     name: str
     title: str | None = None
     description: str
     input_schema: dict[str, Any]
     output_schema: dict[str, Any] | None = None
+    annotations: ToolAnnotations | None = None
 
 
 class ListToolsResult(WireModel):

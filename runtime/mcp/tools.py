@@ -15,7 +15,7 @@ from pydantic import BaseModel, ValidationError
 
 from runtime.mcp.errors import invalid_params
 from runtime.mcp.progress import Progress
-from runtime.mcp.schema import LogLevel, ToolDescriptor
+from runtime.mcp.schema import LogLevel, ToolAnnotations, ToolDescriptor
 
 ArgsT = TypeVar("ArgsT", bound=BaseModel)
 
@@ -85,6 +85,14 @@ class Tool(ABC, Generic[ArgsT]):
     description: ClassVar[str]
     Args: type[ArgsT]
     Output: ClassVar[type[BaseModel] | None] = None
+    #: MCP's behaviour hints, listed with the tool. ``readOnlyHint`` also tells the call
+    #: runner that the call's intent need not be fsynced before it runs (``journal``
+    #: durability): a read-only call lost with the machine had no effect.
+    annotations: ClassVar[ToolAnnotations | None] = None
+
+    @property
+    def read_only(self) -> bool:
+        return self.annotations is not None and self.annotations.read_only_hint is True
 
     def parse(self, arguments: Mapping[str, Any] | None) -> ArgsT:
         """Validate raw arguments; raise :class:`InvalidParams` naming every bad field."""
@@ -112,6 +120,7 @@ class Tool(ABC, Generic[ArgsT]):
             description=self.description,
             input_schema=self.Args.model_json_schema(),
             output_schema=self.Output.model_json_schema() if self.Output else None,
+            annotations=self.annotations,
         )
 
 
