@@ -149,7 +149,10 @@ class StorageUnavailable(StorageError, RetryLater):
         and is full (the persistence actor's own answer, and its client's from the actor's
         latest status); ``detail`` (say, the journal's size) follows it in parentheses."""
         where = f" ({detail})" if detail else ""
-        reason = f"storage unavailable: the write journal is full{where}: the database is unreachable or behind"
+        reason = (
+            f"storage unavailable: the write journal is full{where}: "
+            "the database is unreachable or behind"
+        )
         return cls(f"{reason}; retry later", reason=reason)
 
 

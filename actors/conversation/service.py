@@ -299,10 +299,11 @@ class Conversations:
 
     async def _write_critical(self, record: ThreadRow | MessageRow, thread_id: UUID) -> bool:
         """Critical: returns once committed (or journaled while the database is away), and,
-        the client being FIFO, so is everything written before it. ``False`` if that could
-        not be confirmed: the answer stands, and the failure is logged."""
+        the client being FIFO, so is everything written before it, whatever the node's
+        durability: the next turn reads the thread back from the database. ``False`` if that
+        could not be confirmed: the answer stands, and the failure is logged."""
         try:
-            await self.persistence.write(record)  # re-sent across an actor restart by itself
+            await self.persistence.write_committed(record)
         except Exception:
             log.exception("chat.turn_not_stored", thread_id=str(thread_id))
             return False

@@ -92,10 +92,13 @@ class _Held:
 
 @dataclass(slots=True)
 class _Flushing:
-    """An explicit flush waiting for the database to reach ``target``."""
+    """An explicit flush waiting for the database to reach ``target``, or to fail: any
+    failure, or, ``forced``, a failure of an attempt that started after ``asked``."""
 
     target: int
     reply: CallbackFuture[PersistenceStatus]
+    forced: bool
+    asked: float
 
 
 class PersistenceActor(ServiceActor[_Message]):
@@ -325,12 +328,15 @@ class PersistenceActor(ServiceActor[_Message]):
             self._journal.sync()
             if self._listener is not None:
                 self._listener(self._progress())
-        self._answer_flushes(everything=report.failed)
+        self._answer_flushes(failed=report if report.failed else None)
 
-    def _answer_flushes(self, *, everything: bool) -> None:
+    def _answer_flushes(self, *, failed: Committed | None = None, everything: bool = False) -> None:
         waiting, self._flushing = self._flushing, []
         for flushing in waiting:
-            if everything or self._journal.committed >= flushing.target:
+            gave_up = failed is not None and (
+                not flushing.forced or failed.attempt_started >= flushing.asked
+            )
+            if everything or gave_up or self._journal.committed >= flushing.target:
                 self.answer(flushing.reply, self._status())
             else:
                 self._flushing.append(flushing)
@@ -354,6 +360,7 @@ class PersistenceActor(ServiceActor[_Message]):
             self._listener(self._progress())
 
     def _explicit_flush(self, request: Flush) -> PersistenceStatus | CallbackFuture[Any]:
+        asked = time.monotonic()  # before the trial is asked for: its failure counts
         if request.force:
             self._writer.force_trial()
         extra = self._take_activity()
@@ -368,7 +375,7 @@ class PersistenceActor(ServiceActor[_Message]):
             return self._status()
         # Registered before the check: the writer, which advances the journal before it
         # reports, then either sees this flush waiting or has already passed the target.
-        flushing = _Flushing(target, request.reply)
+        flushing = _Flushing(target, request.reply, request.force, asked)
         self._flushing.append(flushing)
         if self._journal.committed >= target:
             self._flushing.remove(flushing)

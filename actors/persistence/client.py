@@ -22,6 +22,9 @@ Delivery classes (what each waits for is a :class:`~actors.persistence.protocol.
 * :meth:`PersistenceClient.write_through`: returns once the record is in the *database*,
   whatever the durability setting: for the few records another node must see at once.
   Refused at once with ``StorageUnavailable`` while the database is known to be down.
+* :meth:`PersistenceClient.write_committed`: in the database, or while it is down fsynced in
+  the journal, whatever the durability setting: for records this node reads back from the
+  database at once (read your own writes).
 * :meth:`PersistenceClient.write_soon` (background): never waits, never fails the caller. If
   the actor dies before taking it, the record is sent again, with the next shipment, to
   whatever ``resolve`` then returns (the restarted actor).
@@ -203,6 +206,13 @@ class PersistenceClient(ServiceClient):
             reason = "storage unavailable: the database is unreachable"
             raise StorageUnavailable(f"{reason}; nothing was written, retry later", reason=reason)
         await self._write(record, Point.DATABASE)
+
+    async def write_committed(self, record: Record) -> None:
+        """Return once ``record`` is in the database, or, while the database is down, fsynced
+        in the journal (it lands when the database is back), whatever the durability setting:
+        for records this node reads back from the database at once (a conversation's turns,
+        which its next turn reads). Raises what :meth:`write` raises."""
+        await self._write(record, Point.COMMITTED)
 
     async def _write(self, record: Record, point: Point) -> None:
         if isinstance(record, ADMISSIONS):

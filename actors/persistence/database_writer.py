@@ -86,6 +86,9 @@ class Committed:
     errors: dict[tuple[int, int], Exception] = field(default_factory=dict)
     #: The database failed (the breaker is open): nothing more is written until its trial.
     failed: bool = False
+    #: When the failed attempt started (``time.monotonic()``): a forced flush waits for an
+    #: attempt that started after it asked.
+    attempt_started: float = 0.0
 
 
 _STOP = object()
@@ -228,7 +231,7 @@ class DatabaseWriter:
                 statement_timeout=self._config.statement_timeout,
             )
         except psycopg.Error as exc:
-            self._failed(exc)
+            self._failed(exc, started)
             return False
         except Exception as exc:
             # A bug, not the database: these records would fail again. Keep them aside
@@ -286,7 +289,7 @@ class DatabaseWriter:
         if span.records is not None:
             self.backlog -= len(span.records)
 
-    def _failed(self, exc: psycopg.Error) -> None:
+    def _failed(self, exc: psycopg.Error, started: float) -> None:
         self._connector.discard()
         was = self._breaker.state
         self._breaker.record(ok=False)
@@ -302,7 +305,7 @@ class DatabaseWriter:
         for span in self._held:
             self._drop(span)
         self._held.clear()
-        self._report(Committed(self._journal.committed, failed=True))
+        self._report(Committed(self._journal.committed, failed=True, attempt_started=started))
 
     def _set_aside(self, rejected: list[tuple[Record, Exception]]) -> None:
         if not rejected:
