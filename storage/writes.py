@@ -491,8 +491,10 @@ def _classify(
             continue
         row_status, row_version = found
         if status == "running":
-            duplicate = row_status == "interrupted" or row_version > version or (
-                row_version == version and row_status == status
+            duplicate = (
+                row_status == "interrupted"
+                or row_version > version
+                or (row_version == version and row_status == status)
             )
         else:
             duplicate = row_status == status and row_version >= version
