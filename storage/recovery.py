@@ -8,8 +8,9 @@ listener opens (blocking: from trio, in a worker thread):
    process), oldest first, in order. Idempotent writes make a record that did reach the
    database before the crash harmless. Each replayed file is then deleted.
 2. **Interrupt** the unfinished work of dead nodes: their ``pending`` and ``running`` tasks
-   become ``interrupted`` (version bumped, so a late write from that node is a reported
-   conflict, never a silent overwrite) and their ``active`` sessions ``interrupted``.
+   become ``interrupted`` (version bumped) and their ``active`` sessions ``interrupted``.
+   ``interrupted`` is a guess: a final step from that node arriving later (its journal
+   replayed elsewhere, or the node back from an outage) replaces it (``storage.writes``).
 3. **Register** this node with a fresh heartbeat.
 
 Which nodes are dead. Several nodes may share one database (Supabase), so "not me" is not
@@ -19,8 +20,9 @@ Which nodes are dead. Several nodes may share one database (Supabase), so "not m
   exited (proof);
 * a node whose ``nodes.heartbeat_at`` is older than ``node_ttl`` by the database's clock and
   that never recorded a clean stop (evidence: a node cut off from the database for longer
-  than ``node_ttl`` looks dead too; when it returns, its late writes to the tasks recovery
-  interrupted are rejected as version conflicts and logged, not applied).
+  than ``node_ttl`` looks dead too; when it returns, the final steps of the tasks recovery
+  interrupted replace ``interrupted``: the node that ran a call knows how it ended, recovery
+  only guessed. Its late ``running`` steps change nothing).
 
 Steps 2 and 3 are one transaction; step 1 commits as it goes, so a failure midway leaves the
 rest of the journal to the next start.

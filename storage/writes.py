@@ -392,7 +392,17 @@ def _transitions(
     started: list[tuple[int, TaskStarted]],
     finished: list[tuple[int, TaskFinished]],
 ) -> dict[int, WriteConflict]:
-    """Apply task steps with their version check; classify the ones that did not apply."""
+    """Apply task steps with their version check; classify the ones that did not apply.
+
+    A final step also applies over ``interrupted``, whatever its version: recovery wrote
+    that state because the task's node looked dead, a guess; the node that ran the call
+    knows how it ended, so its final step (replayed from its journal, or late after an
+    outage) is the truth. The row then goes to ``greatest(version + 1, record's version)``:
+    past the interrupt, and at least the record's own version, so the same record arriving
+    again is seen as a duplicate by :func:`_classify`. A ``running`` step never supersedes,
+    and a final step never replaces another final state (not even one version behind: a task
+    cancelled before it ran is at version 2, a final step after running states 3).
+    """
     missed: list[tuple[int, UUID, int, str]] = []
     if started:
         applied = _rows(
@@ -403,7 +413,7 @@ def _transitions(
                    updated_at = now()
               from unnest(%s::uuid[], %s::timestamptz[], %s::int[]) as v(id, started_at, version)
              where t.id = v.id and t.version = v.version - 1
-            returning t.id, t.version
+            returning t.id, v.version
             """,
             (
                 [s.task_id for _, s in started],
@@ -417,16 +427,20 @@ def _transitions(
             if (s.task_id, s.version) not in applied
         ]
     if finished:
+        # `returning v.version`: the record's version, which the row's may now exceed.
         applied = _rows(
             conn,
             """
             update tasks t
                set status = v.status, completed_at = v.completed_at, result = v.result::jsonb,
-                   error_message = v.error_message, version = v.version, updated_at = now()
+                   error_message = v.error_message, version = greatest(t.version + 1, v.version),
+                   updated_at = now()
               from unnest(%s::uuid[], %s::text[], %s::timestamptz[], %s::text[], %s::text[],
                           %s::int[]) as v(id, status, completed_at, result, error_message, version)
-             where t.id = v.id and t.version = v.version - 1
-            returning t.id, t.version
+             where t.id = v.id
+               and (t.version = v.version - 1 and t.status in ('pending', 'running')
+                    or t.status = 'interrupted')
+            returning t.id, v.version
             """,
             (
                 [f.task_id for _, f in finished],
@@ -455,7 +469,14 @@ def _classify(
     conn: Connection, missed: list[tuple[int, UUID, int, str]]
 ) -> dict[int, WriteConflict]:
     """A step that did not apply is a duplicate (the row already holds it, or a later step of
-    the same writer) or a conflict (someone else moved the row, or it does not exist)."""
+    the same writer) or a conflict (someone else moved the row, or it does not exist).
+
+    * ``running`` over ``interrupted`` is quiet: the row keeps recovery's guess until that
+      node's final step, which supersedes it, arrives (or never does).
+    * A final step is a duplicate only if the row holds that same final state, at its
+      version or above (above: it superseded ``interrupted``). Any other state is a
+      conflict: a different final state is never overwritten, whatever the versions.
+    """
     with conn.cursor() as cur:
         cur.execute(
             "select id, status, version from tasks where id = any(%s)",
@@ -469,7 +490,15 @@ def _classify(
             conflicts[index] = WriteConflict(f"task {task_id}: no such task row", current=None)
             continue
         row_status, row_version = found
-        if row_version > version or (row_version == version and row_status == status):
+        if status == "running":
+            duplicate = (
+                row_status == "interrupted"
+                or row_version > version
+                or (row_version == version and row_status == status)
+            )
+        else:
+            duplicate = row_status == status and row_version >= version
+        if duplicate:
             continue  # already applied: a retry or a replay
         conflicts[index] = WriteConflict(
             f"task {task_id}: expected version {version - 1}, found {row_status!r} at version "
