@@ -173,13 +173,6 @@ class WriteConflict(StorageError):
         super().__init__(message)
         self.current = current
 
-    def behind(self, version: int) -> bool:
-        """Whether the row has only not caught up with a write to ``version``: it is missing,
-        or at a version older than the one that write moves it from (its earlier steps, sent
-        again after a persistence actor restart, have not landed yet). A row that moved
-        elsewhere (recovery marked it interrupted) is not behind: that conflict stands."""
-        return self.current is None or self.current.version < version - 1
-
 
 class WriteRejected(StorageError):
     """The database refused this record itself (a constraint or a bad value), so retrying

@@ -146,8 +146,9 @@ class TaskStarted(_Row):
     """``pending`` -> ``running``.
 
     ``version`` is the row's version after this write; the write applies only if the row is at
-    ``version - 1``. A row moved meanwhile by someone else (recovery marking it
-    ``interrupted``) is a conflict, reported, never overwritten.
+    ``version - 1``. A row recovery marked ``interrupted`` meanwhile stays so (quietly: only
+    the task's final state replaces ``interrupted``); a row moved otherwise is a conflict,
+    reported, never overwritten.
     """
 
     kind: Literal["task_started"] = "task_started"
@@ -159,7 +160,9 @@ class TaskStarted(_Row):
 class TaskFinished(_Row):
     """The task's final state: ``completed`` with its result, ``failed`` with its error message,
     or ``cancelled``. ``version`` as for :class:`TaskStarted` (3 after running, 2 if it never
-    ran)."""
+    ran); it also replaces an ``interrupted`` written by recovery, whatever its version (the
+    node that ran the call knows how it ended), the row then at ``greatest(version + 1,
+    this version)`` so that a replay of it is a duplicate."""
 
     kind: Literal["task_finished"] = "task_finished"
     task_id: UUID

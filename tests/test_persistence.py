@@ -224,7 +224,11 @@ async def test_every_write_is_idempotent(db: str, journal: Journal) -> None:
     assert usage_rows == 1
 
 
-async def test_a_step_on_a_task_someone_else_moved_is_a_conflict(db: str, journal: Journal) -> None:
+async def test_a_final_step_replaces_interrupted_and_never_another_final_state(
+    db: str, journal: Journal
+) -> None:
+    """Recovery's ``interrupted`` is a guess: the task's own final step replaces it. A
+    different final state is a conflict, typed, and not behind (no retry)."""
     session = _session()
     critical, background = _task(session, 1), _task(session, 2)
     async with running(db, journal) as (client, _):
@@ -238,17 +242,18 @@ async def test_a_step_on_a_task_someone_else_moved_is_a_conflict(db: str, journa
                 "update tasks set status = 'interrupted', version = version + 1 where id = any(%s)",
                 ([critical.task_id, background.task_id],),
             )
-        with pytest.raises(WriteConflict, match="found 'interrupted' at version 3") as conflict:
-            await client.write(critical.finished("completed", result="late"))
-        # Typed, not a string to parse back; a row moved elsewhere is not behind (no retry).
-        assert conflict.value.current == RowVersion("interrupted", 3)
-        assert not conflict.value.behind(critical.version)
+        await client.write(critical.finished("completed", result="late"))
         client.write_soon(background.finished("completed", result="late"))
         status = await client.flush()
+        rival = TaskLifecycle(critical.created)
+        rival.started()
+        with pytest.raises(WriteConflict, match="found 'completed' at version 4") as conflict:
+            await client.write(rival.finished("failed", error_message="no"))
+        assert conflict.value.current == RowVersion("completed", 4)
 
-    assert status.conflicts == 2
-    assert _task_row(db, critical)[:3] == ("interrupted", 3, None)
-    assert _task_row(db, background)[:3] == ("interrupted", 3, None)
+    assert status.conflicts == 0
+    assert _task_row(db, critical)[:3] == ("completed", 4, "late")
+    assert _task_row(db, background)[:3] == ("completed", 4, "late")
 
 
 async def test_a_record_the_database_refuses_is_set_aside_and_the_rest_commit(
@@ -429,11 +434,3 @@ async def test_the_pulse_heartbeats_this_node(db: str, journal: Journal) -> None
         nursery.start_soon(client.pulse, 0.01)
         await wait_until(lambda: heartbeat() > registered, what="a heartbeat")
         nursery.cancel_scope.cancel()
-
-
-def test_a_conflict_is_behind_only_while_the_row_has_not_caught_up() -> None:
-    """``WriteConflict.behind``: what ``PersistenceClient.write`` retries after a restart."""
-    assert WriteConflict("no row").behind(3)
-    assert WriteConflict("pending", current=RowVersion("pending", 1)).behind(3)
-    assert not WriteConflict("running", current=RowVersion("running", 2)).behind(3)
-    assert not WriteConflict("moved", current=RowVersion("interrupted", 3)).behind(3)
