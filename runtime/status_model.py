@@ -157,6 +157,11 @@ class PersistenceStatus(_Model):
     )
     synced: int = Field(description="Journal position up to which records are fsynced.")
     committed: int = Field(description="Journal position up to which the database has them.")
+    durability: str | None = Field(
+        default=None,
+        description="The node's durability setting (commit, journal or async): what a call's "
+        "answer waits for (docs/persistence.md).",
+    )
     confirmed_at: datetime | None = Field(
         default=None,
         description="Every record handed to the node's persistence before this instant is "

@@ -4,12 +4,13 @@ flock that tells a dead writer's journal from a live one's."""
 from __future__ import annotations
 
 import json
+import threading
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 
 from storage.journal import REJECTED_FILE, Journal, find_orphans
-from storage.rows import SessionIdentified, SessionRow, TokenUsage
+from storage.rows import Record, SessionIdentified, SessionRow, TokenUsage
 
 NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
 
@@ -132,3 +133,57 @@ def test_orphan_chunks_skip_a_torn_tail_and_keep_unreadable_lines(tmp_path: Path
         orphan.remove()
     kept = [json.loads(line) for line in (tmp_path / REJECTED_FILE).read_text().splitlines()]
     assert [entry["raw"] for entry in kept] == ['{"kind": "no_such_kind"}']
+
+
+def test_segments_rotate_and_go_once_the_database_has_them(tmp_path: Path) -> None:
+    """A journal that is never caught up (steady load) still gives its disk back: full
+    segments are left for new ones, and deleted once every record in them is committed."""
+    journal = Journal.open(tmp_path, node_id="n1", segment_bytes=4096)
+    records = [_usage(n) for n in range(200)]
+    for record in records:
+        journal.append([record], durable=False)
+    segments = journal.paths
+    assert len(segments) > 3
+    assert journal.size_bytes == sum(p.stat().st_size for p in segments)
+
+    seen: list[Record] = []
+    while journal.pending:
+        chunk, end = journal.read(7)
+        seen += chunk
+        journal.advance(end, len(chunk))
+        # Every segment still on disk holds something the database does not have, or is
+        # the one appends go to.
+        assert all(p.exists() for p in journal.paths)
+        assert [p for p in segments if p.exists()] == journal.paths
+    assert seen == records
+    assert journal.paths == [segments[-1]]
+    assert journal.committed == journal.appended
+    journal.append(records[:1], durable=True)  # positions go on from where they were
+    assert journal.read(10)[0] == records[:1]
+    journal.close()
+
+
+def test_one_thread_appends_while_another_reads_and_advances(tmp_path: Path) -> None:
+    """The persistence actor appends while its database writer reads and advances: every
+    record comes back once, in order, across rotations and truncations."""
+    journal = Journal.open(tmp_path, node_id="n1", segment_bytes=8192)
+    records = [_usage(n) for n in range(3000)]
+    done = threading.Event()
+
+    def append() -> None:
+        for start in range(0, len(records), 5):
+            journal.append(records[start : start + 5], durable=False)
+        done.set()
+
+    appender = threading.Thread(target=append)
+    appender.start()
+    seen: list[Record] = []
+    while not (done.is_set() and not journal.pending):
+        chunk, end = journal.read(50)
+        seen += chunk
+        journal.advance(end, len(chunk))
+    appender.join()
+    assert seen == records
+    assert len(journal.paths) == 1
+    journal.close()
+    assert list(tmp_path.glob("journal-*.jsonl")) == []

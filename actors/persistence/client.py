@@ -409,7 +409,7 @@ class PersistenceClient(ServiceClient):
         self._advance(status.synced, status.committed)
         confirmed = self._confirmed_at
         at = datetime.fromtimestamp(confirmed, UTC) if confirmed is not None else None
-        return status.model_copy(update={"confirmed_at": at})
+        return status.model_copy(update={"confirmed_at": at, "durability": str(self.durability)})
 
     def _trio_token(self) -> trio.lowlevel.TrioToken:
         if self._token is None:

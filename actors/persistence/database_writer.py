@@ -116,6 +116,11 @@ class DatabaseWriter:
         )
         self._inbox: queue.SimpleQueue[Span | object] = queue.SimpleQueue()
         self._held: list[Span] = []
+        #: The end of the last span handed over: the records up to it are this writer's to
+        #: write. What the journal holds past it is still on its way here (in the inbox), so
+        #: the writer waits for it rather than reading it back. What a previous incarnation
+        #: left is this one's from the start.
+        self._due = journal.appended
         #: Records handed over and not yet written or dropped (read by the actor: a hint).
         self.backlog = 0
         self._force = threading.Event()
@@ -182,6 +187,7 @@ class DatabaseWriter:
                 stop = True
             elif isinstance(item, Span):
                 self._held.append(item)
+                self._due = max(self._due, item.end)
             try:
                 item = self._inbox.get_nowait()
             except queue.Empty:
@@ -194,14 +200,17 @@ class DatabaseWriter:
             self._force.clear()
             self._breaker.force_trial()
             return 0.0
-        if not self._journal.pending:
+        if not self._pending():
             return None
         if self._breaker.state is BreakerState.CLOSED:
             return 0.0
         return max(self._breaker.retry_in, 0.005)
 
+    def _pending(self) -> bool:
+        return self._journal.committed < self._due
+
     def _write_while_allowed(self) -> None:
-        while self._journal.pending and self._breaker.allow():
+        while self._pending() and self._breaker.allow():
             if not self._write_one():
                 return
 
