@@ -286,7 +286,12 @@ class PersistenceActor(ServiceActor[_Message]):
             # Far behind, the writer reads the records back from the journal: memory stays
             # bounded whatever the database's speed.
             behind = self._writer.backlog >= self._config.max_held_records
-            self._writer.hand(Span(start, end, None if behind else kept, owners))
+            urgent = any(
+                point in (Point.COMMITTED, Point.DATABASE)
+                for h in held
+                for point in h.ship.waits.values()
+            )
+            self._writer.hand(Span(start, end, None if behind else kept, owners, urgent))
         placed = {h.ship.shipment_id: end for h in held}
         listeners = {id(h.ship.listener): h.ship.listener for h in held}
         progress = self._progress(placed=placed, errors=errors)

@@ -122,6 +122,12 @@ class PersistenceConfig(BaseModel):
     breaker_threshold: int = Field(default=1, ge=1, description="Failures that open it.")
     breaker_reset: float = Field(default=0.5, gt=0, description="First wait before a trial.")
     breaker_max_reset: float = Field(default=30.0, gt=0, description="Longest wait.")
+    writer_linger: float = Field(
+        default=0.010,
+        ge=0,
+        description="Seconds the database writer waits for more records when nobody waits "
+        "for the database (journal and async durability), so that it commits less often.",
+    )
     replay_chunk: int = Field(default=2000, ge=1, description="Journal records per replay step.")
     sync_interval: float = Field(
         default=30.0, gt=0, description="How often coalesced session activity is written."
