@@ -244,43 +244,9 @@ class PersistenceActor(ServiceActor[_Message]):
             # While the database is down, a commit waits for the fsync instead.
             sync = any(Point.COMMITTED in h.ship.waits.values() for h in held)
         start = self._journal.appended
-        try:
-            refused = self._journal.append(records, durable=sync)
-        except OSError as exc:
-            self._journal_broken = True
-            lost = StorageUnavailable(f"storage unavailable: journal write failed: {exc}")
-            refused = dict.fromkeys(range(len(records)), lost)
-            log.exception("persistence.records_lost", records=len(records), error=str(lost))
-        else:
-            self._journal_broken = False
+        refused = self._append(records, sync=sync)
         end = self._journal.appended
-        kept: list[Record] = []
-        owners: dict[int, tuple[int, int]] = {}
-        errors: dict[tuple[int, int], Exception] = {}
-        unheard: dict[str, int] = {}  # refusals nobody awaits: logged once, here
-        index = 0
-        for h in held:
-            ship = h.ship
-            errors.update(((ship.shipment_id, p), e) for p, e in h.errors.items())
-            for record, position in zip(h.records, h.positions, strict=True):
-                error = refused.get(index)
-                index += 1
-                if error is not None:
-                    if position in ship.waits:
-                        errors[(ship.shipment_id, position)] = error
-                    else:
-                        key = f"{record.kind}: {error}"[:300]
-                        unheard[key] = unheard.get(key, 0) + 1
-                    continue
-                if position in ship.waits:
-                    owners[len(kept)] = (ship.shipment_id, position)
-                kept.append(record)
-        for record in records[index:]:  # extra: the actor's own records
-            if refused.get(index) is None:
-                kept.append(record)
-            index += 1
-        for key, count in unheard.items():
-            log.warning("persistence.background_write_failed", error=key, records=count)
+        kept, owners, errors = _sort(held, records, refused)
         self._records_journaled += len(kept)
         if kept:
             # Far behind, the writer reads the records back from the journal: memory stays
@@ -297,6 +263,18 @@ class PersistenceActor(ServiceActor[_Message]):
         progress = self._progress(placed=placed, errors=errors)
         for listener in listeners.values():
             listener(progress)
+
+    def _append(self, records: list[Record], *, sync: bool) -> dict[int, Exception]:
+        """Append to the journal; the records left out, by index, with the reason."""
+        try:
+            refused: dict[int, Exception] = dict(self._journal.append(records, durable=sync))
+        except OSError as exc:
+            self._journal_broken = True
+            lost = StorageUnavailable(f"storage unavailable: journal write failed: {exc}")
+            log.exception("persistence.records_lost", records=len(records), error=str(lost))
+            return dict.fromkeys(range(len(records)), lost)
+        self._journal_broken = False
+        return refused
 
     def _progress(
         self,
@@ -413,3 +391,39 @@ class PersistenceActor(ServiceActor[_Message]):
             rejected=stats.rejected,
             last_error=stats.last_error,
         )
+
+
+def _sort(
+    held: list[_Held], records: list[Record], refused: dict[int, Exception]
+) -> tuple[list[Record], dict[int, tuple[int, int]], dict[tuple[int, int], Exception]]:
+    """Split an append's records: those kept (for the database writer, with the awaited ones'
+    owners by index) and the errors awaited ones get, by (shipment, position). Refusals
+    nobody awaits are logged once here, grouped."""
+    kept: list[Record] = []
+    owners: dict[int, tuple[int, int]] = {}
+    errors: dict[tuple[int, int], Exception] = {}
+    unheard: dict[str, int] = {}
+    index = 0
+    for h in held:
+        ship = h.ship
+        errors.update(((ship.shipment_id, p), e) for p, e in h.errors.items())
+        for record, position in zip(h.records, h.positions, strict=True):
+            error = refused.get(index)
+            index += 1
+            if error is not None:
+                if position in ship.waits:
+                    errors[(ship.shipment_id, position)] = error
+                else:
+                    key = f"{record.kind}: {error}"[:300]
+                    unheard[key] = unheard.get(key, 0) + 1
+                continue
+            if position in ship.waits:
+                owners[len(kept)] = (ship.shipment_id, position)
+            kept.append(record)
+    for record in records[index:]:  # extra: the actor's own records
+        if refused.get(index) is None:
+            kept.append(record)
+        index += 1
+    for key, count in unheard.items():
+        log.warning("persistence.background_write_failed", error=key, records=count)
+    return kept, owners, errors
