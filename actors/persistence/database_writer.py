@@ -198,9 +198,16 @@ class DatabaseWriter:
     def _receive(self, item: object) -> bool:
         """Hold a span; ``True`` for the stop signal."""
         if isinstance(item, Span):
-            self._held.append(item)
             self._due = max(self._due, item.end)
-            self._held_records += len(item.records or ())
+            # Only spans with their records are worth holding, and only while the database
+            # takes them: the rest is read back from the journal, so what this thread holds
+            # stays bounded through an outage of any length.
+            if item.records is not None:
+                if self._breaker.state is BreakerState.CLOSED:
+                    self._held.append(item)
+                    self._held_records += len(item.records)
+                else:
+                    self._drop(item)
         return item is _STOP
 
     def _linger(self) -> bool:
@@ -308,7 +315,7 @@ class DatabaseWriter:
         """Held spans that start exactly where the database is, with their records, up to
         ``max_batch`` records; spans already behind the database are dropped."""
         while self._held and self._held[0].end <= committed:
-            self._drop(self._held.pop(0))
+            self._unhold(self._held.pop(0))
         usable: list[Span] = []
         count = 0
         position = committed
@@ -326,12 +333,16 @@ class DatabaseWriter:
         self._journal.advance(end, records)
         for span in spans:
             self._held.remove(span)
-            self._drop(span)
+            self._unhold(span)
+
+    def _unhold(self, span: Span) -> None:
+        self._held_records -= len(span.records or ())
+        self._drop(span)
 
     def _drop(self, span: Span) -> None:
+        """Forget a span handed over (written, behind the database, or left to the journal)."""
         if span.records is not None:
             self.backlog -= len(span.records)
-            self._held_records -= len(span.records)
 
     def _failed(self, exc: psycopg.Error, started: float) -> None:
         self._connector.discard()
@@ -347,7 +358,7 @@ class DatabaseWriter:
         )
         # What is held is in the journal: replayed from there, memory stays bounded.
         for span in self._held:
-            self._drop(span)
+            self._unhold(span)
         self._held.clear()
         self._report(Committed(self._journal.committed, failed=True, attempt_started=started))
 
