@@ -331,7 +331,9 @@ class PersistenceActor(ServiceActor[_Message]):
         extra: list[Record] = []
         if now - self._last_sync >= self._config.sync_interval:
             extra += self._take_activity()
-        healthy = self._writer.database is BreakerState.CLOSED and not self._journal.pending
+        # The journal is behind the answers by design: only the database's state says whether
+        # a heartbeat is worth writing (one written late, through a backlog, says little).
+        healthy = self._writer.database is BreakerState.CLOSED
         if healthy and now - self._last_heartbeat >= self._config.heartbeat_interval:
             self._last_heartbeat = now
             extra.append(NodeHeartbeat(node_id=self._journal.node_id))
