@@ -80,6 +80,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         "--label", help="flood, durability: words for the run's heading ('before the fix')"
     )
     p.add_argument(
+        "--modes",
+        help="durability: comma-separated EXAI_DURABILITY modes, in run order "
+        "(default commit,journal,async)",
+    )
+    p.add_argument(
         "--rss-guard-mib",
         type=int,
         default=3072,

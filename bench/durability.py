@@ -285,12 +285,20 @@ def persistence(work: Path, timeout: float = 300.0) -> tuple[dict[str, Any] | No
 # Running the configurations
 
 
-def _plan() -> list[Config]:
+def _plan(modes: Sequence[str]) -> list[Config]:
     """The floor, then each mode against both databases one after the other, so that the two
     figures a target compares are measured close in time."""
     out = [Config("floor")]
-    out += [Config("exai", db, mode) for mode in MODES for db in DATABASES]
+    out += [Config("exai", db, mode) for mode in modes for db in DATABASES]
     return out
+
+
+def _modes(arg: str | None) -> list[str]:
+    modes = arg.split(",") if arg else list(MODES)
+    bad = [m for m in modes if m not in MODES]
+    if bad or not modes:
+        raise SystemExit(f"unknown durability mode(s): {', '.join(bad)} (of {', '.join(MODES)})")
+    return modes
 
 
 def run_config(
@@ -658,11 +666,18 @@ def _run(out: Outcome, opts: Options, run_opts: RunOptions, plan: Sequence[Scena
         out.notes.append("interrupted: partial results, not written to docs/")
 
 
-def _plan_note(env: dict[str, str], plan: Sequence[Scenario], elapsed: float, python: str) -> str:
+def _plan_note(
+    env: dict[str, str],
+    modes: Sequence[str],
+    plan: Sequence[Scenario],
+    elapsed: float,
+    python: str,
+) -> str:
     settings = ", ".join(f"{k}={v}" for k, v in sorted(env.items()))
     windows = ", ".join(f"{s.key} {s.warmup:g} s warm-up + {s.duration:g} s" for s in plan)
     return (
-        f"a fresh `exai serve` per database and mode (EXAI_DURABILITY={'/'.join(MODES)}"
+        f"a fresh `exai serve` per database and mode (EXAI_DURABILITY={', '.join(modes)} in "
+        "this order, embedded then remote for each"
         + (f", plus {settings}" if settings else "")
         + f"), 1 session then 50 on it; windows: {windows}; the +20 ms RTT database is an "
         "embedded Postgres the harness starts on the same disk (a fresh database per server), "
@@ -688,11 +703,13 @@ def main(args: argparse.Namespace) -> int:
     opts = Options(args.python, find_exai(args.exai), None, work, exai_env=env)
     if opts.exai is None:
         raise SystemExit("exai not found (no .venv/bin/exai yet): run `just setup`")
-    out = Outcome(_plan())
+    modes = _modes(args.modes)
+    out = Outcome(_plan(modes))
     began = time.monotonic()
     print(f"bench durability: logs in {work}", flush=True)
     _run(out, opts, RunOptions(args.python, work), plan)
-    out.notes.insert(0, _plan_note(env, plan, time.monotonic() - began, args.python))
+    elapsed = time.monotonic() - began
+    out.notes.insert(0, _plan_note(env, modes, plan, elapsed, args.python))
     text = section(out.configs, out.fsync, out.actor, out.notes, args.label)
     print()
     print(text)
