@@ -715,7 +715,7 @@ def main(args: argparse.Namespace) -> int:
     print(text)
     (work / "results.json").write_text(json.dumps(out.to_json(), indent=1))
     if not args.no_write and not out.interrupted:
-        report.append(args.output, text, MARKER, SECTION)
+        report.append(args.output, text, MARKER, SECTION, first=True)
         print(f"appended to {args.output}")
     if out.failed or args.keep_work:
         print(f"logs and raw results kept in {work}")
