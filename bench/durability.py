@@ -308,26 +308,26 @@ def run_config(
     plan: Sequence[Scenario],
     remote: Remote | None,
 ) -> None:
-    """Start ``c``'s server, run every scenario of ``plan`` on it, fill ``c``."""
-    tag = c.key
+    """Start ``c``'s server, run every scenario of ``plan`` on it, fill ``c``. ``remote`` is
+    the proxied database, used when ``c`` asks for it."""
+    proxied = remote if c.database == "remote" else None
+    if c.database == "remote" and proxied is None:
+        raise RuntimeError("no remote database for a remote configuration")
     with contextlib.ExitStack() as stack:
         server_opts = opts
         if c.server == "exai":
+            url = stack.enter_context(proxied.database()) if proxied else None
             env = dict(opts.exai_env, EXAI_DURABILITY=c.mode)
-            url = None
-            if c.database == "remote":
-                assert remote is not None
-                url = stack.enter_context(remote.database())
             server_opts = replace(opts, exai_env=env, exai_database_url=url)
         sessions = max(s.sessions for s in plan) + 1
-        running = stack.enter_context(started(c.server, server_opts, tag, sessions))
-        if c.database == "remote" and remote is not None:
-            running = replace(running, db_dir=remote.db_dir)
+        running = stack.enter_context(started(c.server, server_opts, c.key, sessions))
+        if proxied is not None:
+            running = replace(running, db_dir=proxied.db_dir)
         for s in plan:
-            cpu0, wall0 = (remote.cpu_seconds(), time.monotonic()) if remote else (0.0, 0.0)
-            m = measure(s, running, run_opts, f"{tag}-{s.key}")
-            if remote is not None and c.database == "remote":
-                c.proxy[s.key] = (remote.cpu_seconds() - cpu0, time.monotonic() - wall0)
+            cpu0, wall0 = (proxied.cpu_seconds() if proxied else 0.0), time.monotonic()
+            m = measure(s, running, run_opts, f"{c.key}-{s.key}")
+            if proxied is not None:
+                c.proxy[s.key] = (proxied.cpu_seconds() - cpu0, time.monotonic() - wall0)
             c.results[s.key] = m
             _progress(c, m)
         log = running.owned.log
