@@ -32,7 +32,6 @@ import argparse
 import contextlib
 import json
 import os
-import re
 import secrets
 import shutil
 import subprocess
@@ -110,7 +109,7 @@ class Config:
     results: dict[str, Measurement] = field(default_factory=dict)
     #: The proxy's CPU s and the scenario's wall s, per scenario (remote database only).
     proxy: dict[str, tuple[float, float]] = field(default_factory=dict)
-    #: The durability the server's log names (``"durability": ...`` in a JSON line), if any.
+    #: The durability the server reports (``exai status``), if any.
     stated: str | None = None
     failure: str = ""
 
@@ -330,22 +329,35 @@ def run_config(
                 c.proxy[s.key] = (proxied.cpu_seconds() - cpu0, time.monotonic() - wall0)
             c.results[s.key] = m
             _progress(c, m)
-        log = running.owned.log
-    if c.server == "exai":
-        c.stated = stated_durability(log)
+        if c.server == "exai" and opts.exai is not None and running.state_dir is not None:
+            c.stated = reported_durability(opts.exai, running.state_dir)
 
 
-_STATED = re.compile(r'"durability"\s*:\s*"([a-z]+)"')
+def reported_durability(exai: str, state_dir: Path) -> str | None:
+    """The durability mode the running server reports (``exai status --json``, its admin
+    interface), or None when it reports none (a build from before the setting was wired) or
+    cannot be asked. Checks that ``EXAI_DURABILITY`` was taken."""
+    argv = [exai, "status", "--state-dir", str(state_dir), "--json"]
+    try:
+        done = subprocess.run(argv, capture_output=True, timeout=30, check=False, cwd=REPO)
+        doc = json.loads(done.stdout) if done.returncode == 0 else None
+    except (OSError, subprocess.TimeoutExpired, ValueError):
+        return None
+    return _first(doc, "durability")
 
 
-def stated_durability(log: Path) -> str | None:
-    """The durability mode the server's log names first, or None (a build that does not log
-    it, or does not know the setting). A check that ``EXAI_DURABILITY`` was taken."""
-    with contextlib.suppress(OSError), log.open(errors="replace") as lines:
-        for line in lines:
-            found = _STATED.search(line)
-            if found:
-                return found.group(1)
+def _first(doc: object, key: str) -> str | None:
+    """The first string value of ``key`` anywhere in a JSON document (depth first)."""
+    if isinstance(doc, dict):
+        value = doc.get(key)
+        if isinstance(value, str):
+            return value
+        doc = list(doc.values())
+    if isinstance(doc, list):
+        for item in doc:
+            found = _first(item, key)
+            if found is not None:
+                return found
     return None
 
 
@@ -572,13 +584,13 @@ def _stated_note(configs: Sequence[Config]) -> str:
     exai = [c for c in configs if c.server == "exai" and not c.failure]
     if exai and all(c.stated is None for c in exai):
         return (
-            "no server's log names a durability mode: a build before the wiring runs every "
-            "mode alike (each answer waits for the commit of its final state)"
+            "no server reports a durability mode (`exai status`): a build before the wiring "
+            "runs every mode alike (each answer waits for the commit of its final state)"
         )
-    wrong = [f"{c.database} {c.mode}: log says {c.stated}" for c in exai if c.stated != c.mode]
+    wrong = [f"{c.database} {c.mode}: reports {c.stated}" for c in exai if c.stated != c.mode]
     if wrong:
-        return "a server's log names another durability than asked: " + "; ".join(wrong)
-    return "every server's log names the durability mode it was asked for"
+        return "a server reports another durability than asked (`exai status`): " + "; ".join(wrong)
+    return "every server reports (`exai status`) the durability mode it was asked for"
 
 
 def _reject_options(args: argparse.Namespace) -> None:
