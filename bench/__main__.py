@@ -1,4 +1,4 @@
-"""``python -m bench [quick|full|profile|flood]``: the end-to-end benchmark of issue 5.
+"""``python -m bench [quick|full|profile|flood|durability]``: the end-to-end benchmark of issue 5.
 
 quick    every scenario, short windows (< 3 minutes); appends to docs/benchmarks.md
 full     longer windows plus a pipelined scenario and the optional mcp 2.x anchor
@@ -7,6 +7,9 @@ profile  the 50-session load against one server (default exai) under py-spy; pri
 flood    issue 11: a quiet session's latency alone, beside a pipelining flooder, a slow reader
          and a flooder that never reads, with exai's RSS (~2 minutes; --scenarios picks phases
          of alone,pipeline,slow,noread,after; --duration sets the quiet window)
+durability  each EXAI_DURABILITY mode against the embedded Postgres and one 20 ms of round
+         trip away, beside the floor, an fdatasync of the journal's disk and the persistence
+         actor vs raw COPY (~4 minutes; --duration/--warmup set both scenarios' windows)
 
 Run from the repository root with the runtime's interpreter (it needs trio-websocket):
 ``.venv/bin/python -m bench``. The anchor servers install themselves into bench/.venv-*.
@@ -24,7 +27,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from bench import flood, report, scenarios, venvs
+from bench import durability, flood, report, scenarios, venvs
 from bench.launch import interrupt_on_sigterm, raise_nofile_limit
 from bench.profile import summarize
 from bench.runner import Measurement, RunOptions, measure
@@ -52,7 +55,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
-        "mode", nargs="?", default="quick", choices=("quick", "full", "profile", "flood")
+        "mode",
+        nargs="?",
+        default="quick",
+        choices=("quick", "full", "profile", "flood", "durability"),
     )
     p.add_argument("--servers", help=f"comma-separated subset of {','.join(SERVERS)}")
     p.add_argument("--scenarios", help="comma-separated subset of seq1,s50,s50p8,s1000,idle")
@@ -70,7 +76,14 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         metavar="KEY=VALUE",
         help="an EXAI_* setting for exai serve (repeatable; recorded in the report)",
     )
-    p.add_argument("--label", help="flood: words for the run's heading ('before the fix')")
+    p.add_argument(
+        "--label", help="flood, durability: words for the run's heading ('before the fix')"
+    )
+    p.add_argument(
+        "--modes",
+        help="durability: comma-separated EXAI_DURABILITY modes, in run order "
+        "(default commit,journal,async)",
+    )
     p.add_argument(
         "--rss-guard-mib",
         type=int,
@@ -119,17 +132,18 @@ def _check_generator_python(python: str) -> None:
         raise SystemExit(f"{python} cannot import trio_websocket; pass --python")
 
 
-def _flood(args: argparse.Namespace) -> int:
+def _own_plan(args: argparse.Namespace) -> int:
+    """The modes that run a plan of their own (flood, durability)."""
     raise_nofile_limit()
     interrupt_on_sigterm()
     _check_generator_python(args.python)
-    return flood.main(args)
+    return flood.main(args) if args.mode == "flood" else durability.main(args)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
-    if args.mode == "flood":
-        return _flood(args)
+    if args.mode in ("flood", "durability"):
+        return _own_plan(args)
     servers = args.servers.split(",") if args.servers else list(DEFAULT_SERVERS[args.mode])
     bad = [s for s in servers if s not in SERVERS]
     if bad:

@@ -272,12 +272,17 @@ def section(
     return "\n".join(lines) + "\n"
 
 
-def append(path: Path, text: str, marker: str = MARKER, heading: str = SECTION) -> None:
+def append(
+    path: Path, text: str, marker: str = MARKER, heading: str = SECTION, *, first: bool = False
+) -> None:
     """Insert ``text`` as the newest run of ``path`` right under ``marker``; the file and the
-    section (``heading``, which ends with ``marker``) are created when missing, other sections
-    are kept as they are. The defaults are the End-to-end section's."""
+    section (``heading``, which ends with ``marker``) are created when missing: at the end of
+    the file, or right under its title with ``first``. Other sections are kept as they are.
+    The defaults are the End-to-end section's."""
     current = path.read_text() if path.exists() else TITLE
-    if marker not in current:
+    if marker not in current and first and current.startswith(TITLE):
+        current = TITLE + "\n" + heading + "\n" + current[len(TITLE) :].lstrip("\n")
+    elif marker not in current:
         current = current.rstrip("\n") + "\n\n" + heading
     before, after = current.split(marker, 1)
     path.parent.mkdir(parents=True, exist_ok=True)

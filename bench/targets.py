@@ -50,10 +50,15 @@ class Running:
     pid: int
     state_dir: Path | None = None
     notes: list[str] = field(default_factory=list)
+    # Where its database's data lives when that is not under the state dir (a Postgres the
+    # harness started for it, reached with --database-url): its CPU is the server's `db`.
+    db_dir: Path | None = None
 
     def db_pids(self) -> list[int]:
-        """Postmasters under the state directory (the embedded Postgres of exai)."""
-        return proc.postmaster_pids(self.state_dir) if self.state_dir else []
+        """Postmasters under ``db_dir``, else under the state directory (exai's embedded
+        Postgres)."""
+        where = self.db_dir or self.state_dir
+        return proc.postmaster_pids(where) if where else []
 
 
 def find_exai(explicit: str | None) -> str | None:
