@@ -110,7 +110,7 @@ async def _delayed_copy(
         nursery.start_soon(later)
         try:
             while data := await source.receive_some(65536):
-                send.send_nowait((trio.current_time() + delay, data))
+                send.send_nowait((trio.current_time() + delay, bytes(data)))
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         send.close()
