@@ -51,6 +51,7 @@ from tests.harness import (
     query,
     start_server,
     wait_for_status,
+    wait_until,
 )
 from tests.tcp_proxy import TcpProxy, libpq_target, libpq_via
 
@@ -82,20 +83,29 @@ class Call:
 
 @dataclass
 class Load:
-    """What the clients sent and were answered, in order; waiters are woken by each answer."""
+    """What the clients opened, sent and were answered, in order; waiters are woken by each
+    session opened and each answer."""
 
     session_ids: list[str] = field(default_factory=list)
     sent: dict[str, Call] = field(default_factory=dict)  # by marker
     answered: list[tuple[Call, datetime]] = field(default_factory=list)  # answer's arrival (UTC)
     _grew: trio.Event = field(default_factory=trio.Event)
 
+    def opened(self, session_id: str) -> None:
+        self.session_ids.append(session_id)
+        self._wake()
+
     def answer(self, call: Call) -> None:
         self.answered.append((call, datetime.now(UTC)))
+        self._wake()
+
+    def _wake(self) -> None:
         self._grew.set()
         self._grew = trio.Event()
 
-    async def reach(self, target: int) -> None:
-        while len(self.answered) < target:
+    async def reach(self, answers: int, sessions: int) -> None:
+        """Until ``answers`` calls were answered and ``sessions`` sessions opened."""
+        while len(self.answered) < answers or len(self.session_ids) < sessions:
             await self._grew.wait()
 
 
@@ -106,12 +116,14 @@ async def _session(url: str, load: Load, stop: trio.Event, phase: str) -> None:
         async with open_raw(url) as ws:
             client = RawClient(ws)
             session_id = (await client.initialize())["result"]["_meta"]["exai/sessionId"]
-            load.session_ids.append(session_id)
+            load.opened(session_id)
             n = 0
             while not stop.is_set():
                 n += 1
                 request_id = f"{phase}-{n}"
-                call = Call(session_id, json.dumps(request_id), f"{MARKER} {session_id} {n}")
+                call = Call(
+                    session_id, json.dumps(request_id), f"{MARKER} {session_id} {request_id}"
+                )
                 load.sent[call.marker] = call
                 await client.send(
                     {
@@ -257,10 +269,11 @@ def _no_impossible_rows(
 async def _run_phase(url: str, load: Load, phase: str, until: int) -> None:
     """Sessions calling until ``until`` calls of ``load`` were answered; all closed on return."""
     stop = trio.Event()
+    sessions = len(load.session_ids) + SESSIONS
     async with trio.open_nursery() as nursery:
         for _ in range(SESSIONS):
             nursery.start_soon(_session, url, load, stop, phase)
-        await load.reach(until)
+        await load.reach(until, sessions)
         stop.set()
 
 
@@ -268,8 +281,9 @@ async def _run_and_kill(
     server: ServerProcess, upstream: FakeOpenAI, load: Load, phase: str, until: int
 ) -> set[str]:
     """Sessions calling until ``until`` calls were answered; then the next ``HELD`` requests
-    the upstream receives are held, and the server is SIGKILLed once it holds them all.
-    Returns the held calls' markers."""
+    the upstream receives are held, and the server is SIGKILLed the moment it holds them all
+    (from the upstream's handler: the last call's intent is as fresh as it can be). Returns
+    the held calls' markers."""
     held: set[str] = set()
     all_held = trio.Event()
     never = trio.Event()
@@ -279,16 +293,18 @@ async def _run_and_kill(
         assert marker is not None, request.body
         held.add(marker)
         if len(held) == HELD:
+            server.process.send_signal(signal.SIGKILL)
             all_held.set()
 
     stop = trio.Event()
+    sessions = len(load.session_ids) + SESSIONS
     async with trio.open_nursery() as nursery:
         for _ in range(SESSIONS):
             nursery.start_soon(_session, server.authed_url(), load, stop, phase)
-        await load.reach(until)
+        # All sessions open (none is mid-handshake at the kill), then hold the next requests.
+        await load.reach(until, sessions)
         upstream.script(*(Hold(release=never, arrived=arrived) for _ in range(HELD)))
         await all_held.wait()
-        server.process.send_signal(signal.SIGKILL)
         assert await trio.to_thread.run_sync(server.process.wait) == -signal.SIGKILL
         stop.set()
         nursery.cancel_scope.cancel()  # the sessions' sockets are dead
@@ -346,6 +362,16 @@ def _confirmed_at(status: NodeStatus) -> datetime | None:
     return value
 
 
+def _no_connections(database_url: str) -> bool:
+    """No connection to the test database but this one (this test is its only user now)."""
+    rows = query(
+        database_url,
+        "select count(*) from pg_stat_activity"
+        " where datname = current_database() and pid <> pg_backend_pid()",
+    )
+    return bool(rows[0][0] == 0)
+
+
 @contextlib.contextmanager
 def _reaped(server: ServerProcess) -> Iterator[ServerProcess]:
     """The first incarnation, killed on the way out if the test failed before killing it."""
@@ -396,6 +422,12 @@ async def test_sigkill_keeps_what_the_mode_states(
                 killed = await _first_life(mode, database, first, upstream)
             if proxy is not None:
                 proxy.cut()  # nothing the dead process sent is left in flight to land later
+            # A backend ends only once it has run what it read before the end of its stream:
+            # after this, nothing of the dead process can land behind recovery's back.
+            await wait_until(
+                partial(_no_connections, database_url),
+                what="the killed server's database connections to end",
+            )
             second = await _start(state, url, mode, config)
             try:
                 # Recovery ran before the second server listened: nothing to wait for.
