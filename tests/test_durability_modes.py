@@ -363,11 +363,12 @@ def _confirmed_at(status: NodeStatus) -> datetime | None:
 
 
 def _no_connections(database_url: str) -> bool:
-    """No connection to the test database but this one (this test is its only user now)."""
+    """No client connection to the test database but this one (this test is its only user
+    now; the database's own workers, autovacuum, do not count)."""
     rows = query(
         database_url,
-        "select count(*) from pg_stat_activity"
-        " where datname = current_database() and pid <> pg_backend_pid()",
+        "select count(*) from pg_stat_activity where datname = current_database()"
+        " and backend_type = 'client backend' and pid <> pg_backend_pid()",
     )
     return bool(rows[0][0] == 0)
 
