@@ -354,12 +354,8 @@ async def _first_life(
 def _confirmed_at(status: NodeStatus) -> datetime | None:
     """``persistence.confirmed_at`` of a status document: every record the node had been given
     before it is durable (storage/durability.py)."""
-    persistence = status.persistence
-    assert persistence is not None
-    fields = persistence.model_dump()  # not an attribute: this test predates the field
-    assert "confirmed_at" in fields, "the status has no persistence.confirmed_at"
-    value: datetime | None = fields["confirmed_at"]
-    return value
+    assert status.persistence is not None
+    return status.persistence.confirmed_at
 
 
 def _no_connections(database_url: str) -> bool:
