@@ -12,7 +12,9 @@ answered is compared with the rows:
 
 * ``commit`` and ``journal`` (a killed process loses nothing journaled): every call answered
   with a result has exactly one task row, ``completed``; every call whose request reached the
-  upstream has a row, final or ``interrupted``; the held ones ``interrupted``.
+  upstream has a row, final or ``interrupted``; the held ones ``interrupted``. ``commit``
+  also before the kill: while the upstream holds them, the held calls' rows are ``running``
+  in the database (the journal replayed at restart would hide an intent only journaled).
 * ``async``: no row in an impossible state; every call answered before
   ``persistence.confirmed_at`` (read from the admin status after a first phase) is present and
   ``completed``.
@@ -29,7 +31,7 @@ from __future__ import annotations
 import contextlib
 import json
 import signal
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
@@ -278,12 +280,18 @@ async def _run_phase(url: str, load: Load, phase: str, until: int) -> None:
 
 
 async def _run_and_kill(
-    server: ServerProcess, upstream: FakeOpenAI, load: Load, phase: str, until: int
+    server: ServerProcess,
+    upstream: FakeOpenAI,
+    load: Load,
+    phase: str,
+    until: int,
+    *,
+    while_held: Callable[[set[str]], Awaitable[None]] | None = None,
 ) -> set[str]:
     """Sessions calling until ``until`` calls were answered; then the next ``HELD`` requests
-    the upstream receives are held, and the server is SIGKILLed the moment it holds them all
-    (from the upstream's handler: the last call's intent is as fresh as it can be). Returns
-    the held calls' markers."""
+    the upstream receives are held, and the server is SIGKILLed once it holds them all: at
+    that moment, from the upstream's handler (the last call's intent is as fresh as it can
+    be), or after ``while_held`` (given their markers) returned. Returns the held markers."""
     held: set[str] = set()
     all_held = trio.Event()
     never = trio.Event()
@@ -293,7 +301,8 @@ async def _run_and_kill(
         assert marker is not None, request.body
         held.add(marker)
         if len(held) == HELD:
-            server.process.send_signal(signal.SIGKILL)
+            if while_held is None:
+                server.process.send_signal(signal.SIGKILL)
             all_held.set()
 
     stop = trio.Event()
@@ -305,10 +314,25 @@ async def _run_and_kill(
         await load.reach(until, sessions)
         upstream.script(*(Hold(release=never, arrived=arrived) for _ in range(HELD)))
         await all_held.wait()
+        if while_held is not None:
+            await while_held(held)
+            server.process.send_signal(signal.SIGKILL)
         assert await trio.to_thread.run_sync(server.process.wait) == -signal.SIGKILL
         stop.set()
         nursery.cancel_scope.cancel()  # the sessions' sockets are dead
     return held
+
+
+async def _intents_committed(database_url: str, load: Load, held: set[str]) -> None:
+    """commit: while their tool runs (the upstream holds their requests), the held calls'
+    intents are already in the database, ``running``. Read directly, not through the proxy:
+    this is what another node would see."""
+    calls = [load.sent[marker] for marker in held]
+    tasks = await trio.to_thread.run_sync(_tasks, database_url, [call.session_id for call in calls])
+    for call in calls:
+        key = (call.session_id, call.request_id)
+        statuses = [r.status for r in tasks.get(key, [])]
+        assert statuses == ["running"], (key, "its tool runs, its intent is not committed")
 
 
 def _config(path: Path, upstream: FakeOpenAI) -> Path:
@@ -332,7 +356,7 @@ class Killed:
 
 
 async def _first_life(
-    mode: str, database: str, server: ServerProcess, upstream: FakeOpenAI
+    mode: str, database: str, database_url: str, server: ServerProcess, upstream: FakeOpenAI
 ) -> Killed:
     load = Load()
     confirmed: set[Call] = set()
@@ -346,7 +370,8 @@ async def _first_life(
         )
         confirmed = {call for call, _ in load.answered}
     until = len(load.answered) + CALLS[database]
-    held = await _run_and_kill(server, upstream, load, "two", until)
+    check = partial(_intents_committed, database_url, load) if mode == Durability.COMMIT else None
+    held = await _run_and_kill(server, upstream, load, "two", until, while_held=check)
     reached = {m for m in map(_marker, upstream.received) if m is not None}
     return Killed(load, reached, held, confirmed)
 
@@ -416,7 +441,7 @@ async def test_sigkill_keeps_what_the_mode_states(
         async with _database(database, database_url) as (url, proxy), fake_openai() as upstream:
             config = _config(tmp_path / "exai.toml", upstream)
             with _reaped(await _start(state, url, mode, config)) as first:
-                killed = await _first_life(mode, database, first, upstream)
+                killed = await _first_life(mode, database, database_url, first, upstream)
             if proxy is not None:
                 proxy.cut()  # nothing the dead process sent is left in flight to land later
             # A backend ends only once it has run what it read before the end of its stream:
