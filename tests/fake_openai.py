@@ -8,14 +8,15 @@ Behaviours: :class:`Reply` (answer with usage), :class:`StreamReply` (server-sen
 with or without usage, usage at the top level or inside the choice as Kimi does, optionally
 paused or dropped part-way), :class:`Status` (an error status, e.g. 429 with Retry-After),
 :class:`Slow` (wait, then behave), :class:`Hang` (never answer), :class:`Drop` (close the
-connection without answering).
+connection without answering), :class:`Hold` (tell the test the request arrived, then answer
+only once the test releases it).
 """
 
 from __future__ import annotations
 
 import json
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeAlias
@@ -67,7 +68,18 @@ class Drop:
     pass
 
 
-Behaviour: TypeAlias = Reply | StreamReply | Status | Slow | Hang | Drop
+@dataclass(frozen=True)
+class Hold:
+    """Call ``arrived`` with the request (the upstream has it: a tool's effect happened),
+    then answer as ``then`` once ``release`` is set, if ever. For a test that must act while
+    a call is certainly running, e.g. kill the server under it."""
+
+    release: trio.Event
+    arrived: Callable[[Received], None]
+    then: Behaviour = Reply()
+
+
+Behaviour: TypeAlias = Reply | StreamReply | Status | Slow | Hang | Drop | Hold
 
 
 @dataclass(frozen=True)
@@ -130,6 +142,10 @@ class FakeOpenAI:
                 return await self._respond(conn, stream, then, req)
             case Hang():
                 await trio.sleep_forever()
+            case Hold(release=release, arrived=arrived, then=then):
+                arrived(req)
+                await release.wait()
+                return await self._respond(conn, stream, then, req)
             case Drop():
                 return False
             case Status():
