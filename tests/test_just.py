@@ -22,13 +22,14 @@ import signal
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 import trio
 
-from tests.harness import ROOT, RawClient, open_raw, query
+from tests.harness import ROOT, RawClient, open_raw, query, wait_until
 
 JUST = shutil.which("just")
 pytestmark = pytest.mark.skipif(
@@ -87,8 +88,19 @@ def test_just_serve_passes_arguments_intact_and_stops_quietly_on_ctrl_c(
         # The state dir is the one named, character for character.
         assert (state / "server.json").is_file()
         session_id = trio.run(_open_session, f"{url}?token={token}")
-        # ...and so is the database, which only the part after the `&` names.
-        assert query(database_url, "select 1 from sessions where session_id = %s", (session_id,))
+        # ...and so is the database, which only the part after the `&` names (the row lands
+        # behind the answer, journal durability).
+        trio.run(
+            partial(
+                wait_until,
+                lambda: bool(
+                    query(
+                        database_url, "select 1 from sessions where session_id = %s", (session_id,)
+                    )
+                ),
+                what="the session's row in the named database",
+            )
+        )
         os.killpg(server.pid, signal.SIGINT)  # Ctrl-C
         _, stderr = server.communicate(timeout=90)
     finally:

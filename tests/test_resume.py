@@ -41,7 +41,11 @@ async def test_a_dropped_session_resumes_with_its_state(
     server: ServerProcess, database_url: str, presented_as: str
 ) -> None:
     session_id = await _drop(server.authed_url(), version="2025-03-26")
-    assert (session_row(database_url, session_id) or {}).get("status") == "active"
+    # Journal durability: the row reaches the database behind the answer.
+    await wait_until(
+        lambda: (session_row(database_url, session_id) or {}).get("status") == "active",
+        what="the session's row",
+    )
 
     if presented_as == "query":
         resume = open_raw(f"{server.authed_url()}&session={session_id}")

@@ -145,7 +145,11 @@ async def test_shutdown_closes_sessions_with_1001_and_records_them(
     async with open_raw(handle.authed_url()) as ws:
         client = RawClient(ws)
         session_id = (await client.initialize())["result"]["_meta"]["exai/sessionId"]
-        assert (session_row(database_url, session_id) or {}).get("status") == "active"
+        # Journal durability: the row reaches the database behind the answer.
+        await wait_until(
+            lambda: (session_row(database_url, session_id) or {}).get("status") == "active",
+            what="the session's row",
+        )
         code = await trio.to_thread.run_sync(handle.stop)
         assert code == 0
         with pytest.raises(ConnectionClosed) as closed:
