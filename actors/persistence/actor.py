@@ -15,10 +15,11 @@ and the writer report says it has. What a call waits for is the node's durabilit
 
 **Group commit without a timer.** A pykka thread blocked on its inbox cannot "wait a few ms",
 and a timer thread would be an unowned thread. Instead, a shipment (:class:`Ship`) is added to
-the batch and, if none is pending, the actor tells *itself* a flush. Its inbox is FIFO, so the
-flush runs after every shipment already queued: the batch is whatever arrived while the
-previous batch was being appended and fsynced. At low load that is one shipment, written at
-once (no added latency); under load, batches grow with the fsync time. One ``write(2)`` per
+the batch and, if none is pending and more messages wait in the inbox, the actor tells
+*itself* a flush. Its inbox is FIFO, so the flush runs after every shipment already queued:
+the batch is whatever arrived while the previous batch was being appended and fsynced. At low
+load (an empty inbox) a shipment is appended at once, with no message to itself; under load,
+batches grow with the fsync time. One ``write(2)`` per
 batch, and one ``fdatasync`` if any of its shipments waits for one.
 
 **Session activity** (:class:`~storage.rows.SessionActivity`) sent in the background is
@@ -209,10 +210,16 @@ class PersistenceActor(ServiceActor[_Message]):
                 held.positions.append(position)
         self._batch.append(held)
         self._batch_records += len(held.records)
-        if self._batch_records >= self._config.max_batch:
+        if self._batch_records >= self._config.max_batch or self._inbox_empty():
+            # Nothing else is waiting to join the batch: append now, without a message to
+            # ourselves (a queue round trip on every write at low load).
             self._flush()
         elif not self._flush_told:
             self._flush_told = self.tell_self(_FlushSoon())
+
+    def _inbox_empty(self) -> bool:
+        inbox = self.actor_inbox
+        return isinstance(inbox, queue.Queue) and inbox.empty()
 
     def _coalesce(self, record: SessionActivity) -> None:
         old = self._activity.get(record.session_id)
