@@ -261,3 +261,36 @@ async def test_a_calls_intent_is_recorded_before_its_tool_runs(
             found = json.loads(delivery.message["result"]["content"][0]["text"])
             assert {key: found[key] for key in expected} == expected, found
         proxy.cut()
+
+
+async def test_every_client_hears_the_database_writer(db: str, tmp_path: Path) -> None:
+    """Two clients of one actor (a node has one; tools and tests may add more): each
+    client's write to the database is answered by the writer's report, not only the last
+    client's to have shipped something."""
+    async with proxied(db) as (proxy, url):
+        journal = Journal.open(tmp_path / "journal", node_id="points", fsync_interval=3600)
+        ref: pykka.ActorRef[Any] = PersistenceActor.start(url, journal)
+        first, second = (
+            PersistenceClient.for_ref(ref, durability=Durability.COMMIT, timeout=60)
+            for _ in range(2)
+        )
+        try:
+            await _warm(first)
+            proxy.black_hole()  # neither write can be answered until the cut
+            sessions = [_session(), _session()]
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(first.write_through, sessions[0])
+                nursery.start_soon(second.write_through, sessions[1])
+                await wait_until_appended(first, 2)
+                proxy.cut()
+            assert all(_present(db, session) for session in sessions)
+        finally:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(partial(ref.stop, block=True, timeout=60))
+            journal.close()
+
+
+async def wait_until_appended(client: PersistenceClient, records: int) -> None:
+    """Until the journal holds ``records`` more than the database (both writes appended)."""
+    while (await client.status()).journal_pending_records < records:
+        await trio.sleep(0.01)

@@ -126,7 +126,9 @@ class PersistenceActor(ServiceActor[_Message]):
         self._activity: dict[str, SessionActivity] = {}
         self._flush_told = False
         self._journal_broken = False
-        self._listener: Callable[[Progress], None] | None = None
+        #: Every client's listener seen so far (one per client; a node has one). Replaced, never
+        #: mutated, so that the database writer's thread can read it at any time.
+        self._listeners: tuple[Callable[[Progress], None], ...] = ()
         self._flushing: list[_Flushing] = []
         self._last_sync = time.monotonic()
         self._last_heartbeat = float("-inf")
@@ -195,7 +197,8 @@ class PersistenceActor(ServiceActor[_Message]):
     # --- shipments and batches --------------------------------------------------------------
 
     def _accept(self, ship: Ship) -> None:
-        self._listener = ship.listener
+        if ship.listener not in self._listeners:
+            self._listeners = (*self._listeners, ship.listener)
         held = _Held(ship)
         for position, record in enumerate(ship.records):
             awaited = position in ship.waits
@@ -306,9 +309,7 @@ class PersistenceActor(ServiceActor[_Message]):
         """The writer's report, on its thread: the client hears it at once (a ``commit``
         write waits for it); the actor only if an explicit flush waits, or the database
         failed and ``committed`` writers must fall back to the journal's fsync."""
-        listener = self._listener
-        if listener is not None:
-            listener(self._progress(errors=report.errors))
+        self._tell(self._progress(errors=report.errors))
         if report.failed or self._flushing:
             self.tell_self(_Written(report))
 
@@ -316,9 +317,13 @@ class PersistenceActor(ServiceActor[_Message]):
         if report.failed and self._journal.synced < self._journal.appended:
             # Writers waiting for a commit fall back to the fsync while the database is down.
             self._journal.sync()
-            if self._listener is not None:
-                self._listener(self._progress())
+            self._tell(self._progress())
         self._answer_flushes(failed=report if report.failed else None)
+
+    def _tell(self, progress: Progress) -> None:
+        """Report ``progress`` to every client (any thread)."""
+        for listener in self._listeners:
+            listener(progress)
 
     def _answer_flushes(self, *, failed: Committed | None = None, everything: bool = False) -> None:
         waiting, self._flushing = self._flushing, []
@@ -348,8 +353,8 @@ class PersistenceActor(ServiceActor[_Message]):
             self._flush(extra)
         synced = self._journal.synced
         self._journal.sync_if_due()
-        if self._journal.synced != synced and self._listener is not None:
-            self._listener(self._progress())
+        if self._journal.synced != synced:
+            self._tell(self._progress())
 
     def _explicit_flush(self, request: Flush) -> PersistenceStatus | CallbackFuture[Any]:
         asked = time.monotonic()  # before the trial is asked for: its failure counts
@@ -359,8 +364,7 @@ class PersistenceActor(ServiceActor[_Message]):
         if request.retire:
             extra.append(NodeHeartbeat(node_id=self._journal.node_id, stopping=True))
         self._flush(extra, sync=True)
-        if self._listener is not None:
-            self._listener(self._progress())
+        self._tell(self._progress())
         target = self._journal.appended
         down = self._writer.database is not BreakerState.CLOSED
         if down and not request.force:

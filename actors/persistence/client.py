@@ -46,6 +46,7 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
+from collections.abc import Callable
 from datetime import UTC, datetime
 from functools import partial
 from typing import Any, NoReturn
@@ -156,6 +157,7 @@ class PersistenceClient(ServiceClient):
         self._placed: dict[tuple[int, int], _Waiter] = {}
         self._confirming: deque[tuple[int, float]] = deque()
         self._confirmed_at: float | None = None
+        self._listening: Callable[[Progress], None] | None = None
 
     @classmethod
     def for_ref(cls, ref: pykka.ActorRef[Any], **kwargs: Any) -> PersistenceClient:
@@ -310,7 +312,7 @@ class PersistenceClient(ServiceClient):
             shipment_id=shipment.ident,
             records=tuple(shipment.records),
             waits={position: waiter.point for position, waiter in shipment.waiters.items()},
-            listener=partial(self._on_progress, token),
+            listener=self._listener(token),
             marks=tuple(shipment.marks),
         )
         try:
@@ -410,6 +412,13 @@ class PersistenceClient(ServiceClient):
         confirmed = self._confirmed_at
         at = datetime.fromtimestamp(confirmed, UTC) if confirmed is not None else None
         return status.model_copy(update={"confirmed_at": at, "durability": str(self.durability)})
+
+    def _listener(self, token: trio.lowlevel.TrioToken) -> Callable[[Progress], None]:
+        """This client's listener: one object for its life, so that the actor knows each
+        client once however many shipments it sends."""
+        if self._listening is None:
+            self._listening = partial(self._on_progress, token)
+        return self._listening
 
     def _trio_token(self) -> trio.lowlevel.TrioToken:
         if self._token is None:
