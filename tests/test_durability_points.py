@@ -292,5 +292,8 @@ async def test_every_client_hears_the_database_writer(db: str, tmp_path: Path) -
 
 async def wait_until_appended(client: PersistenceClient, records: int) -> None:
     """Until the journal holds ``records`` more than the database (both writes appended)."""
-    while (await client.status()).journal_pending_records < records:
+    # No event says "appended" to a test from outside: poll the status (a condition).
+    while True:
+        if (await client.status()).journal_pending_records >= records:
+            return
         await trio.sleep(0.01)
