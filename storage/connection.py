@@ -24,6 +24,7 @@ import contextlib
 import getpass
 import os
 import re
+import socket
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -78,6 +79,22 @@ class Connector:
             **connect_kwargs(self.url),  # type: ignore[arg-type]
         )
         return self._conn
+
+    def abort(self) -> None:
+        """From another thread: shut the connection's socket down, so that a call blocked on
+        a peer that stopped answering without closing (a black hole, a dead NAT mapping:
+        keepalives are answered, ``statement_timeout`` never reaches the server) fails now.
+        The connection itself is closed by its owner (:meth:`discard`) when that call
+        raises; only the socket is touched here, through a duplicate of its descriptor."""
+        conn = self._conn
+        if conn is None:
+            return
+        with contextlib.suppress(Exception):
+            duplicate = socket.socket(fileno=os.dup(conn.pgconn.socket))
+            try:
+                duplicate.shutdown(socket.SHUT_RDWR)
+            finally:
+                duplicate.close()
 
     def discard(self) -> None:
         """Drop the connection after an error: its state is unknown, the next use reconnects."""

@@ -135,7 +135,9 @@ class Journal:
             node_id=node_id,
             max_bytes=max_bytes,
             fsync_interval=fsync_interval,
-            segment_bytes=max(segment_bytes, 4096),
+            # At most an eighth of the bound: the oldest segment, part in the database and
+            # part not, is the disk the bound counts without its records being pending.
+            segment_bytes=max(4096, min(segment_bytes, max_bytes // 8)),
         )
 
     @property
@@ -209,7 +211,14 @@ class Journal:
                     size += len(line)
                 if lines:
                     last = self._segments[-1]
-                    _write_all(last.fd, b"".join(lines))
+                    try:
+                        _write_all(last.fd, b"".join(lines))
+                    except OSError:
+                        # A write that failed part-way (disk full) must not leave a partial
+                        # line for the next append to follow: cut back to where it began.
+                        with contextlib.suppress(OSError):
+                            os.ftruncate(last.fd, last.size)
+                        raise
                     last.size += size - total
                     self._pending_records += len(lines)
                     self._dirty = True

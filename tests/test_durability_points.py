@@ -297,3 +297,64 @@ async def wait_until_appended(client: PersistenceClient, records: int) -> None:
         if (await client.status()).journal_pending_records >= records:
             return
         await trio.sleep(0.01)
+
+
+async def test_a_call_whose_intent_cannot_be_recorded_is_refused_and_the_session_lives(
+    db: str, tmp_path: Path
+) -> None:
+    """A call whose intent cannot be recorded in time is refused with -32004 and its tool
+    never runs; the session goes on (found in review: the session crashed, -32001)."""
+    async with proxied(db) as (proxy, url), persistence(url, tmp_path, Durability.COMMIT) as c:
+        await _warm(c)
+        # The client's timeout bounds the intent's wait: a short one for the test.
+        short = PersistenceClient(c.ref, durability=Durability.COMMIT, timeout=2.0)
+        looks = LooksForItsIntent(db, short)
+        services = session_services(short, [looks], node_id="points")
+        async with memory_session(services) as session:
+            await session.client.request(
+                "init",
+                "initialize",
+                {
+                    "protocolVersion": "2025-06-18",
+                    "capabilities": {},
+                    "clientInfo": {"name": "points", "version": "1"},
+                },
+            )
+            proxy.black_hole()  # the intent's commit cannot be answered
+            await session.client.send(call("c1", "looks"))
+            delivery, _ = await session.client.response("c1")
+            error = delivery.message.get("error")
+            assert error is not None, delivery.message
+            assert error["code"] == -32004, delivery.message
+            assert "nothing was done" in error["message"]
+            proxy.cut()
+            reply = await session.client.request("after", "tools/list", {})
+            assert [tool["name"] for tool in reply["result"]["tools"]] == ["looks"]
+
+
+async def test_a_database_that_stops_answering_is_cut_off(db: str, tmp_path: Path) -> None:
+    """A database that stops answering without closing the connection (a black hole:
+    keepalives answered, ``statement_timeout`` never reaching the server) cannot hold the
+    writer: past ``write_deadline`` its connection is cut, the breaker opens, a commit falls
+    back to the journal's fsync, and the actor stops (found in review: SIGTERM hung)."""
+    config = PersistenceConfig(write_deadline=0.5, breaker_reset=60)
+    async with proxied(db) as (proxy, url):
+        journal = Journal.open(tmp_path / "journal", node_id="points")
+        ref: pykka.ActorRef[Any] = PersistenceActor.start(url, journal, config=config)
+        client = PersistenceClient.for_ref(ref, durability=Durability.COMMIT, timeout=60)
+        try:
+            await _warm(client)
+            proxy.black_hole()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(client.pulse, 0.1)  # its tick is what cuts the write
+                await client.write(_session())
+                nursery.cancel_scope.cancel()
+            status = await client.status()
+            assert status.database == "down"
+            assert status.synced == status.appended > status.committed
+        finally:
+            # Stopping does not wait for the black hole either (no cut() first).
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(partial(ref.stop, block=True, timeout=60))
+            journal.close()
+            proxy.cut()

@@ -4,10 +4,13 @@ flock that tells a dead writer's journal from a live one's."""
 from __future__ import annotations
 
 import json
+import resource
 import threading
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
+
+import pytest
 
 from storage.journal import REJECTED_FILE, Journal, find_orphans
 from storage.rows import Record, SessionIdentified, SessionRow, TokenUsage
@@ -187,3 +190,35 @@ def test_one_thread_appends_while_another_reads_and_advances(tmp_path: Path) -> 
     assert len(journal.paths) == 1
     journal.close()
     assert list(tmp_path.glob("journal-*.jsonl")) == []
+
+
+def test_a_write_that_fails_part_way_leaves_nothing_behind(tmp_path: Path) -> None:
+    """A ``write(2)`` that fails after writing part of a batch (disk full; here
+    ``RLIMIT_FSIZE``, whose EFBIG comes after a short write) is cut back, so the next append
+    starts on a line of its own and everything after it reads back (found in review)."""
+    journal = Journal.open(tmp_path, node_id="n1")
+    first = [_usage(0)]
+    journal.append(first, durable=False)
+    size = journal.path.stat().st_size
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size + 100, hard))
+    try:
+        with pytest.raises(OSError, match="too large"):
+            journal.append([_usage(n) for n in range(1, 5)], durable=False)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert journal.path.stat().st_size == size
+    later = [_usage(5), _usage(6)]
+    journal.append(later, durable=False)
+    records, _ = journal.read(100)
+    assert records == first + later
+    journal.close()
+
+
+def test_segments_are_at_most_an_eighth_of_the_bound(tmp_path: Path) -> None:
+    """The committed part of the oldest segment counts toward the bound until the segment
+    goes: segments of at most an eighth of it keep that waste small (found in review: with a
+    small bound, 'journal full' while the database kept up)."""
+    journal = Journal.open(tmp_path, node_id="n1", max_bytes=64_000, segment_bytes=8 << 20)
+    assert journal.segment_bytes == 8_000
+    journal.close()

@@ -339,6 +339,7 @@ class PersistenceActor(ServiceActor[_Message]):
     # --- periodic and explicit work ---------------------------------------------------------
 
     def _tick(self) -> None:
+        self._writer.unstick()
         now = time.monotonic()
         extra: list[Record] = []
         if now - self._last_sync >= self._config.sync_interval:

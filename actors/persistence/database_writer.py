@@ -127,7 +127,11 @@ class DatabaseWriter:
         #: left is this one's from the start.
         self._due = journal.appended
         #: Records handed over and not yet written or dropped (read by the actor: a hint).
-        self.backlog = 0
+        #: Changed by both threads, so under a lock (``+=`` is not atomic).
+        self._backlog = 0
+        self._backlog_lock = threading.Lock()
+        #: When the write in progress started (``time.monotonic()``), read by the actor.
+        self._attempt_started: float | None = None
         self._force = threading.Event()
         self.stats = WriterStats()
         self._thread = threading.Thread(target=self._run, name="persistence-database", daemon=True)
@@ -139,14 +143,29 @@ class DatabaseWriter:
         """The storage breaker's state: closed = up, open = down, half_open = trying."""
         return self._breaker.state
 
+    @property
+    def backlog(self) -> int:
+        return self._backlog
+
     def start(self) -> None:
         self._thread.start()
 
     def hand(self, span: Span) -> None:
         """Write this span once everything before it is written."""
         if span.records is not None:
-            self.backlog += len(span.records)
+            self._count(len(span.records))
         self._inbox.put(span)
+
+    def unstick(self) -> None:
+        """Cut the connection of a write that has taken longer than ``write_deadline`` (any
+        thread; the actor calls it every tick and while it waits for the thread to stop): the
+        write then fails as the database's, the breaker opens, and what waits for the
+        database falls back as it does for any outage."""
+        started = self._attempt_started
+        if started is not None and time.monotonic() - started > self._config.write_deadline:
+            log.warning("persistence.write_cut", after_s=round(time.monotonic() - started, 1))
+            self._attempt_started = None  # once per write
+            self._connector.abort()
 
     def force_trial(self) -> None:
         """Try the database now, whatever the breaker's schedule (an explicit flush)."""
@@ -155,10 +174,13 @@ class DatabaseWriter:
 
     def stop(self) -> None:
         """Write what can be written (one forced trial if the database is down), then end the
-        thread and close the connection. Blocks until then: at most a statement timeout per
-        remaining batch while the database answers, one connect timeout if it does not."""
+        thread and close the connection. Blocks until then: at most ``write_deadline`` per
+        remaining batch (a write that takes longer is cut), one connect timeout if the
+        database does not answer at all."""
         self._inbox.put(_STOP)
-        self._thread.join()
+        while self._thread.is_alive():
+            self._thread.join(timeout=0.5)
+            self.unstick()
 
     # --- the thread -------------------------------------------------------------------------
 
@@ -273,6 +295,7 @@ class DatabaseWriter:
             records, end = self._journal.read(self._config.replay_chunk)
             owners = {}
             replay = True
+        self._attempt_started = started
         try:
             result = write_batch(
                 self._connector.connection(),
@@ -281,9 +304,11 @@ class DatabaseWriter:
                 statement_timeout=self._config.statement_timeout,
             )
         except psycopg.Error as exc:
+            self._attempt_started = None
             self._failed(exc, started)
             return False
         except Exception as exc:
+            self._attempt_started = None
             # A bug, not the database: these records would fail again. Keep them aside
             # rather than retrying forever, and go on.
             log.exception("persistence.batch_failed", records=len(records))
@@ -293,6 +318,7 @@ class DatabaseWriter:
             self._advance(spans, end, len(records))
             self._report(Committed(end, _owned(result_errors, owners)))
             return True
+        self._attempt_started = None
         self._breaker.record(ok=True, duration=time.monotonic() - started)
         stats = self.stats
         stats.batches += 1
@@ -342,7 +368,11 @@ class DatabaseWriter:
     def _drop(self, span: Span) -> None:
         """Forget a span handed over (written, behind the database, or left to the journal)."""
         if span.records is not None:
-            self.backlog -= len(span.records)
+            self._count(-len(span.records))
+
+    def _count(self, records: int) -> None:
+        with self._backlog_lock:
+            self._backlog += records
 
     def _failed(self, exc: psycopg.Error, started: float) -> None:
         self._connector.discard()

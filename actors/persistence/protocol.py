@@ -116,6 +116,13 @@ class PersistenceConfig(BaseModel):
     statement_timeout: float = Field(
         default=15.0, gt=0, description="Per statement, set for each transaction."
     )
+    write_deadline: float = Field(
+        default=20.0,
+        gt=0,
+        description="Seconds a database write may take before the writer's connection is cut "
+        "(a database that stopped answering without closing the connection: "
+        "statement_timeout never reaches it, keepalives may still be answered).",
+    )
     slow_commit: float = Field(
         default=5.0, gt=0, description="A batch slower than this counts as a database failure."
     )

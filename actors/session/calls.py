@@ -220,6 +220,7 @@ class CallRunner:
         )
         persistence.write_soon(task.created)
         outcome: _Outcome | None = None
+        unrecorded = False
         try:
             # The call task's trace event; a call answered with a failure (an error response,
             # an `isError` result) is an `error` event, not only one that raised.
@@ -230,6 +231,7 @@ class CallRunner:
                 ) as traced,
             ):
                 refused = await self._record_intent(task, tool)
+                unrecorded = refused is not None
                 if refused is not None:
                     outcome = _failed(
                         request_id,
@@ -258,7 +260,9 @@ class CallRunner:
             result_size=outcome.result_size,
         )
         try:
-            if persistence.durability is Durability.ASYNC:
+            if persistence.durability is Durability.ASYNC or unrecorded:
+                # Nothing waits: with `async` by choice; for a call refused because its
+                # intent could not be recorded, the same write would wait as long in vain.
                 persistence.write_soon(final)
             else:
                 # The one retry layer of the final write is the client's.
@@ -293,10 +297,8 @@ class CallRunner:
         try:
             await persistence.write(started, fsync=not tool.read_only)
         except (StorageError, ActorUnavailable, trio.TooSlowError) as error:
-            # The row may still land (a slow database): close it, so it never stays running.
-            persistence.write_soon(
-                task.finished("failed", error_message="not run: its intent was not recorded")
-            )
+            # The row may still land (a slow database): the call's final state, `failed`,
+            # follows it without waiting (``_call``), so that it never stays running.
             self._log.warning(
                 "task.intent_not_recorded", task_id=str(task.task_id), error=repr(error)
             )
