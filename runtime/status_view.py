@@ -316,7 +316,9 @@ def render(status: NodeStatus) -> str:
             f"queue {p.queue} · journal {_size(p.journal_bytes)} "
             f"({p.journal_pending_records} pending{', FULL' if p.journal_full else ''})"
         )
-        confirmed = p.confirmed_at.isoformat(timespec="milliseconds") if p.confirmed_at else "-"
+        confirmed = (
+            p.confirmed_at.isoformat(timespec="milliseconds") if p.confirmed_at else "(none yet)"
+        )
         out.append(
             f"durability {p.durability or '?'} · database behind by "
             f"{_size(max(0, p.appended - p.committed))} · confirmed through {confirmed}"
