@@ -61,6 +61,12 @@ class Connector:
         self.connect_timeout = connect_timeout
         self._conn: psycopg.Connection[Any] | None = None
 
+    @property
+    def is_open(self) -> bool:
+        """A connection is held that was usable when last used (it may have died since)."""
+        conn = self._conn
+        return conn is not None and not conn.closed and not conn.broken
+
     def connection(self) -> psycopg.Connection[Any]:
         """The open connection, or a new one. Raises ``psycopg.OperationalError`` if the
         database cannot be reached within ``connect_timeout`` (libpq's minimum is 2 s)."""

@@ -45,7 +45,7 @@ from storage.connection import Connector
 from storage.errors import WriteRejected
 from storage.journal import Journal
 from storage.rows import Record
-from storage.writes import write_batch
+from storage.writes import BatchResult, write_batch
 
 log = structlog.get_logger("persistence")
 
@@ -132,6 +132,8 @@ class DatabaseWriter:
         self._backlog_lock = threading.Lock()
         #: When the write in progress started (``time.monotonic()``), read by the actor.
         self._attempt_started: float | None = None
+        #: The write in progress was cut at its deadline (set by the actor's thread).
+        self._cut = False
         self._force = threading.Event()
         self.stats = WriterStats()
         self._thread = threading.Thread(target=self._run, name="persistence-database", daemon=True)
@@ -165,6 +167,7 @@ class DatabaseWriter:
         if started is not None and time.monotonic() - started > self._config.write_deadline:
             log.warning("persistence.write_cut", after_s=round(time.monotonic() - started, 1))
             self._attempt_started = None  # once per write
+            self._cut = True  # a database that stopped answering: no second try at once
             self._connector.abort()
 
     def force_trial(self) -> None:
@@ -297,12 +300,7 @@ class DatabaseWriter:
             replay = True
         self._attempt_started = started
         try:
-            result = write_batch(
-                self._connector.connection(),
-                records,
-                replay=replay,
-                statement_timeout=self._config.statement_timeout,
-            )
+            result = self._write_batch(records, replay=replay)
         except psycopg.Error as exc:
             self._attempt_started = None
             self._failed(exc, started)
@@ -336,6 +334,30 @@ class DatabaseWriter:
         self._advance(spans, end, len(records))
         self._report(Committed(end, _owned(result.errors, owners)))
         return True
+
+    def _write_batch(self, records: list[Record], *, replay: bool) -> BatchResult:
+        """``write_batch`` on the connection, tried once more on a new one if the connection
+        it held had died while idle (the server restarted, a proxy or NAT dropped it): that
+        says nothing about the database now. Every write is idempotent."""
+        reused = self._connector.is_open
+        self._cut = False
+        try:
+            return write_batch(
+                self._connector.connection(),
+                records,
+                replay=replay,
+                statement_timeout=self._config.statement_timeout,
+            )
+        except psycopg.OperationalError:
+            if not reused or self._cut:
+                raise
+            self._connector.discard()
+            return write_batch(
+                self._connector.connection(),
+                records,
+                replay=replay,
+                statement_timeout=self._config.statement_timeout,
+            )
 
     def _usable(self, committed: int) -> list[Span]:
         """Held spans that start exactly where the database is, with their records, up to
