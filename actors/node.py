@@ -85,6 +85,8 @@ from runtime.pykka_supervision import ActorName, pykka_child
 from runtime.server import McpWebSocketServer, Sessions, listener_status
 from runtime.session_registry import SessionPhase, SessionRegistry
 from runtime.statefile import ServerInfo, remove_server_info, write_server_info
+from runtime.streamable_http.endpoint import HttpConfig
+from runtime.streamable_http.session_transport import StreamBounds
 from runtime.supervision import ChildContext, ChildSpec, Strategy, Supervisor, run_root
 from storage.connection import DatabaseTarget, check_database
 from storage.embedded import EmbeddedPostgres
@@ -526,6 +528,22 @@ class _Tree:
             ping_interval=settings.ws_ping_interval,
             ping_timeout=settings.ws_ping_timeout,
             counters=self.listener_counters,
+            http=HttpConfig(
+                max_body_bytes=settings.max_message_bytes,
+                body_timeout=settings.handshake_timeout,
+                keepalive_timeout=settings.http_keepalive,
+                idle_timeout=settings.http_session_idle,
+                sse_keepalive=settings.http_keepalive,
+                max_connections=settings.max_http_connections,
+                max_sessions_per_identity=settings.http_sessions_per_identity,
+                origins=settings.origin_policy,
+            ),
+            stream_bounds=StreamBounds(
+                max_bytes=settings.session_outgoing_bytes,
+                max_messages=settings.session_outgoing_messages,
+                stall_timeout=settings.stall_timeout,
+                node=self.services.bounds.node_outgoing,
+            ),
         )
         try:
             async with trio.open_nursery() as nursery:

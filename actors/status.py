@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import metadata
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import pykka
 import trio
@@ -33,7 +33,6 @@ from runtime.budget import NodeBudget
 from runtime.dead_letters import DeadLetters, dead_letters
 from runtime.mailbox import ActorRef
 from runtime.mcp.versions import SUPPORTED_VERSIONS
-from runtime.outbox import Outbox
 from runtime.pykka_supervision import ActorName
 from runtime.server import Sessions
 from runtime.session_registry import SessionEntry, SessionPhase, SessionRegistry
@@ -69,6 +68,17 @@ def _version() -> str:
         return "0+unknown"
 
 
+class OutgoingQueue(Protocol):
+    """What status and the drain read of a session's output not yet taken by its peer: a
+    WebSocket session's :class:`~runtime.outbox.Outbox`, or an HTTP session's transport
+    (every stream of it together)."""
+
+    def __len__(self) -> int: ...
+
+    @property
+    def queued_bytes(self) -> int: ...
+
+
 @dataclass(eq=False, slots=True)
 class LiveSession:
     """What the node keeps of one session in its registry (the ``S`` of
@@ -78,7 +88,7 @@ class LiveSession:
     state: SessionState
     mailbox: ActorRef[Any] | None
     """``None`` while parked: its mailbox went with its socket."""
-    outbox: Outbox | None = None
+    outbox: OutgoingQueue | None = None
     """Its outgoing queue; ``None`` while parked."""
     meter: Meter = field(default_factory=Meter)
     restarts: int = 0

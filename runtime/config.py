@@ -33,6 +33,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from runtime.auth import TokenDigest
 from runtime.handshake_admission import Network, parse_networks
+from runtime.streamable_http.origin import OriginPolicy
 from storage.durability import Durability
 
 
@@ -205,6 +206,36 @@ class Settings(BaseSettings):
         description="Seconds a session whose socket dropped can be resumed by presenting its "
         "id (Mcp-Session-Id header or ?session=); 0 disables resume.",
     )
+    http_session_idle: float = Field(
+        default=3600.0,
+        gt=0,
+        description="Seconds a Streamable HTTP session (Mcp-Session-Id) may go without a "
+        "request, and with no stream open, before it ends: clients that never send DELETE "
+        "cannot fill max_sessions.",
+    )
+    http_sessions_per_identity: int = Field(
+        default=256,
+        ge=1,
+        description="Streamable HTTP sessions one client identity may hold at once; a "
+        "further initialize gets 429.",
+    )
+    http_keepalive: float = Field(
+        default=15.0,
+        gt=0,
+        description="Seconds an idle kept-alive HTTP connection stays open; quiet SSE streams "
+        "get a comment this often.",
+    )
+    max_http_connections: int = Field(
+        default=1024,
+        ge=1,
+        description="HTTP connections (Streamable HTTP) open at once; beyond, 503 and close.",
+    )
+    allowed_origins: str = Field(
+        default="",
+        description="Comma-separated origins (scheme://host[:port], or null) a browser page "
+        "may connect from, besides loopback ones; any other Origin header is refused with "
+        "403 (MCP's DNS rebinding defence), on HTTP and WebSocket alike.",
+    )
     durability: Durability = Field(
         default=Durability.JOURNAL,
         description="What a call's answer waits for: 'commit' (the database's commit), "
@@ -256,6 +287,16 @@ class Settings(BaseSettings):
     @property
     def trusted_networks(self) -> tuple[Network, ...]:
         return parse_networks(self.trusted_proxies)
+
+    @field_validator("allowed_origins")
+    @classmethod
+    def _origins(cls, value: str) -> str:
+        OriginPolicy.parse(value)  # refused at start-up, naming the bad entry
+        return value
+
+    @property
+    def origin_policy(self) -> OriginPolicy:
+        return OriginPolicy.parse(self.allowed_origins)
 
     @field_validator("database_url")
     @classmethod

@@ -11,12 +11,13 @@ orchestrators need, so the request head is read here first (h11, bounded by its
   database is reachable and it is not draining) are answered with one status word, no token
   needed, then the connection is closed. They tell nothing a client could not learn by
   trying, and the admin interface (loopback only, with a token) tells the rest;
-* a plain request for ``/mcp`` gets 426 Upgrade Required (RFC 9110 section 15.5.22, with the
-  ``Upgrade`` header it requires), any other path 404, a malformed head h11's own verdict
-  (400, or 431 for a head over the bound).
+* a plain request for ``/mcp`` is MCP's Streamable HTTP: ``runtime.server`` hands it, with
+  the connection, to :mod:`runtime.streamable_http.endpoint`;
+* any other path gets 404, a malformed head h11's own verdict (400, or 431 for a head over
+  the bound).
 
-Every plain answer closes the connection (``Connection: close``): a probe costs one request,
-and nothing can hold a connection open past its first answer.
+Every answer given here closes the connection (``Connection: close``): a probe costs one
+request, and nothing can hold a connection open past its first answer.
 """
 
 from __future__ import annotations
@@ -139,12 +140,6 @@ async def answer_plain(
 async def _route(head: RequestHead, readiness: Readiness) -> Response:
     path = head.path
     if path not in (HEALTHZ, READYZ):
-        if path == b"/mcp":
-            return _closing(
-                426,
-                b"upgrade required: /mcp speaks MCP over WebSocket\n",
-                (b"upgrade", b"websocket"),
-            )
         return _closing(404, b"not found: the MCP endpoint is /mcp; health: /healthz, /readyz\n")
     if head.request.method != b"GET":
         return _closing(405, b"method not allowed: GET only\n", (b"allow", b"GET"))

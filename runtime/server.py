@@ -50,6 +50,9 @@ from runtime.listener import Listener, ListenerCounters, Peer, PeerStream, Relea
 from runtime.log_throttle import LogThrottle
 from runtime.session_registry import CloseConnection, SessionPhase
 from runtime.status_model import ListenerStatus
+from runtime.streamable_http.endpoint import HttpConfig, HttpSessionHost, StreamableHttpEndpoint
+from runtime.streamable_http.origin import OriginPolicy
+from runtime.streamable_http.session_transport import StreamBounds
 
 log = structlog.get_logger("server")
 
@@ -91,8 +94,9 @@ class Handshake:
     last_sent: Callable[[], float] | None = None
 
 
-class SessionHost(Protocol):
-    """What runs sessions, as the server sees it (the actors implement it)."""
+class SessionHost(HttpSessionHost, Protocol):
+    """What runs sessions, as the server sees it (the actors implement it): WebSocket
+    sessions here, Streamable HTTP ones through :class:`HttpSessionHost`."""
 
     def claim(self, session_id: str, identity: str) -> object | None:
         """Hand over a detached session's state to a new connection; ``None`` if there is no
@@ -289,6 +293,8 @@ class McpWebSocketServer:
         ping_interval: float = 20.0,
         ping_timeout: float = 20.0,
         counters: ListenerCounters | None = None,
+        http: HttpConfig | None = None,
+        stream_bounds: StreamBounds | None = None,
     ) -> None:
         self._host = host
         self._clients = clients
@@ -316,6 +322,18 @@ class McpWebSocketServer:
         self._throttle = LogThrottle()
         self._stop = trio.Event()
         self.url = ""
+        http = http or HttpConfig(max_body_bytes=max_message_bytes)
+        self.origins: OriginPolicy = http.origins
+        #: Streamable HTTP on the same port and path (``runtime.streamable_http``).
+        self.http = StreamableHttpEndpoint(
+            http,
+            clients=clients,
+            places=sessions,
+            host=session_host,
+            stream_bounds=stream_bounds
+            or StreamBounds(max_bytes=8 * 2**20, max_messages=1024, stall_timeout=30.0, node=None),
+            draining=lambda: self.draining,
+        )
 
     @property
     def draining(self) -> bool:
@@ -338,6 +356,9 @@ class McpWebSocketServer:
     async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve until :meth:`stop`; reports the URL through ``task_status`` once listening."""
         async with trio.open_nursery() as connections:
+            # HTTP sessions outlast the connection that opened them: they live here too,
+            # drained with the WebSocket ones and cancelled with them.
+            self.http.bind(connections)
             async with trio.open_nursery() as accepting:
                 port = await accepting.start(self._listener.run, connections)
                 self.url = f"ws://{self._host}:{port}{MCP_PATH}"
@@ -384,7 +405,10 @@ class McpWebSocketServer:
                 opened = await self._open(connection, stream, peer, slot)
             finally:
                 release()
-            if opened is not None:
+            if isinstance(opened, RequestHead):
+                # Streamable HTTP: this request, and those after it on this connection.
+                await self.http.serve(stream, opened.conn, opened.request, peer)
+            elif opened is not None:
                 ws, handshake = opened
                 connection.start_soon(
                     partial(
@@ -403,9 +427,10 @@ class McpWebSocketServer:
 
     async def _open(
         self, connection: trio.Nursery, stream: PeerStream, peer: Peer, slot: SessionSlot
-    ) -> tuple[WebSocketConnection, Handshake] | None:
-        """The handshake, bounded by the deadline and by the peer's presence; ``None`` if it
-        ended without a session (a plain HTTP request answered, refused, timed out, or the
+    ) -> tuple[WebSocketConnection, Handshake] | RequestHead | None:
+        """The handshake, bounded by the deadline and by the peer's presence: a WebSocket
+        session, or a Streamable HTTP request for ``/mcp`` to serve (its head read); ``None``
+        if it ended without either (a plain HTTP request answered, refused, timed out, or the
         peer left)."""
         head_read = False
         with trio.move_on_after(self._handshake_timeout) as deadline:
@@ -413,7 +438,7 @@ class McpWebSocketServer:
                 race.start_soon(_cancel_when_set, stream.ended, race.cancel_scope)
                 head = await read_request_head(stream)
                 head_read = head is not None
-                opened = None
+                opened: tuple[WebSocketConnection, Handshake] | RequestHead | None = None
                 if isinstance(head, RequestHead) and head.websocket:
                     request = await wrap_server_stream(
                         connection,
@@ -429,6 +454,8 @@ class McpWebSocketServer:
                         # The peer left while we answered it (a reset right after its
                         # request): its doing, not a failure of ours.
                         opened = None
+                elif isinstance(head, RequestHead) and head.path == MCP_PATH.encode():
+                    opened = head
                 elif head is not None:
                     await answer_plain(stream, head, self.readiness)
                 race.cancel_scope.cancel()
@@ -456,6 +483,13 @@ class McpWebSocketServer:
         path = request.path.partition("?")[0]
         if path != MCP_PATH:
             await request.reject(404, body=b"not found: the MCP endpoint is /mcp\n")
+            return None
+        origin = next((value for name, value in request.headers if name.lower() == b"origin"), None)
+        if not self.origins.admits(origin):
+            # A browser page's connection (RFC 6455 section 10.2): the DNS rebinding defence
+            # MCP asks of every connection (runtime.streamable_http.origin).
+            self._throttle.emit(log.info, "handshake.forbidden_origin", peer=str(peer))
+            await request.reject(403, body=b"forbidden: this Origin may not use the server\n")
             return None
         if self.draining:
             await request.reject(

@@ -1,7 +1,8 @@
 """Issue 12, item 6: ``GET /healthz`` and ``GET /readyz`` on the MCP port, with no token.
 
 Over real sockets to a real ``exai serve``: each answers one status word (text/plain) and
-closes the connection; other plain requests are refused (426 for ``/mcp``, 404, 405, 400)
+closes the connection; other plain requests are refused (404, 405, 400; ``/mcp`` without a token: 401, it is
+Streamable HTTP's endpoint now)
 while WebSocket sessions go on sharing the port; and ``/readyz`` follows the database: a
 Postgres crashed under the server turns it to 503 ``database unavailable`` once the
 persistence actor's breaker opens, and back to 200 once the database is back.
@@ -57,8 +58,8 @@ async def test_healthz_and_readyz_answer_a_status_word_without_a_token(
 async def test_other_plain_requests_are_refused(server: ServerProcess) -> None:
     async with httpx.AsyncClient() as client:
         mcp = await client.get(http_url(server, "/mcp"))
-        assert mcp.status_code == 426  # RFC 9110 section 15.5.22: with the Upgrade it wants
-        assert mcp.headers["upgrade"] == "websocket"
+        assert mcp.status_code == 401  # Streamable HTTP, no token
+        assert mcp.headers["www-authenticate"].startswith("Bearer")
         assert (await client.get(http_url(server, "/status"))).status_code == 404
         posted = await client.post(http_url(server, "/readyz"))
         assert (posted.status_code, posted.headers["allow"]) == (405, "GET")

@@ -20,6 +20,8 @@ close frame's, else the code's name), and how long the session lived.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import structlog
 import trio
 from trio_websocket import CloseReason, ConnectionClosed, WebSocketConnection
@@ -27,6 +29,7 @@ from trio_websocket import CloseReason, ConnectionClosed, WebSocketConnection
 from actors.persistence import StorageUnavailable
 from actors.session.actor import Mail
 from actors.session.config import SessionServices
+from actors.session.http import serve_http_session
 from actors.session.runner import end_session, open_session, record_end, run_session
 from actors.session.state import SessionState
 from actors.status import LiveSession
@@ -36,6 +39,7 @@ from runtime.mailbox import ActorRef
 from runtime.outbox import Outbox
 from runtime.server import CLOSE_GOING_AWAY, Handshake
 from runtime.session_registry import Ending, SessionEntry
+from runtime.streamable_http.session_transport import HttpSessionTransport
 from runtime.websocket_transport import WebSocketTransport
 
 log = structlog.get_logger("session")
@@ -82,6 +86,18 @@ class SessionLifecycle:
             entry = self.registry.end(resumed.state.session_id)
             if entry is not None:
                 await self._expire_parked(entry)
+
+    async def serve_http(
+        self,
+        transport: HttpSessionTransport,
+        *,
+        remote: str,
+        started: Callable[[], None],
+    ) -> None:
+        """One Streamable HTTP session (``actors.session.http``)."""
+        await serve_http_session(
+            self.services, self.supervisor, transport, remote=remote, started=started
+        )
 
     async def serve(self, ws: WebSocketConnection, handshake: Handshake) -> None:
         """One connection's session; raises only if the session gave up (see module doc)."""

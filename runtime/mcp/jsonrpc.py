@@ -178,6 +178,20 @@ def encode_encoded_result(request_id: RequestId, result: bytes) -> str:
     return f'{{"jsonrpc":"2.0","id":{request},"result":{result.decode()}}}'
 
 
+#: How every response this module encodes begins: ``jsonrpc`` first, ``id`` second (the
+#: encoders below build their dicts in that order, and ``pydantic_core.to_json`` keeps it). A
+#: notification has ``method`` second; a batch reply is a JSON array.
+RESPONSE_PREFIX = '{"jsonrpc":"2.0","id":'
+
+
+def is_response(encoded: str) -> bool:
+    """Whether ``encoded``, a message made by this module's encoders, is a response (a result
+    or an error) rather than a notification or a batch. O(1): a transport asks it of every
+    outgoing message (Streamable HTTP ends a request's stream after its response). This
+    server sends no requests of its own, which would also carry an ``id``."""
+    return encoded.startswith(RESPONSE_PREFIX)
+
+
 def encode_error(request_id: RequestId | None, error: RpcError) -> str:
     body: dict[str, Any] = {"code": error.code, "message": error.message}
     if error.data is not None:

@@ -1,0 +1,741 @@
+"""``http://HOST:PORT/mcp``: MCP's Streamable HTTP transport, 2025-era sessions.
+
+The same port and path as the WebSocket endpoint: ``runtime.server`` reads each connection's
+first request head (``runtime.http_dispatch``) and hands a plain (not upgrading) request for
+``/mcp`` here, with the connection; this module serves it and whatever requests follow on
+that kept-alive connection. The rules are the spec's (modelcontextprotocol/
+modelcontextprotocol, ``docs/specification/2025-11-25/basic/transports.mdx``, "Streamable
+HTTP"); in order, for every request:
+
+1. ``Origin`` present and not allowed: 403 (:mod:`runtime.streamable_http.origin`).
+2. No valid token (``Authorization: Bearer`` or ``?token=``, as the WebSocket handshake):
+   401 with ``WWW-Authenticate: Bearer``. Draining: 503 with ``Retry-After``.
+3. ``POST``: ``Content-Type: application/json`` (else 415) and an ``Accept`` naming both
+   ``application/json`` and ``text/event-stream`` (else 406); a body of at most
+   ``max_message_bytes`` (413), arriving within ``body_timeout`` (408); one JSON-RPC message
+   (not JSON: 400 and -32700; not JSON-RPC, or a batch, which 2025-06-18 removed: 400 and
+   -32600); an ``MCP-Protocol-Version`` header, if sent, that this server speaks (400).
+
+   * ``initialize`` without ``Mcp-Session-Id`` starts a session: the same supervised
+     session actor a WebSocket connection gets (``SessionHost.serve_http``), under the same
+     ``max_sessions`` (503) and, per client identity, ``max_http_sessions_per_identity``
+     (429); its id comes back in ``Mcp-Session-Id``. Storage refusing it: 503.
+   * Anything else needs ``Mcp-Session-Id`` (400 without it: the spec's SHOULD); an id this
+     node does not hold, or one that belongs to another identity, is 404 (the client then
+     starts a new session, as the spec tells it to).
+   * A request is answered on this POST: ``application/json`` when its response is the
+     first thing the session sends for it, else an SSE stream (its progress and log
+     notifications, then the response, then the end). A stream that stays quiet gets a
+     keep-alive comment every ``sse_keepalive`` seconds (the first one turns a pending JSON
+     answer into a stream). A request id already in flight in the session: 409, with the
+     JSON-RPC error. A notification or a client's response: 202 once the session has it.
+4. ``GET``: the session's listen stream (SSE) for messages related to no request; one at a
+   time (409 for a second).
+5. ``DELETE``: the session ends (200); its end is recorded as a WebSocket close 1000 is.
+6. Other methods: 405 with ``Allow``. Other paths: 404.
+
+Every refusal carries a JSON-RPC error with ``id: null`` (the spec's MAY) and is logged at
+most once per kind of refusal per period (:class:`~runtime.log_throttle.LogThrottle`).
+
+A session lives in the server's ``sessions`` nursery (it outlasts the connection that
+started it) until DELETE, ``idle_timeout`` seconds with no exchange open and no request, the
+drain, or a crash (contained: ``session.crashed``, the session alone ends). Exchanges never
+hold up one another: each connection is its own task, and each request's stream its own
+bounded queue (``runtime.streamable_http.session_transport``).
+
+A client that closes a POST's connection before its response does not cancel the request (the
+spec: disconnection "SHOULD NOT be interpreted as the client cancelling"): the call runs to
+its end and its row records the result. No event ids are sent: streams are not resumable.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import h11
+import pydantic_core
+import structlog
+import trio
+
+from runtime.auth import ClientTokens, presented_token
+from runtime.connection import CLOSE_INTERNAL_ERROR, CLOSE_INTERNAL_ERROR_REASON, ConnectionGone
+from runtime.listener import Peer, PeerStream
+from runtime.log_throttle import LogThrottle
+from runtime.mcp import jsonrpc, versions
+from runtime.mcp.errors import (
+    InvalidRequest,
+    ParseError,
+    RpcError,
+    ServerBusy,
+    Unavailable,
+    UnsupportedProtocolVersion,
+)
+from runtime.streamable_http import sse
+from runtime.streamable_http.origin import OriginPolicy
+from runtime.streamable_http.session_transport import (
+    HttpSessionTransport,
+    ResponseStream,
+    StreamBounds,
+    StreamInUse,
+)
+from runtime.streamable_http.wire import BodyTooLarge, HttpWire, PeerGone, header
+from storage.errors import StorageUnavailable
+
+__all__ = ["HttpConfig", "HttpSessionHost", "SessionPlaces", "StreamableHttpEndpoint"]
+
+log = structlog.get_logger("http")
+
+MCP_PATH = b"/mcp"
+JSON = b"application/json"
+SESSION_HEADER = b"mcp-session-id"
+VERSION_HEADER = b"mcp-protocol-version"
+ALLOW = (b"allow", b"GET, POST, DELETE")
+CANCELLED = "notifications/cancelled"
+CLOSE_NORMAL = 1000
+CLOSE_GOING_AWAY = 1001
+#: Seconds a client is told to wait after a 503 or 429.
+RETRY_AFTER_S = 1
+
+
+@dataclass(frozen=True, slots=True)
+class HttpConfig:
+    """The endpoint's bounds; every time in seconds, every size in bytes."""
+
+    #: Largest request body (the WebSocket frame bound, ``max_message_bytes``).
+    max_body_bytes: int
+    #: A request's head and body must arrive within this once it starts (the handshake's).
+    body_timeout: float = 10.0
+    #: An idle kept-alive connection is closed after this.
+    keepalive_timeout: float = 15.0
+    #: A session no client has reached for this long, with no exchange open, ends.
+    idle_timeout: float = 3600.0
+    #: A quiet SSE stream gets a comment this often.
+    sse_keepalive: float = 15.0
+    #: HTTP connections open at once on the node (beyond: 503 and close).
+    max_connections: int = 1024
+    #: HTTP sessions one client identity may hold at once (beyond: 429).
+    max_sessions_per_identity: int = 256
+    origins: OriginPolicy = field(default_factory=OriginPolicy)
+
+
+class SessionPlace(Protocol):
+    """A session's place under the node's ``max_sessions`` (``runtime.server.SessionSlot``)."""
+
+    def take(self) -> bool: ...
+
+    def release(self) -> None: ...
+
+
+class SessionPlaces(Protocol):
+    """The node's sessions, as this endpoint needs them (``runtime.server.Sessions``)."""
+
+    max_sessions: int
+
+    def slot(self) -> SessionPlace: ...
+
+
+class HttpSessionHost(Protocol):
+    """What runs an HTTP session (the actors implement it, beside the WebSocket one)."""
+
+    async def serve_http(
+        self,
+        transport: HttpSessionTransport,
+        *,
+        remote: str,
+        started: Callable[[], None],
+    ) -> None:
+        """Open the session (its row written), call ``started``, then run it until its
+        transport closes. Raises :class:`~storage.errors.StorageUnavailable` before
+        ``started`` if storage refuses the session; after it, raising ends only this
+        session."""
+
+
+class _Refusal(Exception):
+    """An HTTP error answer: status, JSON-RPC error (``id`` when known), extra headers."""
+
+    def __init__(
+        self,
+        status: int,
+        error: RpcError,
+        *,
+        request_id: jsonrpc.RequestId | None = None,
+        headers: tuple[tuple[bytes, bytes], ...] = (),
+        kind: str | None = None,
+    ) -> None:
+        super().__init__(error.message)
+        self.status = status
+        self.error = error
+        self.request_id = request_id
+        self.headers = headers
+        self.kind = kind or f"{status}"
+
+
+class StreamableHttpEndpoint:
+    """Serves Streamable HTTP connections and holds this node's HTTP sessions."""
+
+    def __init__(
+        self,
+        config: HttpConfig,
+        *,
+        clients: ClientTokens,
+        places: SessionPlaces,
+        host: HttpSessionHost,
+        stream_bounds: StreamBounds,
+        draining: Callable[[], bool],
+    ) -> None:
+        self.config = config
+        self._clients = clients
+        self._places = places
+        self._host = host
+        self._bounds = stream_bounds
+        self._draining = draining
+        #: Live HTTP sessions by id.
+        self.sessions: dict[str, HttpSessionTransport] = {}
+        self._per_identity: Counter[str] = Counter()
+        #: HTTP connections being served now.
+        self.connections = 0
+        self._throttle = LogThrottle()
+        self._session_nursery: trio.Nursery | None = None
+
+    def bind(self, sessions: trio.Nursery) -> None:
+        """The nursery HTTP sessions run in (they outlast the connection that opened them);
+        the server's, cancelled after its drain."""
+        self._session_nursery = sessions
+
+    # -- a connection ------------------------------------------------------------------------
+
+    async def serve(
+        self, stream: PeerStream, conn: h11.Connection, request: h11.Request, peer: Peer
+    ) -> None:
+        """Serve ``request`` (its head already read by ``conn``) and the requests after it on
+        this connection, until either side closes it or it idles past ``keepalive_timeout``.
+        Raises nothing for what the peer does."""
+        wire = HttpWire(stream, conn)
+        if self.connections >= self.config.max_connections:
+            self._throttle.emit(
+                log.warning,
+                "http.refused",
+                key="http.refused:max connections",
+                reason="max connections",
+                limit=self.config.max_connections,
+            )
+            await self._answer_refusal(
+                wire,
+                _Refusal(
+                    503,
+                    ServerBusy("server busy: too many HTTP connections, retry later"),
+                    headers=((b"retry-after", str(RETRY_AFTER_S).encode()),),
+                ),
+                close=True,
+            )
+            return
+        self.connections += 1
+        try:
+            current: h11.Request | None = request
+            while current is not None:
+                try:
+                    await self._exchange(wire, current, peer)
+                except PeerGone:
+                    return
+                with trio.move_on_after(self.config.keepalive_timeout):
+                    current = await wire.next_request()
+                    continue
+                current = None  # idle past the keep-alive timeout: close quietly
+        finally:
+            self.connections -= 1
+
+    async def _exchange(self, wire: HttpWire, request: h11.Request, peer: Peer) -> None:
+        try:
+            await self._route(wire, request, peer)
+        except _Refusal as refusal:
+            await self._answer_refusal(wire, refusal)
+        except h11.RemoteProtocolError as exc:
+            await self._answer_refusal(
+                wire,
+                _Refusal(exc.error_status_hint, InvalidRequest(f"bad request: {exc}")),
+                close=True,
+            )
+
+    async def _answer_refusal(self, wire: HttpWire, refusal: _Refusal, close: bool = False) -> None:
+        if wire.conn.our_state is not h11.SEND_RESPONSE:
+            wire.broken = True  # a response had begun: nothing more can be said on it
+            return
+        self._throttle.emit(
+            log.info,
+            "http.refused",
+            key=f"http.refused:{refusal.kind}",
+            status=refusal.status,
+            reason=refusal.error.message,
+        )
+        body = jsonrpc.encode_error(refusal.request_id, refusal.error).encode()
+        await wire.respond(
+            refusal.status, body, content_type=JSON, headers=refusal.headers, close=close
+        )
+
+    async def _route(self, wire: HttpWire, request: h11.Request, peer: Peer) -> None:
+        path = request.target.partition(b"?")[0]
+        if path != MCP_PATH:
+            raise _Refusal(404, InvalidRequest("not found: the MCP endpoint is /mcp"))
+        if not self.config.origins.admits(header(request, b"origin")):
+            raise _Refusal(403, InvalidRequest("forbidden: this Origin may not use the server"))
+        method = request.method
+        if method not in (b"POST", b"GET", b"DELETE"):
+            raise _Refusal(
+                405, InvalidRequest("method not allowed: POST, GET or DELETE"), headers=(ALLOW,)
+            )
+        identity = self._clients.identify(
+            presented_token(request.target.decode("latin-1"), request.headers)
+        )
+        if identity is None:
+            raise _Refusal(
+                401,
+                InvalidRequest(
+                    "unauthorized: present the token as 'Authorization: Bearer' or ?token="
+                ),
+                headers=((b"www-authenticate", b'Bearer realm="exai"'),),
+            )
+        if self._draining():
+            raise _Refusal(
+                503,
+                Unavailable(
+                    "server draining: it is shutting down; connect to another node",
+                    {"retryAfterMs": RETRY_AFTER_S * 1000},
+                ),
+                headers=((b"retry-after", str(RETRY_AFTER_S).encode()),),
+            )
+        _check_version(request)
+        if method == b"POST":
+            await self._post(wire, request, identity, peer)
+        elif method == b"GET":
+            await self._get(wire, request, identity)
+        else:
+            await self._delete(wire, request, identity)
+
+    # -- POST --------------------------------------------------------------------------------
+
+    async def _post(self, wire: HttpWire, request: h11.Request, identity: str, peer: Peer) -> None:
+        content_type = (header(request, b"content-type") or b"").partition(b";")[0].strip()
+        if content_type.lower() != JSON:
+            raise _Refusal(
+                415, InvalidRequest("unsupported media type: the body must be application/json")
+            )
+        if not _accepts(request, JSON) or not _accepts(request, sse.EVENT_STREAM):
+            raise _Refusal(
+                406,
+                InvalidRequest(
+                    "not acceptable: Accept must list application/json and text/event-stream"
+                ),
+            )
+        body = await self._read_body(wire, request)
+        message = _decode(body)
+        session_id = _session_id(request)
+        if session_id is None:
+            if not (isinstance(message, jsonrpc.Request) and message.method == "initialize"):
+                raise _Refusal(
+                    400,
+                    InvalidRequest(
+                        "bad request: Mcp-Session-Id header required; start a session "
+                        "with initialize"
+                    ),
+                    kind="no session id",
+                )
+            transport = await self._open_session(identity, peer)
+        else:
+            transport = self._find(session_id, identity)
+        frame = body.decode()
+        if isinstance(message, jsonrpc.Request):
+            await self._answer_request(wire, transport, message, frame)
+            return
+        try:
+            await transport.deliver(frame)
+        except ConnectionGone:
+            raise _gone(transport.session_id) from None
+        if (
+            isinstance(message, jsonrpc.Notification)
+            and message.method == "notifications/cancelled"
+        ):
+            cancelled = (message.params or {}).get("requestId")
+            if isinstance(cancelled, str | int) and not isinstance(cancelled, bool):
+                transport.cancelled(cancelled)
+        await wire.respond(202, b"", content_type=None, headers=_session_headers(transport))
+
+    async def _read_body(self, wire: HttpWire, request: h11.Request) -> bytes:
+        limit = self.config.max_body_bytes
+        with trio.move_on_after(self.config.body_timeout):
+            try:
+                return await wire.read_body(request, limit)
+            except BodyTooLarge:
+                raise _Refusal(
+                    413,
+                    InvalidRequest(f"payload too large: a message may be at most {limit} bytes"),
+                ) from None
+        raise _Refusal(
+            408,
+            InvalidRequest(
+                f"request timeout: the body did not arrive within {self.config.body_timeout:g} s"
+            ),
+        )
+
+    async def _open_session(self, identity: str, peer: Peer) -> HttpSessionTransport:
+        if self._per_identity[identity] >= self.config.max_sessions_per_identity:
+            raise _Refusal(
+                429,
+                ServerBusy(
+                    f"too many sessions: this client identity holds "
+                    f"{self.config.max_sessions_per_identity}; end some (DELETE) or retry later",
+                    {"retryAfterMs": RETRY_AFTER_S * 1000},
+                ),
+                headers=((b"retry-after", str(RETRY_AFTER_S).encode()),),
+                kind="sessions per identity",
+            )
+        place = self._places.slot()
+        if not place.take():
+            raise _Refusal(
+                503,
+                ServerBusy(
+                    "server busy: session limit reached, retry later",
+                    {"retryAfterMs": RETRY_AFTER_S * 1000},
+                ),
+                headers=((b"retry-after", str(RETRY_AFTER_S).encode()),),
+                kind="max sessions",
+            )
+        transport = HttpSessionTransport(str(uuid.uuid4()), identity, self._bounds)
+        assert self._session_nursery is not None, "bind() the endpoint to a nursery first"
+        try:
+            await self._session_nursery.start(self._run_session, transport, place, str(peer))
+        except StorageUnavailable:
+            place.release()
+            log.warning("session.refused", session_id=transport.session_id, reason="storage")
+            raise _Refusal(
+                503,
+                Unavailable(
+                    "storage unavailable; retry later", {"retryAfterMs": RETRY_AFTER_S * 1000}
+                ),
+                headers=((b"retry-after", str(RETRY_AFTER_S).encode()),),
+                kind="storage",
+            ) from None
+        return transport
+
+    async def _run_session(
+        self,
+        transport: HttpSessionTransport,
+        place: SessionPlace,
+        remote: str,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """One HTTP session from its row to its end, in the sessions nursery. Raises only
+        what storage raised before the session started (see ``HttpSessionHost``)."""
+        session_id, identity = transport.session_id, transport.identity
+        started = False
+
+        def report() -> None:
+            nonlocal started
+            started = True
+            self.sessions[session_id] = transport
+            self._per_identity[identity] += 1
+            task_status.started()
+
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(transport.expire_when_idle, self.config.idle_timeout)
+                await self._host.serve_http(transport, remote=remote, started=report)
+                nursery.cancel_scope.cancel()
+        except Exception:
+            if not started:
+                raise
+            log.exception("session.crashed", session_id=session_id)
+            transport.close_now(CLOSE_INTERNAL_ERROR, CLOSE_INTERNAL_ERROR_REASON)
+        finally:
+            transport.close_now(CLOSE_GOING_AWAY, "server shutting down")
+            if started:
+                del self.sessions[session_id]
+                self._per_identity[identity] -= 1
+                if not self._per_identity[identity]:
+                    del self._per_identity[identity]
+            place.release()
+            transport.gone.set()
+
+    def _find(self, session_id: str, identity: str) -> HttpSessionTransport:
+        transport = self.sessions.get(session_id)
+        if transport is None or transport.identity != identity or transport.closed is not None:
+            # Another identity's session is "not found" too: its existence is not theirs
+            # to learn.
+            raise _gone(session_id)
+        return transport
+
+    async def _answer_request(
+        self,
+        wire: HttpWire,
+        transport: HttpSessionTransport,
+        message: jsonrpc.Request,
+        frame: str,
+    ) -> None:
+        try:
+            stream = transport.open_stream(message.id, lambda: wire.stream.last_sent)
+        except StreamInUse:
+            raise _Refusal(
+                409,
+                InvalidRequest(f"invalid request: id {message.id!r} is already in use"),
+                request_id=message.id,
+                kind="id in use",
+            ) from None
+        except ConnectionGone:
+            raise _gone(transport.session_id) from None
+        try:
+            try:
+                await transport.deliver(frame)
+            except ConnectionGone:
+                raise _gone(transport.session_id) from None
+            await self._write(wire, transport, stream, json_allowed=True)
+        finally:
+            transport.release(stream)
+
+    # -- GET and DELETE ----------------------------------------------------------------------
+
+    async def _get(self, wire: HttpWire, request: h11.Request, identity: str) -> None:
+        if not _accepts(request, sse.EVENT_STREAM):
+            raise _Refusal(
+                406, InvalidRequest("not acceptable: Accept must list text/event-stream")
+            )
+        transport = self._find(self._required_session_id(request), identity)
+        try:
+            stream = transport.open_listen(lambda: wire.stream.last_sent)
+        except StreamInUse:
+            raise _Refusal(
+                409,
+                InvalidRequest("conflict: this session already has its GET stream open"),
+                kind="second GET stream",
+            ) from None
+        except ConnectionGone:
+            raise _gone(transport.session_id) from None
+        try:
+            await self._write(wire, transport, stream, json_allowed=False)
+        finally:
+            transport.release(stream)
+
+    async def _delete(self, wire: HttpWire, request: h11.Request, identity: str) -> None:
+        transport = self._find(self._required_session_id(request), identity)
+        transport.close_now(CLOSE_NORMAL, "the client ended the session (DELETE)")
+        await wire.respond(200, b"", content_type=None, headers=_session_headers(transport))
+
+    def _required_session_id(self, request: h11.Request) -> str:
+        session_id = _session_id(request)
+        if session_id is None:
+            raise _Refusal(400, InvalidRequest("bad request: Mcp-Session-Id header required"))
+        return session_id
+
+    # -- writing a stream --------------------------------------------------------------------
+
+    async def _write(
+        self,
+        wire: HttpWire,
+        transport: HttpSessionTransport,
+        stream: ResponseStream,
+        *,
+        json_allowed: bool,
+    ) -> None:
+        """Write ``stream`` to the peer until its response (or, for the listen stream, until
+        the session or the peer ends it). Raises :class:`PeerGone` if the peer left or
+        stopped reading (the connection is then closed)."""
+        writer = _StreamWriter(wire, stream, _session_headers(transport), json_allowed)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_cancel_after, wire.watch_peer, nursery.cancel_scope)
+            nursery.start_soon(_cancel_after, stream.outbox.stalled.wait, nursery.cancel_scope)
+            nursery.start_soon(self._keep_alive, stream)
+            if not json_allowed:
+                await writer.begin_stream()
+            await stream.outbox.run(writer.write)
+            await writer.finish()
+            nursery.cancel_scope.cancel()
+        if stream.outbox.stalled.is_set():
+            self._throttle.emit(
+                log.warning,
+                "session.peer_not_reading",
+                session_id=transport.session_id,
+                transport="http",
+                stall_timeout=stream.outbox.stall_timeout,
+            )
+        if not writer.done:
+            wire.broken = True
+            raise PeerGone
+
+    async def _keep_alive(self, stream: ResponseStream) -> None:
+        """A comment on a quiet stream every ``sse_keepalive`` seconds (only when nothing is
+        queued: a peer that does not read gets no pile of them)."""
+        while True:
+            await trio.sleep(self.config.sse_keepalive)
+            if not len(stream.outbox) and not stream.ended.is_set():
+                try:
+                    stream.outbox.put_nowait(_KEEPALIVE)
+                except ConnectionGone:
+                    return
+
+
+#: Queued on a quiet stream; written as an SSE comment, never as a message.
+_KEEPALIVE = ":keepalive"
+
+
+class _StreamWriter:
+    """Writes one stream's messages: the first, if it is the response and JSON is allowed,
+    as an ``application/json`` body; otherwise an SSE stream of them all."""
+
+    def __init__(
+        self,
+        wire: HttpWire,
+        stream: ResponseStream,
+        headers: list[tuple[bytes, bytes]],
+        json_allowed: bool,
+    ) -> None:
+        self._wire = wire
+        self._stream = stream
+        self._headers = headers
+        self._json_allowed = json_allowed
+        self._streaming = False
+        #: The response was written whole; the connection may serve another request.
+        self.done = False
+
+    async def begin_stream(self) -> None:
+        self._streaming = True
+        await self._wire.start_stream(
+            200,
+            [
+                (b"content-type", sse.EVENT_STREAM),
+                (b"cache-control", b"no-cache"),
+                # Reverse proxies (nginx) must not buffer the stream (2026-07-28 spec's SHOULD).
+                (b"x-accel-buffering", b"no"),
+                *self._headers,
+            ],
+        )
+
+    async def write(self, message: str) -> None:
+        final = jsonrpc.is_response(message)
+        if not self._streaming:
+            if final and self._json_allowed:
+                await self._wire.respond(
+                    200, message.encode(), content_type=JSON, headers=self._headers
+                )
+                self.done = True
+                self._stream.end()
+                return
+            await self.begin_stream()
+        if message is _KEEPALIVE:
+            await self._wire.send_data(sse.KEEPALIVE)
+            return
+        await self._wire.send_data(sse.event(message))
+        if final:
+            await self._wire.end_stream()
+            self.done = True
+            self._stream.end()
+
+    async def finish(self) -> None:
+        """The stream ended without its response (cancelled, the session ended): close it
+        as its kind requires."""
+        if self.done:
+            return
+        stream = self._stream
+        if (
+            stream.request_id is not None
+            and stream.ending is not None
+            and stream.ending != "cancelled"
+        ):
+            error = Unavailable(
+                f"{stream.ending}; the request was not answered",
+                {"retryAfterMs": RETRY_AFTER_S * 1000},
+            )
+            message = jsonrpc.encode_error(stream.request_id, error)
+            if not self._streaming and self._json_allowed:
+                await self._wire.respond(
+                    200, message.encode(), content_type=JSON, headers=self._headers
+                )
+                self.done = True
+                return
+            if not self._streaming:
+                await self.begin_stream()
+            await self._wire.send_data(sse.event(message))
+        elif not self._streaming:
+            await self.begin_stream()  # cancelled before anything was sent: an empty stream
+        await self._wire.end_stream()
+        self.done = True
+
+
+async def _cancel_after(wait: Callable[[], object], scope: trio.CancelScope) -> None:
+    await wait()  # type: ignore[misc]
+    scope.cancel()
+
+
+def _decode(body: bytes) -> jsonrpc.Inbound:
+    try:
+        data = pydantic_core.from_json(body, allow_inf_nan=False)
+    except ValueError as exc:
+        raise _Refusal(400, ParseError(f"parse error: {exc}"), kind="parse error") from None
+    if isinstance(data, list):
+        raise _Refusal(
+            400,
+            InvalidRequest(
+                "invalid request: send one JSON-RPC message per POST (batches were removed "
+                "in 2025-06-18)"
+            ),
+            kind="batch",
+        )
+    try:
+        return jsonrpc.classify(data)
+    except jsonrpc.InvalidRequestWithId as exc:
+        raise _Refusal(400, exc, request_id=exc.request_id, kind="invalid request") from None
+    except RpcError as exc:
+        raise _Refusal(400, exc, kind="invalid request") from None
+
+
+def _check_version(request: h11.Request) -> None:
+    """An ``MCP-Protocol-Version`` this server does not speak: 400 (spec, "Protocol Version
+    Header"). Absent: the session's negotiated version applies."""
+    value = header(request, VERSION_HEADER)
+    if value is None:
+        return
+    version = value.decode("latin-1").strip()
+    if version not in versions.SUPPORTED_VERSIONS:
+        raise _Refusal(
+            400,
+            UnsupportedProtocolVersion(version[:64], list(versions.SUPPORTED_VERSIONS)),
+            kind="protocol version",
+        )
+
+
+def _session_id(request: h11.Request) -> str | None:
+    value = header(request, SESSION_HEADER)
+    if value is None:
+        return None
+    text = value.decode("latin-1").strip()
+    return text or None
+
+
+def _session_headers(transport: HttpSessionTransport) -> list[tuple[bytes, bytes]]:
+    return [(SESSION_HEADER, transport.session_id.encode())]
+
+
+def _gone(session_id: str) -> _Refusal:
+    return _Refusal(
+        404,
+        InvalidRequest(
+            f"session not found: {session_id[:64]!r} is unknown, ended or expired; start a new "
+            "session with initialize"
+        ),
+        kind="unknown session",
+    )
+
+
+def _accepts(request: h11.Request, media_type: bytes) -> bool:
+    """Whether ``Accept`` admits ``media_type`` (exactly, by ``type/*`` or ``*/*``)."""
+    value = header(request, b"accept")
+    if value is None:
+        return False
+    kind = media_type.partition(b"/")[0]
+    for item in value.split(b","):
+        candidate = item.partition(b";")[0].strip().lower()
+        if candidate in (media_type, kind + b"/*", b"*/*"):
+            return True
+    return False

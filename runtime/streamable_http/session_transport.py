@@ -1,0 +1,329 @@
+"""A session's :class:`~runtime.connection.Connection` over Streamable HTTP (2025-era
+``Mcp-Session-Id`` sessions): many short HTTP exchanges instead of one socket.
+
+MCP's Streamable HTTP transport (modelcontextprotocol/modelcontextprotocol,
+``docs/specification/2025-11-25/basic/transports.mdx``) carries each client message in its
+own POST. A request's response, and the notifications that relate to it, go back on *that*
+POST's response (one JSON body, or an SSE stream); messages related to no request go on the
+GET stream the client may hold open; the server "MUST NOT broadcast the same message across
+multiple streams". So this transport keeps:
+
+* an inbound rendezvous: a POST handler hands its message to the session's reader
+  (:meth:`deliver`) and the reader takes it (:meth:`receive`), one at a time, so a 202 for a
+  notification means the session has it;
+* one :class:`ResponseStream` per request in flight, keyed by its JSON-RPC id, each a bounded
+  :class:`~runtime.outbox.Outbox` (the session's byte bound, counted in the node's outgoing
+  budget, its stall watch) that the POST's handler writes out (``runtime.streamable_http.
+  endpoint``); the session's ``send`` routes each message by its ``related_request_id``;
+* the listen stream (the GET), at most one, for messages related to no request.
+
+A message whose stream has gone (the client closed that POST's connection, or never opened a
+GET stream) is dropped and counted (:attr:`HttpSessionTransport.dropped`): without
+resumption (no event ids; optional in 2025-11-25, removed in 2026-07-28) there is nowhere to
+deliver it. The work itself is not lost: a disconnect is not a cancellation (spec: it "SHOULD
+NOT be interpreted as the client cancelling its request"), the call runs to its end and its
+task row records the result; a client that must survive disconnects runs the call as a task.
+
+Only the whole session going away raises :class:`~runtime.connection.ConnectionGone`
+(DELETE, idle expiry, the drain, a crash): one stream closing is a peer's ordinary doing.
+
+Runs in the trio thread only.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import structlog
+import trio
+
+from runtime.budget import ByteBudget, NodeBudget
+from runtime.connection import ConnectionGone, RequestId
+from runtime.mcp import jsonrpc
+from runtime.outbox import Outbox, OutboxClosed
+
+__all__ = ["HttpSessionTransport", "ResponseStream", "StreamBounds", "StreamInUse"]
+
+log = structlog.get_logger("session")
+
+
+class StreamInUse(Exception):
+    """A request id already has a response stream in this session (a request with that id
+    is in flight), or the session already has its listen stream."""
+
+
+class StreamBounds:
+    """What one response stream may hold: the session's outgoing bounds (``SessionBounds``
+    of the node) and the node's outgoing budget they count against."""
+
+    __slots__ = ("max_bytes", "max_messages", "node", "stall_timeout")
+
+    def __init__(
+        self, *, max_bytes: int, max_messages: int, stall_timeout: float, node: NodeBudget | None
+    ) -> None:
+        self.max_bytes = max_bytes
+        self.max_messages = max_messages
+        self.stall_timeout = stall_timeout
+        self.node = node
+
+
+class ResponseStream:
+    """What the session sends for one request (or, for the listen stream, for none), queued
+    until the exchange that owns the stream writes it to its peer.
+
+    ``request_id`` is ``None`` for the listen stream. :attr:`answered` is set once the
+    request's response is queued (the stream then takes nothing more); :attr:`ended` is set
+    when the stream is over for any reason (answered and written, the client cancelled the
+    request, the session ended, the peer went away), with :attr:`ending` saying why if the
+    response will never come.
+    """
+
+    __slots__ = ("answered", "ended", "ending", "outbox", "request_id")
+
+    def __init__(
+        self,
+        request_id: RequestId | None,
+        bounds: StreamBounds,
+        peer_took: Callable[[], float] | None,
+    ) -> None:
+        self.request_id = request_id
+        self.outbox = Outbox(
+            ByteBudget(bounds.max_bytes, bounds.node),
+            max_messages=bounds.max_messages,
+            stall_timeout=bounds.stall_timeout,
+            peer_took=peer_took,
+        )
+        self.answered = False
+        self.ended = trio.Event()
+        #: Why the stream ended without its response: ``"cancelled"`` (the client cancelled
+        #: the request) or the session's end (its reason); ``None`` while open or answered.
+        self.ending: str | None = None
+
+    def end(self, why: str | None = None) -> None:
+        """The stream is over: nothing more is queued, what is queued is dropped (its bytes
+        given back), and its writer stops. Idempotent: the first reason stands."""
+        if self.ended.is_set():
+            return
+        if not self.answered:
+            self.ending = why
+        self.outbox.close()
+        self.ended.set()
+
+
+class HttpSessionTransport:
+    """One HTTP session's side of its peer (see the module doc). A
+    :class:`~runtime.connection.Connection`; :meth:`receive` is its
+    :data:`~runtime.connection.Receive`."""
+
+    def __init__(self, session_id: str, identity: str, bounds: StreamBounds) -> None:
+        self.session_id = session_id
+        self.identity = identity
+        self._bounds = bounds
+        self._in_send, self._in_receive = trio.open_memory_channel[str](0)
+        self._streams: dict[RequestId, ResponseStream] = {}
+        self.listen: ResponseStream | None = None
+        #: ``(code, reason)`` of the session's end once :meth:`close` was called.
+        self.closed: tuple[int, str] | None = None
+        #: Set when the session is over and no exchange can reach it any more.
+        self.gone = trio.Event()
+        #: Messages dropped because their stream had gone (see the module doc).
+        self.dropped = 0
+        #: trio's clock when a client last reached the session; with no stream open, the
+        #: idle expiry counts from here.
+        self.last_active = trio.current_time()
+        self._activity = trio.Event()
+
+    # -- what the exchanges do ---------------------------------------------------------------
+
+    def open_stream(
+        self, request_id: RequestId, peer_took: Callable[[], float] | None = None
+    ) -> ResponseStream:
+        """The response stream of a request about to be delivered. Raises
+        :class:`StreamInUse` if a request with that id is in flight, :class:`ConnectionGone`
+        if the session is over."""
+        if self.closed is not None:
+            raise ConnectionGone
+        if request_id in self._streams:
+            raise StreamInUse(request_id)
+        stream = ResponseStream(request_id, self._bounds, peer_took)
+        self._streams[request_id] = stream
+        self._touch()
+        return stream
+
+    def open_listen(self, peer_took: Callable[[], float] | None = None) -> ResponseStream:
+        """The listen stream (GET). Raises :class:`StreamInUse` if one is open (MCP allows
+        several, but each message goes to one only; one is all this server needs),
+        :class:`ConnectionGone` if the session is over."""
+        if self.closed is not None:
+            raise ConnectionGone
+        if self.listen is not None and not self.listen.ended.is_set():
+            raise StreamInUse(None)
+        self.listen = ResponseStream(None, self._bounds, peer_took)
+        self._touch()
+        return self.listen
+
+    def release(self, stream: ResponseStream) -> None:
+        """The exchange that owned ``stream`` is over (written, or its peer gone): end it and
+        forget it, so its id may be used again."""
+        stream.end("the client's connection closed")
+        if stream.request_id is not None:
+            if self._streams.get(stream.request_id) is stream:
+                del self._streams[stream.request_id]
+        elif self.listen is stream:
+            self.listen = None
+        self._touch()
+
+    async def deliver(self, frame: str) -> None:
+        """Hand one client message (a request whose stream is open, a notification or a
+        response) to the session's reader; returns once the reader has taken it. Raises
+        :class:`ConnectionGone` if the session ends first."""
+        self._touch()
+        try:
+            await self._in_send.send(frame)
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            raise ConnectionGone from None
+
+    def cancelled(self, request_id: RequestId) -> None:
+        """The client cancelled ``request_id`` (``notifications/cancelled``, delivered): its
+        stream ends without a response (MCP cancellation: the receiver SHOULD NOT send one
+        for a cancelled request)."""
+        stream = self._streams.get(request_id)
+        if stream is not None and not stream.answered:
+            stream.end("cancelled")
+
+    # -- the session's side: Connection and Receive ------------------------------------------
+
+    async def receive(self) -> str:
+        """The next client message. Raises :class:`ConnectionGone` once the session is
+        closing."""
+        try:
+            return await self._in_receive.receive()
+        except (trio.EndOfChannel, trio.ClosedResourceError):
+            raise ConnectionGone from None
+
+    async def send(self, message: str, related_request_id: RequestId | None = None) -> None:
+        """Queue ``message`` on its stream, waiting while that stream is full; dropped if the
+        stream has gone. Raises :class:`ConnectionGone` once the session is closing."""
+        stream = self._route(message, related_request_id)
+        if stream is None:
+            await trio.lowlevel.checkpoint_if_cancelled()
+            return
+        try:
+            await stream.outbox.put(message)
+        except OutboxClosed:
+            self._lost(message, related_request_id)
+            return
+        if related_request_id is not None and jsonrpc.is_response(message):
+            stream.answered = True
+
+    def send_nowait(self, message: str, related_request_id: RequestId | None = None) -> None:
+        """Queue a control message now, past the stream's bound (see ``Outbox.put_nowait``)."""
+        stream = self._route(message, related_request_id)
+        if stream is None:
+            return
+        try:
+            stream.outbox.put_nowait(message)
+        except OutboxClosed:
+            self._lost(message, related_request_id)
+            return
+        if related_request_id is not None and jsonrpc.is_response(message):
+            stream.answered = True
+
+    async def wait_writable(self) -> None:
+        """Never blocks while the session is open: each request has its own stream, and a
+        peer that does not read one holds back only the work that writes to it (its call
+        keeps its slots). Raises :class:`ConnectionGone` once closing."""
+        if self.closed is not None:
+            raise ConnectionGone
+        await trio.lowlevel.checkpoint_if_cancelled()
+
+    async def close(self, code: int, reason: str) -> None:
+        """End the session's side: the reader's next :meth:`receive` raises
+        :class:`ConnectionGone`, every open stream ends (an unanswered request's exchange
+        tells its client the session ended), later exchanges find no session. Idempotent:
+        the first ``code`` and ``reason`` stand (RFC 6455 close codes, as every transport
+        reports them in ``session.closed``)."""
+        await trio.lowlevel.checkpoint_if_cancelled()
+        self.close_now(code, reason)
+
+    def close_now(self, code: int, reason: str) -> None:
+        """:meth:`close`, synchronously (cannot raise)."""
+        if self.closed is not None:
+            return
+        self.closed = (code, reason)
+        self._in_send.close()
+        self._in_receive.close()
+        why = f"the session ended: {reason}"
+        for stream in list(self._streams.values()):
+            stream.end(why)
+        if self.listen is not None:
+            self.listen.end(why)
+        self._touch()
+
+    # -- what status and the drain read ------------------------------------------------------
+
+    def __len__(self) -> int:
+        """Messages queued on every stream and not yet written."""
+        total = sum(len(stream.outbox) for stream in self._streams.values())
+        return total + (len(self.listen.outbox) if self.listen is not None else 0)
+
+    @property
+    def queued_bytes(self) -> int:
+        total = sum(stream.outbox.queued_bytes for stream in self._streams.values())
+        return total + (self.listen.outbox.queued_bytes if self.listen is not None else 0)
+
+    @property
+    def streams(self) -> int:
+        """Exchanges open on the session: requests in flight, and the listen stream."""
+        return len(self._streams) + (self.listen is not None)
+
+    # -- idle expiry -------------------------------------------------------------------------
+
+    async def expire_when_idle(self, idle_timeout: float) -> None:
+        """Close the session (1000, ``idle``) once no client has reached it for
+        ``idle_timeout`` seconds with no exchange open: a client that never sends DELETE
+        cannot hold a place under ``max_sessions`` for ever. Returns when closed; run it
+        beside the session, in its nursery."""
+        while self.closed is None:
+            if self.streams:
+                deadline = math.inf
+            else:
+                deadline = self.last_active + idle_timeout
+                if trio.current_time() >= deadline:
+                    self.close_now(1000, f"idle for {idle_timeout:g} s")
+                    return
+            activity = self._activity
+            with trio.move_on_at(deadline):
+                await activity.wait()
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _route(self, message: str, related_request_id: RequestId | None) -> ResponseStream | None:
+        if self.closed is not None:
+            raise ConnectionGone
+        if related_request_id is None:
+            stream = self.listen
+        else:
+            stream = self._streams.get(related_request_id)
+        if stream is None or stream.ended.is_set() or stream.answered:
+            self._lost(message, related_request_id)
+            return None
+        return stream
+
+    def _lost(self, message: str, related_request_id: RequestId | None) -> None:
+        if self.closed is not None:
+            raise ConnectionGone
+        self.dropped += 1
+        if self.dropped == 1:  # once per session: a peer's doing, not worth a line each
+            log.info(
+                "session.http_message_dropped",
+                session_id=self.session_id,
+                request_id=related_request_id,
+                reason="its stream has gone (no resumption)",
+            )
+
+    def _touch(self) -> None:
+        self.last_active = trio.current_time()
+        self._activity.set()
+        self._activity = trio.Event()
