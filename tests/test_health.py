@@ -1,9 +1,8 @@
 """Issue 12, item 6: ``GET /healthz`` and ``GET /readyz`` on the MCP port, with no token.
 
 Over real sockets to a real ``exai serve``: each answers one status word (text/plain) and
-closes the connection; other plain requests are refused (404, 405, 400; ``/mcp`` without a token: 401, it is
-Streamable HTTP's endpoint now)
-while WebSocket sessions go on sharing the port; and ``/readyz`` follows the database: a
+closes the connection; other plain requests are refused (404, 405, 400; ``/mcp`` without a
+token gets 401: it is Streamable HTTP's endpoint too) while WebSocket sessions go on sharing the port; and ``/readyz`` follows the database: a
 Postgres crashed under the server turns it to 503 ``database unavailable`` once the
 persistence actor's breaker opens, and back to 200 once the database is back.
 """
