@@ -2,9 +2,10 @@
 
 Over real sockets to a real ``exai serve``: each answers one status word (text/plain) and
 closes the connection; other plain requests are refused (404, 405, 400; ``/mcp`` without a
-token gets 401: it is Streamable HTTP's endpoint too) while WebSocket sessions go on sharing the port; and ``/readyz`` follows the database: a
-Postgres crashed under the server turns it to 503 ``database unavailable`` once the
-persistence actor's breaker opens, and back to 200 once the database is back.
+token gets 401: it is Streamable HTTP's endpoint too) while WebSocket sessions go on sharing
+the port; and ``/readyz`` follows the database: a Postgres crashed under the server turns it
+to 503 ``database unavailable`` once the persistence actor's breaker opens, and back to 200
+once the database is back.
 """
 
 from __future__ import annotations
