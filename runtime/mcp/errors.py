@@ -94,6 +94,14 @@ class UnsupportedProtocolVersion(RpcError):
         )
 
 
+class HeaderMismatch(RpcError):
+    """2026-07-28, Streamable HTTP: a mirrored header (``MCP-Protocol-Version``,
+    ``Mcp-Method``, ``Mcp-Name``) is missing, malformed, or differs from the body (spec:
+    ``basic/transports/streamable-http.mdx``, "Server Validation"); answered with 400."""
+
+    code = -32020
+
+
 class Unavailable(RpcError):
     """A resource the server needs (storage, an upstream) cannot take work now; retry later
     (``data.retryAfterMs``). Nothing was done for this request."""

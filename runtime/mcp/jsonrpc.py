@@ -192,6 +192,32 @@ def is_response(encoded: str) -> bool:
     return encoded.startswith(RESPONSE_PREFIX)
 
 
+def rename_response(encoded: str, current: int, request_id: RequestId) -> str:
+    """A response this module encoded for id ``current`` (an int), answering ``request_id``
+    instead: the id is the message's second member (:data:`RESPONSE_PREFIX`), so it is
+    replaced in place, the rest left as it is. Raises :class:`ValueError` if ``encoded`` is
+    not a response to ``current``."""
+    head = RESPONSE_PREFIX + str(current)
+    rest = encoded[len(head) :]
+    if not encoded.startswith(head) or not rest.startswith(","):
+        raise ValueError(f"not a response to id {current}")
+    return RESPONSE_PREFIX + pydantic_core.to_json(request_id).decode() + rest
+
+
+def error_code(encoded: str, current: int) -> int | None:
+    """The error code of ``encoded``, if it is an error response to id ``current`` (an int)
+    made by :func:`encode_error` (``error`` follows the id, ``code`` comes first in it);
+    ``None`` for anything else."""
+    head = f'{RESPONSE_PREFIX}{current},"error":{{"code":'
+    if not encoded.startswith(head):
+        return None
+    digits = encoded[len(head) : len(head) + 12].partition(",")[0]
+    try:
+        return int(digits)
+    except ValueError:
+        return None
+
+
 def encode_error(request_id: RequestId | None, error: RpcError) -> str:
     body: dict[str, Any] = {"code": error.code, "message": error.message}
     if error.data is not None:

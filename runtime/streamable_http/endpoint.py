@@ -50,6 +50,8 @@ its end and its row records the result. No event ids are sent: streams are not r
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import uuid
 from collections import Counter
 from collections.abc import Callable
@@ -67,7 +69,9 @@ from runtime.listener import Peer, PeerStream
 from runtime.log_throttle import LogThrottle
 from runtime.mcp import jsonrpc, versions
 from runtime.mcp.errors import (
+    HeaderMismatch,
     InvalidRequest,
+    MethodNotFound,
     ParseError,
     RpcError,
     ServerBusy,
@@ -93,6 +97,8 @@ MCP_PATH = b"/mcp"
 JSON = b"application/json"
 SESSION_HEADER = b"mcp-session-id"
 VERSION_HEADER = b"mcp-protocol-version"
+METHOD_HEADER = b"mcp-method"
+NAME_HEADER = b"mcp-name"
 ALLOW = (b"allow", b"GET, POST, DELETE")
 CANCELLED = "notifications/cancelled"
 CLOSE_NORMAL = 1000
@@ -193,8 +199,11 @@ class StreamableHttpEndpoint:
         self._host = host
         self._bounds = stream_bounds
         self._draining = draining
-        #: Live HTTP sessions by id.
+        #: Live 2025-era HTTP sessions by id.
         self.sessions: dict[str, HttpSessionTransport] = {}
+        #: Live sessionless (2026-07-28) sessions, one per client identity.
+        self.identities: dict[str, HttpSessionTransport] = {}
+        self._starting: dict[str, trio.Event] = {}
         self._per_identity: Counter[str] = Counter()
         #: HTTP connections being served now.
         self.connections = 0
@@ -333,6 +342,9 @@ class StreamableHttpEndpoint:
         body = await self._read_body(wire, request)
         message = _decode(body)
         session_id = _session_id(request)
+        if session_id is None and _is_modern(request, message):
+            await self._sessionless(wire, request, message, identity)
+            return
         if session_id is None:
             if not (isinstance(message, jsonrpc.Request) and message.method == "initialize"):
                 raise _Refusal(
@@ -381,6 +393,7 @@ class StreamableHttpEndpoint:
         )
 
     async def _open_session(self, identity: str, peer: Peer) -> HttpSessionTransport:
+        """A 2025-era session for ``initialize``: 429 past the identity's bound."""
         if self._per_identity[identity] >= self.config.max_sessions_per_identity:
             raise _Refusal(
                 429,
@@ -392,6 +405,13 @@ class StreamableHttpEndpoint:
                 headers=((b"retry-after", str(RETRY_AFTER_S).encode()),),
                 kind="sessions per identity",
             )
+        return await self._start_session(identity, str(peer))
+
+    async def _start_session(
+        self, identity: str, remote: str, *, sessionless: bool = False
+    ) -> HttpSessionTransport:
+        """A new session in the sessions nursery, once its row is written; 503 if the node
+        holds ``max_sessions`` or storage refuses it."""
         place = self._places.slot()
         if not place.take():
             raise _Refusal(
@@ -403,10 +423,12 @@ class StreamableHttpEndpoint:
                 headers=((b"retry-after", str(RETRY_AFTER_S).encode()),),
                 kind="max sessions",
             )
-        transport = HttpSessionTransport(str(uuid.uuid4()), identity, self._bounds)
+        transport = HttpSessionTransport(
+            str(uuid.uuid4()), identity, self._bounds, sessionless=sessionless
+        )
         assert self._session_nursery is not None, "bind() the endpoint to a nursery first"
         try:
-            await self._session_nursery.start(self._run_session, transport, place, str(peer))
+            await self._session_nursery.start(self._run_session, transport, place, remote)
         except StorageUnavailable:
             place.release()
             log.warning("session.refused", session_id=transport.session_id, reason="storage")
@@ -436,8 +458,11 @@ class StreamableHttpEndpoint:
         def report() -> None:
             nonlocal started
             started = True
-            self.sessions[session_id] = transport
-            self._per_identity[identity] += 1
+            if transport.sessionless:
+                self.identities[identity] = transport
+            else:
+                self.sessions[session_id] = transport
+                self._per_identity[identity] += 1
             task_status.started()
 
         try:
@@ -452,7 +477,10 @@ class StreamableHttpEndpoint:
             transport.close_now(CLOSE_INTERNAL_ERROR, CLOSE_INTERNAL_ERROR_REASON)
         finally:
             transport.close_now(CLOSE_GOING_AWAY, "server shutting down")
-            if started:
+            if started and transport.sessionless:
+                if self.identities.get(identity) is transport:
+                    del self.identities[identity]
+            elif started:
                 del self.sessions[session_id]
                 self._per_identity[identity] -= 1
                 if not self._per_identity[identity]:
@@ -486,14 +514,57 @@ class StreamableHttpEndpoint:
             ) from None
         except ConnectionGone:
             raise _gone(transport.session_id) from None
+        if transport.sessionless:
+            # Known to the shared session by its stream's own id (see ``open_stream``).
+            frame = _renamed(message, stream.request_id)
         try:
             try:
                 await transport.deliver(frame)
             except ConnectionGone:
                 raise _gone(transport.session_id) from None
-            await self._write(wire, transport, stream, json_allowed=True)
+            headers = [] if transport.sessionless else _session_headers(transport)
+            await self._write(wire, transport, stream, json_allowed=True, headers=headers)
+        except PeerGone:
+            if transport.sessionless and not stream.answered:
+                await _cancel(transport, stream)
+            raise
         finally:
             transport.release(stream)
+
+    # -- 2026-07-28: sessionless -------------------------------------------------------------
+
+    async def _sessionless(
+        self, wire: HttpWire, request: h11.Request, message: jsonrpc.Inbound, identity: str
+    ) -> None:
+        """A 2026-07-28 request: no session, its version and identity in its ``_meta`` and
+        mirrored in headers (checked: 400 and -32020 if they differ, 400 and -32022 for a
+        version we do not speak). Served by the identity's sessionless session, started
+        on demand; a notification is taken (202) and has nothing to act on (the revision
+        defines no client notification over HTTP: closing a stream is how a client cancels)."""
+        _check_mirrored_headers(request, message)
+        if not isinstance(message, jsonrpc.Request):
+            await wire.respond(202, b"", content_type=None)
+            return
+        transport = await self._identity_session(identity)
+        await self._answer_request(wire, transport, message, "")
+
+    async def _identity_session(self, identity: str) -> HttpSessionTransport:
+        """The identity's sessionless session: the running one, or a new one (one start at
+        a time per identity; the others wait for it)."""
+        while True:
+            transport = self.identities.get(identity)
+            if transport is not None and transport.closed is None:
+                return transport
+            starting = self._starting.get(identity)
+            if starting is None:
+                break
+            await starting.wait()
+        self._starting[identity] = done = trio.Event()
+        try:
+            return await self._start_session(identity, "http (sessionless)", sessionless=True)
+        finally:
+            del self._starting[identity]
+            done.set()
 
     # -- GET and DELETE ----------------------------------------------------------------------
 
@@ -514,7 +585,9 @@ class StreamableHttpEndpoint:
         except ConnectionGone:
             raise _gone(transport.session_id) from None
         try:
-            await self._write(wire, transport, stream, json_allowed=False)
+            await self._write(
+                wire, transport, stream, json_allowed=False, headers=_session_headers(transport)
+            )
         finally:
             transport.release(stream)
 
@@ -525,6 +598,14 @@ class StreamableHttpEndpoint:
 
     def _required_session_id(self, request: h11.Request) -> str:
         session_id = _session_id(request)
+        if session_id is None and versions.is_modern(_header_text(request, VERSION_HEADER)):
+            # 2026-07-28 has no GET stream and no DELETE (transport spec, "Earlier
+            # Streamable HTTP Revisions"): what a server of that revision answers.
+            raise _Refusal(
+                405,
+                InvalidRequest("method not allowed: 2026-07-28 has no GET stream or DELETE"),
+                headers=((b"allow", b"POST"),),
+            )
         if session_id is None:
             raise _Refusal(400, InvalidRequest("bad request: Mcp-Session-Id header required"))
         return session_id
@@ -538,11 +619,12 @@ class StreamableHttpEndpoint:
         stream: ResponseStream,
         *,
         json_allowed: bool,
+        headers: list[tuple[bytes, bytes]],
     ) -> None:
         """Write ``stream`` to the peer until its response (or, for the listen stream, until
         the session or the peer ends it). Raises :class:`PeerGone` if the peer left or
         stopped reading (the connection is then closed)."""
-        writer = _StreamWriter(wire, stream, _session_headers(transport), json_allowed)
+        writer = _StreamWriter(wire, stream, headers, json_allowed)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_cancel_after, wire.watch_peer, nursery.cancel_scope)
             nursery.start_soon(_cancel_after, stream.outbox.stalled.wait, nursery.cancel_scope)
@@ -614,10 +696,17 @@ class _StreamWriter:
 
     async def write(self, message: str) -> None:
         final = jsonrpc.is_response(message)
+        status = 200
+        stream = self._stream
+        if final and stream.client_id is not None and isinstance(stream.request_id, int):
+            # 2026-07-28: an unknown method is 404 with its -32601 (transport spec).
+            if jsonrpc.error_code(message, stream.request_id) == MethodNotFound.code:
+                status = 404
+            message = jsonrpc.rename_response(message, stream.request_id, stream.client_id)
         if not self._streaming:
             if final and self._json_allowed:
                 await self._wire.respond(
-                    200, message.encode(), content_type=JSON, headers=self._headers
+                    status, message.encode(), content_type=JSON, headers=self._headers
                 )
                 self.done = True
                 self._stream.end()
@@ -647,7 +736,7 @@ class _StreamWriter:
                 f"{stream.ending}; the request was not answered",
                 {"retryAfterMs": RETRY_AFTER_S * 1000},
             )
-            message = jsonrpc.encode_error(stream.request_id, error)
+            message = jsonrpc.encode_error(stream.wire_id, error)
             if not self._streaming and self._json_allowed:
                 await self._wire.respond(
                     200, message.encode(), content_type=JSON, headers=self._headers
@@ -703,6 +792,125 @@ def _check_version(request: h11.Request) -> None:
             UnsupportedProtocolVersion(version[:64], list(versions.SUPPORTED_VERSIONS)),
             kind="protocol version",
         )
+
+
+def _header_text(request: h11.Request, name: bytes) -> str:
+    value = header(request, name)
+    return value.decode("latin-1").strip() if value is not None else ""
+
+
+def _meta_version(message: jsonrpc.Inbound) -> object:
+    params = getattr(message, "params", None) or {}
+    meta = params.get("_meta") if isinstance(params, dict) else None
+    return meta.get(versions.PROTOCOL_VERSION_META) if isinstance(meta, dict) else None
+
+
+def _is_modern(request: h11.Request, message: jsonrpc.Inbound) -> bool:
+    """A sessionless 2026-07-28 request: it names a version in its ``_meta`` or in
+    ``MCP-Protocol-Version`` that is not a handshake one, or it is the ``server/discover``
+    probe (answered in every era)."""
+    if isinstance(message, jsonrpc.Request) and message.method == "server/discover":
+        return True
+    header_version = _header_text(request, VERSION_HEADER)
+    if header_version and header_version not in versions.HANDSHAKE_VERSIONS:
+        return True
+    named = _meta_version(message)
+    return named is not None and named not in versions.HANDSHAKE_VERSIONS
+
+
+#: Methods whose target is mirrored in ``Mcp-Name``, and the param that holds it.
+_NAMED = {"tools/call": "name", "prompts/get": "name", "resources/read": "uri"}
+
+
+def _check_mirrored_headers(request: h11.Request, message: jsonrpc.Inbound) -> None:
+    """The 2026-07-28 transport's "Server Validation": ``MCP-Protocol-Version`` equal to
+    the ``_meta`` version, ``Mcp-Method`` to the method, ``Mcp-Name`` (base64 sentinel
+    decoded) to the tool's name or the resource's URI. 400 with -32020 otherwise; 400 with
+    -32022 for a version this server does not speak."""
+    request_id = message.id if isinstance(message, jsonrpc.Request) else None
+    method = getattr(message, "method", None)
+
+    def mismatch(what: str) -> _Refusal:
+        return _Refusal(
+            400,
+            HeaderMismatch(f"header mismatch: {what}"),
+            request_id=request_id,
+            kind="header mismatch",
+        )
+
+    header_version = _header_text(request, VERSION_HEADER)
+    named = _meta_version(message)
+    if not header_version:
+        raise mismatch("the MCP-Protocol-Version header is required")
+    if named is not None and named != header_version:
+        raise mismatch(
+            f"MCP-Protocol-Version {header_version[:40]!r} differs from the body's "
+            f"{str(named)[:40]!r}"
+        )
+    if header_version not in versions.MODERN_VERSIONS:
+        raise _Refusal(
+            400,
+            UnsupportedProtocolVersion(header_version[:64], list(versions.SUPPORTED_VERSIONS)),
+            request_id=request_id,
+            kind="protocol version",
+        )
+    if method is None:
+        return  # a response: the revision has none from clients; taken and dropped
+    mirrored = _header_text(request, METHOD_HEADER)
+    if not mirrored:
+        raise mismatch("the Mcp-Method header is required")
+    if mirrored != method:
+        raise mismatch(f"Mcp-Method {mirrored[:60]!r} differs from the body's {method[:60]!r}")
+    param = _NAMED.get(method)
+    if param is None:
+        return
+    params = getattr(message, "params", None) or {}
+    body_name = params.get(param)
+    value = header(request, NAME_HEADER)
+    if value is None:
+        if body_name is None:
+            return  # the body is malformed: the session says so (-32602)
+        raise mismatch("the Mcp-Name header is required for " + method)
+    shown = _decode_sentinel(value)
+    if shown is None:
+        raise mismatch("Mcp-Name is not a valid header value")
+    if shown != body_name:
+        raise mismatch(f"Mcp-Name {shown[:60]!r} differs from the body's {str(body_name)[:60]!r}")
+
+
+def _decode_sentinel(value: bytes) -> str | None:
+    """A mirrored value: plain visible ASCII, or ``=?base64?...?=`` (UTF-8 inside);
+    ``None`` if malformed (transport spec, "Value Encoding")."""
+    text = value.decode("latin-1")
+    if text.startswith("=?base64?") and text.endswith("?="):
+        try:
+            return base64.b64decode(text[9:-2], validate=True).decode("utf-8")
+        except (ValueError, UnicodeDecodeError):
+            return None
+    if any(not (0x20 <= ord(char) <= 0x7E) and char != "\t" for char in text):
+        return None
+    return text.strip()
+
+
+def _renamed(message: jsonrpc.Request, request_id: jsonrpc.RequestId | None) -> str:
+    """``message`` as one JSON-RPC frame, under ``request_id``."""
+    frame: dict[str, object] = {"jsonrpc": "2.0", "id": request_id, "method": message.method}
+    if message.params is not None:
+        frame["params"] = message.params
+    return pydantic_core.to_json(frame).decode()
+
+
+async def _cancel(transport: HttpSessionTransport, stream: ResponseStream) -> None:
+    """2026-07-28: the client closed a request's response stream, which "MUST be treated by
+    the server as cancellation of that request" (transport spec, "Cancellation"): the
+    session is told as a ``notifications/cancelled`` would tell it. Shielded, bounded."""
+    note = {
+        "jsonrpc": "2.0",
+        "method": CANCELLED,
+        "params": {"requestId": stream.request_id, "reason": "the client closed the stream"},
+    }
+    with trio.CancelScope(shield=True), trio.move_on_after(5), contextlib.suppress(ConnectionGone):
+        await transport.deliver(pydantic_core.to_json(note).decode())
 
 
 def _session_id(request: h11.Request) -> str | None:

@@ -79,15 +79,19 @@ class ResponseStream:
     response will never come.
     """
 
-    __slots__ = ("answered", "ended", "ending", "outbox", "request_id")
+    __slots__ = ("answered", "client_id", "ended", "ending", "outbox", "request_id")
 
     def __init__(
         self,
         request_id: RequestId | None,
         bounds: StreamBounds,
         peer_took: Callable[[], float] | None,
+        client_id: RequestId | None = None,
     ) -> None:
         self.request_id = request_id
+        #: The id the client gave the request, when the session knows it by another one
+        #: (sessionless requests: see :meth:`HttpSessionTransport.open_stream`).
+        self.client_id = client_id
         self.outbox = Outbox(
             ByteBudget(bounds.max_bytes, bounds.node),
             max_messages=bounds.max_messages,
@@ -99,6 +103,11 @@ class ResponseStream:
         #: Why the stream ended without its response: ``"cancelled"`` (the client cancelled
         #: the request) or the session's end (its reason); ``None`` while open or answered.
         self.ending: str | None = None
+
+    @property
+    def wire_id(self) -> RequestId | None:
+        """The request's id as its client knows it."""
+        return self.client_id if self.client_id is not None else self.request_id
 
     def end(self, why: str | None = None) -> None:
         """The stream is over: nothing more is queued, what is queued is dropped (its bytes
@@ -116,9 +125,15 @@ class HttpSessionTransport:
     :class:`~runtime.connection.Connection`; :meth:`receive` is its
     :data:`~runtime.connection.Receive`."""
 
-    def __init__(self, session_id: str, identity: str, bounds: StreamBounds) -> None:
+    def __init__(
+        self, session_id: str, identity: str, bounds: StreamBounds, *, sessionless: bool = False
+    ) -> None:
         self.session_id = session_id
         self.identity = identity
+        #: Serves the sessionless 2026-07-28 requests of one client identity, from any number
+        #: of its clients (``runtime.streamable_http.endpoint``): their ids are renamed.
+        self.sessionless = sessionless
+        self._next_id = 0
         self._bounds = bounds
         self._in_send, self._in_receive = trio.open_memory_channel[str](0)
         self._streams: dict[RequestId, ResponseStream] = {}
@@ -141,12 +156,23 @@ class HttpSessionTransport:
     ) -> ResponseStream:
         """The response stream of a request about to be delivered. Raises
         :class:`StreamInUse` if a request with that id is in flight, :class:`ConnectionGone`
-        if the session is over."""
+        if the session is over.
+
+        On a sessionless transport the request is known to the session by a new id of its
+        own (:attr:`ResponseStream.request_id`, an int unique in this transport; the client's
+        is :attr:`ResponseStream.client_id`): several clients of one identity share the
+        session, and their ids are theirs alone. The caller renames the request before
+        delivering it, and its response back before writing it.
+        """
         if self.closed is not None:
             raise ConnectionGone
-        if request_id in self._streams:
+        client_id: RequestId | None = None
+        if self.sessionless:
+            self._next_id += 1
+            request_id, client_id = self._next_id, request_id
+        elif request_id in self._streams:
             raise StreamInUse(request_id)
-        stream = ResponseStream(request_id, self._bounds, peer_took)
+        stream = ResponseStream(request_id, self._bounds, peer_took, client_id)
         self._streams[request_id] = stream
         self._touch()
         return stream
