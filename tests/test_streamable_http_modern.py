@@ -199,7 +199,8 @@ async def test_closing_the_response_stream_cancels_the_request(
         lambda: (
             query(
                 database_url,
-                "select status from tasks where tool_name = 'exai_test_block' and status <> 'running'",
+                "select status from tasks"
+                " where tool_name = 'exai_test_block' and status <> 'running'",
             )
             == [("cancelled",)]
         ),
