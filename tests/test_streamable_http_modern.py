@@ -177,6 +177,7 @@ async def test_closing_the_response_stream_cancels_the_request(
         "tools/call",
         {"name": "exai_test_block", "arguments": {}, "_meta": {"progressToken": "hb"}},
     )
+    [(started,)] = query(database_url, "select now()")
     async with httpx.AsyncClient(timeout=30) as client:
         async with client.stream(
             "POST",
@@ -199,8 +200,9 @@ async def test_closing_the_response_stream_cancels_the_request(
         lambda: (
             query(
                 database_url,
-                "select status from tasks"
-                " where tool_name = 'exai_test_block' and status <> 'running'",
+                "select status from tasks where tool_name = 'exai_test_block'"
+                " and status <> 'running' and created_at >= %s",
+                (started,),
             )
             == [("cancelled",)]
         ),
