@@ -50,7 +50,6 @@ its end and its row records the result. No event ids are sent: streams are not r
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import uuid
 from collections import Counter
@@ -69,23 +68,30 @@ from runtime.listener import Peer, PeerStream
 from runtime.log_throttle import LogThrottle
 from runtime.mcp import jsonrpc, versions
 from runtime.mcp.errors import (
-    HeaderMismatch,
     InvalidRequest,
-    MethodNotFound,
     ParseError,
     RpcError,
     ServerBusy,
     Unavailable,
-    UnsupportedProtocolVersion,
 )
 from runtime.streamable_http import sse
+from runtime.streamable_http.headers import (
+    VERSION_HEADER,
+    check_mirrored_headers,
+    check_version,
+    header_text,
+    is_modern,
+    renamed,
+)
 from runtime.streamable_http.origin import OriginPolicy
+from runtime.streamable_http.refusal import RETRY_AFTER_S, Refusal
 from runtime.streamable_http.session_transport import (
     HttpSessionTransport,
     ResponseStream,
     StreamBounds,
     StreamInUse,
 )
+from runtime.streamable_http.stream_writer import JSON, KEEPALIVE_MARK, StreamWriter
 from runtime.streamable_http.wire import BodyTooLarge, HttpWire, PeerGone, header
 from storage.errors import StorageUnavailable
 
@@ -94,17 +100,11 @@ __all__ = ["HttpConfig", "HttpSessionHost", "SessionPlaces", "StreamableHttpEndp
 log = structlog.get_logger("http")
 
 MCP_PATH = b"/mcp"
-JSON = b"application/json"
 SESSION_HEADER = b"mcp-session-id"
-VERSION_HEADER = b"mcp-protocol-version"
-METHOD_HEADER = b"mcp-method"
-NAME_HEADER = b"mcp-name"
 ALLOW = (b"allow", b"GET, POST, DELETE")
 CANCELLED = "notifications/cancelled"
 CLOSE_NORMAL = 1000
 CLOSE_GOING_AWAY = 1001
-#: Seconds a client is told to wait after a 503 or 429.
-RETRY_AFTER_S = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,26 +158,6 @@ class HttpSessionHost(Protocol):
         transport closes. Raises :class:`~storage.errors.StorageUnavailable` before
         ``started`` if storage refuses the session; after it, raising ends only this
         session."""
-
-
-class _Refusal(Exception):
-    """An HTTP error answer: status, JSON-RPC error (``id`` when known), extra headers."""
-
-    def __init__(
-        self,
-        status: int,
-        error: RpcError,
-        *,
-        request_id: jsonrpc.RequestId | None = None,
-        headers: tuple[tuple[bytes, bytes], ...] = (),
-        kind: str | None = None,
-    ) -> None:
-        super().__init__(error.message)
-        self.status = status
-        self.error = error
-        self.request_id = request_id
-        self.headers = headers
-        self.kind = kind or f"{status}"
 
 
 class StreamableHttpEndpoint:
@@ -234,7 +214,7 @@ class StreamableHttpEndpoint:
             )
             await self._answer_refusal(
                 wire,
-                _Refusal(
+                Refusal(
                     503,
                     ServerBusy("server busy: too many HTTP connections, retry later"),
                     headers=((b"retry-after", str(RETRY_AFTER_S).encode()),),
@@ -260,16 +240,16 @@ class StreamableHttpEndpoint:
     async def _exchange(self, wire: HttpWire, request: h11.Request, peer: Peer) -> None:
         try:
             await self._route(wire, request, peer)
-        except _Refusal as refusal:
+        except Refusal as refusal:
             await self._answer_refusal(wire, refusal)
         except h11.RemoteProtocolError as exc:
             await self._answer_refusal(
                 wire,
-                _Refusal(exc.error_status_hint, InvalidRequest(f"bad request: {exc}")),
+                Refusal(exc.error_status_hint, InvalidRequest(f"bad request: {exc}")),
                 close=True,
             )
 
-    async def _answer_refusal(self, wire: HttpWire, refusal: _Refusal, close: bool = False) -> None:
+    async def _answer_refusal(self, wire: HttpWire, refusal: Refusal, close: bool = False) -> None:
         if wire.conn.our_state is not h11.SEND_RESPONSE:
             wire.broken = True  # a response had begun: nothing more can be said on it
             return
@@ -288,19 +268,19 @@ class StreamableHttpEndpoint:
     async def _route(self, wire: HttpWire, request: h11.Request, peer: Peer) -> None:
         path = request.target.partition(b"?")[0]
         if path != MCP_PATH:
-            raise _Refusal(404, InvalidRequest("not found: the MCP endpoint is /mcp"))
+            raise Refusal(404, InvalidRequest("not found: the MCP endpoint is /mcp"))
         if not self.config.origins.admits(header(request, b"origin")):
-            raise _Refusal(403, InvalidRequest("forbidden: this Origin may not use the server"))
+            raise Refusal(403, InvalidRequest("forbidden: this Origin may not use the server"))
         method = request.method
         if method not in (b"POST", b"GET", b"DELETE"):
-            raise _Refusal(
+            raise Refusal(
                 405, InvalidRequest("method not allowed: POST, GET or DELETE"), headers=(ALLOW,)
             )
         identity = self._clients.identify(
             presented_token(request.target.decode("latin-1"), request.headers)
         )
         if identity is None:
-            raise _Refusal(
+            raise Refusal(
                 401,
                 InvalidRequest(
                     "unauthorized: present the token as 'Authorization: Bearer' or ?token="
@@ -308,7 +288,7 @@ class StreamableHttpEndpoint:
                 headers=((b"www-authenticate", b'Bearer realm="exai"'),),
             )
         if self._draining():
-            raise _Refusal(
+            raise Refusal(
                 503,
                 Unavailable(
                     "server draining: it is shutting down; connect to another node",
@@ -316,7 +296,7 @@ class StreamableHttpEndpoint:
                 ),
                 headers=((b"retry-after", str(RETRY_AFTER_S).encode()),),
             )
-        _check_version(request)
+        check_version(request)
         if method == b"POST":
             await self._post(wire, request, identity, peer)
         elif method == b"GET":
@@ -329,11 +309,11 @@ class StreamableHttpEndpoint:
     async def _post(self, wire: HttpWire, request: h11.Request, identity: str, peer: Peer) -> None:
         content_type = (header(request, b"content-type") or b"").partition(b";")[0].strip()
         if content_type.lower() != JSON:
-            raise _Refusal(
+            raise Refusal(
                 415, InvalidRequest("unsupported media type: the body must be application/json")
             )
         if not _accepts(request, JSON) or not _accepts(request, sse.EVENT_STREAM):
-            raise _Refusal(
+            raise Refusal(
                 406,
                 InvalidRequest(
                     "not acceptable: Accept must list application/json and text/event-stream"
@@ -342,12 +322,12 @@ class StreamableHttpEndpoint:
         body = await self._read_body(wire, request)
         message = _decode(body)
         session_id = _session_id(request)
-        if session_id is None and _is_modern(request, message):
+        if session_id is None and is_modern(request, message):
             await self._sessionless(wire, request, message, identity)
             return
         if session_id is None:
             if not (isinstance(message, jsonrpc.Request) and message.method == "initialize"):
-                raise _Refusal(
+                raise Refusal(
                     400,
                     InvalidRequest(
                         "bad request: Mcp-Session-Id header required; start a session "
@@ -381,11 +361,11 @@ class StreamableHttpEndpoint:
             try:
                 return await wire.read_body(request, limit)
             except BodyTooLarge:
-                raise _Refusal(
+                raise Refusal(
                     413,
                     InvalidRequest(f"payload too large: a message may be at most {limit} bytes"),
                 ) from None
-        raise _Refusal(
+        raise Refusal(
             408,
             InvalidRequest(
                 f"request timeout: the body did not arrive within {self.config.body_timeout:g} s"
@@ -395,7 +375,7 @@ class StreamableHttpEndpoint:
     async def _open_session(self, identity: str, peer: Peer) -> HttpSessionTransport:
         """A 2025-era session for ``initialize``: 429 past the identity's bound."""
         if self._per_identity[identity] >= self.config.max_sessions_per_identity:
-            raise _Refusal(
+            raise Refusal(
                 429,
                 ServerBusy(
                     f"too many sessions: this client identity holds "
@@ -414,7 +394,7 @@ class StreamableHttpEndpoint:
         holds ``max_sessions`` or storage refuses it."""
         place = self._places.slot()
         if not place.take():
-            raise _Refusal(
+            raise Refusal(
                 503,
                 ServerBusy(
                     "server busy: session limit reached, retry later",
@@ -432,7 +412,7 @@ class StreamableHttpEndpoint:
         except StorageUnavailable:
             place.release()
             log.warning("session.refused", session_id=transport.session_id, reason="storage")
-            raise _Refusal(
+            raise Refusal(
                 503,
                 Unavailable(
                     "storage unavailable; retry later", {"retryAfterMs": RETRY_AFTER_S * 1000}
@@ -506,7 +486,7 @@ class StreamableHttpEndpoint:
         try:
             stream = transport.open_stream(message.id, lambda: wire.stream.last_sent)
         except StreamInUse:
-            raise _Refusal(
+            raise Refusal(
                 409,
                 InvalidRequest(f"invalid request: id {message.id!r} is already in use"),
                 request_id=message.id,
@@ -516,7 +496,7 @@ class StreamableHttpEndpoint:
             raise _gone(transport.session_id) from None
         if transport.sessionless:
             # Known to the shared session by its stream's own id (see ``open_stream``).
-            frame = _renamed(message, stream.request_id)
+            frame = renamed(message, stream.request_id)
         try:
             try:
                 await transport.deliver(frame)
@@ -541,7 +521,7 @@ class StreamableHttpEndpoint:
         version we do not speak). Served by the identity's sessionless session, started
         on demand; a notification is taken (202) and has nothing to act on (the revision
         defines no client notification over HTTP: closing a stream is how a client cancels)."""
-        _check_mirrored_headers(request, message)
+        check_mirrored_headers(request, message)
         if not isinstance(message, jsonrpc.Request):
             await wire.respond(202, b"", content_type=None)
             return
@@ -570,14 +550,12 @@ class StreamableHttpEndpoint:
 
     async def _get(self, wire: HttpWire, request: h11.Request, identity: str) -> None:
         if not _accepts(request, sse.EVENT_STREAM):
-            raise _Refusal(
-                406, InvalidRequest("not acceptable: Accept must list text/event-stream")
-            )
+            raise Refusal(406, InvalidRequest("not acceptable: Accept must list text/event-stream"))
         transport = self._find(self._required_session_id(request), identity)
         try:
             stream = transport.open_listen(lambda: wire.stream.last_sent)
         except StreamInUse:
-            raise _Refusal(
+            raise Refusal(
                 409,
                 InvalidRequest("conflict: this session already has its GET stream open"),
                 kind="second GET stream",
@@ -598,16 +576,16 @@ class StreamableHttpEndpoint:
 
     def _required_session_id(self, request: h11.Request) -> str:
         session_id = _session_id(request)
-        if session_id is None and versions.is_modern(_header_text(request, VERSION_HEADER)):
+        if session_id is None and versions.is_modern(header_text(request, VERSION_HEADER)):
             # 2026-07-28 has no GET stream and no DELETE (transport spec, "Earlier
             # Streamable HTTP Revisions"): what a server of that revision answers.
-            raise _Refusal(
+            raise Refusal(
                 405,
                 InvalidRequest("method not allowed: 2026-07-28 has no GET stream or DELETE"),
                 headers=((b"allow", b"POST"),),
             )
         if session_id is None:
-            raise _Refusal(400, InvalidRequest("bad request: Mcp-Session-Id header required"))
+            raise Refusal(400, InvalidRequest("bad request: Mcp-Session-Id header required"))
         return session_id
 
     # -- writing a stream --------------------------------------------------------------------
@@ -624,7 +602,7 @@ class StreamableHttpEndpoint:
         """Write ``stream`` to the peer until its response (or, for the listen stream, until
         the session or the peer ends it). Raises :class:`PeerGone` if the peer left or
         stopped reading (the connection is then closed)."""
-        writer = _StreamWriter(wire, stream, headers, json_allowed)
+        writer = StreamWriter(wire, stream, headers, json_allowed)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_cancel_after, wire.watch_peer, nursery.cancel_scope)
             nursery.start_soon(_cancel_after, stream.outbox.stalled.wait, nursery.cancel_scope)
@@ -653,103 +631,9 @@ class StreamableHttpEndpoint:
             await trio.sleep(self.config.sse_keepalive)
             if not len(stream.outbox) and not stream.ended.is_set():
                 try:
-                    stream.outbox.put_nowait(_KEEPALIVE)
+                    stream.outbox.put_nowait(KEEPALIVE_MARK)
                 except ConnectionGone:
                     return
-
-
-#: Queued on a quiet stream; written as an SSE comment, never as a message.
-_KEEPALIVE = ":keepalive"
-
-
-class _StreamWriter:
-    """Writes one stream's messages: the first, if it is the response and JSON is allowed,
-    as an ``application/json`` body; otherwise an SSE stream of them all."""
-
-    def __init__(
-        self,
-        wire: HttpWire,
-        stream: ResponseStream,
-        headers: list[tuple[bytes, bytes]],
-        json_allowed: bool,
-    ) -> None:
-        self._wire = wire
-        self._stream = stream
-        self._headers = headers
-        self._json_allowed = json_allowed
-        self._streaming = False
-        #: The response was written whole; the connection may serve another request.
-        self.done = False
-
-    async def begin_stream(self) -> None:
-        self._streaming = True
-        await self._wire.start_stream(
-            200,
-            [
-                (b"content-type", sse.EVENT_STREAM),
-                (b"cache-control", b"no-cache"),
-                # Reverse proxies (nginx) must not buffer the stream (2026-07-28 spec's SHOULD).
-                (b"x-accel-buffering", b"no"),
-                *self._headers,
-            ],
-        )
-
-    async def write(self, message: str) -> None:
-        final = jsonrpc.is_response(message)
-        status = 200
-        stream = self._stream
-        if final and stream.client_id is not None and isinstance(stream.request_id, int):
-            # 2026-07-28: an unknown method is 404 with its -32601 (transport spec).
-            if jsonrpc.error_code(message, stream.request_id) == MethodNotFound.code:
-                status = 404
-            message = jsonrpc.rename_response(message, stream.request_id, stream.client_id)
-        if not self._streaming:
-            if final and self._json_allowed:
-                await self._wire.respond(
-                    status, message.encode(), content_type=JSON, headers=self._headers
-                )
-                self.done = True
-                self._stream.end()
-                return
-            await self.begin_stream()
-        if message is _KEEPALIVE:
-            await self._wire.send_data(sse.KEEPALIVE)
-            return
-        await self._wire.send_data(sse.event(message))
-        if final:
-            await self._wire.end_stream()
-            self.done = True
-            self._stream.end()
-
-    async def finish(self) -> None:
-        """The stream ended without its response (cancelled, the session ended): close it
-        as its kind requires."""
-        if self.done:
-            return
-        stream = self._stream
-        if (
-            stream.request_id is not None
-            and stream.ending is not None
-            and stream.ending != "cancelled"
-        ):
-            error = Unavailable(
-                f"{stream.ending}; the request was not answered",
-                {"retryAfterMs": RETRY_AFTER_S * 1000},
-            )
-            message = jsonrpc.encode_error(stream.wire_id, error)
-            if not self._streaming and self._json_allowed:
-                await self._wire.respond(
-                    200, message.encode(), content_type=JSON, headers=self._headers
-                )
-                self.done = True
-                return
-            if not self._streaming:
-                await self.begin_stream()
-            await self._wire.send_data(sse.event(message))
-        elif not self._streaming:
-            await self.begin_stream()  # cancelled before anything was sent: an empty stream
-        await self._wire.end_stream()
-        self.done = True
 
 
 async def _cancel_after(wait: Callable[[], object], scope: trio.CancelScope) -> None:
@@ -761,9 +645,9 @@ def _decode(body: bytes) -> jsonrpc.Inbound:
     try:
         data = pydantic_core.from_json(body, allow_inf_nan=False)
     except ValueError as exc:
-        raise _Refusal(400, ParseError(f"parse error: {exc}"), kind="parse error") from None
+        raise Refusal(400, ParseError(f"parse error: {exc}"), kind="parse error") from None
     if isinstance(data, list):
-        raise _Refusal(
+        raise Refusal(
             400,
             InvalidRequest(
                 "invalid request: send one JSON-RPC message per POST (batches were removed "
@@ -774,130 +658,9 @@ def _decode(body: bytes) -> jsonrpc.Inbound:
     try:
         return jsonrpc.classify(data)
     except jsonrpc.InvalidRequestWithId as exc:
-        raise _Refusal(400, exc, request_id=exc.request_id, kind="invalid request") from None
+        raise Refusal(400, exc, request_id=exc.request_id, kind="invalid request") from None
     except RpcError as exc:
-        raise _Refusal(400, exc, kind="invalid request") from None
-
-
-def _check_version(request: h11.Request) -> None:
-    """An ``MCP-Protocol-Version`` this server does not speak: 400 (spec, "Protocol Version
-    Header"). Absent: the session's negotiated version applies."""
-    value = header(request, VERSION_HEADER)
-    if value is None:
-        return
-    version = value.decode("latin-1").strip()
-    if version not in versions.SUPPORTED_VERSIONS:
-        raise _Refusal(
-            400,
-            UnsupportedProtocolVersion(version[:64], list(versions.SUPPORTED_VERSIONS)),
-            kind="protocol version",
-        )
-
-
-def _header_text(request: h11.Request, name: bytes) -> str:
-    value = header(request, name)
-    return value.decode("latin-1").strip() if value is not None else ""
-
-
-def _meta_version(message: jsonrpc.Inbound) -> object:
-    params = getattr(message, "params", None) or {}
-    meta = params.get("_meta") if isinstance(params, dict) else None
-    return meta.get(versions.PROTOCOL_VERSION_META) if isinstance(meta, dict) else None
-
-
-def _is_modern(request: h11.Request, message: jsonrpc.Inbound) -> bool:
-    """A sessionless 2026-07-28 request: it names a version in its ``_meta`` or in
-    ``MCP-Protocol-Version`` that is not a handshake one, or it is the ``server/discover``
-    probe (answered in every era)."""
-    if isinstance(message, jsonrpc.Request) and message.method == "server/discover":
-        return True
-    header_version = _header_text(request, VERSION_HEADER)
-    if header_version and header_version not in versions.HANDSHAKE_VERSIONS:
-        return True
-    named = _meta_version(message)
-    return named is not None and named not in versions.HANDSHAKE_VERSIONS
-
-
-#: Methods whose target is mirrored in ``Mcp-Name``, and the param that holds it.
-_NAMED = {"tools/call": "name", "prompts/get": "name", "resources/read": "uri"}
-
-
-def _check_mirrored_headers(request: h11.Request, message: jsonrpc.Inbound) -> None:
-    """The 2026-07-28 transport's "Server Validation": ``MCP-Protocol-Version`` equal to
-    the ``_meta`` version, ``Mcp-Method`` to the method, ``Mcp-Name`` (base64 sentinel
-    decoded) to the tool's name or the resource's URI. 400 with -32020 otherwise; 400 with
-    -32022 for a version this server does not speak."""
-    request_id = message.id if isinstance(message, jsonrpc.Request) else None
-    method = getattr(message, "method", None)
-
-    def mismatch(what: str) -> _Refusal:
-        return _Refusal(
-            400,
-            HeaderMismatch(f"header mismatch: {what}"),
-            request_id=request_id,
-            kind="header mismatch",
-        )
-
-    header_version = _header_text(request, VERSION_HEADER)
-    named = _meta_version(message)
-    if not header_version:
-        raise mismatch("the MCP-Protocol-Version header is required")
-    if named is not None and named != header_version:
-        raise mismatch(
-            f"MCP-Protocol-Version {header_version[:40]!r} differs from the body's "
-            f"{str(named)[:40]!r}"
-        )
-    if header_version not in versions.MODERN_VERSIONS:
-        raise _Refusal(
-            400,
-            UnsupportedProtocolVersion(header_version[:64], list(versions.SUPPORTED_VERSIONS)),
-            request_id=request_id,
-            kind="protocol version",
-        )
-    if method is None:
-        return  # a response: the revision has none from clients; taken and dropped
-    mirrored = _header_text(request, METHOD_HEADER)
-    if not mirrored:
-        raise mismatch("the Mcp-Method header is required")
-    if mirrored != method:
-        raise mismatch(f"Mcp-Method {mirrored[:60]!r} differs from the body's {method[:60]!r}")
-    param = _NAMED.get(method)
-    if param is None:
-        return
-    params = getattr(message, "params", None) or {}
-    body_name = params.get(param)
-    value = header(request, NAME_HEADER)
-    if value is None:
-        if body_name is None:
-            return  # the body is malformed: the session says so (-32602)
-        raise mismatch("the Mcp-Name header is required for " + method)
-    shown = _decode_sentinel(value)
-    if shown is None:
-        raise mismatch("Mcp-Name is not a valid header value")
-    if shown != body_name:
-        raise mismatch(f"Mcp-Name {shown[:60]!r} differs from the body's {str(body_name)[:60]!r}")
-
-
-def _decode_sentinel(value: bytes) -> str | None:
-    """A mirrored value: plain visible ASCII, or ``=?base64?...?=`` (UTF-8 inside);
-    ``None`` if malformed (transport spec, "Value Encoding")."""
-    text = value.decode("latin-1")
-    if text.startswith("=?base64?") and text.endswith("?="):
-        try:
-            return base64.b64decode(text[9:-2], validate=True).decode("utf-8")
-        except (ValueError, UnicodeDecodeError):
-            return None
-    if any(not (0x20 <= ord(char) <= 0x7E) and char != "\t" for char in text):
-        return None
-    return text.strip()
-
-
-def _renamed(message: jsonrpc.Request, request_id: jsonrpc.RequestId | None) -> str:
-    """``message`` as one JSON-RPC frame, under ``request_id``."""
-    frame: dict[str, object] = {"jsonrpc": "2.0", "id": request_id, "method": message.method}
-    if message.params is not None:
-        frame["params"] = message.params
-    return pydantic_core.to_json(frame).decode()
+        raise Refusal(400, exc, kind="invalid request") from None
 
 
 async def _cancel(transport: HttpSessionTransport, stream: ResponseStream) -> None:
@@ -925,8 +688,8 @@ def _session_headers(transport: HttpSessionTransport) -> list[tuple[bytes, bytes
     return [(SESSION_HEADER, transport.session_id.encode())]
 
 
-def _gone(session_id: str) -> _Refusal:
-    return _Refusal(
+def _gone(session_id: str) -> Refusal:
+    return Refusal(
         404,
         InvalidRequest(
             f"session not found: {session_id[:64]!r} is unknown, ended or expired; start a new "
