@@ -1,4 +1,4 @@
-"""``http://HOST:PORT/mcp``: MCP's Streamable HTTP transport, 2025-era sessions.
+"""``http://HOST:PORT/mcp``: MCP's Streamable HTTP transport, both eras.
 
 The same port and path as the WebSocket endpoint: ``runtime.server`` reads each connection's
 first request head (``runtime.http_dispatch``) and hands a plain (not upgrading) request for
@@ -16,7 +16,17 @@ HTTP"); in order, for every request:
    (not JSON: 400 and -32700; not JSON-RPC, or a batch, which 2025-06-18 removed: 400 and
    -32600); an ``MCP-Protocol-Version`` header, if sent, that this server speaks (400).
 
-   * ``initialize`` without ``Mcp-Session-Id`` starts a session: the same supervised
+   * A request without ``Mcp-Session-Id`` that names a 2026-07-28 version (in its ``_meta``
+     or its ``MCP-Protocol-Version``), or the ``server/discover`` probe, is *sessionless*:
+     its mirrored headers are checked against its body
+     (:func:`~runtime.streamable_http.headers.check_mirrored_headers`: 400 and -32020 or
+     -32022), and it is served by its client identity's own session actor, started on
+     demand under ``max_sessions`` and ended by the same idle expiry, so that identities
+     never share a mailbox or in-flight slots; any client of the identity may reach it, and
+     their ids are renamed so that they never collide. No session id is minted or echoed.
+     An unknown method is 404 with its -32601; closing the response stream cancels the
+     request (that era's cancellation); a notification is taken (202) and dropped.
+   * ``initialize`` without ``Mcp-Session-Id`` starts a 2025-era session: the same supervised
      session actor a WebSocket connection gets (``SessionHost.serve_http``), under the same
      ``max_sessions`` (503) and, per client identity, ``max_http_sessions_per_identity``
      (429); its id comes back in ``Mcp-Session-Id``. Storage refusing it: 503.
@@ -30,9 +40,10 @@ HTTP"); in order, for every request:
      answer into a stream). A request id already in flight in the session: 409, with the
      JSON-RPC error. A notification or a client's response: 202 once the session has it.
 4. ``GET``: the session's listen stream (SSE) for messages related to no request; one at a
-   time (409 for a second).
-5. ``DELETE``: the session ends (200); its end is recorded as a WebSocket close 1000 is.
-6. Other methods: 405 with ``Allow``. Other paths: 404.
+   time (409 for a second). ``DELETE``: the session ends (200); its end is recorded as a
+   WebSocket close 1000 is. Both need ``Mcp-Session-Id`` (400); a 2026-07-28 client, which
+   has neither, gets 405.
+5. Other methods: 405 with ``Allow``. Other paths: 404.
 
 Every refusal carries a JSON-RPC error with ``id: null`` (the spec's MAY) and is logged at
 most once per kind of refusal per period (:class:`~runtime.log_throttle.LogThrottle`).
@@ -43,9 +54,10 @@ drain, or a crash (contained: ``session.crashed``, the session alone ends). Exch
 hold up one another: each connection is its own task, and each request's stream its own
 bounded queue (``runtime.streamable_http.session_transport``).
 
-A client that closes a POST's connection before its response does not cancel the request (the
-spec: disconnection "SHOULD NOT be interpreted as the client cancelling"): the call runs to
-its end and its row records the result. No event ids are sent: streams are not resumable.
+A 2025-era client that closes a POST's connection before its response does not cancel the
+request (that spec: disconnection "SHOULD NOT be interpreted as the client cancelling"): the
+call runs to its end and its row records the result. No event ids are sent: streams are not
+resumable (optional in 2025-11-25, removed in 2026-07-28).
 """
 
 from __future__ import annotations
