@@ -343,6 +343,7 @@ class McpWebSocketServer:
     def stop(self) -> None:
         """Begin the shutdown described in the module docstring; ``run`` returns when done."""
         self._stop.set()
+        self.http.stop()
 
     async def readiness(self) -> str | None:
         """What ``/readyz`` answers: ``None`` (ready), ``"draining"`` or ``"database

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Iterator
+import signal
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import httpx
@@ -31,7 +32,11 @@ def server(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
     handle = start_server(
         tmp_path_factory.mktemp("http-modern"),
         database_url=database_url,
-        extra_env={"EXAI_HEARTBEAT_INTERVAL": "0.2", "EXAI_CLIENT_TOKENS": f"bob={BOB}"},
+        extra_env={
+            "EXAI_HEARTBEAT_INTERVAL": "0.2",
+            "EXAI_CLIENT_TOKENS": f"bob={BOB}",
+            "EXAI_HTTP_KEEPALIVE": "0.3",
+        },
     )
     yield handle
     assert handle.stop() == 0, handle.stderr_path.read_text()
@@ -249,3 +254,71 @@ async def test_a_modern_request_on_sse_carries_its_progress(server: ServerProces
     assert [p["params"]["progress"] for p in progress] == [1, 2]
     assert seen[-1]["id"] == "steps"
     assert seen[-1]["result"]["content"][0]["text"] == "2 steps"
+
+
+async def listen_lines(
+    client: httpx.AsyncClient, server: ServerProcess, message: dict[str, Any]
+) -> AsyncIterator[str]:
+    async with client.stream(
+        "POST",
+        http_url(server),
+        content=json.dumps(message),
+        headers=headers(server.token, message),
+    ) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"] == "text/event-stream"
+        async for line in response.aiter_lines():
+            yield line
+
+
+async def test_subscriptions_listen_acknowledges_what_it_honours(server: ServerProcess) -> None:
+    message = modern(
+        "sub-1",
+        "subscriptions/listen",
+        {"notifications": {"toolsListChanged": True, "resourceSubscriptions": ["file:///x"]}},
+    )
+    async with httpx.AsyncClient(timeout=30) as client:
+        lines = listen_lines(client, server, message)
+        first = None
+        async for line in lines:
+            if line.startswith("data: "):
+                first = json.loads(line[6:])
+                break
+        assert first is not None
+        assert first["method"] == "notifications/subscriptions/acknowledged"
+        assert first["params"]["_meta"] == {"io.modelcontextprotocol/subscriptionId": "sub-1"}
+        # No resources here: only what the server will honour is acknowledged.
+        assert first["params"]["notifications"] == {"toolsListChanged": True}
+        async for line in lines:
+            if line.startswith(":"):
+                break  # the stream stays open, kept alive
+        await lines.aclose()
+        bad = modern("sub-2", "subscriptions/listen", {"notifications": "all"})
+        refused = await post(client, server, bad)
+        assert (refused.status_code, error_of(refused)["code"]) == (400, -32602)
+
+
+async def test_a_stopping_node_ends_a_subscription_gracefully(
+    database_url: str, tmp_path: Any
+) -> None:
+    handle = start_server(tmp_path / "listen-stop", database_url=database_url)
+    try:
+        message = modern(7, "subscriptions/listen", {"notifications": {"toolsListChanged": True}})
+        seen: list[dict[str, Any]] = []
+        async with httpx.AsyncClient(timeout=30) as client:
+            async for line in listen_lines(client, handle, message):
+                if line.startswith("data: "):
+                    seen.append(json.loads(line[6:]))
+                    if len(seen) == 1:  # acknowledged: the subscription is open; stop the node
+                        handle.process.send_signal(signal.SIGTERM)
+        assert seen[-1] == {
+            "jsonrpc": "2.0",
+            "id": 7,
+            "result": {
+                "resultType": "complete",
+                "_meta": {"io.modelcontextprotocol/subscriptionId": 7},
+            },
+        }
+        assert handle.process.wait(timeout=60) == 0
+    finally:
+        handle.stop()

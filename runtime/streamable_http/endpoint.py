@@ -80,6 +80,7 @@ from runtime.listener import Peer, PeerStream
 from runtime.log_throttle import LogThrottle
 from runtime.mcp import jsonrpc, versions
 from runtime.mcp.errors import (
+    InvalidParams,
     InvalidRequest,
     ParseError,
     RpcError,
@@ -103,7 +104,7 @@ from runtime.streamable_http.session_transport import (
     StreamBounds,
     StreamInUse,
 )
-from runtime.streamable_http.stream_writer import JSON, KEEPALIVE_MARK, StreamWriter
+from runtime.streamable_http.stream_writer import JSON, KEEPALIVE_MARK, SSE_HEADERS, StreamWriter
 from runtime.streamable_http.wire import BodyTooLarge, HttpWire, PeerGone, header
 from storage.errors import StorageUnavailable
 
@@ -115,6 +116,8 @@ MCP_PATH = b"/mcp"
 SESSION_HEADER = b"mcp-session-id"
 ALLOW = (b"allow", b"GET, POST, DELETE")
 CANCELLED = "notifications/cancelled"
+LISTEN = "subscriptions/listen"
+SUBSCRIPTION_ID_META = "io.modelcontextprotocol/subscriptionId"
 CLOSE_NORMAL = 1000
 CLOSE_GOING_AWAY = 1001
 
@@ -196,6 +199,7 @@ class StreamableHttpEndpoint:
         #: Live sessionless (2026-07-28) sessions, one per client identity.
         self.identities: dict[str, HttpSessionTransport] = {}
         self._starting: dict[str, trio.Event] = {}
+        self._stopping = trio.Event()
         self._per_identity: Counter[str] = Counter()
         #: HTTP connections being served now.
         self.connections = 0
@@ -537,8 +541,54 @@ class StreamableHttpEndpoint:
         if not isinstance(message, jsonrpc.Request):
             await wire.respond(202, b"", content_type=None)
             return
+        if message.method == LISTEN:
+            await self._listen(wire, message)
+            return
         transport = await self._identity_session(identity)
         await self._answer_request(wire, transport, message, "")
+
+    async def _listen(self, wire: HttpWire, message: jsonrpc.Request) -> None:
+        """``subscriptions/listen`` (2026-07-28, ``basic/patterns/subscriptions.mdx``): the
+        stream that replaces the GET stream. Its acknowledgment names what this server will
+        send of what was asked: ``toolsListChanged`` (its tools never change, so nothing
+        ever follows it); prompts and resources it has none of, so they are left out. The
+        stream then stays open with keep-alive comments until the client closes it, or the
+        node stops, which ends it gracefully with the completion result. It needs no
+        session: nothing is sent on it that a session would produce."""
+        asked = (message.params or {}).get("notifications")
+        if not isinstance(asked, dict):
+            raise Refusal(
+                400,
+                InvalidParams("invalid params: 'notifications' must be an object"),
+                request_id=message.id,
+                kind="listen params",
+            )
+        honoured = {"toolsListChanged": True} if asked.get("toolsListChanged") is True else {}
+        meta = {SUBSCRIPTION_ID_META: message.id}
+        acknowledged = jsonrpc.encode_notification(
+            "notifications/subscriptions/acknowledged",
+            {"_meta": meta, "notifications": honoured},
+        )
+        await wire.start_stream(200, list(SSE_HEADERS))
+        await wire.send_data(sse.event(acknowledged))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_cancel_after, wire.watch_peer, nursery.cancel_scope)
+            while not self._stopping.is_set():
+                with trio.move_on_after(self.config.sse_keepalive):
+                    await self._stopping.wait()
+                if not self._stopping.is_set():
+                    await wire.send_data(sse.KEEPALIVE)
+            done = jsonrpc.encode_result(message.id, {"resultType": "complete", "_meta": meta})
+            await wire.send_data(sse.event(done))
+            await wire.end_stream()
+            nursery.cancel_scope.cancel()
+        if wire.broken:
+            raise PeerGone
+
+    def stop(self) -> None:
+        """The node is stopping: open ``subscriptions/listen`` streams end with their
+        completion result."""
+        self._stopping.set()
 
     async def _identity_session(self, identity: str) -> HttpSessionTransport:
         """The identity's sessionless session: the running one, or a new one (one start at

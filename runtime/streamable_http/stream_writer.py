@@ -17,9 +17,16 @@ from runtime.streamable_http.refusal import RETRY_AFTER_S
 from runtime.streamable_http.session_transport import ResponseStream
 from runtime.streamable_http.wire import HttpWire
 
-__all__ = ["JSON", "KEEPALIVE_MARK", "StreamWriter"]
+__all__ = ["JSON", "KEEPALIVE_MARK", "SSE_HEADERS", "StreamWriter"]
 
 JSON = b"application/json"
+#: The head of every SSE response.
+SSE_HEADERS: tuple[tuple[bytes, bytes], ...] = (
+    (b"content-type", sse.EVENT_STREAM),
+    (b"cache-control", b"no-cache"),
+    # Reverse proxies (nginx) must not buffer the stream (2026-07-28 transport spec's SHOULD).
+    (b"x-accel-buffering", b"no"),
+)
 
 
 #: Queued on a quiet stream; written as an SSE comment, never as a message.
@@ -49,13 +56,7 @@ class StreamWriter:
         self._streaming = True
         await self._wire.start_stream(
             200,
-            [
-                (b"content-type", sse.EVENT_STREAM),
-                (b"cache-control", b"no-cache"),
-                # Reverse proxies (nginx) must not buffer the stream (2026-07-28 spec's SHOULD).
-                (b"x-accel-buffering", b"no"),
-                *self._headers,
-            ],
+            [*SSE_HEADERS, *self._headers],
         )
 
     async def write(self, message: str) -> None:
