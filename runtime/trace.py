@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import time
 from collections.abc import MutableMapping, Sequence
 from contextvars import ContextVar, Token
@@ -82,6 +83,23 @@ _current: ContextVar[_Context] = ContextVar("exai_trace", default=_EMPTY)
 def new_trace_id() -> str:
     """A fresh trace id: 16 hex digits."""
     return f"{_ids.getrandbits(64):016x}"
+
+
+_TRACEPARENT = re.compile(r"[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}")
+
+
+def from_traceparent(value: object) -> str | None:
+    """The trace id a W3C ``traceparent`` names (32 hex digits), so that a client's trace
+    and exai's are one: MCP 2026-07-28 carries it in a request's ``_meta``
+    (``basic/index.mdx``, "OpenTelemetry trace context"; W3C Trace Context, section 3.2).
+    ``None`` for anything else: not a string, malformed, or the all-zero id the standard
+    declares invalid."""
+    if not isinstance(value, str) or len(value) != 55:
+        return None
+    match = _TRACEPARENT.fullmatch(value)
+    if match is None or match.group(1) == "0" * 32 or value.startswith("ff"):
+        return None
+    return match.group(1)
 
 
 def current_trace_id() -> str | None:

@@ -36,6 +36,7 @@ def server(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
             "EXAI_HEARTBEAT_INTERVAL": "0.2",
             "EXAI_CLIENT_TOKENS": f"bob={BOB}",
             "EXAI_HTTP_KEEPALIVE": "0.3",
+            "EXAI_LOG_CONSOLE_TRACE": "1",  # the traceparent test reads actor.message events
         },
     )
     yield handle
@@ -322,3 +323,28 @@ async def test_a_stopping_node_ends_a_subscription_gracefully(
         assert handle.process.wait(timeout=60) == 0
     finally:
         handle.stop()
+
+
+async def test_a_clients_traceparent_is_the_calls_trace(server: ServerProcess) -> None:
+    trace_id = "0af7651916cd43dd8448eb211c80319c"
+    message = modern(
+        "traced",
+        "tools/call",
+        {
+            "name": "echo",
+            "arguments": {"text": "traced"},
+            "_meta": {"traceparent": f"00-{trace_id}-00f067aa0ba902b7-01"},
+        },
+    )
+    async with httpx.AsyncClient(timeout=30) as client:
+        answered = await post(client, server, message)
+    assert answered.json()["result"]["content"][0]["text"] == "traced"
+    await wait_until(
+        lambda: any(
+            event.get("event") == "actor.message"
+            and event.get("trace_id") == trace_id
+            and event.get("kind") == "tools/call"
+            for event in server.log_events()
+        ),
+        what="the call's trace under the client's trace id",
+    )

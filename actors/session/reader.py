@@ -173,8 +173,10 @@ class _Reader:
         elif self._answered_here(decoded):
             return True
         try:
-            # In its envelope, stamped as it goes in: the message's trace starts here.
-            self._mailbox.tell(post(decoded, sender=self._sender), sender=self._sender, size=size)
+            # In its envelope, stamped as it goes in: the message's trace starts here, or goes
+            # on from the client's own (``_meta.traceparent``).
+            envelope = post(decoded, sender=self._sender, trace_id=_client_trace(decoded))
+            self._mailbox.tell(envelope, sender=self._sender, size=size)
         except MailboxFull:
             self._refuse(decoded)
             return True
@@ -247,6 +249,17 @@ class _Reader:
             {"retryAfterMs": math.ceil(BUSY_RETRY_AFTER_S * 1000)},
         )
         self._connection.send_nowait(jsonrpc.encode_error(message.id, busy), message.id)
+
+
+def _client_trace(message: jsonrpc.Inbound | jsonrpc.Batch) -> str | None:
+    """The trace id of a request's ``_meta.traceparent``, if it carries a valid one
+    (:func:`runtime.trace.from_traceparent`)."""
+    if not isinstance(message, jsonrpc.Request) or not message.params:
+        return None
+    meta = message.params.get("_meta")
+    if not isinstance(meta, dict):
+        return None
+    return trace.from_traceparent(meta.get("traceparent"))
 
 
 def _answers_ping(state: SessionState, request: jsonrpc.Request) -> bool:
