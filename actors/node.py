@@ -536,6 +536,7 @@ class _Tree:
                 sse_keepalive=settings.http_keepalive,
                 max_connections=settings.max_http_connections,
                 max_sessions_per_identity=settings.http_sessions_per_identity,
+                max_exchanges_per_identity=settings.http_exchanges_per_identity,
                 origins=settings.origin_policy,
             ),
             stream_bounds=StreamBounds(

@@ -219,6 +219,13 @@ class Settings(BaseSettings):
         description="Streamable HTTP sessions one client identity may hold at once; a "
         "further initialize gets 429.",
     )
+    http_exchanges_per_identity: int = Field(
+        default=128,
+        ge=1,
+        description="HTTP requests one client identity may have in progress at once (streams "
+        "held open and calls waited on included); beyond, 429, so that one identity cannot "
+        "take every connection of max_http_connections.",
+    )
     http_keepalive: float = Field(
         default=15.0,
         gt=0,

@@ -156,6 +156,14 @@ class Outbox:
         if self.closed:
             raise OutboxClosed
 
+    def stall_deadline(self) -> float:
+        """When this queue counts as stalled if the peer takes nothing more (trio's clock):
+        ``inf`` while it is empty. For a writer's watchdog, where no one waits to ``put``
+        (a single response being written to a peer that does not read it)."""
+        if not self._messages:
+            return math.inf
+        return self._last_progress() + self.stall_timeout
+
     def _last_progress(self) -> float:
         """When the peer last took something: a whole message, or bytes of one."""
         if self._peer_took is None:

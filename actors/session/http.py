@@ -36,12 +36,15 @@ async def serve_http_session(
     transport: HttpSessionTransport,
     *,
     remote: str,
+    idle_timeout: float,
     started: Callable[[], None],
 ) -> None:
     """Open the session (its row written: raises
     :class:`~storage.errors.StorageUnavailable` before ``started`` if storage refuses it),
-    call ``started``, and run it until ``transport`` closes. Raises only if the session's
-    actor gave up (the endpoint logs ``session.crashed``)."""
+    call ``started``, and run it until ``transport`` closes, which its idle expiry does
+    after ``idle_timeout`` seconds with no request, no stream open and nothing pending (a
+    call whose client went away finishes first). Raises only if the session's actor gave
+    up (the endpoint logs ``session.crashed``)."""
     session_id = transport.session_id
     state = await open_session(
         services, session_id=session_id, remote=remote, identity=transport.identity
@@ -55,9 +58,12 @@ async def serve_http_session(
 
     gave_up = False
     try:
-        await run_session(
-            services, state, transport, transport.receive, attach=attach, supervisor=supervisor
-        )
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(transport.expire_when_idle, idle_timeout, state.has_pending)
+            await run_session(
+                services, state, transport, transport.receive, attach=attach, supervisor=supervisor
+            )
+            nursery.cancel_scope.cancel()
     except* Exception:
         gave_up = True
         raise

@@ -92,11 +92,17 @@ class SessionLifecycle:
         transport: HttpSessionTransport,
         *,
         remote: str,
+        idle_timeout: float,
         started: Callable[[], None],
     ) -> None:
         """One Streamable HTTP session (``actors.session.http``)."""
         await serve_http_session(
-            self.services, self.supervisor, transport, remote=remote, started=started
+            self.services,
+            self.supervisor,
+            transport,
+            remote=remote,
+            idle_timeout=idle_timeout,
+            started=started,
         )
 
     async def serve(self, ws: WebSocketConnection, handshake: Handshake) -> None:

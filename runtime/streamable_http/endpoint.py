@@ -97,7 +97,7 @@ from runtime.streamable_http.headers import (
     renamed,
 )
 from runtime.streamable_http.origin import OriginPolicy
-from runtime.streamable_http.refusal import RETRY_AFTER_S, Refusal
+from runtime.streamable_http.refusal import RETRY_AFTER_S, Refusal, retry_after
 from runtime.streamable_http.session_transport import (
     HttpSessionTransport,
     ResponseStream,
@@ -140,6 +140,10 @@ class HttpConfig:
     max_connections: int = 1024
     #: HTTP sessions one client identity may hold at once (beyond: 429).
     max_sessions_per_identity: int = 256
+    #: Requests one client identity may have in progress at once, streams held open (GET,
+    #: ``subscriptions/listen``) and calls waited on included (beyond: 429), so that one
+    #: identity cannot take every connection of the node.
+    max_exchanges_per_identity: int = 128
     origins: OriginPolicy = field(default_factory=OriginPolicy)
 
 
@@ -167,12 +171,14 @@ class HttpSessionHost(Protocol):
         transport: HttpSessionTransport,
         *,
         remote: str,
+        idle_timeout: float,
         started: Callable[[], None],
     ) -> None:
         """Open the session (its row written), call ``started``, then run it until its
-        transport closes. Raises :class:`~storage.errors.StorageUnavailable` before
-        ``started`` if storage refuses the session; after it, raising ends only this
-        session."""
+        transport closes, ending it after ``idle_timeout`` seconds with no request, no
+        stream open and no work in flight (``HttpSessionTransport.expire_when_idle``).
+        Raises :class:`~storage.errors.StorageUnavailable` before ``started`` if storage
+        refuses the session; after it, raising ends only this session."""
 
 
 class StreamableHttpEndpoint:
@@ -201,6 +207,8 @@ class StreamableHttpEndpoint:
         self._starting: dict[str, trio.Event] = {}
         self._stopping = trio.Event()
         self._per_identity: Counter[str] = Counter()
+        #: Requests in progress per identity (``max_exchanges_per_identity``).
+        self._exchanges: Counter[str] = Counter()
         #: HTTP connections being served now.
         self.connections = 0
         self._throttle = LogThrottle()
@@ -313,6 +321,29 @@ class StreamableHttpEndpoint:
                 headers=((b"retry-after", str(RETRY_AFTER_S).encode()),),
             )
         check_version(request)
+        if self._exchanges[identity] >= self.config.max_exchanges_per_identity:
+            raise Refusal(
+                429,
+                ServerBusy(
+                    f"too many requests in progress: this client identity has "
+                    f"{self.config.max_exchanges_per_identity}; retry later",
+                    {"retryAfterMs": RETRY_AFTER_S * 1000},
+                ),
+                headers=retry_after(),
+                kind="exchanges per identity",
+            )
+        self._exchanges[identity] += 1
+        try:
+            await self._dispatch(wire, request, identity, peer)
+        finally:
+            self._exchanges[identity] -= 1
+            if not self._exchanges[identity]:
+                del self._exchanges[identity]
+
+    async def _dispatch(
+        self, wire: HttpWire, request: h11.Request, identity: str, peer: Peer
+    ) -> None:
+        method = request.method
         if method == b"POST":
             await self._post(wire, request, identity, peer)
         elif method == b"GET":
@@ -337,10 +368,13 @@ class StreamableHttpEndpoint:
             )
         body = await self._read_body(wire, request)
         message = _decode(body)
-        session_id = _session_id(request)
-        if session_id is None and is_modern(request, message):
+        if is_modern(request, message):
+            # 2026-07-28 has no sessions: an Mcp-Session-Id on such a request is ignored
+            # (transport spec, "Earlier Streamable HTTP Revisions"), never a way around the
+            # checks of its headers.
             await self._sessionless(wire, request, message, identity)
             return
+        session_id = _session_id(request)
         if session_id is None:
             if not (isinstance(message, jsonrpc.Request) and message.method == "initialize"):
                 raise Refusal(
@@ -389,7 +423,10 @@ class StreamableHttpEndpoint:
         )
 
     async def _open_session(self, identity: str, peer: Peer) -> HttpSessionTransport:
-        """A 2025-era session for ``initialize``: 429 past the identity's bound."""
+        """A 2025-era session for ``initialize``: 429 past the identity's bound, which is
+        taken in the same step as it is checked (no checkpoint between: concurrent
+        ``initialize`` requests cannot all pass one free place) and given back when the
+        session ends or fails to start."""
         if self._per_identity[identity] >= self.config.max_sessions_per_identity:
             raise Refusal(
                 429,
@@ -401,7 +438,12 @@ class StreamableHttpEndpoint:
                 headers=((b"retry-after", str(RETRY_AFTER_S).encode()),),
                 kind="sessions per identity",
             )
-        return await self._start_session(identity, str(peer))
+        self._per_identity[identity] += 1
+        try:
+            return await self._start_session(identity, str(peer))
+        except BaseException:
+            self._forget_identity_session(identity)
+            raise
 
     async def _start_session(
         self, identity: str, remote: str, *, sessionless: bool = False
@@ -458,14 +500,12 @@ class StreamableHttpEndpoint:
                 self.identities[identity] = transport
             else:
                 self.sessions[session_id] = transport
-                self._per_identity[identity] += 1
             task_status.started()
 
         try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(transport.expire_when_idle, self.config.idle_timeout)
-                await self._host.serve_http(transport, remote=remote, started=report)
-                nursery.cancel_scope.cancel()
+            await self._host.serve_http(
+                transport, remote=remote, idle_timeout=self.config.idle_timeout, started=report
+            )
         except Exception:
             if not started:
                 raise
@@ -478,11 +518,14 @@ class StreamableHttpEndpoint:
                     del self.identities[identity]
             elif started:
                 del self.sessions[session_id]
-                self._per_identity[identity] -= 1
-                if not self._per_identity[identity]:
-                    del self._per_identity[identity]
+                self._forget_identity_session(identity)
             place.release()
             transport.gone.set()
+
+    def _forget_identity_session(self, identity: str) -> None:
+        self._per_identity[identity] -= 1
+        if not self._per_identity[identity]:
+            del self._per_identity[identity]
 
     def _find(self, session_id: str, identity: str) -> HttpSessionTransport:
         transport = self.sessions.get(session_id)
@@ -669,6 +712,7 @@ class StreamableHttpEndpoint:
             nursery.start_soon(_cancel_after, wire.watch_peer, nursery.cancel_scope)
             nursery.start_soon(_cancel_after, stream.outbox.stalled.wait, nursery.cancel_scope)
             nursery.start_soon(self._keep_alive, stream)
+            nursery.start_soon(_watch_stall, stream)
             if not json_allowed:
                 await writer.begin_stream()
             await stream.outbox.run(writer.write)
@@ -696,6 +740,22 @@ class StreamableHttpEndpoint:
                     stream.outbox.put_nowait(KEEPALIVE_MARK)
                 except ConnectionGone:
                     return
+
+
+async def _watch_stall(stream: ResponseStream) -> None:
+    """Set the stream's ``stalled`` once its peer has taken nothing for ``stall_timeout``
+    seconds while something waits to be written to it: the outgoing queue finds that out
+    only for those who wait to add to it, and a single response being written (an unread
+    JSON body) has no one waiting. Its writer then gives up, the connection is closed and
+    its bytes are given back."""
+    outbox = stream.outbox
+    while True:
+        deadline = outbox.stall_deadline()
+        now = trio.current_time()
+        if now >= deadline:
+            outbox.stalled.set()
+            return
+        await trio.sleep_until(min(deadline, now + outbox.stall_timeout))
 
 
 async def _cancel_after(wait: Callable[[], object], scope: trio.CancelScope) -> None:

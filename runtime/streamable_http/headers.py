@@ -97,6 +97,11 @@ def check_mirrored_headers(request: h11.Request, message: jsonrpc.Inbound) -> No
             kind="header mismatch",
         )
 
+    for name in (VERSION_HEADER, METHOD_HEADER, NAME_HEADER):
+        if sum(field == name for field, _ in request.headers) > 1:
+            # An intermediary may have routed on another of them (or on them joined,
+            # RFC 9110 section 5.3): which one the body must match is not knowable.
+            raise mismatch(f"{name.decode()} is repeated")
     header_version = header_text(request, VERSION_HEADER)
     named = meta_version(message)
     if not header_version:

@@ -137,6 +137,9 @@ class HttpSessionTransport:
         self._bounds = bounds
         self._in_send, self._in_receive = trio.open_memory_channel[str](0)
         self._streams: dict[RequestId, ResponseStream] = {}
+        #: Every stream whose exchange has not released it yet (answered ones included):
+        #: what status and the drain count as not yet written.
+        self._open: set[ResponseStream] = set()
         self.listen: ResponseStream | None = None
         #: ``(code, reason)`` of the session's end once :meth:`close` was called.
         self.closed: tuple[int, str] | None = None
@@ -174,6 +177,7 @@ class HttpSessionTransport:
             raise StreamInUse(request_id)
         stream = ResponseStream(request_id, self._bounds, peer_took, client_id)
         self._streams[request_id] = stream
+        self._open.add(stream)
         self._touch()
         return stream
 
@@ -186,6 +190,7 @@ class HttpSessionTransport:
         if self.listen is not None and not self.listen.ended.is_set():
             raise StreamInUse(None)
         self.listen = ResponseStream(None, self._bounds, peer_took)
+        self._open.add(self.listen)
         self._touch()
         return self.listen
 
@@ -193,6 +198,7 @@ class HttpSessionTransport:
         """The exchange that owned ``stream`` is over (written, or its peer gone): end it and
         forget it, so its id may be used again."""
         stream.end("the client's connection closed")
+        self._open.discard(stream)
         if stream.request_id is not None:
             if self._streams.get(stream.request_id) is stream:
                 del self._streams[stream.request_id]
@@ -241,7 +247,7 @@ class HttpSessionTransport:
             self._lost(message, related_request_id)
             return
         if related_request_id is not None and jsonrpc.is_response(message):
-            stream.answered = True
+            self._answered(stream)
 
     def send_nowait(self, message: str, related_request_id: RequestId | None = None) -> None:
         """Queue a control message now, past the stream's bound (see ``Outbox.put_nowait``)."""
@@ -254,7 +260,7 @@ class HttpSessionTransport:
             self._lost(message, related_request_id)
             return
         if related_request_id is not None and jsonrpc.is_response(message):
-            stream.answered = True
+            self._answered(stream)
 
     async def wait_writable(self) -> None:
         """Never blocks while the session is open: each request has its own stream, and a
@@ -281,44 +287,47 @@ class HttpSessionTransport:
         self._in_send.close()
         self._in_receive.close()
         why = f"the session ended: {reason}"
-        for stream in list(self._streams.values()):
+        for stream in list(self._open):
             stream.end(why)
-        if self.listen is not None:
-            self.listen.end(why)
         self._touch()
 
     # -- what status and the drain read ------------------------------------------------------
 
     def __len__(self) -> int:
         """Messages queued on every stream and not yet written."""
-        total = sum(len(stream.outbox) for stream in self._streams.values())
-        return total + (len(self.listen.outbox) if self.listen is not None else 0)
+        return sum(len(stream.outbox) for stream in self._open)
 
     @property
     def queued_bytes(self) -> int:
-        total = sum(stream.outbox.queued_bytes for stream in self._streams.values())
-        return total + (self.listen.outbox.queued_bytes if self.listen is not None else 0)
+        return sum(stream.outbox.queued_bytes for stream in self._open)
 
     @property
     def streams(self) -> int:
-        """Exchanges open on the session: requests in flight, and the listen stream."""
-        return len(self._streams) + (self.listen is not None)
+        """Exchanges open on the session: requests in flight or being answered, and the
+        listen stream."""
+        return len(self._open)
 
     # -- idle expiry -------------------------------------------------------------------------
 
-    async def expire_when_idle(self, idle_timeout: float) -> None:
+    async def expire_when_idle(self, idle_timeout: float, busy: Callable[[], bool]) -> None:
         """Close the session (1000, ``idle``) once no client has reached it for
-        ``idle_timeout`` seconds with no exchange open: a client that never sends DELETE
-        cannot hold a place under ``max_sessions`` for ever. Returns when closed; run it
-        beside the session, in its nursery."""
+        ``idle_timeout`` seconds, with no exchange open and nothing ``busy`` (work accepted
+        and not yet done: a call whose client went away runs to its end first): a client
+        that never sends DELETE cannot hold a place under ``max_sessions`` for ever. Returns
+        when closed; run it beside the session, in its nursery.
+
+        Work in flight signals no event here, so while it lasts past the deadline it is
+        looked at again every ``min(idle_timeout, 1)`` seconds."""
         while self.closed is None:
             if self.streams:
                 deadline = math.inf
             else:
                 deadline = self.last_active + idle_timeout
                 if trio.current_time() >= deadline:
-                    self.close_now(1000, f"idle for {idle_timeout:g} s")
-                    return
+                    if not busy():
+                        self.close_now(1000, f"idle for {idle_timeout:g} s")
+                        return
+                    deadline = trio.current_time() + min(idle_timeout, 1.0)
             activity = self._activity
             with trio.move_on_at(deadline):
                 await activity.wait()
@@ -336,6 +345,15 @@ class HttpSessionTransport:
             self._lost(message, related_request_id)
             return None
         return stream
+
+    def _answered(self, stream: ResponseStream) -> None:
+        """The request's response is queued: its id is free again at once, as the session's
+        own bookkeeping frees it (before the response can reach the client, so a client
+        that reuses an id as soon as it has its answer never finds it in use)."""
+        stream.answered = True
+        request_id = stream.request_id
+        if request_id is not None and self._streams.get(request_id) is stream:
+            del self._streams[request_id]
 
     def _lost(self, message: str, related_request_id: RequestId | None) -> None:
         if self.closed is not None:
