@@ -35,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, JsonValue
 
 from storage.connection import connect_kwargs
 from storage.errors import StorageError
+from storage.recovery import NODE_TTL
 from storage.rows import TaskStatus
 
 
@@ -74,10 +75,24 @@ class StoredTask(BaseModel):
         return self.status in ("completed", "failed", "cancelled", "interrupted")
 
 
-_COLUMNS = (
-    "id as task_id, status, error_message, created_at, updated_at, ttl_ms, poll_interval_ms,"
-    " node_id, expires_at, result_cleared_at"
-)
+#: A task's columns, read through :data:`_FROM`. A ``pending``/``running`` row whose node is
+#: dead (a clean stop recorded, or no heartbeat for ``NODE_TTL``, as recovery judges it) reads
+#: as ``interrupted`` at once, before any recovery has marked it: never ``working`` forever.
+_COLUMNS = """
+    t.id as task_id,
+    case when t.status in ('pending', 'running') and n.node_id is not null
+              and (n.stopped_at is not null
+                   or n.heartbeat_at < now() - make_interval(secs => %(node_ttl)s))
+         then 'interrupted' else t.status end as status,
+    case when t.status in ('pending', 'running') and n.node_id is not null
+              and (n.stopped_at is not null
+                   or n.heartbeat_at < now() - make_interval(secs => %(node_ttl)s))
+         then 'interrupted: node ' || t.node_id || ' stopped before the task finished'
+         else t.error_message end as error_message,
+    t.created_at, t.updated_at, t.ttl_ms, t.poll_interval_ms, t.node_id, t.expires_at,
+    t.result_cleared_at"""
+_FROM = "tasks t left join nodes n on n.node_id = t.node_id"
+_MINE = "t.id = %(task_id)s and t.identity = %(identity)s and t.augmented"
 
 
 class TaskStore:
@@ -123,26 +138,26 @@ class TaskStore:
     def get(self, task_id: UUID, identity: str) -> StoredTask | None:
         """The identity's task, or ``None`` (no such task, or another identity's)."""
         rows = self._query(
-            f"select {_COLUMNS} from tasks where id = %s and identity = %s and augmented",
-            (task_id, identity),
+            f"select {_COLUMNS} from {_FROM} where {_MINE}",
+            {"task_id": task_id, "identity": identity},
         )
         return StoredTask(**rows[0]) if rows else None
 
     def payload(self, task_id: UUID, identity: str) -> StoredTask | None:
         """As :meth:`get`, with the stored ``result`` and ``rpc_error``."""
         rows = self._query(
-            f"select {_COLUMNS}, result, rpc_error from tasks"
-            " where id = %s and identity = %s and augmented",
-            (task_id, identity),
+            f"select {_COLUMNS}, t.result, t.rpc_error from {_FROM} where {_MINE}",
+            {"task_id": task_id, "identity": identity},
         )
         return StoredTask(**rows[0]) if rows else None
 
     def list_tasks(self, identity: str, *, offset: int, limit: int) -> list[StoredTask]:
         """Up to ``limit`` of the identity's tasks from ``offset``, newest first."""
         rows = self._query(
-            f"select {_COLUMNS} from tasks where identity = %s and augmented"
-            " order by created_at desc, id desc offset %s limit %s",
-            (identity, offset, limit),
+            f"select {_COLUMNS} from {_FROM}"
+            " where t.identity = %(identity)s and t.augmented"
+            " order by t.created_at desc, t.id desc offset %(offset)s limit %(limit)s",
+            {"identity": identity, "offset": offset, "limit": limit},
         )
         return [StoredTask(**row) for row in rows]
 
@@ -151,38 +166,44 @@ class TaskStore:
     ) -> tuple[StoredTask, bool] | None:
         """Mark the identity's task ``cancelled`` if it has not ended (module doc): the row
         as it is afterwards and whether this call cancelled it (``False``: it had ended
-        already), or ``None`` if there is no such task."""
+        already), or ``None`` if there is no such task. A task whose node is dead has ended
+        (``interrupted``), even before recovery marked it."""
         rows = self._query(
             f"""
-            with cancelled as (
-                update tasks
-                   set status = 'cancelled', version = version + 2,
-                       completed_at = coalesce(completed_at, now()), updated_at = now(),
-                       error_message = %s
-                 where id = %s and identity = %s and augmented
-                   and status in ('pending', 'running')
-                returning {_COLUMNS.replace("id as task_id", "id as task_id, true as applied")}
+            with found as (
+                select {_COLUMNS} from {_FROM} where {_MINE}
+            ),
+            cancelled as (
+                update tasks t
+                   set status = 'cancelled', version = t.version + 2,
+                       completed_at = coalesce(t.completed_at, now()), updated_at = now(),
+                       error_message = %(message)s
+                  from found
+                 where t.id = found.task_id and found.status in ('pending', 'running')
+                   and t.status in ('pending', 'running')
+                returning t.updated_at
             )
-            select * from cancelled
-            union all
-            select {_COLUMNS.replace("id as task_id", "id as task_id, false as applied")}
-              from tasks
-             where id = %s and identity = %s and augmented
-               and not exists (select 1 from cancelled)
+            select found.*, cancelled.updated_at as cancelled_at
+              from found left join cancelled on true
             """,
-            (message, task_id, identity, task_id, identity),
+            {"task_id": task_id, "identity": identity, "message": message},
         )
         if not rows:
             return None
-        applied = bool(rows[0].pop("applied"))
-        return StoredTask(**rows[0]), applied
+        row = rows[0]
+        cancelled_at = row.pop("cancelled_at")
+        if cancelled_at is not None:
+            # `found` is the row before the update: what the update made of it.
+            row.update(status="cancelled", error_message=message, updated_at=cancelled_at)
+        return StoredTask(**row), cancelled_at is not None
 
     def cancelled_among(self, task_ids: list[UUID]) -> set[UUID]:
         """Which of these tasks (running here) were cancelled in the database meanwhile."""
         if not task_ids:
             return set()
         rows = self._query(
-            "select id from tasks where id = any(%s) and status = 'cancelled'", (task_ids,)
+            "select id from tasks where id = any(%(ids)s) and status = 'cancelled'",
+            {"ids": task_ids},
         )
         return {row["id"] for row in rows}
 
@@ -194,20 +215,21 @@ class TaskStore:
             """
             with due as (
                 select id from tasks
-                 where augmented and result_cleared_at is null and expires_at <= %s
+                 where augmented and result_cleared_at is null and expires_at <= %(now)s
                    and status not in ('pending', 'running')
-                 limit %s
+                 limit %(limit)s
             )
             update tasks t
-               set result = null, rpc_error = null, result_cleared_at = %s
+               set result = null, rpc_error = null, result_cleared_at = %(now)s
               from due where t.id = due.id
             returning t.id
             """,
-            (now, limit, now),
+            {"now": now, "limit": limit},
         )
         return len(rows)
 
-    def _query(self, sql: str, params: tuple[Any, ...]) -> list[dict[str, Any]]:
+    def _query(self, sql: str, params: dict[str, Any]) -> list[dict[str, Any]]:
+        """One short transaction; ``params`` by name (``node_ttl`` is always given)."""
         try:
             with self._pool.connection(timeout=self._wait) as conn, conn.transaction():
                 conn.execute(
@@ -215,7 +237,7 @@ class TaskStore:
                     (self._statement_timeout,),
                 )
                 with conn.cursor(row_factory=dict_row) as cursor:
-                    cursor.execute(sql.encode(), params)
+                    cursor.execute(sql.encode(), {"node_ttl": NODE_TTL, **params})
                     return cursor.fetchall()
         except PoolTimeout:
             raise TaskReadError(

@@ -398,26 +398,51 @@ async def _retention_clears_the_result_only(
 async def test_a_task_of_a_killed_node_is_failed_never_working(
     database_url: str, tmp_path: Path
 ) -> None:
-    state = tmp_path / "state"
+    """Node A is killed under a task. Seen from node B, the task is ``failed`` once A counts
+    as dead (its heartbeat older than recovery's node ttl), before anything marked its row;
+    A restarted on its state dir marks the row ``interrupted`` (recovery): ``failed`` too."""
     env = {"EXAI_CLIENT_TOKENS": f"alice={ALICE}"}
-    start = partial(start_server, state, database_url=database_url, extra_env=env)
-    server = await trio.to_thread.run_sync(start)
-    async with session(server, ALICE) as (client, _):
-        task = await create(client, "exai_test_block")
-        server.process.send_signal(signal.SIGKILL)
-        assert await trio.to_thread.run_sync(server.process.wait) == -signal.SIGKILL
-    # The same node again (same state dir): recovery marks the dead node's rows.
-    server = await trio.to_thread.run_sync(start)
+    start_a = partial(start_server, tmp_path / "a", database_url=database_url, extra_env=env)
+    a = await trio.to_thread.run_sync(start_a)
+    b = await trio.to_thread.run_sync(
+        partial(start_server, tmp_path / "b", database_url=database_url, extra_env=env)
+    )
     try:
-        async with session(server, ALICE) as (client, _):
+        async with session(a, ALICE) as (client, _):
+            task = await create(client, "exai_test_block")
+            a.process.send_signal(signal.SIGKILL)
+            assert await trio.to_thread.run_sync(a.process.wait) == -signal.SIGKILL
+        row = task_row(database_url, task["taskId"])
+        assert row is not None
+        assert row["status"] in ("pending", "running")  # its start was written behind
+        # A's last heartbeat, aged past the node ttl (300 s) instead of waiting for it.
+        query(
+            database_url,
+            "update nodes set heartbeat_at = now() - interval '1 hour'"
+            " where node_id = (select node_id from tasks where id = %s) returning node_id",
+            (uuid.UUID(task["taskId"]),),
+        )
+        async with session(b, ALICE) as (client, _):
             got = (await client.request("tasks/get", {"taskId": task["taskId"]}))["result"]
             assert got["status"] == "failed", got
             assert "stopped before it finished" in got["statusMessage"]
             result = await client.request("tasks/result", {"taskId": task["taskId"]})
             assert result["error"]["code"] == -32603, result
             assert result["error"]["data"] == {"taskStatus": "failed"}
+            refused = await client.request("tasks/cancel", {"taskId": task["taskId"]})
+            assert "already in terminal status 'failed'" in refused["error"]["message"]
+        assert task_row(database_url, task["taskId"])["status"] in ("pending", "running")  # type: ignore[index]
+
+        # A again (same state dir): recovery marks the dead node's rows.
+        a = await trio.to_thread.run_sync(start_a)
+        assert task_row(database_url, task["taskId"])["status"] == "interrupted"  # type: ignore[index]
+        async with session(a, ALICE) as (client, _):
+            got = (await client.request("tasks/get", {"taskId": task["taskId"]}))["result"]
+            assert got["status"] == "failed", got
     finally:
-        assert await trio.to_thread.run_sync(server.stop) == 0
+        for server in (a, b):
+            if server.process.poll() is None:  # not the killed one
+                assert await trio.to_thread.run_sync(server.stop) == 0
 
 
 async def test_a_stopping_node_records_its_running_tasks(database_url: str, tmp_path: Path) -> None:
