@@ -33,8 +33,10 @@ from tests.harness import (
     query,
     session_row,
     start_server,
+    wait_for_status,
     wait_until,
 )
+from tests.tcp_proxy import TcpProxy, libpq_target, libpq_via
 
 TASKS_VERSION = "2025-11-25"
 MAX_TASKS = 2
@@ -497,3 +499,43 @@ def test_task_creation_and_end_are_logged(tasks_server: ServerProcess) -> None:
     events = [e for e in tasks_server.log_events() if e.get("event", "").startswith("task.")]
     assert {e["event"] for e in events} >= {"task.created", "task.ended"}
     assert all(json.dumps(e) for e in events)
+
+
+async def test_a_task_whose_row_cannot_be_written_is_refused_and_never_runs(
+    database_url: str, tmp_path: Path
+) -> None:
+    """The database is unreachable (the node knows it: its breaker is open): a task-augmented
+    call is refused with -32004, at once; no task was created, nothing ran."""
+    port, unix = libpq_target(database_url)
+    proxy = TcpProxy(port, target_unix=unix)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(proxy.run)
+        server = await trio.to_thread.run_sync(
+            partial(
+                start_server,
+                tmp_path / "state",
+                database_url=libpq_via(database_url, proxy.port),
+                extra_env={"EXAI_CLIENT_TOKENS": f"alice={ALICE}"},
+            )
+        )
+        try:
+            async with session(server, ALICE) as (client, _):
+                proxy.close()  # the database is gone from the node's view
+                # A plain call's records find the database gone: the breaker opens.
+                plain = await client.request(
+                    "tools/call", {"name": "echo", "arguments": {"text": "x"}}
+                )
+                assert "result" in plain, plain
+                await wait_for_status(
+                    server,
+                    lambda s: s.persistence is not None and s.persistence.database == "down",
+                    what="the node to see the database down",
+                )
+                refused = await client.request("tools/call", as_task("echo", text="never"))
+                assert refused["error"]["code"] == -32004, refused
+                assert "could not be recorded" in refused["error"]["message"]
+            assert not [e for e in server.log_events() if e.get("event") == "task.created"]
+        finally:
+            server.process.send_signal(signal.SIGKILL)  # its database is gone: no clean stop
+            await trio.to_thread.run_sync(server.process.wait)
+            nursery.cancel_scope.cancel()

@@ -440,6 +440,12 @@ class CallRunner:
             self._log.warning(
                 "task.not_recorded", task_id=str(lifecycle.task_id), error=repr(error)
             )
+            if isinstance(error, (trio.TooSlowError, ActorUnavailable)):
+                # The row may still land (it waits in the journal): it must not stay
+                # `pending` with nobody to run it.
+                self._persistence.write_soon(
+                    lifecycle.finished("failed", error_message="not started: not recorded in time")
+                )
             refusal = StorageUnavailable(
                 "storage unavailable: the task could not be recorded; nothing was done, retry later"
             )
