@@ -40,6 +40,7 @@ from tests.tcp_proxy import TcpProxy, libpq_target, libpq_via
 
 TASKS_VERSION = "2025-11-25"
 MAX_TASKS = 2
+MAX_WAITERS = 2
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +55,7 @@ def tasks_server(
             "EXAI_CLIENT_TOKENS": f"alice={ALICE},bob={BOB}",
             "EXAI_MAX_TASKS_PER_IDENTITY": str(MAX_TASKS),
             "EXAI_PAGE_SIZE": "2",  # so that tasks/list pages
+            "EXAI_MAX_TASK_RESULT_WAITERS": str(MAX_WAITERS),
         },
     )
     yield handle
@@ -235,6 +237,34 @@ async def test_a_waiting_tasks_result_does_not_hold_the_session(
             replies[reply["id"]] = reply
         assert replies["cancel"]["result"]["status"] == "cancelled"
         assert replies["wait"]["error"]["data"] == {"taskStatus": "cancelled"}
+
+
+async def test_the_per_session_bound_of_waiting_results_refuses_precisely(
+    tasks_server: ServerProcess,
+) -> None:
+    async with session(tasks_server, ALICE) as (client, _):
+        task = await create(client, "exai_test_block")
+        for n in range(MAX_WAITERS):
+            await client.send(
+                {"jsonrpc": "2.0", "id": f"wait{n}", "method": "tasks/result", "params": task}
+            )
+        refused = await client.request("tasks/result", task)
+        assert refused["error"]["code"] == -32005, refused
+        assert refused["error"]["data"] == {"limit": "task_result_waiters", "max": MAX_WAITERS}
+        assert "EXAI_MAX_TASK_RESULT_WAITERS" in refused["error"]["message"]
+        await client.send(
+            {"jsonrpc": "2.0", "id": "cancel", "method": "tasks/cancel", "params": task}
+        )
+        replies = {}
+        for _ in range(MAX_WAITERS + 1):
+            reply = await client.receive()
+            replies[reply["id"]] = reply
+        assert replies["cancel"]["result"]["status"] == "cancelled"
+        for n in range(MAX_WAITERS):
+            assert replies[f"wait{n}"]["error"]["data"] == {"taskStatus": "cancelled"}
+        # Room again.
+        done = await client.request("tasks/result", task)
+        assert done["error"]["data"] == {"taskStatus": "cancelled"}
 
 
 async def test_another_identity_cannot_see_or_touch_a_task(tasks_server: ServerProcess) -> None:
