@@ -187,7 +187,9 @@ async def test_the_row_is_in_the_database_before_create_task_result(
         assert got["status"] == "completed"
         assert got["taskId"] == task["taskId"]
         assert got["createdAt"].endswith("Z")
-        assert got["lastUpdatedAt"] >= got["createdAt"]
+        created, updated = (datetime.fromisoformat(got[k]) for k in ("createdAt", "lastUpdatedAt"))
+        assert created.tzinfo is not None
+        assert updated >= created
         listed = (await client.request("tasks/list"))["result"]["tasks"]
         assert listed[0]["taskId"] == task["taskId"]  # newest first
 
