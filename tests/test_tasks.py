@@ -492,6 +492,38 @@ async def test_a_stopping_node_records_its_running_tasks(database_url: str, tmp_
     assert "stopped before it finished" in row["error_message"]
 
 
+async def test_a_drain_does_not_wait_for_a_waiting_tasks_result(
+    database_url: str, tmp_path: Path
+) -> None:
+    """A drain that waited for it would take EXAI_DRAIN_TIMEOUT (600 s here, past the
+    harness's bound on a stop): the session is closed with 1001 unanswered instead, and the
+    task, still running when the task host stops, is recorded failed."""
+    env = {"EXAI_CLIENT_TOKENS": f"alice={ALICE}", "EXAI_DRAIN_TIMEOUT": "600"}
+    start = partial(start_server, tmp_path / "state", database_url=database_url, extra_env=env)
+    server = await trio.to_thread.run_sync(start)
+    async with session(server, ALICE) as (client, _):
+        task = await create(client, "exai_test_block")
+        await client.send(
+            {"jsonrpc": "2.0", "id": "wait", "method": "tasks/result", "params": task}
+        )
+        await client.barrier()  # the actor took it: it waits, in its own task
+        async with trio.open_nursery() as nursery:
+            stopped: list[int] = []
+
+            async def stop() -> None:
+                stopped.append(await trio.to_thread.run_sync(server.stop))
+
+            nursery.start_soon(stop)
+            assert await client.receive_until_closed() == 1001
+        assert stopped == [0]
+    row = task_row(database_url, task["taskId"])
+    assert row is not None
+    assert row["status"] == "failed"
+    assert (
+        row["error_message"] == "interrupted: the node running the task stopped before it finished"
+    )
+
+
 async def test_cancel_from_another_node(database_url: str, tmp_path: Path) -> None:
     """Two nodes on one database: a cancel on B marks the row, A stops the tool."""
     env = {"EXAI_CLIENT_TOKENS": f"alice={ALICE}"}

@@ -514,7 +514,7 @@ class CallRunner:
             await self._send(jsonrpc.encode_error(request.id, error), request.id)
             return error
         self._result_waiters += 1
-        scope = self.state.admitted(request.id)
+        scope = self.state.waiting_for_task(request.id)
         assert self._calls is not None
         self._calls.start_soon(self._await_result, request.id, task_id, scope)
         return None
