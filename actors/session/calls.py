@@ -560,7 +560,7 @@ class CallRunner:
                     error_message=final.error_message,
                 )
                 return _encode_payload(request_id, payload)
-            row = await read_tasks(self._methods, partial(host.store.payload, task_id, identity))
+            row = await read_tasks(partial(host.store.payload, task_id, identity))
             if row is None:
                 raise unknown_task(task_id)
             if row.terminal:

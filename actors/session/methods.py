@@ -326,7 +326,7 @@ def task_id_of(request: jsonrpc.Request) -> UUID:
         raise unknown_task(raw) from None
 
 
-async def read_tasks(session: SessionMethods, read: Callable[[], T]) -> T:
+async def read_tasks(read: Callable[[], T]) -> T:
     """A blocking read of the task store, off the trio thread; -32004 if the database could
     not be read (abandoned on cancel: the query is bounded by its statement timeout)."""
     try:
@@ -347,7 +347,7 @@ async def _get_task(
     """``tasks/get``: the task's row, read from the database (any node's task)."""
     task_id = task_id_of(request)
     store = _task_host(session).store
-    row = await read_tasks(session, partial(store.get, task_id, session.state.identity))
+    row = await read_tasks(partial(store.get, task_id, session.state.identity))
     if row is None:
         raise unknown_task(task_id)
     return GetTaskResult(**task_of(row).model_dump())
@@ -365,7 +365,6 @@ async def _list_tasks(
     size = session.config.page_size
     store = _task_host(session).store
     rows = await read_tasks(
-        session,
         partial(store.list_tasks, session.state.identity, offset=offset, limit=size + 1),
     )
     next_cursor = encode_cursor(offset + size) if len(rows) > size else None
@@ -385,14 +384,13 @@ async def _cancel_task(
     running = host.running(task_id, identity)
     if running is not None:
         await host.cancel(running, f"cancelled by request (session {session.state.session_id})")
-        row = await read_tasks(session, partial(host.store.get, task_id, identity))
+        row = await read_tasks(partial(host.store.get, task_id, identity))
         if row is None or running.final is None or running.final.status != "cancelled":
             # It ended on its own before the cancel reached it.
             status = running.final.status if running.final is not None else "ended"
             raise InvalidParams(f"Cannot cancel task: already in terminal status {status!r}")
         return CancelTaskResult(**task_of(row).model_dump())
     marked = await read_tasks(
-        session,
         partial(
             host.store.request_cancel,
             task_id,
