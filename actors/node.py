@@ -14,7 +14,8 @@ used after what it depends on has gone:
    pykka actor every upstream call asks first, reached through an :class:`ActorName`, with its
    pacer), ``providers`` (one HTTP client
    per configured upstream; none is fine: ``chat`` then says how to configure one),
-   ``admin`` (``/status``, ``/metrics``), ``sessions`` (the sessions supervisor: each
+   ``admin`` (``/status``, ``/metrics``), ``tasks`` (the MCP task host: docs/tasks.md),
+   ``sessions`` (the sessions supervisor: each
    session's actor is its dynamic child, docs/supervision.md) and ``listener`` (the WebSocket
    listener, which starts sessions, and the reaper of parked ones);
 3. ``server.json`` and the one line announcing the URL.
@@ -62,6 +63,7 @@ from actors.providers import UpstreamConfig, UpstreamConfigError, load_upstream,
 from actors.rate_limiter import RateLimiterActor, supervised_rate_limiter
 from actors.session import SessionBounds, SessionConfig, SessionLifecycle, SessionServices
 from actors.status import LiveSession, NodeStatusSource
+from actors.tasks import TaskHost
 from actors.tools import builtin_tools
 from runtime.actor import sole_exception
 from runtime.admin import serve_admin
@@ -403,13 +405,24 @@ class _Tree:
             node_mailbox=NodeBudget("mailbox", settings.node_mailbox_bytes),
             node_outgoing=NodeBudget("outgoing", settings.node_outgoing_bytes),
         )
+        total_slots = trio.CapacityLimiter(settings.max_inflight_total)
+        #: ``/root/tasks``: where MCP tasks run, detached from sessions (docs/tasks.md).
+        self.tasks = TaskHost(
+            persistence=self.persistence,
+            total_slots=total_slots,
+            database_url=database_url,
+            max_per_identity=settings.max_tasks_per_identity,
+            retention_ms=round(settings.task_retention * 1000),
+        )
         self.services = SessionServices(
             tools=builtin_tools(test_faults=settings.test_faults, conversations=self.conversations),
             persistence=self.persistence,
             config=SessionConfig(
                 max_inflight=settings.max_inflight_per_session,
                 test_faults=settings.test_faults,
-                total_slots=trio.CapacityLimiter(settings.max_inflight_total),
+                total_slots=total_slots,
+                tasks=self.tasks,
+                max_task_result_waiters=settings.max_task_result_waiters,
                 heartbeat_interval=settings.heartbeat_interval,
                 page_size=settings.page_size,
                 node_id=node_id,
@@ -444,6 +457,9 @@ class _Tree:
                 ChildSpec("rate_limiter", rate_limiter, shutdown=10),
                 ChildSpec("providers", self._providers, shutdown=10),
                 ChildSpec("admin", self._admin, shutdown=5),
+                # Before sessions, which hand it tasks; stopped after every session has
+                # drained: its running tasks are then cancelled and recorded.
+                ChildSpec("tasks", self.tasks.run, shutdown=30),
                 # Before the listener, which starts its children: stopped after the listener
                 # has drained every session (reverse start order).
                 self.sessions_supervisor.child_spec("sessions"),

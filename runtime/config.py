@@ -276,6 +276,25 @@ class Settings(BaseSettings):
         default=False,
         description="Enable test-only fault injection (never in production).",
     )
+    task_retention: float = Field(
+        default=86_400.0,
+        gt=0,
+        description="Seconds a task's result is kept after the task was created (MCP Tasks, "
+        "docs/tasks.md): a client's shorter ttl is granted, a longer one capped to this. After "
+        "it the stored result is cleared; the task's row and its token usage stay.",
+    )
+    max_tasks_per_identity: int = Field(
+        default=16,
+        ge=1,
+        description="Task-augmented tools/call requests one client identity may have running "
+        "on this node at once; one more is refused with -32005 (docs/tasks.md).",
+    )
+    max_task_result_waiters: int = Field(
+        default=16,
+        ge=1,
+        description="tasks/result requests one session may have waiting at once; one more is "
+        "refused with -32005 (docs/tasks.md).",
+    )
 
     @field_validator("log_level")
     @classmethod

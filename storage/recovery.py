@@ -42,6 +42,9 @@ from storage.connection import Connector
 from storage.journal import Journal, OrphanJournal, find_orphans, set_aside
 from storage.writes import write_batch
 
+#: Seconds without a heartbeat after which a node that recorded no clean stop is dead.
+NODE_TTL = 300.0
+
 log = structlog.get_logger("storage.recovery")
 
 
@@ -60,7 +63,7 @@ def recover(
     database_url: str,
     journal: Journal,
     *,
-    node_ttl: float = 300.0,
+    node_ttl: float = NODE_TTL,
     replay_chunk: int = 2000,
     statement_timeout: float = 60.0,
 ) -> RecoveryReport:

@@ -30,6 +30,10 @@ TaskStatus = Literal["pending", "running", "completed", "failed", "cancelled", "
 FinalTaskStatus = Literal["completed", "failed", "cancelled"]
 MessageRole = Literal["user", "assistant", "system", "tool"]
 
+#: ``tasks.identity`` of a row whose identity is not known (written before tasks had one):
+#: no token can name it (runtime/auth.py's IDENTITY_PATTERN).
+UNKNOWN_IDENTITY = "(unknown)"
+
 #: Version a task row has after each step of its life (optimistic concurrency, see TaskStarted).
 PENDING_VERSION = 1
 RUNNING_VERSION = 2
@@ -133,13 +137,22 @@ class TaskCreated(_Row):
 
     kind: Literal["task_created"] = "task_created"
     task_id: UUID
-    session_id: str
+    #: ``None`` for a sessionless request (Streamable HTTP, 2026-07-28).
+    session_id: str | None
     request_id: str
     tool_name: str
     arguments_digest: str
     node_id: str
     created_at: datetime
     task_type: str = "tools/call"
+    #: The client identity the session's token named; ``None`` in journals written before
+    #: tasks had one (stored as :data:`UNKNOWN_IDENTITY`).
+    identity: str | None = None
+    #: An MCP task (a task-augmented ``tools/call``, docs/tasks.md), with its retention.
+    augmented: bool = False
+    ttl_ms: int | None = Field(default=None, ge=0)
+    expires_at: datetime | None = None
+    poll_interval_ms: int | None = Field(default=None, gt=0)
 
 
 class TaskStarted(_Row):
@@ -171,6 +184,9 @@ class TaskFinished(_Row):
     version: int
     result: ClientJson = None
     error_message: ClientText | None = None
+    #: The JSON-RPC error object the call was answered with, if it was (an MCP task's
+    #: ``tasks/result`` returns exactly it).
+    rpc_error: ClientJson = None
 
 
 # --- token usage ----------------------------------------------------------------------------

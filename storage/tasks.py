@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import hashlib
 import uuid
-from datetime import UTC, datetime
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 
 from pydantic import JsonValue
 from pydantic_core import to_json
@@ -58,6 +59,23 @@ def request_id_text(request_id: str | int) -> str:
     return to_json(request_id).decode()
 
 
+@dataclass(frozen=True, slots=True)
+class Retention:
+    """What an MCP task is granted (docs/tasks.md): ``ttl_ms`` from its creation (the
+    client's ``task.ttl`` capped by the node's retention), and the poll interval suggested to
+    its client, in milliseconds."""
+
+    ttl_ms: int
+    poll_interval_ms: int
+
+    @classmethod
+    def granted(cls, requested_ms: int | None, *, max_ms: int, poll_interval_ms: int) -> Retention:
+        """MCP: receivers MAY override the requested ttl; this one caps it (and grants the
+        maximum when none was asked for)."""
+        ttl = max_ms if requested_ms is None else min(max(requested_ms, 0), max_ms)
+        return cls(ttl_ms=ttl, poll_interval_ms=poll_interval_ms)
+
+
 class TaskLifecycle:
     """The records of one task, each at the version its predecessor left the row in."""
 
@@ -71,7 +89,7 @@ class TaskLifecycle:
     def create(
         cls,
         *,
-        session_id: str,
+        session_id: str | None,
         request_id: str | int,
         tool_name: str,
         arguments: JsonValue,
@@ -79,8 +97,13 @@ class TaskLifecycle:
         task_id: uuid.UUID | None = None,
         at: datetime | None = None,
         max_result_bytes: int = MAX_RESULT_BYTES,
+        identity: str | None = None,
+        retention: Retention | None = None,
     ) -> TaskLifecycle:
-        """``max_result_bytes``: what :meth:`finished` keeps of a result (see there)."""
+        """``max_result_bytes``: what :meth:`finished` keeps of a result (see there).
+        ``retention``: given for an MCP task (a task-augmented call, docs/tasks.md), whose
+        row is then ``augmented`` with its ttl, expiry and poll interval."""
+        created_at = at or datetime.now(UTC)
         return cls(
             TaskCreated(
                 task_id=task_id or uuid.uuid4(),
@@ -89,7 +112,16 @@ class TaskLifecycle:
                 tool_name=tool_name,
                 arguments_digest=arguments_digest(arguments),
                 node_id=node_id,
-                created_at=at or datetime.now(UTC),
+                created_at=created_at,
+                identity=identity,
+                augmented=retention is not None,
+                ttl_ms=None if retention is None else retention.ttl_ms,
+                expires_at=(
+                    None
+                    if retention is None
+                    else created_at + timedelta(milliseconds=retention.ttl_ms)
+                ),
+                poll_interval_ms=None if retention is None else retention.poll_interval_ms,
             ),
             max_result_bytes=max_result_bytes,
         )
@@ -108,6 +140,7 @@ class TaskLifecycle:
         error_message: str | None = None,
         at: datetime | None = None,
         result_size: int | None = None,
+        rpc_error: JsonValue = None,
     ) -> TaskFinished:
         """The final record. A ``result`` whose JSON exceeds ``max_result_bytes`` is stored as
         :func:`~storage.untrusted.bounded_json` makes it (its beginning, a marker and its real
@@ -126,4 +159,5 @@ class TaskLifecycle:
             error_message=(
                 None if error_message is None else clip_bytes(error_message, self.max_result_bytes)
             ),
+            rpc_error=None if rpc_error is None else bounded_json(rpc_error, self.max_result_bytes),
         )

@@ -43,6 +43,7 @@ from pydantic_core import to_json
 from storage.errors import RowVersion, WriteConflict, WriteRejected
 from storage.rows import (
     PENDING_VERSION,
+    UNKNOWN_IDENTITY,
     MessageRow,
     NodeHeartbeat,
     Record,
@@ -301,7 +302,8 @@ def _close_sessions(conn: Connection, rows: list[SessionClose]) -> None:
 
 _TASK_COLUMNS = (
     "id, session_id, task_type, status, created_at, started_at, completed_at, result,"
-    " error_message, request_id, tool_name, arguments_digest, node_id, version"
+    " error_message, request_id, tool_name, arguments_digest, node_id, version,"
+    " identity, augmented, ttl_ms, expires_at, poll_interval_ms, rpc_error"
 )
 
 
@@ -332,6 +334,12 @@ class _TaskDraft:
             c.arguments_digest,
             c.node_id,
             self.version,
+            c.identity or UNKNOWN_IDENTITY,
+            c.augmented,
+            c.ttl_ms,
+            c.expires_at,
+            c.poll_interval_ms,
+            _jsonb(f.rpc_error) if f else None,
         )
 
 
@@ -368,7 +376,8 @@ def _insert_tasks(conn: Connection, rows: list[TaskCreated]) -> None:
     with conn.cursor() as cur:
         cur.executemany(
             f"insert into tasks ({_TASK_COLUMNS})"
-            " values (%s, %s, %s, 'pending', %s, null, null, null, null, %s, %s, %s, %s, %s)"
+            " values (%s, %s, %s, 'pending', %s, null, null, null, null, %s, %s, %s, %s, %s,"
+            " %s, %s, %s, %s, %s, null)"
             " on conflict (id) do nothing",
             [
                 (
@@ -381,6 +390,11 @@ def _insert_tasks(conn: Connection, rows: list[TaskCreated]) -> None:
                     r.arguments_digest,
                     r.node_id,
                     PENDING_VERSION,
+                    r.identity or UNKNOWN_IDENTITY,
+                    r.augmented,
+                    r.ttl_ms,
+                    r.expires_at,
+                    r.poll_interval_ms,
                 )
                 for r in rows
             ],
@@ -434,9 +448,10 @@ def _transitions(
             update tasks t
                set status = v.status, completed_at = v.completed_at, result = v.result::jsonb,
                    error_message = v.error_message, version = greatest(t.version + 1, v.version),
-                   updated_at = now()
+                   rpc_error = v.rpc_error::jsonb, updated_at = now()
               from unnest(%s::uuid[], %s::text[], %s::timestamptz[], %s::text[], %s::text[],
-                          %s::int[]) as v(id, status, completed_at, result, error_message, version)
+                          %s::int[], %s::text[])
+                   as v(id, status, completed_at, result, error_message, version, rpc_error)
              where t.id = v.id
                and (t.version = v.version - 1 and t.status in ('pending', 'running')
                     or t.status = 'interrupted')
@@ -449,6 +464,7 @@ def _transitions(
                 [_json_text(f.result) for _, f in finished],
                 [f.error_message for _, f in finished],
                 [f.version for _, f in finished],
+                [_json_text(f.rpc_error) for _, f in finished],
             ),
         )
         missed += [

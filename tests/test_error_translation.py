@@ -66,6 +66,7 @@ from storage.errors import (
     WriteConflict,
     WriteRejected,
 )
+from storage.task_queries import TaskReadError
 from storage.threads import InvalidThreadCursor, ThreadReadError
 from tests.memory_support import migrated_database, running_persistence, session_services
 
@@ -199,6 +200,7 @@ CASES: dict[str, Case] = {
     "WriteConflict": Case(lambda: WriteConflict("moved", current="running@2"), Internal()),
     "WriteRejected": Case(lambda: WriteRejected("constraint"), Internal()),
     "ThreadReadError": Case(lambda: ThreadReadError("reading threads failed"), Internal()),
+    "TaskReadError": Case(lambda: TaskReadError("reading tasks failed"), Internal()),
     "InvalidThreadCursor": Case(
         lambda: InvalidThreadCursor("invalid cursor 'zz': not one this server issued"),
         Input("invalid cursor 'zz': not one this server issued"),

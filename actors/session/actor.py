@@ -110,6 +110,9 @@ class SessionActor(Actor[Mail]):
             self._current = message.id
             if message.method == "tools/call":
                 refusal = await self.calls.start(message)
+            elif message.method == "tasks/result":
+                # It may wait as long as its task runs: a task of the call runner, as a call.
+                refusal = await self.calls.task_result(message)
             else:
                 await self._answer(message)
             self._current = None

@@ -27,8 +27,10 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from functools import partial
 from typing import Any, Literal
+from uuid import UUID
 
 import pydantic_core
 import trio
@@ -40,24 +42,34 @@ from actors.persistence import (
     StorageUnavailable,
 )
 from actors.session.config import SessionConfig
-from actors.session.methods import SessionMethods, params
+from actors.session.methods import SessionMethods, params, read_tasks, task_id_of
 from actors.session.state import RequestId, SessionState
+from actors.tasks import POLL_INTERVAL_MS, TaskOutcome
+from actors.tasks.wire import payload_of, timestamp, unknown_task
 from runtime import trace
 from runtime.connection import Connection, ConnectionGone
 from runtime.mcp import jsonrpc, translation, versions
-from runtime.mcp.errors import InvalidParams, InvalidRequest, RpcError
+from runtime.mcp.errors import (
+    InvalidParams,
+    InvalidRequest,
+    LimitExceeded,
+    MethodNotFound,
+    RpcError,
+)
 from runtime.mcp.progress import Progress
 from runtime.mcp.schema import (
     CallToolParams,
+    CreateTaskResult,
     LogLevel,
     LogMessageParams,
     RequestMeta,
+    Task,
 )
 from runtime.mcp.tools import Tool, ToolContext, ToolRegistry
 from storage.durability import Durability
 from storage.errors import ExaiError, StorageError
 from storage.rows import SessionActivity
-from storage.tasks import TaskLifecycle
+from storage.tasks import Retention, TaskLifecycle
 
 #: The ``_meta`` of a call that sent none.
 _NO_META = RequestMeta()
@@ -88,6 +100,8 @@ class CallRunner:
         #: One batch runs at a time: a second waits in the actor, the mailbox behind it.
         self._batch_slot = trio.Semaphore(1)
         self._calls: trio.Nursery | None = None
+        #: ``tasks/result`` requests waiting now (bounded: ``max_task_result_waiters``).
+        self._result_waiters = 0
 
     @property
     def _log(self) -> FilteringBoundLogger:
@@ -112,7 +126,10 @@ class CallRunner:
             await self._send(jsonrpc.encode_error(request.id, admitted), request.id)
             return admitted
         assert self._calls is not None
-        self._calls.start_soon(self._call_and_send, request.id, admitted)
+        if admitted.as_task:
+            self._calls.start_soon(self._create_task, request.id, admitted)
+        else:
+            self._calls.start_soon(self._call_and_send, request.id, admitted)
         return None
 
     # -- admission --------------------------------------------------------------------------
@@ -136,12 +153,19 @@ class CallRunner:
             tool = self._tools.get(call.name)
             if tool is None:
                 raise InvalidParams(f"unknown tool: {call.name!r}")
+            as_task = self._as_task(call, tool, version)
             try:
                 self._persistence.ensure_available()
             except StorageUnavailable as error:
                 # The persistence actor's words for what is unavailable, and the call's own
                 # for what was done about it; answered by the translation point (-32004).
                 raise StorageUnavailable(f"{error.reason}; nothing was done, retry later") from None
+            if as_task:
+                host = self._config.tasks
+                assert host is not None  # _as_task
+                host.admit(self.state.identity)  # -32005 past the identity's bound
+                self.state.handling(request.id)
+                return _Admitted(tool, call, version, as_task=True)
         except (RpcError, ExaiError) as error:
             return translation.refusal(error)
         # The node-wide limiter counts borrowers: each call is its own, whatever id its client
@@ -170,6 +194,28 @@ class CallRunner:
             return None  # cancelled while waiting: no response
         state.admitted(request.id)
         return admitted
+
+    def _as_task(self, call: CallToolParams, tool: Tool[Any], version: str) -> bool:
+        """Whether the call runs as an MCP task (2025-11-25, basic/utilities/tasks, "Tool-Level
+        Negotiation"); -32601 for a tool that forbids it (every tool but those that declare
+        ``execution.taskSupport``), or that requires it and was called without. A version
+        without tasks ignores ``params.task`` (MCP: a receiver that does not declare the
+        capability MUST process the request normally)."""
+        if not self._methods.has_tasks(version):
+            return False
+        if call.task is None:
+            if tool.task_support == "required":
+                raise MethodNotFound(
+                    f"tool {tool.name!r} must be called as a task (execution.taskSupport is "
+                    "'required'): add params.task"
+                )
+            return False
+        if tool.task_support == "forbidden":
+            raise MethodNotFound(
+                f"tool {tool.name!r} does not support task-augmented calls "
+                "(execution.taskSupport is 'forbidden'): call it without params.task"
+            )
+        return True
 
     def _release(self, admitted: _Admitted) -> None:
         """Give back a call's two slots, once. Cannot raise: it runs on every path out of a
@@ -308,22 +354,29 @@ class CallRunner:
         return None
 
     async def _run_tool(
-        self, request_id: RequestId, tool: Tool[Any], call: CallToolParams, version: str
+        self,
+        request_id: RequestId,
+        tool: Tool[Any],
+        call: CallToolParams,
+        version: str,
+        *,
+        detached: bool = False,
     ) -> _Outcome:
+        """Run the tool; ``detached``: as an MCP task, with no progress and no client log."""
         try:
             args = tool.parse(call.arguments)
         except InvalidParams as error:
             return _failed(
                 request_id, translation.call_failure(error, tool=tool.name, version=version)
             )
-        token = call.meta.progress_token if call.meta else None
+        token = call.meta.progress_token if call.meta and not detached else None
         progress = Progress(token, self._send, request_id) if token is not None else None
         ctx = ToolContext(
             self.state.session_id,
             request_id,
             identity=self.state.identity,
             progress=progress,
-            log=self._log_to_client,
+            log=None if detached else self._log_to_client,
         )
         try:
             if progress is None:
@@ -356,6 +409,175 @@ class CallRunner:
         if output.is_error:
             return _Outcome(reply, "failed", body, output.text, len(encoded))
         return _Outcome(reply, "completed", body, None, len(encoded))
+
+    # -- MCP tasks (2025-11-25, docs/tasks.md) ------------------------------------------------
+
+    async def _create_task(self, request_id: RequestId, admitted: _Admitted) -> None:
+        """A task-augmented call: its row, in the database (``write_through``), then the
+        task handed to the node's task host, then ``CreateTaskResult``. A row that cannot
+        be written refuses the call (-32004) and nothing runs."""
+        host = self._config.tasks
+        assert host is not None  # _as_task
+        state = self.state
+        tool, call = admitted.tool, admitted.params
+        assert call.task is not None
+        lifecycle = TaskLifecycle.create(
+            session_id=state.session_id,
+            request_id=request_id,
+            tool_name=tool.name,
+            arguments=call.arguments or {},
+            node_id=self._config.node_id,
+            max_result_bytes=self._config.max_result_bytes,
+            identity=state.identity,
+            retention=Retention.granted(
+                call.task.ttl, max_ms=host.retention_ms, poll_interval_ms=host.poll_interval_ms
+            ),
+        )
+        try:
+            await self._persistence.write_through(lifecycle.created)
+        except (StorageError, ActorUnavailable, trio.TooSlowError) as error:
+            host.withdraw(state.identity)
+            self._log.warning(
+                "task.not_recorded", task_id=str(lifecycle.task_id), error=repr(error)
+            )
+            if isinstance(error, (trio.TooSlowError, ActorUnavailable)):
+                # The row may still land (it waits in the journal): it must not stay
+                # `pending` with nobody to run it.
+                self._persistence.write_soon(
+                    lifecycle.finished("failed", error_message="not started: not recorded in time")
+                )
+            refusal = StorageUnavailable(
+                "storage unavailable: the task could not be recorded; nothing was done, retry later"
+            )
+            reply = jsonrpc.encode_error(request_id, translation.refusal(refusal))
+        except BaseException:
+            # Cut short (the session crashed or ended): the row may have landed; it must
+            # not stay `pending` with nobody to run it.
+            host.withdraw(state.identity)
+            self._persistence.write_soon(
+                lifecycle.finished("failed", error_message="interrupted before the task started")
+            )
+            raise
+        else:
+            host.launch(lifecycle, state.identity, partial(self._execute, request_id, admitted))
+            created = lifecycle.created
+            at = timestamp(created.created_at)
+            task = Task(
+                task_id=str(lifecycle.task_id),
+                status="working",
+                created_at=at,
+                last_updated_at=at,
+                ttl=created.ttl_ms,
+                poll_interval=created.poll_interval_ms,
+            )
+            reply = jsonrpc.encode_result(request_id, CreateTaskResult(task=task))
+        try:
+            await self._send(reply, request_id)
+        except ConnectionGone:
+            return  # the task runs on; the client finds it with tasks/list or tasks/get
+        self.state.answered(request_id)
+
+    async def _execute(self, request_id: RequestId, admitted: _Admitted) -> TaskOutcome:
+        """Run a task's tool, detached from this session (no progress, no client log: the
+        client may be gone); how it ended, as ``tools/call`` would have answered."""
+        outcome = await self._run_tool(
+            request_id, admitted.tool, admitted.params, admitted.version, detached=True
+        )
+        return TaskOutcome(
+            outcome.status,
+            result=outcome.result,
+            result_size=outcome.result_size,
+            error_message=outcome.error,
+            rpc_error=outcome.rpc_error,
+        )
+
+    async def task_result(self, request: jsonrpc.Request) -> RpcError | None:
+        """``tasks/result``: admitted here, then waits in its own task of the incarnation's
+        nursery (never in the actor), at most ``max_task_result_waiters`` per session
+        (-32005 past it); cancellable with ``notifications/cancelled``. The error it was
+        refused with, if so (it has been answered with it)."""
+        try:
+            version = self._methods.version_of(request)
+            if not self._methods.has_tasks(version):
+                raise MethodNotFound(
+                    f"method not found: 'tasks/result' (protocol version {version})"
+                )
+            task_id = task_id_of(request)
+            bound = self._config.max_task_result_waiters
+            if self._result_waiters >= bound:
+                raise LimitExceeded(
+                    f"too many tasks/result requests waiting in this session ({bound}, "
+                    "EXAI_MAX_TASK_RESULT_WAITERS): wait for one, or poll with tasks/get",
+                    {"limit": "task_result_waiters", "max": bound},
+                )
+        except RpcError as error:
+            await self._send(jsonrpc.encode_error(request.id, error), request.id)
+            return error
+        self._result_waiters += 1
+        scope = self.state.waiting_for_task(request.id)
+        assert self._calls is not None
+        self._calls.start_soon(self._await_result, request.id, task_id, scope)
+        return None
+
+    async def _await_result(
+        self, request_id: RequestId, task_id: UUID, scope: trio.CancelScope
+    ) -> None:
+        reply: str | None = None
+        try:
+            with scope:
+                try:
+                    reply = await self._task_payload(request_id, task_id)
+                except RpcError as error:
+                    reply = jsonrpc.encode_error(request_id, error)
+            if reply is not None:
+                try:
+                    await self._send(reply, request_id)
+                except ConnectionGone:
+                    return
+            self.state.answered(request_id)
+        finally:
+            self._result_waiters -= 1
+            self.state.call_ended(request_id)
+
+    async def _task_payload(self, request_id: RequestId, task_id: UUID) -> str:
+        """Once the task is terminal: exactly what its ``tools/call`` would have answered
+        (MCP: MUST), with the related-task ``_meta``. A task running here is waited for on
+        its event; one running elsewhere is read again every ``pollInterval``."""
+        host = self._config.tasks
+        assert host is not None
+        identity = self.state.identity
+        while True:
+            running = host.running(task_id, identity)
+            if running is not None:
+                await running.done.wait()
+                final, outcome = running.final, running.outcome
+                assert final is not None
+                payload = payload_of(
+                    str(task_id),
+                    final.status,
+                    result=outcome.result if outcome is not None else None,
+                    rpc_error=outcome.rpc_error if outcome is not None else None,
+                    error_message=final.error_message,
+                )
+                return _encode_payload(request_id, payload)
+            row = await read_tasks(partial(host.store.payload, task_id, identity))
+            if row is None:
+                raise unknown_task(task_id)
+            if row.terminal:
+                if row.expired(datetime.now(UTC)):
+                    raise InvalidParams(
+                        f"Failed to retrieve task: task {task_id} has expired (its result was "
+                        f"cleared after its ttl of {row.ttl_ms} ms)"
+                    )
+                payload = payload_of(
+                    str(task_id),
+                    row.status,
+                    result=row.result,
+                    rpc_error=row.rpc_error,
+                    error_message=row.error_message,
+                )
+                return _encode_payload(request_id, payload)
+            await trio.sleep((row.poll_interval_ms or POLL_INTERVAL_MS) / 1000)
 
     async def _log_to_client(self, level: LogLevel, data: object, request_id: RequestId) -> None:
         """A tool's ``notifications/message``, if the client's level lets it through; it
@@ -467,8 +689,12 @@ def _failed(request_id: RequestId, failure: translation.CallFailure) -> _Outcome
     """A failed call's reply as its translation says: a JSON-RPC error or an ``isError``
     result."""
     if failure.error is not None:
+        error = failure.error
+        body: dict[str, Any] = {"code": error.code, "message": error.message}
+        if error.data is not None:
+            body["data"] = error.data
         return _Outcome(
-            jsonrpc.encode_error(request_id, failure.error), "failed", None, failure.record
+            jsonrpc.encode_error(request_id, error), "failed", None, failure.record, rpc_error=body
         )
     assert failure.result is not None
     return _Outcome(
@@ -485,6 +711,9 @@ class _Admitted:
     params: CallToolParams
     version: str
     released: bool = False
+    #: A task-augmented call (docs/tasks.md): it holds no slot of the session's; the task
+    #: host takes a node slot for it.
+    as_task: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -497,6 +726,18 @@ class _Outcome:
     error: str | None
     #: Bytes of ``result`` as compact JSON, when the reply already encoded it.
     result_size: int | None = None
+    #: The JSON-RPC error object of ``reply``, when it is an error (an MCP task keeps it).
+    rpc_error: dict[str, Any] | None = None
+
+
+def _encode_payload(
+    request_id: RequestId, payload: dict[str, Any] | dict[str, dict[str, Any]]
+) -> str:
+    """A ``tasks/result`` reply from :func:`~actors.tasks.wire.payload_of`'s answer."""
+    if "error" in payload:
+        message = {"jsonrpc": "2.0", "id": request_id, "error": payload["error"]}
+        return pydantic_core.to_json(message).decode()
+    return jsonrpc.encode_result(request_id, payload["result"])
 
 
 async def _acquire(nowait: Callable[[], None], wait: Callable[[], Awaitable[None]]) -> None:

@@ -12,6 +12,7 @@ import trio
 
 from actors.persistence import PersistenceClient
 from actors.status import LiveSession
+from actors.tasks import TaskHost
 from runtime.budget import NodeBudget
 from runtime.mcp.tools import ToolRegistry
 from runtime.session_registry import SessionRegistry
@@ -37,6 +38,10 @@ class SessionConfig:
     page_size: int = 50
     #: Bytes of a tool result kept in its task row (EXAI_MAX_STORED_RESULT_BYTES).
     max_result_bytes: int = MAX_RESULT_BYTES
+    #: The node's MCP task host (docs/tasks.md); ``None``: tasks are not offered.
+    tasks: TaskHost | None = None
+    #: ``tasks/result`` requests one session may have waiting (EXAI_MAX_TASK_RESULT_WAITERS).
+    max_task_result_waiters: int = 16
 
 
 @dataclass(frozen=True, slots=True)

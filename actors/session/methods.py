@@ -20,9 +20,17 @@ method                   eras                        before a version is known
 ``ping``                 handshake (2026-07-28: no)  yes
 ``tools/list``           every                       no: -32600 "session not initialized"
 ``logging/setLevel``     handshake (2026-07-28: no)  no
+``tasks/get``            2025-11-25, tasks offered   no
+``tasks/list``           2025-11-25, tasks offered   no
+``tasks/cancel``         2025-11-25, tasks offered   no
 ``$/exai/test/crash*``   every, with test faults on  yes
 anything else            -32601 "method not found"   no
 =======================  ==========================  =====================================
+
+``tasks/result`` is not in the table either: it may wait as long as its task runs, so it
+runs as a task of the call runner, like a call (``actors.session.calls``). The ``tasks/*``
+methods read the database (docs/tasks.md): a task of another identity is answered as an
+unknown one (-32602).
 """
 
 from __future__ import annotations
@@ -30,40 +38,54 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any, Final, TypeVar
+from uuid import UUID
 
 import structlog
+import trio
 from pydantic import BaseModel, ValidationError
 from structlog.typing import FilteringBoundLogger
 
 from actors.persistence import PersistenceClient
 from actors.session.config import SessionConfig
 from actors.session.state import SessionState
+from actors.tasks import TaskHost
+from actors.tasks.wire import task_of, unknown_task
 from runtime.mcp import jsonrpc, versions
 from runtime.mcp.errors import (
+    InvalidParams,
     InvalidRequest,
     MethodNotFound,
     RpcError,
     SessionNotInitialized,
+    Unavailable,
     UnsupportedProtocolVersion,
     invalid_params,
 )
-from runtime.mcp.paging import page
+from runtime.mcp.paging import decode_cursor, encode_cursor, page
 from runtime.mcp.schema import (
     CACHEABLE_RESULTS,
+    CancelTaskResult,
     DiscoverResult,
     EmptyResult,
+    GetTaskResult,
     Implementation,
     InitializeParams,
     InitializeResult,
+    ListTasksParams,
+    ListTasksResult,
     ListToolsParams,
     ListToolsResult,
     RequestMeta,
     ServerCapabilities,
     SetLevelParams,
+    TaskIdParams,
+    TasksCapability,
 )
 from runtime.mcp.tools import ToolRegistry
 from storage.rows import SessionIdentified
+from storage.task_queries import TaskReadError
 
 __all__ = [
     "CRASH_METHOD",
@@ -86,6 +108,7 @@ CRASH_METHOD = "$/exai/test/crash"
 CRASH_PERSISTENCE_METHOD = "$/exai/test/crash-persistence"
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
+T = TypeVar("T")
 
 
 class SessionCrashRequested(Exception):
@@ -107,6 +130,11 @@ def _handshake_era(session: SessionMethods, version: str) -> bool:
 
 def _test_faults_on(session: SessionMethods, version: str) -> bool:
     return session.config.test_faults
+
+
+def _tasks_era(session: SessionMethods, version: str) -> bool:
+    """``tasks/*``: 2025-11-25 (``versions.has_tasks``), on a node that runs a task host."""
+    return session.has_tasks(version)
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,6 +219,14 @@ class SessionMethods:
             )
         return self.state.protocol_version
 
+    def has_tasks(self, version: str) -> bool:
+        """Whether MCP tasks exist for a request in ``version`` (docs/tasks.md)."""
+        return self.config.tasks is not None and versions.has_tasks(version)
+
+    def capabilities(self, version: str) -> ServerCapabilities:
+        """The server's capabilities in ``version``: ``tasks`` only where tasks exist."""
+        return ServerCapabilities(tasks=TasksCapability() if self.has_tasks(version) else None)
+
     def notify(self, note: jsonrpc.Notification) -> None:
         """A notification from the client (no response, ever)."""
         if note.method == "notifications/initialized":
@@ -246,7 +282,7 @@ async def _initialize(
     session.identify(asked.client_info, negotiated, requested=asked.protocol_version)
     return InitializeResult(
         protocol_version=negotiated,
-        capabilities=ServerCapabilities(),
+        capabilities=session.capabilities(negotiated),
         server_info=SERVER_INFO,
         meta={"exai/sessionId": state.session_id},
     )
@@ -275,8 +311,100 @@ async def _list_tools(
 ) -> ListToolsResult:
     """``tools/list``, paged (``runtime/mcp/paging.py``: opaque cursors, -32602 if bad)."""
     cursor = params(ListToolsParams, request).cursor
-    tools, next_cursor = page(session.tools.descriptors(), cursor, session.config.page_size)
+    listed = session.tools.descriptors(execution=session.has_tasks(version))
+    tools, next_cursor = page(listed, cursor, session.config.page_size)
     return ListToolsResult(tools=tools, next_cursor=next_cursor)
+
+
+def task_id_of(request: jsonrpc.Request) -> UUID:
+    """``params.taskId`` as the task's uuid; -32602 as for an unknown task if it is none
+    (MCP: an invalid or nonexistent task id is -32602)."""
+    raw = params(TaskIdParams, request).task_id
+    try:
+        return UUID(raw)
+    except ValueError:
+        raise unknown_task(raw) from None
+
+
+async def read_tasks(read: Callable[[], T]) -> T:
+    """A blocking read of the task store, off the trio thread; -32004 if the database could
+    not be read (abandoned on cancel: the query is bounded by its statement timeout)."""
+    try:
+        return await trio.to_thread.run_sync(read, abandon_on_cancel=True)
+    except TaskReadError as error:
+        raise Unavailable(f"tasks are unavailable: {error}; retry later") from None
+
+
+def _task_host(session: SessionMethods) -> TaskHost:
+    host = session.config.tasks
+    assert host is not None  # the method exists only with a host (_tasks_era)
+    return host
+
+
+async def _get_task(
+    session: SessionMethods, request: jsonrpc.Request, version: str
+) -> GetTaskResult:
+    """``tasks/get``: the task's row, read from the database (any node's task)."""
+    task_id = task_id_of(request)
+    store = _task_host(session).store
+    row = await read_tasks(partial(store.get, task_id, session.state.identity))
+    if row is None:
+        raise unknown_task(task_id)
+    return GetTaskResult(**task_of(row).model_dump())
+
+
+async def _list_tasks(
+    session: SessionMethods, request: jsonrpc.Request, version: str
+) -> ListTasksResult:
+    """``tasks/list``: the identity's tasks, newest first, paged with the opaque cursors of
+    ``runtime/mcp/paging.py`` (-32602 for one we did not issue)."""
+    cursor = params(ListTasksParams, request).cursor
+    offset = 0 if cursor is None else decode_cursor(cursor)
+    if cursor is not None and offset == 0:
+        raise InvalidParams(f"invalid cursor {cursor!r}: out of range")
+    size = session.config.page_size
+    store = _task_host(session).store
+    rows = await read_tasks(
+        partial(store.list_tasks, session.state.identity, offset=offset, limit=size + 1),
+    )
+    next_cursor = encode_cursor(offset + size) if len(rows) > size else None
+    return ListTasksResult(tasks=[task_of(row) for row in rows[:size]], next_cursor=next_cursor)
+
+
+async def _cancel_task(
+    session: SessionMethods, request: jsonrpc.Request, version: str
+) -> CancelTaskResult:
+    """``tasks/cancel``: a task running on this node is cancelled and recorded ``cancelled``
+    before the answer; one that runs on another node (or on none: its node died and no
+    recovery has run yet) is marked ``cancelled`` in the database, which its node acts on
+    (docs/tasks.md). A task already ended: -32602 (MCP)."""
+    task_id = task_id_of(request)
+    host = _task_host(session)
+    identity = session.state.identity
+    running = host.running(task_id, identity)
+    if running is not None:
+        await host.cancel(running, f"cancelled by request (session {session.state.session_id})")
+        row = await read_tasks(partial(host.store.get, task_id, identity))
+        if row is None or running.final is None or running.final.status != "cancelled":
+            # It ended on its own before the cancel reached it.
+            status = running.final.status if running.final is not None else "ended"
+            raise InvalidParams(f"Cannot cancel task: already in terminal status {status!r}")
+        return CancelTaskResult(**task_of(row).model_dump())
+    marked = await read_tasks(
+        partial(
+            host.store.request_cancel,
+            task_id,
+            identity,
+            f"cancelled by request (session {session.state.session_id}, on another node)",
+        ),
+    )
+    if marked is None:
+        raise unknown_task(task_id)
+    found, applied = marked
+    task = task_of(found)
+    if not applied:
+        raise InvalidParams(f"Cannot cancel task: already in terminal status {task.status!r}")
+    return CancelTaskResult(**task.model_dump())
 
 
 async def _set_level(
@@ -305,6 +433,9 @@ METHODS: Final[Mapping[str, Method]] = {
     "ping": Method(_ping, before_version=True, exists=_handshake_era),
     "tools/list": Method(_list_tools),
     "logging/setLevel": Method(_set_level, exists=_handshake_era),
+    "tasks/get": Method(_get_task, exists=_tasks_era),
+    "tasks/list": Method(_list_tasks, exists=_tasks_era),
+    "tasks/cancel": Method(_cancel_task, exists=_tasks_era),
     CRASH_METHOD: Method(_crash, before_version=True, exists=_test_faults_on),
     CRASH_PERSISTENCE_METHOD: Method(
         _crash_persistence, before_version=True, exists=_test_faults_on

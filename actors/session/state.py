@@ -12,7 +12,7 @@ actor loop (``actor``)      :meth:`dequeued`, :meth:`handling`, :meth:`answered`
                             :meth:`take_unanswered`
 call runner (``calls``)     :meth:`waiting_for_slot`, :meth:`slot_wait_over`, :meth:`admitted`,
                             :meth:`call_scope`, :meth:`call_ended`, :meth:`count_call`,
-                            :meth:`handling`, :meth:`answered`
+                            :meth:`handling`, :meth:`answered`, :meth:`waiting_for_task`
 method table (``methods``)  :meth:`negotiated`, :meth:`mark_initialized`,
                             :meth:`set_log_level`, :meth:`wants_log`
 transport (``lifecycle``)   :meth:`detached` (its connection dropped: parked for resume)
@@ -66,6 +66,9 @@ class SessionState:
     #: Requests in the mailbox, by id: ``True`` once cancelled there. Bounded by the
     #: mailbox's capacity; the reader adds, the actor removes.
     _queued: dict[RequestId, bool] = field(default_factory=dict, init=False, repr=False)
+    #: Those of :attr:`_calls` that are ``tasks/result`` waiting for a task (docs/tasks.md):
+    #: a drain does not wait for them, the task may run for hours.
+    _task_waits: set[RequestId] = field(default_factory=set, init=False, repr=False)
 
     # -- the reader -------------------------------------------------------------------------
 
@@ -135,6 +138,14 @@ class SessionState:
         scope = self._calls[request_id] = trio.CancelScope()
         return scope
 
+    def waiting_for_task(self, request_id: RequestId) -> trio.CancelScope:
+        """A ``tasks/result`` waits for its task, as a call runs (:meth:`admitted`:
+        cancellable, answered -32001 by a crash) but not waited for by a drain
+        (:meth:`has_pending`); it ends with :meth:`call_ended`."""
+        scope = self.admitted(request_id)
+        self._task_waits.add(request_id)
+        return scope
+
     def call_scope(self, request_id: RequestId) -> trio.CancelScope:
         """The running call's scope (see :meth:`admitted`)."""
         return self._calls[request_id]
@@ -142,6 +153,7 @@ class SessionState:
     def call_ended(self, request_id: RequestId) -> None:
         """The tool is done (answered, failed, cancelled or cut short)."""
         del self._calls[request_id]
+        self._task_waits.discard(request_id)
 
     def count_call(self, *, failed: bool) -> None:
         """One more tool call answered, for the session row's totals."""
@@ -183,8 +195,16 @@ class SessionState:
 
     def has_pending(self) -> bool:
         """Whether any request is queued, waiting, running or being answered (a drain waits
-        for none to be)."""
-        return bool(self._queued or self._calls or self._handling)
+        for none to be), a ``tasks/result`` waiting for its task aside: the drain closes its
+        session without an answer (its task runs on; the client asks again elsewhere)."""
+        if not self._task_waits:
+            return bool(self._queued or self._calls or self._handling)
+        waits = self._task_waits
+        return bool(
+            self._queued
+            or any(request_id not in waits for request_id in self._calls)
+            or any(request_id not in waits for request_id in self._handling)
+        )
 
     def cancel_calls(self) -> int:
         """Cancel every admitted call (a drain cut short); how many there were."""

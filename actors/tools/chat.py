@@ -96,6 +96,8 @@ class Chat(Tool[ChatArgs]):
     )
     Args = ChatArgs
     Output = ChatOutput
+    #: May run as an MCP task (2025-11-25, docs/tasks.md).
+    task_support = "optional"
 
     def __init__(self, conversations: Conversations) -> None:
         self._conversations = conversations

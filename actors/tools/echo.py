@@ -22,6 +22,8 @@ class Echo(Tool[EchoArgs]):
     annotations = ToolAnnotations(read_only_hint=True, open_world_hint=False)
     Args = EchoArgs
     Output = EchoOutput
+    #: May run as an MCP task (2025-11-25, docs/tasks.md).
+    task_support = "optional"
 
     async def run(self, args: EchoArgs, ctx: ToolContext) -> ToolOutput:
         return ToolOutput(text=args.text, structured=EchoOutput(text=args.text))

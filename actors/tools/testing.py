@@ -19,6 +19,8 @@ class BlockUntilCancelled(Tool[BlockArgs]):
     name = "exai_test_block"
     description = "Test only: block until cancelled."
     Args = BlockArgs
+    #: Tests hold tasks in flight with it (tests/test_tasks.py).
+    task_support = "optional"
 
     async def run(self, args: BlockArgs, ctx: ToolContext) -> ToolOutput:
         await trio.sleep_forever()
@@ -35,6 +37,8 @@ class Sleep(Tool[SleepArgs]):
     name = "exai_test_sleep"
     description = "Test only: answer after the given number of seconds."
     Args = SleepArgs
+    #: Tests hold tasks in flight with it (tests/test_tasks.py).
+    task_support = "optional"
 
     async def run(self, args: SleepArgs, ctx: ToolContext) -> ToolOutput:
         await trio.sleep(args.seconds)

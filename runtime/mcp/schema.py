@@ -62,9 +62,27 @@ class LoggingCapability(WireModel):
     pass
 
 
+class TaskRequestsCapability(WireModel):
+    """``tasks.requests``: which requests may be task-augmented (exhaustive: MCP 2025-11-25,
+    basic/utilities/tasks, "Capabilities")."""
+
+    tools: dict[str, dict[str, Any]] = Field(default_factory=lambda: {"call": dict[str, Any]()})
+
+
+class TasksCapability(WireModel):
+    """The server's ``tasks`` capability (2025-11-25): ``tasks/list``, ``tasks/cancel`` and
+    task-augmented ``tools/call``."""
+
+    list: dict[str, Any] = Field(default_factory=dict)
+    cancel: dict[str, Any] = Field(default_factory=dict)
+    requests: TaskRequestsCapability = Field(default_factory=TaskRequestsCapability)
+
+
 class ServerCapabilities(WireModel):
     tools: ToolsCapability = Field(default_factory=ToolsCapability)
     logging: LoggingCapability | None = Field(default_factory=LoggingCapability)
+    #: Only for sessions whose version has tasks (``versions.has_tasks``).
+    tasks: TasksCapability | None = None
 
 
 class InitializeResult(WireModel):
@@ -100,6 +118,17 @@ class ToolAnnotations(WireModel):
     open_world_hint: bool | None = None
 
 
+#: ``execution.taskSupport`` (2025-11-25): whether a tool may be called as a task. Absent
+#: means ``forbidden``.
+TaskSupport = Literal["forbidden", "optional", "required"]
+
+
+class ToolExecution(WireModel):
+    """A tool's ``execution`` (2025-11-25, ``ToolExecution`` in the schema)."""
+
+    task_support: TaskSupport | None = None
+
+
 class ToolDescriptor(WireModel):
     name: str
     title: str | None = None
@@ -107,6 +136,8 @@ class ToolDescriptor(WireModel):
     input_schema: dict[str, Any]
     output_schema: dict[str, Any] | None = None
     annotations: ToolAnnotations | None = None
+    #: Listed only to sessions whose version has tasks (``versions.has_tasks``).
+    execution: ToolExecution | None = None
 
 
 class ListToolsResult(WireModel):
@@ -164,12 +195,71 @@ def _json_object(value: object) -> object:
     return value
 
 
+class TaskMetadata(WireModel):
+    """``params.task`` of a task-augmented request (2025-11-25): the retention the client
+    asks for, in milliseconds from the task's creation."""
+
+    ttl: Annotated[int, Field(ge=0)] | None = None
+
+
 class CallToolParams(WireModel):
     name: str
     #: Checked to be an object here (-32602 at admission, as any bad param); its members are
     #: the tool's to validate, once.
     arguments: Annotated[dict[str, Any] | None, PlainValidator(_json_object)] = None
     meta: RequestMeta | None = Field(default=None, alias="_meta")
+    #: Present: the call is to run as a task (2025-11-25, basic/utilities/tasks).
+    task: TaskMetadata | None = None
+
+
+# -- tasks (2025-11-25, basic/utilities/tasks) -------------------------------------------------
+
+#: A task's status on the wire. The rows' statuses map onto it (docs/tasks.md).
+TaskStatus = Literal["working", "input_required", "completed", "failed", "cancelled"]
+#: ``_meta`` key that ties a message to its task (``tasks/result``'s result carries it).
+RELATED_TASK_META = "io.modelcontextprotocol/related-task"
+
+
+class Task(WireModel):
+    """``Task``: a task's state. ``ttl`` is the retention granted (``None``: unlimited)."""
+
+    task_id: str
+    status: TaskStatus
+    status_message: str | None = None
+    created_at: str
+    last_updated_at: str
+    ttl: int | None
+    poll_interval: int | None = None
+
+
+class CreateTaskResult(WireModel):
+    """The answer to a task-augmented request: the task, not the request's result."""
+
+    task: Task
+    meta: dict[str, Any] | None = Field(default=None, alias="_meta")
+
+
+class GetTaskResult(Task):
+    """``tasks/get``: the task itself."""
+
+
+class CancelTaskResult(Task):
+    """``tasks/cancel``: the task, ``cancelled``."""
+
+
+class TaskIdParams(WireModel):
+    """``tasks/get``, ``tasks/result``, ``tasks/cancel``: the task by its id."""
+
+    task_id: str
+
+
+class ListTasksParams(WireModel):
+    cursor: str | None = None
+
+
+class ListTasksResult(WireModel):
+    tasks: list[Task]
+    next_cursor: str | None = None
 
 
 class TextContent(WireModel):

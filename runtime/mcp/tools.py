@@ -15,7 +15,13 @@ from pydantic import BaseModel, ValidationError
 
 from runtime.mcp.errors import invalid_params
 from runtime.mcp.progress import Progress
-from runtime.mcp.schema import LogLevel, ToolAnnotations, ToolDescriptor
+from runtime.mcp.schema import (
+    LogLevel,
+    TaskSupport,
+    ToolAnnotations,
+    ToolDescriptor,
+    ToolExecution,
+)
 
 ArgsT = TypeVar("ArgsT", bound=BaseModel)
 
@@ -89,6 +95,9 @@ class Tool(ABC, Generic[ArgsT]):
     #: runner that the call's intent need not be fsynced before it runs (``journal``
     #: durability): a read-only call lost with the machine had no effect.
     annotations: ClassVar[ToolAnnotations | None] = None
+    #: ``execution.taskSupport`` (2025-11-25): whether it may be called as a task
+    #: (docs/tasks.md); ``forbidden``, the protocol's default, is not listed.
+    task_support: ClassVar[TaskSupport] = "forbidden"
 
     @property
     def read_only(self) -> bool:
@@ -121,6 +130,11 @@ class Tool(ABC, Generic[ArgsT]):
             input_schema=self.Args.model_json_schema(),
             output_schema=self.Output.model_json_schema() if self.Output else None,
             annotations=self.annotations,
+            execution=(
+                None
+                if self.task_support == "forbidden"
+                else ToolExecution(task_support=self.task_support)
+            ),
         )
 
 
@@ -133,10 +147,17 @@ class ToolRegistry:
             if tool.name in self._tools:
                 raise ValueError(f"tool {tool.name!r} declared twice")
             self._tools[tool.name] = tool
-        self._descriptors = [tool.descriptor() for tool in self._tools.values()]
+        self._with_execution = [tool.descriptor() for tool in self._tools.values()]
+        # Versions before tasks never see `execution` (runtime/mcp/versions.py, has_tasks).
+        self._descriptors = [
+            d.model_copy(update={"execution": None}) if d.execution is not None else d
+            for d in self._with_execution
+        ]
 
     def get(self, name: str) -> Tool[Any] | None:
         return self._tools.get(name)
 
-    def descriptors(self) -> list[ToolDescriptor]:
-        return list(self._descriptors)
+    def descriptors(self, *, execution: bool = False) -> list[ToolDescriptor]:
+        """Every tool's descriptor; ``execution``: with ``execution.taskSupport`` (sessions
+        whose version has tasks)."""
+        return list(self._with_execution if execution else self._descriptors)

@@ -70,3 +70,10 @@ def input_errors_are_tool_results(version: str) -> bool:
 def has_ping(version: str) -> bool:
     """2026-07-28 removed ``ping`` and ``logging/setLevel``."""
     return not is_modern(version)
+
+
+def has_tasks(version: str) -> bool:
+    """Tasks (``tasks/*``, task-augmented ``tools/call``, ``execution.taskSupport``, the
+    ``tasks`` capability) are core in 2025-11-25 only; 2026-07-28 moved them to the
+    ``io.modelcontextprotocol/tasks`` extension (SEP-2663), not offered here yet."""
+    return version == "2025-11-25"

@@ -1,0 +1,129 @@
+"""Tasks on the wire: a row's status as the protocol's, a row as a ``Task``, a finished task
+as the answer its ``tools/call`` would have had (MCP 2025-11-25, basic/utilities/tasks).
+
+Status mapping (rows: db/migrations/20261124000400_tasks.sql; docs/tasks.md):
+
+==============  ===============  ==================================================
+row             Task.status      statusMessage
+==============  ===============  ==================================================
+``pending``     ``working``      "waiting for a slot to run"
+``running``     ``working``      (none)
+``completed``   ``completed``    (none)
+``failed``      ``failed``       the error the row keeps
+``cancelled``   ``cancelled``    why (by request, on which node)
+``interrupted`` ``failed``       the node that ran it stopped before it finished
+==============  ===============  ==================================================
+
+``input_required`` is never used: no tool here asks its client for input.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from runtime.mcp.errors import InternalError, InvalidParams, RpcError
+from runtime.mcp.schema import RELATED_TASK_META, Task, TaskStatus
+from storage.rows import TaskStatus as RowStatus
+from storage.task_queries import StoredTask
+
+_STATUS: dict[RowStatus, TaskStatus] = {
+    "pending": "working",
+    "running": "working",
+    "completed": "completed",
+    "failed": "failed",
+    "cancelled": "cancelled",
+    "interrupted": "failed",
+}
+
+#: A node stopped (or died) under the task: its row is ``interrupted`` (recovery) or
+#: ``failed`` with this message's cousin (``actors.tasks.host.NODE_STOPPED``).
+INTERRUPTED = "the node that ran the task stopped before it finished"
+
+
+def timestamp(at: datetime) -> str:
+    """ISO 8601 / RFC 3339 in UTC, as ``createdAt`` and ``lastUpdatedAt`` want it."""
+    return at.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def status_message(row: StoredTask) -> str | None:
+    if row.status == "pending":
+        return "waiting for a slot to run"
+    if row.status == "interrupted":
+        return f"{INTERRUPTED} ({row.error_message or 'interrupted'})"
+    if row.status in ("failed", "cancelled"):
+        return row.error_message
+    return None
+
+
+def task_of(row: StoredTask) -> Task:
+    """The row as the protocol's ``Task``."""
+    return Task(
+        task_id=str(row.task_id),
+        status=_STATUS[row.status],
+        status_message=status_message(row),
+        created_at=timestamp(row.created_at),
+        last_updated_at=timestamp(row.updated_at),
+        ttl=row.ttl_ms,
+        poll_interval=row.poll_interval_ms,
+    )
+
+
+def unknown_task(task_id: object) -> InvalidParams:
+    """MCP: an invalid or nonexistent task id is -32602. Another identity's task gets this
+    same error, so that ids cannot be probed."""
+    return InvalidParams(f"Failed to retrieve task: task {task_id!s} not found")
+
+
+def related(task_id: str) -> dict[str, Any]:
+    """The ``_meta`` that ties a ``tasks/result`` answer to its task (MCP: MUST)."""
+    return {RELATED_TASK_META: {"taskId": task_id}}
+
+
+def payload_of(
+    task_id: str,
+    status: RowStatus,
+    *,
+    result: Any,
+    rpc_error: Any,
+    error_message: str | None,
+) -> dict[str, Any] | dict[str, dict[str, Any]]:
+    """What ``tools/call`` would have answered, for a task in a terminal state: its result
+    (a ``CallToolResult``, with the related-task ``_meta``) as ``{"result": ...}``, or its
+    JSON-RPC error object as ``{"error": ...}``.
+
+    A cancelled task's call would have had no answer at all (MCP cancellation: no response),
+    and an interrupted one's none either: both are answered with -32603 naming the status
+    (``data.taskStatus``), as is a result the row could only keep bounded
+    (``EXAI_MAX_STORED_RESULT_BYTES``).
+    """
+    if isinstance(rpc_error, dict):
+        return {"error": rpc_error}
+    if status == "cancelled":
+        return _error(
+            InternalError(
+                f"task cancelled: {error_message or 'cancelled'}", {"taskStatus": "cancelled"}
+            )
+        )
+    if status == "interrupted" or result is None:
+        why = INTERRUPTED if status == "interrupted" else (error_message or "failed")
+        return _error(InternalError(f"task failed: {why}", {"taskStatus": "failed"}))
+    if isinstance(result, dict) and result.get("truncated") is True and "json_prefix" in result:
+        return _error(
+            InternalError(
+                f"the task's result ({result.get('size_bytes')} bytes) was larger than the "
+                f"{result.get('max_bytes')} bytes a task keeps (EXAI_MAX_STORED_RESULT_BYTES)",
+                {"taskStatus": _STATUS[status]},
+            )
+        )
+    if not isinstance(result, dict):
+        return _error(InternalError("task failed: its stored result is not an object"))
+    meta = {**(result.get("_meta") or {}), **related(task_id)}
+    return {"result": {**result, "_meta": meta}}
+
+
+def _error(error: RpcError) -> dict[str, dict[str, Any]]:
+    body: dict[str, Any] = {"code": error.code, "message": error.message}
+    if error.data is not None:
+        body["data"] = error.data
+    return {"error": body}
