@@ -27,6 +27,7 @@ import json
 import os
 import shutil
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -96,22 +97,22 @@ def http_url(server: ServerProcess) -> str:
     return f"http://{urlsplit(server.url).netloc}/mcp"
 
 
-def require(path: os.PathLike[str], what: str) -> None:
-    if not os.path.exists(path):
-        pytest.skip(f"{what} missing: {SETUP_HINT}")
+def needs(path: Path, what: str) -> pytest.MarkDecorator:
+    """Skip (at collection, so the reason shows) when a client's environment is missing."""
+    return pytest.mark.skipif(not path.exists(), reason=f"{what} missing: {SETUP_HINT}")
 
 
-def node(package: str) -> list[str]:
-    found = shutil.which("node")
-    if found is None:
-        pytest.skip("Node.js is not installed: the TypeScript clients need it (CI has Node)")
-    require(NODE_MODULES / package, f"{package} (npm) env")
-    return [found]
+def needs_node(package: str) -> pytest.MarkDecorator:
+    if shutil.which("node") is None:
+        return pytest.mark.skip(reason="Node.js is not installed: the TypeScript clients need it")
+    return needs(NODE_MODULES / package, f"{package} (npm) env")
 
 
-async def run_node(script: str, package: str, server: ServerProcess, token: str) -> dict[str, Any]:
+async def run_node(script: str, server: ServerProcess, token: str) -> dict[str, Any]:
+    node = shutil.which("node")
+    assert node is not None
     return await run_client(
-        [*node(package), str(SCRIPTS / script), http_url(server), token],
+        [node, str(SCRIPTS / script), http_url(server), token],
         env={**os.environ, "NODE_PATH": str(NODE_MODULES)},
     )
 
@@ -216,8 +217,8 @@ def assert_steps(progress: Sequence[Sequence[Any]], *, ordered: bool = True) -> 
 # -- mcp 1.30 ----------------------------------------------------------------------------------
 
 
+@needs(MCP1, "mcp 1.30 client env")
 async def test_mcp1_streamable_http_session(server: ServerProcess, database_url: str) -> None:
-    require(MCP1, "mcp 1.30 client env")
     report = await run_client(
         [str(MCP1), str(SCRIPTS / "mcp1_http.py"), http_url(server), server.token]
     )
@@ -237,6 +238,8 @@ async def test_mcp1_streamable_http_session(server: ServerProcess, database_url:
     assert report["echo_after_cancel"] == ["after the cancel"]
     assert report["strays"] == [], "the server answered a cancelled request"
 
+    assert assert_legacy_wire(report["wire"], get_stream=True) == sid
+    assert [e["status"] for e in report["wire"] if e["rpc"] == "notifications/cancelled"] == [202]
     row = session_row(database_url, sid)
     assert row is not None
     assert row["protocol_version"] == LEGACY
@@ -247,10 +250,10 @@ async def test_mcp1_streamable_http_session(server: ServerProcess, database_url:
 # -- mcp 2.3 -----------------------------------------------------------------------------------
 
 
+@needs(MCP2, "mcp 2.x client env")
 async def test_mcp2_client_auto_adopts_discover_and_legacy_runs_a_session(
     server: ServerProcess, database_url: str
 ) -> None:
-    require(MCP2, "mcp 2.x client env")
     report = await run_client(
         [str(MCP2), str(SCRIPTS / "mcp2_http.py"), http_url(server), server.token]
     )
@@ -267,6 +270,12 @@ async def test_mcp2_client_auto_adopts_discover_and_legacy_runs_a_session(
     assert_steps(auto["steps_progress"], ordered=False)
     assert auto["strays"] == []
     assert_modern_wire(auto["wire"])
+    # Its cancel closed the call's stream (no notifications/cancelled at 2026-07-28): the call
+    # was never answered and is recorded cancelled; the next call was answered.
+    assert "notifications/cancelled" not in [e["rpc"] for e in auto["wire"]]
+    assert auto["blocked_answered"] is False
+    assert auto["echo_after_cancel"] == ["after the cancel"]
+    await assert_blocked_call_cancelled(database_url, auto["meta_session_id"])
     # The sessionless requests are served by the identity's own session actor, recorded as such.
     row = session_row(database_url, auto["meta_session_id"])
     assert row is not None, auto["meta_session_id"]
@@ -279,7 +288,11 @@ async def test_mcp2_client_auto_adopts_discover_and_legacy_runs_a_session(
     assert_steps(legacy["steps_progress"], ordered=False)
     assert legacy["logs"] == [{"step": n} for n in (1, 2, 3)]
     assert legacy["strays"] == []
+    assert legacy["blocked_answered"] is False
+    assert legacy["echo_after_cancel"] == ["after the cancel"]
     sid = assert_legacy_wire(legacy["wire"], get_stream=True)
+    assert [e["status"] for e in legacy["wire"] if e["rpc"] == "notifications/cancelled"] == [202]
+    await assert_blocked_call_cancelled(database_url, sid)
     assert legacy["meta_session_id"] == sid
     assert (session_row(database_url, sid) or {}).get("client_name") == "exai-mcp2-http-legacy"
     await assert_ended_by_delete(server, database_url, sid)
@@ -288,10 +301,11 @@ async def test_mcp2_client_auto_adopts_discover_and_legacy_runs_a_session(
 # -- TypeScript SDK 1.32 -----------------------------------------------------------------------
 
 
+@needs_node("@modelcontextprotocol/sdk")
 async def test_typescript_sdk_streamable_http_session(
     server: ServerProcess, database_url: str
 ) -> None:
-    report = await run_node("ts_sdk_http.cjs", "@modelcontextprotocol/sdk", server, server.token)
+    report = await run_node("ts_sdk_http.cjs", server, server.token)
 
     assert report["protocol_version"] == LEGACY
     sid = report["session_id"]
@@ -322,10 +336,11 @@ async def test_typescript_sdk_streamable_http_session(
 # -- TypeScript client 2.4 ---------------------------------------------------------------------
 
 
+@needs_node("@modelcontextprotocol/client")
 async def test_typescript_client_2_legacy_and_auto(
     server: ServerProcess, database_url: str
 ) -> None:
-    report = await run_node("ts2_http.cjs", "@modelcontextprotocol/client", server, server.token)
+    report = await run_node("ts2_http.cjs", server, server.token)
 
     # Its default: the 2025 handshake, byte-for-byte a 1.x client.
     legacy = report["legacy"]
@@ -365,8 +380,8 @@ async def test_typescript_client_2_legacy_and_auto(
 # -- fastmcp 4 ---------------------------------------------------------------------------------
 
 
+@needs(FASTMCP, "fastmcp client env")
 async def test_fastmcp_client_auto_and_legacy(server: ServerProcess, database_url: str) -> None:
-    require(FASTMCP, "fastmcp client env")
     report = await run_client(
         [str(FASTMCP), str(SCRIPTS / "fastmcp_http.py"), http_url(server), server.token]
     )
@@ -398,6 +413,7 @@ async def test_fastmcp_client_auto_and_legacy(server: ServerProcess, database_ur
 # -- both transports at once -------------------------------------------------------------------
 
 
+@needs(MCP1, "mcp 1.30 client env")
 async def test_websocket_and_http_clients_side_by_side_share_a_thread(
     server: ServerProcess, upstream: FakeOpenAI, database_url: str
 ) -> None:
@@ -405,7 +421,6 @@ async def test_websocket_and_http_clients_side_by_side_share_a_thread(
     client (mcp 1.30) runs a whole session on the same server, with the same identity: it calls
     the same tools, finds the thread the WebSocket session started, and continues it; the
     WebSocket session then sees the HTTP turn, and its own call is still there to cancel."""
-    require(MCP1, "mcp 1.30 client env")
     upstream.script(Reply("first answer, over WebSocket"), Reply("second answer, over HTTP"))
     async with open_raw(server.authed_url(FRANK)) as ws:
         raw = RawClient(ws)
@@ -499,8 +514,8 @@ def json_calls(*calls: tuple[str, dict[str, Any]]) -> str:
         "logging) makes sending them a MAY, fastmcp documents that they arrive"
     ),
 )
+@needs(MCP2, "mcp 2.x client env")
 async def test_modern_clients_get_the_logs_they_opted_into(server: ServerProcess) -> None:
-    require(MCP2, "mcp 2.x client env")
     report = await run_client(
         [str(MCP2), str(SCRIPTS / "mcp2_http.py"), http_url(server), server.token]
     )

@@ -8,7 +8,8 @@ settings, create an httpx2.AsyncClient and pass it here"). Two connections, one 
 
 * ``auto`` (the ``Client`` default): ``server/discover`` first, ``initialize`` only as the
   fallback. Lists tools, calls ``echo``, and ``exai_test_steps`` with a progress callback and
-  the log opt-in (``log_level``).
+  the log opt-in (``log_level``), abandons a blocked call once its heartbeat arrived (the
+  cancel), calls ``echo`` again.
 * ``legacy``: the 2025 ``initialize`` handshake, the same calls, and DELETE on exit.
 
 Prints one JSON line: per connection, what it negotiated, how long connecting took, the
@@ -84,6 +85,25 @@ async def scenario(url: str, token: str, mode: str) -> dict[str, Any]:
         # when the result is returned; the bound only turns a loss into a failure.
         with anyio.fail_after(30):
             await all_steps_seen.wait()
+        # Cancel the 2.x way: abandon the call (cancel its scope) once its heartbeat shows the
+        # server runs it. The SDK sends notifications/cancelled on a 2025 session and, at
+        # 2026-07-28, closes the call's response stream instead (that era's cancellation).
+        heartbeat = anyio.Event()
+        blocked_answered = False
+
+        async def on_heartbeat(value: float, total: float | None, message: str | None) -> None:
+            heartbeat.set()
+
+        async def call_block() -> None:
+            nonlocal blocked_answered
+            await client.call_tool("exai_test_block", {}, progress_callback=on_heartbeat)
+            blocked_answered = True
+
+        async with anyio.create_task_group() as waiting:
+            waiting.start_soon(call_block)
+            await heartbeat.wait()
+            waiting.cancel_scope.cancel()
+        after = await client.call_tool("echo", {"text": "after the cancel"})
         discovered = session.discover_result
         initialized = session.initialize_result
         meta = (discovered.meta if discovered else initialized.meta if initialized else None) or {}
@@ -101,6 +121,8 @@ async def scenario(url: str, token: str, mode: str) -> dict[str, Any]:
             "echo_structured": echoed.structured_content,
             "steps_text": [c.text for c in stepped.content if c.type == "text"],
             "steps_progress": progress,
+            "blocked_answered": blocked_answered,
+            "echo_after_cancel": [c.text for c in after.content if c.type == "text"],
         }
     # After the exit: the DELETE (if any) is in the log now.
     report["logs"] = logs
