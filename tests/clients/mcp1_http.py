@@ -5,7 +5,8 @@ mcp1_http.py URL TOKEN``. ``streamable_http_client`` with an ``httpx.AsyncClient
 the bearer token (the SDK's documented way to add headers): initialize (the server's
 ``Mcp-Session-Id`` adopted), the GET stream the SDK opens after it, tools, a call, progress
 and log notifications on the call's SSE stream, a cancel, ping, and DELETE when the context
-exits (``terminate_on_close``). Prints one JSON line with what it saw and exits.
+exits (``terminate_on_close``). Prints one JSON line with what it saw, every HTTP exchange
+included (tests/clients/wire_log.py), and exits.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import httpx
 from mcp import ClientSession, types
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.session import RequestResponder
+from wire_log import WireLog
 
 Incoming = RequestResponder[types.ServerRequest, types.ClientResult] | types.ServerNotification
 
@@ -47,9 +49,11 @@ class Observer:
 
 async def main(url: str, token: str) -> None:
     seen = Observer()
+    wire = WireLog()
     client = httpx.AsyncClient(
         headers={"Authorization": f"Bearer {token}"},
         timeout=httpx.Timeout(30, read=300),
+        event_hooks={"response": [wire]},
     )
     async with (
         client,
@@ -114,6 +118,8 @@ async def main(url: str, token: str) -> None:
             "echo_after_cancel": [c.text for c in after.content if c.type == "text"],
             "strays": seen.strays,
         }
+    # After the exit: the DELETE is in the log now.
+    report["wire"] = wire.exchanges
     print(json.dumps(report), flush=True)
 
 
