@@ -29,9 +29,8 @@ low; the same generator runs against every server.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
-import os
-import sys
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -40,15 +39,7 @@ from urllib.parse import parse_qs, urlsplit
 import h11
 import trio
 
-from bench.loadgen import (
-    ECHO_TEXT,
-    Stats,
-    Window,
-    _check,
-    _emit,
-    _sample_cpu,
-    raise_nofile_limit,
-)
+from bench.loadgen import ECHO_TEXT, Plan, Shared, Stats, Window, _check, raise_nofile_limit, run
 
 PROTOCOL_VERSION = "2025-11-25"
 _CALL = (
@@ -155,7 +146,7 @@ class Client:
             elif isinstance(event, h11.Data):
                 buf += event.data
                 if stream and message is None and request_id is not None:
-                    message = _sse_response(buf, request_id)
+                    message = sse_response(buf, request_id)
                     if message is not None:
                         at = time.perf_counter()
             elif isinstance(event, h11.EndOfMessage):
@@ -173,7 +164,7 @@ class Client:
         return Answer(status, headers, message, at)
 
 
-def _sse_response(buf: bytes, request_id: int) -> Any:
+def sse_response(buf: bytes, request_id: int) -> Any:
     """The JSON-RPC response to ``request_id`` among the complete events of ``buf``, or None.
     Events end with a blank line; ``data:`` lines of one event are joined with newlines
     (WHATWG HTML, "Interpreting an event stream"); comments and other messages are skipped."""
@@ -222,46 +213,17 @@ async def _calls(client: Client, window: Window, stats: Stats, slot: int) -> Non
             answered[slot] += 1
 
 
-@dataclass
-class Plan:
-    endpoint: Endpoint
-    active: int
-    idle: int
-    stateless: bool
-    warmup: float
-    duration: float
-    connect_concurrency: int
-    connect_timeout: float
-
-
-@dataclass
-class Shared:
-    """What every client task of one generator shares."""
-
-    plan: Plan
-    limiter: trio.CapacityLimiter
-    ready: trio.MemorySendChannel[bool]
-    go: trio.Event
-    finished: trio.Event
-    window: Window
-    stats: Stats
-
-    def session_done(self) -> None:
-        self.stats.finished += 1
-        if self.stats.finished == self.plan.active:
-            self.finished.set()
-
-
-async def _session(sh: Shared, active: bool) -> None:
-    """One client; its failure is counted and stays its own."""
+async def _session(endpoint: Endpoint, stateless: bool, sh: Shared, active: bool) -> None:
+    """One client (``bench.loadgen.SessionTask`` once ``endpoint`` and ``stateless`` are
+    bound); its failure is counted and stays its own."""
     plan, stats = sh.plan, sh.stats
     ready_sent = counted = False
     try:
         async with sh.limiter:
             with trio.fail_after(plan.connect_timeout):
-                sock = await trio.open_tcp_stream(plan.endpoint.host, plan.endpoint.port)
-                client = Client(sock, plan.endpoint)
-                if plan.stateless:
+                sock = await trio.open_tcp_stream(endpoint.host, endpoint.port)
+                client = Client(sock, endpoint)
+                if stateless:
                     client.session(None, PROTOCOL_VERSION)
                 else:
                     await handshake(client)
@@ -288,59 +250,6 @@ async def _session(sh: Shared, active: bool) -> None:
         sh.session_done()
 
 
-async def run(plan: Plan, latency_file: str) -> None:
-    stats = Stats()
-    window = Window()
-    go = trio.Event()
-    finished = trio.Event()
-    limiter = trio.CapacityLimiter(plan.connect_concurrency)
-    total = plan.active + plan.idle
-    ready_send, ready_recv = trio.open_memory_channel[bool](total)
-    began = time.perf_counter()
-    async with trio.open_nursery() as nursery:
-        sh = Shared(plan, limiter, ready_send, go, finished, window, stats)
-        for i in range(total):
-            nursery.start_soon(_session, sh, i >= plan.idle)
-        for _ in range(total):
-            await ready_recv.receive()
-        _emit(
-            {
-                "event": "ready",
-                "connected": stats.connected,
-                "connect_failed": stats.connect_failed,
-                "connect_s": time.perf_counter() - began,
-                "first_error": stats.first_error,
-            }
-        )
-        line = await trio.to_thread.run_sync(sys.stdin.readline)
-        if not line.startswith("go "):
-            os._exit(2)
-        t0 = float(line.split()[1])
-        now_perf, now_wall = time.perf_counter(), time.time()
-        window.start = now_perf + (t0 - now_wall) + plan.warmup
-        window.end = window.start + plan.duration
-        cpu = [0.0, 0.0]
-        nursery.start_soon(_sample_cpu, window, cpu)
-        await trio.sleep(max(0.0, t0 - now_wall))
-        go.set()
-        with trio.move_on_after(window.end - time.perf_counter() + 3.0):
-            await finished.wait()
-        await trio.Path(latency_file).write_bytes(stats.latencies.tobytes())
-        _emit(
-            {
-                "event": "result",
-                "calls": len(stats.latencies),
-                "errors": stats.errors,
-                "first_error": stats.first_error,
-                "client_cpu_s": cpu[1] - cpu[0],
-                "unfinished_sessions": plan.active - stats.finished,
-                "stalled_sessions": plan.active - sum(1 for n in stats.answered if n),
-            }
-        )
-        sys.stdout.flush()
-        os._exit(0)
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.httpgen", description=__doc__)
     parser.add_argument("--url", required=True)
@@ -356,16 +265,17 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     raise_nofile_limit()
     plan = Plan(
-        endpoint=Endpoint.parse(args.url),
+        url=args.url,
         active=args.active,
         idle=args.idle,
-        stateless=args.stateless,
+        pipeline=1,
         warmup=args.warmup,
         duration=args.duration,
         connect_concurrency=args.connect_concurrency,
         connect_timeout=args.connect_timeout,
     )
-    trio.run(run, plan, args.latency_file)
+    session = functools.partial(_session, Endpoint.parse(args.url), args.stateless)
+    trio.run(run, plan, args.latency_file, session)
 
 
 if __name__ == "__main__":

@@ -55,8 +55,8 @@ LABELS = {
 }
 ANCHORS = ("mcp2-stateless", "mcp2-stateful")
 
-SEQ1 = Scenario("seq1", "1 client, sequential", active=1, warmup=1.0, duration=4.0)
-S50 = Scenario("s50", "50 clients", active=50, generators=2, warmup=1.5, duration=5.0)
+SEQ1 = Scenario("seq1", "1 client, sequential", active=1, warmup=1.0, duration=5.0)
+S50 = Scenario("s50", "50 clients", active=50, generators=2, warmup=2.0, duration=8.0)
 PLAN = (SEQ1, S50)
 
 #: Other work above this many cores in a window makes the run's figures preliminary.
