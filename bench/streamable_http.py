@@ -17,8 +17,8 @@ processes with a common wall-clock start. Before each measurement one probe call
 the server answers (``application/json`` or ``text/event-stream``).
 
 Target (benchmark, not test; PASS/MISS from this run's figures): "exai >= the SDK with every
-call persisted": exai's 50-client calls/s against each SDK mode's. The 1-client figures are
-printed beside, for information.
+call persisted": exai's calls/s against each SDK mode's, with 50 clients and with 1 (where
+calls/s is 1 / latency).
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ server CPU s = utime+stime of the server process over the window (exai: `+ db` i
 Postgres); CPU µs/call = both divided by the calls; answers = the Content-Type of a
 `tools/call` answer, probed before the window; client CPU s = the generators' own CPU; other
 CPU s = the rest of the machine meanwhile (noise). Target (benchmark, not test): exai's
-50-client calls/s >= each SDK mode's, with every call persisted.
+calls/s >= each SDK mode's, with every call persisted, with 50 clients and with 1.
 
 {MARKER}
 """
@@ -168,8 +168,8 @@ def run_all(
                 with start(server, opts, tag) as running:
                     result.answers = probe(running)
                     profile_out = None
-                    if run_opts.py_spy and server == "exai" and s.key == S50.key:
-                        profile_out = run_opts.work / f"profile-{server}.raw"
+                    if run_opts.py_spy and server == "exai":
+                        profile_out = run_opts.work / f"profile-exai-{s.key}.raw"
                     result.m = measure(s, running, replace(run_opts, profile_out=profile_out), tag)
             except (RuntimeError, TimeoutError, OSError, subprocess.SubprocessError) as exc:
                 result.m.failure = f"{type(exc).__name__}: {exc}"
@@ -207,40 +207,47 @@ def _find(results: Sequence[Result], scenario: str, server: str) -> Measurement 
 
 
 def targets(results: Sequence[Result]) -> list[report.Target]:
-    """exai's 50-client calls/s >= each SDK mode's (never asserted). An exai run that lost
-    calls is a MISS whatever its numbers; a faulty anchor makes the target n/a."""
+    """exai's calls/s >= each SDK mode's, 50 clients (throughput) and 1 client (latency: one
+    call at a time, calls/s = 1 / latency); never asserted. An exai run that lost calls is a
+    MISS whatever its numbers; a faulty anchor makes the target n/a."""
     out: list[report.Target] = []
-    exai = _find(results, S50.key, "exai")
-    for anchor in ANCHORS:
-        label = f"50 clients, exai serve (every call persisted) >= {LABELS[anchor]}, calls/s"
-        sdk = _find(results, S50.key, anchor)
-        if exai is None or sdk is None:
-            out.append(report.Target(label, "n/a", "not measured in this run"))
-            continue
-        ratio = exai.throughput / sdk.throughput
-        text = f"{ratio:.2f}x ({exai.throughput:,.0f} vs {sdk.throughput:,.0f} calls/s)"
-        if exai.faults:
-            out.append(report.Target(label, "MISS", f"{text}, not valid: exai {exai.faults}"))
-        elif sdk.faults:
-            out.append(report.Target(label, "n/a", f"{anchor} run not clean: {sdk.faults}"))
-        else:
-            out.append(report.Target(label, "PASS" if ratio >= 1.0 else "MISS", text))
+    for s in (S50, SEQ1):
+        exai = _find(results, s.key, "exai")
+        for anchor in ANCHORS:
+            label = f"{s.title}, exai serve (every call persisted) >= {LABELS[anchor]}, calls/s"
+            sdk = _find(results, s.key, anchor)
+            if exai is None or sdk is None:
+                out.append(report.Target(label, "n/a", "not measured in this run"))
+                continue
+            ratio = exai.throughput / sdk.throughput
+            text = f"{ratio:.2f}x ({exai.throughput:,.0f} vs {sdk.throughput:,.0f} calls/s"
+            text += f", p50 {_ms(exai.p50_ms)} vs {_ms(sdk.p50_ms)} ms)"
+            if exai.faults:
+                out.append(report.Target(label, "MISS", f"{text}, not valid: exai {exai.faults}"))
+            elif sdk.faults:
+                out.append(report.Target(label, "n/a", f"{anchor} run not clean: {sdk.faults}"))
+            else:
+                out.append(report.Target(label, "PASS" if ratio >= 1.0 else "MISS", text))
     return out
 
 
 def _latency_lines(results: Sequence[Result]) -> list[str]:
-    """For information: the 1-client p50 of exai against each other server."""
-    exai = _find(results, SEQ1.key, "exai")
+    """For information: exai against the floor, both scenarios."""
     out = []
-    for server in ("floor", *ANCHORS):
-        other = _find(results, SEQ1.key, server)
-        if exai and other and exai.p50_ms and other.p50_ms:
+    for s in (S50, SEQ1):
+        exai, floor = _find(results, s.key, "exai"), _find(results, s.key, "floor")
+        if exai and floor and exai.p50_ms and floor.p50_ms:
             out.append(
-                f"1 client, p50 exai/{LABELS[server]}: {exai.p50_ms / other.p50_ms:.2f}x "
-                f"({exai.p50_ms:.3f} vs {other.p50_ms:.3f} ms; calls/s "
-                f"{exai.throughput:,.0f} vs {other.throughput:,.0f})"
+                f"{s.title}, exai/floor: calls/s {exai.throughput / floor.throughput:.2f}x, "
+                f"p50 {exai.p50_ms / floor.p50_ms:.2f}x ({_ms(exai.p50_ms)} vs "
+                f"{_ms(floor.p50_ms)} ms); server CPU per call {_us(exai)} vs {_us(floor)} µs"
             )
     return out
+
+
+def _us(m: Measurement) -> str:
+    per_call = m.server_cpu_us_per_call
+    return "-" if per_call is None else f"{per_call:,.0f}"
 
 
 def _ms(v: float | None) -> str:
@@ -393,11 +400,12 @@ def main(args: argparse.Namespace) -> int:
     (work / "results.json").write_text(
         json.dumps([dict(r.m.to_json(), answers=r.answers) for r in results], indent=1)
     )
-    profile = work / "profile-exai.raw"
-    if profile.exists():
-        summary = summarize(profile)
-        (work / "profile-exai.txt").write_text(summary)
-        print(summary, flush=True)
+    for s in plan:
+        profile = work / f"profile-exai-{s.key}.raw"
+        if profile.exists():
+            summary = summarize(profile)
+            profile.with_suffix(".txt").write_text(summary)
+            print(f"exai, {s.title}:\n{summary}", flush=True)
     if not args.no_write and not interrupted:
         report.append(args.output, text, MARKER, SECTION, first=True)
         print(f"appended to {args.output}")
