@@ -6,6 +6,8 @@ floor           ``bench/servers/http_floor.py``: bare h11 over trio, a canned JS
                 POST (what HTTP costs in the runtime's own stack)
 exai            ``exai serve`` defaults (embedded Postgres, every call persisted at the default
                 durability, auth on), clients at ``http://HOST:PORT/mcp``
+exai-ws         the same ``exai serve`` over its WebSocket endpoint (``bench.loadgen``): what
+                HTTP costs exai against its other transport, for information
 mcp2-stateless  ``bench/servers/mcp2_http.py --stateless``: the SDK's own Streamable HTTP app
                 (``Server.streamable_http_app(stateless_http=True)``) under uvicorn
 mcp2-stateful   the same app with sessions (``Mcp-Session-Id``)
@@ -46,10 +48,11 @@ from bench.runner import Measurement, RunOptions, measure
 from bench.scenarios import Scenario
 from bench.targets import BENCH, REPO, Options, Running, find_exai, started
 
-SERVERS = ("floor", "exai", "mcp2-stateless", "mcp2-stateful")
+SERVERS = ("floor", "exai", "exai-ws", "mcp2-stateless", "mcp2-stateful")
 LABELS = {
     "floor": "floor (h11/trio JSON echo)",
     "exai": "exai serve",
+    "exai-ws": "exai serve over WebSocket",
     "mcp2-stateless": "SDK 2.3 HTTP, stateless",
     "mcp2-stateful": "SDK 2.3 HTTP, sessions",
 }
@@ -100,8 +103,11 @@ class Result:
 def start(server: str, opts: Options, tag: str) -> Iterator[Running]:
     """``server`` on a free loopback port, with an ``http://`` URL (exai's token in it as
     ``?token=``, which the generator sends as a Bearer header); stopped on exit."""
-    if server == "exai":
+    if server in ("exai", "exai-ws"):
         with started("exai", opts, tag, S50.sessions + 1) as running:
+            if server == "exai-ws":
+                yield replace(running, name=server)
+                return
             url = running.url.replace("ws://", "http://", 1).replace("wss://", "https://", 1)
             yield replace(running, url=url)
         return
@@ -166,11 +172,14 @@ def run_all(
             )
             try:
                 with start(server, opts, tag) as running:
-                    result.answers = probe(running)
+                    over_ws = server == "exai-ws"
+                    result.answers = "WebSocket" if over_ws else probe(running)
                     profile_out = None
                     if run_opts.py_spy and server == "exai":
                         profile_out = run_opts.work / f"profile-exai-{s.key}.raw"
-                    result.m = measure(s, running, replace(run_opts, profile_out=profile_out), tag)
+                    gen = "bench.loadgen" if over_ws else run_opts.generator
+                    each = replace(run_opts, profile_out=profile_out, generator=gen)
+                    result.m = measure(s, running, each, tag)
             except (RuntimeError, TimeoutError, OSError, subprocess.SubprocessError) as exc:
                 result.m.failure = f"{type(exc).__name__}: {exc}"
             out.append(result)
@@ -232,16 +241,19 @@ def targets(results: Sequence[Result]) -> list[report.Target]:
 
 
 def _latency_lines(results: Sequence[Result]) -> list[str]:
-    """For information: exai against the floor, both scenarios."""
+    """For information: exai over HTTP against the floor and against itself over WebSocket."""
     out = []
     for s in (S50, SEQ1):
-        exai, floor = _find(results, s.key, "exai"), _find(results, s.key, "floor")
-        if exai and floor and exai.p50_ms and floor.p50_ms:
-            out.append(
-                f"{s.title}, exai/floor: calls/s {exai.throughput / floor.throughput:.2f}x, "
-                f"p50 {exai.p50_ms / floor.p50_ms:.2f}x ({_ms(exai.p50_ms)} vs "
-                f"{_ms(floor.p50_ms)} ms); server CPU per call {_us(exai)} vs {_us(floor)} µs"
-            )
+        exai = _find(results, s.key, "exai")
+        for other in ("floor", "exai-ws"):
+            them = _find(results, s.key, other)
+            if exai and them and exai.p50_ms and them.p50_ms:
+                out.append(
+                    f"{s.title}, exai/{LABELS[other]}: calls/s "
+                    f"{exai.throughput / them.throughput:.2f}x, p50 "
+                    f"{exai.p50_ms / them.p50_ms:.2f}x ({_ms(exai.p50_ms)} vs "
+                    f"{_ms(them.p50_ms)} ms); server CPU per call {_us(exai)} vs {_us(them)} µs"
+                )
     return out
 
 
