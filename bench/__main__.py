@@ -13,7 +13,7 @@ durability  each EXAI_DURABILITY mode against the embedded Postgres and one 20 m
 http     exai serve over Streamable HTTP beside the mcp 2.x SDK's own HTTP app, stateless and
          with sessions, exai over WebSocket and a bare h11 floor: 1 client and 50 clients
          (~2 minutes; --servers picks of floor,exai,exai-ws,mcp2-stateless,mcp2-stateful;
-         --py-spy profiles exai's windows and writes nothing to docs/)
+         --py-spy profiles exai's windows (both transports), writes nothing to docs/)
 
 Run from the repository root with the runtime's interpreter (it needs trio-websocket):
 ``.venv/bin/python -m bench``. The anchor servers install themselves into bench/.venv-*.
@@ -91,7 +91,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--py-spy",
         action="store_true",
-        help="http: profile exai's windows with py-spy (nothing written to docs/)",
+        help="http: profile exai's windows (HTTP, WebSocket) with py-spy; nothing written to docs/",
     )
     p.add_argument(
         "--rss-guard-mib",

@@ -175,8 +175,8 @@ def run_all(
                     over_ws = server == "exai-ws"
                     result.answers = "WebSocket" if over_ws else probe(running)
                     profile_out = None
-                    if run_opts.py_spy and server == "exai":
-                        profile_out = run_opts.work / f"profile-exai-{s.key}.raw"
+                    if run_opts.py_spy and server in ("exai", "exai-ws"):
+                        profile_out = run_opts.work / f"profile-{server}-{s.key}.raw"
                     gen = "bench.loadgen" if over_ws else run_opts.generator
                     each = replace(run_opts, profile_out=profile_out, generator=gen)
                     result.m = measure(s, running, each, tag)
@@ -413,11 +413,12 @@ def main(args: argparse.Namespace) -> int:
         json.dumps([dict(r.m.to_json(), answers=r.answers) for r in results], indent=1)
     )
     for s in plan:
-        profile = work / f"profile-exai-{s.key}.raw"
-        if profile.exists():
-            summary = summarize(profile)
-            profile.with_suffix(".txt").write_text(summary)
-            print(f"exai, {s.title}:\n{summary}", flush=True)
+        for server in ("exai", "exai-ws"):
+            profile = work / f"profile-{server}-{s.key}.raw"
+            if profile.exists():
+                summary = summarize(profile)
+                profile.with_suffix(".txt").write_text(summary)
+                print(f"{LABELS[server]}, {s.title}:\n{summary}", flush=True)
     if not args.no_write and not interrupted:
         report.append(args.output, text, MARKER, SECTION, first=True)
         print(f"appended to {args.output}")
