@@ -12,7 +12,7 @@ durability  each EXAI_DURABILITY mode against the embedded Postgres and one 20 m
          actor vs raw COPY (~4 minutes; --duration/--warmup set both scenarios' windows)
 http     exai serve over Streamable HTTP beside the mcp 2.x SDK's own HTTP app, stateless and
          with sessions, exai over WebSocket and a bare h11 floor: 1 client and 50 clients
-         (~2 minutes; --servers picks of floor,exai,exai-ws,mcp2-stateless,mcp2-stateful;
+         (~3 minutes; --servers picks of floor,exai,exai-ws,mcp2-stateless,mcp2-stateful;
          --py-spy profiles exai's windows (both transports), writes nothing to docs/)
 
 Run from the repository root with the runtime's interpreter (it needs trio-websocket):
