@@ -102,7 +102,8 @@ class Result:
 @contextlib.contextmanager
 def start(server: str, opts: Options, tag: str) -> Iterator[Running]:
     """``server`` on a free loopback port, with an ``http://`` URL (exai's token in it as
-    ``?token=``, which the generator sends as a Bearer header); stopped on exit."""
+    ``?token=``, which the generator sends as a Bearer header; ``exai-ws`` keeps its
+    ``ws://`` one); stopped on exit."""
     if server in ("exai", "exai-ws"):
         with started("exai", opts, tag, S50.sessions + 1) as running:
             if server == "exai-ws":
@@ -131,7 +132,8 @@ def start(server: str, opts: Options, tag: str) -> Iterator[Running]:
 
 
 def probe(running: Running, timeout: float = 10.0) -> str:
-    """The Content-Type of one ``tools/call`` answer (after the handshake unless stateless)."""
+    """The Content-Type of one ``tools/call`` answer (after the handshake unless stateless).
+    Its session, if any, is left idle: one more silent session beside the load."""
 
     async def one() -> str:
         endpoint = Endpoint.parse(running.url)
