@@ -1,4 +1,4 @@
-"""``python -m bench [quick|full|profile|flood|durability]``: the end-to-end benchmark of issue 5.
+"""``python -m bench [quick|full|profile|flood|durability|http]``: end-to-end benchmarks.
 
 quick    every scenario, short windows (< 3 minutes); appends to docs/benchmarks.md
 full     longer windows plus a pipelined scenario and the optional mcp 2.x anchor
@@ -10,6 +10,10 @@ flood    issue 11: a quiet session's latency alone, beside a pipelining flooder,
 durability  each EXAI_DURABILITY mode against the embedded Postgres and one 20 ms of round
          trip away, beside the floor, an fdatasync of the journal's disk and the persistence
          actor vs raw COPY (~4 minutes; --duration/--warmup set both scenarios' windows)
+http     exai serve over Streamable HTTP beside the mcp 2.x SDK's own HTTP app, stateless and
+         with sessions, exai over WebSocket and a bare h11 floor: 1 client and 50 clients
+         (~3 minutes; --servers picks of floor,exai,exai-ws,mcp2-stateless,mcp2-stateful;
+         --py-spy profiles exai's windows (both transports), writes nothing to docs/)
 
 Run from the repository root with the runtime's interpreter (it needs trio-websocket):
 ``.venv/bin/python -m bench``. The anchor servers install themselves into bench/.venv-*.
@@ -27,7 +31,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from bench import durability, flood, report, scenarios, venvs
+from bench import durability, flood, report, scenarios, streamable_http, venvs
 from bench.launch import interrupt_on_sigterm, raise_nofile_limit
 from bench.profile import summarize
 from bench.runner import Measurement, RunOptions, measure
@@ -58,7 +62,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         "mode",
         nargs="?",
         default="quick",
-        choices=("quick", "full", "profile", "flood", "durability"),
+        choices=("quick", "full", "profile", "flood", "durability", "http"),
     )
     p.add_argument("--servers", help=f"comma-separated subset of {','.join(SERVERS)}")
     p.add_argument("--scenarios", help="comma-separated subset of seq1,s50,s50p8,s1000,idle")
@@ -77,12 +81,17 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         help="an EXAI_* setting for exai serve (repeatable; recorded in the report)",
     )
     p.add_argument(
-        "--label", help="flood, durability: words for the run's heading ('before the fix')"
+        "--label", help="flood, durability, http: words for the run's heading ('before the fix')"
     )
     p.add_argument(
         "--modes",
         help="durability: comma-separated EXAI_DURABILITY modes, in run order "
         "(default commit,journal,async)",
+    )
+    p.add_argument(
+        "--py-spy",
+        action="store_true",
+        help="http: profile exai's windows (HTTP, WebSocket) with py-spy; nothing written to docs/",
     )
     p.add_argument(
         "--rss-guard-mib",
@@ -133,16 +142,18 @@ def _check_generator_python(python: str) -> None:
 
 
 def _own_plan(args: argparse.Namespace) -> int:
-    """The modes that run a plan of their own (flood, durability)."""
+    """The modes that run a plan of their own (flood, durability, http)."""
     raise_nofile_limit()
     interrupt_on_sigterm()
     _check_generator_python(args.python)
+    if args.mode == "http":
+        return streamable_http.main(args)
     return flood.main(args) if args.mode == "flood" else durability.main(args)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
-    if args.mode in ("flood", "durability"):
+    if args.mode in ("flood", "durability", "http"):
         return _own_plan(args)
     servers = args.servers.split(",") if args.servers else list(DEFAULT_SERVERS[args.mode])
     bad = [s for s in servers if s not in SERVERS]

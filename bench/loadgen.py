@@ -23,6 +23,7 @@ import resource
 import sys
 import time
 from array import array
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -248,7 +249,16 @@ def _emit(event: dict[str, Any]) -> None:
     sys.stdout.flush()
 
 
-async def run(plan: Plan, latency_file: str) -> None:
+#: A session's task: ``(shared, active)``; it sends ``True`` on ``shared.ready`` once connected
+#: and initialized (``False`` if it could not open), and calls ``shared.session_done()`` when
+#: an active session has finished its calls (or failed).
+SessionTask = Callable[[Shared, bool], Awaitable[None]]
+
+
+async def run(plan: Plan, latency_file: str, session: SessionTask = _session) -> None:
+    """The line protocol with the orchestrator around ``plan.active + plan.idle`` sessions,
+    each ``session`` (this module's WebSocket session unless given: ``bench.httpgen`` passes
+    its HTTP one)."""
     stats = Stats()
     window = Window()
     go = trio.Event()
@@ -261,7 +271,7 @@ async def run(plan: Plan, latency_file: str) -> None:
         sh = Shared(plan, limiter, ready_send, go, finished, window, stats)
         # Idle sessions first, so the active ones are the last connected (as in real life).
         for i in range(total):
-            nursery.start_soon(_session, sh, i >= plan.idle)
+            nursery.start_soon(session, sh, i >= plan.idle)
         for _ in range(total):
             await ready_recv.receive()
         _emit(

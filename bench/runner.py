@@ -106,6 +106,8 @@ class RunOptions:
     work: Path
     profile_out: Path | None = None
     py_spy: str | None = None
+    #: The load generator's module: WebSocket (``bench.loadgen``) or HTTP (``bench.httpgen``).
+    generator: str = "bench.loadgen"
 
 
 def _percentile(ordered: array[float], q: float) -> float:
@@ -168,7 +170,8 @@ def _generators(
     shares = zip(_split(s.active, s.generators), _split(s.idle, s.generators), strict=True)
     for i, (active, idle) in enumerate(shares):
         file = opts.work / f"{tag}-gen{i}.lat"
-        argv = [opts.generator_python, "-m", "bench.loadgen", "--url", running.url]
+        argv = [opts.generator_python, "-m", opts.generator, "--url", running.url]
+        argv += running.client_args
         argv += ["--active", str(active), "--idle", str(idle), "--pipeline", str(s.pipeline)]
         argv += ["--warmup", str(s.warmup), "--duration", str(s.duration)]
         argv += ["--latency-file", str(file)]

@@ -53,6 +53,8 @@ class Running:
     # Where its database's data lives when that is not under the state dir (a Postgres the
     # harness started for it, reached with --database-url): its CPU is the server's `db`.
     db_dir: Path | None = None
+    #: Extra arguments for the load generator that this server needs (``--stateless``).
+    client_args: tuple[str, ...] = ()
 
     def db_pids(self) -> list[int]:
         """Postmasters under ``db_dir``, else under the state directory (exai's embedded

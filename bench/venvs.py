@@ -1,7 +1,7 @@
 """Virtual environments of the anchor servers, kept apart from the runtime's dependencies.
 
 ``bench/.venv-anchors`` (``requirements-anchors.txt``: ``mcp[ws]==1.30.0``, uvicorn, py-spy) and
-``bench/.venv-mcp2`` (``requirements-mcp2.txt``: ``mcp==2.3.0``) are created on first use
+``bench/.venv-mcp2`` (``requirements-mcp2.txt``: ``mcp==2.3.0``, uvicorn) are created on first use
 with ``python -m venv`` + ``pip install -r``, and recreated when their requirements file
 changes (a hash of it is stamped into the venv).
 """
