@@ -40,9 +40,9 @@ HTTP"); in order, for every request:
      answer into a stream). A request id already in flight in the session: 409, with the
      JSON-RPC error. A notification or a client's response: 202 once the session has it.
 4. ``GET``: the session's listen stream (SSE) for messages related to no request; one at a
-   time (409 for a second). ``DELETE``: the session ends (200); its end is recorded as a
-   WebSocket close 1000 is. Both need ``Mcp-Session-Id`` (400); a 2026-07-28 client, which
-   has neither, gets 405.
+   time (a new one replaces the one open, which ends). ``DELETE``: the session ends (200);
+   its end is recorded as a WebSocket close 1000 is. Both need ``Mcp-Session-Id`` (400); a
+   2026-07-28 client, which has neither, gets 405.
 5. Other methods: 405 with ``Allow``. Other paths: 404.
 
 Every refusal carries a JSON-RPC error with ``id: null`` (the spec's MAY) and is logged at
@@ -659,12 +659,6 @@ class StreamableHttpEndpoint:
         transport = self._find(self._required_session_id(request), identity)
         try:
             stream = transport.open_listen(lambda: wire.stream.last_sent)
-        except StreamInUse:
-            raise Refusal(
-                409,
-                InvalidRequest("conflict: this session already has its GET stream open"),
-                kind="second GET stream",
-            ) from None
         except ConnectionGone:
             raise _gone(transport.session_id) from None
         try:

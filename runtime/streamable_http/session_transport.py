@@ -50,7 +50,7 @@ log = structlog.get_logger("session")
 
 class StreamInUse(Exception):
     """A request id already has a response stream in this session (a request with that id
-    is in flight), or the session already has its listen stream."""
+    is in flight)."""
 
 
 class StreamBounds:
@@ -182,13 +182,15 @@ class HttpSessionTransport:
         return stream
 
     def open_listen(self, peer_took: Callable[[], float] | None = None) -> ResponseStream:
-        """The listen stream (GET). Raises :class:`StreamInUse` if one is open (MCP allows
-        several, but each message goes to one only; one is all this server needs),
+        """The listen stream (GET). A new one replaces the one open, which ends (MCP allows
+        several, but each message goes to one only; one is all this server needs, and the
+        newest is the one its client is surely reading: a client whose connection vanished
+        without a close cannot lock its session out of the GET stream). Raises
         :class:`ConnectionGone` if the session is over."""
         if self.closed is not None:
             raise ConnectionGone
-        if self.listen is not None and not self.listen.ended.is_set():
-            raise StreamInUse(None)
+        if self.listen is not None:
+            self.listen.end("replaced by a new GET stream")
         self.listen = ResponseStream(None, self._bounds, peer_took)
         self._open.add(self.listen)
         self._touch()
