@@ -501,19 +501,9 @@ def json_calls(*calls: tuple[str, dict[str, Any]]) -> str:
     return json.dumps([list(call) for call in calls])
 
 
-# -- known server gaps -------------------------------------------------------------------------
+# -- 2026-07-28 per-request logging ----------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "server gap: a 2026-07-28 request's _meta 'io.modelcontextprotocol/logLevel' is ignored"
-        " (actors/session/state.py wants_log reads only logging/setLevel's level, which that era"
-        " removed), so no notifications/message reach mcp 2.3 (log_level='info') or fastmcp"
-        " (which opts in at 'debug' on every request); the spec (2026-07-28 server/utilities/"
-        "logging) makes sending them a MAY, fastmcp documents that they arrive"
-    ),
-)
 @needs(MCP2, "mcp 2.x client env")
 async def test_modern_clients_get_the_logs_they_opted_into(server: ServerProcess) -> None:
     report = await run_client(

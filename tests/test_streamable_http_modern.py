@@ -159,6 +159,10 @@ async def test_versions_methods_and_verbs_of_a_modern_client(server: ServerProce
         error = error_of(unsupported)
         assert error["code"] == -32022
         assert MODERN in error["data"]["supported"]
+        handshake = modern(9, "initialize", {"protocolVersion": "2025-11-25", "capabilities": {}})
+        refused = await post(client, server, handshake)
+        assert (refused.status_code, error_of(refused)["code"]) == (404, -32601)
+        assert "2025-11-25" in error_of(refused)["message"]
         unknown = await post(client, server, modern(4, "nope/never"))
         assert (unknown.status_code, error_of(unknown)["code"]) == (404, -32601)
         assert unknown.json()["id"] == 4

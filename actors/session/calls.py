@@ -58,6 +58,7 @@ from runtime.mcp.errors import (
 )
 from runtime.mcp.progress import Progress
 from runtime.mcp.schema import (
+    LOG_LEVELS,
     CallToolParams,
     CreateTaskResult,
     LogLevel,
@@ -376,7 +377,7 @@ class CallRunner:
             request_id,
             identity=self.state.identity,
             progress=progress,
-            log=None if detached else self._log_to_client,
+            log=None if detached else self._client_log(call, version),
         )
         try:
             if progress is None:
@@ -578,6 +579,29 @@ class CallRunner:
                 )
                 return _encode_payload(request_id, payload)
             await trio.sleep((row.poll_interval_ms or POLL_INTERVAL_MS) / 1000)
+
+    def _client_log(
+        self, call: CallToolParams, version: str
+    ) -> Callable[[LogLevel, object, RequestId], Awaitable[None]] | None:
+        """How a call's tool logs to its client: through the session's ``logging/setLevel``
+        threshold in the handshake era; in 2026-07-28, at or above the level the request
+        names in ``_meta`` (``io.modelcontextprotocol/logLevel``), and not at all without
+        one: the server "MUST NOT emit ``notifications/message`` for a request that does
+        not include this field" (``server/utilities/logging.mdx``)."""
+        if not versions.is_modern(version):
+            return self._log_to_client
+        wanted = call.meta.log_level if call.meta else None
+        if wanted not in LOG_LEVELS:
+            return None
+        threshold = LOG_LEVELS.index(wanted)
+
+        async def log_at_or_above(level: LogLevel, data: object, request_id: RequestId) -> None:
+            if LOG_LEVELS.index(level) >= threshold:
+                note = LogMessageParams(level=level, logger="exai", data=data)
+                message = jsonrpc.encode_notification("notifications/message", note)
+                await self._send(message, request_id)
+
+        return log_at_or_above
 
     async def _log_to_client(self, level: LogLevel, data: object, request_id: RequestId) -> None:
         """A tool's ``notifications/message``, if the client's level lets it through; it

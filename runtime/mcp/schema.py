@@ -154,6 +154,9 @@ class RequestMeta(WireModel):
     progress_token: StrictStr | StrictInt | None = None
     protocol_version: Any = Field(default=None, alias="io.modelcontextprotocol/protocolVersion")
     client_info: Any = Field(default=None, alias="io.modelcontextprotocol/clientInfo")
+    #: 2026-07-28: the least severe ``notifications/message`` level the client wants for
+    #: this request; without it none may be sent (``server/utilities/logging.mdx``).
+    log_level: Any = Field(default=None, alias="io.modelcontextprotocol/logLevel")
 
 
 class ProgressParams(WireModel):

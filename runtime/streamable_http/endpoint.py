@@ -82,6 +82,7 @@ from runtime.mcp import jsonrpc, versions
 from runtime.mcp.errors import (
     InvalidParams,
     InvalidRequest,
+    MethodNotFound,
     ParseError,
     RpcError,
     ServerBusy,
@@ -587,6 +588,19 @@ class StreamableHttpEndpoint:
         if message.method == LISTEN:
             await self._listen(wire, message)
             return
+        if message.method == "initialize":
+            # The handshake is not part of 2026-07-28: what that era says of any method it
+            # lacks (404, -32601), with the way to the handshake era in the message.
+            raise Refusal(
+                404,
+                MethodNotFound(
+                    "method not found: 'initialize' is not part of 2026-07-28; send it with a "
+                    f"handshake version ({', '.join(versions.HANDSHAKE_VERSIONS)}) and no "
+                    "2026-07-28 MCP-Protocol-Version to start a session"
+                ),
+                request_id=message.id,
+                kind="modern initialize",
+            )
         transport = await self._identity_session(identity)
         await self._answer_request(wire, transport, message, "")
 
