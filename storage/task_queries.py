@@ -28,13 +28,10 @@ from datetime import datetime
 from typing import Any
 from uuid import UUID
 
-import psycopg
-from psycopg.rows import dict_row
-from psycopg_pool import ConnectionPool, PoolTimeout
 from pydantic import BaseModel, ConfigDict, JsonValue
 
-from storage.connection import connect_kwargs
 from storage.errors import StorageError
+from storage.read_pool import ReadPool
 from storage.recovery import NODE_TTL
 from storage.rows import TaskStatus
 
@@ -108,32 +105,22 @@ class TaskStore:
         wait_seconds: float = 10.0,
         statement_timeout_ms: int = 10_000,
     ) -> None:
-        self._wait = wait_seconds
-        self._statement_timeout = str(statement_timeout_ms)
-        self._pool = ConnectionPool(
+        self._reads = ReadPool(
             url,
-            min_size=1,
-            max_size=max_connections,
-            kwargs={
-                "autocommit": True,
-                "connect_timeout": 5,
-                "keepalives": 1,
-                "keepalives_idle": 10,
-                "keepalives_interval": 5,
-                "keepalives_count": 3,
-                **connect_kwargs(url),
-            },
-            open=False,
             name="exai-tasks",
+            what="tasks",
+            error=TaskReadError,
+            max_connections=max_connections,
+            wait_seconds=wait_seconds,
+            statement_timeout_ms=statement_timeout_ms,
         )
 
     def open(self) -> None:
-        """Start the pool without waiting for a connection (a database away at start fails
-        reads, clearly, not the node's start)."""
-        self._pool.open(wait=False)
+        """Start the pool without waiting for a connection (``storage.read_pool``)."""
+        self._reads.open()
 
     def close(self) -> None:
-        self._pool.close()
+        self._reads.close()
 
     def get(self, task_id: UUID, identity: str) -> StoredTask | None:
         """The identity's task, or ``None`` (no such task, or another identity's)."""
@@ -230,18 +217,4 @@ class TaskStore:
 
     def _query(self, sql: str, params: dict[str, Any]) -> list[dict[str, Any]]:
         """One short transaction; ``params`` by name (``node_ttl`` is always given)."""
-        try:
-            with self._pool.connection(timeout=self._wait) as conn, conn.transaction():
-                conn.execute(
-                    "select set_config('statement_timeout', %s, true)",
-                    (self._statement_timeout,),
-                )
-                with conn.cursor(row_factory=dict_row) as cursor:
-                    cursor.execute(sql.encode(), {"node_ttl": NODE_TTL, **params})
-                    return cursor.fetchall()
-        except PoolTimeout:
-            raise TaskReadError(
-                f"no database connection within {self._wait:g} s (is the database up?)"
-            ) from None
-        except psycopg.Error as exc:
-            raise TaskReadError(f"reading tasks failed: {type(exc).__name__}") from exc
+        return self._reads.query(sql, {"node_ttl": NODE_TTL, **params})

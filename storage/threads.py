@@ -20,13 +20,10 @@ from datetime import datetime
 from typing import Any
 from uuid import UUID
 
-import psycopg
-from psycopg.rows import dict_row
-from psycopg_pool import ConnectionPool, PoolTimeout
 from pydantic import BaseModel, ConfigDict
 
-from storage.connection import connect_kwargs
 from storage.errors import InvalidInput, StorageError
+from storage.read_pool import ReadPool
 
 _CURSOR_PREFIX = "exai:threads:v1:"
 
@@ -117,32 +114,22 @@ class ThreadStore:
         wait_seconds: float = 10.0,
         statement_timeout_ms: int = 10_000,
     ) -> None:
-        self._wait = wait_seconds
-        self._statement_timeout = str(statement_timeout_ms)
-        self._pool = ConnectionPool(
+        self._reads = ReadPool(
             url,
-            min_size=1,
-            max_size=max_connections,
-            kwargs={
-                "autocommit": True,
-                "connect_timeout": 5,
-                "keepalives": 1,
-                "keepalives_idle": 10,
-                "keepalives_interval": 5,
-                "keepalives_count": 3,
-                **connect_kwargs(url),
-            },
-            open=False,
             name="exai-threads",
+            what="threads",
+            error=ThreadReadError,
+            max_connections=max_connections,
+            wait_seconds=wait_seconds,
+            statement_timeout_ms=statement_timeout_ms,
         )
 
     def open(self) -> None:
-        """Start the pool without waiting for a connection: a database that is away at
-        start-up fails reads (clearly), not the node's start."""
-        self._pool.open(wait=False)
+        """Start the pool without waiting for a connection (``storage.read_pool``)."""
+        self._reads.open()
 
     def close(self) -> None:
-        self._pool.close()
+        self._reads.close()
 
     def load(self, thread_id: UUID) -> StoredThread | None:
         """The thread and every message of it, or ``None`` if there is no such thread."""
@@ -208,21 +195,7 @@ class ThreadStore:
         return ThreadPage(threads=summaries, next_cursor=next_cursor)
 
     def _query(self, sql: str, params: tuple[Any, ...]) -> list[dict[str, Any]]:
-        try:
-            with self._pool.connection(timeout=self._wait) as conn, conn.transaction():
-                conn.execute(
-                    "select set_config('statement_timeout', %s, true)",
-                    (self._statement_timeout,),
-                )
-                with conn.cursor(row_factory=dict_row) as cursor:
-                    cursor.execute(sql.encode(), params)
-                    return cursor.fetchall()
-        except PoolTimeout:
-            raise ThreadReadError(
-                f"no database connection within {self._wait:g} s (is the database up?)"
-            ) from None
-        except psycopg.Error as exc:
-            raise ThreadReadError(f"reading threads failed: {type(exc).__name__}") from exc
+        return self._reads.query(sql, params)
 
 
 def _files(value: object) -> list[str]:
