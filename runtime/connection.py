@@ -32,8 +32,10 @@ from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 __all__ = [
+    "CLOSE_GOING_AWAY",
     "CLOSE_INTERNAL_ERROR",
     "CLOSE_INTERNAL_ERROR_REASON",
+    "CLOSE_NORMAL",
     "Connection",
     "ConnectionGone",
     "Receive",
@@ -41,6 +43,11 @@ __all__ = [
     "message_size",
 ]
 
+#: RFC 6455 section 7.4.1 "normal closure": the client ended its session (a WebSocket close
+#: 1000, an HTTP DELETE, an idle expiry); every transport reports its end with these codes.
+CLOSE_NORMAL = 1000
+#: RFC 6455 section 7.4.1 "going away": the node is stopping.
+CLOSE_GOING_AWAY = 1001
 #: RFC 6455 section 7.4.1 "internal error": a session that failed (its actor gave up) is
 #: closed with it, on every transport.
 CLOSE_INTERNAL_ERROR = 1011

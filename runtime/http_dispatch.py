@@ -152,6 +152,4 @@ async def _route(head: RequestHead, readiness: Readiness) -> Response:
 
 
 def _closing(status: int, body: bytes, *extra: tuple[bytes, bytes]) -> Response:
-    # An Upgrade header must be named in Connection (RFC 9110 section 7.8).
-    connection = b"upgrade, close" if any(name == b"upgrade" for name, _ in extra) else b"close"
-    return Response(status, body, extra=((b"connection", connection), *extra))
+    return Response(status, body, extra=((b"connection", b"close"), *extra))

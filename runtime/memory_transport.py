@@ -28,12 +28,9 @@ from typing import Any
 
 import trio
 
-from runtime.connection import ConnectionGone, RequestId
+from runtime.connection import CLOSE_NORMAL, ConnectionGone, RequestId
 
 __all__ = ["Delivery", "MemoryClient", "MemoryClosed", "MemoryTransport", "memory_pair"]
-
-#: RFC 6455 section 7.4.1, used as the in-memory close codes too (same meaning).
-CLOSE_NORMAL = 1000
 
 
 @dataclass(frozen=True, slots=True)

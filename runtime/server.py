@@ -42,7 +42,11 @@ from trio_websocket import (
 )
 
 from runtime.auth import ClientTokens, presented_token
-from runtime.connection import CLOSE_INTERNAL_ERROR, CLOSE_INTERNAL_ERROR_REASON
+from runtime.connection import (
+    CLOSE_GOING_AWAY,
+    CLOSE_INTERNAL_ERROR,
+    CLOSE_INTERNAL_ERROR_REASON,
+)
 from runtime.handshake_admission import HandshakeAdmission, parse_networks
 from runtime.http_dispatch import RequestHead, answer_plain, read_request_head
 from runtime.keepalive import keep_alive
@@ -58,7 +62,6 @@ log = structlog.get_logger("server")
 
 MCP_PATH = "/mcp"
 SUBPROTOCOL = "mcp"
-CLOSE_GOING_AWAY = 1001
 _REQUEST_TIMEOUT_BODY = b"request not complete within the handshake deadline\n"
 REQUEST_TIMEOUT_RESPONSE = (
     b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Type: text/plain\r\n"

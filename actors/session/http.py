@@ -19,15 +19,16 @@ from actors.session.actor import Mail
 from actors.session.config import SessionServices
 from actors.session.runner import end_session, open_session, run_session
 from actors.status import LiveSession
-from runtime.connection import CLOSE_INTERNAL_ERROR, CLOSE_INTERNAL_ERROR_REASON
+from runtime.connection import (
+    CLOSE_GOING_AWAY,
+    CLOSE_INTERNAL_ERROR,
+    CLOSE_INTERNAL_ERROR_REASON,
+)
 from runtime.mailbox import ActorRef
 from runtime.streamable_http.session_transport import HttpSessionTransport
 from runtime.supervision import Supervisor
 
 __all__ = ["serve_http_session"]
-
-#: RFC 6455 section 7.4.1 "going away": how a session cut by the node's stop is recorded.
-CLOSE_GOING_AWAY = 1001
 
 
 async def serve_http_session(

@@ -34,17 +34,21 @@ from actors.session.runner import end_session, open_session, record_end, run_ses
 from actors.session.state import SessionState
 from actors.status import LiveSession
 from runtime.budget import ByteBudget
-from runtime.connection import CLOSE_INTERNAL_ERROR, CLOSE_INTERNAL_ERROR_REASON
+from runtime.connection import (
+    CLOSE_GOING_AWAY,
+    CLOSE_INTERNAL_ERROR,
+    CLOSE_INTERNAL_ERROR_REASON,
+    CLOSE_NORMAL,
+)
 from runtime.mailbox import ActorRef
 from runtime.outbox import Outbox
-from runtime.server import CLOSE_GOING_AWAY, Handshake
+from runtime.server import Handshake
 from runtime.session_registry import Ending, SessionEntry
 from runtime.streamable_http.session_transport import HttpSessionTransport
 from runtime.websocket_transport import WebSocketTransport
 
 log = structlog.get_logger("session")
 
-CLOSE_NORMAL = 1000
 #: Closes after which a session ends instead of being parked (RFC 6455 section 7.4.1): the
 #: client ended it (1000), or the connection broke the protocol (1002), sent what cannot be
 #: taken (1003, 1007: not UTF-8 in a text frame; 1009: too big) or was closed for its

@@ -27,8 +27,8 @@ from actors.session.config import SessionServices
 from actors.session.runner import end_session, open_session, run_session
 from actors.session.state import SessionState
 from actors.status import LiveSession
-from runtime.connection import CLOSE_INTERNAL_ERROR, CLOSE_INTERNAL_ERROR_REASON
-from runtime.memory_transport import CLOSE_NORMAL, MemoryClient, MemoryTransport, memory_pair
+from runtime.connection import CLOSE_INTERNAL_ERROR, CLOSE_INTERNAL_ERROR_REASON, CLOSE_NORMAL
+from runtime.memory_transport import MemoryClient, MemoryTransport, memory_pair
 from runtime.supervision import Supervisor, run_root
 
 __all__ = ["MemorySession", "memory_session"]

@@ -9,7 +9,8 @@ HTTP"); in order, for every request:
 
 1. ``Origin`` present and not allowed: 403 (:mod:`runtime.streamable_http.origin`).
 2. No valid token (``Authorization: Bearer`` or ``?token=``, as the WebSocket handshake):
-   401 with ``WWW-Authenticate: Bearer``. Draining: 503 with ``Retry-After``.
+   401 with ``WWW-Authenticate: Bearer``. Draining: 503 with ``Retry-After``. More than
+   ``EXAI_HTTP_EXCHANGES_PER_IDENTITY`` requests of the identity in progress: 429.
 3. ``POST``: ``Content-Type: application/json`` (else 415) and an ``Accept`` naming both
    ``application/json`` and ``text/event-stream`` (else 406); a body of at most
    ``max_message_bytes`` (413), arriving within ``body_timeout`` (408); one JSON-RPC message
@@ -28,7 +29,7 @@ HTTP"); in order, for every request:
      request (that era's cancellation); a notification is taken (202) and dropped.
    * ``initialize`` without ``Mcp-Session-Id`` starts a 2025-era session: the same supervised
      session actor a WebSocket connection gets (``SessionHost.serve_http``), under the same
-     ``max_sessions`` (503) and, per client identity, ``max_http_sessions_per_identity``
+     ``max_sessions`` (503) and, per client identity, ``EXAI_HTTP_SESSIONS_PER_IDENTITY``
      (429); its id comes back in ``Mcp-Session-Id``. Storage refusing it: 503.
    * Anything else needs ``Mcp-Session-Id`` (400 without it: the spec's SHOULD); an id this
      node does not hold, or one that belongs to another identity, is 404 (the client then
@@ -65,7 +66,7 @@ from __future__ import annotations
 import contextlib
 import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -75,7 +76,13 @@ import structlog
 import trio
 
 from runtime.auth import ClientTokens, presented_token
-from runtime.connection import CLOSE_INTERNAL_ERROR, CLOSE_INTERNAL_ERROR_REASON, ConnectionGone
+from runtime.connection import (
+    CLOSE_GOING_AWAY,
+    CLOSE_INTERNAL_ERROR,
+    CLOSE_INTERNAL_ERROR_REASON,
+    CLOSE_NORMAL,
+    ConnectionGone,
+)
 from runtime.listener import Peer, PeerStream
 from runtime.log_throttle import LogThrottle
 from runtime.mcp import jsonrpc, versions
@@ -119,8 +126,6 @@ ALLOW = (b"allow", b"GET, POST, DELETE")
 CANCELLED = "notifications/cancelled"
 LISTEN = "subscriptions/listen"
 SUBSCRIPTION_ID_META = "io.modelcontextprotocol/subscriptionId"
-CLOSE_NORMAL = 1000
-CLOSE_GOING_AWAY = 1001
 
 
 @dataclass(frozen=True, slots=True)
@@ -766,8 +771,8 @@ async def _watch_stall(stream: ResponseStream) -> None:
         await trio.sleep_until(min(deadline, now + outbox.stall_timeout))
 
 
-async def _cancel_after(wait: Callable[[], object], scope: trio.CancelScope) -> None:
-    await wait()  # type: ignore[misc]
+async def _cancel_after(wait: Callable[[], Awaitable[object]], scope: trio.CancelScope) -> None:
+    await wait()
     scope.cancel()
 
 

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import structlog
 import trio
@@ -53,19 +54,15 @@ class StreamInUse(Exception):
     is in flight)."""
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
 class StreamBounds:
     """What one response stream may hold: the session's outgoing bounds (``SessionBounds``
     of the node) and the node's outgoing budget they count against."""
 
-    __slots__ = ("max_bytes", "max_messages", "node", "stall_timeout")
-
-    def __init__(
-        self, *, max_bytes: int, max_messages: int, stall_timeout: float, node: NodeBudget | None
-    ) -> None:
-        self.max_bytes = max_bytes
-        self.max_messages = max_messages
-        self.stall_timeout = stall_timeout
-        self.node = node
+    max_bytes: int
+    max_messages: int
+    stall_timeout: float
+    node: NodeBudget | None
 
 
 class ResponseStream:
