@@ -39,25 +39,20 @@ from urllib.parse import parse_qs, urlsplit
 import h11
 import trio
 
-from bench.loadgen import ECHO_TEXT, Plan, Shared, Stats, Window, _check, raise_nofile_limit, run
+from bench.loadgen import (
+    CALL,
+    Plan,
+    Shared,
+    Stats,
+    Window,
+    _check,
+    initialize_message,
+    raise_nofile_limit,
+    run,
+)
 
 PROTOCOL_VERSION = "2025-11-25"
-_CALL = (
-    '{"jsonrpc":"2.0","id":%d,"method":"tools/call",'
-    '"params":{"name":"echo","arguments":{"text":"' + ECHO_TEXT + '"}}}'
-)
-_INITIALIZE = json.dumps(
-    {
-        "jsonrpc": "2.0",
-        "id": 0,
-        "method": "initialize",
-        "params": {
-            "protocolVersion": PROTOCOL_VERSION,
-            "capabilities": {},
-            "clientInfo": {"name": "exai-bench", "version": "0.1"},
-        },
-    }
-).encode()
+_INITIALIZE = initialize_message(PROTOCOL_VERSION).encode()
 _INITIALIZED = b'{"jsonrpc":"2.0","method":"notifications/initialized"}'
 _EVENT_STREAM = b"text/event-stream"
 
@@ -202,7 +197,7 @@ async def _calls(client: Client, window: Window, stats: Stats, slot: int) -> Non
     while True:
         request_id += 1
         sent = perf()
-        answer = await client.post((_CALL % request_id).encode(), request_id)
+        answer = await client.post((CALL % request_id).encode(), request_id)
         if answer.at >= window.end:
             return
         if answer.status != 200:

@@ -32,22 +32,31 @@ from trio_websocket import WebSocketConnection, connect_websocket_url
 
 PROTOCOL_VERSION = "2025-06-18"
 ECHO_TEXT = "hello"
-_CALL = (
+#: ``tools/call echo`` with its id to fill in (``CALL % request_id``), the same for every
+#: transport's generator.
+CALL = (
     '{"jsonrpc":"2.0","id":%d,"method":"tools/call",'
     '"params":{"name":"echo","arguments":{"text":"' + ECHO_TEXT + '"}}}'
 )
-_INITIALIZE = json.dumps(
-    {
-        "jsonrpc": "2.0",
-        "id": 0,
-        "method": "initialize",
-        "params": {
-            "protocolVersion": PROTOCOL_VERSION,
-            "capabilities": {},
-            "clientInfo": {"name": "exai-bench", "version": "0.1"},
-        },
-    }
-)
+
+
+def initialize_message(version: str) -> str:
+    """The generators' ``initialize`` request (id 0) for protocol ``version``."""
+    return json.dumps(
+        {
+            "jsonrpc": "2.0",
+            "id": 0,
+            "method": "initialize",
+            "params": {
+                "protocolVersion": version,
+                "capabilities": {},
+                "clientInfo": {"name": "exai-bench", "version": "0.1"},
+            },
+        }
+    )
+
+
+_INITIALIZE = initialize_message(PROTOCOL_VERSION)
 _INITIALIZED = '{"jsonrpc":"2.0","method":"notifications/initialized"}'
 
 
@@ -115,7 +124,7 @@ async def _sequential_calls(
     while True:
         request_id += 1
         sent = perf()
-        await ws.send_message(_CALL % request_id)
+        await ws.send_message(CALL % request_id)
         while True:
             msg = loads(await ws.get_message())
             if msg.get("id") == request_id:
@@ -144,7 +153,7 @@ async def _pipelined_calls(
             await slots.acquire()
             request_id += 1
             in_flight[request_id] = perf()
-            await ws.send_message(_CALL % request_id)
+            await ws.send_message(CALL % request_id)
         sending_done.set()
 
     async def receiver() -> None:
