@@ -584,3 +584,62 @@ async def test_a_drain_answers_the_call_in_flight(database_url: str, tmp_path: A
         assert handle.process.wait(timeout=60) == 0
     finally:
         handle.stop()
+
+
+async def test_a_connection_serves_more_requests_after_a_get_or_delete(
+    server: ServerProcess,
+) -> None:
+    """A GET or DELETE leaves its kept-alive connection able to serve the next request
+    (h11 ends a request only once its end is read: the connection used to be closed after
+    either, and a client reusing it at that moment got a reset)."""
+    parts = urlsplit(server.url)
+    assert parts.hostname is not None
+    assert parts.port is not None
+    body = json.dumps(initialize()).encode()
+    auth = b"Authorization: Bearer " + server.token.encode() + b"\r\n"
+    post = (
+        b"POST /mcp HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Accept: application/json, text/event-stream\r\n"
+        + auth
+        + b"Content-Length: %d\r\n\r\n" % len(body)
+        + body
+    )
+    stream = await trio.open_tcp_stream(parts.hostname, parts.port)
+    async with stream:
+        received = b""
+
+        async def answer() -> bytes:
+            nonlocal received
+            with trio.fail_after(30):
+                while b"\r\n\r\n" not in received:
+                    received += await stream.receive_some()
+                head, _, rest = received.partition(b"\r\n\r\n")
+                length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+                while len(rest) < length:
+                    rest += await stream.receive_some()
+                received = rest[length:]
+                return head
+
+        await stream.send_all(post)
+        head = await answer()
+        assert head.startswith(b"HTTP/1.1 200 ")
+        session_id = head.lower().split(b"mcp-session-id: ")[1].split(b"\r\n")[0]
+        await stream.send_all(
+            b"DELETE /mcp HTTP/1.1\r\nHost: x\r\n"
+            + auth
+            + b"Mcp-Session-Id: "
+            + session_id
+            + b"\r\n\r\n"
+        )
+        head = await answer()
+        assert head.startswith(b"HTTP/1.1 200 ")
+        assert b"connection: close" not in head.lower()
+        # The same connection goes on: the session is gone now, so a second DELETE is 404.
+        await stream.send_all(
+            b"DELETE /mcp HTTP/1.1\r\nHost: x\r\n"
+            + auth
+            + b"Mcp-Session-Id: "
+            + session_id
+            + b"\r\n\r\n"
+        )
+        assert (await answer()).startswith(b"HTTP/1.1 404 ")

@@ -201,7 +201,10 @@ def test_timeline_reconstructs_one_call(run: Run) -> None:
     session, tool, store = timeline.steps
     assert session.posted_ms == 0.0  # the trace began when the message was posted
     assert session.posted_ms <= session.start_ms <= session.end_ms <= tool.start_ms
-    assert tool.start_ms <= store.posted_ms <= store.start_ms <= store.end_ms <= tool.end_ms
+    # The call's write (its intent, recorded before the tool runs: issue 14) is posted by the
+    # call's task, which may stamp it a few microseconds before the tool's own span opens:
+    # it belongs to the call (after the session took it) and ends before the tool does.
+    assert session.start_ms <= store.posted_ms <= store.start_ms <= store.end_ms <= tool.end_ms
     for step, row in zip(timeline.steps, rows, strict=True):
         assert float(row[0]) == pytest.approx(step.start_ms, abs=0.001)
         assert float(row[1]) == pytest.approx(step.waited_ms, abs=0.001)

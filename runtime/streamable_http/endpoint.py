@@ -352,7 +352,12 @@ class StreamableHttpEndpoint:
         method = request.method
         if method == b"POST":
             await self._post(wire, request, identity, peer)
-        elif method == b"GET":
+            return
+        # A GET or DELETE has no body, but h11 ends the request only once its end has been
+        # read: without this the connection could not serve the next request (it was closed
+        # after every GET and DELETE, and a client reusing it in that moment got a reset).
+        await self._read_body(wire, request)
+        if method == b"GET":
             await self._get(wire, request, identity)
         else:
             await self._delete(wire, request, identity)
