@@ -423,6 +423,7 @@ class _Tree:
                 total_slots=total_slots,
                 tasks=self.tasks,
                 max_task_result_waiters=settings.max_task_result_waiters,
+                task_after=settings.task_after,
                 heartbeat_interval=settings.heartbeat_interval,
                 page_size=settings.page_size,
                 node_id=node_id,

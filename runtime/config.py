@@ -295,6 +295,15 @@ class Settings(BaseSettings):
         description="tasks/result requests one session may have waiting at once; one more is "
         "refused with -32005 (docs/tasks.md).",
     )
+    task_after: float = Field(
+        default=5.0,
+        ge=0,
+        le=3600,
+        description="MCP 2026-07-28 Tasks extension: a tools/call to a tool that supports "
+        "tasks, from a request declaring io.modelcontextprotocol/tasks, runs as a task; if it "
+        "has not ended after this many seconds its client is answered with the task (to poll "
+        "with tasks/get) instead of waiting. 0: always answered with the task (docs/tasks.md).",
+    )
 
     @field_validator("log_level")
     @classmethod

@@ -44,8 +44,8 @@ from actors.persistence import (
 from actors.session.config import SessionConfig
 from actors.session.methods import SessionMethods, params, read_tasks, task_id_of
 from actors.session.state import RequestId, SessionState
-from actors.tasks import POLL_INTERVAL_MS, TaskOutcome
-from actors.tasks.wire import payload_of, timestamp, unknown_task
+from actors.tasks import POLL_INTERVAL_MS, RunningTask, TaskOutcome
+from actors.tasks.wire import created_task, payload_of, timestamp, unknown_task
 from runtime import trace
 from runtime.connection import Connection, ConnectionGone
 from runtime.mcp import jsonrpc, translation, versions
@@ -54,6 +54,7 @@ from runtime.mcp.errors import (
     InvalidRequest,
     LimitExceeded,
     MethodNotFound,
+    MissingRequiredClientCapability,
     RpcError,
 )
 from runtime.mcp.progress import Progress
@@ -71,6 +72,10 @@ from storage.durability import Durability
 from storage.errors import ExaiError, StorageError
 from storage.rows import SessionActivity
 from storage.tasks import Retention, TaskLifecycle
+
+#: Why a call runs as an MCP task: the client asked (2025-11-25, ``params.task``), or the
+#: server chose to (2026-07-28, the Tasks extension: SEP-2663's "server-directed" creation).
+TaskMode = Literal["requested", "directed"]
 
 #: The ``_meta`` of a call that sent none.
 _NO_META = RequestMeta()
@@ -127,7 +132,7 @@ class CallRunner:
             await self._send(jsonrpc.encode_error(request.id, admitted), request.id)
             return admitted
         assert self._calls is not None
-        if admitted.as_task:
+        if admitted.task is not None:
             self._calls.start_soon(self._create_task, request.id, admitted)
         else:
             self._calls.start_soon(self._call_and_send, request.id, admitted)
@@ -154,19 +159,19 @@ class CallRunner:
             tool = self._tools.get(call.name)
             if tool is None:
                 raise InvalidParams(f"unknown tool: {call.name!r}")
-            as_task = self._as_task(call, tool, version)
+            task = self._task_mode(call, tool, version)
             try:
                 self._persistence.ensure_available()
             except StorageUnavailable as error:
                 # The persistence actor's words for what is unavailable, and the call's own
                 # for what was done about it; answered by the translation point (-32004).
                 raise StorageUnavailable(f"{error.reason}; nothing was done, retry later") from None
-            if as_task:
+            if task is not None:
                 host = self._config.tasks
-                assert host is not None  # _as_task
+                assert host is not None  # _task_mode
                 host.admit(self.state.identity)  # -32005 past the identity's bound
                 self.state.handling(request.id)
-                return _Admitted(tool, call, version, as_task=True)
+                return _Admitted(tool, call, version, task=task)
         except (RpcError, ExaiError) as error:
             return translation.refusal(error)
         # The node-wide limiter counts borrowers: each call is its own, whatever id its client
@@ -196,27 +201,49 @@ class CallRunner:
         state.admitted(request.id)
         return admitted
 
-    def _as_task(self, call: CallToolParams, tool: Tool[Any], version: str) -> bool:
-        """Whether the call runs as an MCP task (2025-11-25, basic/utilities/tasks, "Tool-Level
-        Negotiation"); -32601 for a tool that forbids it (every tool but those that declare
-        ``execution.taskSupport``), or that requires it and was called without. A version
-        without tasks ignores ``params.task`` (MCP: a receiver that does not declare the
-        capability MUST process the request normally)."""
+    def _task_mode(self, call: CallToolParams, tool: Tool[Any], version: str) -> TaskMode | None:
+        """Whether the call runs as an MCP task, and why (docs/tasks.md):
+
+        - 2025-11-25 (basic/utilities/tasks, "Tool-Level Negotiation"): ``"requested"`` when
+          the client sent ``params.task``; -32601 for a tool that forbids it (every tool but
+          those that declare ``execution.taskSupport``), or that requires it and was called
+          without.
+        - 2026-07-28 with the Tasks extension (SEP-2663, "server-directed"): ``"directed"``
+          for a tool that supports tasks when the request declares the extension in its
+          ``_meta`` client capabilities; ``params.task`` is ignored ("MUST"). A tool that
+          requires a task, called without the extension: -32021.
+
+        Any other version ignores ``params.task`` (MCP: a receiver that does not declare
+        the capability MUST process the request normally)."""
+        if self._methods.has_tasks_extension(version):
+            if tool.task_support == "forbidden":
+                return None
+            capabilities = call.meta.client_capabilities if call.meta else None
+            if versions.declares_extension(capabilities, versions.TASKS_EXTENSION):
+                return "directed"
+            if tool.task_support == "required":
+                raise MissingRequiredClientCapability(
+                    f"missing required client capability: tool {tool.name!r} is answered "
+                    f"with a task; declare the {versions.TASKS_EXTENSION!r} extension in "
+                    f"_meta[{versions.CLIENT_CAPABILITIES_META!r}].extensions",
+                    {"extensions": {versions.TASKS_EXTENSION: {}}},
+                )
+            return None
         if not self._methods.has_tasks(version):
-            return False
+            return None
         if call.task is None:
             if tool.task_support == "required":
                 raise MethodNotFound(
                     f"tool {tool.name!r} must be called as a task (execution.taskSupport is "
                     "'required'): add params.task"
                 )
-            return False
+            return None
         if tool.task_support == "forbidden":
             raise MethodNotFound(
                 f"tool {tool.name!r} does not support task-augmented calls "
                 "(execution.taskSupport is 'forbidden'): call it without params.task"
             )
-        return True
+        return "requested"
 
     def _release(self, admitted: _Admitted) -> None:
         """Give back a call's two slots, once. Cannot raise: it runs on every path out of a
@@ -411,17 +438,20 @@ class CallRunner:
             return _Outcome(reply, "failed", body, output.text, len(encoded))
         return _Outcome(reply, "completed", body, None, len(encoded))
 
-    # -- MCP tasks (2025-11-25, docs/tasks.md) ------------------------------------------------
+    # -- MCP tasks (2025-11-25 and the 2026-07-28 extension, docs/tasks.md) ---------------
 
     async def _create_task(self, request_id: RequestId, admitted: _Admitted) -> None:
-        """A task-augmented call: its row, in the database (``write_through``), then the
-        task handed to the node's task host, then ``CreateTaskResult``. A row that cannot
-        be written refuses the call (-32004) and nothing runs."""
+        """A call run as an MCP task: its row, in the database (``write_through``: a
+        ``tasks/get`` on any node finds it, as SEP-2663 requires before the handle is
+        returned), then the task handed to the node's task host, then the answer: at once
+        ``CreateTaskResult`` when the client asked for a task; when the server chose one, the
+        call's own answer if the task ends soon enough (:meth:`_directed_reply`). A row that
+        cannot be written refuses the call (-32004) and nothing runs."""
         host = self._config.tasks
-        assert host is not None  # _as_task
+        assert host is not None  # _task_mode
         state = self.state
         tool, call = admitted.tool, admitted.params
-        assert call.task is not None
+        requested_ttl = call.task.ttl if admitted.task == "requested" and call.task else None
         lifecycle = TaskLifecycle.create(
             session_id=state.session_id,
             request_id=request_id,
@@ -431,9 +461,10 @@ class CallRunner:
             max_result_bytes=self._config.max_result_bytes,
             identity=state.identity,
             retention=Retention.granted(
-                call.task.ttl, max_ms=host.retention_ms, poll_interval_ms=host.poll_interval_ms
+                requested_ttl, max_ms=host.retention_ms, poll_interval_ms=host.poll_interval_ms
             ),
         )
+        reply: str | None
         try:
             await self._persistence.write_through(lifecycle.created)
         except (StorageError, ActorUnavailable, trio.TooSlowError) as error:
@@ -460,23 +491,64 @@ class CallRunner:
             )
             raise
         else:
-            host.launch(lifecycle, state.identity, partial(self._execute, request_id, admitted))
-            created = lifecycle.created
-            at = timestamp(created.created_at)
-            task = Task(
-                task_id=str(lifecycle.task_id),
-                status="working",
-                created_at=at,
-                last_updated_at=at,
-                ttl=created.ttl_ms,
-                poll_interval=created.poll_interval_ms,
+            running = host.launch(
+                lifecycle, state.identity, partial(self._execute, request_id, admitted)
             )
-            reply = jsonrpc.encode_result(request_id, CreateTaskResult(task=task))
+            if admitted.task == "directed":
+                reply = await self._directed_reply(request_id, running)
+                if reply is None:
+                    return  # the client cancelled the request: no response
+            else:
+                created = lifecycle.created
+                at = timestamp(created.created_at)
+                task = Task(
+                    task_id=str(lifecycle.task_id),
+                    status="working",
+                    created_at=at,
+                    last_updated_at=at,
+                    ttl=created.ttl_ms,
+                    poll_interval=created.poll_interval_ms,
+                )
+                reply = jsonrpc.encode_result(request_id, CreateTaskResult(task=task))
         try:
             await self._send(reply, request_id)
         except ConnectionGone:
             return  # the task runs on; the client finds it with tasks/list or tasks/get
         self.state.answered(request_id)
+
+    async def _directed_reply(self, request_id: RequestId, running: RunningTask) -> str | None:
+        """A task the server chose (SEP-2663, "server-directed"): the call's own answer if
+        the task ends within ``task_after`` seconds, so a quick call costs its client no
+        polling; else ``CreateTaskResult`` (``resultType: "task"``), and the task runs on,
+        durable, for ``tasks/get``.
+
+        Cancellation: the client cancelling the request meanwhile (``notifications/cancelled``,
+        or over Streamable HTTP closing its response stream) cancels the task too, without
+        waiting for it: nobody was told of it, so nobody could ever ask for it; ``None``
+        then (no response). The session ending meanwhile does not: the task is the node's.
+        """
+        host = self._config.tasks
+        assert host is not None  # _task_mode
+        scope = self.state.waiting_for_task(request_id)
+        try:
+            with scope, trio.move_on_after(self._config.task_after):
+                await running.done.wait()
+        finally:
+            self.state.call_ended(request_id)
+        if scope.cancelled_caught:
+            host.cancel_soon(running, "cancelled by its client before it was answered")
+            self.state.answered(request_id)
+            return None
+        outcome = running.outcome
+        if running.done.is_set() and outcome is not None:
+            if outcome.rpc_error is not None:
+                error = {"jsonrpc": "2.0", "id": request_id, "error": outcome.rpc_error}
+                return pydantic_core.to_json(error).decode()
+            if outcome.result is not None:
+                return jsonrpc.encode_result(request_id, outcome.result)
+        # Still running, or ended with no answer to give (cancelled, its node stopping):
+        # the handle, whose tasks/get says which.
+        return jsonrpc.encode_result(request_id, created_task(running.lifecycle.created))
 
     async def _execute(self, request_id: RequestId, admitted: _Admitted) -> TaskOutcome:
         """Run a task's tool, detached from this session (no progress, no client log: the
@@ -735,9 +807,9 @@ class _Admitted:
     params: CallToolParams
     version: str
     released: bool = False
-    #: A task-augmented call (docs/tasks.md): it holds no slot of the session's; the task
-    #: host takes a node slot for it.
-    as_task: bool = False
+    #: An MCP task (docs/tasks.md): it holds no slot of the session's; the task host takes
+    #: a node slot for it.
+    task: TaskMode | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -42,6 +42,9 @@ class SessionConfig:
     tasks: TaskHost | None = None
     #: ``tasks/result`` requests one session may have waiting (EXAI_MAX_TASK_RESULT_WAITERS).
     max_task_result_waiters: int = 16
+    #: 2026-07-28, the Tasks extension: seconds a server-directed task may take and still be
+    #: answered as a plain call (EXAI_TASK_AFTER); past it the client gets the task's handle.
+    task_after: float = 5.0
 
 
 @dataclass(frozen=True, slots=True)

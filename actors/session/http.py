@@ -48,7 +48,11 @@ async def serve_http_session(
     up (the endpoint logs ``session.crashed``)."""
     session_id = transport.session_id
     state = await open_session(
-        services, session_id=session_id, remote=remote, identity=transport.identity
+        services,
+        session_id=session_id,
+        remote=remote,
+        identity=transport.identity,
+        sessionless=transport.sessionless,
     )
     started()
 

@@ -20,9 +20,10 @@ method                   eras                        before a version is known
 ``ping``                 handshake (2026-07-28: no)  yes
 ``tools/list``           every                       no: -32600 "session not initialized"
 ``logging/setLevel``     handshake (2026-07-28: no)  no
-``tasks/get``            2025-11-25, tasks offered   no
+``tasks/get``            2025-11-25; 2026-07-28 ext  no
 ``tasks/list``           2025-11-25, tasks offered   no
-``tasks/cancel``         2025-11-25, tasks offered   no
+``tasks/cancel``         2025-11-25; 2026-07-28 ext  no
+``tasks/update``         2026-07-28 extension        no
 ``$/exai/test/crash*``   every, with test faults on  yes
 anything else            -32601 "method not found"   no
 =======================  ==========================  =====================================
@@ -30,7 +31,10 @@ anything else            -32601 "method not found"   no
 ``tasks/result`` is not in the table either: it may wait as long as its task runs, so it
 runs as a task of the call runner, like a call (``actors.session.calls``). The ``tasks/*``
 methods read the database (docs/tasks.md): a task of another identity is answered as an
-unknown one (-32602).
+unknown one (-32602). "Tasks offered": on a node that runs a task host. "2026-07-28 ext": the
+Tasks extension (``io.modelcontextprotocol/tasks``, SEP-2663), whose methods a request that
+does not declare it in its ``_meta`` client capabilities is refused with -32021; it has no
+``tasks/list`` nor ``tasks/result`` (-32601).
 """
 
 from __future__ import annotations
@@ -51,12 +55,13 @@ from actors.persistence import PersistenceClient
 from actors.session.config import SessionConfig
 from actors.session.state import SessionState
 from actors.tasks import TaskHost
-from actors.tasks.wire import task_of, unknown_task
+from actors.tasks.wire import detailed_task, task_of, unknown_task
 from runtime.mcp import jsonrpc, versions
 from runtime.mcp.errors import (
     InvalidParams,
     InvalidRequest,
     MethodNotFound,
+    MissingRequiredClientCapability,
     RpcError,
     SessionNotInitialized,
     Unavailable,
@@ -67,6 +72,7 @@ from runtime.mcp.paging import decode_cursor, encode_cursor, page
 from runtime.mcp.schema import (
     CACHEABLE_RESULTS,
     CancelTaskResult,
+    DetailedTask,
     DiscoverResult,
     EmptyResult,
     GetTaskResult,
@@ -82,6 +88,7 @@ from runtime.mcp.schema import (
     SetLevelParams,
     TaskIdParams,
     TasksCapability,
+    UpdateTaskParams,
 )
 from runtime.mcp.tools import ToolRegistry
 from storage.rows import SessionIdentified
@@ -133,8 +140,19 @@ def _test_faults_on(session: SessionMethods, version: str) -> bool:
 
 
 def _tasks_era(session: SessionMethods, version: str) -> bool:
-    """``tasks/*``: 2025-11-25 (``versions.has_tasks``), on a node that runs a task host."""
+    """``tasks/get`` and ``tasks/cancel``: 2025-11-25 (``versions.has_tasks``) or the
+    2026-07-28 extension, on a node that runs a task host."""
+    return session.has_tasks(version) or session.has_tasks_extension(version)
+
+
+def _core_tasks_era(session: SessionMethods, version: str) -> bool:
+    """``tasks/list``: 2025-11-25 only (SEP-2663 dropped it with ``tasks/result``)."""
     return session.has_tasks(version)
+
+
+def _tasks_extension_era(session: SessionMethods, version: str) -> bool:
+    """``tasks/update``: the 2026-07-28 extension only."""
+    return session.has_tasks_extension(version)
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,12 +238,22 @@ class SessionMethods:
         return self.state.protocol_version
 
     def has_tasks(self, version: str) -> bool:
-        """Whether MCP tasks exist for a request in ``version`` (docs/tasks.md)."""
+        """Whether 2025-11-25's core tasks exist for a request in ``version`` (docs/tasks.md)."""
         return self.config.tasks is not None and versions.has_tasks(version)
 
+    def has_tasks_extension(self, version: str) -> bool:
+        """Whether the Tasks extension (SEP-2663) is offered for a request in ``version``."""
+        return self.config.tasks is not None and versions.has_tasks_extension(version)
+
     def capabilities(self, version: str) -> ServerCapabilities:
-        """The server's capabilities in ``version``: ``tasks`` only where tasks exist."""
-        return ServerCapabilities(tasks=TasksCapability() if self.has_tasks(version) else None)
+        """The server's capabilities in ``version``: ``tasks`` (2025-11-25) or the Tasks
+        extension (2026-07-28) only where tasks exist."""
+        return ServerCapabilities(
+            tasks=TasksCapability() if self.has_tasks(version) else None,
+            extensions=(
+                {versions.TASKS_EXTENSION: {}} if self.has_tasks_extension(version) else None
+            ),
+        )
 
     def notify(self, note: jsonrpc.Notification) -> None:
         """A notification from the client (no response, ever)."""
@@ -291,14 +319,17 @@ async def _initialize(
 async def _discover(
     session: SessionMethods, request: jsonrpc.Request, version: str
 ) -> DiscoverResult:
-    """``server/discover`` (2026-07-28's probe, answered in every era)."""
+    """``server/discover`` (2026-07-28's probe, answered in every era): the capabilities of
+    the newest version, which is what a client that probes will speak (the Tasks extension:
+    SEP-2663 advertises it here). A sessionless session's id is nobody's to keep: shared by
+    every request of the identity and gone once idle, it is not named."""
+    meta: dict[str, Any] = {versions.SERVER_INFO_META: SERVER_INFO.model_dump(exclude_none=True)}
+    if not session.state.sessionless:
+        meta["exai/sessionId"] = session.state.session_id
     return DiscoverResult(
         supported_versions=list(versions.SUPPORTED_VERSIONS),
-        capabilities=ServerCapabilities(),
-        meta={
-            versions.SERVER_INFO_META: SERVER_INFO.model_dump(exclude_none=True),
-            "exai/sessionId": session.state.session_id,
-        },
+        capabilities=session.capabilities(versions.SUPPORTED_VERSIONS[-1]),
+        meta=meta,
     )
 
 
@@ -341,16 +372,46 @@ def _task_host(session: SessionMethods) -> TaskHost:
     return host
 
 
+def _require_tasks_extension(request: jsonrpc.Request, version: str) -> None:
+    """2026-07-28: the ``tasks/*`` methods of a request that does not declare the Tasks
+    extension in its ``_meta`` are refused with -32021 (SEP-2663, "Protocol Errors":
+    MUST)."""
+    if not versions.has_tasks_extension(version):
+        return
+    meta = (request.params or {}).get("_meta")
+    declared = meta.get(versions.CLIENT_CAPABILITIES_META) if isinstance(meta, dict) else None
+    if not versions.declares_extension(declared, versions.TASKS_EXTENSION):
+        raise MissingRequiredClientCapability(
+            f"missing required client capability: {request.method!r} belongs to the "
+            f"{versions.TASKS_EXTENSION!r} extension; declare it in "
+            f"_meta[{versions.CLIENT_CAPABILITIES_META!r}].extensions",
+            {"extensions": {versions.TASKS_EXTENSION: {}}},
+        )
+
+
 async def _get_task(
     session: SessionMethods, request: jsonrpc.Request, version: str
-) -> GetTaskResult:
-    """``tasks/get``: the task's row, read from the database (any node's task)."""
+) -> GetTaskResult | DetailedTask:
+    """``tasks/get``: the task's row, read from the database (any node's task). 2026-07-28
+    (SEP-2663): the ``DetailedTask``, its result or error inline once terminal; a task whose
+    result retention has passed is -32602 ("Task has expired")."""
+    _require_tasks_extension(request, version)
     task_id = task_id_of(request)
     store = _task_host(session).store
-    row = await read_tasks(partial(store.get, task_id, session.state.identity))
+    if not versions.has_tasks_extension(version):
+        row = await read_tasks(partial(store.get, task_id, session.state.identity))
+        if row is None:
+            raise unknown_task(task_id)
+        return GetTaskResult(**task_of(row).model_dump())
+    row = await read_tasks(partial(store.payload, task_id, session.state.identity))
     if row is None:
         raise unknown_task(task_id)
-    return GetTaskResult(**task_of(row).model_dump())
+    if row.terminal and row.expired(datetime.now(UTC)):
+        raise InvalidParams(
+            f"Failed to retrieve task: task {task_id} has expired (its result was cleared "
+            f"after its ttl of {row.ttl_ms} ms)"
+        )
+    return detailed_task(row)
 
 
 async def _list_tasks(
@@ -373,17 +434,23 @@ async def _list_tasks(
 
 async def _cancel_task(
     session: SessionMethods, request: jsonrpc.Request, version: str
-) -> CancelTaskResult:
+) -> CancelTaskResult | EmptyResult:
     """``tasks/cancel``: a task running on this node is cancelled and recorded ``cancelled``
     before the answer; one that runs on another node (or on none: its node died and no
     recovery has run yet) is marked ``cancelled`` in the database, which its node acts on
-    (docs/tasks.md). A task already ended: -32602 (MCP)."""
+    (docs/tasks.md). 2025-11-25: answered with the task, and -32602 for a task already
+    ended (MCP). 2026-07-28 (SEP-2663): an empty acknowledgement whatever the task's state
+    ("cooperative", "MUST acknowledge"); -32602 only for an unknown task."""
+    _require_tasks_extension(request, version)
+    extension = versions.has_tasks_extension(version)
     task_id = task_id_of(request)
     host = _task_host(session)
     identity = session.state.identity
     running = host.running(task_id, identity)
     if running is not None:
         await host.cancel(running, f"cancelled by request (session {session.state.session_id})")
+        if extension:
+            return EmptyResult()
         row = await read_tasks(partial(host.store.get, task_id, identity))
         if row is None or running.final is None or running.final.status != "cancelled":
             # It ended on its own before the cancel reached it.
@@ -400,11 +467,40 @@ async def _cancel_task(
     )
     if marked is None:
         raise unknown_task(task_id)
+    if extension:
+        return EmptyResult()
     found, applied = marked
     task = task_of(found)
     if not applied:
         raise InvalidParams(f"Cannot cancel task: already in terminal status {task.status!r}")
     return CancelTaskResult(**task.model_dump())
+
+
+async def _update_task(
+    session: SessionMethods, request: jsonrpc.Request, version: str
+) -> EmptyResult:
+    """``tasks/update`` (2026-07-28, SEP-2663): answers to a task's ``inputRequests``. No
+    tool here ever asks its client for input, so no key is ever outstanding, and responses
+    to keys not outstanding are ignored ("SHOULD"): a known task is acknowledged with an
+    empty result ("MUST"), an unknown one is -32602 ("SHOULD")."""
+    _require_tasks_extension(request, version)
+    update = params(UpdateTaskParams, request)
+    try:
+        task_id = UUID(update.task_id)
+    except ValueError:
+        raise unknown_task(update.task_id) from None
+    row = await read_tasks(partial(_task_host(session).store.get, task_id, session.state.identity))
+    if row is None:
+        raise unknown_task(task_id)
+    if update.input_responses:
+        # Debug: a client may send these as often as it likes; each costs one line.
+        session.log.debug(
+            "task.input_ignored",
+            task_id=str(task_id),
+            keys=len(update.input_responses),
+            why="no input requests are outstanding",
+        )
+    return EmptyResult()
 
 
 async def _set_level(
@@ -434,8 +530,9 @@ METHODS: Final[Mapping[str, Method]] = {
     "tools/list": Method(_list_tools),
     "logging/setLevel": Method(_set_level, exists=_handshake_era),
     "tasks/get": Method(_get_task, exists=_tasks_era),
-    "tasks/list": Method(_list_tasks, exists=_tasks_era),
+    "tasks/list": Method(_list_tasks, exists=_core_tasks_era),
     "tasks/cancel": Method(_cancel_task, exists=_tasks_era),
+    "tasks/update": Method(_update_task, exists=_tasks_extension_era),
     CRASH_METHOD: Method(_crash, before_version=True, exists=_test_faults_on),
     CRASH_PERSISTENCE_METHOD: Method(
         _crash_persistence, before_version=True, exists=_test_faults_on

@@ -70,7 +70,12 @@ Attach = Callable[[ActorRef[Mail]], LiveSession]
 
 
 async def open_session(
-    services: SessionServices, *, session_id: str, remote: str, identity: str
+    services: SessionServices,
+    *,
+    session_id: str,
+    remote: str,
+    identity: str,
+    sessionless: bool = False,
 ) -> SessionState:
     """A new session, once its row is written (awaited); logged as ``session.opened``.
 
@@ -86,7 +91,9 @@ async def open_session(
         )
     )
     log.info("session.opened", session_id=session_id, remote=remote, identity=identity)
-    return SessionState(session_id=session_id, remote=remote, identity=identity)
+    return SessionState(
+        session_id=session_id, remote=remote, identity=identity, sessionless=sessionless
+    )
 
 
 async def run_session(

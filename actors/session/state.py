@@ -49,6 +49,9 @@ class SessionState:
     remote: str
     #: The client identity its token named at the handshake; a resume must present the same.
     identity: str = "default"
+    #: Serving one client identity's sessionless (2026-07-28, Streamable HTTP) requests: its
+    #: id is the server's, never given to a client.
+    sessionless: bool = False
     #: The negotiated version (handshake era), or the first modern one a request named.
     protocol_version: str | None = None
     client: Implementation | None = None

@@ -182,6 +182,13 @@ class TaskHost:
         task.scope.cancel()
         await task.done.wait()
 
+    def cancel_soon(self, task: RunningTask, message: str) -> None:
+        """Cancel a task running here without waiting for its ``cancelled`` record (a
+        request whose client is gone: nobody waits for the answer)."""
+        if task.cancelled is None:
+            task.cancelled = message
+        task.scope.cancel()
+
     # -- running ----------------------------------------------------------------------------
 
     async def _run(self, task: RunningTask, execute: Execute) -> None:

@@ -1,5 +1,7 @@
 """Tasks on the wire: a row's status as the protocol's, a row as a ``Task``, a finished task
-as the answer its ``tools/call`` would have had (MCP 2025-11-25, basic/utilities/tasks).
+as the answer its ``tools/call`` would have had. Both shapes: MCP 2025-11-25
+(basic/utilities/tasks, SEP-1686: :func:`task_of`) and the 2026-07-28 Tasks extension
+(``io.modelcontextprotocol/tasks``, SEP-2663: :func:`detailed_task`, :func:`created_task`).
 
 Status mapping (rows: db/migrations/20261124000400_tasks.sql; docs/tasks.md):
 
@@ -20,10 +22,11 @@ row             Task.status      statusMessage
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 from runtime.mcp.errors import InternalError, InvalidParams, RpcError
-from runtime.mcp.schema import RELATED_TASK_META, Task, TaskStatus
+from runtime.mcp.schema import RELATED_TASK_META, DetailedTask, Task, TaskStatus
+from storage.rows import TaskCreated
 from storage.rows import TaskStatus as RowStatus
 from storage.task_queries import StoredTask
 
@@ -69,6 +72,54 @@ def task_of(row: StoredTask) -> Task:
     )
 
 
+def created_task(created: TaskCreated) -> DetailedTask:
+    """SEP-2663's ``CreateTaskResult`` for a task just recorded: ``working``."""
+    at = timestamp(created.created_at)
+    return DetailedTask(
+        result_type="task",
+        task_id=str(created.task_id),
+        status="working",
+        created_at=at,
+        last_updated_at=at,
+        ttl_ms=created.ttl_ms,
+        poll_interval_ms=created.poll_interval_ms,
+    )
+
+
+def detailed_task(
+    row: StoredTask, *, result_type: Literal["complete", "task"] = "complete"
+) -> DetailedTask:
+    """SEP-2663's ``DetailedTask`` of a row read with its result (``TaskStore.payload``):
+    ``completed`` carries ``result``, ``failed`` carries ``error`` ("MUST"); an
+    ``interrupted`` row is ``failed`` with -32603 naming why (:func:`payload_of`)."""
+    task = task_of(row)
+    inline: dict[str, Any] = {}
+    if task.status in ("completed", "failed"):
+        inline = payload_of(
+            task.task_id,
+            row.status,
+            result=row.result,
+            rpc_error=row.rpc_error,
+            error_message=row.error_message,
+            related_meta=False,
+        )
+        if "error" in inline and task.status == "completed":
+            # A result the row could only keep bounded: the call's answer is lost, which
+            # the protocol can only say as a failure.
+            task = task.model_copy(update={"status": "failed"})
+    return DetailedTask(
+        result_type=result_type,
+        task_id=task.task_id,
+        status=task.status,
+        status_message=task.status_message,
+        created_at=task.created_at,
+        last_updated_at=task.last_updated_at,
+        ttl_ms=task.ttl,
+        poll_interval_ms=task.poll_interval,
+        **inline,
+    )
+
+
 def unknown_task(task_id: object) -> InvalidParams:
     """MCP: an invalid or nonexistent task id is -32602. Another identity's task gets this
     same error, so that ids cannot be probed."""
@@ -87,10 +138,12 @@ def payload_of(
     result: Any,
     rpc_error: Any,
     error_message: str | None,
+    related_meta: bool = True,
 ) -> dict[str, Any] | dict[str, dict[str, Any]]:
     """What ``tools/call`` would have answered, for a task in a terminal state: its result
-    (a ``CallToolResult``, with the related-task ``_meta``) as ``{"result": ...}``, or its
-    JSON-RPC error object as ``{"error": ...}``.
+    (a ``CallToolResult``, with the related-task ``_meta`` if ``related_meta``: 2025-11-25's
+    ``tasks/result`` MUST carry it) as ``{"result": ...}``, or its JSON-RPC error object as
+    ``{"error": ...}``.
 
     A cancelled task's call would have had no answer at all (MCP cancellation: no response),
     and an interrupted one's none either: both are answered with -32603 naming the status
@@ -118,6 +171,8 @@ def payload_of(
         )
     if not isinstance(result, dict):
         return _error(InternalError("task failed: its stored result is not an object"))
+    if not related_meta:
+        return {"result": result}
     meta = {**(result.get("_meta") or {}), **related(task_id)}
     return {"result": {**result, "_meta": meta}}
 

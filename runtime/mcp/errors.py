@@ -7,7 +7,7 @@ error response with the same ``code``, ``message`` and ``data``. Anything that i
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from pydantic import ValidationError
 
@@ -92,6 +92,18 @@ class UnsupportedProtocolVersion(RpcError):
             f"unsupported protocol version {requested!r}; supported: {', '.join(supported)}",
             {"supported": supported, "requested": requested},
         )
+
+
+class MissingRequiredClientCapability(RpcError):
+    """2026-07-28: the request needs a capability the client did not declare in its
+    ``_meta`` (``io.modelcontextprotocol/clientCapabilities``); ``data.requiredCapabilities``
+    names it, in the shape of the client's capabilities (SEP-2663, "Capability
+    Negotiation")."""
+
+    code = -32021
+
+    def __init__(self, message: str, required: dict[str, Any]) -> None:
+        super().__init__(message, {"requiredCapabilities": required})
 
 
 class HeaderMismatch(RpcError):

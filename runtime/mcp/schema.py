@@ -14,8 +14,10 @@ from pydantic import (
     ConfigDict,
     Field,
     PlainValidator,
+    SerializerFunctionWrapHandler,
     StrictInt,
     StrictStr,
+    model_serializer,
     model_validator,
 )
 from pydantic.alias_generators import to_camel
@@ -83,6 +85,9 @@ class ServerCapabilities(WireModel):
     logging: LoggingCapability | None = Field(default_factory=LoggingCapability)
     #: Only for sessions whose version has tasks (``versions.has_tasks``).
     tasks: TasksCapability | None = None
+    #: Extensions offered, by identifier (2026-07-28: ``io.modelcontextprotocol/tasks``);
+    #: an empty object means offered with no settings (SEP-2133).
+    extensions: dict[str, dict[str, Any]] | None = None
 
 
 class InitializeResult(WireModel):
@@ -157,6 +162,11 @@ class RequestMeta(WireModel):
     #: 2026-07-28: the least severe ``notifications/message`` level the client wants for
     #: this request; without it none may be sent (``server/utilities/logging.mdx``).
     log_level: Any = Field(default=None, alias="io.modelcontextprotocol/logLevel")
+    #: 2026-07-28: the client's capabilities for this request (its ``extensions`` say
+    #: whether it may be answered with a task: ``versions.declares_extension``).
+    client_capabilities: Any = Field(
+        default=None, alias="io.modelcontextprotocol/clientCapabilities"
+    )
 
 
 class ProgressParams(WireModel):
@@ -254,6 +264,41 @@ class TaskIdParams(WireModel):
     """``tasks/get``, ``tasks/result``, ``tasks/cancel``: the task by its id."""
 
     task_id: str
+
+
+# -- the Tasks extension (2026-07-28, io.modelcontextprotocol/tasks, SEP-2663) ---------------
+
+
+class DetailedTask(WireModel):
+    """SEP-2663's ``Task`` with its status's payload inlined: ``CreateTaskResult``
+    (``resultType: "task"``) and ``GetTaskResult`` (``"complete"``). ``result`` (the
+    ``CallToolResult``) only when ``completed``, ``error`` (the JSON-RPC error object) only
+    when ``failed``. Milliseconds throughout; ``ttlMs`` is always present (``null``:
+    unlimited), the one field that survives ``exclude_none``."""
+
+    result_type: Literal["complete", "task"]
+    task_id: str
+    status: TaskStatus
+    status_message: str | None = None
+    created_at: str
+    last_updated_at: str
+    ttl_ms: int | None
+    poll_interval_ms: int | None = None
+    result: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None
+
+    @model_serializer(mode="wrap")
+    def _ttl_always(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        data.setdefault("ttlMs" if "taskId" in data else "ttl_ms", self.ttl_ms)
+        return data
+
+
+class UpdateTaskParams(WireModel):
+    """``tasks/update``: answers to the task's outstanding ``inputRequests``, by key."""
+
+    task_id: str
+    input_responses: dict[str, Any]
 
 
 class ListTasksParams(WireModel):

@@ -30,6 +30,8 @@ CLIENT_INFO_META: Final = "io.modelcontextprotocol/clientInfo"
 CLIENT_CAPABILITIES_META: Final = "io.modelcontextprotocol/clientCapabilities"
 SERVER_INFO_META: Final = "io.modelcontextprotocol/serverInfo"
 LOG_LEVEL_META: Final = "io.modelcontextprotocol/logLevel"
+#: The Tasks extension's identifier (SEP-2663), in ``capabilities.extensions``.
+TASKS_EXTENSION: Final = "io.modelcontextprotocol/tasks"
 
 
 def negotiate(requested: str) -> str:
@@ -39,6 +41,16 @@ def negotiate(requested: str) -> str:
     modern era has no ``initialize``.
     """
     return requested if requested in HANDSHAKE_VERSIONS else LATEST_HANDSHAKE_VERSION
+
+
+def declares_extension(capabilities: object, extension: str) -> bool:
+    """Whether a client's capabilities (its ``_meta[CLIENT_CAPABILITIES_META]``, as sent)
+    declare ``extension``: ``{"extensions": {extension: {...}}}`` (SEP-2133; an object, empty
+    or with settings). Anything malformed declares nothing."""
+    if not isinstance(capabilities, dict):
+        return False
+    extensions = capabilities.get("extensions")
+    return isinstance(extensions, dict) and isinstance(extensions.get(extension), dict)
 
 
 def at_least(version: str, first: str) -> bool:
@@ -73,7 +85,14 @@ def has_ping(version: str) -> bool:
 
 
 def has_tasks(version: str) -> bool:
-    """Tasks (``tasks/*``, task-augmented ``tools/call``, ``execution.taskSupport``, the
-    ``tasks`` capability) are core in 2025-11-25 only; 2026-07-28 moved them to the
-    ``io.modelcontextprotocol/tasks`` extension (SEP-2663), not offered here yet."""
+    """Core tasks (``tasks/get|result|list|cancel``, task-augmented ``tools/call`` with
+    ``params.task``, ``execution.taskSupport``, the ``tasks`` capability) exist in 2025-11-25
+    only (SEP-1686); 2026-07-28 moved tasks to an extension (:func:`has_tasks_extension`)."""
     return version == "2025-11-25"
+
+
+def has_tasks_extension(version: str) -> bool:
+    """The ``io.modelcontextprotocol/tasks`` extension (SEP-2663: ``tasks/get|update|cancel``,
+    server-directed ``CreateTaskResult``) exists from 2026-07-28; SEP-2663's compatibility
+    table: it "is not defined under the 2025-11-25 protocol version"."""
+    return is_modern(version)

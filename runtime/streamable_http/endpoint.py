@@ -90,6 +90,7 @@ from runtime.mcp.errors import (
     InvalidParams,
     InvalidRequest,
     MethodNotFound,
+    MissingRequiredClientCapability,
     ParseError,
     RpcError,
     ServerBusy,
@@ -630,6 +631,20 @@ class StreamableHttpEndpoint:
                 request_id=message.id,
                 kind="listen params",
             )
+        if "taskIds" in asked and not _declares_tasks(message):
+            # SEP-2663, "Task Status Notifications": MUST.
+            raise Refusal(
+                400,
+                MissingRequiredClientCapability(
+                    "missing required client capability: task status notifications belong "
+                    f"to the {versions.TASKS_EXTENSION!r} extension; declare it in "
+                    f"_meta[{versions.CLIENT_CAPABILITIES_META!r}].extensions",
+                    {"extensions": {versions.TASKS_EXTENSION: {}}},
+                ),
+                request_id=message.id,
+                kind="listen capability",
+            )
+        # Task ids asked for are not honoured (none are named back): clients poll tasks/get.
         honoured = {"toolsListChanged": True} if asked.get("toolsListChanged") is True else {}
         meta = {SUBSCRIPTION_ID_META: message.id}
         acknowledged = jsonrpc.encode_notification(
@@ -850,3 +865,10 @@ def _accepts(request: h11.Request, media_type: bytes) -> bool:
         if candidate in (media_type, kind + b"/*", b"*/*"):
             return True
     return False
+
+
+def _declares_tasks(message: jsonrpc.Request) -> bool:
+    """Whether the request's ``_meta`` client capabilities declare the Tasks extension."""
+    meta = (message.params or {}).get("_meta")
+    declared = meta.get(versions.CLIENT_CAPABILITIES_META) if isinstance(meta, dict) else None
+    return versions.declares_extension(declared, versions.TASKS_EXTENSION)

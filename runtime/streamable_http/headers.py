@@ -78,7 +78,15 @@ def is_modern(request: h11.Request, message: jsonrpc.Inbound) -> bool:
 
 
 #: Methods whose target is mirrored in ``Mcp-Name``, and the param that holds it.
-_NAMED = {"tools/call": "name", "prompts/get": "name", "resources/read": "uri"}
+_NAMED = {
+    "tools/call": "name",
+    "prompts/get": "name",
+    "resources/read": "uri",
+    # SEP-2663, "Streamable HTTP: Routing Headers": the client MUST set Mcp-Name to the task.
+    "tasks/get": "taskId",
+    "tasks/update": "taskId",
+    "tasks/cancel": "taskId",
+}
 
 
 def check_mirrored_headers(request: h11.Request, message: jsonrpc.Inbound) -> None:
