@@ -90,11 +90,17 @@ def detailed_task(
     row: StoredTask, *, result_type: Literal["complete", "task"] = "complete"
 ) -> DetailedTask:
     """SEP-2663's ``DetailedTask`` of a row read with its result (``TaskStore.payload``):
-    ``completed`` carries ``result``, ``failed`` carries ``error`` ("MUST"); an
-    ``interrupted`` row is ``failed`` with -32603 naming why (:func:`payload_of`)."""
+    ``completed`` carries ``result``, ``failed`` carries ``error`` ("MUST").
+
+    The status follows what the call would have answered, not the row's status: a tool's
+    ``isError`` result (a ``failed`` row) is ``completed`` here (SEP-2663: ``failed`` "MUST
+    NOT be used for non-JSON-RPC errors"; 2025-11-25 said the opposite, :func:`task_of`); an
+    ``interrupted`` row, or a result the row could only keep bounded, is ``failed`` with
+    -32603 naming why (:func:`payload_of`)."""
     task = task_of(row)
+    status = task.status
     inline: dict[str, Any] = {}
-    if task.status in ("completed", "failed"):
+    if row.terminal and status != "cancelled":
         inline = payload_of(
             task.task_id,
             row.status,
@@ -103,14 +109,11 @@ def detailed_task(
             error_message=row.error_message,
             related_meta=False,
         )
-        if "error" in inline and task.status == "completed":
-            # A result the row could only keep bounded: the call's answer is lost, which
-            # the protocol can only say as a failure.
-            task = task.model_copy(update={"status": "failed"})
+        status = "completed" if "result" in inline else "failed"
     return DetailedTask(
         result_type=result_type,
         task_id=task.task_id,
-        status=task.status,
+        status=status,
         status_message=task.status_message,
         created_at=task.created_at,
         last_updated_at=task.last_updated_at,
