@@ -351,3 +351,42 @@ async def test_a_burst_of_first_sessionless_requests_starts_one_session(
     assert statuses == Counter({200: 20})
     # Carol (this test's alone) now has exactly one.
     assert sessionless(await fetch(server)) == before + 1
+
+
+async def test_a_delete_cancels_the_calls_in_flight(
+    server: ServerProcess, database_url: str
+) -> None:
+    """DELETE is the client ending its session: a call it cuts short is recorded
+    ``cancelled`` (by its client), not ``failed`` as a crash or a stop would be."""
+    async with httpx.AsyncClient(timeout=30) as client:
+        s = Session(client, http_url(server), server.token)
+        await s.open()
+        message = call(5, "exai_test_block")
+        message["params"]["_meta"] = {"progressToken": "hb"}
+        async with trio.open_nursery() as nursery:
+            running = trio.Event()
+
+            async def blocked() -> None:
+                async with client.stream(
+                    "POST", s.url, content=json.dumps(message), headers=s.headers()
+                ) as response:
+                    async for line in response.aiter_lines():
+                        if line.startswith("data: "):
+                            running.set()  # its first heartbeat: the call runs
+
+            nursery.start_soon(blocked)
+            await running.wait()
+            assert (await client.delete(s.url, headers=s.headers())).status_code == 200
+
+    def status() -> list[tuple[Any, ...]]:
+        return query(
+            database_url,
+            "select status, error_message from tasks where session_id = %s",
+            (s.session_id,),
+        )
+
+    await wait_until(
+        lambda: bool(status()) and status()[0][0] not in ("pending", "running"),
+        what="the blocked call's end",
+    )
+    assert status() == [("cancelled", "cancelled: its client left (the connection ended)")]

@@ -316,8 +316,13 @@ class CallRunner:
                 if outcome.status == "failed":
                     traced.failed(outcome.error or "failed")
         except BaseException:
+            left = state.client_left
             persistence.write_soon(
-                task.finished("failed", error_message="interrupted: session restarted or stopped")
+                task.finished("cancelled", error_message=f"cancelled: {left}")
+                if left is not None
+                else task.finished(
+                    "failed", error_message="interrupted: session restarted or stopped"
+                )
             )
             raise
         finally:

@@ -147,6 +147,10 @@ async def run_session(
                     limits=ReaderLimits(services.max_message_bytes, bounds.max_batch),
                     meter=live.meter,
                 )
+            if follower.gave_up is None and not reading.cancelled_caught:
+                # The reader ended because the connection did (the client left, a DELETE):
+                # the calls the actor's end cuts short next were its client's to cancel.
+                state.client_left = "its client left (the connection ended)"
             if follower.gave_up is not None:
                 raise SupervisorGaveUp(
                     handle.path, "actor", services.max_restarts, services.restart_period

@@ -52,6 +52,9 @@ class SessionState:
     #: Serving one client identity's sessionless (2026-07-28, Streamable HTTP) requests: its
     #: id is the server's, never given to a client.
     sessionless: bool = False
+    #: Set once its client is gone (its connection ended, a DELETE): the calls that
+    #: connection's end cuts short were cancelled by their client, not interrupted.
+    client_left: str | None = None
     #: The negotiated version (handshake era), or the first modern one a request named.
     protocol_version: str | None = None
     client: Implementation | None = None
