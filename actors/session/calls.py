@@ -19,7 +19,9 @@ Cancellation: ``notifications/cancelled`` cancels a call's scope (through the
 :class:`SessionState`), while it waits for a slot or runs: it then gets no response (MCP:
 the receiver SHOULD NOT send one) and its row is ``cancelled``. A crash or the end of the
 incarnation cancels the nursery: a running call is recorded failed ("interrupted"), and the
-actor answers it -32001 (``actors.session.actor``).
+actor answers it -32001 (``actors.session.actor``); unless the incarnation ended because its
+client left (``SessionState.client_left``: the connection ended, a DELETE), when the call was
+its client's to cancel and is recorded ``cancelled``.
 """
 
 from __future__ import annotations
