@@ -87,7 +87,7 @@ from runtime.pykka_supervision import ActorName, pykka_child
 from runtime.server import McpWebSocketServer, Sessions, listener_status
 from runtime.session_registry import SessionPhase, SessionRegistry
 from runtime.statefile import ServerInfo, remove_server_info, write_server_info
-from runtime.streamable_http.endpoint import HttpConfig
+from runtime.streamable_http.endpoint import HttpConfig, StreamableHttpEndpoint
 from runtime.streamable_http.session_transport import StreamBounds
 from runtime.supervision import ChildContext, ChildSpec, Strategy, Supervisor, run_root
 from storage.connection import DatabaseTarget, check_database
@@ -396,6 +396,8 @@ class _Tree:
         self.listener_counters = ListenerCounters()
         self.url: str | None = None
         self.admin_url: str | None = None
+        #: The running listener's Streamable HTTP endpoint (its open connections, for status).
+        self.http: StreamableHttpEndpoint | None = None
         bounds = SessionBounds(
             mailbox_bytes=settings.session_mailbox_bytes,
             outgoing_bytes=settings.session_outgoing_bytes,
@@ -485,7 +487,12 @@ class _Tree:
             },
             tool_slots=self.services.config.total_slots,
             byte_budgets=(self.services.bounds.node_mailbox, self.services.bounds.node_outgoing),
-            listener=lambda: listener_status(self.admission, self.listener_counters),
+            listener=lambda: listener_status(
+                self.admission,
+                self.listener_counters,
+                self.http,
+                http_connections_max=settings.max_http_connections,
+            ),
         )
 
     def _breakers(self) -> list[BreakerSnapshot]:
@@ -563,6 +570,7 @@ class _Tree:
                 node=self.services.bounds.node_outgoing,
             ),
         )
+        self.http = server.http
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(registry.run)  # the reaper of parked sessions

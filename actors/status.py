@@ -47,6 +47,7 @@ from runtime.status_model import (
     NodeStatus,
     PersistenceStatus,
     SessionStatus,
+    SessionTransport,
 )
 from runtime.supervision import Supervisor
 from runtime.trace import Meter
@@ -90,6 +91,8 @@ class LiveSession:
     """``None`` while parked: its mailbox went with its socket."""
     outbox: OutgoingQueue | None = None
     """Its outgoing queue; ``None`` while parked."""
+    transport: SessionTransport = field(kw_only=True)
+    """How its client reaches it, for status (a resumed session keeps its own)."""
     meter: Meter = field(default_factory=Meter)
     restarts: int = 0
     last_error: str | None = None
@@ -332,6 +335,7 @@ class NodeStatusSource:
         return SessionStatus(
             session_id=state.session_id,
             state="detached" if registered.phase is SessionPhase.PARKED else "attached",
+            transport=entry.transport,
             remote=state.remote,
             client_name=client.name if client is not None else None,
             client_version=client.version if client is not None else None,

@@ -571,8 +571,18 @@ class McpWebSocketServer:
         return ws, handshake
 
 
-def listener_status(admission: HandshakeAdmission, counters: ListenerCounters) -> ListenerStatus:
-    """The listener's part of ``/status`` (and so of ``/metrics``)."""
+def listener_status(
+    admission: HandshakeAdmission,
+    counters: ListenerCounters,
+    http: StreamableHttpEndpoint | None = None,
+    *,
+    http_connections_max: int | None = None,
+) -> ListenerStatus:
+    """The listener's part of ``/status`` (and so of ``/metrics``). ``http`` is the running
+    server's Streamable HTTP endpoint (``None`` while none runs: no connection is open);
+    ``http_connections_max`` its bound (``EXAI_MAX_HTTP_CONNECTIONS``), which outlives it."""
+    if http is not None and http_connections_max is None:
+        http_connections_max = http.config.max_connections
     return ListenerStatus(
         handshakes_in_progress=admission.in_progress,
         handshakes_max=admission.max_total,
@@ -582,6 +592,8 @@ def listener_status(admission: HandshakeAdmission, counters: ListenerCounters) -
         accept_pauses=counters.accept_pauses,
         failed_accepts=counters.failed_accepts,
         connections_failed=counters.connections_failed,
+        http_connections=http.connections if http is not None else 0,
+        http_connections_max=http_connections_max,
     )
 
 

@@ -1,0 +1,136 @@
+"""What issue 15's review left of Streamable HTTP, over real sockets to a real ``exai serve``
+on a real Postgres: ``exai status`` names each session's transport and counts the open HTTP
+connections.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator
+
+import httpx
+import pytest
+import trio
+
+from runtime.status_model import NodeStatus
+from tests.harness import (
+    EXAI,
+    RawClient,
+    ServerProcess,
+    admin,
+    fetch,
+    open_raw,
+    start_server,
+    wait_for_status,
+)
+from tests.test_streamable_http import BOB, Session, http_url, initialize
+from tests.test_streamable_http_modern import modern, post
+from tests.test_streamable_http_review import open_tcp, raw_post
+
+MAX_HTTP_CONNECTIONS = 7
+
+
+@pytest.fixture(scope="module")
+def server(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """A server of this module alone: its session and connection counts are the tests'."""
+    handle = start_server(
+        tmp_path_factory.mktemp("http-leftovers"),
+        database_url=database_url,
+        extra_env={
+            "EXAI_CLIENT_TOKENS": f"bob={BOB}",
+            "EXAI_MAX_HTTP_CONNECTIONS": str(MAX_HTTP_CONNECTIONS),
+            # A kept-alive connection stays open for the whole of a test.
+            "EXAI_HTTP_KEEPALIVE": "120",
+        },
+    )
+    yield handle
+    assert handle.stop() == 0, handle.stderr_path.read_text()
+
+
+def http_connections(status: NodeStatus) -> int:
+    assert status.listener is not None
+    return status.listener.http_connections
+
+
+async def metrics(server: ServerProcess) -> dict[str, float]:
+    url, token = admin(server)
+    async with httpx.AsyncClient() as client:
+        response = await client.get(f"{url}/metrics", headers={"authorization": f"Bearer {token}"})
+    response.raise_for_status()
+    return {
+        series: float(value)
+        for series, value in (
+            line.rsplit(" ", 1)
+            for line in response.text.splitlines()
+            if line and not line.startswith("#")
+        )
+    }
+
+
+# -- exai status: transports and HTTP connections --------------------------------------------
+
+
+async def test_status_names_each_sessions_transport_and_counts_http_connections(
+    server: ServerProcess,
+) -> None:
+    # No HTTP connection of an earlier test is left.
+    await wait_for_status(server, lambda s: http_connections(s) == 0, what="no HTTP connection")
+    async with open_raw(server.authed_url()) as ws:
+        raw = RawClient(ws)
+        opened = await raw.initialize()
+        over_ws = opened["result"]["_meta"]["exai/sessionId"]
+        async with httpx.AsyncClient(timeout=30) as client:
+            over_http = Session(client, http_url(server), server.token)
+            await over_http.open()
+            listed = await post(client, server, modern(1, "tools/list"))
+            assert listed.status_code == 200, listed.text
+        # The client's kept-alive connections have ended; one of our own stays open across
+        # the status reads below.
+        stream = await open_tcp(server)
+        await stream.send_all(raw_post(server, initialize()))
+        answer = b""
+        with trio.fail_after(30):
+            while not answer.endswith(b"}"):
+                answer += await stream.receive_some()
+        assert answer.startswith(b"HTTP/1.1 200 "), answer
+
+        status = await wait_for_status(
+            server, lambda s: http_connections(s) == 1, what="one HTTP connection"
+        )
+        transports = {s.session_id: s.transport for s in status.sessions}
+        assert transports[over_ws] == "websocket"
+        assert transports[over_http.session_id or ""] == "http"
+        assert [s.transport for s in status.sessions if s.remote == "http (sessionless)"] == [
+            "http-sessionless"
+        ]
+        assert status.listener is not None
+        assert status.listener.http_connections_max == MAX_HTTP_CONNECTIONS
+
+        shown = await trio.run_process(
+            [str(EXAI), "status", "--state-dir", str(server.state_dir)],
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+        assert shown.returncode == 0, shown.stderr
+        lines = shown.stdout.decode().splitlines()
+        assert f"HTTP connections 1/{MAX_HTTP_CONNECTIONS}" in lines[2]
+        table = lines[lines.index("SESSIONS") + 1 :]
+        table = table[: table.index("")]
+        assert table[0].split()[:3] == ["ID", "STATE", "TRANSPORT"]
+        rows = {line.split()[0]: line.split()[2] for line in table[1:]}
+        assert rows[over_ws] == "websocket"
+        assert rows[over_http.session_id or ""] == "http"
+        assert "http-sessionless" in rows.values()
+
+        samples = await metrics(server)
+        assert samples["exai_http_connections"] == 1
+        assert samples["exai_http_connections_max"] == MAX_HTTP_CONNECTIONS
+        counted = Counter(s.transport for s in (await fetch(server)).sessions)
+        for transport in ("websocket", "http", "http-sessionless", "memory"):
+            series = f'exai_sessions_by_transport{{transport="{transport}"}}'
+            assert samples[series] == counted[transport], series
+        assert counted["http"] >= 2  # the Session's, and the raw connection's initialize
+
+        await stream.aclose()
+    await wait_for_status(server, lambda s: http_connections(s) == 0, what="the connection's end")
