@@ -395,6 +395,7 @@ class _Tree:
         )
         self.listener_counters = ListenerCounters()
         self.url: str | None = None
+        self.http_url: str | None = None
         self.admin_url: str | None = None
         #: The running listener's Streamable HTTP endpoint (its open connections, for status).
         self.http: StreamableHttpEndpoint | None = None
@@ -476,6 +477,7 @@ class _Tree:
             node_id=node_id,
             sessions=self.sessions,
             url=lambda: self.url,
+            http_url=lambda: self.http_url,
             registry=self.registry,
             persistence=self.persistence,
             limiter=lambda: self.upstream.limiter,
@@ -576,7 +578,7 @@ class _Tree:
                 nursery.start_soon(registry.run)  # the reaper of parked sessions
                 async with trio.open_nursery() as serving:
                     await serving.start(server.run)
-                    self._announce(server.url)
+                    self._announce(server.url, server.http_url)
                     ctx.started()
                     await ctx.stop_requested.wait()
                     if not self.stop_requested.is_set():
@@ -598,9 +600,12 @@ class _Tree:
             raise
         await registry.expire_all()
 
-    def _announce(self, url: str) -> None:
+    def _announce(self, url: str, http_url: str) -> None:
+        """The listener serves ``url`` (WebSocket) and ``http_url`` (Streamable HTTP, the
+        same port): written to ``server.json``, printed once. The printed line's first word
+        after ``serving MCP on`` stays the WebSocket URL, which scripts read."""
         settings = self.settings
-        self.url = url
+        self.url, self.http_url = url, http_url
         write_server_info(
             settings.server_file,
             ServerInfo(
@@ -609,12 +614,17 @@ class _Tree:
                 started_at=datetime.now(UTC),
                 protocol_versions=list(SUPPORTED_VERSIONS),
                 admin_url=self.admin_url,
+                http_url=http_url,
             ),
         )
         if self.announce:
             self.announce = False  # once per process, not per restart
-            print(f"exai: serving MCP on {url}", file=sys.stdout, flush=True)
-        log.info("server.ready", url=url)
+            print(
+                f"exai: serving MCP on {url} (WebSocket) and {http_url} (Streamable HTTP)",
+                file=sys.stdout,
+                flush=True,
+            )
+        log.info("server.ready", url=url, http_url=http_url)
 
 
 async def _when_set(event: trio.Event, action: Callable[[], None]) -> None:

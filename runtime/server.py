@@ -325,6 +325,9 @@ class McpWebSocketServer:
         self._throttle = LogThrottle()
         self._stop = trio.Event()
         self.url = ""
+        """``ws://HOST:PORT/mcp`` once listening."""
+        self.http_url = ""
+        """``http://HOST:PORT/mcp`` once listening: Streamable HTTP, the same port and path."""
         http = http or HttpConfig(max_body_bytes=max_message_bytes)
         self.origins: OriginPolicy = http.origins
         #: Streamable HTTP on the same port and path (``runtime.streamable_http``).
@@ -366,6 +369,7 @@ class McpWebSocketServer:
             async with trio.open_nursery() as accepting:
                 port = await accepting.start(self._listener.run, connections)
                 self.url = f"ws://{self._host}:{port}{MCP_PATH}"
+                self.http_url = f"http://{self._host}:{port}{MCP_PATH}"
                 task_status.started(self.url)
                 await self._stop.wait()
                 await self._drain()

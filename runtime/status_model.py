@@ -39,6 +39,11 @@ class NodeInfo(_Model):
     pid: int
     version: str = Field(description="exai-runtime version.")
     url: str | None = Field(description="The MCP endpoint, ws://HOST:PORT/mcp.")
+    http_url: str | None = Field(
+        default=None,
+        description="The Streamable HTTP endpoint on the same port, http://HOST:PORT/mcp "
+        "(None: not listening, or a server from before this field).",
+    )
     started_at: datetime = Field(description="Wall-clock start time, UTC.")
     uptime_s: float
     protocol_versions: list[str]

@@ -198,7 +198,9 @@ def render(status: NodeStatus) -> str:
     out = [
         f"exai-runtime {node.version} · node {node.node_id} · pid {node.pid} · "
         f"up {age(node.uptime_s)}",
-        f"MCP {node.url or '(not listening)'} · protocols {', '.join(node.protocol_versions)}",
+        f"MCP {node.url or '(not listening)'}"
+        + (f" · {node.http_url}" if node.http_url else "")
+        + f" · protocols {', '.join(node.protocol_versions)}",
         f"sessions {node.sessions_live} attached, {node.sessions_detached} detached "
         f"(max {node.sessions_max})"
         + _http_connections(status)

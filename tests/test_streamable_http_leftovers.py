@@ -1,6 +1,7 @@
 """What issue 15's review left of Streamable HTTP, over real sockets to a real ``exai serve``
 on a real Postgres: ``exai status`` names each session's transport and counts the open HTTP
-connections.
+connections; ``server.json``, ``exai status`` and the line printed at start name the Streamable
+HTTP URL beside the WebSocket one.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import httpx
 import pytest
 import trio
 
+from runtime.statefile import read_server_info
 from runtime.status_model import NodeStatus
 from tests.harness import (
     EXAI,
@@ -134,3 +136,37 @@ async def test_status_names_each_sessions_transport_and_counts_http_connections(
 
         await stream.aclose()
     await wait_for_status(server, lambda s: http_connections(s) == 0, what="the connection's end")
+
+
+# -- the Streamable HTTP URL, where the WebSocket one is shown -------------------------------
+
+
+async def test_server_json_status_and_the_start_line_name_the_http_url(
+    server: ServerProcess,
+) -> None:
+    info = read_server_info(server.state_dir / "server.json")
+    assert info is not None
+    assert info.url == server.url  # the existing field, unchanged
+    assert info.http_url == http_url(server)
+    assert server.announced == (
+        f"exai: serving MCP on {server.url} (WebSocket) and {info.http_url} (Streamable HTTP)"
+    )
+    assert (await fetch(server)).node.http_url == info.http_url
+    shown = await trio.run_process(
+        [str(EXAI), "status", "--state-dir", str(server.state_dir)],
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert (
+        shown.stdout.decode()
+        .splitlines()[1]
+        .startswith(f"MCP {server.url} · {info.http_url} · protocols ")
+    )
+    # It is the endpoint: a session starts there.
+    async with httpx.AsyncClient(timeout=30) as client:
+        opened = Session(client, info.http_url, server.token)
+        await opened.open()
+        ended = await client.delete(opened.url, headers=opened.headers())
+        assert ended.status_code == 200
