@@ -48,7 +48,13 @@ from runtime.connection import (
     CLOSE_INTERNAL_ERROR_REASON,
 )
 from runtime.handshake_admission import HandshakeAdmission, parse_networks
-from runtime.http_dispatch import RequestHead, answer_plain, read_request_head
+from runtime.http_dispatch import (
+    BadRequest,
+    RequestHead,
+    answer_plain,
+    read_request_head,
+    refuse_head,
+)
 from runtime.keepalive import keep_alive
 from runtime.listener import Listener, ListenerCounters, Peer, PeerStream, Release
 from runtime.log_throttle import LogThrottle
@@ -464,6 +470,8 @@ class McpWebSocketServer:
                         opened = None
                 elif isinstance(head, RequestHead) and head.path == MCP_PATH.encode():
                     opened = head
+                elif isinstance(head, BadRequest):
+                    await refuse_head(stream, head)
                 elif head is not None:
                     await answer_plain(stream, head, self.readiness)
                 race.cancel_scope.cancel()

@@ -1,13 +1,16 @@
 """What issue 15's review left of Streamable HTTP, over real sockets to a real ``exai serve``
 on a real Postgres: ``exai status`` names each session's transport and counts the open HTTP
 connections; ``server.json``, ``exai status`` and the line printed at start name the Streamable
-HTTP URL beside the WebSocket one.
+HTTP URL beside the WebSocket one; a request head that is not HTTP is answered with a JSON-RPC
+error, as every other refusal of the MCP port.
 """
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -170,3 +173,106 @@ async def test_server_json_status_and_the_start_line_name_the_http_url(
         await opened.open()
         ended = await client.delete(opened.url, headers=opened.headers())
         assert ended.status_code == 200
+
+
+# -- a request head that is not HTTP ---------------------------------------------------------
+
+
+async def read_answer(
+    stream: trio.SocketStream, *, until_closed: bool
+) -> tuple[int, dict[str, str], bytes]:
+    """One response: its status, headers (lower-case names) and body (by Content-Length,
+    then, if ``until_closed``, the server's close, which must follow)."""
+    data = b""
+    with trio.fail_after(30):
+        while b"\r\n\r\n" not in data:
+            chunk = await stream.receive_some()
+            assert chunk, f"closed without an answer: {data!r}"
+            data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        status_line, *fields = head.decode("latin-1").split("\r\n")
+        headers = {
+            name.strip().lower(): value.strip()
+            for name, _, value in (field.partition(":") for field in fields)
+        }
+        length = int(headers["content-length"])
+        while len(body) < length:
+            chunk = await stream.receive_some()
+            assert chunk, "closed mid-body"
+            body += chunk
+        if until_closed:
+            assert await stream.receive_some() == b""
+    return int(status_line.split()[1]), headers, body
+
+
+def json_rpc_error(headers: dict[str, str], body: bytes) -> dict[str, Any]:
+    assert headers["content-type"] == "application/json"
+    document = json.loads(body)
+    assert document["jsonrpc"] == "2.0"
+    assert document["id"] is None
+    error: dict[str, Any] = document["error"]
+    return error
+
+
+def refused_heads(server: ServerProcess) -> int:
+    return sum(
+        1
+        for event in server.log_events()
+        if event.get("event") == "http.refused"
+        and str(event.get("reason", "")).startswith("bad request: ")
+    )
+
+
+#: Heads h11 cannot parse, each the whole of what a client sends, and the status it gets.
+MALFORMED = {
+    "garbage": (b"\x00\x01\xfe garbage \x7f\r\n\r\n", 400),
+    "bad request line": (b"POST /mcp\r\nHost: x\r\n\r\n", 400),
+    "bad header line": (b"POST /mcp HTTP/1.1\r\nHost: x\r\nno colon here\r\n\r\n", 400),
+    # Never ends: past h11's 16 KiB bound it is refused, RFC 6585 section 5.
+    "over-long head": (
+        b"POST /mcp HTTP/1.1\r\nHost: x\r\nX-Long: " + b"a" * (20 * 1024),
+        431,
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED))
+async def test_a_malformed_first_head_gets_a_json_rpc_error(
+    server: ServerProcess, case: str
+) -> None:
+    sent, status = MALFORMED[case]
+    stream = await open_tcp(server)
+    async with stream:
+        await stream.send_all(sent)
+        answered, headers, body = await read_answer(stream, until_closed=True)
+    assert answered == status
+    assert headers["connection"] == "close"
+    error = json_rpc_error(headers, body)
+    assert error["code"] == -32600
+    assert error["message"].startswith("bad request: ")
+
+
+async def test_a_malformed_head_after_a_request_on_a_kept_alive_connection(
+    server: ServerProcess,
+) -> None:
+    stream = await open_tcp(server)
+    async with stream:
+        await stream.send_all(raw_post(server, initialize()))
+        answered, _, body = await read_answer(stream, until_closed=False)
+        assert answered == 200, body
+        await stream.send_all(MALFORMED["bad request line"][0])
+        answered, headers, body = await read_answer(stream, until_closed=True)
+    assert answered == 400
+    assert json_rpc_error(headers, body)["code"] == -32600
+
+
+async def test_malformed_heads_are_logged_once_per_period(server: ServerProcess) -> None:
+    sent = MALFORMED["garbage"][0]
+    for _ in range(5):
+        stream = await open_tcp(server)
+        async with stream:
+            await stream.send_all(sent)
+            assert (await read_answer(stream, until_closed=True))[0] == 400
+    # The earlier tests of this module sent more, within the same 10 s period (fewer lines
+    # than heads is the point; a slow machine may span two periods).
+    assert 1 <= refused_heads(server) <= 2
