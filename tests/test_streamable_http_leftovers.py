@@ -2,7 +2,8 @@
 on a real Postgres: ``exai status`` names each session's transport and counts the open HTTP
 connections; ``server.json``, ``exai status`` and the line printed at start name the Streamable
 HTTP URL beside the WebSocket one; a request head that is not HTTP is answered with a JSON-RPC
-error, as every other refusal of the MCP port.
+error, as every other refusal of the MCP port; and ``Accept`` is read with its weights (RFC
+9110 section 12.5.1: ``q=0`` is "not acceptable").
 """
 
 from __future__ import annotations
@@ -276,3 +277,69 @@ async def test_malformed_heads_are_logged_once_per_period(server: ServerProcess)
     # The earlier tests of this module sent more, within the same 10 s period (fewer lines
     # than heads is the point; a slow machine may span two periods).
     assert 1 <= refused_heads(server) <= 2
+
+
+# -- Accept, with its weights ----------------------------------------------------------------
+
+#: A POST needs both application/json and text/event-stream acceptable.
+POST_ACCEPT = {
+    "application/json;q=0, text/event-stream": False,
+    "application/json, text/event-stream;q=0": False,
+    "application/json;q=0.000, text/event-stream": False,
+    "application/json; charset=utf-8; q=0, text/event-stream": False,
+    "APPLICATION/JSON;Q=0, text/event-stream": False,
+    "application/json;q=0, */*": False,  # the most specific range counts
+    "*/*;q=0": False,
+    "application/json;q=0.5, text/event-stream;q=0.001": True,
+    "text/*;q=0, application/json, text/event-stream": True,
+    "*/*;q=0, application/json, text/event-stream": True,
+    "application/json;q=0, application/json, text/event-stream": True,  # the highest of equals
+    "application/json;q=zero, text/event-stream;q=2": True,  # not qvalues: as if absent
+    "*/*": True,
+}
+
+#: A GET needs text/event-stream acceptable.
+GET_ACCEPT = {
+    "text/event-stream;q=0": False,
+    "text/event-stream;q=0, */*": False,
+    "text/*;q=0": False,
+    "*/*;q=0": False,
+    "text/event-stream;q=0.2": True,
+    "text/*;q=0, text/event-stream": True,
+    "text/event-stream;q=bogus": True,
+}
+
+
+async def test_a_post_needs_json_and_sse_acceptable_by_their_weights(
+    server: ServerProcess,
+) -> None:
+    async with httpx.AsyncClient(timeout=30) as client:
+        for accept, acceptable in POST_ACCEPT.items():
+            s = Session(client, http_url(server), server.token)
+            response = await s.post(initialize(), Accept=accept)
+            if not acceptable:
+                assert response.status_code == 406, (accept, response.text)
+                error = json_rpc_error(dict(response.headers), response.content)
+                assert error["code"] == -32600
+                continue
+            assert response.status_code == 200, (accept, response.text)
+            s.session_id = response.headers["mcp-session-id"]
+            assert (await client.delete(s.url, headers=s.headers())).status_code == 200
+
+
+async def test_a_get_stream_needs_sse_acceptable_by_its_weight(server: ServerProcess) -> None:
+    async with httpx.AsyncClient(timeout=30) as client:
+        s = Session(client, http_url(server), server.token)
+        await s.open()
+        try:
+            for accept, acceptable in GET_ACCEPT.items():
+                async with client.stream("GET", s.url, headers=s.headers(Accept=accept)) as got:
+                    if acceptable:
+                        assert got.status_code == 200, accept
+                        assert got.headers["content-type"].startswith("text/event-stream")
+                    else:
+                        assert got.status_code == 406, accept
+                        body = await got.aread()
+                        assert json_rpc_error(dict(got.headers), body)["code"] == -32600
+        finally:
+            await client.delete(s.url, headers=s.headers())
