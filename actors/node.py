@@ -87,7 +87,7 @@ from runtime.pykka_supervision import ActorName, pykka_child
 from runtime.server import McpWebSocketServer, Sessions, listener_status
 from runtime.session_registry import SessionPhase, SessionRegistry
 from runtime.statefile import ServerInfo, remove_server_info, write_server_info
-from runtime.streamable_http.endpoint import HttpConfig
+from runtime.streamable_http.endpoint import HttpConfig, StreamableHttpEndpoint
 from runtime.streamable_http.session_transport import StreamBounds
 from runtime.supervision import ChildContext, ChildSpec, Strategy, Supervisor, run_root
 from storage.connection import DatabaseTarget, check_database
@@ -395,7 +395,10 @@ class _Tree:
         )
         self.listener_counters = ListenerCounters()
         self.url: str | None = None
+        self.http_url: str | None = None
         self.admin_url: str | None = None
+        #: The running listener's Streamable HTTP endpoint (its open connections, for status).
+        self.http: StreamableHttpEndpoint | None = None
         bounds = SessionBounds(
             mailbox_bytes=settings.session_mailbox_bytes,
             outgoing_bytes=settings.session_outgoing_bytes,
@@ -474,6 +477,7 @@ class _Tree:
             node_id=node_id,
             sessions=self.sessions,
             url=lambda: self.url,
+            http_url=lambda: self.http_url,
             registry=self.registry,
             persistence=self.persistence,
             limiter=lambda: self.upstream.limiter,
@@ -485,7 +489,12 @@ class _Tree:
             },
             tool_slots=self.services.config.total_slots,
             byte_budgets=(self.services.bounds.node_mailbox, self.services.bounds.node_outgoing),
-            listener=lambda: listener_status(self.admission, self.listener_counters),
+            listener=lambda: listener_status(
+                self.admission,
+                self.listener_counters,
+                self.http,
+                http_connections_max=settings.max_http_connections,
+            ),
         )
 
     def _breakers(self) -> list[BreakerSnapshot]:
@@ -563,12 +572,13 @@ class _Tree:
                 node=self.services.bounds.node_outgoing,
             ),
         )
+        self.http = server.http
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(registry.run)  # the reaper of parked sessions
                 async with trio.open_nursery() as serving:
                     await serving.start(server.run)
-                    self._announce(server.url)
+                    self._announce(server.url, server.http_url)
                     ctx.started()
                     await ctx.stop_requested.wait()
                     if not self.stop_requested.is_set():
@@ -590,9 +600,12 @@ class _Tree:
             raise
         await registry.expire_all()
 
-    def _announce(self, url: str) -> None:
+    def _announce(self, url: str, http_url: str) -> None:
+        """The listener serves ``url`` (WebSocket) and ``http_url`` (Streamable HTTP, the
+        same port): written to ``server.json``, printed once. The printed line's first word
+        after ``serving MCP on`` stays the WebSocket URL, which scripts read."""
         settings = self.settings
-        self.url = url
+        self.url, self.http_url = url, http_url
         write_server_info(
             settings.server_file,
             ServerInfo(
@@ -601,12 +614,17 @@ class _Tree:
                 started_at=datetime.now(UTC),
                 protocol_versions=list(SUPPORTED_VERSIONS),
                 admin_url=self.admin_url,
+                http_url=http_url,
             ),
         )
         if self.announce:
             self.announce = False  # once per process, not per restart
-            print(f"exai: serving MCP on {url}", file=sys.stdout, flush=True)
-        log.info("server.ready", url=url)
+            print(
+                f"exai: serving MCP on {url} (WebSocket) and {http_url} (Streamable HTTP)",
+                file=sys.stdout,
+                flush=True,
+            )
+        log.info("server.ready", url=url, http_url=http_url)
 
 
 async def _when_set(event: trio.Event, action: Callable[[], None]) -> None:

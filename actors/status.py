@@ -47,6 +47,7 @@ from runtime.status_model import (
     NodeStatus,
     PersistenceStatus,
     SessionStatus,
+    SessionTransport,
 )
 from runtime.supervision import Supervisor
 from runtime.trace import Meter
@@ -90,6 +91,8 @@ class LiveSession:
     """``None`` while parked: its mailbox went with its socket."""
     outbox: OutgoingQueue | None = None
     """Its outgoing queue; ``None`` while parked."""
+    transport: SessionTransport = field(kw_only=True)
+    """How its client reaches it, for status (a resumed session keeps its own)."""
     meter: Meter = field(default_factory=Meter)
     restarts: int = 0
     last_error: str | None = None
@@ -112,8 +115,8 @@ class NodeStatusSource:
 
     Everything but ``node_id``, ``sessions``, ``url`` and ``registry`` is optional, because
     the parts arrive with their issues; a part not given is simply absent from the snapshot.
-    ``url``, ``limiter`` and ``breakers`` are asked at each snapshot: those parts come and go
-    with the root's children (a restarted child brings a new one).
+    ``url``, ``http_url``, ``limiter`` and ``breakers`` are asked at each snapshot: those parts
+    come and go with the root's children (a restarted child brings a new one).
     """
 
     def __init__(
@@ -134,6 +137,7 @@ class NodeStatusSource:
         letters: DeadLetters = dead_letters,
         ask_timeout: float = 2.0,
         listener: Callable[[], ListenerStatus] | None = None,
+        http_url: Callable[[], str | None] | None = None,
     ) -> None:
         self._node_id = node_id
         self._sessions = sessions
@@ -150,6 +154,7 @@ class NodeStatusSource:
         self._letters = letters
         self._ask_timeout = ask_timeout
         self._listener = listener
+        self._http_url = http_url
         self._started_at = datetime.now(UTC)
         self._started = time.monotonic()
 
@@ -168,6 +173,7 @@ class NodeStatusSource:
             pid=os.getpid(),
             version=_version(),
             url=self._url() or None,
+            http_url=(self._http_url() or None) if self._http_url is not None else None,
             started_at=self._started_at,
             uptime_s=round(now - self._started, 3),
             protocol_versions=list(SUPPORTED_VERSIONS),
@@ -332,6 +338,7 @@ class NodeStatusSource:
         return SessionStatus(
             session_id=state.session_id,
             state="detached" if registered.phase is SessionPhase.PARKED else "attached",
+            transport=entry.transport,
             remote=state.remote,
             client_name=client.name if client is not None else None,
             client_version=client.version if client is not None else None,

@@ -18,10 +18,12 @@ import hmac
 import ipaddress
 import math
 import os
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import get_args
 
 import h11
 import structlog
@@ -36,6 +38,7 @@ from runtime.status_model import (
     ListenerStatus,
     NodeStatus,
     PersistenceStatus,
+    SessionTransport,
     StatusSource,
 )
 
@@ -283,6 +286,15 @@ def _node_metrics(m: _Metrics, status: NodeStatus) -> None:
     m.add("exai_uptime_seconds", "gauge", "Seconds since the node started.", node.uptime_s)
     for state, count in (("attached", node.sessions_live), ("detached", node.sessions_detached)):
         m.add("exai_sessions", "gauge", "Sessions by state.", count, {"state": state})
+    transports = Counter(s.transport for s in status.sessions if s.transport is not None)
+    for transport in get_args(SessionTransport):  # every one, 0 included: steady series
+        m.add(
+            "exai_sessions_by_transport",
+            "gauge",
+            "Sessions by transport.",
+            transports[transport],
+            {"transport": transport},
+        )
     m.add("exai_sessions_max", "gauge", "Session limit.", node.sessions_max)
     m.add("exai_tool_calls_in_flight", "gauge", "Running tool calls.", node.tool_calls_in_flight)
     m.add("exai_tool_calls_max", "gauge", "Node-wide tool call limit.", node.tool_calls_max)
@@ -390,3 +402,15 @@ def _listener_metrics(m: _Metrics, listener: ListenerStatus) -> None:
     m.add("exai_accept_failures_total", "counter", "accept(2) out of resources.", failed)
     errors = listener.connections_failed
     m.add("exai_connections_failed_total", "counter", "Connections ended by an error.", errors)
+    m.add(
+        "exai_http_connections",
+        "gauge",
+        "Streamable HTTP connections open.",
+        listener.http_connections,
+    )
+    m.add(
+        "exai_http_connections_max",
+        "gauge",
+        "Streamable HTTP connection limit.",
+        listener.http_connections_max,
+    )

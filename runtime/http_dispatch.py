@@ -13,8 +13,14 @@ orchestrators need, so the request head is read here first (h11, bounded by its
   trying, and the admin interface (loopback only, with a token) tells the rest;
 * a plain request for ``/mcp`` is MCP's Streamable HTTP: ``runtime.server`` hands it, with
   the connection, to :mod:`runtime.streamable_http.endpoint`;
-* any other path gets 404, a malformed head h11's own verdict (400, or 431 for a head over
-  the bound).
+* any other path gets 404;
+* a head h11 cannot parse (garbage, a bad request line or header, a head over the bound) gets
+  h11's own verdict as its status (400, or 431 for a head over the bound) with a JSON-RPC
+  error body (-32600, ``id: null``), as every refusal of the MCP endpoint
+  (:func:`refuse_head`; the Streamable HTTP wire answers a bad head of a later request on
+  its kept-alive connection the same way). A client of the MCP port is an MCP client: its
+  SDK reads a JSON-RPC error, not a line of text. Logged at most once per period
+  (``http.refused``, ``kind`` ``bad request head``).
 
 Every answer given here closes the connection (``Connection: close``): a probe costs one
 request, and nothing can hold a connection open past its first answer.
@@ -22,13 +28,25 @@ request, and nothing can hold a connection open past its first answer.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import h11
+import structlog
 import trio
 
-from runtime.http1 import Response, send_response
+from runtime.http1 import TEXT_PLAIN, Response, send_response
+from runtime.log_throttle import LogThrottle
+from runtime.streamable_http.refusal import bad_head
+
+log = structlog.get_logger("http")
+
+#: ``Content-Type`` of a JSON-RPC error body.
+JSON = b"application/json"
+#: Refused heads, logged at most once per period whichever connection sent them: a peer can
+#: send them at will (``runtime.log_throttle``).
+_refused_heads = LogThrottle()
 
 HEALTHZ = b"/healthz"
 READYZ = b"/readyz"
@@ -95,10 +113,12 @@ class RequestHead:
 
 @dataclass(frozen=True, slots=True)
 class BadRequest:
-    """A head h11 refused; ``status`` is its hint (400, or 431 past the size bound)."""
+    """A head h11 refused; ``status`` is its hint (400, or 431 past the size bound),
+    ``reason`` its description."""
 
     conn: h11.Connection
     status: int
+    reason: str
 
 
 async def read_request_head(stream: trio.abc.Stream) -> RequestHead | BadRequest | None:
@@ -113,7 +133,7 @@ async def read_request_head(stream: trio.abc.Stream) -> RequestHead | BadRequest
         try:
             event = conn.next_event()
         except h11.RemoteProtocolError as exc:
-            return BadRequest(conn, exc.error_status_hint)
+            return BadRequest(conn, exc.error_status_hint, str(exc))
         if event is h11.NEED_DATA:
             data = bytes(await stream.receive_some(RECEIVE_BYTES))
             received += data
@@ -124,17 +144,29 @@ async def read_request_head(stream: trio.abc.Stream) -> RequestHead | BadRequest
         return None  # ConnectionClosed: the peer left before a whole head
 
 
-async def answer_plain(
-    stream: trio.abc.Stream, head: RequestHead | BadRequest, readiness: Readiness
-) -> None:
-    """Answer a request that is not a WebSocket upgrade (see the module doc); the caller
-    closes the connection afterwards."""
-    if isinstance(head, BadRequest):
-        response = _closing(head.status, b"bad request\n")
-    else:
-        response = await _route(head, readiness)
+async def answer_plain(stream: trio.abc.Stream, head: RequestHead, readiness: Readiness) -> None:
+    """Answer a request that is neither a WebSocket upgrade nor for ``/mcp`` (see the module
+    doc); the caller closes the connection afterwards."""
+    await send_response(head.conn, stream, await _route(head, readiness))
+
+
+async def refuse_head(stream: trio.abc.Stream, bad: BadRequest) -> None:
+    """Answer a head h11 refused: its status, a JSON-RPC error body, ``Connection: close``;
+    logged at most once per period. A peer already gone is not told (nothing raised); the
+    caller closes the connection afterwards."""
+    refusal = bad_head(bad.status, bad.reason)
+    _refused_heads.emit(
+        log.info,
+        "http.refused",
+        key=f"http.refused:{refusal.kind}",
+        status=refusal.status,
+        reason=refusal.error.message,
+    )
     # h11 lets a server answer even a head it refused (its side is still IDLE).
-    await send_response(head.conn, stream, response)
+    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+        await send_response(
+            bad.conn, stream, _closing(refusal.status, refusal.body(), content_type=JSON)
+        )
 
 
 async def _route(head: RequestHead, readiness: Readiness) -> Response:
@@ -151,5 +183,7 @@ async def _route(head: RequestHead, readiness: Readiness) -> Response:
     return _closing(200, b"ok")
 
 
-def _closing(status: int, body: bytes, *extra: tuple[bytes, bytes]) -> Response:
-    return Response(status, body, extra=((b"connection", b"close"), *extra))
+def _closing(
+    status: int, body: bytes, *extra: tuple[bytes, bytes], content_type: bytes = TEXT_PLAIN
+) -> Response:
+    return Response(status, body, content_type, extra=((b"connection", b"close"), *extra))

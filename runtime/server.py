@@ -48,7 +48,13 @@ from runtime.connection import (
     CLOSE_INTERNAL_ERROR_REASON,
 )
 from runtime.handshake_admission import HandshakeAdmission, parse_networks
-from runtime.http_dispatch import RequestHead, answer_plain, read_request_head
+from runtime.http_dispatch import (
+    BadRequest,
+    RequestHead,
+    answer_plain,
+    read_request_head,
+    refuse_head,
+)
 from runtime.keepalive import keep_alive
 from runtime.listener import Listener, ListenerCounters, Peer, PeerStream, Release
 from runtime.log_throttle import LogThrottle
@@ -325,6 +331,9 @@ class McpWebSocketServer:
         self._throttle = LogThrottle()
         self._stop = trio.Event()
         self.url = ""
+        """``ws://HOST:PORT/mcp`` once listening."""
+        self.http_url = ""
+        """``http://HOST:PORT/mcp`` once listening: Streamable HTTP, the same port and path."""
         http = http or HttpConfig(max_body_bytes=max_message_bytes)
         self.origins: OriginPolicy = http.origins
         #: Streamable HTTP on the same port and path (``runtime.streamable_http``).
@@ -366,6 +375,7 @@ class McpWebSocketServer:
             async with trio.open_nursery() as accepting:
                 port = await accepting.start(self._listener.run, connections)
                 self.url = f"ws://{self._host}:{port}{MCP_PATH}"
+                self.http_url = f"http://{self._host}:{port}{MCP_PATH}"
                 task_status.started(self.url)
                 await self._stop.wait()
                 await self._drain()
@@ -460,6 +470,8 @@ class McpWebSocketServer:
                         opened = None
                 elif isinstance(head, RequestHead) and head.path == MCP_PATH.encode():
                     opened = head
+                elif isinstance(head, BadRequest):
+                    await refuse_head(stream, head)
                 elif head is not None:
                     await answer_plain(stream, head, self.readiness)
                 race.cancel_scope.cancel()
@@ -571,8 +583,18 @@ class McpWebSocketServer:
         return ws, handshake
 
 
-def listener_status(admission: HandshakeAdmission, counters: ListenerCounters) -> ListenerStatus:
-    """The listener's part of ``/status`` (and so of ``/metrics``)."""
+def listener_status(
+    admission: HandshakeAdmission,
+    counters: ListenerCounters,
+    http: StreamableHttpEndpoint | None = None,
+    *,
+    http_connections_max: int | None = None,
+) -> ListenerStatus:
+    """The listener's part of ``/status`` (and so of ``/metrics``). ``http`` is the running
+    server's Streamable HTTP endpoint (``None`` while none runs: no connection is open);
+    ``http_connections_max`` its bound (``EXAI_MAX_HTTP_CONNECTIONS``), which outlives it."""
+    if http is not None and http_connections_max is None:
+        http_connections_max = http.config.max_connections
     return ListenerStatus(
         handshakes_in_progress=admission.in_progress,
         handshakes_max=admission.max_total,
@@ -582,6 +604,8 @@ def listener_status(admission: HandshakeAdmission, counters: ListenerCounters) -
         accept_pauses=counters.accept_pauses,
         failed_accepts=counters.failed_accepts,
         connections_failed=counters.connections_failed,
+        http_connections=http.connections if http is not None else 0,
+        http_connections_max=http_connections_max,
     )
 
 

@@ -32,12 +32,16 @@ LOCK_FILE = "server.lock"
 
 class ServerInfo(BaseModel):
     url: str
+    """The WebSocket endpoint, ``ws://HOST:PORT/mcp`` (what ``exai bridge`` connects to)."""
     pid: int
     started_at: datetime
     protocol_versions: list[str]
     #: ``http://127.0.0.1:PORT`` of the admin interface (``exai status``); ``None`` in files
     #: written before it existed, or by a node that runs none.
     admin_url: str | None = None
+    #: ``http://HOST:PORT/mcp``, the Streamable HTTP endpoint on the same port; ``None`` in
+    #: files written before it was recorded.
+    http_url: str | None = None
 
 
 def write_server_info(path: Path, info: ServerInfo) -> None:
@@ -142,4 +146,4 @@ def _holder(state_dir: Path, fd: int) -> str:
         info = None
     if info is None or info.pid != pid:  # none yet, or a dead predecessor's
         return f"pid {pid}, starting: not serving yet"
-    return f"pid {pid}, serving {info.url}"
+    return f"pid {pid}, serving {info.url}" + (f" and {info.http_url}" if info.http_url else "")

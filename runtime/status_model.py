@@ -22,6 +22,11 @@ SCHEMA_VERSION = 1
 
 ActorKind = Literal["node", "supervisor", "session", "pykka", "task"]
 ActorState = Literal["starting", "running", "stopping", "restarting", "stopped", "detached", "dead"]
+#: How a session's client reaches it: ``websocket`` (``exai bridge`` included: it relays stdio
+#: over WebSocket, and the server cannot tell it from any other WebSocket client), ``http``
+#: (Streamable HTTP, a 2025-era ``Mcp-Session-Id`` session), ``http-sessionless`` (Streamable
+#: HTTP, 2026-07-28: one session per client identity), ``memory`` (in-process, no socket).
+SessionTransport = Literal["websocket", "http", "http-sessionless", "memory"]
 
 
 class _Model(BaseModel):
@@ -34,6 +39,11 @@ class NodeInfo(_Model):
     pid: int
     version: str = Field(description="exai-runtime version.")
     url: str | None = Field(description="The MCP endpoint, ws://HOST:PORT/mcp.")
+    http_url: str | None = Field(
+        default=None,
+        description="The Streamable HTTP endpoint on the same port, http://HOST:PORT/mcp "
+        "(None: not listening, or a server from before this field).",
+    )
     started_at: datetime = Field(description="Wall-clock start time, UTC.")
     uptime_s: float
     protocol_versions: list[str]
@@ -73,6 +83,11 @@ class ActorStatus(_Model):
 class SessionStatus(_Model):
     session_id: str
     state: Literal["attached", "detached"]
+    transport: SessionTransport | None = Field(
+        default=None,
+        description="How its client reaches it (SessionTransport); None: a server from before "
+        "this field.",
+    )
     remote: str
     client_name: str | None
     client_version: str | None
@@ -191,6 +206,12 @@ class ListenerStatus(_Model):
     accept_pauses: int = Field(description="Episodes of accept(2) out of descriptors/memory.")
     failed_accepts: int = Field(description="accept(2) calls failed for lack of resources.")
     connections_failed: int = Field(description="Connections ended by an error of their own.")
+    http_connections: int = Field(
+        default=0, description="Streamable HTTP connections being served now."
+    )
+    http_connections_max: int | None = Field(
+        default=None, description="EXAI_MAX_HTTP_CONNECTIONS (None: a server from before it)."
+    )
 
 
 class DeadLettersStatus(_Model):

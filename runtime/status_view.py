@@ -198,9 +198,13 @@ def render(status: NodeStatus) -> str:
     out = [
         f"exai-runtime {node.version} · node {node.node_id} · pid {node.pid} · "
         f"up {age(node.uptime_s)}",
-        f"MCP {node.url or '(not listening)'} · protocols {', '.join(node.protocol_versions)}",
+        f"MCP {node.url or '(not listening)'}"
+        + (f" · {node.http_url}" if node.http_url else "")
+        + f" · protocols {', '.join(node.protocol_versions)}",
         f"sessions {node.sessions_live} attached, {node.sessions_detached} detached "
-        f"(max {node.sessions_max}) · tool calls in flight {node.tool_calls_in_flight}"
+        f"(max {node.sessions_max})"
+        + _http_connections(status)
+        + f" · tool calls in flight {node.tool_calls_in_flight}"
         + (f"/{node.tool_calls_max}" if node.tool_calls_max is not None else "")
         + f" · dead letters {status.dead_letters.total}"
         + (
@@ -241,6 +245,7 @@ def render(status: NodeStatus) -> str:
             [
                 "ID",
                 "STATE",
+                "TRANSPORT",
                 "CLIENT",
                 "PROTOCOL",
                 "IN-FLIGHT",
@@ -254,6 +259,7 @@ def render(status: NodeStatus) -> str:
                 [
                     s.session_id,
                     s.state,
+                    s.transport or "?",
                     f"{s.client_name or '?'} {s.client_version or ''}".strip(),
                     s.protocol_version or "-",
                     str(s.in_flight),
@@ -333,6 +339,15 @@ def render(status: NodeStatus) -> str:
     if status.problems:
         out += ["", "PROBLEMS"] + [f"  {printable(problem)}" for problem in status.problems]
     return "\n".join(out) + "\n"
+
+
+def _http_connections(status: NodeStatus) -> str:
+    """`` · HTTP connections N/MAX`` (Streamable HTTP), or nothing from a server that does not
+    count them."""
+    listener = status.listener
+    if listener is None or listener.http_connections_max is None:
+        return ""
+    return f" · HTTP connections {listener.http_connections}/{listener.http_connections_max}"
 
 
 def _available(level: float | None, per_minute: int | None) -> str:

@@ -94,6 +94,8 @@ class ServerProcess:
     state_dir: Path
     stderr_path: Path
     lines: list[str] = field(default_factory=list)
+    announced: str = ""
+    """The line it printed once serving (``exai: serving MCP on ...``)."""
 
     def authed_url(self, token: str | None = None) -> str:
         return f"{self.url}?token={token or self.token}"
@@ -156,9 +158,11 @@ def start_server(
             code = process.wait()
             raise RuntimeError(f"exai serve exited {code}: {stderr_path.read_text()}")
         if "serving MCP on " in line:
-            url = line.split("serving MCP on ", 1)[1].strip()
+            url = line.split("serving MCP on ", 1)[1].split()[0]  # the WebSocket URL
             token = token or (state_dir / "token").read_text().strip()
-            return ServerProcess(process, url, token, state_dir, stderr_path)
+            return ServerProcess(
+                process, url, token, state_dir, stderr_path, announced=line.strip()
+            )
 
 
 class RawClient:

@@ -122,7 +122,7 @@ def _served_url(server: subprocess.Popen[str]) -> str:
         line = server.stdout.readline() if ready else ""
         assert line, f"just serve printed no URL (exit code {server.poll()})"
         if "serving MCP on " in line:
-            return line.split("serving MCP on ", 1)[1].strip()
+            return line.split("serving MCP on ", 1)[1].split()[0]  # the WebSocket URL
 
 
 async def _open_session(url: str) -> str:

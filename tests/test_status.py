@@ -548,6 +548,7 @@ def test_old_server_files_still_parse(tmp_path: Path) -> None:
     info = read_server_info(path)
     assert info is not None
     assert info.admin_url is None
+    assert info.http_url is None
 
 
 def test_text_status_and_watch(server: ServerProcess) -> None:

@@ -57,7 +57,9 @@ async def serve_http_session(
     started()
 
     def attach(ref: ActorRef[Mail]) -> LiveSession:
-        live = LiveSession(state, ref, transport)
+        live = LiveSession(
+            state, ref, transport, transport="http-sessionless" if transport.sessionless else "http"
+        )
         services.registry.attach(session_id, transport.identity, live, transport.close)
         return live
 

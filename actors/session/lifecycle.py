@@ -131,7 +131,7 @@ class SessionLifecycle:
         def attach(ref: ActorRef[Mail]) -> LiveSession:
             if resumed is not None:  # its meter and restart count go on
                 resumed.mailbox, resumed.outbox = ref, outbox
-            live = resumed or LiveSession(state, ref, outbox)
+            live = resumed or LiveSession(state, ref, outbox, transport="websocket")
             self.registry.attach(session_id, handshake.identity, live, transport.close)
             return live
 

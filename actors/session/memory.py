@@ -107,7 +107,10 @@ async def _run(
             transport.receive,
             attach=lambda ref: (
                 services.registry.attach(
-                    state.session_id, state.identity, LiveSession(state, ref), transport.close
+                    state.session_id,
+                    state.identity,
+                    LiveSession(state, ref, transport="memory"),
+                    transport.close,
                 ).session
             ),
             supervisor=supervisor,

@@ -64,6 +64,7 @@ resumable (optional in 2025-11-25, removed in 2026-07-28).
 from __future__ import annotations
 
 import contextlib
+import re
 import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -855,16 +856,41 @@ def _gone(session_id: str) -> Refusal:
 
 
 def _accepts(request: h11.Request, media_type: bytes) -> bool:
-    """Whether ``Accept`` admits ``media_type`` (exactly, by ``type/*`` or ``*/*``)."""
+    """Whether ``Accept`` admits ``media_type`` (RFC 9110 section 12.5.1): the most specific
+    media range that matches it (itself, then ``type/*``, then ``*/*``; among equals, the
+    highest weight) has a weight above 0, since ``q=0`` means "not acceptable". So
+    ``application/json;q=0, */*`` does not admit JSON, and ``text/*;q=0, text/event-stream``
+    admits SSE. A weight that is not a qvalue counts as 1, as if absent (tolerant: a client's
+    typo must not turn into a 406). Media type parameters other than ``q`` are ignored."""
     value = header(request, b"accept")
     if value is None:
         return False
     kind = media_type.partition(b"/")[0]
+    specificity = {media_type: 0, kind + b"/*": 1, b"*/*": 2}
+    best: tuple[int, float] | None = None  # (specificity, weight) of the range that counts
     for item in value.split(b","):
-        candidate = item.partition(b";")[0].strip().lower()
-        if candidate in (media_type, kind + b"/*", b"*/*"):
-            return True
-    return False
+        candidate, _, parameters = item.partition(b";")
+        rank = specificity.get(candidate.strip().lower())
+        if rank is None:
+            continue
+        weight = _weight(parameters)
+        if best is None or rank < best[0] or (rank == best[0] and weight > best[1]):
+            best = (rank, weight)
+    return best is not None and best[1] > 0
+
+
+#: A qvalue (RFC 9110 section 12.4.2): 0 to 1, at most three decimals.
+_QVALUE = re.compile(rb"0(\.[0-9]{0,3})?|1(\.0{0,3})?")
+
+
+def _weight(parameters: bytes) -> float:
+    """The ``q`` of a media range's ``;``-separated parameters: 1 if absent or malformed."""
+    for parameter in parameters.split(b";"):
+        name, _, value = parameter.partition(b"=")
+        if name.strip().lower() == b"q":
+            value = value.strip()
+            return float(value) if _QVALUE.fullmatch(value) else 1.0
+    return 1.0
 
 
 def _declares_tasks(message: jsonrpc.Request) -> bool:

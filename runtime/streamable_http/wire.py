@@ -21,6 +21,7 @@ from http import HTTPStatus
 import h11
 import trio
 
+from runtime.http_dispatch import BadRequest, refuse_head
 from runtime.listener import PeerStream
 
 __all__ = ["BodyTooLarge", "HttpWire", "PeerGone"]
@@ -80,7 +81,9 @@ class HttpWire:
 
     async def next_request(self) -> h11.Request | None:
         """After a response: the next request's head on this connection, or ``None`` if it
-        cannot serve another (closed by either side, or broken). The caller bounds the wait
+        cannot serve another (closed by either side, or broken). A head h11 refuses is
+        answered as the first request's would be (its status, a JSON-RPC error:
+        :func:`runtime.http_dispatch.refuse_head`), then ``None``. The caller bounds the wait
         (the keep-alive idle timeout)."""
         if self.broken or self.conn.our_state is not h11.DONE:
             return None
@@ -94,7 +97,11 @@ class HttpWire:
         while True:
             try:
                 event = self.conn.next_event()
-            except h11.RemoteProtocolError:
+            except h11.RemoteProtocolError as exc:
+                self.broken = True
+                await refuse_head(
+                    self.stream, BadRequest(self.conn, exc.error_status_hint, str(exc))
+                )
                 return None
             if event is h11.NEED_DATA:
                 try:
