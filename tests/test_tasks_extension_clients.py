@@ -98,10 +98,12 @@ def inline_server(
 
 def assert_modern(wire: Sequence[dict[str, Any]]) -> None:
     """Each client of the script: ``server/discover`` first, then plain 2026-07-28 POSTs with
-    the bearer token, no session either way."""
+    the bearer token and ``Mcp-Method`` (SEP-2243; SEP-2663 for ``tasks/*``), no session
+    either way."""
     assert (wire[0]["method"], wire[0]["rpc"]) == ("POST", "server/discover"), wire[0]
     assert all(e["method"] == "POST" and e["bearer"] for e in wire), wire
     assert all(e["protocol_version"] == MODERN for e in wire), wire
+    assert all(e["mcp_method"] == e["rpc"] for e in wire), wire
     assert all(e["session_id"] is None and e["minted_session_id"] is None for e in wire), wire
 
 

@@ -8,8 +8,8 @@ extension, a ``resultType: "task"`` answer is resolved by polling ``tasks/get``,
 ``call_tool_task`` returns a ``ToolTask`` handle instead. Every client connects in fastmcp's
 default ``mode="auto"`` (``server/discover``, so 2026-07-28), through a transport whose HTTP
 client records each exchange (tests/clients/wire_log.py, plus what this extension adds: the
-``Mcp-Name`` header, ``params.taskId``, and a JSON answer's ``resultType``, its keys, task id
-and status, and error code).
+``Mcp-Method`` and ``Mcp-Name`` headers, ``params.taskId``, and a JSON answer's
+``resultType``, its keys, task id and status, and error code).
 
 ``PART`` is ``directed`` (a server answering every task-capable call with its task handle,
 ``EXAI_TASK_AFTER=0``):
@@ -66,10 +66,10 @@ class ReadableResponse(Response, Protocol):
 
 
 class TaskWireLog(WireLog):
-    """The wire, with what the tasks extension puts on it: the ``Mcp-Name`` header (SEP-2663:
-    MUST equal ``params.taskId`` on ``tasks/*``), ``params.taskId`` and ``params.name``, and
-    of a JSON answer its ``resultType`` and keys, task id and status, and JSON-RPC error
-    code."""
+    """The wire, with what the tasks extension puts on it: the ``Mcp-Method`` and ``Mcp-Name``
+    headers (SEP-2663: ``Mcp-Name`` MUST equal ``params.taskId`` on ``tasks/*``),
+    ``params.taskId`` and ``params.name``, and of a JSON answer its ``resultType`` and keys,
+    task id and status, and JSON-RPC error code."""
 
     async def __call__(self, response: ReadableResponse) -> None:  # type: ignore[override]
         await super().__call__(response)
@@ -83,6 +83,7 @@ class TaskWireLog(WireLog):
                 message = None
             if isinstance(message, dict) and isinstance(message.get("params"), dict):
                 params = message["params"]
+        entry["mcp_method"] = request.headers.get("mcp-method")
         entry["mcp_name"] = request.headers.get("mcp-name")
         entry["task_id"] = params.get("taskId")
         entry["tool"] = params.get("name")
