@@ -41,6 +41,11 @@ async def test_official_client_initializes_lists_calls_and_session_row_follows(
         assert report["echo_is_error"] is False
 
         session_id = report["session_id"]
+        # The session's row is written behind its initialize answer: waited for, not assumed.
+        await wait_until(
+            lambda: session_row(database_url, session_id) is not None,
+            what=f"session {session_id}'s row",
+        )
         live = session_row(database_url, session_id)
         assert live is not None
         assert live["status"] == "active"
