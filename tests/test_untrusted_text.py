@@ -229,11 +229,19 @@ async def test_a_stored_tool_result_is_bounded_with_a_marker_and_its_real_size(
         reply = await client.receive()
         assert reply["result"]["content"][0]["text"] == text  # the client gets all of it
         await still_answers(client)
-    ((stored, size),) = query(
-        database_url,
-        "select result, length(result::text) from tasks where session_id = %s and request_id = %s",
-        (session_id, '"big"'),
-    )
+
+    def stored_result() -> list[tuple[Any, ...]]:
+        return query(
+            database_url,
+            "select result, length(result::text) from tasks"
+            " where session_id = %s and request_id = %s and result is not null",
+            (session_id, '"big"'),
+        )
+
+    # The final record was journaled before the reply (EXAI_DURABILITY=journal); the
+    # database has it once the writer's next batch lands.
+    await wait_until(lambda: bool(stored_result()), what="the big result's row")
+    ((stored, size),) = stored_result()
     assert stored["truncated"] is True
     assert stored["max_bytes"] == 4096
     real = stored["size_bytes"]
