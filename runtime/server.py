@@ -374,8 +374,10 @@ class McpWebSocketServer:
             self.http.bind(connections)
             async with trio.open_nursery() as accepting:
                 port = await accepting.start(self._listener.run, connections)
-                self.url = f"ws://{self._host}:{port}{MCP_PATH}"
-                self.http_url = f"http://{self._host}:{port}{MCP_PATH}"
+                # An IPv6 literal is bracketed in a URL (RFC 3986 section 3.2.2).
+                host = f"[{self._host}]" if ":" in self._host else self._host
+                self.url = f"ws://{host}:{port}{MCP_PATH}"
+                self.http_url = f"http://{host}:{port}{MCP_PATH}"
                 task_status.started(self.url)
                 await self._stop.wait()
                 await self._drain()

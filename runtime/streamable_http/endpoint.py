@@ -11,9 +11,9 @@ HTTP"); in order, for every request:
 2. No valid token (``Authorization: Bearer`` or ``?token=``, as the WebSocket handshake):
    401 with ``WWW-Authenticate: Bearer``. Draining: 503 with ``Retry-After``. More than
    ``EXAI_HTTP_EXCHANGES_PER_IDENTITY`` requests of the identity in progress: 429.
-3. ``POST``: ``Content-Type: application/json`` (else 415) and an ``Accept`` naming both
-   ``application/json`` and ``text/event-stream`` (else 406); a body of at most
-   ``max_message_bytes`` (413), arriving within ``body_timeout`` (408); one JSON-RPC message
+3. ``POST``: ``Content-Type: application/json`` (else 415) and an ``Accept`` admitting both
+   ``application/json`` and ``text/event-stream``, ``q=0`` meaning "not" (else 406); a body
+   of at most ``max_message_bytes`` (413), arriving within ``body_timeout`` (408); one JSON-RPC message
    (not JSON: 400 and -32700; not JSON-RPC, or a batch, which 2025-06-18 removed: 400 and
    -32600); an ``MCP-Protocol-Version`` header, if sent, that this server speaks (400).
 
@@ -292,9 +292,12 @@ class StreamableHttpEndpoint:
             status=refusal.status,
             reason=refusal.error.message,
         )
-        body = jsonrpc.encode_error(refusal.request_id, refusal.error).encode()
         await wire.respond(
-            refusal.status, body, content_type=JSON, headers=refusal.headers, close=close
+            refusal.status,
+            refusal.body(),
+            content_type=JSON,
+            headers=refusal.headers,
+            close=close,
         )
 
     async def _route(self, wire: HttpWire, request: h11.Request, peer: Peer) -> None:
