@@ -15,7 +15,8 @@ HTTP"); in order, for every request:
    ``application/json`` and ``text/event-stream``, ``q=0`` meaning "not" (else 406); a body
    of at most ``max_message_bytes`` (413), arriving within ``body_timeout`` (408); one
    JSON-RPC message (not JSON: 400 and -32700; not JSON-RPC, or a batch, which 2025-06-18
-   removed: 400 and -32600); an ``MCP-Protocol-Version`` header, if sent, that this server speaks (400).
+   removed: 400 and -32600); an ``MCP-Protocol-Version`` header, if sent, that this server
+   speaks (400).
 
    * A request without ``Mcp-Session-Id`` that names a 2026-07-28 version (in its ``_meta``
      or its ``MCP-Protocol-Version``), or the ``server/discover`` probe, is *sessionless*:
