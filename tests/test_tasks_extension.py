@@ -8,7 +8,8 @@ asserted here: the extension is advertised in ``server/discover``; a task is ret
 to a request that declares the extension, and only once its row is in the database;
 ``tasks/get`` inlines the result or the JSON-RPC error; ``tasks/cancel`` and ``tasks/update``
 acknowledge; a request that does not declare the extension gets -32021 for ``tasks/*``; the
-methods the extension dropped are -32601 (404 over HTTP); ``Mcp-Name`` mirrors the task id;
+methods the extension dropped are -32601 (404 over HTTP); ``Mcp-Name`` mirrors the task id
+(a missing one is let through on ``tasks/*``: its reference client omits it);
 another identity's task is -32602, as an unknown one.
 """
 
@@ -305,15 +306,22 @@ async def test_another_identity_cannot_see_or_cancel_a_task(eager: ServerProcess
 
 
 async def test_mcp_name_mirrors_the_task_id(eager: ServerProcess) -> None:
+    """A different ``Mcp-Name`` is refused; a missing one is let through on ``tasks/*`` (the
+    extension's own reference client omits it: runtime/streamable_http/headers.py)."""
     async with httpx.AsyncClient(timeout=30) as client:
         created = result_of(await post(client, eager, call(1, "exai_test_sleep", seconds=0)))
         get = request(2, "tasks/get", {"taskId": created["taskId"]})
-        for name, expected in (("", "required"), ("another-task", "differs from the body")):
-            refused = await post(client, eager, get, name=name)
-            assert refused.status_code == 400, name
+        for bad in ("another-task", "=?base64?not base64!?="):
+            refused = await post(client, eager, get, name=bad)
+            assert refused.status_code == 400, bad
             error = error_of(refused)
             assert error["code"] == -32020, error
-            assert expected in error["message"], error
+        missing = await post(client, eager, get, name="")
+        assert result_of(missing)["taskId"] == created["taskId"]
+        # On tools/call it stays required (the 2026-07-28 transport: MUST reject).
+        refused = await post(client, eager, call(3, "echo", text="x"), name="")
+        assert refused.status_code == 400
+        assert error_of(refused)["code"] == -32020
 
 
 async def test_listen_for_task_ids_needs_the_extension(eager: ServerProcess) -> None:

@@ -89,6 +89,15 @@ _NAMED = {
 }
 
 
+#: Methods whose missing ``Mcp-Name`` is let through (a different one is still refused).
+#: SEP-2663 makes the header a client MUST on ``tasks/*``, but the extension's reference
+#: client, fastmcp-tasks 4.1.4, omits it (its request models set no name parameter), and the
+#: header only helps intermediaries route: this server holds no state per node that a
+#: misrouted task request could miss (tasks are rows in the shared database). Refusing would
+#: cut that client off for no safety gained.
+_NAME_MAY_BE_MISSING = frozenset({"tasks/get", "tasks/update", "tasks/cancel"})
+
+
 def check_mirrored_headers(request: h11.Request, message: jsonrpc.Inbound) -> None:
     """The 2026-07-28 transport's "Server Validation": ``MCP-Protocol-Version`` equal to
     the ``_meta`` version, ``Mcp-Method`` to the method, ``Mcp-Name`` (base64 sentinel
@@ -142,6 +151,8 @@ def check_mirrored_headers(request: h11.Request, message: jsonrpc.Inbound) -> No
     if value is None:
         if body_name is None:
             return  # the body is malformed: the session says so (-32602)
+        if method in _NAME_MAY_BE_MISSING:
+            return
         raise mismatch("the Mcp-Name header is required for " + method)
     shown = decode_sentinel(value)
     if shown is None:

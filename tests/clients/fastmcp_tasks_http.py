@@ -148,8 +148,9 @@ def task_state(task: ClientGetTaskResult) -> dict[str, Any]:
 
 
 def send_mcp_name() -> None:
-    """Work around a fastmcp-tasks 4.1.4 bug: its ``tasks/get``, ``tasks/cancel`` and
-    ``tasks/update`` request models leave the SDK's ``name_param`` unset, so no ``Mcp-Name``
+    """Send what a fastmcp-tasks 4.1.4 bug leaves out (exai serves it anyway, so that the
+    library works as shipped; with the header set, its check is exercised too): its
+    ``tasks/get``, ``tasks/cancel`` and ``tasks/update`` request models leave the SDK's ``name_param`` unset, so no ``Mcp-Name``
     header goes with them, though SEP-2663 ("Streamable HTTP: Routing Headers") says the
     client MUST set it to ``params.taskId`` (mcp_types documents ``name_param`` as the hook:
     "SEP-2663 requires it for tasks/*"), and SEP-2243 has a 2026-07-28 server reject a request
@@ -160,8 +161,8 @@ def send_mcp_name() -> None:
 
 
 async def probe(url: str, token: str) -> dict[str, Any]:
-    """The bug :func:`send_mcp_name` works around, as the library ships: a ``tasks/get`` of a
-    real task, without ``Mcp-Name``, refused."""
+    """The library as it ships: a ``tasks/get`` of a real task, without ``Mcp-Name``
+    (:func:`send_mcp_name`), served or refused."""
     wire = TaskWireLog()
     async with connected(url, token, "exai-fastmcp-tasks-probe", wire) as client:
         handle = await call_tool_task(client, "exai_test_sleep", {"seconds": 0})
