@@ -150,12 +150,11 @@ def task_state(task: ClientGetTaskResult) -> dict[str, Any]:
 def send_mcp_name() -> None:
     """Send what a fastmcp-tasks 4.1.4 bug leaves out (exai serves it anyway, so that the
     library works as shipped; with the header set, its check is exercised too): its
-    ``tasks/get``, ``tasks/cancel`` and ``tasks/update`` request models leave the SDK's ``name_param`` unset, so no ``Mcp-Name``
-    header goes with them, though SEP-2663 ("Streamable HTTP: Routing Headers") says the
-    client MUST set it to ``params.taskId`` (mcp_types documents ``name_param`` as the hook:
-    "SEP-2663 requires it for tasks/*"), and SEP-2243 has a 2026-07-28 server reject a request
-    missing a required header (-32020 HeaderMismatch, as exai does). Setting the class
-    attribute the SDK reads makes the library's own requests carry it."""
+    ``tasks/get``, ``tasks/cancel`` and ``tasks/update`` request models leave the SDK's
+    ``name_param`` unset, so no ``Mcp-Name`` header goes with them, though SEP-2663
+    ("Streamable HTTP: Routing Headers") says the client MUST set it to ``params.taskId``
+    (mcp_types documents ``name_param`` as the hook: "SEP-2663 requires it for tasks/*").
+    Setting the class attribute the SDK reads makes the library's own requests carry it."""
     for request_type in (GetTaskRequest, CancelTaskRequest, UpdateTaskRequest):
         request_type.name_param = "taskId"
 
