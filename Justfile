@@ -73,15 +73,19 @@ setup-clients:
         echo "setup-clients: node/npm not found: the TypeScript SDK client test will be skipped" >&2
         exit 0
     fi
-    env={{clients}}/node
-    want=$(cat tests/clients/package.json tests/clients/package-lock.json | sha256sum | cut -d' ' -f1)
-    if [ "$(cat "$env/.installed" 2>/dev/null)" != "$want" ]; then
-        # npm installs next to package.json, so the manifest and lock are copied into the env.
-        rm -rf "$env" && mkdir -p "$env"
-        cp tests/clients/package.json tests/clients/package-lock.json "$env/"
-        (cd "$env" && npm ci --silent --no-audit --no-fund)
-        echo "$want" > "$env/.installed"
-    fi
+    # The TypeScript clients (tests/clients) and the third-party servers exai proxies in
+    # tests (tests/servers), each in its own env.
+    for pair in clients:node servers:servers-node; do
+        src=tests/${pair%%:*}; env={{clients}}/${pair##*:}
+        want=$(cat "$src/package.json" "$src/package-lock.json" | sha256sum | cut -d' ' -f1)
+        if [ "$(cat "$env/.installed" 2>/dev/null)" != "$want" ]; then
+            # npm installs next to package.json, so the manifest and lock are copied there.
+            rm -rf "$env" && mkdir -p "$env"
+            cp "$src/package.json" "$src/package-lock.json" "$env/"
+            (cd "$env" && npm ci --silent --no-audit --no-fund)
+            echo "$want" > "$env/.installed"
+        fi
+    done
 
 # End-to-end benchmark against the floor and the SDK servers: `just bench` (quick, < 3 min),
 # `just bench full`, `just bench profile`, `just bench flood` (issue 11: floods, slow readers),

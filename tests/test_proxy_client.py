@@ -9,19 +9,21 @@ process-group tests use ``sh`` and ``sleep``: what matters there is a grandchild
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
 
 from runtime.child_process import Child, ChildRecord, start_child
 from runtime.lines import LineReader, LineTooLong
-from runtime.mcp.client import ClientSession, ServerError, ServerGone
+from runtime.mcp.client import ClientSession, Progress, ServerError, ServerGone
 from runtime.mcp.schema import Implementation
 from runtime.mcp.stdio_client import StdioStream, log_stderr
 from tests.harness import CLIENTS, wait_until
@@ -38,6 +40,18 @@ def group_alive(pgid: int) -> bool:
     return True
 
 
+class Recording(StdioStream):
+    """The stdio stream, keeping what the client sent (to see its cancellations)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.sent: list[dict[str, Any]] = []
+
+    async def send(self, message: str) -> None:
+        self.sent.append(json.loads(message))
+        await super().send(message)
+
+
 @asynccontextmanager
 async def connected(
     command: list[str], record: ChildRecord, *, max_bytes: int = 1 << 20
@@ -46,10 +60,11 @@ async def connected(
     assert child.process.stdin is not None
     assert child.process.stdout is not None
     assert child.process.stderr is not None
-    stream = StdioStream(
+    stream = Recording(
         child.process.stdin, child.process.stdout, name="t", max_message_bytes=max_bytes
     )
     session = ClientSession(stream, name="t", client_info=CLIENT)
+    session.sent = stream.sent  # type: ignore[attr-defined]
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(session.run)
@@ -185,3 +200,72 @@ async def test_line_reader_bounds_and_blank_lines() -> None:
     await send.send_all(b"1234567890")  # no newline yet: refused before it comes
     with pytest.raises(LineTooLong):
         await reader.receive_line()
+
+
+EVERYTHING = CLIENTS / "servers-node" / "node_modules" / ".bin" / "mcp-server-everything"
+
+
+def everything() -> list[str]:
+    if not EVERYTHING.exists():
+        pytest.fail("server-everything env missing: run `just setup-clients` (just test does)")
+    return [str(EVERYTHING), "stdio"]
+
+
+async def test_progress_and_cancellation_through_our_client(tmp_path: Path) -> None:
+    """``@modelcontextprotocol/server-everything`` (npm): its long-running tool's progress
+    reaches the request that asked, in order; a cancelled request sends
+    ``notifications/cancelled`` and the session goes on."""
+    record = ChildRecord(tmp_path / "children")
+    async with connected(everything(), record) as (session, _):
+        await session.initialize()
+        tools = {tool.name: tool for tool in await session.list_tools()}
+        long_running = tools["trigger-long-running-operation"]
+        assert long_running.annotations is not None
+        assert long_running.annotations.read_only_hint is True  # passed through as sent
+        assert tools["get-structured-content"].output_schema is not None
+
+        seen: list[tuple[float, float | None]] = []
+
+        async def on_progress(note: Progress) -> None:
+            seen.append((note.progress, note.total))
+
+        done = await session.request(
+            "tools/call",
+            {"name": "trigger-long-running-operation", "arguments": {"duration": 0.3, "steps": 3}},
+            on_progress=on_progress,
+        )
+        assert "completed" in done["content"][0]["text"]
+        assert seen == [(1, 3), (2, 3), (3, 3)]
+
+        first = trio.Event()
+
+        async def on_first(note: Progress) -> None:
+            first.set()
+
+        with trio.CancelScope() as scope:
+            async with trio.open_nursery() as nursery:
+
+                async def call() -> None:
+                    await session.request(
+                        "tools/call",
+                        {
+                            "name": "trigger-long-running-operation",
+                            "arguments": {"duration": 600, "steps": 6000},
+                        },
+                        on_progress=on_first,
+                    )
+
+                nursery.start_soon(call)
+                await first.wait()  # it runs: its first progress came
+                scope.cancel()
+        assert scope.cancelled_caught
+        sent = session.sent  # type: ignore[attr-defined]
+        (cancelled_call,) = [
+            m for m in sent if m.get("params", {}).get("arguments", {}).get("steps") == 6000
+        ]
+        cancels = [m for m in sent if m.get("method") == "notifications/cancelled"]
+        assert [c["params"]["requestId"] for c in cancels] == [cancelled_call["id"]]
+        structured = await session.request(
+            "tools/call", {"name": "get-structured-content", "arguments": {"location": "Chicago"}}
+        )
+        assert "structuredContent" in structured

@@ -243,11 +243,11 @@ class ClientSession:
                 await pending.done.wait()
             else:
                 await _wait_with_progress(pending, receive, on_progress)
-        except trio.Cancelled:
+        finally:
+            # Left unanswered (cancelled, perhaps inside the progress nursery's exception
+            # group, or ``on_progress`` raised): the server is told to stop.
             if sent and not pending.done.is_set():
                 await self._cancel(request_id)
-            raise
-        finally:
             del self._pending[request_id]
             if token is not None:
                 del self._progress[token]
