@@ -21,6 +21,8 @@ do about it::
     │   ├── ModelNotOffered                 (actors.providers.errors)
     │   └── InvalidThreadCursor             (storage.threads)
     ├── ToolFailed                 the tool could not do what was asked; the text says why
+    │   ├── ClientError (ServerGone, ServerError; TooManyRequests, also RetryLater): a proxied
+    │   │   MCP server could not be asked (runtime.mcp.client)
     │   ├── ConversationError (ThreadNotFound, ThreadExpired, ThreadFull, PromptOnlyHistory)
     │   └── ProviderError (ProviderNotConfigured, ProviderTimeout, ProviderConnectionError,
     │       ProviderRejected, ProviderServerError, ProviderProtocolError; the three above too)

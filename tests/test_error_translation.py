@@ -50,7 +50,9 @@ from actors.session import SessionServices
 from actors.session.memory import memory_session
 from runtime.breaker import BreakerOpen, BreakerState
 from runtime.mcp import translation, versions
+from runtime.mcp.client import ClientError, ServerError, ServerGone, TooManyRequests
 from runtime.mcp.errors import InvalidParams, LimitExceeded, Unavailable
+from runtime.mcp.jsonrpc import ErrorObject
 from runtime.mcp.tools import Tool, ToolContext, ToolOutput
 from runtime.memory_transport import MemoryClient
 from storage.errors import (
@@ -290,6 +292,17 @@ CASES: dict[str, Case] = {
     "ProviderProtocolError": Case(
         lambda: _provider(ProviderProtocolError, "upstream 'glm' answered no choices"),
         Result("upstream 'glm' answered no choices. Nothing was stored; the turn may be retried."),
+    ),
+    # exai's MCP client, talking to a proxied server (runtime/mcp/client.py)
+    "ClientError": Case(lambda: ClientError("time: no answer"), Result("time: no answer")),
+    "ServerGone": Case(lambda: ServerGone("time went away"), Result("time went away")),
+    "ServerError": Case(
+        lambda: ServerError("time", ErrorObject(code=-32602, message="Unknown tool: x")),
+        Result("time answered -32602: Unknown tool: x"),
+    ),
+    "TooManyRequests": Case(
+        lambda: TooManyRequests("time has 64 requests in flight; retry later"),
+        Error(-32004, "time has 64 requests in flight; retry later", {"retryAfterMs": None}),
     ),
     # the rate limiter
     "RateLimited": Case(
