@@ -45,6 +45,7 @@ from actors.providers import (
     ProviderUnavailable,
 )
 from actors.rate_ledger import LimitName
+from actors.servers import ServerDown
 from actors.rate_limiter import LimitSpent, RateLimited, RateLimitedForNow, Refusal
 from actors.session import SessionServices
 from actors.session.memory import memory_session
@@ -299,6 +300,12 @@ CASES: dict[str, Case] = {
     "ServerError": Case(
         lambda: ServerError("time", ErrorObject(code=-32602, message="Unknown tool: x")),
         Result("time answered -32602: Unknown tool: x"),
+    ),
+    "ServerDown": Case(
+        lambda: ServerDown("proxied server 'time' is starting; retry in a moment"),
+        Error(
+            -32004, "proxied server 'time' is starting; retry in a moment", {"retryAfterMs": None}
+        ),
     ),
     "TooManyRequests": Case(
         lambda: TooManyRequests("time has 64 requests in flight; retry later"),

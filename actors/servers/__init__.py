@@ -1,0 +1,5 @@
+"""Proxied MCP servers: other MCP servers the node runs and serves the tools of (issue 16)."""
+
+from actors.servers.proxy import ProxiedServer, ServerDown, ServerState, StdioCommand
+
+__all__ = ["ProxiedServer", "ServerDown", "ServerState", "StdioCommand"]
