@@ -45,8 +45,8 @@ from actors.providers import (
     ProviderUnavailable,
 )
 from actors.rate_ledger import LimitName
-from actors.servers import ServerDown
 from actors.rate_limiter import LimitSpent, RateLimited, RateLimitedForNow, Refusal
+from actors.servers import ServerDown
 from actors.session import SessionServices
 from actors.session.memory import memory_session
 from runtime.breaker import BreakerOpen, BreakerState
