@@ -51,6 +51,7 @@ from actors.session.memory import memory_session
 from runtime.breaker import BreakerOpen, BreakerState
 from runtime.mcp import translation, versions
 from runtime.mcp.errors import InvalidParams, LimitExceeded, Unavailable
+from runtime.mcp.tool_api import ToolTimedOut
 from runtime.mcp.tools import Tool, ToolContext, ToolOutput
 from runtime.memory_transport import MemoryClient
 from storage.errors import (
@@ -189,6 +190,10 @@ CASES: dict[str, Case] = {
     ),
     "InvalidInput": Case(lambda: InvalidInput("bad input"), Input("bad input")),
     "ToolFailed": Case(lambda: ToolFailed("could not"), Result("could not")),
+    "ToolTimedOut": Case(
+        lambda: ToolTimedOut("tool 'x' timed out after 1 s"),
+        Result("tool 'x' timed out after 1 s"),
+    ),
     "ActorUnavailable": Case(lambda: ActorUnavailable("/root/x stopped"), Internal()),
     "StorageError": Case(lambda: StorageError("write failed"), Internal()),
     # storage

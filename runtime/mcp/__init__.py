@@ -1,0 +1,7 @@
+"""MCP on the wire (JSON-RPC, schemas, versions, errors) and the public tool API:
+``from runtime.mcp import tool, ToolContext`` (docs/tools.md)."""
+
+from runtime.mcp.tool_api import ToolDeclarationError, tool
+from runtime.mcp.tools import ToolContext, ToolOutput
+
+__all__ = ["ToolContext", "ToolDeclarationError", "ToolOutput", "tool"]
