@@ -9,14 +9,20 @@ import hashlib
 import json
 import os
 import secrets
+import signal
 import subprocess
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+import trio
+from typing_extensions import TypedDict  # pydantic wants it before Python 3.12
 
+from runtime.mcp import ToolContext, ToolDeclarationError, ToolOutput, tool
+from runtime.mcp.tools import Tool
 from runtime.status_model import NodeStatus
 from tests.harness import (
     EXAI,
@@ -306,6 +312,18 @@ async def cancelled_call_keeps_its_slot(
         "held",
     )
     assert outliving.answered == "cancelled"
+    shown = await trio.run_process(
+        [str(EXAI), "status", "--state-dir", str(team.state_dir)],
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+    )
+    assert shown.returncode == 0, shown.stderr
+    text = shown.stdout.decode()
+    assert "1 still running after their call was answered" in text, text
+    row = next(line for line in text.splitlines() if line.startswith("wait_gate "))
+    assert session_id in row, row
+    assert "cancelled" in row, row
     # The session may run one call (EXAI_MAX_INFLIGHT_PER_SESSION=1): its slot is still
     # the thread's, so the next call waits for it.
     await client.send(call("after", "echo", text="after the thread"))
@@ -531,3 +549,147 @@ def test_an_entry_point_and_a_module_with_one_tool_name_stop_the_start(tmp_path:
         line
     ), line
     assert "entry point 'ep' = 'ep_tools' of ep-tools" in line, line
+
+
+async def test_sighup_applies_new_access_lists_to_open_sessions(
+    database_url: str, tmp_path: Path
+) -> None:
+    def clients(rule: str) -> str:
+        return f'[clients.alice]\ntoken_sha256 = "{_sha256(ALICE)}"\n{rule}\n'
+
+    config = write_config(tmp_path, clients(""))
+    server = start_server(
+        tmp_path / "state", database_url=database_url, extra_env={"EXAI_CONFIG": str(config)}
+    )
+    try:
+        async with session(server, token=ALICE) as alice:
+            assert "chat" in await listed(alice)
+            write_config(tmp_path, clients('tools = ["echo"]'))
+            seen = len([e for e in server.log_events() if e["event"] == "config.reloaded"])
+            server.process.send_signal(signal.SIGHUP)
+            await wait_until(
+                lambda: (
+                    len([e for e in server.log_events() if e["event"] == "config.reloaded"]) > seen
+                ),
+                what="config.reloaded",
+            )
+            assert set(await listed(alice)) == {"echo"}
+            refused = await alice.request("tools/call", {"name": "threads", "arguments": {}})
+            assert "unknown tool: 'threads'" in refused["error"]["message"], refused
+    finally:
+        assert server.stop() == 0, server.stderr_path.read_text()
+
+
+# -- declarations, without a server -------------------------------------------------------------
+
+
+def test_a_tool_is_still_its_function() -> None:
+    @tool
+    def double(n: int) -> int:
+        """Double a number."""
+        return n * 2
+
+    assert double(4) == 8
+    assert isinstance(double, Tool)
+    assert double.descriptor().output_schema == {
+        "type": "object",
+        "title": "DoubleOutput",
+        "properties": {"result": {"type": "integer", "title": "Result"}},
+        "required": ["result"],
+    }
+
+
+class Point(TypedDict):
+    x: int
+    y: int
+
+
+@dataclass
+class Box:
+    corner: Point
+    label: str = "box"
+
+
+def test_dataclasses_and_typed_dicts_are_output_objects_as_they_are() -> None:
+    @tool
+    async def box() -> Box:
+        """A box."""
+        return Box({"x": 1, "y": 2})
+
+    schema = box.descriptor().output_schema
+    assert schema is not None
+    assert schema["type"] == "object"  # on top: MCP requires it, and the SDKs check it
+    assert set(schema["properties"]) == {"corner", "label"}
+
+    async def run() -> ToolOutput:
+        return await box.run(box.parse({}), ToolContext("s", 1))
+
+    output = trio.run(run)
+    assert output.structured is not None
+    assert output.structured.model_dump(mode="json") == {"corner": {"x": 1, "y": 2}, "label": "box"}
+    assert json.loads(output.text) == {"corner": {"x": 1, "y": 2}, "label": "box"}
+
+
+def test_a_tool_may_answer_a_tool_output_of_its_own() -> None:
+    @tool
+    def refuse(why: str) -> ToolOutput:
+        """Say why not."""
+        return ToolOutput(text=why, is_error=True)
+
+    assert refuse.descriptor().output_schema is None
+
+    async def run() -> ToolOutput:
+        return await refuse.run(refuse.parse({"why": "no"}), ToolContext("s", 1))
+
+    assert trio.run(run) == ToolOutput(text="no", is_error=True)
+
+
+def _untyped(query):  # type: ignore[no-untyped-def]
+    """Search."""
+
+
+def _no_doc(query: str) -> str:
+    return query
+
+
+def _star(*words: str) -> str:
+    """Join."""
+    return " ".join(words)
+
+
+def _returns_none(query: str) -> None:
+    """Nothing."""
+
+
+def _generator(query: str) -> Iterator[str]:
+    """Yield."""
+    yield query
+
+
+def _fine(query: str) -> str:
+    """Fine."""
+    return query
+
+
+@pytest.mark.parametrize(
+    ("function", "options", "why"),
+    [
+        (_untyped, {}, "parameter 'query' has no type hint"),
+        (_no_doc, {}, "no description: give it a docstring"),
+        (_star, {}, "*words: a tool's arguments are named"),
+        (_returns_none, {}, "returns None"),
+        (_generator, {}, "a generator cannot be a tool"),
+        (_fine, {"name": "has space"}, "name 'has space' must be 1 to 128 letters"),
+        (_fine, {"annotations": {"readonlyHint": True}}, "unknown annotation(s) 'readonlyHint'"),
+        (_fine, {"timeout": 0}, "timeout must be a positive number of seconds"),
+        (_fine, {"max_concurrency": 0}, "max_concurrency must be at least 1"),
+    ],
+)
+def test_a_bad_declaration_is_refused_naming_the_function(
+    function: Callable[..., Any], options: dict[str, Any], why: str
+) -> None:
+    with pytest.raises(ToolDeclarationError) as refused:
+        tool(**options)(function)
+    message = str(refused.value)
+    assert message.startswith(f"tool tests.test_tool_api.{function.__name__}: "), message
+    assert why in message, message
