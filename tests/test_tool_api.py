@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -538,9 +539,10 @@ async def test_an_installed_package_serves_its_tools_through_its_entry_point(
 
 def test_an_entry_point_and_a_module_with_one_tool_name_stop_the_start(tmp_path: Path) -> None:
     site = make_distribution(tmp_path / "site", tool_name="word_count")
-    config = write_config(
-        tmp_path, f'[tools]\npath = [{json.dumps(str(USER_TOOLS))}]\nmodules = ["team_tools"]\n'
-    )
+    # The module next to the config file, found through a path relative to it.
+    (tmp_path / "team").mkdir()
+    shutil.copy(USER_TOOLS / "team_tools.py", tmp_path / "team")
+    config = write_config(tmp_path, '[tools]\npath = ["team"]\nmodules = ["team_tools"]\n')
     done = serve_until_exit(
         tmp_path / "state", {"EXAI_CONFIG": str(config), "PYTHONPATH": str(site)}
     )

@@ -3,5 +3,6 @@
 
 from runtime.mcp.tool_api import ToolDeclarationError, tool
 from runtime.mcp.tools import ToolContext, ToolOutput
+from storage.errors import ToolFailed
 
-__all__ = ["ToolContext", "ToolDeclarationError", "ToolOutput", "tool"]
+__all__ = ["ToolContext", "ToolDeclarationError", "ToolFailed", "ToolOutput", "tool"]
