@@ -44,6 +44,7 @@ BOB = "bob_" + secrets.token_urlsafe(24)
 TEAM = {
     "word_count",
     "shout",
+    "count_up",
     "wait_gate",
     "slow_gate",
     "slow_async",
@@ -249,6 +250,45 @@ async def test_an_async_tool_reports_progress_and_answers_its_list(team: ServerP
     assert progress == [1, 2]
     assert message["result"]["structuredContent"] == {"result": ["HI", "HI"]}
     assert json.loads(message["result"]["content"][0]["text"]) == ["HI", "HI"]
+
+
+async def test_a_sync_tool_reports_progress_and_logs_from_its_thread(
+    team: ServerProcess,
+) -> None:
+    async with session(team) as client:
+        assert "result" in await client.request("logging/setLevel", {"level": "info"})
+        await client.send(
+            {
+                "jsonrpc": "2.0",
+                "id": "count",
+                "method": "tools/call",
+                "params": {
+                    "name": "count_up",
+                    "arguments": {"to": 3},
+                    "_meta": {"progressToken": "c"},
+                },
+            }
+        )
+        notes: list[tuple[str, Any]] = []
+        while True:
+            message = await client.receive()
+            if "id" in message:
+                break
+            if message["method"] == "notifications/progress":
+                notes.append(("progress", message["params"]["progress"]))
+            else:
+                notes.append((message["method"], message["params"]["data"]))
+    assert message["id"] == "count", message
+    assert message["result"]["structuredContent"] == {"result": 3}
+    # In order: each from the thread is sent before the thread goes on.
+    assert notes == [
+        ("progress", 1),
+        ("notifications/message", {"step": 1}),
+        ("progress", 2),
+        ("notifications/message", {"step": 2}),
+        ("progress", 3),
+        ("notifications/message", {"step": 3}),
+    ]
 
 
 # -- worker threads ---------------------------------------------------------------------------

@@ -60,8 +60,6 @@ import pydantic_core
 import trio
 from pydantic import (
     BaseModel,
-    PydanticSchemaGenerationError,
-    PydanticUserError,
     RootModel,
     TypeAdapter,
     ValidationError,
@@ -337,7 +335,7 @@ def _declare(
     try:
         args_model = create_model(f"{model_name}Arguments", **fields)
         args_model.model_json_schema()
-    except (PydanticSchemaGenerationError, PydanticUserError, TypeError) as exc:
+    except Exception as exc:  # pydantic's errors, and whatever a type's own hooks raise
         raise refuse(f"its parameters give no JSON schema: {_first_line(exc)}") from None
     shape, output_model, output_schema = _output(
         hints.get("return", inspect.Parameter.empty), model_name, refuse
@@ -395,7 +393,7 @@ def _output(
             return "object", rooted, schema
         wrapped = create_model(f"{model_name}Output", result=(hint, ...))
         return "wrapped", wrapped, wrapped.model_json_schema()
-    except (PydanticSchemaGenerationError, PydanticUserError, TypeError) as exc:
+    except Exception as exc:  # pydantic's errors, and whatever a type's own hooks raise
         raise refuse(f"its return type gives no JSON schema: {_first_line(exc)}") from None
 
 

@@ -40,6 +40,15 @@ async def shout_back(
     return shouted
 
 
+@tool
+def count_up(ctx: ToolContext, to: int) -> int:
+    """Count up to a number, telling the client each step from the worker thread."""
+    for step in range(1, to + 1):
+        ctx.report_progress_from_thread(step, to)
+        ctx.log_from_thread("info", {"step": step})
+    return to
+
+
 # -- the tests' hooks ------------------------------------------------------------------------
 
 _gates: dict[str, threading.Event] = {}
