@@ -14,15 +14,18 @@ used after what it depends on has gone:
    pykka actor every upstream call asks first, reached through an :class:`ActorName`, with its
    pacer), ``providers`` (one HTTP client
    per configured upstream; none is fine: ``chat`` then says how to configure one),
-   ``admin`` (``/status``, ``/metrics``), ``tasks`` (the MCP task host: docs/tasks.md),
+   ``admin`` (``/status``, ``/metrics``), ``tool_workers`` (the loop-stall watchdog; plain
+   ``def`` tools' worker threads are counted there: runtime/tool_workers.py), ``tasks`` (the
+   MCP task host: docs/tasks.md),
    ``sessions`` (the sessions supervisor: each
    session's actor is its dynamic child, docs/supervision.md) and ``listener`` (the WebSocket
    listener, which starts sessions, and the reaper of parked ones);
 3. ``server.json`` and the one line announcing the URL.
 
 Before all of it, the configuration (flags, ``EXAI_*``, the ``EXAI_CONFIG`` file with its
-``[clients]``, ``[chat]`` and ``[upstream]`` tables) is loaded and checked: a bad one ends the
-process with exit code 2 and one message, before anything is started. (The CLI has already
+``[clients]``, ``[chat]``, ``[upstream]`` and ``[tools]`` tables) is loaded and checked, and
+the team's tools are imported (``actors/tools/loading.py``): a bad one ends the process with
+exit code 2 and one message, before anything is started. (The CLI has already
 locked the state dir: ``runtime/statefile.py``.) A cause that stops the start later is a
 :class:`~storage.startup_errors.StartupError` (database: exit code 4; the port: 3), raised as
 itself to the CLI, which prints its one line.
@@ -49,9 +52,10 @@ import signal
 import sys
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
+from typing import Any
 
 import psycopg
 import structlog
@@ -64,7 +68,8 @@ from actors.rate_limiter import RateLimiterActor, supervised_rate_limiter
 from actors.session import SessionBounds, SessionConfig, SessionLifecycle, SessionServices
 from actors.status import LiveSession, NodeStatusSource
 from actors.tasks import TaskHost
-from actors.tools import builtin_tools
+from actors.tools import builtin_tool_names, builtin_tools
+from actors.tools.loading import load_tools
 from runtime.actor import sole_exception
 from runtime.admin import serve_admin
 from runtime.auth import ClientTokens, load_or_create_token
@@ -82,6 +87,8 @@ from runtime.config import (
 from runtime.handshake_admission import HandshakeAdmission
 from runtime.listener import ListenerCounters
 from runtime.logs import register_secret
+from runtime.mcp.tool_api import use_workers
+from runtime.mcp.tools import Tool
 from runtime.mcp.versions import SUPPORTED_VERSIONS
 from runtime.pykka_supervision import ActorName, pykka_child
 from runtime.server import McpWebSocketServer, Sessions, listener_status
@@ -90,6 +97,8 @@ from runtime.statefile import ServerInfo, remove_server_info, write_server_info
 from runtime.streamable_http.endpoint import HttpConfig, StreamableHttpEndpoint
 from runtime.streamable_http.session_transport import StreamBounds
 from runtime.supervision import ChildContext, ChildSpec, Strategy, Supervisor, run_root
+from runtime.tool_access import ToolAccess
+from runtime.tool_workers import ToolWorkers
 from storage.connection import DatabaseTarget, check_database
 from storage.embedded import EmbeddedPostgres
 from storage.errors import ActorUnavailable
@@ -119,6 +128,10 @@ class NodeConfig:
     file: ConfigFile
     clients: ClientTokens
     upstream: UpstreamConfig
+    #: The team's own tools (``[tools]``, the ``exai.tools`` entry points), imported.
+    tools: list[Tool[Any]] = field(default_factory=list)
+    #: Which tools each client identity may call (``[clients.<name>] tools``).
+    access: ToolAccess = field(default_factory=ToolAccess)
 
 
 def load_node_config(settings: Settings) -> NodeConfig:
@@ -133,9 +146,16 @@ def load_node_config(settings: Settings) -> NodeConfig:
         upstream = load_upstream(settings.config, os.environ)
     except UpstreamConfigError as exc:
         raise ConfigError(str(exc)) from None
+    tools = load_tools(
+        file.tools,
+        config_dir=settings.config.parent if settings.config is not None else None,
+        builtin=builtin_tool_names(test_faults=settings.test_faults),
+    )
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     clients = load_client_tokens(settings, file)
-    return NodeConfig(file=file, clients=clients, upstream=upstream)
+    return NodeConfig(
+        file=file, clients=clients, upstream=upstream, tools=tools, access=file.tool_access()
+    )
 
 
 def load_client_tokens(settings: Settings, file: ConfigFile) -> ClientTokens:
@@ -152,10 +172,14 @@ def load_client_tokens(settings: Settings, file: ConfigFile) -> ClientTokens:
         raise ConfigError(f"invalid client tokens: {exc}") from None
 
 
-async def reload_on_hangup(settings: Settings, clients: ClientTokens) -> None:
+async def reload_on_hangup(
+    settings: Settings, clients: ClientTokens, access: ToolAccess | None = None
+) -> None:
     """SIGHUP: read the client tokens again (config file, token file) and accept the new set
-    from the next handshake on; sessions already open go on. A file that is refused leaves
-    the tokens as they were, with one log line saying why. Runs until cancelled."""
+    from the next handshake on; sessions already open go on. Each client's tool access
+    (``tools``, ``deny_tools``) is read again with them and applies from the next request on,
+    in open sessions too (the tools themselves are loaded once, at start). A file that is
+    refused leaves both as they were, with one log line saying why. Runs until cancelled."""
     with trio.open_signal_receiver(signal.SIGHUP) as hangups:
         async for _ in hangups:
             try:
@@ -164,6 +188,10 @@ async def reload_on_hangup(settings: Settings, clients: ClientTokens) -> None:
             except ConfigError as exc:
                 log.warning("config.reload_refused", reason=str(exc), kept=clients.identities)
                 continue
+            # The access lists first: a client added by this reload is never served before
+            # its restrictions apply.
+            if access is not None:
+                access.adopt(file.tool_access())
             clients.adopt(fresh)
             log.info("config.reloaded", clients=clients.identities)
 
@@ -198,6 +226,7 @@ async def run_node(settings: Settings, *, announce: bool = True) -> None:
         "node.configured",
         clients=config.clients.identities,
         providers=sorted(config.upstream.providers),
+        tools=[tool.name for tool in config.tools],
     )
     tune_for_long_lived_objects()  # thousands of sessions live for hours: runtime/collector.py
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -208,7 +237,7 @@ async def run_node(settings: Settings, *, announce: bool = True) -> None:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_stop_on_signal, signals, stop, cut_short.set)
-                nursery.start_soon(reload_on_hangup, settings, config.clients)
+                nursery.start_soon(reload_on_hangup, settings, config.clients, config.access)
                 await _run(settings, config, stop, cut_short, announce=announce)
                 nursery.cancel_scope.cancel()  # the signal watcher's job is done
         except ExceptionGroup as group:
@@ -409,6 +438,11 @@ class _Tree:
             node_outgoing=NodeBudget("outgoing", settings.node_outgoing_bytes),
         )
         total_slots = trio.CapacityLimiter(settings.max_inflight_total)
+        #: ``/root/tool_workers``: plain ``def`` tools' worker threads, the loop watchdog.
+        self.tool_workers = ToolWorkers(
+            max_threads=settings.tool_threads, stall_ms=settings.loop_stall_ms
+        )
+        use_workers(self.tool_workers)
         #: ``/root/tasks``: where MCP tasks run, detached from sessions (docs/tasks.md).
         self.tasks = TaskHost(
             persistence=self.persistence,
@@ -418,7 +452,12 @@ class _Tree:
             retention_ms=round(settings.task_retention * 1000),
         )
         self.services = SessionServices(
-            tools=builtin_tools(test_faults=settings.test_faults, conversations=self.conversations),
+            tools=builtin_tools(
+                test_faults=settings.test_faults,
+                conversations=self.conversations,
+                extra=config.tools,
+                access=config.access,
+            ),
             persistence=self.persistence,
             config=SessionConfig(
                 max_inflight=settings.max_inflight_per_session,
@@ -461,6 +500,7 @@ class _Tree:
                 ChildSpec("rate_limiter", rate_limiter, shutdown=10),
                 ChildSpec("providers", self._providers, shutdown=10),
                 ChildSpec("admin", self._admin, shutdown=5),
+                ChildSpec("tool_workers", self.tool_workers.watch, shutdown=5),
                 # Before sessions, which hand it tasks; stopped after every session has
                 # drained: its running tasks are then cancelled and recorded.
                 ChildSpec("tasks", self.tasks.run, shutdown=30),
@@ -488,6 +528,7 @@ class _Tree:
                 "/root/rate_limiter": self.limiter_name,
             },
             tool_slots=self.services.config.total_slots,
+            tool_workers=self.tool_workers,
             byte_budgets=(self.services.bounds.node_mailbox, self.services.bounds.node_outgoing),
             listener=lambda: listener_status(
                 self.admission,

@@ -50,6 +50,7 @@ from runtime.status_model import (
     SessionTransport,
 )
 from runtime.supervision import Supervisor
+from runtime.tool_workers import ToolWorkers
 from runtime.trace import Meter
 
 if TYPE_CHECKING:  # at run time these would import the session package, which imports us
@@ -133,6 +134,7 @@ class NodeStatusSource:
         pykka_actors: Mapping[str, PykkaActor] | None = None,
         meters: Mapping[str, Meter] | None = None,
         tool_slots: trio.CapacityLimiter | None = None,
+        tool_workers: ToolWorkers | None = None,
         byte_budgets: Sequence[NodeBudget] = (),
         letters: DeadLetters = dead_letters,
         ask_timeout: float = 2.0,
@@ -150,6 +152,7 @@ class NodeStatusSource:
         self._pykka = dict(pykka_actors or {})
         self._meters = dict(meters or {})
         self._tool_slots = tool_slots
+        self._tool_workers = tool_workers
         self._byte_budgets = {budget.name: budget for budget in byte_budgets}
         self._letters = letters
         self._ask_timeout = ask_timeout
@@ -204,6 +207,9 @@ class NodeStatusSource:
                 total=self._letters.total, by_reason=self._letters.by_reason()
             ),
             listener=self._listener() if self._listener is not None else None,
+            tool_threads=(
+                self._tool_workers.snapshot() if self._tool_workers is not None else None
+            ),
             problems=problems,
         )
 

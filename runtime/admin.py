@@ -298,6 +298,15 @@ def _node_metrics(m: _Metrics, status: NodeStatus) -> None:
     m.add("exai_sessions_max", "gauge", "Session limit.", node.sessions_max)
     m.add("exai_tool_calls_in_flight", "gauge", "Running tool calls.", node.tool_calls_in_flight)
     m.add("exai_tool_calls_max", "gauge", "Node-wide tool call limit.", node.tool_calls_max)
+    threads = status.tool_threads
+    if threads is not None:
+        m.add("exai_tool_threads", "gauge", "Worker threads of def tools running.", threads.running)
+        m.add(
+            "exai_tool_threads_outliving",
+            "gauge",
+            "Worker threads still running after their call was answered.",
+            len(threads.outliving),
+        )
     queued = [s.queued for s in status.sessions]
     m.add(
         "exai_session_mailbox_depth_max",

@@ -6,11 +6,12 @@ names the setting, instead of surfacing later as a confusing failure deep in a s
 Precedence, highest first: command-line flag, ``EXAI_*`` environment variable, default.
 
 The config file (``EXAI_CONFIG``, TOML) holds what does not fit in a variable: named client
-tokens (``[clients]``), conversation limits (``[chat]``) and upstream providers
-(``[upstream]``). Its ``[upstream]`` table belongs to :func:`actors.providers.load_upstream`,
-which reads it itself (``runtime`` does not import ``actors``); here it is only checked to be
-a table. Any other top-level key is refused, so a misspelt table name is an error rather than
-a silently ignored setting.
+tokens and the tools each may call (``[clients]``), conversation limits (``[chat]``), upstream
+providers (``[upstream]``) and the modules of the team's own tools (``[tools]``, loaded by
+``actors/tools/loading.py``). Its ``[upstream]`` table belongs to
+:func:`actors.providers.load_upstream`, which reads it itself (``runtime`` does not import
+``actors``); here it is only checked to be a table. Any other top-level key is refused, so a
+misspelt table name is an error rather than a silently ignored setting.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from runtime.auth import TokenDigest
 from runtime.handshake_admission import Network, parse_networks
 from runtime.streamable_http.origin import OriginPolicy
+from runtime.tool_access import AccessRule, ToolAccess
 from storage.durability import Durability
 
 
@@ -71,7 +73,7 @@ class Settings(BaseSettings):
     )
     config: Path | None = Field(
         default=None,
-        description="TOML config file: [clients], [chat] and [upstream] tables.",
+        description="TOML config file: [clients], [chat], [upstream] and [tools] tables.",
     )
     client_tokens: SecretStr | None = Field(
         default=None,
@@ -276,6 +278,20 @@ class Settings(BaseSettings):
         default=False,
         description="Enable test-only fault injection (never in production).",
     )
+    tool_threads: int = Field(
+        default=40,
+        ge=1,
+        description="Worker threads for plain def tools (docs/tools.md) over the node; a call "
+        "beyond waits for one. A thread whose call was cancelled or timed out keeps its place "
+        "until it returns.",
+    )
+    loop_stall_ms: float = Field(
+        default=250.0,
+        ge=0,
+        description="Milliseconds the event loop may be late before the watchdog logs the "
+        "async def tools that were running (tool.blocked_loop, once a minute per tool); 0 "
+        "turns the watchdog off.",
+    )
     task_retention: float = Field(
         default=86_400.0,
         gt=0,
@@ -391,13 +407,19 @@ class ClientEntry(BaseModel):
     exactly one way. ``token`` is the token itself (the file must then be private);
     ``token_env`` names the environment variable that holds it; ``token_sha256`` is the hex
     SHA-256 of the token, so the file holds no secret and may be world-readable (or kept in
-    git). ``alice = "TOKEN"`` is shorthand for ``[clients.alice] token = "TOKEN"``."""
+    git). ``alice = "TOKEN"`` is shorthand for ``[clients.alice] token = "TOKEN"``.
+
+    ``tools`` and ``deny_tools``: the tools it may list and call, as globs (``"team_*"``);
+    without ``tools`` every tool, and a tool matching ``deny_tools`` never
+    (:mod:`runtime.tool_access`)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     token: SecretStr | None = None
     token_env: str | None = Field(default=None, min_length=1)
     token_sha256: str | None = Field(default=None, pattern=r"^[0-9a-fA-F]{64}$")
+    tools: list[str] | None = None
+    deny_tools: list[str] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _exactly_one(self) -> ClientEntry:
@@ -405,6 +427,27 @@ class ClientEntry(BaseModel):
         if sum(value is not None for value in given) != 1:
             raise ValueError("give exactly one of token, token_env or token_sha256")
         return self
+
+
+class ToolsConfig(BaseModel):
+    """``[tools]``: the team's own tools (docs/tools.md), loaded at start by
+    ``actors/tools/loading.py``; the entry-point group ``exai.tools`` is read besides."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    modules: list[str] = Field(
+        default_factory=list,
+        description="Importable modules; every @tool (every Tool instance) in each is served.",
+    )
+    path: list[Path] = Field(
+        default_factory=list,
+        description="Directories put first on the import path before the modules are "
+        "imported; relative ones are relative to the config file's directory.",
+    )
+    entry_points: bool = Field(
+        default=True,
+        description="Whether the entry-point group exai.tools of installed packages is served.",
+    )
 
 
 class ConfigFile(BaseModel):
@@ -415,6 +458,17 @@ class ConfigFile(BaseModel):
     clients: dict[str, SecretStr | ClientEntry] = Field(default_factory=dict)
     chat: ChatLimits = Field(default_factory=ChatLimits)
     upstream: dict[str, Any] = Field(default_factory=dict)
+    tools: ToolsConfig = Field(default_factory=ToolsConfig)
+
+    def tool_access(self) -> ToolAccess:
+        """Which tools each named client may list and call (``tools``, ``deny_tools``)."""
+        return ToolAccess(
+            {
+                name: AccessRule.of(entry.tools, entry.deny_tools)
+                for name, entry in self.clients.items()
+                if isinstance(entry, ClientEntry)
+            }
+        )
 
     @property
     def holds_secrets(self) -> bool:

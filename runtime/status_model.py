@@ -219,6 +219,31 @@ class DeadLettersStatus(_Model):
     by_reason: dict[str, int]
 
 
+class ToolThread(_Model):
+    """A plain ``def`` tool's worker thread whose call was already answered
+    (runtime/tool_workers.py): its slots stay taken until it returns."""
+
+    tool: str
+    session_id: str
+    request_id: str | int
+    running_s: float = Field(description="Since the thread started.")
+    answered: Literal["cancelled", "timed out"] | None = Field(
+        description="Why its call was answered before the thread returned."
+    )
+    answered_s: float | None = Field(description="Since its call was answered.")
+
+
+class ToolThreadsStatus(_Model):
+    """Worker threads of plain ``def`` tools (runtime/tool_workers.py)."""
+
+    running: int = Field(description="Worker threads running now.")
+    max: int = Field(description="EXAI_TOOL_THREADS.")
+    outliving: list[ToolThread] = Field(
+        description="Threads still running after their call was answered (cancelled or "
+        "timed out): nothing can stop a thread; each holds its call's slots until it returns."
+    )
+
+
 class NodeStatus(_Model):
     """Everything ``exai status`` shows. ``limits``/``persistence`` are ``None`` when that
     part does not run, or did not answer within the status deadline (see ``problems``)."""
@@ -234,6 +259,9 @@ class NodeStatus(_Model):
     dead_letters: DeadLettersStatus
     listener: ListenerStatus | None = Field(
         default=None, description="None when the listener's counters are not wired in."
+    )
+    tool_threads: ToolThreadsStatus | None = Field(
+        default=None, description="None when the node runs no worker threads for tools."
     )
     problems: list[str] = Field(
         default_factory=list, description="Parts that could not be inspected, and why."

@@ -274,6 +274,29 @@ def render(status: NodeStatus) -> str:
         )
     else:
         out.append("(none)")
+    threads = status.tool_threads
+    if threads is not None:
+        out += [
+            "",
+            "TOOL THREADS",
+            f"worker threads {threads.running}/{threads.max} running · "
+            f"{len(threads.outliving)} still running after their call was answered",
+        ]
+        if threads.outliving:
+            out += _table(
+                ["TOOL", "SESSION", "REQUEST ID", "ANSWERED", "SINCE", "RUNNING"],
+                [
+                    [
+                        printable(t.tool),
+                        printable(t.session_id),
+                        printable(str(t.request_id)),
+                        t.answered or "-",
+                        age(t.answered_s),
+                        age(t.running_s),
+                    ]
+                    for t in threads.outliving
+                ],
+            )
     out += ["", "RATE LIMITS"]
     if status.limits is None:
         out.append("(no rate limiter)")

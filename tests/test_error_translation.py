@@ -54,6 +54,7 @@ from runtime.mcp import translation, versions
 from runtime.mcp.client import ClientError, ServerError, ServerGone, TooManyRequests
 from runtime.mcp.errors import InvalidParams, LimitExceeded, Unavailable
 from runtime.mcp.jsonrpc import ErrorObject
+from runtime.mcp.tool_api import ToolTimedOut
 from runtime.mcp.tools import Tool, ToolContext, ToolOutput
 from runtime.memory_transport import MemoryClient
 from storage.errors import (
@@ -192,6 +193,10 @@ CASES: dict[str, Case] = {
     ),
     "InvalidInput": Case(lambda: InvalidInput("bad input"), Input("bad input")),
     "ToolFailed": Case(lambda: ToolFailed("could not"), Result("could not")),
+    "ToolTimedOut": Case(
+        lambda: ToolTimedOut("tool 'x' timed out after 1 s"),
+        Result("tool 'x' timed out after 1 s"),
+    ),
     "ActorUnavailable": Case(lambda: ActorUnavailable("/root/x stopped"), Internal()),
     "StorageError": Case(lambda: StorageError("write failed"), Internal()),
     # storage

@@ -339,6 +339,7 @@ async def test_the_status_tree_is_the_supervision_tree_that_runs(own_server: Ser
         "/root/rate_limiter",
         "/root/providers",
         "/root/admin",
+        "/root/tool_workers",
         "/root/tasks",
         "/root/sessions",
         *sessions,  # by id (docs/operations.md)

@@ -158,7 +158,8 @@ class CallRunner:
                 self._methods.version_of(request)  # a bad version is refused before bad params
                 raise
             version = self._methods.version_of(request, call.meta or _NO_META)
-            tool = self._tools.get(call.name)
+            # A tool the client's identity may not call is answered as an unknown one.
+            tool = self._tools.get(call.name, self.state.identity)
             if tool is None:
                 raise InvalidParams(f"unknown tool: {call.name!r}")
             task = self._task_mode(call, tool, version)
@@ -249,12 +250,28 @@ class CallRunner:
 
     def _release(self, admitted: _Admitted) -> None:
         """Give back a call's two slots, once. Cannot raise: it runs on every path out of a
-        call (reply sent, cancelled, crashed, session gone)."""
+        call (reply sent, cancelled, crashed, session gone). While its tool keeps them (a
+        worker thread still running, :meth:`_keep`) they are given back when it lets go."""
         if admitted.released:
+            return
+        if admitted.kept:
+            admitted.release_when_let_go = True
             return
         admitted.released = True
         self._slots.release()
         self._config.total_slots.release_on_behalf_of(admitted)
+
+    def _keep(self, admitted: _Admitted) -> Callable[[], None]:
+        """``ToolContext.keep_slots``: the call's slots outlive its answer until the returned
+        function is called (a plain ``def`` tool's thread returned: runtime/tool_workers.py)."""
+        admitted.kept += 1
+
+        def let_go() -> None:
+            admitted.kept -= 1
+            if not admitted.kept and admitted.release_when_let_go:
+                self._release(admitted)
+
+        return let_go
 
     # -- one call ---------------------------------------------------------------------------
 
@@ -314,7 +331,9 @@ class CallRunner:
                         translation.call_failure(refused, tool=tool.name, version=version),
                     )
                 else:
-                    outcome = await self._run_tool(request_id, tool, call, version)
+                    outcome = await self._run_tool(
+                        request_id, tool, call, version, keep_slots=partial(self._keep, admitted)
+                    )
                 if outcome.status == "failed":
                     traced.failed(outcome.error or "failed")
         except BaseException:
@@ -396,8 +415,10 @@ class CallRunner:
         version: str,
         *,
         detached: bool = False,
+        keep_slots: Callable[[], Callable[[], None]] | None = None,
     ) -> _Outcome:
-        """Run the tool; ``detached``: as an MCP task, with no progress and no client log."""
+        """Run the tool; ``detached``: as an MCP task, with no progress and no client log;
+        ``keep_slots``: the tool's ``ToolContext.keep_slots``."""
         try:
             args = tool.parse(call.arguments)
         except InvalidParams as error:
@@ -412,6 +433,7 @@ class CallRunner:
             identity=self.state.identity,
             progress=progress,
             log=None if detached else self._client_log(call, version),
+            keep_slots=keep_slots,
         )
         try:
             if progress is None:
@@ -817,6 +839,10 @@ class _Admitted:
     #: An MCP task (docs/tasks.md): it holds no slot of the session's; the task host takes
     #: a node slot for it.
     task: TaskMode | None = None
+    #: Its tool keeps its slots past its answer this many times (``CallRunner._keep``), and
+    #: they are to be given back once it lets go.
+    kept: int = 0
+    release_when_let_go: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -342,7 +342,9 @@ async def _list_tools(
 ) -> ListToolsResult:
     """``tools/list``, paged (``runtime/mcp/paging.py``: opaque cursors, -32602 if bad)."""
     cursor = params(ListToolsParams, request).cursor
-    listed = session.tools.descriptors(execution=session.has_tasks(version))
+    listed = session.tools.descriptors(
+        execution=session.has_tasks(version), identity=session.state.identity
+    )
     tools, next_cursor = page(listed, cursor, session.config.page_size)
     return ListToolsResult(tools=tools, next_cursor=next_cursor)
 
