@@ -65,6 +65,8 @@ from actors.conversation import Conversations, Upstream
 from actors.persistence import PersistenceActor, PersistenceClient, PersistenceConfig
 from actors.providers import UpstreamConfig, UpstreamConfigError, load_upstream, open_providers
 from actors.rate_limiter import RateLimiterActor, supervised_rate_limiter
+from actors.servers import ProxiedServers
+from actors.servers.host import expand_env
 from actors.session import SessionBounds, SessionConfig, SessionLifecycle, SessionServices
 from actors.status import LiveSession, NodeStatusSource
 from actors.tasks import TaskHost
@@ -151,6 +153,8 @@ def load_node_config(settings: Settings) -> NodeConfig:
         config_dir=settings.config.parent if settings.config is not None else None,
         builtin=builtin_tool_names(test_faults=settings.test_faults),
     )
+    for name, entry in file.servers.items():
+        expand_env(name, entry.env, os.environ)  # an unset ${NAME} stops the start here
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     clients = load_client_tokens(settings, file)
     return NodeConfig(
@@ -481,6 +485,13 @@ class _Tree:
             bounds=bounds,
         )
         self.lifecycle = SessionLifecycle(self.services)
+        #: ``/root/servers``: the proxied MCP servers of ``[servers]`` (docs/tools.md).
+        self.servers = ProxiedServers(
+            config.file.servers,
+            registry=self.services.tools,
+            state_dir=settings.state_dir,
+            max_message_bytes=settings.max_message_bytes,
+        )
         self.root = Supervisor(
             [
                 ChildSpec(
@@ -504,6 +515,8 @@ class _Tree:
                 # Before sessions, which hand it tasks; stopped after every session has
                 # drained: its running tasks are then cancelled and recorded.
                 ChildSpec("tasks", self.tasks.run, shutdown=30),
+                # Before sessions, whose calls they serve; stopped after them.
+                self.servers.child_spec("servers"),
                 # Before the listener, which starts its children: stopped after the listener
                 # has drained every session (reverse start order).
                 self.sessions_supervisor.child_spec("sessions"),
@@ -522,7 +535,7 @@ class _Tree:
             persistence=self.persistence,
             limiter=lambda: self.upstream.limiter,
             breakers=self._breakers,
-            supervisors=[self.root, self.sessions_supervisor],
+            supervisors=[self.root, self.sessions_supervisor, self.servers.supervisor],
             pykka_actors={
                 "/root/persistence": self.persistence_name,
                 "/root/rate_limiter": self.limiter_name,

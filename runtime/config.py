@@ -7,11 +7,12 @@ Precedence, highest first: command-line flag, ``EXAI_*`` environment variable, d
 
 The config file (``EXAI_CONFIG``, TOML) holds what does not fit in a variable: named client
 tokens and the tools each may call (``[clients]``), conversation limits (``[chat]``), upstream
-providers (``[upstream]``) and the modules of the team's own tools (``[tools]``, loaded by
-``actors/tools/loading.py``). Its ``[upstream]`` table belongs to
-:func:`actors.providers.load_upstream`, which reads it itself (``runtime`` does not import
-``actors``); here it is only checked to be a table. Any other top-level key is refused, so a
-misspelt table name is an error rather than a silently ignored setting.
+providers (``[upstream]``), the modules of the team's own tools (``[tools]``, loaded by
+``actors/tools/loading.py``) and the MCP servers it proxies (``[servers]``). Its
+``[upstream]`` table belongs to :func:`actors.providers.load_upstream`, which reads it itself
+(``runtime`` does not import ``actors``); here it is only checked to be a table. Any other
+top-level key is refused, so a misspelt table name is an error rather than a silently
+ignored setting.
 """
 
 from __future__ import annotations
@@ -19,13 +20,14 @@ from __future__ import annotations
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
     SecretStr,
+    StringConstraints,
     ValidationError,
     field_validator,
     model_validator,
@@ -450,6 +452,39 @@ class ToolsConfig(BaseModel):
     )
 
 
+class ServerEntry(BaseModel):
+    """``[servers.<name>]``: one proxied MCP server (docs/tools.md), a stdio child process
+    started from this file only (nothing a client sends can start a process)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    command: str = Field(min_length=1, description="The program (a path, or a name on PATH).")
+    args: list[str] = Field(default_factory=list, description="Its arguments.")
+    env: dict[str, str] = Field(
+        default_factory=dict,
+        description="Variables set for it on top of the node's; a value may name the node's "
+        "own variables as ${NAME} (an unset one stops the start).",
+    )
+    cwd: Path | None = Field(default=None, description="Its working directory.")
+    share: Literal["node"] = Field(
+        default="node",
+        description="node: one process serves every session (identity and session sharing "
+        "are not offered yet).",
+    )
+    separator: str = Field(
+        default="__",
+        pattern=r"^[A-Za-z0-9_.-]{1,8}$",
+        description="Between the server's name and its tools' in the names clients see.",
+    )
+    max_pending: int = Field(
+        default=64, ge=1, le=10_000, description="Requests in flight to it at once."
+    )
+
+
+#: A proxied server's name: part of its tools' names.
+SERVER_NAME = r"^[A-Za-z0-9_-]{1,64}$"
+
+
 class ConfigFile(BaseModel):
     """The config file's tables. ``upstream`` is validated by ``actors.providers``."""
 
@@ -459,6 +494,9 @@ class ConfigFile(BaseModel):
     chat: ChatLimits = Field(default_factory=ChatLimits)
     upstream: dict[str, Any] = Field(default_factory=dict)
     tools: ToolsConfig = Field(default_factory=ToolsConfig)
+    servers: dict[Annotated[str, StringConstraints(pattern=SERVER_NAME)], ServerEntry] = Field(
+        default_factory=dict
+    )
 
     def tool_access(self) -> ToolAccess:
         """Which tools each named client may list and call (``tools``, ``deny_tools``)."""

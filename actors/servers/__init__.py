@@ -1,5 +1,6 @@
 """Proxied MCP servers: other MCP servers the node runs and serves the tools of (issue 16)."""
 
+from actors.servers.host import ProxiedServers
 from actors.servers.proxy import ProxiedServer, ServerDown, ServerState, StdioCommand
 
-__all__ = ["ProxiedServer", "ServerDown", "ServerState", "StdioCommand"]
+__all__ = ["ProxiedServer", "ProxiedServers", "ServerDown", "ServerState", "StdioCommand"]

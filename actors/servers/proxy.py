@@ -108,6 +108,8 @@ class ProxiedServer:
         self._session: ClientSession | None = None
         self._nursery: trio.Nursery | None = None
         self._up = trio.Event()
+        #: Set once the first start ended, up or not (the node waits for it: docs/tools.md).
+        self.first_start = trio.Event()
         self._changed = trio.Event()
 
     # -- what calls use -----------------------------------------------------------------------
@@ -166,6 +168,7 @@ class ProxiedServer:
                 # Raised in the incarnation's nursery, so grouped: the first says why.
                 self.last_error = str(_first(failed))[:500]
             self._set_state(ServerState.STARTING)
+            self.first_start.set()
             log.warning("server.ended", server=self.name, why=self.last_error)
             now = trio.current_time()
             if now - started_at > self._intensity.period:
@@ -240,6 +243,7 @@ class ProxiedServer:
                 self.tools = tuple(tools)
                 self._set_state(ServerState.UP)
                 self._up.set()
+                self.first_start.set()
                 log.info(
                     "server.up",
                     server=self.name,

@@ -448,15 +448,26 @@ class CallRunner:
             # A failing tool is the tool's failure, not the session's: answer and carry on.
             # Domain errors (retry later, a limit, invalid input, the tool failed) and the
             # rest are answered in one place, in the request's era (runtime.mcp.translation).
-            failure = translation.call_failure(exc, tool=tool.name, version=version)
+            # The heartbeat's nursery groups what the tool raised: taken out of the group, so
+            # that a tool's domain error means the same with progress as without.
+            failure = translation.call_failure(_alone(exc), tool=tool.name, version=version)
             if failure.unexpected:
                 self._log.exception("tool.failed", tool=tool.name, id=request_id)
             return _failed(request_id, failure)
         # Built as plain data, not through CallToolResult: this is the hot path of every call,
         # and the shape is fixed.
-        body: dict[str, Any] = {"content": [{"type": "text", "text": output.text}]}
-        if output.structured is not None and versions.has_structured_content(version):
-            body["structuredContent"] = output.structured.model_dump(mode="json")
+        body: dict[str, Any] = {
+            "content": (
+                output.content
+                if output.content is not None
+                else [{"type": "text", "text": output.text}]
+            )
+        }
+        if versions.has_structured_content(version):
+            if output.structured is not None:
+                body["structuredContent"] = output.structured.model_dump(mode="json")
+            elif output.structured_content is not None:
+                body["structuredContent"] = output.structured_content
         body["isError"] = output.is_error
         if versions.is_modern(version):
             body["resultType"] = "complete"
@@ -867,6 +878,13 @@ def _encode_payload(
         message = {"jsonrpc": "2.0", "id": request_id, "error": payload["error"]}
         return pydantic_core.to_json(message).decode()
     return jsonrpc.encode_result(request_id, payload["result"])
+
+
+def _alone(exc: Exception) -> Exception:
+    """The one exception inside a group of one (nested or not), else ``exc`` itself."""
+    while isinstance(exc, ExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
 
 
 async def _acquire(nowait: Callable[[], None], wait: Callable[[], Awaitable[None]]) -> None:

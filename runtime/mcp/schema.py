@@ -137,7 +137,8 @@ class ToolExecution(WireModel):
 class ToolDescriptor(WireModel):
     name: str
     title: str | None = None
-    description: str
+    #: Optional in the schema (a proxied server may list a tool without one).
+    description: str | None = None
     input_schema: dict[str, Any]
     output_schema: dict[str, Any] | None = None
     annotations: ToolAnnotations | None = None

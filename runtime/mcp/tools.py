@@ -142,6 +142,10 @@ class ToolOutput:
     text: str
     structured: BaseModel | None = None
     is_error: bool = False
+    #: A proxied server's own ``content`` blocks and ``structuredContent``, passed through
+    #: as it sent them (``text`` is then only what the task row records).
+    content: list[dict[str, Any]] | None = None
+    structured_content: dict[str, Any] | None = None
 
 
 class Tool(ABC, Generic[ArgsT]):
@@ -212,20 +216,45 @@ class ToolRegistry:
                 raise ValueError(f"tool {tool.name!r} declared twice")
             self._tools[tool.name] = tool
         self._access = access if access is not None else ToolAccess()
+        #: Tools served by group (proxied servers: :meth:`replace_group`), by name.
+        self._groups: dict[str, set[str]] = {}
+        #: A restricted identity's lists, by (identity, execution), for the access rules'
+        #: generation they were made from (bounded: identities come from the config file).
+        self._listed: dict[tuple[str, bool], list[ToolDescriptor]] = {}
+        self._rebuild()
+
+    def _rebuild(self) -> None:
         self._with_execution = [tool.descriptor() for tool in self._tools.values()]
         # Versions before tasks never see `execution` (runtime/mcp/versions.py, has_tasks).
         self._descriptors = [
             d.model_copy(update={"execution": None}) if d.execution is not None else d
             for d in self._with_execution
         ]
-        #: A restricted identity's lists, by (identity, execution), for the access rules'
-        #: generation they were made from (bounded: identities come from the config file).
-        self._listed: dict[tuple[str, bool], list[ToolDescriptor]] = {}
+        self._listed.clear()
         self._listed_generation = self._access.generation
 
     @property
     def names(self) -> list[str]:
         return list(self._tools)
+
+    def replace_group(self, group: str, tools: Iterable[Tool[Any]]) -> list[str]:
+        """Serve ``tools`` as the group ``group`` (a proxied server's), in place of what the
+        group served before; the names refused because a tool outside the group has them.
+        Lists made from now on show the change; calls look tools up as they come."""
+        own = self._groups.get(group, set())
+        for name in own:
+            self._tools.pop(name, None)
+        refused: list[str] = []
+        kept: set[str] = set()
+        for tool in tools:
+            if tool.name in self._tools or tool.name in kept:
+                refused.append(tool.name)
+                continue
+            self._tools[tool.name] = tool
+            kept.add(tool.name)
+        self._groups[group] = kept
+        self._rebuild()
+        return refused
 
     def get(self, name: str, identity: str | None = None) -> Tool[Any] | None:
         """The tool, or ``None`` if there is none by that name, or ``identity`` (when given)
