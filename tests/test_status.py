@@ -341,6 +341,7 @@ async def test_the_status_tree_is_the_supervision_tree_that_runs(own_server: Ser
         "/root/admin",
         "/root/tool_workers",
         "/root/tasks",
+        "/root/servers",  # no [servers]: a supervisor with no children
         "/root/sessions",
         *sessions,  # by id (docs/operations.md)
         "/root/listener",
