@@ -242,7 +242,7 @@ class ClientSession:
             if receive is None or on_progress is None:
                 await pending.done.wait()
             else:
-                await _wait_with_progress(pending, receive, on_progress)
+                await _wait_with_progress(receive, on_progress)
         finally:
             # Left unanswered (cancelled, perhaps inside the progress nursery's exception
             # group, or ``on_progress`` raised): the server is told to stop.
@@ -328,6 +328,10 @@ class ClientSession:
         else:
             pending.error = message.error
         pending.done.set()
+        if pending.progress is not None:
+            # The server's progress came before its answer (one stream, in order): what is
+            # buffered is handed over, then the request's wait ends (_wait_with_progress).
+            pending.progress.close()
 
     def _route_progress(self, message: jsonrpc.Notification) -> None:
         try:
@@ -376,17 +380,11 @@ class ClientSession:
 
 
 async def _wait_with_progress(
-    pending: _Pending,
     receive: trio.MemoryReceiveChannel[Progress],
     on_progress: Callable[[Progress], Awaitable[None]],
 ) -> None:
-    """Wait for the answer while handing progress to ``on_progress``, in order."""
-    async with trio.open_nursery() as nursery:
-
-        async def forward() -> None:
-            async for note in receive:
-                await on_progress(note)
-
-        nursery.start_soon(forward)
-        await pending.done.wait()
-        nursery.cancel_scope.cancel()
+    """Hand progress to ``on_progress``, in order, until the answer: the reader closes the
+    channel when it routes the answer (or the stream ends), after every progress notification
+    the server sent before it, so none is lost to the race with the answer."""
+    async for note in receive:
+        await on_progress(note)
