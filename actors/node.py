@@ -536,6 +536,7 @@ class _Tree:
             limiter=lambda: self.upstream.limiter,
             breakers=self._breakers,
             supervisors=[self.root, self.sessions_supervisor, self.servers.supervisor],
+            servers=self.servers.status,
             pykka_actors={
                 "/root/persistence": self.persistence_name,
                 "/root/rate_limiter": self.limiter_name,

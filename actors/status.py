@@ -46,6 +46,7 @@ from runtime.status_model import (
     NodeInfo,
     NodeStatus,
     PersistenceStatus,
+    ProxiedServerStatus,
     SessionStatus,
     SessionTransport,
 )
@@ -140,6 +141,7 @@ class NodeStatusSource:
         ask_timeout: float = 2.0,
         listener: Callable[[], ListenerStatus] | None = None,
         http_url: Callable[[], str | None] | None = None,
+        servers: Callable[[], list[ProxiedServerStatus]] | None = None,
     ) -> None:
         self._node_id = node_id
         self._sessions = sessions
@@ -158,6 +160,7 @@ class NodeStatusSource:
         self._ask_timeout = ask_timeout
         self._listener = listener
         self._http_url = http_url
+        self._servers = servers
         self._started_at = datetime.now(UTC)
         self._started = time.monotonic()
 
@@ -210,6 +213,7 @@ class NodeStatusSource:
             tool_threads=(
                 self._tool_workers.snapshot() if self._tool_workers is not None else None
             ),
+            servers=self._servers() if self._servers is not None else [],
             problems=problems,
         )
 

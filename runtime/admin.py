@@ -307,6 +307,24 @@ def _node_metrics(m: _Metrics, status: NodeStatus) -> None:
             "Worker threads still running after their call was answered.",
             len(threads.outliving),
         )
+    for server in status.servers:
+        labels = {"server": server.name}
+        up = server.state == "up"
+        m.add("exai_proxied_server_up", "gauge", "1 if the proxied server is up.", up, labels)
+        m.add(
+            "exai_proxied_server_down",
+            "gauge",
+            "1 if the proxied server is down (past its restart intensity).",
+            server.state == "down",
+            labels,
+        )
+        m.add(
+            "exai_proxied_server_restarts",
+            "gauge",
+            "Starts of the proxied server after its first.",
+            server.restarts,
+            labels,
+        )
     queued = [s.queued for s in status.sessions]
     m.add(
         "exai_session_mailbox_depth_max",

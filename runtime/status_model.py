@@ -244,6 +244,18 @@ class ToolThreadsStatus(_Model):
     )
 
 
+class ProxiedServerStatus(_Model):
+    """One proxied MCP server of ``[servers]`` (actors/servers, docs/tools.md)."""
+
+    name: str
+    state: Literal["starting", "up", "down"]
+    pid: int | None = Field(description="Its process now, while it runs.")
+    tools: int = Field(description="Tools it lists (the last list, while down).")
+    restarts: int = Field(description="Starts after the first.")
+    last_error: str | None = Field(description="Why its last incarnation ended.")
+    server_name: str | None = Field(description="What it called itself at initialize.")
+
+
 class NodeStatus(_Model):
     """Everything ``exai status`` shows. ``limits``/``persistence`` are ``None`` when that
     part does not run, or did not answer within the status deadline (see ``problems``)."""
@@ -262,6 +274,9 @@ class NodeStatus(_Model):
     )
     tool_threads: ToolThreadsStatus | None = Field(
         default=None, description="None when the node runs no worker threads for tools."
+    )
+    servers: list[ProxiedServerStatus] = Field(
+        default_factory=list, description="The proxied MCP servers of [servers]."
     )
     problems: list[str] = Field(
         default_factory=list, description="Parts that could not be inspected, and why."

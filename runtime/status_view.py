@@ -297,6 +297,22 @@ def render(status: NodeStatus) -> str:
                     for t in threads.outliving
                 ],
             )
+    if status.servers:
+        out += ["", "PROXIED SERVERS"]
+        out += _table(
+            ["SERVER", "STATE", "PID", "TOOLS", "RESTARTS", "LAST ERROR"],
+            [
+                [
+                    printable(server.name),
+                    server.state,
+                    str(server.pid) if server.pid is not None else "-",
+                    str(server.tools),
+                    str(server.restarts),
+                    printable((server.last_error or "-")[:80]),
+                ]
+                for server in status.servers
+            ],
+        )
     out += ["", "RATE LIMITS"]
     if status.limits is None:
         out.append("(no rate limiter)")

@@ -16,11 +16,22 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import trio
 
-from tests.harness import RawClient, ServerProcess, open_raw, query, start_server, wait_until
+from tests.harness import (
+    RawClient,
+    ServerProcess,
+    admin,
+    open_raw,
+    query,
+    start_server,
+    wait_for_status,
+    wait_until,
+)
 from tests.test_proxy_client import EVERYTHING, SERVER_TIME, group_alive
+from tests.test_status import exai_async
 
 
 def write_config(path: Path) -> Path:
@@ -201,3 +212,25 @@ async def test_a_killed_node_leaves_no_server_behind_once_started_again(
         assert second.stop() == 0, second.stderr_path.read_text()
     log = json.dumps(second.stderr_path.read_text())
     assert "orphan" in log
+
+
+async def test_status_and_metrics_show_each_server(node: ServerProcess) -> None:
+    status = await wait_for_status(
+        node,
+        lambda s: [server.state for server in s.servers] == ["up", "up"],
+        what="both proxied servers up",
+    )
+    by_name = {server.name: server for server in status.servers}
+    assert set(by_name) == {"time", "everything"}
+    assert by_name["time"].tools >= 2
+    assert by_name["time"].pid is not None
+    assert by_name["time"].server_name == "mcp-time"
+    paths = [actor.path for actor in status.actors]
+    assert {"/root/servers", "/root/servers/time", "/root/servers/everything"} <= set(paths)
+    url, token = admin(node)
+    async with httpx.AsyncClient() as client:
+        metrics = await client.get(f"{url}/metrics", headers={"authorization": f"Bearer {token}"})
+    assert 'exai_proxied_server_up{server="time"} 1' in metrics.text
+    done = await exai_async("status", "--state-dir", str(node.state_dir))
+    assert b"PROXIED SERVERS" in done.stdout
+    assert b"everything" in done.stdout

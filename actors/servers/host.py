@@ -30,6 +30,7 @@ from actors.servers.tools import proxied_tools
 from runtime.child_process import ChildRecord
 from runtime.config import ConfigError, ServerEntry
 from runtime.mcp.tools import ToolRegistry
+from runtime.status_model import ProxiedServerStatus
 from runtime.supervision import ChildContext, ChildSpec, Strategy, Supervisor
 
 __all__ = ["ProxiedServers", "expand_env"]
@@ -100,6 +101,21 @@ class ProxiedServers:
             ],
             strategy=Strategy.ONE_FOR_ONE,
         )
+
+    def status(self) -> list[ProxiedServerStatus]:
+        """Each server's health, for ``exai status`` and ``/metrics``."""
+        return [
+            ProxiedServerStatus(
+                name=name,
+                state=server.state.value,
+                pid=server.pid,
+                tools=len(server.tools),
+                restarts=server.restarts,
+                last_error=server.last_error,
+                server_name=server.server.server_info.name if server.server else None,
+            )
+            for name, server in self.servers.items()
+        ]
 
     def child_spec(self, name: str) -> ChildSpec:
         """This host as a child of the root: it reaps orphans, then supervises."""
