@@ -54,7 +54,11 @@ class Recording(StdioStream):
 
 @asynccontextmanager
 async def connected(
-    command: list[str], record: ChildRecord, *, max_bytes: int = 1 << 20
+    command: list[str],
+    record: ChildRecord,
+    *,
+    max_bytes: int = 1 << 20,
+    capabilities: dict[str, Any] | None = None,
 ) -> AsyncIterator[tuple[ClientSession, Child]]:
     child = await start_child(command, name="t", record=record)
     assert child.process.stdin is not None
@@ -63,7 +67,7 @@ async def connected(
     stream = Recording(
         child.process.stdin, child.process.stdout, name="t", max_message_bytes=max_bytes
     )
-    session = ClientSession(stream, name="t", client_info=CLIENT)
+    session = ClientSession(stream, name="t", client_info=CLIENT, capabilities=capabilities)
     session.sent = stream.sent  # type: ignore[attr-defined]
     try:
         async with trio.open_nursery() as nursery:
@@ -269,3 +273,27 @@ async def test_progress_and_cancellation_through_our_client(tmp_path: Path) -> N
             "tools/call", {"name": "get-structured-content", "arguments": {"location": "Chicago"}}
         )
         assert "structuredContent" in structured
+
+
+async def test_a_request_from_the_server_is_refused_and_logged_once(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """server-everything sends ``sampling/createMessage`` from its sampling tool (offered
+    only to a client that declares ``sampling``, which this test's client does): our client
+    answers -32601, logged once however many come, and the session goes on."""
+    record = ChildRecord(tmp_path / "children")
+    async with connected(everything(), record, capabilities={"sampling": {}}) as (session, _):
+        await session.initialize()
+        assert "trigger-sampling-request" in {tool.name for tool in await session.list_tools()}
+        for _ in range(2):
+            refused = await session.request(
+                "tools/call",
+                {"name": "trigger-sampling-request", "arguments": {"prompt": "hi"}},
+            )
+            # The server's tool reports the refusal it got as its own failure.
+            text = json.dumps(refused)
+            assert "-32601" in text or "not found" in text.lower(), refused
+        assert (await session.request("ping")) == {}
+    logged = capsys.readouterr().out
+    assert logged.count("server.request_refused") == 1
+    assert "sampling/createMessage" in logged

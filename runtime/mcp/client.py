@@ -140,8 +140,12 @@ class ClientSession:
         client_info: Implementation,
         max_pending: int = 64,
         on_notification: NotificationHandler | None = None,
+        capabilities: dict[str, Any] | None = None,
     ) -> None:
         self.name = name
+        #: What ``initialize`` declares; exai's proxy declares none. (A test declares
+        #: ``sampling`` to see a real server send requests this client then refuses.)
+        self._capabilities = dict(capabilities or {})
         self._stream = stream
         self._client_info = client_info
         self._max_pending = max_pending
@@ -162,7 +166,7 @@ class ClientSession:
             "initialize",
             {
                 "protocolVersion": versions.LATEST_HANDSHAKE_VERSION,
-                "capabilities": {},
+                "capabilities": self._capabilities,
                 "clientInfo": self._client_info.model_dump(exclude_none=True),
             },
         )
