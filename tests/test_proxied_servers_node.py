@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ import pytest
 import trio
 
 from tests.harness import (
+    EXAI,
     RawClient,
     ServerProcess,
     admin,
@@ -234,3 +236,39 @@ async def test_status_and_metrics_show_each_server(node: ServerProcess) -> None:
     done = await exai_async("status", "--state-dir", str(node.state_dir))
     assert b"PROXIED SERVERS" in done.stdout
     assert b"everything" in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("table", "expected"),
+    [
+        (
+            '[servers.x]\ncommand = "true"\nenv = { A = "${EXAI_TEST_UNSET_VAR}" }\n',
+            "servers.x.env.A: the variable EXAI_TEST_UNSET_VAR is not set",
+        ),
+        ('[servers."bad name"]\ncommand = "true"\n', "should match pattern"),
+        ('[servers.x]\ncommand = "true"\nshare = "session"\n', "servers.x.share"),
+    ],
+)
+def test_a_bad_servers_table_stops_the_start(tmp_path: Path, table: str, expected: str) -> None:
+    config = tmp_path / "exai.toml"
+    config.write_text(table)
+    env = {k: v for k, v in os.environ.items() if k != "EXAI_TEST_UNSET_VAR"}
+    done = subprocess.run(
+        [
+            str(EXAI),
+            "serve",
+            "--port",
+            "0",
+            "--state-dir",
+            str(tmp_path / "s"),
+            "--config",
+            str(config),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env=env,
+    )
+    assert done.returncode == 2, done.stderr
+    assert expected in done.stderr
