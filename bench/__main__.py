@@ -1,4 +1,4 @@
-"""``python -m bench [quick|full|profile|flood|durability|http]``: end-to-end benchmarks.
+"""``python -m bench [quick|full|profile|flood|durability|http|proxy]``: end-to-end benchmarks.
 
 quick    every scenario, short windows (< 3 minutes); appends to docs/benchmarks.md
 full     longer windows plus a pipelined scenario and the optional mcp 2.x anchor
@@ -14,6 +14,9 @@ http     exai serve over Streamable HTTP beside the mcp 2.x SDK's own HTTP app, 
          with sessions, exai over WebSocket and a bare h11 floor: 1 client and 50 clients
          (~3 minutes; --servers picks of floor,exai,exai-ws,mcp2-stateless,mcp2-stateful;
          --py-spy profiles exai's windows (both transports), writes nothing to docs/)
+proxy    issue 16: a third-party stdio MCP server (mcp-server-time, server-everything) called
+         directly over stdio and through exai's [servers] over WebSocket, 1 client and 10:
+         the overhead per call (~3 minutes; --servers picks of time,everything)
 
 Run from the repository root with the runtime's interpreter (it needs trio-websocket):
 ``.venv/bin/python -m bench``. The anchor servers install themselves into bench/.venv-*.
@@ -31,7 +34,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from bench import durability, flood, report, scenarios, streamable_http, venvs
+from bench import durability, flood, proxy, report, scenarios, streamable_http, venvs
 from bench.launch import interrupt_on_sigterm, raise_nofile_limit
 from bench.profile import summarize
 from bench.runner import Measurement, RunOptions, measure
@@ -62,7 +65,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         "mode",
         nargs="?",
         default="quick",
-        choices=("quick", "full", "profile", "flood", "durability", "http"),
+        choices=("quick", "full", "profile", "flood", "durability", "http", "proxy"),
     )
     p.add_argument("--servers", help=f"comma-separated subset of {','.join(SERVERS)}")
     p.add_argument("--scenarios", help="comma-separated subset of seq1,s50,s50p8,s1000,idle")
@@ -81,7 +84,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         help="an EXAI_* setting for exai serve (repeatable; recorded in the report)",
     )
     p.add_argument(
-        "--label", help="flood, durability, http: words for the run's heading ('before the fix')"
+        "--label",
+        help="flood, durability, http, proxy: words for the run's heading ('before the fix')",
     )
     p.add_argument(
         "--modes",
@@ -142,18 +146,20 @@ def _check_generator_python(python: str) -> None:
 
 
 def _own_plan(args: argparse.Namespace) -> int:
-    """The modes that run a plan of their own (flood, durability, http)."""
+    """The modes that run a plan of their own (flood, durability, http, proxy)."""
     raise_nofile_limit()
     interrupt_on_sigterm()
     _check_generator_python(args.python)
     if args.mode == "http":
         return streamable_http.main(args)
+    if args.mode == "proxy":
+        return proxy.main(args)
     return flood.main(args) if args.mode == "flood" else durability.main(args)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
-    if args.mode in ("flood", "durability", "http"):
+    if args.mode in ("flood", "durability", "http", "proxy"):
         return _own_plan(args)
     servers = args.servers.split(",") if args.servers else list(DEFAULT_SERVERS[args.mode])
     bad = [s for s in servers if s not in SERVERS]

@@ -7,8 +7,9 @@ It speaks a line protocol with the orchestrator (``bench.runner``):
    at most ``--connect-concurrency`` handshakes at a time, then prints
    ``{"event": "ready", ...}``;
 2. waits for ``go T0`` on stdin, ``T0`` a wall-clock time shared by all generator processes;
-3. every active session calls ``tools/call echo`` as fast as answers come (``--pipeline K``
-   requests in flight), warm-up from ``T0``, measured window ``[T0+warmup, T0+warmup+duration)``;
+3. every active session calls ``tools/call echo`` (``--tool``/``--arguments`` name another
+   tool, such as a proxied server's) as fast as answers come (``--pipeline K`` requests in
+   flight), warm-up from ``T0``, measured window ``[T0+warmup, T0+warmup+duration)``;
 4. writes the latencies of the calls answered inside the window to ``--latency-file`` (raw
    ``array('d')`` of seconds), prints ``{"event": "result", ...}`` and exits at once, leaving
    the kernel to close the sockets.
@@ -38,6 +39,19 @@ CALL = (
     '{"jsonrpc":"2.0","id":%d,"method":"tools/call",'
     '"params":{"name":"echo","arguments":{"text":"' + ECHO_TEXT + '"}}}'
 )
+
+
+def call_template(tool: str, arguments: str) -> str:
+    """``CALL`` for another tool: ``tools/call`` of ``tool`` with ``arguments`` (a JSON object's
+    text), its id to fill in with ``%``. Raises ValueError (not JSON) or TypeError (JSON, not
+    an object)."""
+    parsed = json.loads(arguments)
+    if not isinstance(parsed, dict):
+        raise TypeError(f"--arguments must be a JSON object, not {arguments}")
+    params = json.dumps({"name": tool, "arguments": parsed}, separators=(",", ":"))
+    return (
+        '{"jsonrpc":"2.0","id":%d,"method":"tools/call","params":' + params.replace("%", "%%") + "}"
+    )
 
 
 def initialize_message(version: str) -> str:
@@ -113,7 +127,7 @@ def _check(msg: dict[str, Any], stats: Stats) -> bool:
 
 
 async def _sequential_calls(
-    ws: WebSocketConnection, window: Window, stats: Stats, slot: int
+    ws: WebSocketConnection, window: Window, stats: Stats, slot: int, call: str = CALL
 ) -> None:
     """One request in flight: send, wait for its answer, repeat."""
     perf = time.perf_counter
@@ -124,7 +138,7 @@ async def _sequential_calls(
     while True:
         request_id += 1
         sent = perf()
-        await ws.send_message(CALL % request_id)
+        await ws.send_message(call % request_id)
         while True:
             msg = loads(await ws.get_message())
             if msg.get("id") == request_id:
@@ -138,7 +152,13 @@ async def _sequential_calls(
 
 
 async def _pipelined_calls(
-    ws: WebSocketConnection, window: Window, stats: Stats, slot: int, depth: int
+    ws: WebSocketConnection,
+    window: Window,
+    stats: Stats,
+    slot: int,
+    depth: int,
+    *,
+    call: str = CALL,
 ) -> None:
     """``depth`` requests in flight: a sender and a receiver sharing a semaphore."""
     perf = time.perf_counter
@@ -153,7 +173,7 @@ async def _pipelined_calls(
             await slots.acquire()
             request_id += 1
             in_flight[request_id] = perf()
-            await ws.send_message(CALL % request_id)
+            await ws.send_message(call % request_id)
         sending_done.set()
 
     async def receiver() -> None:
@@ -192,6 +212,8 @@ class Plan:
     duration: float
     connect_concurrency: int
     connect_timeout: float
+    #: The ``tools/call`` to send (``call_template``), its id to fill in with ``%``.
+    call: str = CALL
 
 
 @dataclass
@@ -236,9 +258,9 @@ async def _session(sh: Shared, active: bool) -> None:
             slot = len(stats.answered)
             stats.answered.append(0)
             if plan.pipeline > 1:
-                await _pipelined_calls(ws, sh.window, stats, slot, plan.pipeline)
+                await _pipelined_calls(ws, sh.window, stats, slot, plan.pipeline, call=plan.call)
             else:
-                await _sequential_calls(ws, sh.window, stats, slot)
+                await _sequential_calls(ws, sh.window, stats, slot, plan.call)
             counted = True
             sh.session_done()
             await trio.sleep_forever()  # stay connected: the process exits with os._exit
@@ -264,10 +286,16 @@ def _emit(event: dict[str, Any]) -> None:
 SessionTask = Callable[[Shared, bool], Awaitable[None]]
 
 
-async def run(plan: Plan, latency_file: str, session: SessionTask = _session) -> None:
+async def run(
+    plan: Plan,
+    latency_file: str,
+    session: SessionTask = _session,
+    ready_info: dict[str, Any] | None = None,
+) -> None:
     """The line protocol with the orchestrator around ``plan.active + plan.idle`` sessions,
     each ``session`` (this module's WebSocket session unless given: ``bench.httpgen`` passes
-    its HTTP one)."""
+    its HTTP one, ``bench.stdiogen`` its stdio one). ``ready_info`` goes into the ``ready``
+    event (``bench.stdiogen``: the pid of the server it started)."""
     stats = Stats()
     window = Window()
     go = trio.Event()
@@ -290,6 +318,7 @@ async def run(plan: Plan, latency_file: str, session: SessionTask = _session) ->
                 "connect_failed": stats.connect_failed,
                 "connect_s": time.perf_counter() - began,
                 "first_error": stats.first_error,
+                **(ready_info or {}),
             }
         )
         line = await trio.to_thread.run_sync(sys.stdin.readline)
@@ -346,6 +375,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--connect-concurrency", type=int, default=64)
     parser.add_argument("--connect-timeout", type=float, default=60.0)
     parser.add_argument("--latency-file", required=True)
+    parser.add_argument("--tool", default="echo", help="the tool every call calls")
+    parser.add_argument(
+        "--arguments", default=json.dumps({"text": ECHO_TEXT}), help="its arguments (JSON)"
+    )
     args = parser.parse_args(argv)
     raise_nofile_limit()
     plan = Plan(
@@ -357,6 +390,7 @@ def main(argv: list[str] | None = None) -> None:
         duration=args.duration,
         connect_concurrency=args.connect_concurrency,
         connect_timeout=args.connect_timeout,
+        call=call_template(args.tool, args.arguments),
     )
     trio.run(run, plan, args.latency_file)
 

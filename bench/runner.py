@@ -46,6 +46,9 @@ class Measurement:
     max_ms: float | None = None
     server_cpu_s: float = 0.0
     db_cpu_s: float = 0.0
+    #: CPU of the processes under the server counted apart (``Running.apart``: exai's proxied
+    #: MCP servers); in neither ``server_cpu_s`` nor ``server_cpu_us_per_call``.
+    apart_cpu_s: float = 0.0
     client_cpu_s: float = 0.0
     machine_cpu_s: float = 0.0
     peak_rss_kib: int = 0
@@ -78,7 +81,8 @@ class Measurement:
     @property
     def other_cpu_s(self) -> float:
         """CPU the machine spent on anything but this server and its load (noise)."""
-        return max(0.0, self.machine_cpu_s - self.server_cpu_s - self.db_cpu_s - self.client_cpu_s)
+        ours = self.server_cpu_s + self.db_cpu_s + self.apart_cpu_s + self.client_cpu_s
+        return max(0.0, self.machine_cpu_s - ours)
 
     @property
     def server_cpu_us_per_call(self) -> float | None:
@@ -126,11 +130,21 @@ def _sleep_until(wall: float) -> None:
         time.sleep(delay)
 
 
-def _snapshot(running: Running) -> tuple[dict[int, float], dict[int, float]]:
+Snapshot = tuple[dict[int, float], dict[int, float], dict[int, float]]
+
+
+def _snapshot(running: Running) -> Snapshot:
+    """CPU seconds per process: the server's, its database's, and those counted apart."""
     db_tree = set(proc.tree(running.db_pids()))
-    server = {p: proc.cpu_seconds(p) for p in proc.tree([running.pid]) if p not in db_tree}
+    apart_tree = set(proc.tree(running.apart())) - db_tree if running.apart else set()
+    server = {
+        p: proc.cpu_seconds(p)
+        for p in proc.tree([running.pid])
+        if p not in db_tree and p not in apart_tree
+    }
     db = {p: proc.cpu_seconds(p) for p in db_tree}
-    return server, db
+    apart = {p: proc.cpu_seconds(p) for p in apart_tree}
+    return server, db, apart
 
 
 def _events(gen: Owned, deadline: float, kind: str) -> dict[str, Any]:
@@ -191,23 +205,26 @@ def _drive(s: Scenario, running: Running, opts: RunOptions, tag: str, m: Measure
             m.connect_failed += int(ready["connect_failed"])
             m.connect_s = max(m.connect_s, float(ready["connect_s"]))
             m.first_error = m.first_error or str(ready.get("first_error") or "")
+            if "server_pid" in ready:  # a generator that started the server (bench.stdiogen)
+                running = replace(running, pid=int(ready["server_pid"]))
         time.sleep(0.2)
         m.loaded_rss_kib = proc.Memory.of(running.pid).rss_kib
         t0 = time.time() + 0.3
         for gen, _ in gens:
             gen.send_line(f"go {t0}")
         _sleep_until(t0 + s.warmup)
-        server0, db0 = _snapshot(running)
+        server0, db0, apart0 = _snapshot(running)
         busy0 = proc.machine_busy_seconds()
         profiler = _start_profiler(running, s, opts, tag)
         if profiler is not None:
             stack.enter_context(profiler)
         _sleep_until(t0 + s.warmup + s.duration)
-        server1, db1 = _snapshot(running)
+        server1, db1, apart1 = _snapshot(running)
         m.machine_cpu_s = proc.machine_busy_seconds() - busy0
         m.peak_rss_kib = proc.Memory.of(running.pid).peak_kib
         m.server_cpu_s = proc.cpu_delta(server0, server1)
         m.db_cpu_s = proc.cpu_delta(db0, db1)
+        m.apart_cpu_s = proc.cpu_delta(apart0, apart1)
         latencies = _collect(gens, m)
         if profiler is not None:
             profiler.proc.wait(timeout=s.duration + 30)

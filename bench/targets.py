@@ -19,7 +19,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,7 +46,9 @@ class Running:
 
     name: str
     url: str
-    owned: Owned
+    #: The server's process, None when the generator starts it (``bench.stdiogen``, which
+    #: names its pid in its ``ready`` event: that pid replaces ``pid`` for the measurement).
+    owned: Owned | None
     pid: int
     state_dir: Path | None = None
     notes: list[str] = field(default_factory=list)
@@ -55,6 +57,9 @@ class Running:
     db_dir: Path | None = None
     #: Extra arguments for the load generator that this server needs (``--stateless``).
     client_args: tuple[str, ...] = ()
+    #: Processes under the server whose CPU is counted apart (``apart`` of the measurement),
+    #: not as the server's: exai's proxied MCP servers. Called at each CPU reading.
+    apart: Callable[[], list[int]] | None = None
 
     def db_pids(self) -> list[int]:
         """Postmasters under ``db_dir``, else under the state directory (exai's embedded

@@ -1,7 +1,9 @@
 """Virtual environments of the anchor servers, kept apart from the runtime's dependencies.
 
 ``bench/.venv-anchors`` (``requirements-anchors.txt``: ``mcp[ws]==1.30.0``, uvicorn, py-spy) and
-``bench/.venv-mcp2`` (``requirements-mcp2.txt``: ``mcp==2.3.0``, uvicorn) are created on first use
+``bench/.venv-mcp2`` (``requirements-mcp2.txt``: ``mcp==2.3.0``, uvicorn) and
+``bench/.venv-server-time`` (``requirements-server-time.txt``: the ``mcp-server-time`` stdio
+server that ``python -m bench proxy`` calls directly and through exai) are created on first use
 with ``python -m venv`` + ``pip install -r``, and recreated when their requirements file
 changes (a hash of it is stamped into the venv).
 """
@@ -18,6 +20,7 @@ BENCH = Path(__file__).resolve().parent
 VENVS: dict[str, str] = {
     "anchors": "requirements-anchors.txt",
     "mcp2": "requirements-mcp2.txt",
+    "server-time": "requirements-server-time.txt",
 }
 
 
