@@ -90,7 +90,8 @@ setup-clients:
 # End-to-end benchmark against the floor and the SDK servers: `just bench` (quick, < 3 min),
 # `just bench full`, `just bench profile`, `just bench flood` (issue 11: floods, slow readers),
 # `just bench durability` (issue 14: each durability mode, the database local and 20 ms away),
-# `just bench http` (issue 15: Streamable HTTP, exai beside the SDK 2.x HTTP app).
+# `just bench http` (issue 15: Streamable HTTP, exai beside the SDK 2.x HTTP app),
+# `just bench proxy` (issue 16: a stdio MCP server called directly and through exai's [servers]).
 # Results go to docs/benchmarks.md (bench/README.md).
 bench MODE="quick" *ARGS: setup
     {{bin}}/python -m bench "$@"

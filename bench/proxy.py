@@ -324,8 +324,9 @@ def table(results: Sequence[Result]) -> str:
 
 def overheads(results: Sequence[Result]) -> list[str]:
     """Per scenario and server: through exai minus direct (p50, p99), the calls/s ratio and
-    exai's CPU per call; with exai's own ``echo`` beside, the part of the p50 that is exai's
-    call path and the part left to the proxy hop."""
+    exai's CPU per call. With exai's own ``echo`` beside it: one client at a time, the part
+    of the p50 that is exai's call path and the rest, the proxy hop's; several clients, whose
+    latency is mostly queueing (clients / calls/s), the proxy hop's share of exai's CPU."""
     out: list[str] = []
     for s in PLAN:
         own = _find(results, s.key, "", OWN)
@@ -350,14 +351,31 @@ def overheads(results: Sequence[Result]) -> list[str]:
             if exai.faults or direct.faults:
                 line += f" (not clean: {exai.faults or direct.faults})"
             if own is not None and own.p50_ms is not None:
-                hop = exai.p50_ms - direct.p50_ms - own.p50_ms
-                line += (
-                    f"; of the +{_ms(exai.p50_ms - direct.p50_ms)} ms, exai's own `echo` "
-                    f"(same configuration) takes p50 {_ms(own.p50_ms)} ms, leaving "
-                    f"{'+' if hop >= 0 else '-'}{_ms(abs(hop))} ms to the proxy hop"
-                )
+                line += "; " + _split(exai, direct.p50_ms, own)
             out.append(line)
     return out
+
+
+def _split(exai: Measurement, direct_p50: float, own: Measurement) -> str:
+    """How much of the overhead is exai's own call path, and how much the proxy hop's."""
+    assert exai.p50_ms is not None
+    assert own.p50_ms is not None
+    if exai.active == 1:
+        hop = exai.p50_ms - direct_p50 - own.p50_ms
+        return (
+            f"of the +{_ms(exai.p50_ms - direct_p50)} ms, exai's own `echo` (same "
+            f"configuration) takes p50 {_ms(own.p50_ms)} ms, leaving "
+            f"{'+' if hop >= 0 else '-'}{_ms(abs(hop))} ms to the proxy hop"
+        )
+    mine = (exai.server_cpu_s + exai.db_cpu_s) / exai.calls * 1e6
+    theirs = (own.server_cpu_s + own.db_cpu_s) / own.calls * 1e6
+    hop = mine - theirs
+    return (
+        f"with {exai.active} in flight the latency is mostly queueing ({exai.active} / calls/s), "
+        f"so compare CPU: exai's own `echo` costs it {theirs:,.0f} µs per call with db "
+        f"({own.throughput:,.0f} calls/s), the proxied call {mine:,.0f}: "
+        f"{'+' if hop >= 0 else '-'}{abs(hop):,.0f} µs for the proxy hop"
+    )
 
 
 def section(results: Sequence[Result], notes: Sequence[str], label: str | None = None) -> str:
