@@ -419,14 +419,36 @@ def _reject_options(args: argparse.Namespace) -> None:
         raise SystemExit(f"proxy runs its own plan: {', '.join(given)} not taken")
 
 
+def build() -> str:
+    """The commit measured (``git rev-parse --short HEAD``), marked when the code under test
+    differs from it; "unknown" outside a git checkout."""
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(REPO), "diff", "--quiet", "HEAD", "--", "actors", "runtime", "bench"],
+            timeout=10,
+            check=False,
+        ).returncode
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return f"{head} with uncommitted changes" if dirty else head
+
+
 def _plan_note(plan: Sequence[Scenario], env: dict[str, str], elapsed: float, py: str) -> str:
     windows = ", ".join(f"{s.key} {s.warmup:g} s warm-up + {s.duration:g} s" for s in plan)
     settings = ", ".join(f"{k}={v}" for k, v in sorted(env.items()))
     return (
-        "a fresh server per measurement; direct: `bench/stdiogen.py`, a minimal newline-JSON "
-        "client (no SDK) with the server as its child, N callers sharing its one stdio "
-        "connection; through exai: `bench/loadgen.py`, one WebSocket session per client, "
-        '`share = "node"` (one server process for all of them); one generator process each; '
+        f"commit {build()}; a fresh server per measurement; direct: `bench/stdiogen.py`, "
+        "a minimal newline-JSON client (no SDK) with the server as its child, N callers "
+        "sharing its one stdio connection; through exai: `bench/loadgen.py`, one WebSocket "
+        'session per client, `share = "node"` (one server process for all of them); one '
+        "generator process each; "
         f"windows: {windows}; exai: `exai serve` defaults"
         + (f" plus {settings}" if settings else "")
         + f"; the run took {elapsed:.0f} s; clients on {py}"
