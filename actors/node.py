@@ -68,6 +68,7 @@ from actors.rate_limiter import RateLimiterActor, supervised_rate_limiter
 from actors.servers import ProxiedServers
 from actors.servers.host import expand_env
 from actors.session import SessionBounds, SessionConfig, SessionLifecycle, SessionServices
+from actors.session.mail import announce_tools_changed
 from actors.status import LiveSession, NodeStatusSource
 from actors.tasks import TaskHost
 from actors.tools import builtin_tool_names, builtin_tools
@@ -470,6 +471,7 @@ class _Tree:
                 tasks=self.tasks,
                 max_task_result_waiters=settings.max_task_result_waiters,
                 task_after=settings.task_after,
+                tools_list_changed=bool(config.file.servers),
                 heartbeat_interval=settings.heartbeat_interval,
                 page_size=settings.page_size,
                 node_id=node_id,
@@ -491,6 +493,7 @@ class _Tree:
             registry=self.services.tools,
             state_dir=settings.state_dir,
             max_message_bytes=settings.max_message_bytes,
+            on_change=self._tools_changed,
         )
         self.root = Supervisor(
             [
@@ -551,6 +554,12 @@ class _Tree:
                 http_connections_max=settings.max_http_connections,
             ),
         )
+
+    def _tools_changed(self) -> None:
+        """A proxied server's tools changed, or it went down or came back: every attached
+        session tells its client (``notifications/tools/list_changed``)."""
+        told = announce_tools_changed(entry.session.mailbox for entry in self.registry)
+        log.info("servers.tools_announced", sessions=told)
 
     def _breakers(self) -> list[BreakerSnapshot]:
         providers = self.upstream.providers

@@ -479,6 +479,18 @@ class ServerEntry(BaseModel):
     max_pending: int = Field(
         default=64, ge=1, le=10_000, description="Requests in flight to it at once."
     )
+    max_restarts: int = Field(
+        default=5,
+        ge=0,
+        le=1000,
+        description="Restarts allowed within restart_period; one more and it is down.",
+    )
+    restart_period: float = Field(
+        default=60.0, gt=0, le=86_400, description="Seconds over which restarts are counted."
+    )
+    retry_after: float = Field(
+        default=60.0, gt=0, le=86_400, description="Seconds a down server waits to be retried."
+    )
 
 
 #: A proxied server's name: part of its tools' names.

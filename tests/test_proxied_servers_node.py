@@ -26,6 +26,7 @@ from tests.harness import (
     RawClient,
     ServerProcess,
     admin,
+    fetch,
     open_raw,
     query,
     start_server,
@@ -272,3 +273,49 @@ def test_a_bad_servers_table_stops_the_start(tmp_path: Path, table: str, expecte
     )
     assert done.returncode == 2, done.stderr
     assert expected in done.stderr
+
+
+async def test_clients_are_told_when_a_server_goes_down(database_url: str, tmp_path: Path) -> None:
+    """A server that serves once, then fails to start again (max_restarts = 0): down. The
+    sessions of the handshake era that declared nothing are told
+    (``notifications/tools/list_changed``, the server having declared ``tools.listChanged``);
+    its tools stay listed and calling one is refused at once (-32004)."""
+    if not SERVER_TIME.exists():
+        pytest.fail("mcp-server-time env missing: run `just setup-clients`")
+    once = tmp_path / "served-once"
+    script = tmp_path / "once.sh"
+    script.write_text(
+        f'#!/bin/sh\nif [ -e "{once}" ]; then exit 1; fi\ntouch "{once}"\n'
+        f'exec "{SERVER_TIME}" --local-timezone UTC\n'
+    )
+    script.chmod(0o755)
+    config = tmp_path / "exai.toml"
+    config.write_text(
+        f'[servers.once]\ncommand = "{script}"\nmax_restarts = 0\nretry_after = 3600\n'
+    )
+    node = start_server(
+        tmp_path / "state", database_url=database_url, extra_env={"EXAI_CONFIG": str(config)}
+    )
+    try:
+        async with open_raw(node.authed_url()) as ws:
+            client = RawClient(ws)
+            init = await client.initialize("2025-11-25")
+            assert init["result"]["capabilities"]["tools"]["listChanged"] is True
+            (pgid,) = recorded_groups(node.state_dir)
+            os.kill(pgid, signal.SIGKILL)
+            with trio.fail_after(30):
+                while True:
+                    message = await client.receive()
+                    if message.get("method") == "notifications/tools/list_changed":
+                        break
+            listed = (await client.request("tools/list"))["result"]["tools"]
+            assert "once__get_current_time" in {tool["name"] for tool in listed}
+            refused = await client.request(
+                "tools/call", {"name": "once__get_current_time", "arguments": {}}
+            )
+            assert refused["error"]["code"] == -32004
+            assert "'once' is down" in refused["error"]["message"]
+        status = await fetch(node)
+        assert [(s.name, s.state) for s in status.servers] == [("once", "down")]
+    finally:
+        assert node.stop() == 0, node.stderr_path.read_text()

@@ -18,14 +18,14 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from functools import partial
 from pathlib import Path
 
 import structlog
 import trio
 
-from actors.servers.proxy import ProxiedServer, StdioCommand
+from actors.servers.proxy import ProxiedServer, ServerState, StdioCommand
 from actors.servers.tools import proxied_tools
 from runtime.child_process import ChildRecord
 from runtime.config import ConfigError, ServerEntry
@@ -72,12 +72,17 @@ class ProxiedServers:
         state_dir: Path,
         max_message_bytes: int,
         environ: Mapping[str, str] | None = None,
+        on_change: Callable[[], None] | None = None,
     ) -> None:
         environ = os.environ if environ is None else environ
         self.registry = registry
         self.record = ChildRecord(state_dir / "children")
         self.servers: dict[str, ProxiedServer] = {}
         self._separators: dict[str, str] = {}
+        #: Called when what clients see changes (``notifications/tools/list_changed``).
+        self._on_change = on_change
+        #: Per server, what its clients last saw: down or not, and its tools.
+        self._seen: dict[str, tuple[bool, tuple[str, ...]]] = {}
         for name, entry in entries.items():
             command = StdioCommand(
                 entry.command,
@@ -92,6 +97,9 @@ class ProxiedServers:
                 record=self.record,
                 max_message_bytes=max_message_bytes,
                 max_pending=entry.max_pending,
+                max_restarts=entry.max_restarts,
+                restart_period=entry.restart_period,
+                retry_after=entry.retry_after,
                 on_tools_changed=self._tools_changed,
             )
         self.supervisor = Supervisor(
@@ -140,8 +148,20 @@ class ProxiedServers:
             nursery.cancel_scope.cancel()
 
     def _tools_changed(self, server: ProxiedServer) -> None:
+        """A server's tools or state changed: serve its tools as they are now, and tell the
+        clients when what they see changed (its tools, or it went down or came back): not
+        for a restart that brings the same tools back."""
         tools = proxied_tools(server, self._separators[server.name])
         refused = self.registry.replace_group(server.name, tools)
         if refused:
             log.warning("servers.tool_names_taken", server=server.name, names=refused[:20])
+        seen = (
+            server.state is ServerState.DOWN,
+            tuple(d.model_dump_json() for d in server.tools),
+        )
+        if self._seen.get(server.name) == seen:
+            return
+        self._seen[server.name] = seen
         log.info("servers.tools", server=server.name, state=server.state, tools=len(tools))
+        if self._on_change is not None:
+            self._on_change()
