@@ -481,7 +481,7 @@ class _Tree:
             max_message_bytes=settings.max_message_bytes,
             max_restarts=settings.session_max_restarts,
             restart_period=settings.session_restart_period,
-            session_ended=self.upstream.session_ended,
+            session_ended=self._session_ended,
             registry=self.registry,
             sessions=self.sessions_supervisor,
             bounds=bounds,
@@ -554,6 +554,12 @@ class _Tree:
                 http_connections_max=settings.max_http_connections,
             ),
         )
+
+    async def _session_ended(self, session_id: str) -> None:
+        """A session is over: its proxied processes (``share = "session"``) stop, and the
+        rate limiter forgets it."""
+        self.servers.session_ended(session_id)
+        await self.upstream.session_ended(session_id)
 
     def _tools_changed(self) -> None:
         """A proxied server's tools changed, or it went down or came back: every attached

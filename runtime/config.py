@@ -466,10 +466,24 @@ class ServerEntry(BaseModel):
         "own variables as ${NAME} (an unset one stops the start).",
     )
     cwd: Path | None = Field(default=None, description="Its working directory.")
-    share: Literal["node"] = Field(
+    share: Literal["node", "identity", "session"] = Field(
         default="node",
-        description="node: one process serves every session (identity and session sharing "
-        "are not offered yet).",
+        description="node: one process serves every session; identity: one per client "
+        "identity; session: one per session, stopped with it.",
+    )
+    max_instances: int = Field(
+        default=16,
+        ge=1,
+        le=10_000,
+        description="identity or session sharing: processes at once; one more caller is "
+        "refused (-32004) until one goes idle.",
+    )
+    idle_timeout: float = Field(
+        default=300.0,
+        gt=0,
+        le=86_400,
+        description="identity or session sharing: seconds with no call before a process is "
+        "stopped.",
     )
     separator: str = Field(
         default="__",

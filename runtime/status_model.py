@@ -254,6 +254,14 @@ class ProxiedServerStatus(_Model):
     restarts: int = Field(description="Starts after the first.")
     last_error: str | None = Field(description="Why its last incarnation ended.")
     server_name: str | None = Field(description="What it called itself at initialize.")
+    share: Literal["node", "identity", "session"] = Field(
+        default="node", description="One process for the node, per identity, per session."
+    )
+    instances: int | None = Field(
+        default=None,
+        description="identity or session sharing: processes serving callers now (besides "
+        "the one that lists its tools).",
+    )
 
 
 class NodeStatus(_Model):
