@@ -565,6 +565,8 @@ class _Tree:
         """A proxied server's tools changed, or it went down or came back: every attached
         session tells its client (``notifications/tools/list_changed``)."""
         told = announce_tools_changed(entry.session.mailbox for entry in self.registry)
+        if self.http is not None:
+            self.http.tools_changed()  # 2026-07-28: the subscriptions/listen streams
         log.info("servers.tools_announced", sessions=told)
 
     def _breakers(self) -> list[BreakerSnapshot]:

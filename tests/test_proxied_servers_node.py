@@ -35,6 +35,7 @@ from tests.harness import (
 )
 from tests.test_proxy_client import EVERYTHING, SERVER_TIME, group_alive
 from tests.test_status import exai_async
+from tests.test_streamable_http_modern import listen_lines, modern
 
 
 def write_config(path: Path) -> Path:
@@ -296,11 +297,33 @@ async def test_clients_are_told_when_a_server_goes_down(database_url: str, tmp_p
     node = start_server(
         tmp_path / "state", database_url=database_url, extra_env={"EXAI_CONFIG": str(config)}
     )
+    listened: list[dict[str, Any]] = []
     try:
-        async with open_raw(node.authed_url()) as ws:
+        async with (
+            open_raw(node.authed_url()) as ws,
+            httpx.AsyncClient(timeout=30) as http,
+            trio.open_nursery() as nursery,
+        ):
             client = RawClient(ws)
             init = await client.initialize("2025-11-25")
             assert init["result"]["capabilities"]["tools"]["listChanged"] is True
+            # A 2026-07-28 client listens for it on subscriptions/listen.
+            listen = modern(
+                "sub", "subscriptions/listen", {"notifications": {"toolsListChanged": True}}
+            )
+            acknowledged, notified = trio.Event(), trio.Event()
+
+            async def listen_for_changes() -> None:
+                async for line in listen_lines(http, node, listen):
+                    if line.startswith("data: "):
+                        listened.append(json.loads(line[6:]))
+                        acknowledged.set()
+                        if listened[-1]["method"] == "notifications/tools/list_changed":
+                            notified.set()
+                            return
+
+            nursery.start_soon(listen_for_changes)
+            await acknowledged.wait()
             (pgid,) = recorded_groups(node.state_dir)
             os.kill(pgid, signal.SIGKILL)
             with trio.fail_after(30):
@@ -308,6 +331,10 @@ async def test_clients_are_told_when_a_server_goes_down(database_url: str, tmp_p
                     message = await client.receive()
                     if message.get("method") == "notifications/tools/list_changed":
                         break
+                await notified.wait()
+            assert listened[-1]["params"]["_meta"] == {
+                "io.modelcontextprotocol/subscriptionId": "sub"
+            }
             listed = (await client.request("tools/list"))["result"]["tools"]
             assert "once__get_current_time" in {tool["name"] for tool in listed}
             refused = await client.request(

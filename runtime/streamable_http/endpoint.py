@@ -215,6 +215,10 @@ class StreamableHttpEndpoint:
         self.identities: dict[str, HttpSessionTransport] = {}
         self._starting: dict[str, trio.Event] = {}
         self._stopping = trio.Event()
+        #: Set (and replaced) whenever listen streams have something to do: the node stops,
+        #: or its tools changed (:meth:`tools_changed`, counted in :attr:`_tools_generation`).
+        self._wake = trio.Event()
+        self._tools_generation = 0
         self._per_identity: Counter[str] = Counter()
         #: Requests in progress per identity (``max_exchanges_per_identity``).
         self._exchanges: Counter[str] = Counter()
@@ -623,10 +627,11 @@ class StreamableHttpEndpoint:
     async def _listen(self, wire: HttpWire, message: jsonrpc.Request) -> None:
         """``subscriptions/listen`` (2026-07-28, ``basic/patterns/subscriptions.mdx``): the
         stream that replaces the GET stream. Its acknowledgment names what this server will
-        send of what was asked: ``toolsListChanged`` (its tools never change, so nothing
-        ever follows it); prompts and resources it has none of, so they are left out. The
-        stream then stays open with keep-alive comments until the client closes it, or the
-        node stops, which ends it gracefully with the completion result. It needs no
+        send of what was asked: ``toolsListChanged`` (``notifications/tools/list_changed``
+        when the node's tools change: a proxied server's list, or it going down or up);
+        prompts and resources it has none of, so they are left out. The stream then stays
+        open with keep-alive comments until the client closes it, or the node stops, which
+        ends it gracefully with the completion result. It needs no
         session: nothing is sent on it that a session would produce."""
         asked = (message.params or {}).get("notifications")
         if not isinstance(asked, dict):
@@ -658,12 +663,19 @@ class StreamableHttpEndpoint:
         )
         await wire.start_stream(200, list(SSE_HEADERS))
         await wire.send_data(sse.event(acknowledged))
+        changed = jsonrpc.encode_notification("notifications/tools/list_changed", {"_meta": meta})
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_cancel_after, wire.watch_peer, nursery.cancel_scope)
+            seen = self._tools_generation
             while not self._stopping.is_set():
                 with trio.move_on_after(self.config.sse_keepalive):
-                    await self._stopping.wait()
-                if not self._stopping.is_set():
+                    await self._wake.wait()
+                if self._stopping.is_set():
+                    break
+                if honoured and self._tools_generation != seen:
+                    seen = self._tools_generation
+                    await wire.send_data(sse.event(changed))
+                else:
                     await wire.send_data(sse.KEEPALIVE)
             done = jsonrpc.encode_result(message.id, {"resultType": "complete", "_meta": meta})
             await wire.send_data(sse.event(done))
@@ -676,6 +688,17 @@ class StreamableHttpEndpoint:
         """The node is stopping: open ``subscriptions/listen`` streams end with their
         completion result."""
         self._stopping.set()
+        self._wake_listeners()
+
+    def tools_changed(self) -> None:
+        """The node's tools changed (a proxied server): each listen stream that asked for
+        ``toolsListChanged`` gets ``notifications/tools/list_changed``."""
+        self._tools_generation += 1
+        self._wake_listeners()
+
+    def _wake_listeners(self) -> None:
+        self._wake.set()
+        self._wake = trio.Event()
 
     async def _identity_session(self, identity: str) -> HttpSessionTransport:
         """The identity's sessionless session: the running one, or a new one (one start at
