@@ -248,7 +248,7 @@ async def test_status_and_metrics_show_each_server(node: ServerProcess) -> None:
             "servers.x.env.A: the variable EXAI_TEST_UNSET_VAR is not set",
         ),
         ('[servers."bad name"]\ncommand = "true"\n', "should match pattern"),
-        ('[servers.x]\ncommand = "true"\nshare = "session"\n', "servers.x.share"),
+        ('[servers.x]\ncommand = "true"\nshare = "cluster"\n', "servers.x.share"),
     ],
 )
 def test_a_bad_servers_table_stops_the_start(tmp_path: Path, table: str, expected: str) -> None:
