@@ -38,7 +38,7 @@ __all__ = ["ProxiedServers", "expand_env"]
 
 log = structlog.get_logger("servers")
 
-#: Seconds the node waits for each proxied server's first start before it serves clients.
+#: Seconds the node waits for its proxied servers' first starts before it serves clients.
 STARTUP_WAIT = 30.0
 
 _VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -168,20 +168,35 @@ class ProxiedServers:
         return ChildSpec(name, self._supervise, shutdown=30)
 
     async def _supervise(self, ctx: ChildContext) -> None:
+        """Reap what a killed predecessor left, start every server at once, and report
+        started once each one's first start ended (up, or failed) or after
+        :data:`STARTUP_WAIT` seconds: so that clients connecting as soon as the node serves
+        find the tools listed, without one slow server holding up the others' start."""
         reaped = self.record.reap()
         if reaped:
             log.warning("servers.orphans_reaped", groups=reaped)
-        await self.supervisor.run(ctx)
+        supervised = trio.Event()
+        inner = ChildContext(
+            ctx.id,
+            ctx.path,
+            restarts=ctx.restarts,
+            last_error=ctx.last_error,
+            stop_requested=ctx.stop_requested,
+            on_started=supervised.set,
+        )
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self.supervisor.run, inner)
+            await supervised.wait()
+            with trio.move_on_after(STARTUP_WAIT):
+                for source in self.servers.values():
+                    process = source.catalog if isinstance(source, ServerPool) else source
+                    await process.first_start.wait()
+            ctx.started()
 
     async def _run(self, source: ProxiedServer | ServerPool, ctx: ChildContext) -> None:
-        """One server's child: started once its first start ended (up, or failed) or after
-        :data:`STARTUP_WAIT` seconds, so that clients connecting as soon as the node serves
-        find its tools listed (a pool's: its catalog's)."""
-        process = source.catalog if isinstance(source, ServerPool) else source
+        """One server's child (a pool's: its instances and catalog), until stopped."""
         async with trio.open_nursery() as nursery:
             nursery.start_soon(source.run)
-            with trio.move_on_after(STARTUP_WAIT):
-                await process.first_start.wait()
             ctx.started()
             await ctx.stop_requested.wait()
             nursery.cancel_scope.cancel()
