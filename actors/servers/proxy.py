@@ -33,6 +33,7 @@ import structlog
 import trio
 
 from runtime.child_process import ChildRecord, start_child
+from runtime.log_throttle import LogThrottle
 from runtime.mcp import jsonrpc
 from runtime.mcp.client import ClientError, ClientSession, InitializedServer, Progress
 from runtime.mcp.schema import Implementation, ToolDescriptor
@@ -107,6 +108,9 @@ class ProxiedServer:
         self.pid: int | None = None
         self._session: ClientSession | None = None
         self._nursery: trio.Nursery | None = None
+        self._relisting = False
+        self._relist_owed = False
+        self._log_throttle = LogThrottle()
         self._up = trio.Event()
         #: Set once the first start ended, up or not (the node waits for it: docs/tools.md).
         self.first_start = trio.Event()
@@ -264,22 +268,40 @@ class ProxiedServer:
 
     def _notified(self, note: jsonrpc.Notification) -> None:
         if note.method == "notifications/tools/list_changed" and self._nursery is not None:
-            self._nursery.start_soon(self._relist)
+            # At most one listing runs, and one more is owed however many notifications
+            # come meanwhile: a server that floods them costs one tools/list at a time.
+            if self._relisting:
+                self._relist_owed = True
+            else:
+                self._relisting = True
+                self._nursery.start_soon(self._relist)
         elif note.method == "notifications/message":
-            params = note.params or {}
-            log.info("server.log", server=self.name, level=str(params.get("level"))[:16])
+            self._log_throttle.emit(
+                log.info,
+                "server.log",
+                key=f"server.log:{self.name}",
+                server=self.name,
+                level=str((note.params or {}).get("level"))[:16],
+            )
 
     async def _relist(self) -> None:
-        session = self._session
-        if session is None:
-            return
         try:
-            self.tools = tuple(await session.list_tools())
-        except ClientError as error:
-            log.warning("server.relist_failed", server=self.name, error=str(error)[:500])
-            return
-        if self._on_tools_changed is not None:
-            self._on_tools_changed(self)
+            while True:
+                self._relist_owed = False
+                session = self._session
+                if session is None:
+                    return
+                try:
+                    self.tools = tuple(await session.list_tools())
+                except ClientError as error:
+                    log.warning("server.relist_failed", server=self.name, error=str(error)[:500])
+                    return
+                if self._on_tools_changed is not None:
+                    self._on_tools_changed(self)
+                if not self._relist_owed:
+                    return
+        finally:
+            self._relisting = False
 
     def _set_state(self, state: ServerState) -> None:
         changed = state is not self.state
