@@ -21,7 +21,7 @@ from actors.servers import ProxiedServer, ServerDown, ServerState, StdioCommand
 from runtime.child_process import ChildRecord
 from runtime.mcp.client import Progress, ServerGone
 from tests.harness import wait_until
-from tests.test_proxy_client import EVERYTHING, SERVER_TIME, group_alive
+from tests.test_proxy_client import EVERYTHING, SERVER_TIME, group_alive, require_everything
 
 
 def proxied(tmp_path: Path, name: str, command: StdioCommand, **options: float) -> ProxiedServer:
@@ -55,8 +55,7 @@ async def test_a_server_is_started_listed_and_called(tmp_path: Path) -> None:
 async def test_sigkill_mid_call_is_a_clear_error_and_the_server_comes_back(
     tmp_path: Path,
 ) -> None:
-    if not EVERYTHING.exists():
-        pytest.fail("server-everything env missing: run `just setup-clients` (just test does)")
+    require_everything()
     server = proxied(
         tmp_path, "everything", StdioCommand(str(EVERYTHING), ("stdio",)), backoff=0.01
     )

@@ -33,14 +33,15 @@ from tests.harness import (
     wait_for_status,
     wait_until,
 )
-from tests.test_proxy_client import EVERYTHING, SERVER_TIME, group_alive
+from tests.test_proxy_client import EVERYTHING, SERVER_TIME, group_alive, require_everything
 from tests.test_status import exai_async
 from tests.test_streamable_http_modern import listen_lines, modern
 
 
 def write_config(path: Path) -> Path:
-    if not (SERVER_TIME.exists() and EVERYTHING.exists()):
-        pytest.fail("server-time or server-everything env missing: run `just setup-clients`")
+    if not SERVER_TIME.exists():
+        pytest.fail("mcp-server-time env missing: run `just setup-clients` (just test does)")
+    require_everything()
     path.write_text(
         f"""
 [servers.time]
