@@ -549,6 +549,7 @@ class _Tree:
                 self.http,
                 http_connections_max=settings.max_http_connections,
             ),
+            proxied={f"/root/servers/{name}": s for name, s in self.servers.servers.items()},
         )
 
     def _breakers(self) -> list[BreakerSnapshot]:
