@@ -380,7 +380,10 @@ async def _wait_with_progress(
     receive: trio.MemoryReceiveChannel[Progress],
     on_progress: Callable[[Progress], Awaitable[None]],
 ) -> None:
-    """Wait for the answer while handing progress to ``on_progress``, in order."""
+    """Wait for the answer while handing progress to ``on_progress``, in order; return once
+    the answer came and every progress notification the server sent before it was handed on
+    (the reader buffers them before it sees the answer: MCP's progress precedes its response,
+    and dropping the buffered ones would lose a call's last steps)."""
     async with trio.open_nursery() as nursery:
 
         async def forward() -> None:
@@ -389,4 +392,6 @@ async def _wait_with_progress(
 
         nursery.start_soon(forward)
         await pending.done.wait()
-        nursery.cancel_scope.cancel()
+        # No progress after the answer: the channel ends, ``forward`` drains what it holds.
+        if pending.progress is not None:
+            pending.progress.close()
