@@ -553,6 +553,10 @@ class _Tree:
                 self.http,
                 http_connections_max=settings.max_http_connections,
             ),
+            proxied={
+                f"/root/servers/{name}": process
+                for name, process in self.servers.processes().items()
+            },
         )
 
     async def _session_ended(self, session_id: str) -> None:

@@ -21,7 +21,10 @@ from storage.breaker import BreakerState
 SCHEMA_VERSION = 1
 
 ActorKind = Literal["node", "supervisor", "session", "pykka", "task"]
-ActorState = Literal["starting", "running", "stopping", "restarting", "stopped", "detached", "dead"]
+#: ``down``: a proxied MCP server past its restart intensity, tried again later (docs/tools.md).
+ActorState = Literal[
+    "starting", "running", "stopping", "restarting", "stopped", "detached", "dead", "down"
+]
 #: How a session's client reaches it: ``websocket`` (``exai bridge`` included: it relays stdio
 #: over WebSocket, and the server cannot tell it from any other WebSocket client), ``http``
 #: (Streamable HTTP, a 2025-era ``Mcp-Session-Id`` session), ``http-sessionless`` (Streamable

@@ -138,6 +138,13 @@ class ProxiedServers:
             on_tools_changed=self._tools_changed if lists_tools else None,
         )
 
+    def processes(self) -> dict[str, ProxiedServer]:
+        """Each server's process whose health is the server's (a pool's: its catalog)."""
+        return {
+            name: source.catalog if isinstance(source, ServerPool) else source
+            for name, source in self.servers.items()
+        }
+
     def session_ended(self, session_id: str) -> None:
         """A session is over: the processes of ``share = "session"`` servers it had stop."""
         for pool in self._pools_by_session:

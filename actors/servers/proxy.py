@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import enum
 import os
+import signal
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -106,6 +107,8 @@ class ProxiedServer:
         self.restarts = 0
         self.last_error: str | None = None
         self.pid: int | None = None
+        #: How the last incarnation's process ended (``Child.stop``): for ``last_error``.
+        self._exit_status: int | None = None
         self._session: ClientSession | None = None
         self._nursery: trio.Nursery | None = None
         self._relisting = False
@@ -165,12 +168,14 @@ class ProxiedServer:
         delay, max_delay = self._backoff
         while True:
             started_at = trio.current_time()
+            self._exit_status = None
             try:
                 await self._serve_once()
                 self.last_error = "it exited"
             except* (OSError, ClientError) as failed:
                 # Raised in the incarnation's nursery, so grouped: the first says why.
                 self.last_error = str(_first(failed))[:500]
+            self.last_error += _exit_text(self._exit_status)
             self._set_state(ServerState.STARTING)
             self.first_start.set()
             log.warning("server.ended", server=self.name, why=self.last_error)
@@ -264,7 +269,7 @@ class ProxiedServer:
             self._session = None
             self._nursery = None
             self.pid = None
-            await child.stop(self._stop_grace)
+            self._exit_status = await child.stop(self._stop_grace)
 
     def _notified(self, note: jsonrpc.Notification) -> None:
         if note.method == "notifications/tools/list_changed" and self._nursery is not None:
@@ -311,6 +316,19 @@ class ProxiedServer:
             self._changed = trio.Event()
             if self._on_tools_changed is not None:
                 self._on_tools_changed(self)
+
+
+def _exit_text(status: int | None) -> str:
+    """`` (exit status 1)``, `` (killed by SIGKILL)``: how a process ended, as
+    :attr:`trio.Process.returncode` says it (negative: the signal); empty if unknown."""
+    if status is None:
+        return ""
+    if status < 0:
+        try:
+            return f" (killed by {signal.Signals(-status).name})"
+        except ValueError:
+            return f" (killed by signal {-status})"
+    return f" (exit status {status})"
 
 
 def _first(group: BaseExceptionGroup[BaseException]) -> BaseException:
