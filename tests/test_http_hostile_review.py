@@ -15,12 +15,15 @@ from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlsplit
 
+import httpx
 import pytest
 import trio
 
 from tests.harness import ServerProcess, start_server
-from tests.test_streamable_http import ACCEPT
+from tests.test_streamable_http import ACCEPT, BOB, error_of, http_url, initialize
 from tests.test_streamable_http_modern import MODERN, modern
+
+CAROL = "carol-token-0123456789abcdef"
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +33,13 @@ def server(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
         database_url=database_url,
         # A body that never comes is refused (408) after this: what a server that never
         # answers ``Expect: 100-continue`` leaves its client with.
-        extra_env={"EXAI_HANDSHAKE_TIMEOUT": "2"},
+        # Two HTTP sessions per identity: a place held by a session that should not be
+        # (or no longer be) there shows at once as 429 on the next initialize.
+        extra_env={
+            "EXAI_HANDSHAKE_TIMEOUT": "2",
+            "EXAI_CLIENT_TOKENS": f"bob={BOB},carol={CAROL}",
+            "EXAI_HTTP_SESSIONS_PER_IDENTITY": "2",
+        },
     )
     yield handle
     assert handle.stop() == 0, handle.stderr_path.read_text()
@@ -127,3 +136,66 @@ async def test_a_malformed_request_after_a_first_one_is_answered_400(
         assert statuses(rest) == [status], rest[:300]
         assert b"connection: close" in rest.lower()
         assert json.loads(rest.partition(b"\r\n\r\n")[2])["error"]["code"] == -32600
+
+
+def plain_headers(token: str, session_id: str | None = None) -> dict[str, str]:
+    fields = {
+        "Authorization": f"Bearer {token}",
+        "Accept": ACCEPT,
+        "Content-Type": "application/json",
+    }
+    if session_id is not None:
+        fields["Mcp-Session-Id"] = session_id
+    return fields
+
+
+async def test_a_failed_initialize_establishes_no_session(server: ServerProcess) -> None:
+    """2025-11-25 transport spec, "Session Management": the server "MAY assign a session ID
+    at initialization time, by including it in an MCP-Session-Id header on the HTTP
+    response containing the InitializeResult". An ``initialize`` answered with an error
+    establishes nothing: no id is named, and no session is left behind to hold one of the
+    identity's places (``EXAI_HTTP_SESSIONS_PER_IDENTITY``, here 2) until the idle expiry
+    (1 h), which a client retrying a bad ``initialize`` would otherwise exhaust."""
+    bad = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {}}
+    async with httpx.AsyncClient(timeout=30) as client:
+        for _ in range(3):
+            refused = await client.post(
+                http_url(server), content=json.dumps(bad), headers=plain_headers(CAROL)
+            )
+            assert refused.status_code == 200, refused.text
+            assert error_of(refused)["code"] == -32602
+            assert "mcp-session-id" not in refused.headers
+        opened = await client.post(
+            http_url(server), content=json.dumps(initialize()), headers=plain_headers(CAROL)
+        )
+        assert opened.status_code == 200, opened.text
+        session_id = opened.headers["mcp-session-id"]
+        ended = await client.delete(http_url(server), headers=plain_headers(CAROL, session_id))
+        assert ended.status_code == 200
+
+
+async def test_a_deleted_sessions_place_is_free_when_delete_is_answered(
+    server: ServerProcess,
+) -> None:
+    """The per-identity bound counts the sessions a client holds; once its DELETE is
+    answered (2025-11-25 transport spec: the client "SHOULD send an HTTP DELETE ... to
+    explicitly terminate the session") it holds one fewer, so an ``initialize`` sent right
+    after is not refused with 429 for a session that has ended (its end being recorded in
+    the database behind the answer)."""
+    async with httpx.AsyncClient(timeout=30) as client:
+
+        async def open_one() -> str:
+            opened = await client.post(
+                http_url(server), content=json.dumps(initialize()), headers=plain_headers(BOB)
+            )
+            assert opened.status_code == 200, opened.text
+            return opened.headers["mcp-session-id"]
+
+        kept = await open_one()
+        current = await open_one()  # the identity's two places are taken
+        for _ in range(10):
+            ended = await client.delete(http_url(server), headers=plain_headers(BOB, current))
+            assert ended.status_code == 200
+            current = await open_one()
+        for session_id in (kept, current):
+            await client.delete(http_url(server), headers=plain_headers(BOB, session_id))
