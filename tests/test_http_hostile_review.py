@@ -199,3 +199,42 @@ async def test_a_deleted_sessions_place_is_free_when_delete_is_answered(
             current = await open_one()
         for session_id in (kept, current):
             await client.delete(http_url(server), headers=plain_headers(BOB, session_id))
+
+
+async def test_a_mirrored_number_is_compared_as_its_decimal_text(server: ServerProcess) -> None:
+    """2026-07-28 transport spec, "Value Encoding": the client converts the value to its
+    string representation ("integer: Convert to decimal string representation", "boolean:
+    Convert to lowercase"), and the server compares the header with the body after
+    decoding. A well-mirrored ``taskId: 123`` is therefore no header mismatch (which read
+    "Mcp-Name '123' differs from the body's '123'"): the request goes on, and is refused
+    for what is wrong with it, a task id that is not a string (-32602)."""
+    extension = {"extensions": {"io.modelcontextprotocol/tasks": {}}}
+    message = modern(1, "tasks/get", {"taskId": 123})
+    message["params"]["_meta"]["io.modelcontextprotocol/clientCapabilities"] = extension
+    tool = modern(2, "tools/call", {"name": True, "arguments": {}})
+    async with httpx.AsyncClient(timeout=30) as client:
+        for request, mirrored in ((message, "123"), (tool, "true")):
+            answered = await client.post(
+                http_url(server),
+                content=json.dumps(request),
+                headers={
+                    **plain_headers(server.token),
+                    "MCP-Protocol-Version": MODERN,
+                    "Mcp-Method": request["method"],
+                    "Mcp-Name": mirrored,
+                },
+            )
+            assert answered.status_code == 200, answered.text
+            assert error_of(answered)["code"] == -32602, answered.text
+        # A header that does not mirror the value is still a mismatch.
+        wrong = await client.post(
+            http_url(server),
+            content=json.dumps(message),
+            headers={
+                **plain_headers(server.token),
+                "MCP-Protocol-Version": MODERN,
+                "Mcp-Method": "tasks/get",
+                "Mcp-Name": "124",
+            },
+        )
+        assert (wrong.status_code, error_of(wrong)["code"]) == (400, -32020)
