@@ -10,6 +10,7 @@ report; most of it is covered by tests/test_streamable_http_review.py already.
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import Iterator
 from typing import Any
@@ -238,3 +239,50 @@ async def test_a_mirrored_number_is_compared_as_its_decimal_text(server: ServerP
             },
         )
         assert (wrong.status_code, error_of(wrong)["code"]) == (400, -32020)
+
+
+def forged_cursor(offset: str) -> str:
+    """A cursor of the server's own shape (runtime/mcp/paging.py) with ``offset`` in it."""
+    return base64.urlsafe_b64encode(f"exai:v1:{offset}".encode()).decode().rstrip("=")
+
+
+async def test_a_forged_cursor_is_refused_as_invalid_params(server: ServerProcess) -> None:
+    """A cursor is opaque and the server refuses one it did not issue: -32602 (MCP
+    ``server/utilities/pagination``: "Invalid cursors SHOULD result in an error with code
+    -32602"). Two forged ones got something else: a Unicode digit (``"²"``, a digit to
+    ``str.isdigit`` but not to ``int``) crashed the session actor (-32001, a traceback in the
+    log, and for a sessionless client the session every client of its identity shares); an
+    offset past Postgres's bigint was -32004 "tasks are unavailable; retry later"."""
+    async with httpx.AsyncClient(timeout=30) as client:
+        opened = await client.post(
+            http_url(server), content=json.dumps(initialize()), headers=plain_headers(CAROL)
+        )
+        session_id = opened.headers["mcp-session-id"]
+        headers = {**plain_headers(CAROL, session_id), "MCP-Protocol-Version": "2025-11-25"}
+        try:
+            for request_id, offset in enumerate(("\u00b2", "1" * 40), start=1):
+                for method in ("tasks/list", "tools/list"):
+                    message = {
+                        "jsonrpc": "2.0",
+                        "id": request_id,
+                        "method": method,
+                        "params": {"cursor": forged_cursor(offset)},
+                    }
+                    refused = await client.post(
+                        http_url(server), content=json.dumps(message), headers=headers
+                    )
+                    assert error_of(refused)["code"] == -32602, (method, offset, refused.text)
+            listed = modern(9, "tools/list", {"cursor": forged_cursor("\u00b2")})
+            refused = await client.post(
+                http_url(server),
+                content=json.dumps(listed),
+                headers={
+                    **plain_headers(CAROL),
+                    "MCP-Protocol-Version": MODERN,
+                    "Mcp-Method": "tools/list",
+                },
+            )
+            assert error_of(refused)["code"] == -32602, refused.text
+        finally:
+            await client.delete(http_url(server), headers=plain_headers(CAROL, session_id))
+    assert not [e for e in server.log_events() if e.get("event") == "child.crashed"]
