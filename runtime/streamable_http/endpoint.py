@@ -220,6 +220,9 @@ class StreamableHttpEndpoint:
         self._wake = trio.Event()
         self._tools_generation = 0
         self._per_identity: Counter[str] = Counter()
+        #: Sessions holding one of their identity's places in ``_per_identity``: given back
+        #: once, when the session is ended (DELETE, a refused ``initialize``) or its task is.
+        self._holding: set[str] = set()
         #: Requests in progress per identity (``max_exchanges_per_identity``).
         self._exchanges: Counter[str] = Counter()
         #: HTTP connections being served now.
@@ -411,7 +414,7 @@ class StreamableHttpEndpoint:
             transport = self._find(session_id, identity)
         frame = body.decode()
         if isinstance(message, jsonrpc.Request):
-            await self._answer_request(wire, transport, message, frame)
+            await self._answer_request(wire, transport, message, frame, opening=session_id is None)
             return
         try:
             await transport.deliver(frame)
@@ -461,10 +464,12 @@ class StreamableHttpEndpoint:
             )
         self._per_identity[identity] += 1
         try:
-            return await self._start_session(identity, str(peer))
+            transport = await self._start_session(identity, str(peer))
         except BaseException:
             self._forget_identity_session(identity)
             raise
+        self._holding.add(transport.session_id)
+        return transport
 
     async def _start_session(
         self, identity: str, remote: str, *, sessionless: bool = False
@@ -539,9 +544,21 @@ class StreamableHttpEndpoint:
                     del self.identities[identity]
             elif started:
                 del self.sessions[session_id]
-                self._forget_identity_session(identity)
+                self._give_back_place(transport)
             place.release()
             transport.gone.set()
+
+    def _end_session(self, transport: HttpSessionTransport, code: int, reason: str) -> None:
+        """End a 2025-era session now, and give its identity's place back at once: its
+        end is recorded behind (``_run_session``), but a client told it ended may open
+        another in the same moment."""
+        transport.close_now(code, reason)
+        self._give_back_place(transport)
+
+    def _give_back_place(self, transport: HttpSessionTransport) -> None:
+        if transport.session_id in self._holding:
+            self._holding.discard(transport.session_id)
+            self._forget_identity_session(transport.identity)
 
     def _forget_identity_session(self, identity: str) -> None:
         self._per_identity[identity] -= 1
@@ -562,7 +579,11 @@ class StreamableHttpEndpoint:
         transport: HttpSessionTransport,
         message: jsonrpc.Request,
         frame: str,
+        *,
+        opening: bool = False,
     ) -> None:
+        """Deliver ``message`` and write its response stream. ``opening``: it is the
+        ``initialize`` that opened ``transport``, which ends unless that succeeded."""
         try:
             stream = transport.open_stream(message.id, lambda: wire.stream.last_sent)
         except StreamInUse:
@@ -583,13 +604,20 @@ class StreamableHttpEndpoint:
             except ConnectionGone:
                 raise _gone(transport.session_id) from None
             headers = [] if transport.sessionless else _session_headers(transport)
-            await self._write(wire, transport, stream, json_allowed=True, headers=headers)
+            writer = await self._write(
+                wire, transport, stream, json_allowed=True, headers=headers, opening=opening
+            )
         except PeerGone:
             if transport.sessionless and not stream.answered:
                 await _cancel(transport, stream)
+            if opening:
+                # Its client never learnt of it: nobody would end it before the idle expiry.
+                self._end_session(transport, CLOSE_NORMAL, "initialize was not answered")
             raise
         finally:
             transport.release(stream)
+        if writer.refused:
+            self._end_session(transport, CLOSE_NORMAL, "initialize was refused")
 
     # -- 2026-07-28: sessionless -------------------------------------------------------------
 
@@ -737,7 +765,7 @@ class StreamableHttpEndpoint:
 
     async def _delete(self, wire: HttpWire, request: h11.Request, identity: str) -> None:
         transport = self._find(self._required_session_id(request), identity)
-        transport.close_now(CLOSE_NORMAL, "the client ended the session (DELETE)")
+        self._end_session(transport, CLOSE_NORMAL, "the client ended the session (DELETE)")
         await wire.respond(200, b"", content_type=None, headers=_session_headers(transport))
 
     def _required_session_id(self, request: h11.Request) -> str:
@@ -764,11 +792,13 @@ class StreamableHttpEndpoint:
         *,
         json_allowed: bool,
         headers: list[tuple[bytes, bytes]],
-    ) -> None:
+        opening: bool = False,
+    ) -> StreamWriter:
         """Write ``stream`` to the peer until its response (or, for the listen stream, until
-        the session or the peer ends it). Raises :class:`PeerGone` if the peer left or
-        stopped reading (the connection is then closed)."""
-        writer = StreamWriter(wire, stream, headers, json_allowed)
+        the session or the peer ends it); the writer, which says how it ended. Raises
+        :class:`PeerGone` if the peer left or stopped reading (the connection is then
+        closed)."""
+        writer = StreamWriter(wire, stream, headers, json_allowed, opening=opening)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_cancel_after, wire.watch_peer, nursery.cancel_scope)
             nursery.start_soon(_cancel_after, stream.outbox.stalled.wait, nursery.cancel_scope)
@@ -790,6 +820,7 @@ class StreamableHttpEndpoint:
         if not writer.done:
             wire.broken = True
             raise PeerGone
+        return writer
 
     async def _keep_alive(self, stream: ResponseStream) -> None:
         """A comment on a quiet stream every ``sse_keepalive`` seconds (only when nothing is
