@@ -68,6 +68,7 @@ from actors.rate_limiter import RateLimiterActor, supervised_rate_limiter
 from actors.servers import ProxiedServers
 from actors.servers.host import expand_env
 from actors.session import SessionBounds, SessionConfig, SessionLifecycle, SessionServices
+from actors.session.mail import announce_tools_changed
 from actors.status import LiveSession, NodeStatusSource
 from actors.tasks import TaskHost
 from actors.tools import builtin_tool_names, builtin_tools
@@ -470,6 +471,7 @@ class _Tree:
                 tasks=self.tasks,
                 max_task_result_waiters=settings.max_task_result_waiters,
                 task_after=settings.task_after,
+                tools_list_changed=bool(config.file.servers),
                 heartbeat_interval=settings.heartbeat_interval,
                 page_size=settings.page_size,
                 node_id=node_id,
@@ -479,7 +481,7 @@ class _Tree:
             max_message_bytes=settings.max_message_bytes,
             max_restarts=settings.session_max_restarts,
             restart_period=settings.session_restart_period,
-            session_ended=self.upstream.session_ended,
+            session_ended=self._session_ended,
             registry=self.registry,
             sessions=self.sessions_supervisor,
             bounds=bounds,
@@ -491,6 +493,7 @@ class _Tree:
             registry=self.services.tools,
             state_dir=settings.state_dir,
             max_message_bytes=settings.max_message_bytes,
+            on_change=self._tools_changed,
         )
         self.root = Supervisor(
             [
@@ -550,7 +553,25 @@ class _Tree:
                 self.http,
                 http_connections_max=settings.max_http_connections,
             ),
+            proxied={
+                f"/root/servers/{name}": process
+                for name, process in self.servers.processes().items()
+            },
         )
+
+    async def _session_ended(self, session_id: str) -> None:
+        """A session is over: its proxied processes (``share = "session"``) stop, and the
+        rate limiter forgets it."""
+        self.servers.session_ended(session_id)
+        await self.upstream.session_ended(session_id)
+
+    def _tools_changed(self) -> None:
+        """A proxied server's tools changed, or it went down or came back: every attached
+        session tells its client (``notifications/tools/list_changed``)."""
+        told = announce_tools_changed(entry.session.mailbox for entry in self.registry)
+        if self.http is not None:
+            self.http.tools_changed()  # 2026-07-28: the subscriptions/listen streams
+        log.info("servers.tools_announced", sessions=told)
 
     def _breakers(self) -> list[BreakerSnapshot]:
         providers = self.upstream.providers

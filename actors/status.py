@@ -11,6 +11,12 @@ Sessions are read from the node's one session registry (:mod:`runtime.session_re
 which the session lifecycle keeps: each entry's phase (attached, parked) and its
 :class:`LiveSession`, on which its actor counts restarts and, on the
 :class:`~runtime.trace.Meter` it passes to :func:`runtime.trace.handling`, messages.
+
+A proxied MCP server's node (``/root/servers/<name>``) shows the server's own state over its
+child's (:class:`~actors.servers.proxy.ProxiedServer`: ``running`` while up, ``starting`` /
+``restarting`` between incarnations, ``down`` past its restart intensity), the restarts of its
+process and why its last incarnation ended: its child task runs on through all of these, so
+the supervisor's view alone would show it ``running``, never restarted (docs/tools.md).
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import pykka
 import trio
 
+from actors.servers.proxy import ProxiedServer, ServerState
 from runtime.breaker import BreakerSnapshot, FailureRateBreaker
 from runtime.budget import NodeBudget
 from runtime.dead_letters import DeadLetters, dead_letters
@@ -142,6 +149,7 @@ class NodeStatusSource:
         listener: Callable[[], ListenerStatus] | None = None,
         http_url: Callable[[], str | None] | None = None,
         servers: Callable[[], list[ProxiedServerStatus]] | None = None,
+        proxied: Mapping[str, ProxiedServer] | None = None,
     ) -> None:
         self._node_id = node_id
         self._sessions = sessions
@@ -161,6 +169,8 @@ class NodeStatusSource:
         self._listener = listener
         self._http_url = http_url
         self._servers = servers
+        #: Tree path (``/root/servers/<name>``) to the proxied server its child runs.
+        self._proxied = dict(proxied or {})
         self._started_at = datetime.now(UTC)
         self._started = time.monotonic()
 
@@ -293,6 +303,11 @@ class NodeStatusSource:
                     child_entry["uptime_s"] = round(taken - child.started_at, 3)
         for path in supervisor_paths:
             found[path]["kind"] = "node" if path == ROOT else "supervisor"
+        for path, server in self._proxied.items():
+            proxied = found.get(path)
+            if proxied is not None and proxied.get("state") == "running":
+                # Its child runs: what it runs is the server, whose state the tree shows.
+                proxied.update(_proxied_view(server, proxied))
         sessions = found.setdefault(SESSIONS, {"state": "running"})
         sessions["kind"] = "supervisor"  # runtime.server.Sessions, whatever runs it
         for path, actor in self._pykka.items():
@@ -407,6 +422,23 @@ def _pykka_view(actor: PykkaActor) -> dict[str, Any]:
     inbox = ref.actor_inbox  # pykka's ThreadingActor inbox is a queue.Queue
     view["mailbox_depth"] = inbox.qsize() if alive and isinstance(inbox, queue.Queue) else None
     return view
+
+
+def _proxied_view(server: ProxiedServer, child: Mapping[str, Any]) -> dict[str, Any]:
+    """A running child's entry with its proxied server's state; restarts add up (the child's
+    own, rare: a bug in it; and its server's process), the server's last error first."""
+    state: ActorState
+    if server.state is ServerState.UP:
+        state = "running"
+    elif server.state is ServerState.DOWN:
+        state = "down"
+    else:
+        state = "restarting" if server.restarts else "starting"
+    return {
+        "state": state,
+        "restarts": child.get("restarts", 0) + server.restarts,
+        "last_error": server.last_error or child.get("last_error"),
+    }
 
 
 def _meter_view(meter: Meter, now: float) -> dict[str, Any]:

@@ -466,10 +466,24 @@ class ServerEntry(BaseModel):
         "own variables as ${NAME} (an unset one stops the start).",
     )
     cwd: Path | None = Field(default=None, description="Its working directory.")
-    share: Literal["node"] = Field(
+    share: Literal["node", "identity", "session"] = Field(
         default="node",
-        description="node: one process serves every session (identity and session sharing "
-        "are not offered yet).",
+        description="node: one process serves every session; identity: one per client "
+        "identity; session: one per session, stopped with it.",
+    )
+    max_instances: int = Field(
+        default=16,
+        ge=1,
+        le=10_000,
+        description="identity or session sharing: processes at once; one more caller is "
+        "refused (-32004) until one goes idle.",
+    )
+    idle_timeout: float = Field(
+        default=300.0,
+        gt=0,
+        le=86_400,
+        description="identity or session sharing: seconds with no call before a process is "
+        "stopped.",
     )
     separator: str = Field(
         default="__",
@@ -478,6 +492,18 @@ class ServerEntry(BaseModel):
     )
     max_pending: int = Field(
         default=64, ge=1, le=10_000, description="Requests in flight to it at once."
+    )
+    max_restarts: int = Field(
+        default=5,
+        ge=0,
+        le=1000,
+        description="Restarts allowed within restart_period; one more and it is down.",
+    )
+    restart_period: float = Field(
+        default=60.0, gt=0, le=86_400, description="Seconds over which restarts are counted."
+    )
+    retry_after: float = Field(
+        default=60.0, gt=0, le=86_400, description="Seconds a down server waits to be retried."
     )
 
 

@@ -21,7 +21,10 @@ from storage.breaker import BreakerState
 SCHEMA_VERSION = 1
 
 ActorKind = Literal["node", "supervisor", "session", "pykka", "task"]
-ActorState = Literal["starting", "running", "stopping", "restarting", "stopped", "detached", "dead"]
+#: ``down``: a proxied MCP server past its restart intensity, tried again later (docs/tools.md).
+ActorState = Literal[
+    "starting", "running", "stopping", "restarting", "stopped", "detached", "dead", "down"
+]
 #: How a session's client reaches it: ``websocket`` (``exai bridge`` included: it relays stdio
 #: over WebSocket, and the server cannot tell it from any other WebSocket client), ``http``
 #: (Streamable HTTP, a 2025-era ``Mcp-Session-Id`` session), ``http-sessionless`` (Streamable
@@ -254,6 +257,14 @@ class ProxiedServerStatus(_Model):
     restarts: int = Field(description="Starts after the first.")
     last_error: str | None = Field(description="Why its last incarnation ended.")
     server_name: str | None = Field(description="What it called itself at initialize.")
+    share: Literal["node", "identity", "session"] = Field(
+        default="node", description="One process for the node, per identity, per session."
+    )
+    instances: int | None = Field(
+        default=None,
+        description="identity or session sharing: processes serving callers now (besides "
+        "the one that lists its tools).",
+    )
 
 
 class NodeStatus(_Model):

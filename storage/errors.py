@@ -15,7 +15,8 @@ do about it::
     │   │   ├── ProviderUnavailable         a provider's breaker is open (actors.providers.errors)
     │   │   ├── ProviderRateLimited         the upstream's 429
     │   │   ├── RateLimitedForNow           a limiter's rate limit (actors.rate_limiter)
-    │   │   └── ServerDown                  a proxied MCP server is not up (actors.servers)
+    │   │   ├── ServerDown                  a proxied MCP server is not up (actors.servers)
+    │   │   └── PoolFull                    its processes per identity/session are all taken
     │   └── LimitExhausted         waiting will not help (a spent quota, a call too large)
     │       └── LimitSpent                  a limiter's permanent refusal (actors.rate_limiter)
     ├── InvalidInput               the request's input is wrong: fix it, do not retry as is

@@ -47,6 +47,7 @@ from actors.providers import (
 from actors.rate_ledger import LimitName
 from actors.rate_limiter import LimitSpent, RateLimited, RateLimitedForNow, Refusal
 from actors.servers import ServerDown
+from actors.servers.pool import PoolFull
 from actors.session import SessionServices
 from actors.session.memory import memory_session
 from runtime.breaker import BreakerOpen, BreakerState
@@ -305,6 +306,10 @@ CASES: dict[str, Case] = {
     "ServerError": Case(
         lambda: ServerError("time", ErrorObject(code=-32602, message="Unknown tool: x")),
         Result("time answered -32602: Unknown tool: x"),
+    ),
+    "PoolFull": Case(
+        lambda: PoolFull("proxied server 'b' runs 8 instances"),
+        Error(-32004, "proxied server 'b' runs 8 instances", {"retryAfterMs": None}),
     ),
     "ServerDown": Case(
         lambda: ServerDown("proxied server 'time' is starting; retry in a moment"),

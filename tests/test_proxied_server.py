@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ from actors.servers import ProxiedServer, ServerDown, ServerState, StdioCommand
 from runtime.child_process import ChildRecord
 from runtime.mcp.client import Progress, ServerGone
 from tests.harness import wait_until
-from tests.test_proxy_client import EVERYTHING, SERVER_TIME, group_alive
+from tests.test_proxy_client import EVERYTHING, SERVER_TIME, group_alive, require_everything
 
 
 def proxied(tmp_path: Path, name: str, command: StdioCommand, **options: float) -> ProxiedServer:
@@ -54,8 +55,7 @@ async def test_a_server_is_started_listed_and_called(tmp_path: Path) -> None:
 async def test_sigkill_mid_call_is_a_clear_error_and_the_server_comes_back(
     tmp_path: Path,
 ) -> None:
-    if not EVERYTHING.exists():
-        pytest.fail("server-everything env missing: run `just setup-clients` (just test does)")
+    require_everything()
     server = proxied(
         tmp_path, "everything", StdioCommand(str(EVERYTHING), ("stdio",)), backoff=0.01
     )
@@ -123,4 +123,28 @@ async def test_a_command_that_does_not_exist_is_down_not_a_crash(tmp_path: Path)
         await server.wait_for(ServerState.DOWN)
         assert server.last_error is not None
         assert "no-such-server" in server.last_error
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_flood_of_list_changed_costs_one_listing_at_a_time(tmp_path: Path) -> None:
+    """A server that sends 5,000 ``notifications/tools/list_changed`` at once: the proxy
+    lists its tools again one at a time, at most once more after the one running, never
+    5,000 times (each would be a task and a request)."""
+    hostile = Path(__file__).parent / "servers" / "hostile_server.py"
+    changes: list[int] = []
+    server = ProxiedServer(
+        "hostile",
+        StdioCommand(sys.executable, (str(hostile),)),
+        record=ChildRecord(tmp_path / "children"),
+        max_message_bytes=1 << 20,
+        on_tools_changed=lambda s: changes.append(len(s.tools)),
+    )
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server.run)
+        await server.wait_up()
+        flooded = await server.call("flood", {"times": 5000})
+        assert flooded["content"][0]["text"] == "flooded 5000"
+        # The count answers after every notification before it was read (one stream).
+        count = int((await server.call("count", {}))["content"][0]["text"])
+        assert 1 <= count <= 3, count  # the first listing, then at most two more
         nursery.cancel_scope.cancel()

@@ -26,19 +26,22 @@ from tests.harness import (
     RawClient,
     ServerProcess,
     admin,
+    fetch,
     open_raw,
     query,
     start_server,
     wait_for_status,
     wait_until,
 )
-from tests.test_proxy_client import EVERYTHING, SERVER_TIME, group_alive
+from tests.test_proxy_client import EVERYTHING, SERVER_TIME, group_alive, require_everything
 from tests.test_status import exai_async
+from tests.test_streamable_http_modern import listen_lines, modern
 
 
 def write_config(path: Path) -> Path:
-    if not (SERVER_TIME.exists() and EVERYTHING.exists()):
-        pytest.fail("server-time or server-everything env missing: run `just setup-clients`")
+    if not SERVER_TIME.exists():
+        pytest.fail("mcp-server-time env missing: run `just setup-clients` (just test does)")
+    require_everything()
     path.write_text(
         f"""
 [servers.time]
@@ -246,7 +249,7 @@ async def test_status_and_metrics_show_each_server(node: ServerProcess) -> None:
             "servers.x.env.A: the variable EXAI_TEST_UNSET_VAR is not set",
         ),
         ('[servers."bad name"]\ncommand = "true"\n', "should match pattern"),
-        ('[servers.x]\ncommand = "true"\nshare = "session"\n', "servers.x.share"),
+        ('[servers.x]\ncommand = "true"\nshare = "cluster"\n', "servers.x.share"),
     ],
 )
 def test_a_bad_servers_table_stops_the_start(tmp_path: Path, table: str, expected: str) -> None:
@@ -272,3 +275,75 @@ def test_a_bad_servers_table_stops_the_start(tmp_path: Path, table: str, expecte
     )
     assert done.returncode == 2, done.stderr
     assert expected in done.stderr
+
+
+async def test_clients_are_told_when_a_server_goes_down(database_url: str, tmp_path: Path) -> None:
+    """A server that serves once, then fails to start again (max_restarts = 0): down. The
+    sessions of the handshake era that declared nothing are told
+    (``notifications/tools/list_changed``, the server having declared ``tools.listChanged``);
+    its tools stay listed and calling one is refused at once (-32004)."""
+    if not SERVER_TIME.exists():
+        pytest.fail("mcp-server-time env missing: run `just setup-clients`")
+    once = tmp_path / "served-once"
+    script = tmp_path / "once.sh"
+    script.write_text(
+        f'#!/bin/sh\nif [ -e "{once}" ]; then exit 1; fi\ntouch "{once}"\n'
+        f'exec "{SERVER_TIME}" --local-timezone UTC\n'
+    )
+    script.chmod(0o755)
+    config = tmp_path / "exai.toml"
+    config.write_text(
+        f'[servers.once]\ncommand = "{script}"\nmax_restarts = 0\nretry_after = 3600\n'
+    )
+    node = start_server(
+        tmp_path / "state", database_url=database_url, extra_env={"EXAI_CONFIG": str(config)}
+    )
+    listened: list[dict[str, Any]] = []
+    try:
+        async with (
+            open_raw(node.authed_url()) as ws,
+            httpx.AsyncClient(timeout=30) as http,
+            trio.open_nursery() as nursery,
+        ):
+            client = RawClient(ws)
+            init = await client.initialize("2025-11-25")
+            assert init["result"]["capabilities"]["tools"]["listChanged"] is True
+            # A 2026-07-28 client listens for it on subscriptions/listen.
+            listen = modern(
+                "sub", "subscriptions/listen", {"notifications": {"toolsListChanged": True}}
+            )
+            acknowledged, notified = trio.Event(), trio.Event()
+
+            async def listen_for_changes() -> None:
+                async for line in listen_lines(http, node, listen):
+                    if line.startswith("data: "):
+                        listened.append(json.loads(line[6:]))
+                        acknowledged.set()
+                        if listened[-1]["method"] == "notifications/tools/list_changed":
+                            notified.set()
+                            return
+
+            nursery.start_soon(listen_for_changes)
+            await acknowledged.wait()
+            (pgid,) = recorded_groups(node.state_dir)
+            os.kill(pgid, signal.SIGKILL)
+            with trio.fail_after(30):
+                while True:
+                    message = await client.receive()
+                    if message.get("method") == "notifications/tools/list_changed":
+                        break
+                await notified.wait()
+            assert listened[-1]["params"]["_meta"] == {
+                "io.modelcontextprotocol/subscriptionId": "sub"
+            }
+            listed = (await client.request("tools/list"))["result"]["tools"]
+            assert "once__get_current_time" in {tool["name"] for tool in listed}
+            refused = await client.request(
+                "tools/call", {"name": "once__get_current_time", "arguments": {}}
+            )
+            assert refused["error"]["code"] == -32004
+            assert "'once' is down" in refused["error"]["message"]
+        status = await fetch(node)
+        assert [(s.name, s.state) for s in status.servers] == [("once", "down")]
+    finally:
+        assert node.stop() == 0, node.stderr_path.read_text()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import sys
 from collections.abc import AsyncIterator
@@ -209,9 +210,18 @@ async def test_line_reader_bounds_and_blank_lines() -> None:
 EVERYTHING = CLIENTS / "servers-node" / "node_modules" / ".bin" / "mcp-server-everything"
 
 
+def require_everything() -> None:
+    """server-everything is an npm package: without Node.js there is none to run (as the
+    TypeScript clients' tests, skipped then); with it, its env must be there."""
+    if EVERYTHING.exists():
+        return
+    if shutil.which("node") is None:
+        pytest.skip("Node.js is not installed: server-everything (npm) needs it")
+    pytest.fail("server-everything env missing: run `just setup-clients` (just test does)")
+
+
 def everything() -> list[str]:
-    if not EVERYTHING.exists():
-        pytest.fail("server-everything env missing: run `just setup-clients` (just test does)")
+    require_everything()
     return [str(EVERYTHING), "stdio"]
 
 

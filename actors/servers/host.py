@@ -18,14 +18,15 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from functools import partial
 from pathlib import Path
 
 import structlog
 import trio
 
-from actors.servers.proxy import ProxiedServer, StdioCommand
+from actors.servers.pool import CATALOG, ServerPool
+from actors.servers.proxy import ProxiedServer, ServerState, StdioCommand
 from actors.servers.tools import proxied_tools
 from runtime.child_process import ChildRecord
 from runtime.config import ConfigError, ServerEntry
@@ -37,7 +38,7 @@ __all__ = ["ProxiedServers", "expand_env"]
 
 log = structlog.get_logger("servers")
 
-#: Seconds the node waits for each proxied server's first start before it serves clients.
+#: Seconds the node waits for its proxied servers' first starts before it serves clients.
 STARTUP_WAIT = 30.0
 
 _VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -72,28 +73,34 @@ class ProxiedServers:
         state_dir: Path,
         max_message_bytes: int,
         environ: Mapping[str, str] | None = None,
+        on_change: Callable[[], None] | None = None,
     ) -> None:
         environ = os.environ if environ is None else environ
         self.registry = registry
         self.record = ChildRecord(state_dir / "children")
-        self.servers: dict[str, ProxiedServer] = {}
+        self.servers: dict[str, ProxiedServer | ServerPool] = {}
         self._separators: dict[str, str] = {}
+        #: Called when what clients see changes (``notifications/tools/list_changed``).
+        self._on_change = on_change
+        #: Per server, what its clients last saw: down or not, and its tools.
+        self._seen: dict[str, tuple[bool, tuple[str, ...]]] = {}
+        self._pools_by_session: list[ServerPool] = []
         for name, entry in entries.items():
-            command = StdioCommand(
-                entry.command,
-                tuple(entry.args),
-                expand_env(name, entry.env, environ),
-                str(entry.cwd) if entry.cwd is not None else None,
-            )
             self._separators[name] = entry.separator
-            self.servers[name] = ProxiedServer(
+            make = partial(self._make, name, entry, environ, max_message_bytes)
+            if entry.share == "node":
+                self.servers[name] = make(None)
+                continue
+            pool = ServerPool(
                 name,
-                command,
-                record=self.record,
-                max_message_bytes=max_message_bytes,
-                max_pending=entry.max_pending,
-                on_tools_changed=self._tools_changed,
+                make,
+                share=entry.share,
+                max_instances=entry.max_instances,
+                idle_timeout=entry.idle_timeout,
             )
+            self.servers[name] = pool
+            if entry.share == "session":
+                self._pools_by_session.append(pool)
         self.supervisor = Supervisor(
             [
                 ChildSpec(name, partial(self._run, server), shutdown=10)
@@ -102,46 +109,120 @@ class ProxiedServers:
             strategy=Strategy.ONE_FOR_ONE,
         )
 
+    def _make(
+        self,
+        name: str,
+        entry: ServerEntry,
+        environ: Mapping[str, str],
+        max_message_bytes: int,
+        key: str | None,
+    ) -> ProxiedServer:
+        """One process of ``entry``: the node's (``key`` None), or a pool's instance (only
+        the pool's catalog reports its tools)."""
+        command = StdioCommand(
+            entry.command,
+            tuple(entry.args),
+            expand_env(name, entry.env, environ),
+            str(entry.cwd) if entry.cwd is not None else None,
+        )
+        lists_tools = key is None or key == CATALOG
+        return ProxiedServer(
+            name,
+            command,
+            record=self.record,
+            max_message_bytes=max_message_bytes,
+            max_pending=entry.max_pending,
+            max_restarts=entry.max_restarts,
+            restart_period=entry.restart_period,
+            retry_after=entry.retry_after,
+            on_tools_changed=self._tools_changed if lists_tools else None,
+        )
+
+    def processes(self) -> dict[str, ProxiedServer]:
+        """Each server's process whose health is the server's (a pool's: its catalog)."""
+        return {
+            name: source.catalog if isinstance(source, ServerPool) else source
+            for name, source in self.servers.items()
+        }
+
+    def session_ended(self, session_id: str) -> None:
+        """A session is over: the processes of ``share = "session"`` servers it had stop."""
+        for pool in self._pools_by_session:
+            pool.release(session_id)
+
     def status(self) -> list[ProxiedServerStatus]:
         """Each server's health, for ``exai status`` and ``/metrics``."""
-        return [
-            ProxiedServerStatus(
-                name=name,
-                state=server.state.value,
-                pid=server.pid,
-                tools=len(server.tools),
-                restarts=server.restarts,
-                last_error=server.last_error,
-                server_name=server.server.server_info.name if server.server else None,
+        shown: list[ProxiedServerStatus] = []
+        for name, source in self.servers.items():
+            process = source.catalog if isinstance(source, ServerPool) else source
+            shown.append(
+                ProxiedServerStatus(
+                    name=name,
+                    state=process.state.value,
+                    pid=process.pid,
+                    tools=len(process.tools),
+                    restarts=process.restarts,
+                    last_error=process.last_error,
+                    server_name=process.server.server_info.name if process.server else None,
+                    share=source.share if isinstance(source, ServerPool) else "node",
+                    instances=source.instances if isinstance(source, ServerPool) else None,
+                )
             )
-            for name, server in self.servers.items()
-        ]
+        return shown
 
     def child_spec(self, name: str) -> ChildSpec:
         """This host as a child of the root: it reaps orphans, then supervises."""
         return ChildSpec(name, self._supervise, shutdown=30)
 
     async def _supervise(self, ctx: ChildContext) -> None:
+        """Reap what a killed predecessor left, start every server at once, and report
+        started once each one's first start ended (up, or failed) or after
+        :data:`STARTUP_WAIT` seconds: so that clients connecting as soon as the node serves
+        find the tools listed, without one slow server holding up the others' start."""
         reaped = self.record.reap()
         if reaped:
             log.warning("servers.orphans_reaped", groups=reaped)
-        await self.supervisor.run(ctx)
-
-    async def _run(self, server: ProxiedServer, ctx: ChildContext) -> None:
-        """One server's child: started once its first start ended (up, or failed) or after
-        :data:`STARTUP_WAIT` seconds, so that clients connecting as soon as the node serves
-        find its tools listed."""
+        supervised = trio.Event()
+        inner = ChildContext(
+            ctx.id,
+            ctx.path,
+            restarts=ctx.restarts,
+            last_error=ctx.last_error,
+            stop_requested=ctx.stop_requested,
+            on_started=supervised.set,
+        )
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(server.run)
+            nursery.start_soon(self.supervisor.run, inner)
+            await supervised.wait()
             with trio.move_on_after(STARTUP_WAIT):
-                await server.first_start.wait()
+                for source in self.servers.values():
+                    process = source.catalog if isinstance(source, ServerPool) else source
+                    await process.first_start.wait()
+            ctx.started()
+
+    async def _run(self, source: ProxiedServer | ServerPool, ctx: ChildContext) -> None:
+        """One server's child (a pool's: its instances and catalog), until stopped."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(source.run)
             ctx.started()
             await ctx.stop_requested.wait()
             nursery.cancel_scope.cancel()
 
     def _tools_changed(self, server: ProxiedServer) -> None:
-        tools = proxied_tools(server, self._separators[server.name])
+        """A server's tools or state changed: serve its tools as they are now, and tell the
+        clients when what they see changed (its tools, or it went down or came back): not
+        for a restart that brings the same tools back."""
+        tools = proxied_tools(self.servers[server.name], self._separators[server.name])
         refused = self.registry.replace_group(server.name, tools)
         if refused:
             log.warning("servers.tool_names_taken", server=server.name, names=refused[:20])
+        seen = (
+            server.state is ServerState.DOWN,
+            tuple(d.model_dump_json() for d in server.tools),
+        )
+        if self._seen.get(server.name) == seen:
+            return
+        self._seen[server.name] = seen
         log.info("servers.tools", server=server.name, state=server.state, tools=len(tools))
+        if self._on_change is not None:
+            self._on_change()

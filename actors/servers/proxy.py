@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import enum
 import os
+import signal
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,6 +34,7 @@ import structlog
 import trio
 
 from runtime.child_process import ChildRecord, start_child
+from runtime.log_throttle import LogThrottle
 from runtime.mcp import jsonrpc
 from runtime.mcp.client import ClientError, ClientSession, InitializedServer, Progress
 from runtime.mcp.schema import Implementation, ToolDescriptor
@@ -105,8 +107,13 @@ class ProxiedServer:
         self.restarts = 0
         self.last_error: str | None = None
         self.pid: int | None = None
+        #: How the last incarnation's process ended (``Child.stop``): for ``last_error``.
+        self._exit_status: int | None = None
         self._session: ClientSession | None = None
         self._nursery: trio.Nursery | None = None
+        self._relisting = False
+        self._relist_owed = False
+        self._log_throttle = LogThrottle()
         self._up = trio.Event()
         #: Set once the first start ended, up or not (the node waits for it: docs/tools.md).
         self.first_start = trio.Event()
@@ -161,12 +168,14 @@ class ProxiedServer:
         delay, max_delay = self._backoff
         while True:
             started_at = trio.current_time()
+            self._exit_status = None
             try:
                 await self._serve_once()
                 self.last_error = "it exited"
             except* (OSError, ClientError) as failed:
                 # Raised in the incarnation's nursery, so grouped: the first says why.
                 self.last_error = str(_first(failed))[:500]
+            self.last_error += _exit_text(self._exit_status)
             self._set_state(ServerState.STARTING)
             self.first_start.set()
             log.warning("server.ended", server=self.name, why=self.last_error)
@@ -260,26 +269,44 @@ class ProxiedServer:
             self._session = None
             self._nursery = None
             self.pid = None
-            await child.stop(self._stop_grace)
+            self._exit_status = await child.stop(self._stop_grace)
 
     def _notified(self, note: jsonrpc.Notification) -> None:
         if note.method == "notifications/tools/list_changed" and self._nursery is not None:
-            self._nursery.start_soon(self._relist)
+            # At most one listing runs, and one more is owed however many notifications
+            # come meanwhile: a server that floods them costs one tools/list at a time.
+            if self._relisting:
+                self._relist_owed = True
+            else:
+                self._relisting = True
+                self._nursery.start_soon(self._relist)
         elif note.method == "notifications/message":
-            params = note.params or {}
-            log.info("server.log", server=self.name, level=str(params.get("level"))[:16])
+            self._log_throttle.emit(
+                log.info,
+                "server.log",
+                key=f"server.log:{self.name}",
+                server=self.name,
+                level=str((note.params or {}).get("level"))[:16],
+            )
 
     async def _relist(self) -> None:
-        session = self._session
-        if session is None:
-            return
         try:
-            self.tools = tuple(await session.list_tools())
-        except ClientError as error:
-            log.warning("server.relist_failed", server=self.name, error=str(error)[:500])
-            return
-        if self._on_tools_changed is not None:
-            self._on_tools_changed(self)
+            while True:
+                self._relist_owed = False
+                session = self._session
+                if session is None:
+                    return
+                try:
+                    self.tools = tuple(await session.list_tools())
+                except ClientError as error:
+                    log.warning("server.relist_failed", server=self.name, error=str(error)[:500])
+                    return
+                if self._on_tools_changed is not None:
+                    self._on_tools_changed(self)
+                if not self._relist_owed:
+                    return
+        finally:
+            self._relisting = False
 
     def _set_state(self, state: ServerState) -> None:
         changed = state is not self.state
@@ -289,6 +316,19 @@ class ProxiedServer:
             self._changed = trio.Event()
             if self._on_tools_changed is not None:
                 self._on_tools_changed(self)
+
+
+def _exit_text(status: int | None) -> str:
+    """`` (exit status 1)``, `` (killed by SIGKILL)``: how a process ended, as
+    :attr:`trio.Process.returncode` says it (negative: the signal); empty if unknown."""
+    if status is None:
+        return ""
+    if status < 0:
+        try:
+            return f" (killed by {signal.Signals(-status).name})"
+        except ValueError:
+            return f" (killed by signal {-status})"
+    return f" (exit status {status})"
 
 
 def _first(group: BaseExceptionGroup[BaseException]) -> BaseException:

@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
 
+from actors.servers.pool import ServerPool
 from actors.servers.proxy import ProxiedServer
 from runtime.mcp.client import Progress
 from runtime.mcp.schema import ToolDescriptor
@@ -36,7 +37,7 @@ class ProxiedTool(Tool[PassThrough]):
     """Base of the classes :func:`proxied_tools` makes, one per proxied tool."""
 
     Args = PassThrough
-    server: ClassVar[ProxiedServer]
+    server: ClassVar[ProxiedServer | ServerPool]
     remote_name: ClassVar[str]
     listed: ClassVar[ToolDescriptor]
 
@@ -50,7 +51,13 @@ class ProxiedTool(Tool[PassThrough]):
             async def forward(note: Progress) -> None:
                 await ctx.report_progress(note.progress, note.total, note.message)
 
-        result = await self.server.call(self.remote_name, args.model_extra, on_progress=forward)
+        server = self.server
+        if isinstance(server, ServerPool):
+            # One process per identity, or per session (share): the caller's own.
+            key = ctx.identity if server.share == "identity" else ctx.session_id
+            result = await server.call(key, self.remote_name, args.model_extra, on_progress=forward)
+        else:
+            result = await server.call(self.remote_name, args.model_extra, on_progress=forward)
         content = result.get("content")
         blocks: list[dict[str, Any]] = (
             [block for block in content if isinstance(block, dict)]
@@ -67,7 +74,7 @@ class ProxiedTool(Tool[PassThrough]):
         )
 
 
-def proxied_tools(server: ProxiedServer, separator: str) -> list[Tool[Any]]:
+def proxied_tools(server: ProxiedServer | ServerPool, separator: str) -> list[Tool[Any]]:
     """The server's current tools as the node's (none while it is not up)."""
     made: list[Tool[Any]] = []
     for listed in server.tools[:MAX_TOOLS_PER_SERVER]:

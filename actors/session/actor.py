@@ -15,6 +15,7 @@ loop) reads the same mailbox.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -22,22 +23,18 @@ from typing import Any
 from actors.persistence import PersistenceClient
 from actors.session.calls import CallRunner
 from actors.session.config import SessionConfig
+from actors.session.mail import Mail, Message, ToolsChanged
 from actors.session.methods import SessionMethods
 from actors.session.state import RequestId, SessionState
 from runtime import trace
 from runtime.actor import Actor
 from runtime.connection import Connection, ConnectionGone
 from runtime.mailbox import ActorRef
-from runtime.mcp import jsonrpc
+from runtime.mcp import jsonrpc, versions
 from runtime.mcp.errors import RpcError, SessionRestarted
 from runtime.mcp.tools import ToolRegistry
 
-__all__ = ["Mail", "Message", "SessionActor"]
-
-#: What the reader puts in a session's mailbox.
-Message = jsonrpc.Inbound | jsonrpc.Batch
-#: What the session's mailbox carries: a message in its envelope (the trace it belongs to).
-Mail = trace.Envelope[Message]
+__all__ = ["Mail", "Message", "SessionActor", "ToolsChanged"]
 
 
 class SessionActor(Actor[Mail]):
@@ -120,11 +117,27 @@ class SessionActor(Actor[Mail]):
             self.methods.notify(message)
         elif isinstance(message, jsonrpc.Batch):
             await self.calls.batch(message)
+        elif isinstance(message, ToolsChanged):
+            await self._tools_changed()
         else:
             # We send no requests, so a response correlates with nothing (the reader drops
             # them before the mailbox; this is only a guard).
             self.methods.log.debug("session.unexpected_response", id=message.id)
         return refusal
+
+    async def _tools_changed(self) -> None:
+        """``notifications/tools/list_changed`` to a client of the handshake era once it is
+        initialized (MCP ``server/tools``: sent by a server that declared
+        ``tools.listChanged``). A 2026-07-28 client asks for it on ``subscriptions/listen``
+        instead, and a sessionless session has no stream of its own to carry it."""
+        state = self.state
+        version = state.protocol_version
+        if not state.initialized or version is None or versions.is_modern(version):
+            return
+        if state.sessionless:
+            return
+        with contextlib.suppress(ConnectionGone):
+            await self._send(jsonrpc.encode_notification("notifications/tools/list_changed"), None)
 
     async def _answer(self, request: jsonrpc.Request) -> None:
         """A request other than ``tools/call``: answered here, in order."""
@@ -159,4 +172,6 @@ def _describe(message: Message) -> tuple[str, RequestId | None]:
         return message.method, None
     if isinstance(message, jsonrpc.Batch):
         return "batch", None
+    if isinstance(message, ToolsChanged):
+        return "tools_changed", None
     return "response", message.id

@@ -45,6 +45,9 @@ class SessionConfig:
     #: 2026-07-28, the Tasks extension: seconds a server-directed task may take and still be
     #: answered as a plain call (EXAI_TASK_AFTER); past it the client gets the task's handle.
     task_after: float = 5.0
+    #: Whether the node's tools may change while it runs (proxied servers): the
+    #: ``tools.listChanged`` capability, and ``notifications/tools/list_changed``.
+    tools_list_changed: bool = False
 
 
 @dataclass(frozen=True, slots=True)

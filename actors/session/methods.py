@@ -88,6 +88,7 @@ from runtime.mcp.schema import (
     SetLevelParams,
     TaskIdParams,
     TasksCapability,
+    ToolsCapability,
     UpdateTaskParams,
 )
 from runtime.mcp.tools import ToolRegistry
@@ -249,6 +250,7 @@ class SessionMethods:
         """The server's capabilities in ``version``: ``tasks`` (2025-11-25) or the Tasks
         extension (2026-07-28) only where tasks exist."""
         return ServerCapabilities(
+            tools=ToolsCapability(list_changed=self.config.tools_list_changed),
             tasks=TasksCapability() if self.has_tasks(version) else None,
             extensions=(
                 {versions.TASKS_EXTENSION: {}} if self.has_tasks_extension(version) else None

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import structlog
 import trio
 
+from actors.session.mail import Mail
 from actors.session.state import SessionState
 from runtime import trace
 from runtime.connection import Connection, ConnectionGone, Receive, message_size
@@ -39,7 +40,7 @@ from runtime.log_throttle import LogThrottle
 from runtime.mailbox import ActorRef, MailboxFull
 from runtime.mcp import jsonrpc, versions
 from runtime.mcp.errors import InvalidRequest, RpcError, ServerBusy
-from runtime.trace import Envelope, Meter, post
+from runtime.trace import Meter, post
 from storage.errors import ActorUnavailable
 
 log = structlog.get_logger("session")
@@ -65,7 +66,7 @@ class ReaderLimits:
 
 async def pump(
     receive: Receive,
-    mailbox: ActorRef[Envelope[jsonrpc.Inbound | jsonrpc.Batch]],
+    mailbox: ActorRef[Mail],
     *,
     connection: Connection,
     state: SessionState,
@@ -106,7 +107,7 @@ class _Reader:
 
     def __init__(
         self,
-        mailbox: ActorRef[Envelope[jsonrpc.Inbound | jsonrpc.Batch]],
+        mailbox: ActorRef[Mail],
         connection: Connection,
         state: SessionState,
         limits: ReaderLimits,
@@ -175,7 +176,7 @@ class _Reader:
         try:
             # In its envelope, stamped as it goes in: the message's trace starts here, or goes
             # on from the client's own (``_meta.traceparent``).
-            envelope = post(decoded, sender=self._sender, trace_id=_client_trace(decoded))
+            envelope: Mail = post(decoded, sender=self._sender, trace_id=_client_trace(decoded))
             self._mailbox.tell(envelope, sender=self._sender, size=size)
         except MailboxFull:
             self._refuse(decoded)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 from collections.abc import Sequence
 from typing import TypeVar
 
@@ -11,6 +12,7 @@ from runtime.mcp.errors import InvalidParams
 
 T = TypeVar("T")
 _PREFIX = "exai:v1:"
+_OFFSET = re.compile(r"[0-9]{1,18}")
 
 
 def encode_cursor(offset: int) -> str:
@@ -23,9 +25,12 @@ def decode_cursor(cursor: str) -> int:
         text = base64.urlsafe_b64decode(padded.encode()).decode()
     except (binascii.Error, UnicodeDecodeError, ValueError):
         raise InvalidParams(f"invalid cursor {cursor!r}: not one this server issued") from None
-    if not text.startswith(_PREFIX) or not text[len(_PREFIX) :].isdigit():
+    digits = text[len(_PREFIX) :]
+    # ASCII digits only (``str.isdigit`` admits "²", which ``int`` refuses), and no more than
+    # an offset this server could have issued (a Postgres bigint takes 18 digits whole).
+    if not text.startswith(_PREFIX) or _OFFSET.fullmatch(digits) is None:
         raise InvalidParams(f"invalid cursor {cursor!r}: not one this server issued")
-    return int(text[len(_PREFIX) :])
+    return int(digits)
 
 
 def page(items: Sequence[T], cursor: str | None, size: int) -> tuple[list[T], str | None]:

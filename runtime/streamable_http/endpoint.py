@@ -215,7 +215,14 @@ class StreamableHttpEndpoint:
         self.identities: dict[str, HttpSessionTransport] = {}
         self._starting: dict[str, trio.Event] = {}
         self._stopping = trio.Event()
+        #: Set (and replaced) whenever listen streams have something to do: the node stops,
+        #: or its tools changed (:meth:`tools_changed`, counted in :attr:`_tools_generation`).
+        self._wake = trio.Event()
+        self._tools_generation = 0
         self._per_identity: Counter[str] = Counter()
+        #: Sessions holding one of their identity's places in ``_per_identity``: given back
+        #: once, when the session is ended (DELETE, a refused ``initialize``) or its task is.
+        self._holding: set[str] = set()
         #: Requests in progress per identity (``max_exchanges_per_identity``).
         self._exchanges: Counter[str] = Counter()
         #: HTTP connections being served now.
@@ -407,7 +414,7 @@ class StreamableHttpEndpoint:
             transport = self._find(session_id, identity)
         frame = body.decode()
         if isinstance(message, jsonrpc.Request):
-            await self._answer_request(wire, transport, message, frame)
+            await self._answer_request(wire, transport, message, frame, opening=session_id is None)
             return
         try:
             await transport.deliver(frame)
@@ -457,10 +464,12 @@ class StreamableHttpEndpoint:
             )
         self._per_identity[identity] += 1
         try:
-            return await self._start_session(identity, str(peer))
+            transport = await self._start_session(identity, str(peer))
         except BaseException:
             self._forget_identity_session(identity)
             raise
+        self._holding.add(transport.session_id)
+        return transport
 
     async def _start_session(
         self, identity: str, remote: str, *, sessionless: bool = False
@@ -535,9 +544,21 @@ class StreamableHttpEndpoint:
                     del self.identities[identity]
             elif started:
                 del self.sessions[session_id]
-                self._forget_identity_session(identity)
+                self._give_back_place(transport)
             place.release()
             transport.gone.set()
+
+    def _end_session(self, transport: HttpSessionTransport, code: int, reason: str) -> None:
+        """End a 2025-era session now, and give its identity's place back at once: its
+        end is recorded behind (``_run_session``), but a client told it ended may open
+        another in the same moment."""
+        transport.close_now(code, reason)
+        self._give_back_place(transport)
+
+    def _give_back_place(self, transport: HttpSessionTransport) -> None:
+        if transport.session_id in self._holding:
+            self._holding.discard(transport.session_id)
+            self._forget_identity_session(transport.identity)
 
     def _forget_identity_session(self, identity: str) -> None:
         self._per_identity[identity] -= 1
@@ -558,7 +579,11 @@ class StreamableHttpEndpoint:
         transport: HttpSessionTransport,
         message: jsonrpc.Request,
         frame: str,
+        *,
+        opening: bool = False,
     ) -> None:
+        """Deliver ``message`` and write its response stream. ``opening``: it is the
+        ``initialize`` that opened ``transport``, which ends unless that succeeded."""
         try:
             stream = transport.open_stream(message.id, lambda: wire.stream.last_sent)
         except StreamInUse:
@@ -579,13 +604,20 @@ class StreamableHttpEndpoint:
             except ConnectionGone:
                 raise _gone(transport.session_id) from None
             headers = [] if transport.sessionless else _session_headers(transport)
-            await self._write(wire, transport, stream, json_allowed=True, headers=headers)
+            writer = await self._write(
+                wire, transport, stream, json_allowed=True, headers=headers, opening=opening
+            )
         except PeerGone:
             if transport.sessionless and not stream.answered:
                 await _cancel(transport, stream)
+            if opening:
+                # Its client never learnt of it: nobody would end it before the idle expiry.
+                self._end_session(transport, CLOSE_NORMAL, "initialize was not answered")
             raise
         finally:
             transport.release(stream)
+        if writer.refused:
+            self._end_session(transport, CLOSE_NORMAL, "initialize was refused")
 
     # -- 2026-07-28: sessionless -------------------------------------------------------------
 
@@ -623,10 +655,11 @@ class StreamableHttpEndpoint:
     async def _listen(self, wire: HttpWire, message: jsonrpc.Request) -> None:
         """``subscriptions/listen`` (2026-07-28, ``basic/patterns/subscriptions.mdx``): the
         stream that replaces the GET stream. Its acknowledgment names what this server will
-        send of what was asked: ``toolsListChanged`` (its tools never change, so nothing
-        ever follows it); prompts and resources it has none of, so they are left out. The
-        stream then stays open with keep-alive comments until the client closes it, or the
-        node stops, which ends it gracefully with the completion result. It needs no
+        send of what was asked: ``toolsListChanged`` (``notifications/tools/list_changed``
+        when the node's tools change: a proxied server's list, or it going down or up);
+        prompts and resources it has none of, so they are left out. The stream then stays
+        open with keep-alive comments until the client closes it, or the node stops, which
+        ends it gracefully with the completion result. It needs no
         session: nothing is sent on it that a session would produce."""
         asked = (message.params or {}).get("notifications")
         if not isinstance(asked, dict):
@@ -658,12 +691,19 @@ class StreamableHttpEndpoint:
         )
         await wire.start_stream(200, list(SSE_HEADERS))
         await wire.send_data(sse.event(acknowledged))
+        changed = jsonrpc.encode_notification("notifications/tools/list_changed", {"_meta": meta})
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_cancel_after, wire.watch_peer, nursery.cancel_scope)
+            seen = self._tools_generation
             while not self._stopping.is_set():
                 with trio.move_on_after(self.config.sse_keepalive):
-                    await self._stopping.wait()
-                if not self._stopping.is_set():
+                    await self._wake.wait()
+                if self._stopping.is_set():
+                    break
+                if honoured and self._tools_generation != seen:
+                    seen = self._tools_generation
+                    await wire.send_data(sse.event(changed))
+                else:
                     await wire.send_data(sse.KEEPALIVE)
             done = jsonrpc.encode_result(message.id, {"resultType": "complete", "_meta": meta})
             await wire.send_data(sse.event(done))
@@ -676,6 +716,17 @@ class StreamableHttpEndpoint:
         """The node is stopping: open ``subscriptions/listen`` streams end with their
         completion result."""
         self._stopping.set()
+        self._wake_listeners()
+
+    def tools_changed(self) -> None:
+        """The node's tools changed (a proxied server): each listen stream that asked for
+        ``toolsListChanged`` gets ``notifications/tools/list_changed``."""
+        self._tools_generation += 1
+        self._wake_listeners()
+
+    def _wake_listeners(self) -> None:
+        self._wake.set()
+        self._wake = trio.Event()
 
     async def _identity_session(self, identity: str) -> HttpSessionTransport:
         """The identity's sessionless session: the running one, or a new one (one start at
@@ -714,7 +765,7 @@ class StreamableHttpEndpoint:
 
     async def _delete(self, wire: HttpWire, request: h11.Request, identity: str) -> None:
         transport = self._find(self._required_session_id(request), identity)
-        transport.close_now(CLOSE_NORMAL, "the client ended the session (DELETE)")
+        self._end_session(transport, CLOSE_NORMAL, "the client ended the session (DELETE)")
         await wire.respond(200, b"", content_type=None, headers=_session_headers(transport))
 
     def _required_session_id(self, request: h11.Request) -> str:
@@ -741,11 +792,13 @@ class StreamableHttpEndpoint:
         *,
         json_allowed: bool,
         headers: list[tuple[bytes, bytes]],
-    ) -> None:
+        opening: bool = False,
+    ) -> StreamWriter:
         """Write ``stream`` to the peer until its response (or, for the listen stream, until
-        the session or the peer ends it). Raises :class:`PeerGone` if the peer left or
-        stopped reading (the connection is then closed)."""
-        writer = StreamWriter(wire, stream, headers, json_allowed)
+        the session or the peer ends it); the writer, which says how it ended. Raises
+        :class:`PeerGone` if the peer left or stopped reading (the connection is then
+        closed)."""
+        writer = StreamWriter(wire, stream, headers, json_allowed, opening=opening)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_cancel_after, wire.watch_peer, nursery.cancel_scope)
             nursery.start_soon(_cancel_after, stream.outbox.stalled.wait, nursery.cancel_scope)
@@ -767,6 +820,7 @@ class StreamableHttpEndpoint:
         if not writer.done:
             wire.broken = True
             raise PeerGone
+        return writer
 
     async def _keep_alive(self, stream: ResponseStream) -> None:
         """A comment on a quiet stream every ``sse_keepalive`` seconds (only when nothing is

@@ -157,8 +157,20 @@ def check_mirrored_headers(request: h11.Request, message: jsonrpc.Inbound) -> No
     shown = decode_sentinel(value)
     if shown is None:
         raise mismatch("Mcp-Name is not a valid header value")
-    if shown != body_name:
+    if shown != header_form(body_name):
         raise mismatch(f"Mcp-Name {shown[:60]!r} differs from the body's {str(body_name)[:60]!r}")
+
+
+def header_form(value: object) -> object:
+    """A body value as a client mirrors it in a header (transport spec, "Value Encoding",
+    "Type conversion"): a string as is, an integer in decimal, a boolean as ``true`` or
+    ``false``. Any other value is returned as it is, and matches no header. A mirrored
+    value of the wrong type passes here, to be refused by the method for what it is."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    return value
 
 
 def decode_sentinel(value: bytes) -> str | None:

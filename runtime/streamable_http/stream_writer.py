@@ -10,6 +10,8 @@ is renamed back to the client's id here, and an unknown method of that era is 40
 
 from __future__ import annotations
 
+import pydantic_core
+
 from runtime.mcp import jsonrpc
 from runtime.mcp.errors import MethodNotFound, Unavailable
 from runtime.streamable_http import sse
@@ -43,14 +45,21 @@ class StreamWriter:
         stream: ResponseStream,
         headers: list[tuple[bytes, bytes]],
         json_allowed: bool,
+        *,
+        opening: bool = False,
     ) -> None:
         self._wire = wire
         self._stream = stream
         self._headers = headers
         self._json_allowed = json_allowed
+        #: The stream answers the ``initialize`` that opened its session: an error response
+        #: establishes none, so it names none (see :attr:`refused`).
+        self._opening = opening
         self._streaming = False
         #: The response was written whole; the connection may serve another request.
         self.done = False
+        #: The response was a JSON-RPC error to the ``initialize`` that opened the session.
+        self.refused = False
 
     async def begin_stream(self) -> None:
         self._streaming = True
@@ -68,10 +77,16 @@ class StreamWriter:
             if jsonrpc.error_code(message, stream.request_id) == MethodNotFound.code:
                 status = 404
             message = jsonrpc.rename_response(message, stream.request_id, stream.client_id)
+        headers = self._headers
+        if final and self._opening and "error" in pydantic_core.from_json(message):
+            # 2025-11-25 transport spec, "Session Management": the session id comes "on
+            # the HTTP response containing the InitializeResult", and this is none.
+            self.refused = True
+            headers = []
         if not self._streaming:
             if final and self._json_allowed:
                 await self._wire.respond(
-                    status, message.encode(), content_type=JSON, headers=self._headers
+                    status, message.encode(), content_type=JSON, headers=headers
                 )
                 self.done = True
                 self._stream.end()

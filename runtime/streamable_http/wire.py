@@ -64,6 +64,11 @@ class HttpWire:
         declared = _content_length(request)
         if declared is not None and declared > limit:
             raise BodyTooLarge
+        if self.conn.they_are_waiting_for_100_continue:
+            # RFC 9110 section 10.1.1: a server that will read the content "MUST" send "an
+            # immediate 100 (Continue) response" (curl waits for it on every body over
+            # 1 MiB); a body over the limit was refused above, with its final status.
+            await self._send(h11.InformationalResponse(status_code=100, headers=[]))
         body = bytearray()
         while True:
             event = self.conn.next_event()
