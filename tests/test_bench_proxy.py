@@ -19,15 +19,9 @@ from bench.loadgen import CALL, call_template
 from bench.runner import RunOptions, measure
 from bench.scenarios import Scenario
 from bench.targets import Options, find_exai
-from tests.test_proxy_client import EVERYTHING
+from tests.test_proxy_client import everything
 
 TINY = Scenario("c10", "3 clients", active=3, warmup=0.2, duration=0.6)
-
-
-def everything() -> list[str]:
-    if not EVERYTHING.exists():
-        pytest.fail("server-everything env missing: run `just setup-clients`")
-    return [str(EVERYTHING), "stdio"]
 
 
 def test_a_call_template_names_the_tool_and_keeps_a_percent_sign_literal() -> None:
