@@ -25,7 +25,7 @@ from pathlib import Path
 import structlog
 import trio
 
-from actors.servers.proxy import ProxiedServer, StdioCommand
+from actors.servers.proxy import Endpoint, ProxiedServer, RemoteEndpoint, StdioCommand
 from actors.servers.tools import proxied_tools
 from runtime.child_process import ChildRecord
 from runtime.config import ConfigError, ServerEntry
@@ -33,7 +33,7 @@ from runtime.mcp.tools import ToolRegistry
 from runtime.status_model import ProxiedServerStatus
 from runtime.supervision import ChildContext, ChildSpec, Strategy, Supervisor
 
-__all__ = ["ProxiedServers", "expand_env"]
+__all__ = ["ProxiedServers", "endpoint", "expand_env"]
 
 log = structlog.get_logger("servers")
 
@@ -43,9 +43,12 @@ STARTUP_WAIT = 30.0
 _VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
-def expand_env(entry: str, values: Mapping[str, str], environ: Mapping[str, str]) -> dict[str, str]:
-    """``values`` with each ``${NAME}`` replaced by the node's variable; :class:`ConfigError`
-    naming the server and the variable if one is unset (never quoting a value)."""
+def expand_env(
+    entry: str, values: Mapping[str, str], environ: Mapping[str, str], *, table: str = "env"
+) -> dict[str, str]:
+    """``values`` (``servers.<entry>.<table>``) with each ``${NAME}`` replaced by the node's
+    variable; :class:`ConfigError` naming the server, the table, the key and the variable if
+    one is unset (never quoting a value)."""
     expanded: dict[str, str] = {}
     for key, value in values.items():
 
@@ -53,12 +56,26 @@ def expand_env(entry: str, values: Mapping[str, str], environ: Mapping[str, str]
             name = match.group(1)
             if name not in environ:
                 raise ConfigError(
-                    f"servers.{entry}.env.{key}: the variable {name} is not set for the node"
+                    f"servers.{entry}.{table}.{key}: the variable {name} is not set for the node"
                 )
             return environ[name]
 
         expanded[key] = _VARIABLE.sub(substitute, value)
     return expanded
+
+
+def endpoint(name: str, entry: ServerEntry, environ: Mapping[str, str]) -> Endpoint:
+    """How to reach the server of ``[servers.<name>]``: its command, or its URL and headers
+    (``${NAME}`` expanded in ``env`` and ``headers`` values)."""
+    if entry.url is not None:
+        return RemoteEndpoint(entry.url, expand_env(name, entry.headers, environ, table="headers"))
+    assert entry.command is not None  # ServerEntry: exactly one of the two
+    return StdioCommand(
+        entry.command,
+        tuple(entry.args),
+        expand_env(name, entry.env, environ),
+        str(entry.cwd) if entry.cwd is not None else None,
+    )
 
 
 class ProxiedServers:
@@ -79,16 +96,10 @@ class ProxiedServers:
         self.servers: dict[str, ProxiedServer] = {}
         self._separators: dict[str, str] = {}
         for name, entry in entries.items():
-            command = StdioCommand(
-                entry.command,
-                tuple(entry.args),
-                expand_env(name, entry.env, environ),
-                str(entry.cwd) if entry.cwd is not None else None,
-            )
             self._separators[name] = entry.separator
             self.servers[name] = ProxiedServer(
                 name,
-                command,
+                endpoint(name, entry, environ),
                 record=self.record,
                 max_message_bytes=max_message_bytes,
                 max_pending=entry.max_pending,
