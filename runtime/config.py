@@ -469,7 +469,10 @@ class ServerEntry(BaseModel):
         max_length=2048,
         description="A remote server's endpoint: ws://, wss://, http:// or https://.",
     )
-    headers: dict[str, str] = Field(
+    headers: dict[
+        Annotated[str, StringConstraints(pattern=r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,256}$")],
+        Annotated[str, StringConstraints(pattern=r"^[^\r\n\x00]*$", max_length=8192)],
+    ] = Field(
         default_factory=dict,
         description="Sent to a remote server with every request (its Authorization, say); a "
         "value may name the node's variables as ${NAME} (an unset one stops the start).",

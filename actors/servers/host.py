@@ -68,7 +68,13 @@ def endpoint(name: str, entry: ServerEntry, environ: Mapping[str, str]) -> Endpo
     """How to reach the server of ``[servers.<name>]``: its command, or its URL and headers
     (``${NAME}`` expanded in ``env`` and ``headers`` values)."""
     if entry.url is not None:
-        return RemoteEndpoint(entry.url, expand_env(name, entry.headers, environ, table="headers"))
+        headers = expand_env(name, entry.headers, environ, table="headers")
+        for key, value in headers.items():
+            if any(c in value for c in "\r\n\x00"):
+                raise ConfigError(
+                    f"servers.{name}.headers.{key}: a variable's value has a line break or NUL"
+                )
+        return RemoteEndpoint(entry.url, headers)
     assert entry.command is not None  # ServerEntry: exactly one of the two
     return StdioCommand(
         entry.command,

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import ssl
 from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -344,6 +345,10 @@ class HttpStream:
                     answer.retry = event.retry
                 if event.data and event.event in ("", "message"):
                     answer.answered |= await self._deliver(event.data, request_id)
+                if answer.answered:
+                    # The request's stream has nothing more to say (the server SHOULD end
+                    # it now): its connection is not held for a server that does not.
+                    return
 
     async def _deliver(self, message: str, request_id: Any) -> bool:
         """Hand ``message`` to :meth:`receive`; whether it is the response to
@@ -450,7 +455,8 @@ async def open_http_stream(
     listen: bool = True,
 ) -> AsyncIterator[HttpStream]:
     """A Streamable HTTP session with the MCP endpoint ``url`` (``http://`` or ``https://``,
-    system CA store), sending ``headers`` on every request; ``listen``: open the GET stream.
+    checked against the system's CA store), sending ``headers`` on every request;
+    ``listen``: open the GET stream.
 
     Nothing is sent before the first :meth:`HttpStream.send` (the server is reached then:
     an unreachable one breaks the stream). On exit: the answer-reading tasks are cancelled,
@@ -458,6 +464,7 @@ async def open_http_stream(
     """
     async with httpx.AsyncClient(
         headers=dict(headers),
+        verify=ssl.create_default_context(),  # the system's CA store, as wss:// uses
         timeout=httpx.Timeout(timeout, read=None),  # an answer takes as long as its tool
         follow_redirects=False,
     ) as client:
