@@ -15,9 +15,10 @@ text/event-stream``, with the ``MCP-Session-Id`` the server gave in its answer t
 
 After ``notifications/initialized`` the stream also opens the ``GET`` stream for the
 server's own messages (``tools/list_changed``, logs, pings); a server answering ``405`` has
-none. An SSE stream cut before its response, after an event with an ``id``, is resumed with
-``GET`` and ``Last-Event-ID`` after the server's ``retry`` (spec: "Resumability and
-Redelivery"), at most 3 times.
+none. An SSE stream the server ends before its response, after an event with an ``id``, is
+resumed with ``GET`` and ``Last-Event-ID`` after the server's ``retry`` (spec: "Resumability
+and Redelivery"; the server's "polling"), at most 3 times; a connection that drops
+mid-answer breaks the stream instead.
 
 The stream **breaks** (:class:`~runtime.mcp.client.ServerGone`, naming the endpoint without
 its query and never the headers) when the server cannot be reached, a connection drops
@@ -235,9 +236,10 @@ class HttpStream:
                     return
                 await self._read_answer(response, request_id, answer)
         except httpx.HTTPError as error:
-            if answer.last_id is None or answer.answered:
-                self._break(self._broke(error))
-                return
+            # A connection dropped mid-answer is the server gone, as a process that died
+            # (resuming after a cut, tried in a test, hung on server-everything's replay).
+            self._break(self._broke(error))
+            return
         except _TooLong:
             self._break(self._too_long())
             return
