@@ -65,8 +65,8 @@ from actors.conversation import Conversations, Upstream
 from actors.persistence import PersistenceActor, PersistenceClient, PersistenceConfig
 from actors.providers import UpstreamConfig, UpstreamConfigError, load_upstream, open_providers
 from actors.rate_limiter import RateLimiterActor, supervised_rate_limiter
-from actors.servers import ProxiedServers
-from actors.servers.host import expand_env
+from actors.servers import ProxiedServers, RemoteEndpoint
+from actors.servers.host import endpoint as server_endpoint
 from actors.session import SessionBounds, SessionConfig, SessionLifecycle, SessionServices
 from actors.session.mail import announce_tools_changed
 from actors.status import LiveSession, NodeStatusSource
@@ -89,7 +89,7 @@ from runtime.config import (
 )
 from runtime.handshake_admission import HandshakeAdmission
 from runtime.listener import ListenerCounters
-from runtime.logs import register_secret
+from runtime.logs import register_secret, secret_named
 from runtime.mcp.tool_api import use_workers
 from runtime.mcp.tools import Tool
 from runtime.mcp.versions import SUPPORTED_VERSIONS
@@ -155,7 +155,14 @@ def load_node_config(settings: Settings) -> NodeConfig:
         builtin=builtin_tool_names(test_faults=settings.test_faults),
     )
     for name, entry in file.servers.items():
-        expand_env(name, entry.env, os.environ)  # an unset ${NAME} stops the start here
+        # An unset ${NAME} stops the start here; a remote server's header values (its
+        # token) are masked in the log from now on, as the node's own tokens are.
+        reached = server_endpoint(name, entry, os.environ)
+        if isinstance(reached, RemoteEndpoint):
+            for header, value in reached.headers.items():
+                if secret_named(header):
+                    register_secret(value)
+                    register_secret(value.partition(" ")[2])  # the credential after "Bearer "
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     clients = load_client_tokens(settings, file)
     return NodeConfig(

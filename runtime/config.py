@@ -453,12 +453,30 @@ class ToolsConfig(BaseModel):
 
 
 class ServerEntry(BaseModel):
-    """``[servers.<name>]``: one proxied MCP server (docs/tools.md), a stdio child process
-    started from this file only (nothing a client sends can start a process)."""
+    """``[servers.<name>]``: one proxied MCP server (docs/tools.md): a stdio child process
+    started from this file only (nothing a client sends can start a process), ``command``;
+    or a remote server, ``url`` (``ws://``/``wss://``: WebSocket, ``http://``/``https://``:
+    Streamable HTTP) with ``headers``. Exactly one of the two."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    command: str = Field(min_length=1, description="The program (a path, or a name on PATH).")
+    command: str | None = Field(
+        default=None, min_length=1, description="The program (a path, or a name on PATH)."
+    )
+    url: str | None = Field(
+        default=None,
+        pattern=r"^(wss?|https?)://[^\s]+$",
+        max_length=2048,
+        description="A remote server's endpoint: ws://, wss://, http:// or https://.",
+    )
+    headers: dict[
+        Annotated[str, StringConstraints(pattern=r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,256}$")],
+        Annotated[str, StringConstraints(pattern=r"^[^\r\n\x00]*$", max_length=8192)],
+    ] = Field(
+        default_factory=dict,
+        description="Sent to a remote server with every request (its Authorization, say); a "
+        "value may name the node's variables as ${NAME} (an unset one stops the start).",
+    )
     args: list[str] = Field(default_factory=list, description="Its arguments.")
     env: dict[str, str] = Field(
         default_factory=dict,
@@ -505,6 +523,16 @@ class ServerEntry(BaseModel):
     retry_after: float = Field(
         default=60.0, gt=0, le=86_400, description="Seconds a down server waits to be retried."
     )
+
+    @model_validator(mode="after")
+    def _one_endpoint(self) -> ServerEntry:
+        if (self.command is None) == (self.url is None):
+            raise ValueError("give exactly one of command (a stdio server) or url (a remote one)")
+        if self.url is not None and (self.args or self.env or self.cwd is not None):
+            raise ValueError("args, env and cwd are for a command, not a url")
+        if self.command is not None and self.headers:
+            raise ValueError("headers are for a url, not a command")
+        return self
 
 
 #: A proxied server's name: part of its tools' names.

@@ -204,6 +204,12 @@ def register_secret(value: str) -> None:
         _known.pattern = re.compile("|".join(re.escape(s) for s in alternatives))
 
 
+def secret_named(name: str) -> bool:
+    """Whether a field (or header) named ``name`` holds a secret: one of its words is
+    ``token``, ``key``, ``authorization``, ``cookie``..."""
+    return _secret_named(name)
+
+
 def _secret_named(name: str) -> bool:
     return any(word.lower() in _SECRET_WORDS for word in _WORDS.findall(name))
 

@@ -124,8 +124,9 @@ def start_server(
     token: str | None = None,
     extra_env: dict[str, str] | None = None,
     timeout: float = 60,
+    port: int = 0,
 ) -> ServerProcess:
-    """Start ``exai serve`` on a free port and return once it printed its URL.
+    """Start ``exai serve`` on a free port (or ``port``) and return once it printed its URL.
 
     ``token=""`` starts it without ``EXAI_TOKEN``, so it uses (or creates) ``<state>/token``.
     """
@@ -136,7 +137,7 @@ def start_server(
         # Never starting with "-": tests pass it as a command-line argument too.
         token = token or "test_" + secrets.token_urlsafe(24)
         env["EXAI_TOKEN"] = token
-    args = [str(EXAI), "serve", "--port", "0", "--state-dir", str(state_dir)]
+    args = [str(EXAI), "serve", "--port", str(port), "--state-dir", str(state_dir)]
     if database_url is not None:
         args += ["--database-url", database_url]
     state_dir.mkdir(parents=True, exist_ok=True)

@@ -111,11 +111,18 @@ async def test_proxied_tools_are_listed_and_called(node: ServerProcess, database
         )
         assert unknown_tz["result"]["isError"] is True
 
-    rows = query(
-        database_url,
-        "select count(*) from tasks where tool_name = 'time__get_current_time'",
+    # Every proxied call is a task row (journaled before the answer; in the database with
+    # the writer's next batch).
+    await wait_until(
+        lambda: (
+            query(
+                database_url,
+                "select count(*) from tasks where tool_name = 'time__get_current_time'",
+            )[0][0]
+            >= 1
+        ),
+        what="the proxied call's task row",
     )
-    assert rows[0][0] >= 1  # every proxied call is a task row
 
 
 async def test_progress_comes_through_the_proxy(node: ServerProcess) -> None:

@@ -26,7 +26,13 @@ import structlog
 import trio
 
 from actors.servers.pool import CATALOG, ServerPool
-from actors.servers.proxy import ProxiedServer, ServerState, StdioCommand
+from actors.servers.proxy import (
+    Endpoint,
+    ProxiedServer,
+    RemoteEndpoint,
+    ServerState,
+    StdioCommand,
+)
 from actors.servers.tools import proxied_tools
 from runtime.child_process import ChildRecord
 from runtime.config import ConfigError, ServerEntry
@@ -34,7 +40,7 @@ from runtime.mcp.tools import ToolRegistry
 from runtime.status_model import ProxiedServerStatus
 from runtime.supervision import ChildContext, ChildSpec, Strategy, Supervisor
 
-__all__ = ["ProxiedServers", "expand_env"]
+__all__ = ["ProxiedServers", "endpoint", "expand_env"]
 
 log = structlog.get_logger("servers")
 
@@ -44,9 +50,12 @@ STARTUP_WAIT = 30.0
 _VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
-def expand_env(entry: str, values: Mapping[str, str], environ: Mapping[str, str]) -> dict[str, str]:
-    """``values`` with each ``${NAME}`` replaced by the node's variable; :class:`ConfigError`
-    naming the server and the variable if one is unset (never quoting a value)."""
+def expand_env(
+    entry: str, values: Mapping[str, str], environ: Mapping[str, str], *, table: str = "env"
+) -> dict[str, str]:
+    """``values`` (``servers.<entry>.<table>``) with each ``${NAME}`` replaced by the node's
+    variable; :class:`ConfigError` naming the server, the table, the key and the variable if
+    one is unset (never quoting a value)."""
     expanded: dict[str, str] = {}
     for key, value in values.items():
 
@@ -54,12 +63,32 @@ def expand_env(entry: str, values: Mapping[str, str], environ: Mapping[str, str]
             name = match.group(1)
             if name not in environ:
                 raise ConfigError(
-                    f"servers.{entry}.env.{key}: the variable {name} is not set for the node"
+                    f"servers.{entry}.{table}.{key}: the variable {name} is not set for the node"
                 )
             return environ[name]
 
         expanded[key] = _VARIABLE.sub(substitute, value)
     return expanded
+
+
+def endpoint(name: str, entry: ServerEntry, environ: Mapping[str, str]) -> Endpoint:
+    """How to reach the server of ``[servers.<name>]``: its command, or its URL and headers
+    (``${NAME}`` expanded in ``env`` and ``headers`` values)."""
+    if entry.url is not None:
+        headers = expand_env(name, entry.headers, environ, table="headers")
+        for key, value in headers.items():
+            if any(c in value for c in "\r\n\x00"):
+                raise ConfigError(
+                    f"servers.{name}.headers.{key}: a variable's value has a line break or NUL"
+                )
+        return RemoteEndpoint(entry.url, headers)
+    assert entry.command is not None  # ServerEntry: exactly one of the two
+    return StdioCommand(
+        entry.command,
+        tuple(entry.args),
+        expand_env(name, entry.env, environ),
+        str(entry.cwd) if entry.cwd is not None else None,
+    )
 
 
 class ProxiedServers:
@@ -119,16 +148,10 @@ class ProxiedServers:
     ) -> ProxiedServer:
         """One process of ``entry``: the node's (``key`` None), or a pool's instance (only
         the pool's catalog reports its tools)."""
-        command = StdioCommand(
-            entry.command,
-            tuple(entry.args),
-            expand_env(name, entry.env, environ),
-            str(entry.cwd) if entry.cwd is not None else None,
-        )
         lists_tools = key is None or key == CATALOG
         return ProxiedServer(
             name,
-            command,
+            endpoint(name, entry, environ),
             record=self.record,
             max_message_bytes=max_message_bytes,
             max_pending=entry.max_pending,

@@ -1,13 +1,17 @@
-"""One proxied MCP server (a stdio child process): kept running, restarted, or marked down.
+"""One proxied MCP server (a stdio child process, or a remote server reached over WebSocket or
+Streamable HTTP): kept running (connected), restarted (reconnected), or marked down.
 
 A :class:`ProxiedServer` is the body of one child of ``/root/servers``. Its :meth:`run` loops
 for as long as the node runs:
 
 1. start the command (``runtime.child_process``: its own process group, recorded in the
-   state dir), speak MCP to it (``runtime.mcp.client``), ``initialize``, read ``tools/list``;
-   the server is ``up``;
-2. serve calls (:meth:`call`) until its stream ends (the process died, or sent something
-   over the message bound); calls in flight then fail at once with a clear error;
+   state dir), or connect to the URL (``runtime.mcp.ws_client``, ``runtime.mcp.http_client``;
+   :func:`open_endpoint`), speak MCP to it (``runtime.mcp.client``), ``initialize``, read
+   ``tools/list``; the server is ``up``;
+2. serve calls (:meth:`call`) until its stream ends (the process died, the connection
+   dropped or was refused, or it sent something over the message bound: a remote server
+   whose connection drops is treated as a process that crashed); calls in flight then fail
+   at once with a clear error;
 3. restart it after a back-off (``backoff`` doubling to ``max_backoff``), within a restart
    intensity (OTP's MaxR in MaxT: ``max_restarts`` in ``restart_period`` seconds). Past the
    intensity the server is ``down``: its calls are refused with :class:`ServerDown` (-32004,
@@ -18,7 +22,8 @@ Its tools are read again after every start, and again when it sends
 ``on_tools_changed``, so the node can tell its clients.
 
 Cancellation: :meth:`run` ends when its scope is cancelled (the node stops): the child is
-stopped (stdin closed, then SIGTERM and SIGKILL to its group: ``Child.stop``), shielded.
+stopped (stdin closed, then SIGTERM and SIGKILL to its group: ``Child.stop``), shielded; a
+connection is closed (a Streamable HTTP session ended with ``DELETE``).
 """
 
 from __future__ import annotations
@@ -26,7 +31,8 @@ from __future__ import annotations
 import enum
 import os
 import signal
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,13 +42,30 @@ import trio
 from runtime.child_process import ChildRecord, start_child
 from runtime.log_throttle import LogThrottle
 from runtime.mcp import jsonrpc
-from runtime.mcp.client import ClientError, ClientSession, InitializedServer, Progress
+from runtime.mcp.client import (
+    ClientError,
+    ClientSession,
+    InitializedServer,
+    MessageStream,
+    Progress,
+)
+from runtime.mcp.http_client import open_http_stream
 from runtime.mcp.schema import Implementation, ToolDescriptor
 from runtime.mcp.stdio_client import StdioStream, log_stderr
+from runtime.mcp.ws_client import open_ws_stream, public_url
 from runtime.supervision import RestartIntensity
 from storage.errors import RetryLater
 
-__all__ = ["ProxiedServer", "ServerDown", "ServerState", "StdioCommand"]
+__all__ = [
+    "Connection",
+    "Endpoint",
+    "ProxiedServer",
+    "RemoteEndpoint",
+    "ServerDown",
+    "ServerState",
+    "StdioCommand",
+    "open_endpoint",
+]
 
 log = structlog.get_logger("servers")
 
@@ -71,13 +94,91 @@ class StdioCommand:
     cwd: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class RemoteEndpoint:
+    """A server reached over the network: ``url`` (``ws://``/``wss://``: WebSocket;
+    ``http://``/``https://``: Streamable HTTP) and the headers sent with it (the
+    ``Authorization`` it needs, say)."""
+
+    url: str
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+
+#: How a proxied server is reached.
+Endpoint = StdioCommand | RemoteEndpoint
+
+
+@dataclass(frozen=True, slots=True)
+class Connection:
+    """One incarnation's stream to the server; ``pid`` for a child process, ``url`` (no
+    query) for a remote one, and what to call its end when the stream just ended."""
+
+    stream: MessageStream
+    pid: int | None = None
+    url: str | None = None
+    ended: str = "it exited"
+
+
+@asynccontextmanager
+async def open_endpoint(
+    endpoint: Endpoint,
+    *,
+    name: str,
+    record: ChildRecord,
+    max_message_bytes: int,
+    stop_grace: float,
+    exited: Callable[[int | None], None] | None = None,
+) -> AsyncIterator[Connection]:
+    """Reach the server: start its process (its stderr logged meanwhile; stopped on exit:
+    stdin closed, then SIGTERM and SIGKILL to its group), or connect to its URL (closed on
+    exit). Raises ``OSError`` (a command that cannot start) or
+    :class:`~runtime.mcp.client.ServerGone` (a URL that cannot be reached or refuses us)."""
+    if isinstance(endpoint, RemoteEndpoint):
+        where = public_url(endpoint.url)
+        ended = "its connection closed"
+        if endpoint.url.startswith(("ws://", "wss://")):
+            async with open_ws_stream(
+                endpoint.url, endpoint.headers, name=name, max_message_bytes=max_message_bytes
+            ) as ws:
+                yield Connection(ws, url=where, ended=ended)
+        else:
+            async with open_http_stream(
+                endpoint.url, endpoint.headers, name=name, max_message_bytes=max_message_bytes
+            ) as http:
+                yield Connection(http, url=where, ended=ended)
+        return
+    env = {**os.environ, **endpoint.env} if endpoint.env else None
+    child = await start_child(
+        [endpoint.command, *endpoint.args], name=name, record=record, env=env, cwd=endpoint.cwd
+    )
+    process = child.process
+    assert process.stdin is not None
+    assert process.stdout is not None
+    assert process.stderr is not None
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(log_stderr, process.stderr, name)
+            yield Connection(
+                StdioStream(
+                    process.stdin, process.stdout, name=name, max_message_bytes=max_message_bytes
+                ),
+                pid=child.pid,
+            )
+            nursery.cancel_scope.cancel()
+    finally:
+        status = await child.stop(stop_grace)
+        if exited is not None:
+            exited(status)  # how the process ended, for the server's last error
+
+
 class ProxiedServer:
-    """One proxied stdio server (module doc). ``name`` names it in logs, errors, status."""
+    """One proxied server (module doc): a stdio child process or a remote endpoint.
+    ``name`` names it in logs, errors, status."""
 
     def __init__(
         self,
         name: str,
-        command: StdioCommand,
+        endpoint: Endpoint,
         *,
         record: ChildRecord,
         max_message_bytes: int,
@@ -91,7 +192,7 @@ class ProxiedServer:
         on_tools_changed: Callable[[ProxiedServer], None] | None = None,
     ) -> None:
         self.name = name
-        self._command = command
+        self._endpoint = endpoint
         self._record = record
         self._max_message_bytes = max_message_bytes
         self._max_pending = max_pending
@@ -170,8 +271,7 @@ class ProxiedServer:
             started_at = trio.current_time()
             self._exit_status = None
             try:
-                await self._serve_once()
-                self.last_error = "it exited"
+                self.last_error = await self._serve_once()
             except* (OSError, ClientError) as failed:
                 # Raised in the incarnation's nursery, so grouped: the first says why.
                 self.last_error = str(_first(failed))[:500]
@@ -201,27 +301,26 @@ class ProxiedServer:
             await trio.sleep(delay)
             delay = min(delay * 2, max_delay)
 
-    async def _serve_once(self) -> None:
-        """One incarnation: start, handshake, list, serve until the stream ends."""
-        command = self._command
-        env = {**os.environ, **command.env} if command.env else None
-        child = await start_child(
-            [command.command, *command.args],
+    async def _serve_once(self) -> str:
+        """One incarnation: connect, handshake, list, serve until the stream ends; why it
+        ended."""
+        async with open_endpoint(
+            self._endpoint,
             name=self.name,
             record=self._record,
-            env=env,
-            cwd=command.cwd,
-        )
-        self.pid = child.pid
-        process = child.process
-        assert process.stdin is not None
-        assert process.stdout is not None
-        assert process.stderr is not None
-        stream = StdioStream(
-            process.stdin, process.stdout, name=self.name, max_message_bytes=self._max_message_bytes
-        )
+            max_message_bytes=self._max_message_bytes,
+            stop_grace=self._stop_grace,
+            exited=self._exited,
+        ) as connection:
+            return await self._serve(connection)
+
+    def _exited(self, status: int | None) -> None:
+        self._exit_status = status
+
+    async def _serve(self, connection: Connection) -> str:
+        self.pid = connection.pid
         session = ClientSession(
-            stream,
+            connection.stream,
             name=f"proxied server {self.name!r}",
             client_info=CLIENT_INFO,
             max_pending=self._max_pending,
@@ -230,7 +329,6 @@ class ProxiedServer:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                nursery.start_soon(log_stderr, process.stderr, self.name)
                 reader_done = trio.Event()
 
                 async def read() -> None:
@@ -256,7 +354,8 @@ class ProxiedServer:
                 log.info(
                     "server.up",
                     server=self.name,
-                    pid=child.pid,
+                    pid=connection.pid,
+                    url=connection.url,
                     tools=len(tools),
                     version=self.server.protocol_version,
                 )
@@ -269,7 +368,7 @@ class ProxiedServer:
             self._session = None
             self._nursery = None
             self.pid = None
-            self._exit_status = await child.stop(self._stop_grace)
+        return session.broke or connection.ended
 
     def _notified(self, note: jsonrpc.Notification) -> None:
         if note.method == "notifications/tools/list_changed" and self._nursery is not None:

@@ -155,6 +155,8 @@ class ClientSession:
         self._progress: dict[str, _Pending] = {}
         self._logged: set[str] = set()
         self._gone: str | None = None
+        #: Why the stream broke (:class:`ServerGone` from it); ``None`` if it just ended.
+        self.broke: str | None = None
 
     # -- requests -----------------------------------------------------------------------------
 
@@ -291,7 +293,7 @@ class ClientSession:
                 try:
                     frame = await self._stream.receive()
                 except ServerGone as gone:
-                    why = str(gone)
+                    why = self.broke = str(gone)
                     return
                 if frame is None:
                     return
