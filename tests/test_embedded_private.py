@@ -38,19 +38,22 @@ as_root = pytest.mark.skipif(
 def postmasters(pgdata: Path) -> list[int]:
     """Every live postmaster on ``pgdata``, found by command line (``postgres -D <pgdata>``),
     whatever ``postmaster.pid`` says."""
-    found = []
+    found: dict[int, int] = {}  # pid -> parent pid
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
             argv = (entry / "cmdline").read_bytes().split(b"\0")
+            stat = (entry / "stat").read_text()
         except OSError:
             continue  # exited meanwhile
         if Path(os.fsdecode(argv[0])).name == "postgres" and b"-D" in argv:
             given = argv[argv.index(b"-D") + 1]
             if Path(os.fsdecode(given)).resolve() == pgdata.resolve():
-                found.append(int(entry.name))
-    return found
+                found[int(entry.name)] = int(stat[stat.rfind(")") + 2 :].split()[1])
+    # A backend the postmaster has just forked keeps its command line until it renames
+    # itself: a postmaster's child is not another postmaster.
+    return [pid for pid, parent in found.items() if parent not in found]
 
 
 def mode(path: Path) -> int:
