@@ -385,3 +385,16 @@ async def test_the_extension_over_websocket(eager: ServerProcess, database_url: 
         got = (await raw.receive())["result"]
         assert got["status"] == "cancelled"
         assert row_of(database_url, task_id)[0] == "cancelled"
+
+
+async def test_a_huge_task_id_or_cursor_is_not_echoed_whole(eager: ServerProcess) -> None:
+    """The error names the client's text clipped: it is bounded only by the body limit."""
+    async with httpx.AsyncClient(timeout=30) as client:
+        huge = "x" * 100_000
+        refused = await post(client, eager, request(1, "tasks/get", {"taskId": huge}), name="")
+        error = error_of(refused)
+        assert error["code"] == -32602
+        assert len(error["message"]) < 300
+        listed = await post(client, eager, request(2, "tools/list", {"cursor": huge}))
+        assert error_of(listed)["code"] == -32602
+        assert len(error_of(listed)["message"]) < 300

@@ -94,6 +94,7 @@ from runtime.mcp.schema import (
 from runtime.mcp.tools import ToolRegistry
 from storage.rows import SessionIdentified
 from storage.task_queries import TaskReadError
+from storage.untrusted import clip
 
 __all__ = [
     "CRASH_METHOD",
@@ -426,7 +427,7 @@ async def _list_tasks(
     cursor = params(ListTasksParams, request).cursor
     offset = 0 if cursor is None else decode_cursor(cursor)
     if cursor is not None and offset == 0:
-        raise InvalidParams(f"invalid cursor {cursor!r}: out of range")
+        raise InvalidParams(f"invalid cursor {clip(cursor, 64)!r}: out of range")
     size = session.config.page_size
     store = _task_host(session).store
     rows = await read_tasks(

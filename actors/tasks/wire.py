@@ -29,6 +29,7 @@ from runtime.mcp.schema import RELATED_TASK_META, DetailedTask, Task, TaskStatus
 from storage.rows import TaskCreated
 from storage.rows import TaskStatus as RowStatus
 from storage.task_queries import StoredTask
+from storage.untrusted import clip
 
 _STATUS: dict[RowStatus, TaskStatus] = {
     "pending": "working",
@@ -126,7 +127,7 @@ def detailed_task(
 def unknown_task(task_id: object) -> InvalidParams:
     """MCP: an invalid or nonexistent task id is -32602. Another identity's task gets this
     same error, so that ids cannot be probed."""
-    return InvalidParams(f"Failed to retrieve task: task {task_id!s} not found")
+    return InvalidParams(f"Failed to retrieve task: task {clip(str(task_id), 64)} not found")
 
 
 def related(task_id: str) -> dict[str, Any]:
