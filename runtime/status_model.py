@@ -251,6 +251,11 @@ class ProxiedServerStatus(_Model):
     """One proxied MCP server of ``[servers]`` (actors/servers, docs/tools.md)."""
 
     name: str
+    endpoint: str = Field(
+        default="",
+        description="A stdio server's command (no arguments), a remote one's URL (no user "
+        "info, no query): what may be shown without showing a secret.",
+    )
     state: Literal["starting", "up", "down"]
     pid: int | None = Field(description="Its process now, while it runs.")
     tools: int = Field(description="Tools it lists (the last list, while down).")
