@@ -63,6 +63,11 @@ class NodeInfo(_Model):
         default=0, description="Bytes queued for every session's peer, not yet taken."
     )
     outgoing_bytes_max: int | None = Field(default=None, description="Their node-wide bound.")
+    log_lines_dropped: int = Field(
+        default=0,
+        description="Log lines dropped since the start because the log writer's queue was "
+        "full (a disk slower than the node; runtime/log_writer.py).",
+    )
 
 
 class ActorStatus(_Model):
