@@ -26,6 +26,7 @@ events is :mod:`runtime.trace`'s; :func:`configure_logging` hands it the configu
 from __future__ import annotations
 
 import atexit
+import functools
 import logging
 import os
 import re
@@ -213,6 +214,7 @@ def secret_named(name: str) -> bool:
     return _secret_named(name)
 
 
+@functools.lru_cache(maxsize=4096)  # field names are few; bounded all the same
 def _secret_named(name: str) -> bool:
     return any(word.lower() in _SECRET_WORDS for word in _WORDS.findall(name))
 
@@ -436,7 +438,7 @@ class _Outputs:
             "dropped": counts,
             "logger": "logs",
             "level": "warning",
-            "timestamp": datetime.now(UTC).isoformat(),
+            "timestamp": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
         }
         return _Line(
             render_json(event),
@@ -536,6 +538,24 @@ class _StdlibBridge(logging.Handler):
             self.handleError(record)
 
 
+def _trace_event(level: str, event: dict[str, Any]) -> None:
+    """The direct path of ``actor.message`` events (:func:`runtime.trace.set_event_sink`):
+    what the pipeline of :func:`configure_logging` does to them, in its order, without the
+    steps that cannot apply (no context variables are bound through structlog, a trace
+    event carries no exception or stack). A tenth of the event loop's time went to the
+    general pipeline for these alone."""
+    if _METHOD_LEVELS[level] < _config.logger_levels.get("trace", _config.default_level):
+        return
+    event["event"] = trace.TRACE_EVENT
+    trace.merge_trace(None, level, event)
+    event["logger"] = "trace"
+    event["level"] = level
+    event["timestamp"] = datetime.now(UTC).isoformat().replace("+00:00", "Z")
+    redact(None, level, event)
+    clip_fields(None, level, event)
+    _config.outputs.write(event)
+
+
 def configure_logging(
     level: str = "info",
     *,
@@ -584,6 +604,7 @@ def configure_logging(
     _config.default_level = default_level
     _config.logger_levels = levels
     trace.set_sample_rate(settings.trace_sample)
+    trace.set_event_sink(_trace_event)
 
     structlog.configure(
         processors=[

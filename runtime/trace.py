@@ -34,7 +34,7 @@ import os
 import random
 import re
 import time
-from collections.abc import MutableMapping, Sequence
+from collections.abc import Callable, MutableMapping, Sequence
 from contextvars import ContextVar, Token
 from dataclasses import dataclass
 from types import TracebackType
@@ -175,6 +175,25 @@ def post(message: M, *, sender: str | None = None, trace_id: str | None = None) 
         time.perf_counter(),
     )
     return Envelope(message, mark)
+
+
+class _Sink:
+    """Where ``actor.message`` events go: ``write(level, event)``; ``None``: through
+    structlog like any event. :mod:`runtime.logs` installs its direct path
+    (:func:`set_event_sink`), the same steps without the general pipeline's: one of these
+    per message every actor handles."""
+
+    write: Callable[[str, dict[str, Any]], None] | None = None
+
+
+_sink = _Sink()
+
+
+def set_event_sink(sink: Callable[[str, dict[str, Any]], None] | None) -> None:
+    """Send every ``actor.message`` event to ``sink(level, event)`` (``level``: ``"info"`` or
+    ``"warning"``; ``event``: its fields, ``event`` itself not included), or back to
+    structlog with ``None``."""
+    _sink.write = sink
 
 
 @dataclass(slots=True)
@@ -386,7 +405,11 @@ class handling:  # lower case: used like a function, `with trace.handling(...) a
         event["handled_ms"] = round(handled * 1000, 3)
         event["outcome"] = self.outcome
         event.update(self._fields)
-        if self.outcome == ERROR:
+        level = "warning" if self.outcome == ERROR else "info"
+        sink = _sink.write
+        if sink is not None:
+            sink(level, event)
+        elif level == "warning":
             log.warning(TRACE_EVENT, **event)
         else:
             log.info(TRACE_EVENT, **event)
