@@ -1,0 +1,149 @@
+"""Issue 16, the review: proxied servers as a hostile server and a careless operator see them.
+
+Real processes (``tests/servers/hostile_review_server.py``, a server that misbehaves as its
+first argument says), real pipes, real signals. What the review found:
+
+- a server's tool names were served as it listed them, whatever they were: a newline, 10,000
+  characters, a space (MCP allows 1 to 128 of ``[A-Za-z0-9_.-]``, and so do exai's own);
+- ``tools/list`` pages were followed to the 100th whatever the tools already held (the proxy
+  serves 1,000 a server at most), so a server with 40,000 tools in pages of 400 never came up;
+- one stderr line over 64 KiB stopped the reading of the server's stderr: the server then
+  blocked on its next 64 KiB of log and answered nothing more;
+- two servers whose names overlap through the separator (``a`` and ``a__b``, ``a`` and
+  ``a_``) make one prefix glob (``tools = ["a__*"]``) reach both: refused at start.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import trio
+
+from actors.servers import ProxiedServer, ServerState, StdioCommand
+from actors.servers.tools import MAX_TOOLS_PER_SERVER, proxied_tools
+from runtime.child_process import ChildRecord
+from tests.harness import EXAI, wait_until
+
+HOSTILE = Path(__file__).parent / "servers" / "hostile_review_server.py"
+
+
+def hostile(tmp_path: Path, mode: str) -> ProxiedServer:
+    return ProxiedServer(
+        "h",
+        StdioCommand(sys.executable, (str(HOSTILE), mode)),
+        record=ChildRecord(tmp_path / "children"),
+        max_message_bytes=1 << 20,
+        backoff=0.01,
+        max_restarts=1,
+    )
+
+
+async def test_tool_names_mcp_does_not_allow_are_not_served(tmp_path: Path) -> None:
+    server = hostile(tmp_path, "names")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server.run)
+        await server.wait_up()
+        served = [tool.name for tool in proxied_tools(server, "__")]
+        assert served == ["h__ok", "h__" + "v" * 100]
+        # A name the prefix makes longer than 128 characters is not served either.
+        long_name = ProxiedServer(
+            "s" * 64,
+            StdioCommand(sys.executable, (str(HOSTILE), "names")),
+            record=ChildRecord(tmp_path / "children2"),
+            max_message_bytes=1 << 20,
+        )
+        long_name.tools = server.tools
+        assert [tool.name for tool in proxied_tools(long_name, "-" * 8)] == [
+            "s" * 64 + "-" * 8 + "ok"
+        ]
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_server_with_endless_pages_of_tools_is_served_its_first_thousand(
+    tmp_path: Path,
+) -> None:
+    server = hostile(tmp_path, "pages")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server.run)
+        await wait_until(
+            lambda: server.state in (ServerState.UP, ServerState.DOWN),
+            what="the server up or down",
+        )
+        assert server.state is ServerState.UP, server.last_error
+        assert len(server.tools) == MAX_TOOLS_PER_SERVER
+        assert len(proxied_tools(server, "__")) == MAX_TOOLS_PER_SERVER
+        # Three pages of 400 hold the first 1,000: no fourth was asked for.
+        asked = await server.call("pages", {})
+        assert asked["content"][0]["text"] == "3"
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_stderr_line_over_the_bound_does_not_stop_the_server(tmp_path: Path) -> None:
+    server = hostile(tmp_path, "stderr")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server.run)
+        await server.wait_up()
+        # The guard only bounds a failure: a server whose stderr is no longer read blocks
+        # for good once the pipe holds 64 KiB, and never answers.
+        with trio.fail_after(60):
+            for _ in range(2):
+                shouted = await server.call("shout", {})
+                assert shouted["content"][0]["text"] == "shouted"
+        assert server.restarts == 0
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_burst_of_requests_from_a_server_that_reads_nothing_meanwhile(
+    tmp_path: Path,
+) -> None:
+    """5,000 requests at once from a single-threaded server: the proxy's answers (-32601)
+    must not be written by the task that reads the server, or both block on full pipes (the
+    server writing its requests, the reader writing an answer the server is not reading)."""
+    server = hostile(tmp_path, "requests")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server.run)
+        await server.wait_up()
+        with trio.fail_after(60):  # bounds a deadlock, never paces a success
+            for _ in range(2):
+                begged = await server.call("beg", {})
+                assert begged["content"][0]["text"] == "begged"
+        assert server.restarts == 0
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize(
+    ("tables", "expected"),
+    [
+        ("[servers.a]\n{c}\n[servers.a__b]\n{c}\n", "servers a and a__b"),
+        ("[servers.a]\n{c}\n[servers.a_]\n{c}\n", "servers a and a_"),
+        ('[servers.ab]\n{c}\nseparator = "-"\n[servers.ab-c]\n{c}\n', "servers ab and ab-c"),
+    ],
+)
+def test_servers_whose_names_overlap_through_the_separator_stop_the_start(
+    tmp_path: Path, tables: str, expected: str
+) -> None:
+    config = tmp_path / "exai.toml"
+    config.write_text(tables.format(c='command = "true"'))
+    done = subprocess.run(
+        [
+            str(EXAI),
+            "serve",
+            "--port",
+            "0",
+            "--state-dir",
+            str(tmp_path / "s"),
+            "--config",
+            str(config),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env=dict(os.environ),
+    )
+    assert done.returncode == 2, done.stderr
+    assert expected in done.stderr, done.stderr
