@@ -9,6 +9,8 @@ first argument says), real pipes, real signals. What the review found:
   serves 1,000 a server at most), so a server with 40,000 tools in pages of 400 never came up;
 - one stderr line over 64 KiB stopped the reading of the server's stderr: the server then
   blocked on its next 64 KiB of log and answered nothing more;
+- a call to an unknown tool quoted the client's name whole in its -32602: 10,000 characters
+  in, 10,000 out (bounded only by the 4 MiB message);
 - two servers whose names overlap through the separator (``a`` and ``a__b``, ``a`` and
   ``a_``) make one prefix glob (``tools = ["a__*"]``) reach both: refused at start.
 """
@@ -26,7 +28,7 @@ import trio
 from actors.servers import ProxiedServer, ServerState, StdioCommand
 from actors.servers.tools import MAX_TOOLS_PER_SERVER, proxied_tools
 from runtime.child_process import ChildRecord
-from tests.harness import EXAI, wait_until
+from tests.harness import EXAI, RawClient, open_raw, start_server, wait_until
 
 HOSTILE = Path(__file__).parent / "servers" / "hostile_review_server.py"
 
@@ -113,6 +115,22 @@ async def test_a_burst_of_requests_from_a_server_that_reads_nothing_meanwhile(
                 assert begged["content"][0]["text"] == "begged"
         assert server.restarts == 0
         nursery.cancel_scope.cancel()
+
+
+async def test_an_unknown_tool_is_quoted_clipped(database_url: str, tmp_path: Path) -> None:
+    node = start_server(tmp_path / "state", database_url=database_url)
+    try:
+        async with open_raw(node.authed_url()) as ws:
+            client = RawClient(ws)
+            await client.initialize("2025-11-25")
+            for name in ["x" * 10_000, "time__now\n\x1b[31m" + "y" * 5_000]:
+                answer = await client.request("tools/call", {"name": name, "arguments": {}})
+                message = answer["error"]["message"]
+                assert answer["error"]["code"] == -32602
+                assert message.startswith("unknown tool: "), message[:100]
+                assert len(message) < 200, len(message)
+    finally:
+        assert node.stop() == 0, node.stderr_path.read_text()
 
 
 @pytest.mark.parametrize(
