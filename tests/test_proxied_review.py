@@ -28,6 +28,7 @@ import trio
 from actors.servers import ProxiedServer, ServerState, StdioCommand
 from actors.servers.tools import MAX_TOOLS_PER_SERVER, proxied_tools
 from runtime.child_process import ChildRecord
+from runtime.mcp.client import Progress
 from tests.harness import EXAI, RawClient, open_raw, start_server, wait_until
 
 HOSTILE = Path(__file__).parent / "servers" / "hostile_review_server.py"
@@ -131,6 +132,29 @@ async def test_an_unknown_tool_is_quoted_clipped(database_url: str, tmp_path: Pa
                 assert len(message) < 200, len(message)
     finally:
         assert node.stop() == 0, node.stderr_path.read_text()
+
+
+async def test_garbage_stray_answers_and_floods_leave_the_server_serving(
+    tmp_path: Path,
+) -> None:
+    """Held up in the review: what the reader cannot use is dropped (logged once), and the
+    call that provoked it is answered, by the same incarnation."""
+    server = hostile(tmp_path, "chaos")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server.run)
+        await server.wait_up()
+        for _ in range(2):
+            notes: list[Progress] = []
+
+            async def note(progress: Progress, notes: list[Progress] = notes) -> None:
+                notes.append(progress)
+
+            answer = await server.call("chaos", {}, on_progress=note)
+            assert answer["content"][0]["text"] == "survived"
+            assert notes == []  # progress for tokens of no call of ours reaches none
+        assert server.restarts == 0
+        assert server.state is ServerState.UP
+        nursery.cancel_scope.cancel()
 
 
 @pytest.mark.parametrize(

@@ -10,6 +10,10 @@
 ``requests``
     its tool ``beg`` sends 5,000 ``sampling/createMessage`` requests at once, reading nothing
     meanwhile (as a single-threaded server does), then answers ``begged``.
+``chaos``
+    its tool ``chaos`` writes, before its answer: lines that are not JSON, a batch, answers
+    to ids it was never sent (a number, a string, null), 2,000 ``notifications/progress``
+    for tokens it was never given and 2,000 ``notifications/message``; then ``survived``.
 ``stderr``
     its tool ``shout`` writes a 100 KiB line to stderr, then 512 KiB of ordinary lines, then
     answers ``shouted``: a server whose stderr is not read blocks on the write.
@@ -45,6 +49,8 @@ def listing(params: dict[str, object]) -> dict[str, object]:
         if page == 0:
             tools[0] = tool("pages")
         return {"tools": tools, "nextCursor": str(page + 1)}
+    if MODE == "chaos":
+        return {"tools": [tool("chaos")]}
     if MODE == "requests":
         return {"tools": [tool("beg")]}
     return {"tools": [tool("shout")]}
@@ -57,6 +63,18 @@ def call(name: object) -> str:
             sys.stderr.write("z" * 1023 + "\n")
         sys.stderr.flush()
         return "shouted"
+    if name == "chaos":
+        sys.stdout.write('not json\n{"half": \n\x00\xff garbage\n[]\n')
+        send({"jsonrpc": "2.0", "id": 99_999, "result": {}})
+        send({"jsonrpc": "2.0", "id": "exai-1", "result": {}})
+        send({"jsonrpc": "2.0", "id": None, "error": {"code": -32600, "message": "x"}})
+        sys.stdout.write(json.dumps([{"jsonrpc": "2.0", "method": "ping", "id": 7}]) + "\n")
+        for index in range(2000):
+            note = {"progressToken": f"not-ours-{index}", "progress": index, "total": 2000}
+            send({"jsonrpc": "2.0", "method": "notifications/progress", "params": note})
+            data = {"level": "error", "data": "z" * 200}
+            send({"jsonrpc": "2.0", "method": "notifications/message", "params": data})
+        return "survived"
     if name == "beg":
         for index in range(5000):
             send({"jsonrpc": "2.0", "id": f"s{index}", "method": "sampling/createMessage"})
