@@ -4,7 +4,10 @@ Real processes (``tests/servers/hostile_review_server.py``, a server that misbeh
 first argument says), real pipes, real signals. What the review found:
 
 - a server's tool names were served as it listed them, whatever they were: a newline, 10,000
-  characters, a space (MCP allows 1 to 128 of ``[A-Za-z0-9_.-]``, and so do exai's own);
+  characters, a space (MCP allows 1 to 128 of ``[A-Za-z0-9_.-]``, and so do exai's own); and
+  so were input and output schemas that are not object schemas (MCP's ``Tool`` requires
+  ``"type": "object"``; a client that checks the listing, the TypeScript SDK's, refuses the
+  whole ``tools/list`` for one such tool, every other server's tools with it);
 - ``tools/list`` pages were followed to the 100th whatever the tools already held (the proxy
   serves 1,000 a server at most), so a server with 40,000 tools in pages of 400 never came up;
 - one stderr line over 64 KiB stopped the reading of the server's stderr: the server then
@@ -45,7 +48,7 @@ def hostile(tmp_path: Path, mode: str) -> ProxiedServer:
     )
 
 
-async def test_tool_names_mcp_does_not_allow_are_not_served(tmp_path: Path) -> None:
+async def test_tools_mcp_does_not_allow_are_not_served(tmp_path: Path) -> None:
     server = hostile(tmp_path, "names")
     async with trio.open_nursery() as nursery:
         nursery.start_soon(server.run)

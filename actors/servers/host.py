@@ -254,7 +254,8 @@ class ProxiedServers:
                 "servers.tool_names_refused",
                 server=server.name,
                 names=unservable,
-                why="MCP tool names are 1 to 128 of [A-Za-z0-9_.-], the server's prefix included",
+                why="MCP tool names are 1 to 128 of [A-Za-z0-9_.-], the server's prefix "
+                "included, and input and output schemas are objects (type object)",
             )
         if self._on_change is not None:
             self._on_change()

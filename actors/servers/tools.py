@@ -78,14 +78,15 @@ class ProxiedTool(Tool[PassThrough]):
 def proxied_tools(server: ProxiedServer | ServerPool, separator: str) -> list[Tool[Any]]:
     """The server's current tools as the node's (none while it is not up): those whose
     served name ``<server><separator><tool>`` is one MCP allows (1 to 128 of
-    ``[A-Za-z0-9_.-]``, 2025-11-25 ``server/tools``, "Tool Names"), as exai's own must be.
-    A server's names reach every client's ``tools/list``, its access lists and exai's log:
-    a newline, a control character or 10,000 characters in one are not passed on
-    (:func:`unservable_names` says which)."""
+    ``[A-Za-z0-9_.-]``, 2025-11-25 ``server/tools``, "Tool Names"), as exai's own must be,
+    and whose input and output schemas are object schemas, as MCP's ``Tool`` requires.
+    A server's tools reach every client's ``tools/list``, its access lists and exai's log:
+    a newline, a control character or 10,000 characters in a name, or a schema a client
+    refuses the whole listing for, are not passed on (:func:`unservable_names` says which)."""
     made: list[Tool[Any]] = []
     for listed in server.tools[:MAX_TOOLS_PER_SERVER]:
         name = f"{server.name}{separator}{listed.name}"
-        if not _servable(name, listed.name):
+        if not _servable(name, listed):
             continue
         attributes: dict[str, Any] = {
             "name": name,
@@ -107,10 +108,18 @@ def unservable_names(server: ProxiedServer | ServerPool, separator: str) -> list
     return [
         repr(listed.name)[:80]
         for listed in server.tools[:MAX_TOOLS_PER_SERVER]
-        if not _servable(f"{server.name}{separator}{listed.name}", listed.name)
+        if not _servable(f"{server.name}{separator}{listed.name}", listed)
     ][:20]
 
 
-def _servable(name: str, remote_name: str) -> bool:
+def _servable(name: str, listed: ToolDescriptor) -> bool:
     # The server's own name must be one too: an empty one would serve the bare prefix.
-    return bool(NAME_PATTERN.match(name) and NAME_PATTERN.match(remote_name))
+    named = NAME_PATTERN.match(name) is not None and NAME_PATTERN.match(listed.name) is not None
+    # MCP's Tool: inputSchema and outputSchema are object schemas ("type": "object"); a
+    # client that checks (the TypeScript SDK) refuses a whole tools/list holding one that
+    # is not, every other tool of the node with it.
+    output = listed.output_schema
+    objects = listed.input_schema.get("type") == "object" and (
+        output is None or output.get("type") == "object"
+    )
+    return named and objects

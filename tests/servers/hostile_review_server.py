@@ -3,7 +3,8 @@
 
 ``names``
     lists tools whose names MCP does not allow beside two it does (``ok``, 100 ``v``): a name
-    with a newline, one of 10,000 characters, one with a space, one empty.
+    with a newline, one of 10,000 characters, one with a space, one empty; and tools whose
+    input or output schema is not an object schema (MCP requires ``"type": "object"``).
 ``pages``
     pages ``tools/list`` without end: 400 tools a page, always a ``nextCursor``; and answers
     ``pages`` (a tool on the first page) with how many pages it was asked for.
@@ -41,7 +42,12 @@ def tool(name: str) -> dict[str, object]:
 def listing(params: dict[str, object]) -> dict[str, object]:
     if MODE == "names":
         names = ["ok", "v" * 100, "bad\nname", "x" * 10_000, "sp ace", ""]
-        return {"tools": [tool(name) for name in names]}
+        not_objects = [
+            {"name": "stringly", "inputSchema": {"type": "string"}},
+            {"name": "untyped", "inputSchema": {"properties": {}}},
+            {"name": "listy", "inputSchema": {"type": "object"}, "outputSchema": {"type": "array"}},
+        ]
+        return {"tools": [tool(name) for name in names] + not_objects}
     if MODE == "pages":
         asked[0] += 1
         page = int(str(params.get("cursor") or "0"))
