@@ -12,6 +12,8 @@ first argument says), real pipes, real signals. What the review found:
   serves 1,000 a server at most), so a server with 40,000 tools in pages of 400 never came up;
 - one stderr line over 64 KiB stopped the reading of the server's stderr: the server then
   blocked on its next 64 KiB of log and answered nothing more;
+- an answer the client could not read (a result that is not an object, an error without a
+  message) was dropped, and the call it answered waited for ever, holding its slots;
 - a call to an unknown tool quoted the client's name whole in its -32602: 10,000 characters
   in, 10,000 out (bounded only by the 4 MiB message);
 - two servers whose names overlap through the separator (``a`` and ``a__b``, ``a`` and
@@ -31,7 +33,7 @@ import trio
 from actors.servers import ProxiedServer, ServerState, StdioCommand
 from actors.servers.tools import MAX_TOOLS_PER_SERVER, proxied_tools
 from runtime.child_process import ChildRecord
-from runtime.mcp.client import Progress
+from runtime.mcp.client import ClientError, Progress, ServerGone
 from tests.harness import EXAI, RawClient, open_raw, start_server, wait_until
 
 HOSTILE = Path(__file__).parent / "servers" / "hostile_review_server.py"
@@ -157,6 +159,22 @@ async def test_garbage_stray_answers_and_floods_leave_the_server_serving(
             assert notes == []  # progress for tokens of no call of ours reaches none
         assert server.restarts == 0
         assert server.state is ServerState.UP
+        nursery.cancel_scope.cancel()
+
+
+async def test_an_answer_that_is_no_valid_response_fails_its_call(tmp_path: Path) -> None:
+    server = hostile(tmp_path, "invalid")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server.run)
+        await server.wait_up()
+        with trio.fail_after(60):  # bounds a call left waiting, never paces an answer
+            for tool in ("bad_result", "bad_error"):
+                with pytest.raises(ClientError, match="invalid answer") as failed:
+                    await server.call(tool, {})
+                assert not isinstance(failed.value, ServerGone)
+            fine = await server.call("fine", {})
+        assert fine["content"][0]["text"] == "fine"
+        assert server.restarts == 0
         nursery.cancel_scope.cancel()
 
 

@@ -126,6 +126,9 @@ class _Pending:
     result: dict[str, Any] | None = None
     error: jsonrpc.ErrorObject | None = None
     gone: str | None = None
+    #: Why its answer could not be read (not a JSON-RPC response: a result that is not an
+    #: object, an error without a message).
+    invalid: str | None = None
     progress: trio.MemorySendChannel[Progress] | None = None
 
 
@@ -267,6 +270,8 @@ class ClientSession:
                 del self._progress[token]
         if pending.error is not None:
             raise ServerError(self.name, pending.error)
+        if pending.invalid is not None:
+            raise ClientError(f"{self.name} sent an invalid answer: {pending.invalid}")
         if pending.gone is not None or pending.result is None:
             raise ServerGone(f"{self.name} went away before answering: {pending.gone}")
         return pending.result
@@ -338,6 +343,8 @@ class ClientSession:
             message = jsonrpc.decode(frame)
         except RpcError as error:
             self._log_once("invalid", "server.invalid_message", error=error.message)
+            if isinstance(error, jsonrpc.InvalidRequestWithId):
+                self._answer_invalid(frame, error.request_id, error.message)
             return
         if isinstance(message, list):
             self._log_once("batch", "server.invalid_message", error="a batch")
@@ -364,6 +371,21 @@ class ClientSession:
         if pending.progress is not None:
             # The server's progress came before its answer (one stream, in order): what is
             # buffered is handed over, then the request's wait ends (_wait_with_progress).
+            pending.progress.close()
+
+    def _answer_invalid(self, frame: str, request_id: jsonrpc.RequestId, why: str) -> None:
+        """A response to one of our requests that is not a valid one still ends its wait
+        (otherwise it waits for ever, holding its caller's slots): the request fails with
+        ``why``. Not for an invalid request of the server's that reuses one of our ids."""
+        pending = self._pending.get(request_id) if isinstance(request_id, int) else None
+        if pending is None or pending.done.is_set():
+            return
+        data = pydantic_core.from_json(frame)  # it parsed once: its fault is its shape
+        if not isinstance(data, dict) or "method" in data:
+            return
+        pending.invalid = why[:200]
+        pending.done.set()
+        if pending.progress is not None:
             pending.progress.close()
 
     def _route_progress(self, message: jsonrpc.Notification) -> None:

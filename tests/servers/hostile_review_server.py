@@ -15,6 +15,9 @@
     its tool ``chaos`` writes, before its answer: lines that are not JSON, a batch, answers
     to ids it was never sent (a number, a string, null), 2,000 ``notifications/progress``
     for tokens it was never given and 2,000 ``notifications/message``; then ``survived``.
+``invalid``
+    answers its tool ``bad_result`` with a result that is not an object, ``bad_error`` with
+    an error object without a message, and ``fine`` with ``fine``.
 ``stderr``
     its tool ``shout`` writes a 100 KiB line to stderr, then 512 KiB of ordinary lines, then
     answers ``shouted``: a server whose stderr is not read blocks on the write.
@@ -55,6 +58,8 @@ def listing(params: dict[str, object]) -> dict[str, object]:
         if page == 0:
             tools[0] = tool("pages")
         return {"tools": tools, "nextCursor": str(page + 1)}
+    if MODE == "invalid":
+        return {"tools": [tool("bad_result"), tool("bad_error"), tool("fine")]}
     if MODE == "chaos":
         return {"tools": [tool("chaos")]}
     if MODE == "requests":
@@ -85,6 +90,8 @@ def call(name: object) -> str:
         for index in range(5000):
             send({"jsonrpc": "2.0", "id": f"s{index}", "method": "sampling/createMessage"})
         return "begged"
+    if name == "fine":
+        return "fine"
     if name == "pages":
         return str(asked[0])
     return "ok"
@@ -104,6 +111,12 @@ for line in sys.stdin:
         }
     elif method == "tools/list":
         result = listing(params)
+    elif method == "tools/call" and params.get("name") == "bad_result":
+        send({"jsonrpc": "2.0", "id": request_id, "result": "oops"})
+        continue
+    elif method == "tools/call" and params.get("name") == "bad_error":
+        send({"jsonrpc": "2.0", "id": request_id, "error": {"code": "x"}})
+        continue
     elif method == "tools/call":
         text = call(params.get("name"))
         result = {"content": [{"type": "text", "text": text}], "isError": False}
