@@ -16,13 +16,18 @@ first argument says), real pipes, real signals. What the review found:
   message) was dropped, and the call it answered waited for ever, holding its slots;
 - a call to an unknown tool quoted the client's name whole in its -32602: 10,000 characters
   in, 10,000 out (bounded only by the 4 MiB message);
+- ``exai status`` listed the proxied servers with their health, but not the team's own tools
+  (docs/tools.md: each "gets what exai gives its own tools ... ``exai status``"): it now has
+  TOOLS, each with where it was declared, where it runs, its calls running and timeout;
 - two servers whose names overlap through the separator (``a`` and ``a__b``, ``a`` and
   ``a_``) make one prefix glob (``tools = ["a__*"]``) reach both: refused at start.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -34,7 +39,10 @@ from actors.servers import ProxiedServer, ServerState, StdioCommand
 from actors.servers.tools import MAX_TOOLS_PER_SERVER, proxied_tools
 from runtime.child_process import ChildRecord
 from runtime.mcp.client import ClientError, Progress, ServerGone
-from tests.harness import EXAI, RawClient, open_raw, start_server, wait_until
+from tests.harness import EXAI, RawClient, open_raw, start_server, wait_for_status, wait_until
+from tests.test_proxy_client import SERVER_TIME
+from tests.test_status import exai_async
+from tests.test_tool_api import USER_TOOLS
 
 HOSTILE = Path(__file__).parent / "servers" / "hostile_review_server.py"
 
@@ -176,6 +184,56 @@ async def test_an_answer_that_is_no_valid_response_fails_its_call(tmp_path: Path
         assert fine["content"][0]["text"] == "fine"
         assert server.restarts == 0
         nursery.cancel_scope.cancel()
+
+
+async def test_status_lists_the_teams_tools_beside_a_proxied_server(
+    database_url: str, tmp_path: Path
+) -> None:
+    """docs/tools.md's end: your own tool and a server from PyPI side by side in
+    ``exai status``, with their health."""
+    if not SERVER_TIME.exists():
+        pytest.fail("mcp-server-time env missing: run `just setup-clients` (just test does)")
+    config = tmp_path / "exai.toml"
+    config.write_text(
+        f"""
+[tools]
+path = [{json.dumps(str(USER_TOOLS))}]
+modules = ["team_tools"]
+
+[servers.time]
+command = "{SERVER_TIME}"
+args = ["--local-timezone", "UTC"]
+"""
+    )
+    node = start_server(
+        tmp_path / "state", database_url=database_url, extra_env={"EXAI_CONFIG": str(config)}
+    )
+    try:
+        status = await wait_for_status(
+            node,
+            lambda s: any(server.state == "up" for server in s.servers),
+            what="time up",
+        )
+        tools = {tool.name: tool for tool in status.tools}
+        assert tools["echo"].origin == "built-in"
+        assert tools["word_count"].origin == "team_tools.word_count"
+        assert tools["word_count"].runs == "worker thread"
+        assert tools["shout"].runs == "event loop"
+        assert (tools["shout"].running, tools["shout"].max_concurrency) == (0, 2)
+        assert not any(name.startswith("time__") for name in tools)  # under its server
+        done = await exai_async("status", "--state-dir", str(node.state_dir))
+        text = done.stdout.decode()
+        assert done.returncode == 0, done.stderr
+        tools_part = text.split("\nTOOLS\n", 1)[1].split("\n\n", 1)[0]
+        assert "word_count" in tools_part
+        assert "team_tools.word_count" in tools_part
+        assert "shout" in tools_part
+        assert "0/2" in tools_part
+        assert "and 2 tools of proxied servers" in tools_part
+        servers_part = text.split("\nPROXIED SERVERS\n", 1)[1]
+        assert re.search(r"^time +up ", servers_part, re.MULTILINE), servers_part
+    finally:
+        assert node.stop() == 0, node.stderr_path.read_text()
 
 
 @pytest.mark.parametrize(
