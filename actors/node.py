@@ -547,6 +547,7 @@ class _Tree:
             breakers=self._breakers,
             supervisors=[self.root, self.sessions_supervisor, self.servers.supervisor],
             servers=self.servers.status,
+            tools=self.services.tools,
             pykka_actors={
                 "/root/persistence": self.persistence_name,
                 "/root/rate_limiter": self.limiter_name,

@@ -40,6 +40,8 @@ from runtime.budget import NodeBudget
 from runtime.dead_letters import DeadLetters, dead_letters
 from runtime.logs import dropped_log_lines
 from runtime.mailbox import ActorRef
+from runtime.mcp.tool_api import FunctionTool
+from runtime.mcp.tools import ToolRegistry
 from runtime.mcp.versions import SUPPORTED_VERSIONS
 from runtime.pykka_supervision import ActorName
 from runtime.server import Sessions
@@ -57,6 +59,7 @@ from runtime.status_model import (
     ProxiedServerStatus,
     SessionStatus,
     SessionTransport,
+    ToolStatus,
 )
 from runtime.supervision import Supervisor
 from runtime.tool_workers import ToolWorkers
@@ -151,6 +154,7 @@ class NodeStatusSource:
         http_url: Callable[[], str | None] | None = None,
         servers: Callable[[], list[ProxiedServerStatus]] | None = None,
         proxied: Mapping[str, ProxiedServer] | None = None,
+        tools: ToolRegistry | None = None,
     ) -> None:
         self._node_id = node_id
         self._sessions = sessions
@@ -170,6 +174,7 @@ class NodeStatusSource:
         self._listener = listener
         self._http_url = http_url
         self._servers = servers
+        self._tools = tools
         #: Tree path (``/root/servers/<name>``) to the proxied server its child runs.
         self._proxied = dict(proxied or {})
         self._started_at = datetime.now(UTC)
@@ -225,6 +230,7 @@ class NodeStatusSource:
             tool_threads=(
                 self._tool_workers.snapshot() if self._tool_workers is not None else None
             ),
+            tools=tool_statuses(self._tools) if self._tools is not None else [],
             servers=self._servers() if self._servers is not None else [],
             problems=problems,
         )
@@ -455,3 +461,35 @@ def _meter_view(meter: Meter, now: float) -> dict[str, Any]:
 def _breaker(breaker: FailureRateBreaker | BreakerSnapshot) -> BreakerStatus:
     """The breaker's own model: its snapshot is a :class:`BreakerStatus`, served as that."""
     return breaker.snapshot() if isinstance(breaker, FailureRateBreaker) else breaker
+
+
+def tool_statuses(registry: ToolRegistry) -> list[ToolStatus]:
+    """The node's own tools (:meth:`ToolRegistry.own`) as ``exai status`` shows them."""
+    shown: list[ToolStatus] = []
+    for tool in registry.own():
+        module = type(tool).__module__
+        if isinstance(tool, FunctionTool):
+            limiter = tool.concurrency
+            shown.append(
+                ToolStatus(
+                    name=tool.name,
+                    origin=tool.origin,
+                    runs="event loop" if tool.is_async else "worker thread",
+                    running=int(limiter.borrowed_tokens) if limiter is not None else None,
+                    max_concurrency=tool.max_concurrency,
+                    timeout=tool.timeout,
+                )
+            )
+        else:
+            builtin = module.startswith("actors.tools.")
+            shown.append(
+                ToolStatus(
+                    name=tool.name,
+                    origin="built-in" if builtin else f"{module}.{type(tool).__qualname__}",
+                    runs="event loop",
+                    running=None,
+                    max_concurrency=None,
+                    timeout=None,
+                )
+            )
+    return shown

@@ -17,6 +17,7 @@ ignored setting.
 
 from __future__ import annotations
 
+import itertools
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -551,6 +552,23 @@ class ConfigFile(BaseModel):
     servers: dict[Annotated[str, StringConstraints(pattern=SERVER_NAME)], ServerEntry] = Field(
         default_factory=dict
     )
+
+    @field_validator("servers")
+    @classmethod
+    def _prefixes_apart(cls, servers: dict[str, ServerEntry]) -> dict[str, ServerEntry]:
+        """No server's prefix ``<name><separator>`` may begin another's: with ``a`` and
+        ``a__b`` (or ``a_``), ``a__b__x`` is a tool of both, and a glob meant for one
+        (``tools = ["a__*"]``, ``deny_tools``) reaches the other's tools too."""
+        prefixes = sorted((name + entry.separator, name) for name, entry in servers.items())
+        for (shorter, first), (longer, second) in itertools.pairwise(prefixes):
+            if longer.startswith(shorter):
+                raise ValueError(
+                    f"servers {first} and {second}: the names of {second}'s tools "
+                    f"({longer}...) begin as {first}'s ({shorter}...), so one tool name (and "
+                    "one access-list glob) could mean either; rename one, or give it another "
+                    "separator"
+                )
+        return servers
 
     def tool_access(self) -> ToolAccess:
         """Which tools each named client may list and call (``tools``, ``deny_tools``)."""

@@ -4,7 +4,8 @@ MCP's stdio transport sends each JSON-RPC message as one line of UTF-8, "delimit
 newlines, and MUST NOT contain embedded newlines" (MCP specification,
 ``basic/transports``, "stdio"). A peer that never sends a newline must not make the reader
 buffer without end, so a line longer than ``max_bytes`` is refused with
-:class:`LineTooLong` (the reader is then unusable: where the next line starts is unknown).
+:class:`LineTooLong`; the reader is then unusable (where the next line starts is unknown)
+unless its owner skips the rest of that line (:meth:`LineReader.skip_line`), as a log may.
 """
 
 from __future__ import annotations
@@ -66,6 +67,26 @@ class LineReader:
                 self._buffer.clear()
                 self._scanned = 0
                 return rest or None
+            chunk = await self._stream.receive_some(_CHUNK)
+            if not chunk:
+                self._eof = True
+            self._buffer += chunk
+
+    async def skip_line(self) -> None:
+        """Drop the rest of the current line, through its newline (or to the end of the
+        stream), reading ``_CHUNK`` bytes at a time and keeping none: after
+        :class:`LineTooLong`, the next :meth:`receive_line` reads the line after it. Raises
+        what the stream raises."""
+        while True:
+            newline = self._buffer.find(b"\n")
+            if newline >= 0:
+                del self._buffer[: newline + 1]
+                self._scanned = 0
+                return
+            self._buffer.clear()
+            self._scanned = 0
+            if self._eof:
+                return
             chunk = await self._stream.receive_some(_CHUNK)
             if not chunk:
                 self._eof = True

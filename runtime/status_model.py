@@ -241,6 +241,26 @@ class ToolThread(_Model):
     answered_s: float | None = Field(description="Since its call was answered.")
 
 
+class ToolStatus(_Model):
+    """One tool the node serves itself: a built-in, or the team's (``[tools]``, an entry
+    point; docs/tools.md). A proxied server's tools are counted under its server."""
+
+    name: str
+    origin: str = Field(
+        description="'built-in', or where it was declared: 'module.function' (a @tool), "
+        "'module.Class' (a Tool subclass)."
+    )
+    runs: Literal["event loop", "worker thread"] = Field(
+        description="An async tool runs on the event loop, a plain def in a worker thread."
+    )
+    running: int | None = Field(
+        description="Its calls running now, when it has a max_concurrency (else not counted "
+        "apart: the session's and node's call counts include them)."
+    )
+    max_concurrency: int | None = Field(description="Its calls at once over the node.")
+    timeout: float | None = Field(description="Seconds before a call is answered 'timed out'.")
+
+
 class ToolThreadsStatus(_Model):
     """Worker threads of plain ``def`` tools (runtime/tool_workers.py)."""
 
@@ -295,6 +315,11 @@ class NodeStatus(_Model):
     )
     tool_threads: ToolThreadsStatus | None = Field(
         default=None, description="None when the node runs no worker threads for tools."
+    )
+    tools: list[ToolStatus] = Field(
+        default_factory=list,
+        description="The tools the node serves itself (built-in and the team's); a proxied "
+        "server's are counted in its entry of servers.",
     )
     servers: list[ProxiedServerStatus] = Field(
         default_factory=list, description="The proxied MCP servers of [servers]."

@@ -193,6 +193,34 @@ def _tree_labels(actors: Sequence[ActorStatus]) -> list[str]:
     return [labels[path] for path in paths]
 
 
+def _tools(status: NodeStatus) -> list[str]:
+    """The TOOLS section: the node's own tools (a proxied server's are counted under it)."""
+    if not status.tools:
+        return []
+    proxied = sum(server.tools for server in status.servers)
+    out = ["", "TOOLS"]
+    out += _table(
+        ["TOOL", "FROM", "RUNS ON", "RUNNING", "TIMEOUT"],
+        [
+            [
+                printable(t.name),
+                printable(t.origin),
+                t.runs,
+                (
+                    f"{t.running}/{t.max_concurrency}"
+                    if t.running is not None and t.max_concurrency is not None
+                    else "-"
+                ),
+                f"{t.timeout:g} s" if t.timeout is not None else "-",
+            ]
+            for t in status.tools
+        ],
+    )
+    if status.servers:
+        out.append(f"and {proxied} tools of proxied servers (PROXIED SERVERS)")
+    return out
+
+
 def render(status: NodeStatus) -> str:
     node = status.node
     out = [
@@ -274,6 +302,7 @@ def render(status: NodeStatus) -> str:
         )
     else:
         out.append("(none)")
+    out += _tools(status)
     threads = status.tool_threads
     if threads is not None:
         out += [

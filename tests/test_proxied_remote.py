@@ -212,7 +212,13 @@ async def eventually_answers(client: RawClient, tool: str, arguments: dict[str, 
     its back-off (or, past its restart intensity, after 60 s), meanwhile refusing calls."""
 
     async def answers() -> bool:
-        reply = await client.request("tools/call", {"name": tool, "arguments": arguments})
+        call = {"name": tool, "arguments": arguments}
+        await client.send({"jsonrpc": "2.0", "id": "again", "method": "tools/call", "params": call})
+        # A server past its restart intensity (its restarts while the remote was away, on
+        # a slow machine) is down, and back up: clients are told, before or after the answer.
+        while "id" not in (reply := await client.receive()):
+            assert reply.get("method") == "notifications/tools/list_changed", reply
+        assert reply["id"] == "again", reply
         return reply.get("result", {}).get("isError") is False
 
     with trio.fail_after(90):

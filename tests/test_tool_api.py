@@ -362,7 +362,8 @@ async def cancelled_call_keeps_its_slot(
     assert shown.returncode == 0, shown.stderr
     text = shown.stdout.decode()
     assert "1 still running after their call was answered" in text, text
-    row = next(line for line in text.splitlines() if line.startswith("wait_gate "))
+    threads_part = text.split("\nTOOL THREADS\n", 1)[1]  # (TOOLS above lists wait_gate too)
+    row = next(line for line in threads_part.splitlines() if line.startswith("wait_gate "))
     assert session_id in row, row
     assert "cancelled" in row, row
     # The session may run one call (EXAI_MAX_INFLIGHT_PER_SESSION=1): its slot is still

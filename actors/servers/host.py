@@ -33,7 +33,7 @@ from actors.servers.proxy import (
     ServerState,
     StdioCommand,
 )
-from actors.servers.tools import proxied_tools
+from actors.servers.tools import proxied_tools, unservable_names
 from runtime.child_process import ChildRecord
 from runtime.config import ConfigError, ServerEntry
 from runtime.mcp.tools import ToolRegistry
@@ -248,5 +248,14 @@ class ProxiedServers:
             return
         self._seen[server.name] = seen
         log.info("servers.tools", server=server.name, state=server.state, tools=len(tools))
+        unservable = unservable_names(self.servers[server.name], self._separators[server.name])
+        if unservable:
+            log.warning(
+                "servers.tool_names_refused",
+                server=server.name,
+                names=unservable,
+                why="MCP tool names are 1 to 128 of [A-Za-z0-9_.-], the server's prefix "
+                "included, and input and output schemas are objects (type object)",
+            )
         if self._on_change is not None:
             self._on_change()

@@ -17,7 +17,8 @@ for as long as the node runs:
    intensity the server is ``down``: its calls are refused with :class:`ServerDown` (-32004,
    retry later) and nothing else is touched; it is tried again after ``retry_after``.
 
-Its tools are read again after every start, and again when it sends
+Its tools are read again after every start (the first :data:`MAX_TOOLS` of them: a server
+listing more is not asked for the rest, and the log says so), and again when it sends
 ``notifications/tools/list_changed``; each change (and each up/down) calls
 ``on_tools_changed``, so the node can tell its clients.
 
@@ -68,6 +69,9 @@ __all__ = [
 ]
 
 log = structlog.get_logger("servers")
+
+#: Tools served of one server at most; its listing is not read past them.
+MAX_TOOLS = 1000
 
 CLIENT_INFO = Implementation(name="exai-runtime", version="0.1.0")
 
@@ -356,7 +360,7 @@ class ProxiedServer:
                 nursery.start_soon(read)
                 with trio.fail_after(30):
                     self.server = await session.initialize()
-                    tools = await session.list_tools()
+                    tools = await self._list(session)
                 self._session = session
                 self.tools = tuple(tools)
                 self._set_state(ServerState.UP)
@@ -407,7 +411,7 @@ class ProxiedServer:
                 if session is None:
                     return
                 try:
-                    self.tools = tuple(await session.list_tools())
+                    self.tools = tuple(await self._list(session))
                 except ClientError as error:
                     log.warning("server.relist_failed", server=self.name, error=str(error)[:500])
                     return
@@ -417,6 +421,19 @@ class ProxiedServer:
                     return
         finally:
             self._relisting = False
+
+    async def _list(self, session: ClientSession) -> list[ToolDescriptor]:
+        """Its first :data:`MAX_TOOLS` tools (one more is asked for, to know whether some
+        are left out, and logged if so)."""
+        tools = await session.list_tools(limit=MAX_TOOLS + 1)
+        if len(tools) > MAX_TOOLS:
+            log.warning(
+                "server.tools_left_out",
+                server=self.name,
+                served=MAX_TOOLS,
+                why=f"it lists more than {MAX_TOOLS} tools; the rest are not served",
+            )
+        return tools[:MAX_TOOLS]
 
     def _set_state(self, state: ServerState) -> None:
         changed = state is not self.state

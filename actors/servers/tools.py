@@ -16,15 +16,16 @@ from typing import Any, ClassVar
 from pydantic import BaseModel, ConfigDict
 
 from actors.servers.pool import ServerPool
-from actors.servers.proxy import ProxiedServer
+from actors.servers.proxy import MAX_TOOLS, ProxiedServer
 from runtime.mcp.client import Progress
 from runtime.mcp.schema import ToolDescriptor
+from runtime.mcp.tool_api import NAME_PATTERN
 from runtime.mcp.tools import Tool, ToolContext, ToolOutput
 
-__all__ = ["proxied_tools"]
+__all__ = ["proxied_tools", "unservable_names"]
 
-#: Tools taken from one server at most; the rest are left out (and logged by the caller).
-MAX_TOOLS_PER_SERVER = 1000
+#: Tools taken from one server at most (the proxy reads no more of its listing).
+MAX_TOOLS_PER_SERVER = MAX_TOOLS
 
 
 class PassThrough(BaseModel):
@@ -75,11 +76,20 @@ class ProxiedTool(Tool[PassThrough]):
 
 
 def proxied_tools(server: ProxiedServer | ServerPool, separator: str) -> list[Tool[Any]]:
-    """The server's current tools as the node's (none while it is not up)."""
+    """The server's current tools as the node's (none while it is not up): those whose
+    served name ``<server><separator><tool>`` is one MCP allows (1 to 128 of
+    ``[A-Za-z0-9_.-]``, 2025-11-25 ``server/tools``, "Tool Names"), as exai's own must be,
+    and whose input and output schemas are object schemas, as MCP's ``Tool`` requires.
+    A server's tools reach every client's ``tools/list``, its access lists and exai's log:
+    a newline, a control character or 10,000 characters in a name, or a schema a client
+    refuses the whole listing for, are not passed on (:func:`unservable_names` says which)."""
     made: list[Tool[Any]] = []
     for listed in server.tools[:MAX_TOOLS_PER_SERVER]:
+        name = f"{server.name}{separator}{listed.name}"
+        if not _servable(name, listed):
+            continue
         attributes: dict[str, Any] = {
-            "name": f"{server.name}{separator}{listed.name}",
+            "name": name,
             "description": listed.description or "",
             "annotations": listed.annotations,
             "server": server,
@@ -90,3 +100,26 @@ def proxied_tools(server: ProxiedServer | ServerPool, separator: str) -> list[To
         cls = type("ProxiedTool_" + server.name, (ProxiedTool,), attributes)
         made.append(cls())
     return made
+
+
+def unservable_names(server: ProxiedServer | ServerPool, separator: str) -> list[str]:
+    """The names of the server's tools :func:`proxied_tools` leaves out, for the log: at most
+    20, each as a Python literal (control characters escaped) clipped to 80 characters."""
+    return [
+        repr(listed.name)[:80]
+        for listed in server.tools[:MAX_TOOLS_PER_SERVER]
+        if not _servable(f"{server.name}{separator}{listed.name}", listed)
+    ][:20]
+
+
+def _servable(name: str, listed: ToolDescriptor) -> bool:
+    # The server's own name must be one too: an empty one would serve the bare prefix.
+    named = NAME_PATTERN.match(name) is not None and NAME_PATTERN.match(listed.name) is not None
+    # MCP's Tool: inputSchema and outputSchema are object schemas ("type": "object"); a
+    # client that checks (the TypeScript SDK) refuses a whole tools/list holding one that
+    # is not, every other tool of the node with it.
+    output = listed.output_schema
+    objects = listed.input_schema.get("type") == "object" and (
+        output is None or output.get("type") == "object"
+    )
+    return named and objects

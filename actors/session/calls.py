@@ -74,6 +74,7 @@ from storage.durability import Durability
 from storage.errors import ExaiError, StorageError
 from storage.rows import SessionActivity
 from storage.tasks import Retention, TaskLifecycle
+from storage.untrusted import clip
 
 #: Why a call runs as an MCP task: the client asked (2025-11-25, ``params.task``), or the
 #: server chose to (2026-07-28, the Tasks extension: SEP-2663's "server-directed" creation).
@@ -161,7 +162,9 @@ class CallRunner:
             # A tool the client's identity may not call is answered as an unknown one.
             tool = self._tools.get(call.name, self.state.identity)
             if tool is None:
-                raise InvalidParams(f"unknown tool: {call.name!r}")
+                # The client's text, bounded only by the message size: quoted clipped (a
+                # tool's name is at most 128 characters, so no real name is cut).
+                raise InvalidParams(f"unknown tool: {clip(call.name, 128)!r}")
             task = self._task_mode(call, tool, version)
             try:
                 self._persistence.ensure_available()

@@ -55,6 +55,8 @@ _CANCEL_SEND_TIMEOUT = 1.0
 #: Progress notifications buffered per request; beyond, new ones are dropped: progress is
 #: advisory (the server's pace must not hold the reader, which all requests share).
 _PROGRESS_BUFFER = 16
+#: Answers to the server's own requests waiting to be written; past them, none is queued.
+_REPLY_QUEUE = 256
 #: ``tools/list`` pages followed at most: a server that pages forever is cut off.
 _MAX_PAGES = 100
 
@@ -124,6 +126,9 @@ class _Pending:
     result: dict[str, Any] | None = None
     error: jsonrpc.ErrorObject | None = None
     gone: str | None = None
+    #: Why its answer could not be read (not a JSON-RPC response: a result that is not an
+    #: object, an error without a message).
+    invalid: str | None = None
     progress: trio.MemorySendChannel[Progress] | None = None
 
 
@@ -157,6 +162,8 @@ class ClientSession:
         self._gone: str | None = None
         #: Why the stream broke (:class:`ServerGone` from it); ``None`` if it just ended.
         self.broke: str | None = None
+        #: The answers to the server's requests, while :meth:`run` runs.
+        self._replies: trio.MemorySendChannel[str] | None = None
 
     # -- requests -----------------------------------------------------------------------------
 
@@ -189,9 +196,11 @@ class ClientSession:
             instructions=instructions if isinstance(instructions, str) else None,
         )
 
-    async def list_tools(self) -> list[ToolDescriptor]:
-        """Every tool, following ``nextCursor`` (at most 100 pages). Raises as
-        :meth:`request`, and :class:`ClientError` for a malformed answer."""
+    async def list_tools(self, *, limit: int | None = None) -> list[ToolDescriptor]:
+        """Every tool, following ``nextCursor`` (at most 100 pages); with ``limit``, the
+        first ``limit`` tools: no page is asked for once they are held (a server listing
+        more than its caller serves costs no more than they do). Raises as :meth:`request`,
+        and :class:`ClientError` for a malformed answer."""
         tools: list[ToolDescriptor] = []
         cursor: str | None = None
         for _ in range(_MAX_PAGES):
@@ -202,6 +211,8 @@ class ClientSession:
                 raise ClientError(f"{self.name} answered tools/list with {exc}") from None
             tools.extend(listed.tools)
             cursor = listed.next_cursor
+            if limit is not None and len(tools) >= limit:
+                return tools[:limit]
             if not cursor:
                 return tools
         raise ClientError(f"{self.name} paged tools/list past {_MAX_PAGES} pages")
@@ -259,6 +270,8 @@ class ClientSession:
                 del self._progress[token]
         if pending.error is not None:
             raise ServerError(self.name, pending.error)
+        if pending.invalid is not None:
+            raise ClientError(f"{self.name} sent an invalid answer: {pending.invalid}")
         if pending.gone is not None or pending.result is None:
             raise ServerGone(f"{self.name} went away before answering: {pending.gone}")
         return pending.result
@@ -286,19 +299,33 @@ class ClientSession:
     async def run(self) -> None:
         """Read the server's messages until its stream ends; then fail every request in
         flight with :class:`ServerGone` and return. Raises what the stream raises besides
-        ``ServerGone`` (which ends it as the stream's end does)."""
+        ``ServerGone`` (which ends it as the stream's end does).
+
+        The answers to the server's own requests are written by a task of their own, from a
+        queue of :data:`_REPLY_QUEUE` (past it, the newest are dropped, logged once): the
+        reader never waits on the server's stdin, so a server that sends a burst of requests
+        without reading meanwhile cannot stop the reading of its answers (each side blocked
+        on a full pipe)."""
         why = "its stream ended"
+        replies, pending_replies = trio.open_memory_channel[str](_REPLY_QUEUE)
+        self._replies = replies
         try:
-            while True:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._send_replies, pending_replies)
                 try:
-                    frame = await self._stream.receive()
-                except ServerGone as gone:
-                    why = self.broke = str(gone)
-                    return
-                if frame is None:
-                    return
-                await self._dispatch(frame)
+                    while True:
+                        try:
+                            frame = await self._stream.receive()
+                        except ServerGone as gone:
+                            why = self.broke = str(gone)
+                            return
+                        if frame is None:
+                            return
+                        self._dispatch(frame)
+                finally:
+                    nursery.cancel_scope.cancel()
         finally:
+            self._replies = None
             self._gone = why
             for pending in list(self._pending.values()):
                 pending.gone = why
@@ -306,11 +333,18 @@ class ClientSession:
                 if pending.progress is not None:
                     pending.progress.close()
 
-    async def _dispatch(self, frame: str) -> None:
+    async def _send_replies(self, replies: trio.MemoryReceiveChannel[str]) -> None:
+        with contextlib.suppress(ServerGone):  # the reader sees the end next
+            async for reply in replies:
+                await self._stream.send(reply)
+
+    def _dispatch(self, frame: str) -> None:
         try:
             message = jsonrpc.decode(frame)
         except RpcError as error:
             self._log_once("invalid", "server.invalid_message", error=error.message)
+            if isinstance(error, jsonrpc.InvalidRequestWithId):
+                self._answer_invalid(frame, error.request_id, error.message)
             return
         if isinstance(message, list):
             self._log_once("batch", "server.invalid_message", error="a batch")
@@ -318,7 +352,7 @@ class ClientSession:
         if isinstance(message, jsonrpc.Response | jsonrpc.ErrorResponse):
             self._answer(message)
         elif isinstance(message, jsonrpc.Request):
-            await self._answer_server_request(message)
+            self._answer_server_request(message)
         elif message.method == "notifications/progress":
             self._route_progress(message)
         elif self._on_notification is not None:
@@ -339,6 +373,21 @@ class ClientSession:
             # buffered is handed over, then the request's wait ends (_wait_with_progress).
             pending.progress.close()
 
+    def _answer_invalid(self, frame: str, request_id: jsonrpc.RequestId, why: str) -> None:
+        """A response to one of our requests that is not a valid one still ends its wait
+        (otherwise it waits for ever, holding its caller's slots): the request fails with
+        ``why``. Not for an invalid request of the server's that reuses one of our ids."""
+        pending = self._pending.get(request_id) if isinstance(request_id, int) else None
+        if pending is None or pending.done.is_set():
+            return
+        data = pydantic_core.from_json(frame)  # it parsed once: its fault is its shape
+        if not isinstance(data, dict) or "method" in data:
+            return
+        pending.invalid = why[:200]
+        pending.done.set()
+        if pending.progress is not None:
+            pending.progress.close()
+
     def _route_progress(self, message: jsonrpc.Notification) -> None:
         try:
             note = ProgressParams.model_validate(message.params or {})
@@ -352,7 +401,7 @@ class ClientSession:
         with contextlib.suppress(trio.WouldBlock, trio.ClosedResourceError):
             pending.progress.send_nowait(Progress(note.progress, note.total, note.message))
 
-    async def _answer_server_request(self, request: jsonrpc.Request) -> None:
+    def _answer_server_request(self, request: jsonrpc.Request) -> None:
         """``ping``: an empty result (MCP: the receiver MUST respond promptly). Anything else
         (sampling, elicitation, roots): -32601, this client declared no such capability."""
         if request.method == "ping":
@@ -375,8 +424,17 @@ class ClientSession:
                     },
                 }
             ).decode()
-        with contextlib.suppress(ServerGone):  # the reader sees the end next
-            await self._stream.send(reply)
+        if self._replies is None:
+            return
+        try:
+            self._replies.send_nowait(reply)
+        except trio.WouldBlock:
+            self._log_once(
+                "replies",
+                "server.requests_dropped",
+                why=f"over {_REPLY_QUEUE} of its requests unanswered at once; the newest get "
+                "no answer",
+            )
 
     def _log_once(self, key: str, event: str, **fields: Any) -> None:
         if key in self._logged or len(self._logged) >= 256:

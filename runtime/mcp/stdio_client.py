@@ -4,7 +4,8 @@ per line of UTF-8 on the child's stdin and stdout; anything on stderr is the chi
 
 Bounded: a line over ``max_message_bytes`` breaks the stream (:class:`ServerGone`), and
 :func:`log_stderr` writes the child's stderr to the node's log a line at a time, each line
-clipped, at most one line a second past a burst of 100 (the rest are counted).
+clipped (one over 64 KiB is skipped, and said so), at most one line a second past a burst of
+100 (the rest are counted). Stderr is read to its end whatever it holds.
 """
 
 from __future__ import annotations
@@ -79,8 +80,10 @@ async def log_stderr(stderr: trio.abc.ReceiveStream, name: str) -> None:
             try:
                 line = await lines.receive_line()
             except LineTooLong:
-                log.warning("server.stderr", server=name, line="(a line over 64 KiB; stopped)")
-                return
+                # Skipped, never a reason to stop reading: a child whose stderr is not read
+                # blocks on its next 64 KiB of log, and answers nothing more.
+                await lines.skip_line()
+                line = b"(a line over 64 KiB; skipped)"
             if line is None:
                 return
             now = trio.current_time()

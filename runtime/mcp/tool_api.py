@@ -143,6 +143,16 @@ class FunctionTool(Tool[BaseModel]):
         return f"<tool {self.name!r}: {self.function.__module__}.{self.function.__qualname__}>"
 
     @property
+    def is_async(self) -> bool:
+        """Whether it runs on the event loop (``async def``), not in a worker thread."""
+        return self._is_async
+
+    @property
+    def concurrency(self) -> trio.CapacityLimiter | None:
+        """Its ``max_concurrency`` limiter (``borrowed_tokens``: its calls running now)."""
+        return self._concurrency
+
+    @property
     def origin(self) -> str:
         """Where it was declared: ``module.function``."""
         return f"{self.function.__module__}.{self.function.__qualname__}"

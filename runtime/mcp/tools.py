@@ -237,6 +237,11 @@ class ToolRegistry:
     def names(self) -> list[str]:
         return list(self._tools)
 
+    def own(self) -> list[Tool[Any]]:
+        """The tools served outside every group: the node's own, not a proxied server's."""
+        grouped = set().union(*self._groups.values()) if self._groups else set()
+        return [tool for name, tool in self._tools.items() if name not in grouped]
+
     def replace_group(self, group: str, tools: Iterable[Tool[Any]]) -> list[str]:
         """Serve ``tools`` as the group ``group`` (a proxied server's), in place of what the
         group served before; the names refused because a tool outside the group has them.
