@@ -169,10 +169,7 @@ class CallRunner:
                 # The persistence actor's words for what is unavailable, and the call's own
                 # for what was done about it; answered by the translation point (-32004).
                 raise StorageUnavailable(f"{error.reason}; nothing was done, retry later") from None
-            if task is not None:
-                host = self._config.tasks
-                assert host is not None  # _task_mode
-                host.admit(self.state.identity)  # -32005 past the identity's bound
+            if task is not None and self._admit_task(task, tool):
                 self.state.handling(request.id)
                 return _Admitted(tool, call, version, task=task)
         except (RpcError, ExaiError) as error:
@@ -247,6 +244,34 @@ class CallRunner:
                 "(execution.taskSupport is 'forbidden'): call it without params.task"
             )
         return "requested"
+
+    def _admit_task(self, task: TaskMode, tool: Tool[Any]) -> bool:
+        """Count the call as one of its identity's tasks: ``True``; ``False`` if it is to run
+        as a plain call instead. Raises -32005 (``LimitExceeded``) past the identity's bound
+        (``EXAI_MAX_TASKS_PER_IDENTITY``) where a task is the only answer the call may get:
+
+        - ``"requested"`` (2025-11-25): the client asked for a task, and "Receivers that
+          accept a task-augmented request MUST return a CreateTaskResult as the response"
+          (``basic/utilities/tasks.mdx``, "Result Retrieval"); the spec has no plain answer
+          to a task-augmented request (its SDK clients parse the answer as a
+          ``CreateTaskResult``), so a server that will not take the task refuses the call.
+        - ``"directed"`` (2026-07-28, SEP-2663) to a tool whose ``task_support`` is
+          ``"required"`` (it can only be answered with a task).
+
+        Otherwise, a ``"directed"`` call to an ``"optional"`` tool, the server is free to
+        answer plainly (SEP-2663, "Capability Negotiation": it "MAY return CreateTaskResult
+        in lieu of a standard result ... at its own discretion and on a per-request basis.
+        The server is the sole decider"): past the bound it runs as a plain call, under the
+        session's slots like any other, and its client gets its result."""
+        host = self._config.tasks
+        assert host is not None  # _task_mode
+        try:
+            host.admit(self.state.identity)
+        except LimitExceeded:
+            if task == "directed" and tool.task_support == "optional":
+                return False
+            raise
+        return True
 
     def _release(self, admitted: _Admitted) -> None:
         """Give back a call's two slots, once. Cannot raise: it runs on every path out of a

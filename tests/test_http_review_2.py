@@ -1,0 +1,97 @@
+"""A third hostile client's review of Streamable HTTP and MCP Tasks, over real sockets to a
+real ``exai serve`` on a real Postgres.
+
+Each test is a defect the review found, written before its fix; the rule it enforces is
+named in its docstring with its source. One server serves the module: at most one task per
+client identity (``EXAI_MAX_TASKS_PER_IDENTITY=1``), every task-capable call of a 2026-07-28
+request that declares the Tasks extension answered with its task at once
+(``EXAI_TASK_AFTER=0``), and a team tool that can only run as a task
+(tests/user_tools/task_only_tools.py).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.harness import (
+    ServerProcess,
+    query,
+    start_server,
+)
+from tests.test_streamable_http import BOB
+from tests.test_tasks_extension import call, post, request, result_of
+from tests.test_tool_api import USER_TOOLS
+
+CAROL = "carol-token-for-the-second-http-review"
+DAVE = "dave-token-for-the-second-http-review"
+
+
+@pytest.fixture(scope="module")
+def server(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    state = tmp_path_factory.mktemp("http-review-2")
+    config = state / "exai.toml"
+    config.write_text(
+        f'[tools]\npath = [{json.dumps(str(USER_TOOLS))}]\nmodules = ["task_only_tools"]\n'
+    )
+    handle = start_server(
+        state / "state",
+        database_url=database_url,
+        extra_env={
+            "EXAI_CONFIG": str(config),
+            "EXAI_CLIENT_TOKENS": f"bob={BOB},carol={CAROL},dave={DAVE}",
+            "EXAI_MAX_TASKS_PER_IDENTITY": "1",
+            "EXAI_TASK_AFTER": "0",
+        },
+    )
+    yield handle
+    assert handle.stop() == 0, handle.stderr_path.read_text()
+
+
+def error_body(response: httpx.Response) -> dict[str, Any]:
+    body = response.json()
+    assert "error" in body, body
+    error: dict[str, Any] = body["error"]
+    return error
+
+
+async def test_past_the_task_bound_an_optional_tool_runs_as_a_plain_call(
+    server: ServerProcess, database_url: str
+) -> None:
+    """SEP-2663 ("Tasks Extension"): a server that negotiated the extension "MAY return
+    CreateTaskResult in lieu of a standard result ... at its own discretion and on a
+    per-request basis. The server is the sole decider". Past ``EXAI_MAX_TASKS_PER_IDENTITY``
+    a declaring call to a tool that can be answered plainly (``optional``) is therefore run
+    as a plain call, not refused; a tool that can only be answered with a task
+    (``required``) is still refused with -32005."""
+    async with httpx.AsyncClient(timeout=30) as client:
+        held = result_of(await post(client, server, call("held", "exai_test_block"), token=CAROL))
+        assert held["resultType"] == "task", held
+        try:
+            plain = result_of(
+                await post(client, server, call("plain", "echo", text="plainly"), token=CAROL)
+            )
+            assert plain["resultType"] == "complete", plain
+            assert plain["content"][0]["text"] == "plainly"
+            refused = await post(
+                client, server, call("only", "task_only_echo", text="x"), token=CAROL
+            )
+            assert refused.status_code == 200, refused.text
+            error = error_body(refused)
+            assert error["code"] == -32005, error
+            assert error["data"] == {"limit": "tasks_per_identity", "max": 1}
+        finally:
+            cancel = request("c", "tasks/cancel", {"taskId": held["taskId"]})
+            assert "error" not in (await post(client, server, cancel, token=CAROL)).json()
+        # The echo ran as a plain call: its row is not a task's.
+        rows = query(
+            database_url,
+            "select augmented from tasks where tool_name = 'echo' and session_id ="
+            " (select session_id from tasks where id = %s)",
+            (held["taskId"],),
+        )
+        assert rows == [(False,)], rows
