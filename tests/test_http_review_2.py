@@ -11,7 +11,9 @@ request that declares the Tasks extension answered with its task at once
 
 from __future__ import annotations
 
+import base64
 import json
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -23,6 +25,7 @@ from tests.harness import (
     query,
     start_server,
 )
+from tests.test_http_hostile_review import head_of, open_tcp, read_until, statuses
 from tests.test_streamable_http import BOB
 from tests.test_tasks_extension import call, post, request, result_of
 from tests.test_tool_api import USER_TOOLS
@@ -95,3 +98,36 @@ async def test_past_the_task_bound_an_optional_tool_runs_as_a_plain_call(
             (held["taskId"],),
         )
         assert rows == [(False,)], rows
+
+
+async def test_a_websocket_upgrade_on_a_kept_alive_connection_is_refused(
+    server: ServerProcess,
+) -> None:
+    """RFC 6455 section 4.1: a WebSocket client "MUST" send its opening handshake once "a
+    connection to the server has been established", i.e. as the first request of a new
+    connection, which is where this server upgrades (``runtime.http_dispatch``). The same
+    upgrade as a later request of a kept-alive HTTP/1.1 connection is not served as a plain
+    GET: 400 with a JSON-RPC error (-32600, as for any head the MCP port refuses), and the
+    connection is closed."""
+    message = request(1, "tools/list", declares=False)
+    body = json.dumps(message).encode()
+    key = base64.b64encode(os.urandom(16)).decode()
+    upgrade = (
+        "GET /mcp HTTP/1.1\r\nHost: x\r\n"
+        f"Authorization: Bearer {server.token}\r\n"
+        "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+        "Sec-WebSocket-Protocol: mcp\r\n\r\n"
+    ).encode()
+    stream = await open_tcp(server)
+    async with stream:
+        await stream.send_all(head_of(server, message, body) + body)
+        first = await read_until(stream, lambda got: b'"tools"' in got and got.endswith(b"}"))
+        assert statuses(first) == [200], first[:300]
+        await stream.send_all(upgrade)
+        rest = await read_until(stream, lambda got: False)  # to the server's close
+    assert statuses(rest) == [400], rest[:300]
+    assert b"connection: close" in rest.lower()
+    error = json.loads(rest.partition(b"\r\n\r\n")[2])["error"]
+    assert error["code"] == -32600, error
+    assert "WebSocket" in error["message"], error
