@@ -19,14 +19,17 @@ from typing import Any
 
 import httpx
 import pytest
+import trio
 
 from tests.harness import (
     ServerProcess,
+    fetch,
     query,
     start_server,
+    wait_until,
 )
 from tests.test_http_hostile_review import head_of, open_tcp, read_until, statuses
-from tests.test_streamable_http import BOB
+from tests.test_streamable_http import ACCEPT, BOB, http_url, initialize
 from tests.test_tasks_extension import call, post, request, result_of
 from tests.test_tool_api import USER_TOOLS
 
@@ -55,11 +58,100 @@ def server(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
     assert handle.stop() == 0, handle.stderr_path.read_text()
 
 
+def plain_headers(token: str, session_id: str | None = None) -> dict[str, str]:
+    fields = {
+        "Authorization": f"Bearer {token}",
+        "Accept": ACCEPT,
+        "Content-Type": "application/json",
+        "MCP-Protocol-Version": "2025-11-25",
+    }
+    if session_id is not None:
+        fields["Mcp-Session-Id"] = session_id
+    return fields
+
+
 def error_body(response: httpx.Response) -> dict[str, Any]:
     body = response.json()
     assert "error" in body, body
     error: dict[str, Any] = body["error"]
     return error
+
+
+async def test_refused_calls_are_logged_once_per_kind_and_counted_exactly(
+    server: ServerProcess, database_url: str
+) -> None:
+    """A client can send refused calls as fast as it likes; the log must not take one line
+    for each (``runtime/log_throttle.py``: what a peer can trigger at will is logged at
+    most once per key and period), while the counters stay exact: the session actor's
+    ``messages_failed`` (status, the ``exai_actor_messages_failed_total`` metric) for calls
+    it would not admit, the session row's ``tool_errors`` for arguments that do not parse."""
+    refused, invalid = 60, 30
+    async with httpx.AsyncClient(timeout=30) as client:
+        opened = await client.post(
+            http_url(server), content=json.dumps(initialize()), headers=plain_headers(BOB)
+        )
+        assert opened.status_code == 200, opened.text
+        session_id = opened.headers["mcp-session-id"]
+        headers = plain_headers(BOB, session_id)
+        started = trio.current_time()
+        try:
+            for n in range(refused):
+                message = {
+                    "jsonrpc": "2.0",
+                    "id": n + 10,
+                    "method": "tools/call",
+                    "params": {"name": "no_such_tool", "arguments": {}},
+                }
+                answer = await client.post(
+                    http_url(server), content=json.dumps(message), headers=headers
+                )
+                assert error_body(answer)["code"] == -32602, answer.text
+            for n in range(invalid):
+                # Arguments that do not parse: the tool never runs (2025-11-25 answers them
+                # with an isError result, SEP-1303).
+                message = {
+                    "jsonrpc": "2.0",
+                    "id": n + 1000,
+                    "method": "tools/call",
+                    "params": {"name": "echo", "arguments": {"text": {"not": "text"}}},
+                }
+                answer = await client.post(
+                    http_url(server), content=json.dumps(message), headers=headers
+                )
+                assert answer.json()["result"]["isError"] is True, answer.text
+            elapsed = trio.current_time() - started
+            path = f"/root/sessions/{session_id}"
+            status = await fetch(server)
+            [actor] = [a for a in status.actors if a.path == path]
+            assert actor.messages_failed == refused
+        finally:
+            await client.delete(http_url(server), headers=headers)
+    # The calls whose arguments did not parse are the session's tool errors, on its row.
+    await wait_until(
+        lambda: (
+            query(
+                database_url,
+                "select tool_errors from sessions where session_id = %s and closed_at is not null",
+                (session_id,),
+            )
+            == [(invalid,)]
+        ),
+        what="the session's row to count every call refused for its arguments",
+    )
+    lines = [
+        event
+        for event in server.log_events()
+        if event.get("event") == "actor.message"
+        and event.get("session_id") == session_id
+        and event.get("outcome") == "error"
+    ]
+    # At most one line per kind and 10 s period of the throttle (and one for the period it
+    # began in): two kinds here, an unknown tool and arguments that do not parse.
+    bound = 2 + int(elapsed // 10)
+    unknown = [line for line in lines if "unknown tool" in line["error"]]
+    unparsed = [line for line in lines if line not in unknown]
+    assert 1 <= len(unknown) <= bound, unknown
+    assert 1 <= len(unparsed) <= bound, unparsed
 
 
 async def test_past_the_task_bound_an_optional_tool_runs_as_a_plain_call(

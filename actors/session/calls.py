@@ -50,6 +50,7 @@ from actors.tasks import POLL_INTERVAL_MS, RunningTask, TaskOutcome
 from actors.tasks.wire import created_task, payload_of, timestamp, unknown_task
 from runtime import trace
 from runtime.connection import Connection, ConnectionGone
+from runtime.log_throttle import LogThrottle
 from runtime.mcp import jsonrpc, translation, versions
 from runtime.mcp.errors import (
     InvalidParams,
@@ -96,6 +97,7 @@ class CallRunner:
         persistence: PersistenceClient,
         config: SessionConfig,
         path: str,
+        refusals: LogThrottle | None = None,
     ) -> None:
         self.state = state
         self._send = connection.send
@@ -104,6 +106,8 @@ class CallRunner:
         self._persistence = persistence
         self._config = config
         self._path = path
+        #: Calls refused for their arguments are logged through this (``SessionActor``'s).
+        self._refusals = refusals if refusals is not None else LogThrottle()
         self._slots = trio.Semaphore(config.max_inflight)
         #: One batch runs at a time: a second waits in the actor, the mailbox behind it.
         self._batch_slot = trio.Semaphore(1)
@@ -359,7 +363,15 @@ class CallRunner:
                     outcome = await self._run_tool(
                         request_id, tool, call, version, keep_slots=partial(self._keep, admitted)
                     )
-                if outcome.status == "failed":
+                if outcome.refused:
+                    # Arguments that do not parse: the tool never ran, and a client may send
+                    # those as fast as it likes (one line per period; every one metered).
+                    traced.refused(
+                        outcome.error or "invalid arguments",
+                        throttle=self._refusals,
+                        key="tools/call:invalid arguments",
+                    )
+                elif outcome.status == "failed":
                     traced.failed(outcome.error or "failed")
         except BaseException:
             left = state.client_left
@@ -448,7 +460,9 @@ class CallRunner:
             args = tool.parse(call.arguments)
         except InvalidParams as error:
             return _failed(
-                request_id, translation.call_failure(error, tool=tool.name, version=version)
+                request_id,
+                translation.call_failure(error, tool=tool.name, version=version),
+                refused=True,
             )
         token = call.meta.progress_token if call.meta and not detached else None
         progress = Progress(token, self._send, request_id) if token is not None else None
@@ -846,20 +860,31 @@ class CallRunner:
                 replies[index] = await self._methods.reply(message)
 
 
-def _failed(request_id: RequestId, failure: translation.CallFailure) -> _Outcome:
+def _failed(
+    request_id: RequestId, failure: translation.CallFailure, *, refused: bool = False
+) -> _Outcome:
     """A failed call's reply as its translation says: a JSON-RPC error or an ``isError``
-    result."""
+    result; ``refused``: its tool never ran (its arguments did not parse)."""
     if failure.error is not None:
         error = failure.error
         body: dict[str, Any] = {"code": error.code, "message": error.message}
         if error.data is not None:
             body["data"] = error.data
         return _Outcome(
-            jsonrpc.encode_error(request_id, error), "failed", None, failure.record, rpc_error=body
+            jsonrpc.encode_error(request_id, error),
+            "failed",
+            None,
+            failure.record,
+            rpc_error=body,
+            refused=refused,
         )
     assert failure.result is not None
     return _Outcome(
-        jsonrpc.encode_result(request_id, failure.result), "failed", failure.result, failure.record
+        jsonrpc.encode_result(request_id, failure.result),
+        "failed",
+        failure.result,
+        failure.record,
+        refused=refused,
     )
 
 
@@ -893,6 +918,8 @@ class _Outcome:
     result_size: int | None = None
     #: The JSON-RPC error object of ``reply``, when it is an error (an MCP task keeps it).
     rpc_error: dict[str, Any] | None = None
+    #: Refused before its tool ran (arguments that do not parse): logged throttled.
+    refused: bool = False
 
 
 def _encode_payload(
