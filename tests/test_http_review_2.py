@@ -192,6 +192,27 @@ async def test_past_the_task_bound_an_optional_tool_runs_as_a_plain_call(
         assert rows == [(False,)], rows
 
 
+async def test_a_cancelled_tasks_status_names_its_cause_and_no_internal_id(
+    server: ServerProcess, database_url: str
+) -> None:
+    """A sessionless (2026-07-28) client's session id is the server's own, never given to a
+    client (docs/operations.md, Streamable HTTP): the ``statusMessage`` of a task it
+    cancelled says what cancelled it (``tasks/cancel``), and names no session."""
+    async with httpx.AsyncClient(timeout=30) as client:
+        held = result_of(await post(client, server, call("held", "exai_test_block"), token=DAVE))
+        task_id = held["taskId"]
+        cancel = request("c", "tasks/cancel", {"taskId": task_id})
+        assert "error" not in (await post(client, server, cancel, token=DAVE)).json()
+        got = result_of(
+            await post(client, server, request("g", "tasks/get", {"taskId": task_id}), token=DAVE)
+        )
+    assert got["status"] == "cancelled", got
+    [(session_id,)] = query(database_url, "select session_id from tasks where id = %s", (task_id,))
+    assert session_id not in got["statusMessage"], got
+    assert "session" not in got["statusMessage"], got
+    assert "tasks/cancel" in got["statusMessage"], got
+
+
 async def test_a_websocket_upgrade_on_a_kept_alive_connection_is_refused(
     server: ServerProcess,
 ) -> None:

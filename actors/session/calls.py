@@ -46,7 +46,13 @@ from actors.persistence import (
 from actors.session.config import SessionConfig
 from actors.session.methods import SessionMethods, params, read_tasks, task_id_of
 from actors.session.state import RequestId, SessionState
-from actors.tasks import POLL_INTERVAL_MS, RunningTask, TaskOutcome
+from actors.tasks import (
+    CANCELLED_BY_NOTIFICATION,
+    CANCELLED_STREAM_CLOSED,
+    POLL_INTERVAL_MS,
+    RunningTask,
+    TaskOutcome,
+)
 from actors.tasks.wire import created_task, payload_of, timestamp, unknown_task
 from runtime import trace
 from runtime.connection import Connection, ConnectionGone
@@ -615,7 +621,10 @@ class CallRunner:
         finally:
             self.state.call_ended(request_id)
         if scope.cancelled_caught:
-            host.cancel_soon(running, "cancelled by its client before it was answered")
+            # Over Streamable HTTP a sessionless request is cancelled only by closing its
+            # stream; elsewhere by notifications/cancelled. The cause, never an id (host.py).
+            why = CANCELLED_STREAM_CLOSED if self.state.sessionless else CANCELLED_BY_NOTIFICATION
+            host.cancel_soon(running, why)
             self.state.answered(request_id)
             return None
         outcome = running.outcome
