@@ -18,14 +18,18 @@ from collections.abc import Iterator
 from typing import Any
 
 import httpx
+import psycopg
 import pytest
 import trio
 
+from runtime.mcp import jsonrpc
+from runtime.streamable_http.session_transport import HttpSessionTransport, StreamBounds
 from tests.harness import (
     ServerProcess,
     fetch,
     query,
     start_server,
+    wait_for_status,
     wait_until,
 )
 from tests.test_http_hostile_review import head_of, open_tcp, read_until, statuses
@@ -244,3 +248,84 @@ async def test_a_websocket_upgrade_on_a_kept_alive_connection_is_refused(
     error = json.loads(rest.partition(b"\r\n\r\n")[2])["error"]
     assert error["code"] == -32600, error
     assert "WebSocket" in error["message"], error
+
+
+async def test_a_task_whose_handle_never_reached_its_client_is_cancelled(
+    server: ServerProcess, database_url: str
+) -> None:
+    """A 2026-07-28 task is known to its client only by the ``CreateTaskResult`` that names
+    it (SEP-2663 has no ``tasks/list``). If the response stream closes before that handle is
+    written, nobody can ever poll, update or cancel the task: it is cancelled, as a request
+    whose stream closed before its answer is (2026-07-28 transport spec, "Cancellation").
+
+    Deterministic: the ``tasks`` table is locked, so the task's row cannot be written (a
+    task is created only once its row is in the database); the client sends its call and
+    closes its connection; once the server has let go of that connection the lock is
+    released, the task starts and its handle finds its stream gone."""
+    async with httpx.AsyncClient(timeout=30) as client:  # the identity's session, started
+        listed = await post(client, server, request(0, "tools/list"), token=BOB)
+        assert listed.status_code == 200, listed.text
+    message = call("orphan", "exai_test_block")
+    body = json.dumps(message).encode()
+    head = head_of(
+        server,
+        message,
+        body,
+        **{"Mcp-Name": "exai_test_block", "Authorization": f"Bearer {BOB}"},
+    )
+    with psycopg.connect(database_url) as lock:
+        lock.execute("lock table tasks in share row exclusive mode")
+        stream = await open_tcp(server)
+        await stream.send_all(head + body)
+        await stream.aclose()
+        await wait_for_status(
+            server,
+            lambda status: status.listener is not None and status.listener.http_connections == 0,
+            what="the server to let go of the closed connection",
+        )
+        lock.rollback()
+
+    def orphan() -> list[tuple[Any, ...]]:
+        return query(
+            database_url,
+            "select status, error_message, session_id from tasks"
+            " where identity = 'bob' and tool_name = 'exai_test_block'",
+        )
+
+    await wait_until(
+        lambda: [row[0] for row in orphan()] == ["cancelled"],
+        what="the orphaned task recorded cancelled",
+        within=20,
+    )
+    [(_, why, session_id)] = orphan()
+    assert "stream" in why, why
+    assert session_id not in why, why
+
+
+async def test_a_queued_handle_that_is_never_written_is_reported_lost() -> None:
+    """The transport's side of the previous test, for the handle that was already queued
+    when the stream closed: a response queued on a stream whose exchange ends before writing
+    it is reported lost, once; one written is not."""
+    bounds = StreamBounds(max_bytes=1 << 20, max_messages=16, stall_timeout=30, node=None)
+    transport = HttpSessionTransport("s", "bob", bounds, sessionless=True)
+    lost: list[str] = []
+    queued = transport.open_stream("a")
+    transport.watch_delivery(queued.request_id, lambda: lost.append("a"))
+    await transport.send(jsonrpc.encode_result(queued.request_id, {}), queued.request_id)
+    assert queued.answered
+    assert lost == []
+    transport.release(queued)  # its connection closed before the writer took it
+    assert lost == ["a"]
+    transport.release(queued)
+    assert lost == ["a"]
+    written = transport.open_stream("b")
+    transport.watch_delivery(written.request_id, lambda: lost.append("b"))
+    await transport.send(jsonrpc.encode_result(written.request_id, {}), written.request_id)
+    written.delivered()
+    transport.release(written)
+    assert lost == ["a"]
+    # A stream already over is reported at once.
+    gone = transport.open_stream("c")
+    transport.release(gone)
+    transport.watch_delivery(gone.request_id, lambda: lost.append("c"))
+    assert lost == ["a", "c"]

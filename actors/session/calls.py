@@ -48,9 +48,11 @@ from actors.session.methods import SessionMethods, params, read_tasks, task_id_o
 from actors.session.state import RequestId, SessionState
 from actors.tasks import (
     CANCELLED_BY_NOTIFICATION,
+    CANCELLED_HANDLE_LOST,
     CANCELLED_STREAM_CLOSED,
     POLL_INTERVAL_MS,
     RunningTask,
+    TaskHost,
     TaskOutcome,
 )
 from actors.tasks.wire import created_task, payload_of, timestamp, unknown_task
@@ -107,6 +109,7 @@ class CallRunner:
     ) -> None:
         self.state = state
         self._send = connection.send
+        self._connection = connection
         self._methods = methods
         self._tools = tools
         self._persistence = persistence
@@ -580,9 +583,16 @@ class CallRunner:
                 lifecycle, state.identity, partial(self._execute, request_id, admitted)
             )
             if admitted.task == "directed":
+                # SEP-2663 has no tasks/list: a task whose handle never reaches its client
+                # can never be polled, updated or cancelled. So if the request's stream ends
+                # before its answer is written (over Streamable HTTP: queued and dropped, or
+                # never queued), the task is cancelled, as the request is.
+                watch = _AnswerWatch(host, running)
+                self._connection.watch_delivery(request_id, watch)
                 reply = await self._directed_reply(request_id, running)
                 if reply is None:
                     return  # the client cancelled the request: no response
+                watch.sent = True
             else:
                 created = lifecycle.created
                 at = timestamp(created.created_at)
@@ -610,7 +620,8 @@ class CallRunner:
         Cancellation: the client cancelling the request meanwhile (``notifications/cancelled``,
         or over Streamable HTTP closing its response stream) cancels the task too, without
         waiting for it: nobody was told of it, so nobody could ever ask for it; ``None``
-        then (no response). The session ending meanwhile does not: the task is the node's.
+        then (no response). So does the answer never reaching the client (the request's
+        stream ending first, the session's end included: ``_AnswerWatch``).
         """
         host = self._config.tasks
         assert host is not None  # _task_mode
@@ -867,6 +878,24 @@ class CallRunner:
                         self._release(admitted)
             else:
                 replies[index] = await self._methods.reply(message)
+
+
+@dataclass(eq=False, slots=True)
+class _AnswerWatch:
+    """A directed task's ``lost`` callback (``Connection.watch_delivery``): its request's
+    stream ended before the answer was written, so the task is cancelled, saying whether
+    its handle had been sent; unless it has ended already (its answer was then its own
+    result, or it is over anyway)."""
+
+    host: TaskHost
+    running: RunningTask
+    #: The answer (the handle, or the call's own result) was given to the connection.
+    sent: bool = False
+
+    def __call__(self) -> None:
+        if not self.running.done.is_set():
+            why = CANCELLED_HANDLE_LOST if self.sent else CANCELLED_STREAM_CLOSED
+            self.host.cancel_soon(self.running, why)
 
 
 def _failed(

@@ -67,10 +67,20 @@ NODE_STOPPED = "interrupted: the node running the task stopped before it finishe
 CANCELLED_BY_REQUEST = "cancelled by request (tasks/cancel)"
 #: ``tasks/cancel`` on another node (marked in the database, stopped by this node's pulse).
 CANCELLED_ON_ANOTHER_NODE = "cancelled by request (tasks/cancel, on another node)"
-#: A 2026-07-28 call whose client closed its request's stream before it was answered (the
-#: transport's cancellation), or sent ``notifications/cancelled`` for it.
-CANCELLED_STREAM_CLOSED = "cancelled: the client closed the request's stream before it was answered"
+#: A 2026-07-28 call whose request's stream closed before it was answered: the client closed
+#: it (the transport's cancellation), or the session ended (a drain cut short, say); or whose
+#: client sent ``notifications/cancelled`` for it.
+CANCELLED_STREAM_CLOSED = (
+    "cancelled: the request's stream closed before it was answered (its client closed it, "
+    "or its session ended)"
+)
 CANCELLED_BY_NOTIFICATION = "cancelled by notifications/cancelled before it was answered"
+#: The task's handle (``CreateTaskResult``) never reached its client: the request's stream
+#: closed (its client closed it, or the session ended) before the handle was written, so
+#: nobody could ever poll, update or cancel the task.
+CANCELLED_HANDLE_LOST = (
+    "cancelled: the request's stream closed before the task's handle reached the client"
+)
 
 
 @dataclass(frozen=True, slots=True)
