@@ -33,12 +33,15 @@ from tests.harness import (
     wait_until,
 )
 from tests.test_http_hostile_review import head_of, open_tcp, read_until, statuses
-from tests.test_streamable_http import ACCEPT, BOB, http_url, initialize
+from tests.test_streamable_http import ACCEPT, http_url, initialize
 from tests.test_tasks_extension import call, post, request, result_of
 from tests.test_tool_api import USER_TOOLS
 
-CAROL = "carol-token-for-the-second-http-review"
-DAVE = "dave-token-for-the-second-http-review"
+# Identities of this module alone: the test database is shared by every module, whose tests
+# read tasks rows by identity.
+ANN, ANN_TOKEN = "review2-ann", "ann-token-for-the-third-http-review"
+CAROL, CAROL_TOKEN = "review2-carol", "carol-token-for-the-third-http-review"
+DAVE, DAVE_TOKEN = "review2-dave", "dave-token-for-the-third-http-review"
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +56,7 @@ def server(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
         database_url=database_url,
         extra_env={
             "EXAI_CONFIG": str(config),
-            "EXAI_CLIENT_TOKENS": f"bob={BOB},carol={CAROL},dave={DAVE}",
+            "EXAI_CLIENT_TOKENS": f"{ANN}={ANN_TOKEN},{CAROL}={CAROL_TOKEN},{DAVE}={DAVE_TOKEN}",
             "EXAI_MAX_TASKS_PER_IDENTITY": "1",
             "EXAI_TASK_AFTER": "0",
         },
@@ -92,11 +95,11 @@ async def test_refused_calls_are_logged_once_per_kind_and_counted_exactly(
     refused, invalid = 60, 30
     async with httpx.AsyncClient(timeout=30) as client:
         opened = await client.post(
-            http_url(server), content=json.dumps(initialize()), headers=plain_headers(BOB)
+            http_url(server), content=json.dumps(initialize()), headers=plain_headers(ANN_TOKEN)
         )
         assert opened.status_code == 200, opened.text
         session_id = opened.headers["mcp-session-id"]
-        headers = plain_headers(BOB, session_id)
+        headers = plain_headers(ANN_TOKEN, session_id)
         started = trio.current_time()
         try:
             for n in range(refused):
@@ -168,16 +171,18 @@ async def test_past_the_task_bound_an_optional_tool_runs_as_a_plain_call(
     as a plain call, not refused; a tool that can only be answered with a task
     (``required``) is still refused with -32005."""
     async with httpx.AsyncClient(timeout=30) as client:
-        held = result_of(await post(client, server, call("held", "exai_test_block"), token=CAROL))
+        held = result_of(
+            await post(client, server, call("held", "exai_test_block"), token=CAROL_TOKEN)
+        )
         assert held["resultType"] == "task", held
         try:
             plain = result_of(
-                await post(client, server, call("plain", "echo", text="plainly"), token=CAROL)
+                await post(client, server, call("plain", "echo", text="plainly"), token=CAROL_TOKEN)
             )
             assert plain["resultType"] == "complete", plain
             assert plain["content"][0]["text"] == "plainly"
             refused = await post(
-                client, server, call("only", "task_only_echo", text="x"), token=CAROL
+                client, server, call("only", "task_only_echo", text="x"), token=CAROL_TOKEN
             )
             assert refused.status_code == 200, refused.text
             error = error_body(refused)
@@ -185,7 +190,7 @@ async def test_past_the_task_bound_an_optional_tool_runs_as_a_plain_call(
             assert error["data"] == {"limit": "tasks_per_identity", "max": 1}
         finally:
             cancel = request("c", "tasks/cancel", {"taskId": held["taskId"]})
-            assert "error" not in (await post(client, server, cancel, token=CAROL)).json()
+            assert "error" not in (await post(client, server, cancel, token=CAROL_TOKEN)).json()
         # The echo ran as a plain call: its row is not a task's.
         rows = query(
             database_url,
@@ -203,12 +208,16 @@ async def test_a_cancelled_tasks_status_names_its_cause_and_no_internal_id(
     client (docs/operations.md, Streamable HTTP): the ``statusMessage`` of a task it
     cancelled says what cancelled it (``tasks/cancel``), and names no session."""
     async with httpx.AsyncClient(timeout=30) as client:
-        held = result_of(await post(client, server, call("held", "exai_test_block"), token=DAVE))
+        held = result_of(
+            await post(client, server, call("held", "exai_test_block"), token=DAVE_TOKEN)
+        )
         task_id = held["taskId"]
         cancel = request("c", "tasks/cancel", {"taskId": task_id})
-        assert "error" not in (await post(client, server, cancel, token=DAVE)).json()
+        assert "error" not in (await post(client, server, cancel, token=DAVE_TOKEN)).json()
         got = result_of(
-            await post(client, server, request("g", "tasks/get", {"taskId": task_id}), token=DAVE)
+            await post(
+                client, server, request("g", "tasks/get", {"taskId": task_id}), token=DAVE_TOKEN
+            )
         )
     assert got["status"] == "cancelled", got
     [(session_id,)] = query(database_url, "select session_id from tasks where id = %s", (task_id,))
@@ -263,7 +272,7 @@ async def test_a_task_whose_handle_never_reached_its_client_is_cancelled(
     closes its connection; once the server has let go of that connection the lock is
     released, the task starts and its handle finds its stream gone."""
     async with httpx.AsyncClient(timeout=30) as client:  # the identity's session, started
-        listed = await post(client, server, request(0, "tools/list"), token=BOB)
+        listed = await post(client, server, request(0, "tools/list"), token=ANN_TOKEN)
         assert listed.status_code == 200, listed.text
     message = call("orphan", "exai_test_block")
     body = json.dumps(message).encode()
@@ -271,7 +280,7 @@ async def test_a_task_whose_handle_never_reached_its_client_is_cancelled(
         server,
         message,
         body,
-        **{"Mcp-Name": "exai_test_block", "Authorization": f"Bearer {BOB}"},
+        **{"Mcp-Name": "exai_test_block", "Authorization": f"Bearer {ANN_TOKEN}"},
     )
     with psycopg.connect(database_url) as lock:
         lock.execute("lock table tasks in share row exclusive mode")
@@ -289,7 +298,8 @@ async def test_a_task_whose_handle_never_reached_its_client_is_cancelled(
         return query(
             database_url,
             "select status, error_message, session_id from tasks"
-            " where identity = 'bob' and tool_name = 'exai_test_block'",
+            " where identity = %s and tool_name = 'exai_test_block'",
+            (ANN,),
         )
 
     await wait_until(
