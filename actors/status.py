@@ -39,6 +39,7 @@ from runtime.breaker import BreakerSnapshot, FailureRateBreaker
 from runtime.budget import NodeBudget
 from runtime.dead_letters import DeadLetters, dead_letters
 from runtime.log_throttle import LogThrottle
+from runtime.logs import dropped_log_lines
 from runtime.mailbox import ActorRef
 from runtime.mcp.versions import SUPPORTED_VERSIONS
 from runtime.pykka_supervision import ActorName
@@ -207,6 +208,7 @@ class NodeStatusSource:
             outgoing_bytes=self._budget_used("outgoing", sum(s.outgoing_bytes for s in sessions)),
             mailbox_bytes_max=self._budget_limit("mailbox"),
             outgoing_bytes_max=self._budget_limit("outgoing"),
+            log_lines_dropped=dropped_log_lines(),
         )
         if persistence is not None:
             queue = next((a.mailbox_depth for a in actors if a.path == PERSISTENCE), None)

@@ -34,7 +34,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from bench import durability, flood, proxy, report, scenarios, streamable_http, venvs
+from bench import durability, flood, own_plan, proxy, report, scenarios, streamable_http, venvs
 from bench.launch import interrupt_on_sigterm, raise_nofile_limit
 from bench.profile import summarize
 from bench.runner import Measurement, RunOptions, measure
@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     interrupt_on_sigterm()
     _check_generator_python(args.python)
     work = Path(tempfile.mkdtemp(prefix="exai-bench-"))
-    exai_env = flood.exai_env(args.exai_env)
+    exai_env = own_plan.exai_env(args.exai_env)
     opts = Options(
         args.python, find_exai(args.exai), args.exai_database_url, work, exai_env=exai_env
     )

@@ -47,8 +47,8 @@ from urllib.parse import urlsplit, urlunsplit
 import psycopg
 
 from bench import proc, report
-from bench.flood import exai_env
 from bench.launch import Owned
+from bench.own_plan import exai_env, reject_options, windowed
 from bench.runner import Measurement, RunOptions, measure
 from bench.scenarios import Scenario
 from bench.targets import REPO, Options, find_exai, started
@@ -593,22 +593,6 @@ def _stated_note(configs: Sequence[Config]) -> str:
     return "every server reports (`exai status`) the durability mode it was asked for"
 
 
-def _reject_options(args: argparse.Namespace) -> None:
-    given = [
-        flag
-        for flag, value in (
-            ("--servers", args.servers),
-            ("--scenarios", args.scenarios),
-            ("--idle", args.idle),
-            ("--generators", args.generators),
-            ("--exai-database-url", args.exai_database_url),
-        )
-        if value is not None
-    ]
-    if given:
-        raise SystemExit(f"durability runs its own plan: {', '.join(given)} not taken")
-
-
 @dataclass
 class Outcome:
     """Everything one run measured, and what went wrong."""
@@ -701,16 +685,15 @@ def _plan_note(
 def main(args: argparse.Namespace) -> int:
     """The ``durability`` mode of ``python -m bench`` (argument parsing is
     ``bench.__main__``'s)."""
-    _reject_options(args)
+    reject_options(
+        args,
+        "durability",
+        ("--servers", "--scenarios", "--idle", "--generators", "--exai-database-url"),
+    )
     env = exai_env(args.exai_env)
     if "EXAI_DURABILITY" in env:
         raise SystemExit("durability sets EXAI_DURABILITY itself, once per mode")
-    overrides: dict[str, float] = {}
-    if args.duration is not None:
-        overrides["duration"] = args.duration
-    if args.warmup is not None:
-        overrides["warmup"] = args.warmup
-    plan = [replace(s, **overrides) for s in (SEQ1, S50)]  # type: ignore[arg-type]
+    plan = windowed((SEQ1, S50), args)
     work = Path(tempfile.mkdtemp(prefix="exai-bench-durability-"))
     opts = Options(args.python, find_exai(args.exai), None, work, exai_env=env)
     if opts.exai is None:

@@ -43,6 +43,7 @@ from typing import Any
 
 from bench import proc, report
 from bench.launch import Owned
+from bench.own_plan import exai_env
 from bench.runner import Measurement, RunOptions, measure
 from bench.scenarios import Scenario
 from bench.targets import REPO, Options, Running, find_exai, started
@@ -536,14 +537,6 @@ def _run_all(
             r = run_phase(phase, running, quiet, run_opts, guard_mib)
             results.append(r)
             _progress(r)
-
-
-def exai_env(pairs: Sequence[str] | None) -> dict[str, str]:
-    """``--exai-env KEY=VALUE`` options as a mapping; exits on a malformed one."""
-    bad = [kv for kv in pairs or [] if "=" not in kv]
-    if bad:
-        raise SystemExit(f"--exai-env wants KEY=VALUE: {', '.join(bad)}")
-    return dict(kv.split("=", 1) for kv in pairs or [])
 
 
 def main(args: argparse.Namespace) -> int:

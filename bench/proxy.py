@@ -45,7 +45,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from bench import report, venvs
-from bench.flood import exai_env
+from bench.own_plan import chosen_servers, exai_env, reject_options, windowed
 from bench.runner import Measurement, RunOptions, measure
 from bench.scenarios import Scenario
 from bench.targets import REPO, Options, Running, find_exai, started
@@ -402,23 +402,6 @@ def section(results: Sequence[Result], notes: Sequence[str], label: str | None =
     return "\n".join(lines) + "\n"
 
 
-def _reject_options(args: argparse.Namespace) -> None:
-    given = [
-        flag
-        for flag, value in (
-            ("--scenarios", args.scenarios),
-            ("--idle", args.idle),
-            ("--generators", args.generators),
-            ("--modes", args.modes),
-            ("--py-spy", args.py_spy or None),
-            ("--exai-database-url", args.exai_database_url),
-        )
-        if value is not None
-    ]
-    if given:
-        raise SystemExit(f"proxy runs its own plan: {', '.join(given)} not taken")
-
-
 def build() -> str:
     """The commit measured (``git rev-parse --short HEAD``), marked when the code under test
     differs from it; "unknown" outside a git checkout."""
@@ -457,18 +440,14 @@ def _plan_note(plan: Sequence[Scenario], env: dict[str, str], elapsed: float, py
 
 def main(args: argparse.Namespace) -> int:
     """The ``proxy`` mode of ``python -m bench`` (argument parsing is ``bench.__main__``'s)."""
-    _reject_options(args)
-    names = args.servers.split(",") if args.servers else list(SERVERS)
-    bad = [n for n in names if n not in SERVERS]
-    if bad:
-        raise SystemExit(f"unknown server(s) for proxy: {', '.join(bad)} (of {', '.join(SERVERS)})")
+    reject_options(
+        args,
+        "proxy",
+        ("--scenarios", "--idle", "--generators", "--modes", "--py-spy", "--exai-database-url"),
+    )
+    names = chosen_servers(args, "proxy", SERVERS)
     env = exai_env(args.exai_env)
-    overrides: dict[str, float] = {}
-    if args.duration is not None:
-        overrides["duration"] = args.duration
-    if args.warmup is not None:
-        overrides["warmup"] = args.warmup
-    plan = [replace(s, **overrides) for s in PLAN]  # type: ignore[arg-type]
+    plan = windowed(PLAN, args)
     work = Path(tempfile.mkdtemp(prefix="exai-bench-proxy-"))
     opts = Options(args.python, find_exai(args.exai), None, work, exai_env=env)
     notes: list[str] = []

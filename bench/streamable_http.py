@@ -40,9 +40,9 @@ from pathlib import Path
 import trio
 
 from bench import report, venvs
-from bench.flood import exai_env
 from bench.httpgen import PROTOCOL_VERSION, Client, Endpoint, handshake
 from bench.launch import Owned, free_port, wait_for_port
+from bench.own_plan import chosen_servers, exai_env, reject_options, windowed
 from bench.profile import summarize
 from bench.runner import Measurement, RunOptions, measure
 from bench.scenarios import Scenario
@@ -341,21 +341,6 @@ def section(results: Sequence[Result], notes: Sequence[str], label: str | None =
     return "\n".join(lines) + "\n"
 
 
-def _reject_options(args: argparse.Namespace) -> None:
-    given = [
-        flag
-        for flag, value in (
-            ("--scenarios", args.scenarios),
-            ("--idle", args.idle),
-            ("--generators", args.generators),
-            ("--modes", args.modes),
-        )
-        if value is not None
-    ]
-    if given:
-        raise SystemExit(f"http runs its own plan: {', '.join(given)} not taken")
-
-
 def _plan_note(plan: Sequence[Scenario], env: dict[str, str], elapsed: float, py: str) -> str:
     windows = ", ".join(
         f"{s.key} {s.warmup:g} s warm-up + {s.duration:g} s ({s.generators} generator"
@@ -375,18 +360,10 @@ def _plan_note(plan: Sequence[Scenario], env: dict[str, str], elapsed: float, py
 
 def main(args: argparse.Namespace) -> int:
     """The ``http`` mode of ``python -m bench`` (argument parsing is ``bench.__main__``'s)."""
-    _reject_options(args)
-    servers = args.servers.split(",") if args.servers else list(SERVERS)
-    bad = [s for s in servers if s not in SERVERS]
-    if bad:
-        raise SystemExit(f"unknown server(s) for http: {', '.join(bad)} (of {', '.join(SERVERS)})")
+    reject_options(args, "http", ("--scenarios", "--idle", "--generators", "--modes"))
+    servers = chosen_servers(args, "http", SERVERS)
     env = exai_env(args.exai_env)
-    overrides: dict[str, float] = {}
-    if args.duration is not None:
-        overrides["duration"] = args.duration
-    if args.warmup is not None:
-        overrides["warmup"] = args.warmup
-    plan = [replace(s, **overrides) for s in PLAN]  # type: ignore[arg-type]
+    plan = windowed(PLAN, args)
     work = Path(tempfile.mkdtemp(prefix="exai-bench-http-"))
     opts = Options(args.python, find_exai(args.exai), args.exai_database_url, work, exai_env=env)
     notes: list[str] = []

@@ -284,6 +284,12 @@ def _node_metrics(m: _Metrics, status: NodeStatus) -> None:
     node = status.node
     m.add("exai_up", "gauge", "1 while the node serves.", 1)
     m.add("exai_uptime_seconds", "gauge", "Seconds since the node started.", node.uptime_s)
+    m.add(
+        "exai_log_lines_dropped_total",
+        "counter",
+        "Log lines dropped, the log writer's queue being full.",
+        node.log_lines_dropped,
+    )
     for state, count in (("attached", node.sessions_live), ("detached", node.sessions_detached)):
         m.add("exai_sessions", "gauge", "Sessions by state.", count, {"state": state})
     transports = Counter(s.transport for s in status.sessions if s.transport is not None)

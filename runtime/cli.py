@@ -25,7 +25,13 @@ from pydantic import ValidationError
 
 from runtime import status_view, trace_view
 from runtime.config import ConfigError, Settings, load_settings, require_private
-from runtime.logs import LogSettings, configure_logging, log_path, register_secret
+from runtime.logs import (
+    LogSettings,
+    configure_logging,
+    flush_logging,
+    log_path,
+    register_secret,
+)
 from runtime.statefile import StateDirLock, read_server_info, state_dir_unusable
 from runtime.stdio_bridge import run_bridge
 from runtime.supervision import SupervisionError
@@ -199,6 +205,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _fail(message: str, code: int) -> int:
+    flush_logging()  # the last line on stderr is this one, after the log's
     print(f"exai: {message}", file=sys.stderr)
     return code
 

@@ -63,6 +63,11 @@ class NodeInfo(_Model):
         default=0, description="Bytes queued for every session's peer, not yet taken."
     )
     outgoing_bytes_max: int | None = Field(default=None, description="Their node-wide bound.")
+    log_lines_dropped: int = Field(
+        default=0,
+        description="Log lines dropped since the start because the log writer's queue was "
+        "full (a disk slower than the node; runtime/log_writer.py).",
+    )
 
 
 class ActorStatus(_Model):
@@ -251,6 +256,11 @@ class ProxiedServerStatus(_Model):
     """One proxied MCP server of ``[servers]`` (actors/servers, docs/tools.md)."""
 
     name: str
+    endpoint: str = Field(
+        default="",
+        description="A stdio server's command (no arguments), a remote one's URL (no user "
+        "info, no query): what may be shown without showing a secret.",
+    )
     state: Literal["starting", "up", "down"]
     pid: int | None = Field(description="Its process now, while it runs.")
     tools: int = Field(description="Tools it lists (the last list, while down).")

@@ -300,11 +300,14 @@ def render(status: NodeStatus) -> str:
     if status.servers:
         out += ["", "PROXIED SERVERS"]
         out += _table(
-            ["SERVER", "STATE", "PID", "TOOLS", "RESTARTS", "LAST ERROR"],
+            ["SERVER", "STATE", "SHARE", "ENDPOINT", "PID", "TOOLS", "RESTARTS", "LAST ERROR"],
             [
                 [
                     printable(server.name),
                     server.state,
+                    server.share
+                    + (f" ({server.instances})" if server.instances is not None else ""),
+                    printable(server.endpoint[:60] or "-"),
                     str(server.pid) if server.pid is not None else "-",
                     str(server.tools),
                     str(server.restarts),

@@ -35,9 +35,10 @@ import os
 import random
 import re
 import time
-from collections.abc import MutableMapping, Sequence
+from collections.abc import Callable, MutableMapping, Sequence
 from contextvars import ContextVar, Token
 from dataclasses import dataclass
+from functools import partial
 from types import TracebackType
 from typing import Any, Generic, TypeVar
 
@@ -178,6 +179,25 @@ def post(message: M, *, sender: str | None = None, trace_id: str | None = None) 
         time.perf_counter(),
     )
     return Envelope(message, mark)
+
+
+class _Sink:
+    """Where ``actor.message`` events go: ``write(level, event)``; ``None``: through
+    structlog like any event. :mod:`runtime.logs` installs its direct path
+    (:func:`set_event_sink`), the same steps without the general pipeline's: one of these
+    per message every actor handles."""
+
+    write: Callable[[str, dict[str, Any]], None] | None = None
+
+
+_sink = _Sink()
+
+
+def set_event_sink(sink: Callable[[str, dict[str, Any]], None] | None) -> None:
+    """Send every ``actor.message`` event to ``sink(level, event)`` (``level``: ``"info"`` or
+    ``"warning"``; ``event``: its fields, ``event`` itself not included), or back to
+    structlog with ``None``."""
+    _sink.write = sink
 
 
 @dataclass(slots=True)
@@ -405,10 +425,28 @@ class handling:  # lower case: used like a function, `with trace.handling(...) a
         event["handled_ms"] = round(handled * 1000, 3)
         event["outcome"] = self.outcome
         event.update(self._fields)
-        if self.outcome == ERROR:
-            if self._throttle is not None:
-                self._throttle.emit(log.warning, TRACE_EVENT, key=self._throttle_key, **event)
-            else:
-                log.warning(TRACE_EVENT, **event)
+        level = "warning" if self.outcome == ERROR else "info"
+        throttle = self._throttle
+        if throttle is not None:
+            # A refusal's line: at most one per key and period (``refused``).
+            throttle.emit(partial(_write, level), TRACE_EVENT, key=self._throttle_key, **event)
+            return
+        sink = _sink.write  # the hot path, inline: one event per message of every actor
+        if sink is not None:
+            sink(level, event)
+        elif level == "warning":
+            log.warning(TRACE_EVENT, **event)
         else:
             log.info(TRACE_EVENT, **event)
+
+
+def _write(level: str, name: str, /, **event: Any) -> None:
+    """One ``actor.message`` event at ``level``: to the installed sink, else structlog (as
+    ``handling._emit`` writes it inline)."""
+    sink = _sink.write
+    if sink is not None:
+        sink(level, event)
+    elif level == "warning":
+        log.warning(name, **event)
+    else:
+        log.info(name, **event)

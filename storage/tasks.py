@@ -23,6 +23,7 @@ from datetime import UTC, datetime, timedelta
 from pydantic import JsonValue
 from pydantic_core import to_json
 
+from storage import ids
 from storage.rows import (
     PENDING_VERSION,
     RUNNING_VERSION,
@@ -106,7 +107,7 @@ class TaskLifecycle:
         created_at = at or datetime.now(UTC)
         return cls(
             TaskCreated(
-                task_id=task_id or uuid.uuid4(),
+                task_id=task_id or ids.uuid4(),
                 session_id=session_id,
                 request_id=request_id_text(request_id),
                 tool_name=tool_name,

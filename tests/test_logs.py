@@ -309,3 +309,24 @@ def test_every_event_is_one_line_whatever_unicode_it_holds(tmp_path: Path) -> No
         (line,) = text.splitlines()
         assert line.isascii()
         assert json.loads(line)["text"] == "a\u2028b\u0085c\x1cd é 😀"
+
+
+TRACE_FIELDS_PROGRAM = """
+with trace.handling("/root/sessions/s", "tools/call", trace_id="00000000cccccccc") as h:
+    h.note(tool="t" * 10000, api_key="sk-proj-abcdefghijklmnopqrstuvwx", caller="Bearer abcdefgh")
+close_logging()
+"""
+
+
+def test_trace_events_are_redacted_clipped_and_stamped_like_every_event(tmp_path: Path) -> None:
+    """Per-message events take a direct path (runtime.logs._trace_event), not structlog's
+    pipeline: the same redaction, bounds and fields all the same."""
+    out = run(tmp_path, TRACE_FIELDS_PROGRAM, settings={"log_console": "off"})
+    (event,) = [e for e in out.events if e["event"] == "actor.message"]
+    assert event["api_key"] == "[REDACTED]"
+    assert event["caller"] == "Bearer [REDACTED]"
+    assert len(event["tool"]) < 4200
+    assert "10000" in event["tool"]  # the clip marker gives the real length
+    assert (event["logger"], event["level"], event["outcome"]) == ("trace", "info", "ok")
+    assert event["timestamp"].endswith("Z")
+    assert event["trace_id"] == "00000000cccccccc"

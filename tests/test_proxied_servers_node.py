@@ -237,6 +237,7 @@ async def test_status_and_metrics_show_each_server(node: ServerProcess) -> None:
     assert by_name["time"].tools >= 2
     assert by_name["time"].pid is not None
     assert by_name["time"].server_name == "mcp-time"
+    assert by_name["time"].endpoint == str(SERVER_TIME)  # the command, never its args or env
     paths = [actor.path for actor in status.actors]
     assert {"/root/servers", "/root/servers/time", "/root/servers/everything"} <= set(paths)
     url, token = admin(node)
@@ -257,6 +258,20 @@ async def test_status_and_metrics_show_each_server(node: ServerProcess) -> None:
         ),
         ('[servers."bad name"]\ncommand = "true"\n', "should match pattern"),
         ('[servers.x]\ncommand = "true"\nshare = "cluster"\n', "servers.x.share"),
+        # remote servers (url = ...)
+        (
+            '[servers.x]\nurl = "http://127.0.0.1:9/mcp"\n'
+            'headers = { Authorization = "Bearer ${EXAI_TEST_UNSET_VAR}" }\n',
+            "servers.x.headers.Authorization: the variable EXAI_TEST_UNSET_VAR is not set",
+        ),
+        ('[servers.x]\nurl = "ftp://example.com/mcp"\n', "servers.x.url"),
+        (
+            '[servers.x]\ncommand = "true"\nurl = "ws://127.0.0.1:9/mcp"\n',
+            "exactly one of command",
+        ),
+        ('[servers.x]\nseparator = "__"\n', "exactly one of command"),
+        ('[servers.x]\nurl = "ws://127.0.0.1:9/mcp"\nargs = ["a"]\n', "not a url"),
+        ('[servers.x]\ncommand = "true"\nheaders = { A = "b" }\n', "not a command"),
     ],
 )
 def test_a_bad_servers_table_stops_the_start(tmp_path: Path, table: str, expected: str) -> None:

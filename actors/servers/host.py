@@ -181,6 +181,7 @@ class ProxiedServers:
             shown.append(
                 ProxiedServerStatus(
                     name=name,
+                    endpoint=process.endpoint,
                     state=process.state.value,
                     pid=process.pid,
                     tools=len(process.tools),

@@ -104,6 +104,15 @@ class RemoteEndpoint:
     headers: Mapping[str, str] = field(default_factory=dict)
 
 
+def describe(endpoint: Endpoint) -> str:
+    """What an operator may be shown of ``endpoint``: a stdio server's command without its
+    arguments and environment, a remote server's URL without its user info and query
+    (any of them may hold a secret), never the headers."""
+    if isinstance(endpoint, RemoteEndpoint):
+        return public_url(endpoint.url)
+    return endpoint.command
+
+
 #: How a proxied server is reached.
 Endpoint = StdioCommand | RemoteEndpoint
 
@@ -193,6 +202,8 @@ class ProxiedServer:
     ) -> None:
         self.name = name
         self._endpoint = endpoint
+        #: What ``exai status`` shows of how it is reached (:func:`describe`).
+        self.endpoint = describe(endpoint)
         self._record = record
         self._max_message_bytes = max_message_bytes
         self._max_pending = max_pending

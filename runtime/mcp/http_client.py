@@ -225,7 +225,7 @@ class HttpStream:
         """POST one request and deliver its answer (module doc); never raises what the
         network does: the stream breaks instead."""
         answer = _Answer()
-        try:
+        with self._breaking():
             async with self._client.stream(
                 "POST", self._url, content=message.encode(), headers=self._headers()
             ) as response:
@@ -235,16 +235,21 @@ class HttpStream:
                 if self._gone is not None:
                     return
                 await self._read_answer(response, request_id, answer)
-        except httpx.HTTPError as error:
-            # A connection dropped mid-answer is the server gone, as a process that died
-            # (resuming after a cut, tried in a test, hung on server-everything's replay).
-            self._break(self._broke(error))
-            return
-        except _TooLong:
-            self._break(self._too_long())
-            return
         if not answer.answered and self._gone is None:
             await self._resume(request_id, answer)
+
+    @contextlib.contextmanager
+    def _breaking(self) -> Iterator[None]:
+        """What the network does to one exchange breaks the stream instead of being raised:
+        a connection dropped mid-answer is the server gone, as a process that died (resuming
+        after a cut, tried in a test, hung on server-everything's replay); an over-long
+        message is the server's fault. The caller checks ``self._gone`` afterwards."""
+        try:
+            yield
+        except httpx.HTTPError as error:
+            self._break(self._broke(error))
+        except _TooLong:
+            self._break(self._too_long())
 
     async def _read_answer(
         self, response: httpx.Response, request_id: Any, answer: _Answer
@@ -276,26 +281,21 @@ class HttpStream:
             if answer.last_id is None:
                 break
             await trio.sleep(answer.retry if answer.retry is not None else _DEFAULT_RETRY)
-            try:
+            refused = False
+            with self._breaking():
                 async with self._client.stream(
                     "GET",
                     self._url,
                     headers=self._headers("text/event-stream", last_event_id=answer.last_id),
                 ) as response:
                     self._check_status(response)
-                    if self._gone is not None:
-                        return
-                    if response.status_code != 200:
-                        break  # no resumption here (405, say)
-                    await self._read_events(response, answer, request_id)
-            except httpx.HTTPError as error:
-                self._break(self._broke(error))
+                    refused = response.status_code != 200  # no resumption here (405, say)
+                    if self._gone is None and not refused:
+                        await self._read_events(response, answer, request_id)
+            if self._gone is not None or answer.answered:
                 return
-            except _TooLong:
-                self._break(self._too_long())
-                return
-            if answer.answered:
-                return
+            if refused:
+                break
         await self._fail(request_id, "closed its stream before answering")
 
     # -- the server's own stream --------------------------------------------------------------
