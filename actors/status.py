@@ -38,6 +38,7 @@ from actors.servers.proxy import ProxiedServer, ServerState
 from runtime.breaker import BreakerSnapshot, FailureRateBreaker
 from runtime.budget import NodeBudget
 from runtime.dead_letters import DeadLetters, dead_letters
+from runtime.log_throttle import LogThrottle
 from runtime.logs import dropped_log_lines
 from runtime.mailbox import ActorRef
 from runtime.mcp.tool_api import FunctionTool
@@ -107,6 +108,8 @@ class LiveSession:
     transport: SessionTransport = field(kw_only=True)
     """How its client reaches it, for status (a resumed session keeps its own)."""
     meter: Meter = field(default_factory=Meter)
+    #: Its refusals' log lines, throttled per kind (``SessionActor``), across restarts.
+    refusals: LogThrottle = field(default_factory=LogThrottle)
     restarts: int = 0
     last_error: str | None = None
 

@@ -105,6 +105,17 @@ class Connection(Protocol):
         """
         ...
 
+    def watch_delivery(self, related_request_id: RequestId, lost: Callable[[], None]) -> None:
+        """Call ``lost`` (once, in the trio thread, synchronously) if the response to
+        ``related_request_id``, sent with :meth:`send` after this call, is never written to
+        the peer because that request's own stream ended first; at once if it has already
+        ended. On Streamable HTTP each request has its stream, which its client may close
+        (or its session end) while the session goes on: a response accepted by :meth:`send`
+        may then be queued and never written. A transport with one stream for the whole
+        session (WebSocket, memory) never calls it: losing what it queued is losing the
+        connection, which the session's own end handles. Must not raise."""
+        ...
+
     async def close(self, code: int, reason: str) -> None:
         """End the connection from the session's side: nothing more is sent (later sends
         raise :class:`ConnectionGone`), and the peer is told ``code`` (RFC 6455 section

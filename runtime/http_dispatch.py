@@ -6,7 +6,9 @@ orchestrators need, so the request head is read here first (h11, bounded by its
 
 * a WebSocket upgrade (``Upgrade: websocket``, RFC 6455 section 4.1) goes on to
   trio-websocket over a :class:`ReplayStream`, which hands it the bytes already read before
-  any new ones, so the handshake is parsed and checked exactly as if nothing had been read;
+  any new ones, so the handshake is parsed and checked exactly as if nothing had been read.
+  Only the first request of a connection is upgraded: the same request later on a kept-alive
+  Streamable HTTP connection is refused (400) by that endpoint;
 * ``GET /healthz`` (the process is alive) and ``GET /readyz`` (it should be sent traffic: its
   database is reachable and it is not draining) are answered with one status word, no token
   needed, then the connection is closed. They tell nothing a client could not learn by
@@ -101,14 +103,20 @@ class RequestHead:
     @property
     def websocket(self) -> bool:
         """Asks for a WebSocket (RFC 6455 section 4.1); trio-websocket checks the rest."""
-        for name, value in self.request.headers:
-            if name == b"upgrade":
-                return any(token.strip().lower() == b"websocket" for token in value.split(b","))
-        return False
+        return asks_websocket(self.request)
 
     def replay(self, stream: trio.abc.Stream) -> ReplayStream:
         """``stream`` as it was before the head was read from it."""
         return ReplayStream(self.received, stream)
+
+
+def asks_websocket(request: h11.Request) -> bool:
+    """Whether ``request`` asks for a WebSocket (``Upgrade: websocket``, RFC 6455 section
+    4.1)."""
+    for name, value in request.headers:
+        if name == b"upgrade":
+            return any(token.strip().lower() == b"websocket" for token in value.split(b","))
+    return False
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,6 +76,9 @@ class MemoryTransport:
             self._out_send.send_nowait(Delivery(json.loads(message), message, related_request_id))
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             raise ConnectionGone from None
+
+    def watch_delivery(self, related_request_id: RequestId, lost: Callable[[], None]) -> None:
+        """Never calls ``lost``: one stream, whose messages are delivered while it lasts."""
 
     async def wait_writable(self) -> None:
         """Never blocks (output is unbounded); raises :class:`ConnectionGone` once closed."""

@@ -24,6 +24,7 @@ Usage, in an actor's handler::
                         rpc_id=message.id, depth=ref.depth, capacity=ref.capacity) as h:
         ...                     # an exception sets outcome "error" ("cancelled" if cancelled)
         h.failed("-32602 ...")  # answered, but with a failure: outcome "error" too
+        h.refused("-32602 ...", throttle=t, key="tools/call:-32602")  # as failed, log throttled
         h.outcome = "refused"   # or name another outcome
         h.note(tool="echo")     # extra fields for the event
 """
@@ -37,11 +38,14 @@ import time
 from collections.abc import Callable, MutableMapping, Sequence
 from contextvars import ContextVar, Token
 from dataclasses import dataclass
+from functools import partial
 from types import TracebackType
 from typing import Any, Generic, TypeVar
 
 import structlog
 import trio
+
+from runtime.log_throttle import LogThrottle
 
 #: The ``event`` of the one-per-message log line.
 TRACE_EVENT = "actor.message"
@@ -283,6 +287,8 @@ class handling:  # lower case: used like a function, `with trace.handling(...) a
         "_rpc_id",
         "_sender",
         "_started",
+        "_throttle",
+        "_throttle_key",
         "_trace_ids",
         "_waited",
         "outcome",
@@ -328,6 +334,8 @@ class handling:  # lower case: used like a function, `with trace.handling(...) a
         self._meter = meter
         self._sender = first.sender if first else None
         self._fields = fields
+        self._throttle: LogThrottle | None = None
+        self._throttle_key = ""
         self._started = 0.0
         self._waited: float | None = None
         if first is not None:
@@ -352,6 +360,17 @@ class handling:  # lower case: used like a function, `with trace.handling(...) a
         self.outcome = ERROR
         self._fields["error"] = error
 
+    def refused(self, error: str, *, throttle: LogThrottle, key: str) -> None:
+        """:meth:`failed`, for a message refused before any work was done (a call its
+        session would not admit, arguments that do not parse): a peer can send those as fast
+        as it likes, so the event's line goes through ``throttle`` under ``key`` (at most
+        one per key and period; the next carries ``suppressed``, how many were left out),
+        while the meter still counts every one. ``key`` must come from a small set (the
+        method and the error's code), never from what the peer sent."""
+        self.failed(error)
+        self._throttle = throttle
+        self._throttle_key = key
+
     def __enter__(self) -> handling:
         self._bound.__enter__()
         self._started = time.perf_counter()
@@ -366,6 +385,7 @@ class handling:  # lower case: used like a function, `with trace.handling(...) a
         handled = time.perf_counter() - self._started
         self._bound.__exit__(exc_type, exc, tb)
         if exc is not None:
+            self._throttle = None  # what raised is not the refusal: logged as it is
             if isinstance(exc, trio.Cancelled | KeyboardInterrupt | GeneratorExit):
                 self.outcome = CANCELLED
             else:
@@ -406,10 +426,27 @@ class handling:  # lower case: used like a function, `with trace.handling(...) a
         event["outcome"] = self.outcome
         event.update(self._fields)
         level = "warning" if self.outcome == ERROR else "info"
-        sink = _sink.write
+        throttle = self._throttle
+        if throttle is not None:
+            # A refusal's line: at most one per key and period (``refused``).
+            throttle.emit(partial(_write, level), TRACE_EVENT, key=self._throttle_key, **event)
+            return
+        sink = _sink.write  # the hot path, inline: one event per message of every actor
         if sink is not None:
             sink(level, event)
         elif level == "warning":
             log.warning(TRACE_EVENT, **event)
         else:
             log.info(TRACE_EVENT, **event)
+
+
+def _write(level: str, name: str, /, **event: Any) -> None:
+    """One ``actor.message`` event at ``level``: to the installed sink, else structlog (as
+    ``handling._emit`` writes it inline)."""
+    sink = _sink.write
+    if sink is not None:
+        sink(level, event)
+    elif level == "warning":
+        log.warning(name, **event)
+    else:
+        log.info(name, **event)

@@ -13,10 +13,13 @@ Tasks: :meth:`start` starts the writer and the stall watchdog in the caller's nu
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import structlog
 import trio
 from trio_websocket import CloseReason, WebSocketConnection
 
+from runtime.connection import RequestId
 from runtime.outbox import Outbox
 
 __all__ = ["CLOSE_POLICY_VIOLATION", "WebSocketTransport"]
@@ -58,6 +61,10 @@ class WebSocketTransport:
         self.send = outbox.put
         self.send_nowait = outbox.put_nowait
         self.wait_writable = outbox.wait_writable
+
+    def watch_delivery(self, related_request_id: RequestId, lost: Callable[[], None]) -> None:
+        """Never calls ``lost``: one stream for the whole session; a message it queued is
+        lost only with the connection, whose end the session handles (parked or ended)."""
 
     async def close(self, code: int, reason: str) -> None:
         """Close with ``code``: nothing more is queued (what is queued is dropped), then the

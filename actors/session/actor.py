@@ -29,6 +29,7 @@ from actors.session.state import RequestId, SessionState
 from runtime import trace
 from runtime.actor import Actor
 from runtime.connection import Connection, ConnectionGone
+from runtime.log_throttle import LogThrottle
 from runtime.mailbox import ActorRef
 from runtime.mcp import jsonrpc, versions
 from runtime.mcp.errors import RpcError, SessionRestarted
@@ -50,10 +51,15 @@ class SessionActor(Actor[Mail]):
         *,
         mailbox: ActorRef[Any] | None = None,
         meter: trace.Meter | None = None,
+        refusals: LogThrottle | None = None,
     ) -> None:
         self.path = f"/root/sessions/{state.session_id}"
         self._mailbox = mailbox
         self._meter = meter
+        #: The session's refusals (calls it would not admit) are logged through this, at
+        #: most one line per kind and period: a client may send them as fast as it likes.
+        #: The session's own (``LiveSession.refusals``), so a restart does not reset it.
+        self._refusals = refusals if refusals is not None else LogThrottle()
         self.state = state
         self._connection = connection
         self._send = connection.send
@@ -66,6 +72,7 @@ class SessionActor(Actor[Mail]):
             persistence=persistence,
             config=config,
             path=self.path,
+            refusals=self._refusals,
         )
         #: The request taken from the mailbox and not yet answered or handed to a task: a
         #: crash here must still answer it.
@@ -95,7 +102,11 @@ class SessionActor(Actor[Mail]):
         ) as traced:
             refusal = await self._receive(message)
             if refusal is not None:
-                traced.failed(refusal.message)
+                # One line per kind of refusal (method and code) and period; the meter (status'
+                # messages_failed, the exai_actor_messages_failed_total metric) counts each.
+                traced.refused(
+                    refusal.message, throttle=self._refusals, key=f"{kind}:{refusal.code}"
+                )
 
     async def _receive(self, message: Message) -> RpcError | None:
         """Handle one message; the error a ``tools/call`` was refused with, if it was."""

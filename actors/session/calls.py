@@ -46,10 +46,19 @@ from actors.persistence import (
 from actors.session.config import SessionConfig
 from actors.session.methods import SessionMethods, params, read_tasks, task_id_of
 from actors.session.state import RequestId, SessionState
-from actors.tasks import POLL_INTERVAL_MS, RunningTask, TaskOutcome
+from actors.tasks import (
+    CANCELLED_BY_NOTIFICATION,
+    CANCELLED_HANDLE_LOST,
+    CANCELLED_STREAM_CLOSED,
+    POLL_INTERVAL_MS,
+    RunningTask,
+    TaskHost,
+    TaskOutcome,
+)
 from actors.tasks.wire import created_task, payload_of, timestamp, unknown_task
 from runtime import trace
 from runtime.connection import Connection, ConnectionGone
+from runtime.log_throttle import LogThrottle
 from runtime.mcp import jsonrpc, translation, versions
 from runtime.mcp.errors import (
     InvalidParams,
@@ -97,14 +106,18 @@ class CallRunner:
         persistence: PersistenceClient,
         config: SessionConfig,
         path: str,
+        refusals: LogThrottle | None = None,
     ) -> None:
         self.state = state
         self._send = connection.send
+        self._connection = connection
         self._methods = methods
         self._tools = tools
         self._persistence = persistence
         self._config = config
         self._path = path
+        #: Calls refused for their arguments are logged through this (``SessionActor``'s).
+        self._refusals = refusals if refusals is not None else LogThrottle()
         self._slots = trio.Semaphore(config.max_inflight)
         #: One batch runs at a time: a second waits in the actor, the mailbox behind it.
         self._batch_slot = trio.Semaphore(1)
@@ -172,10 +185,7 @@ class CallRunner:
                 # The persistence actor's words for what is unavailable, and the call's own
                 # for what was done about it; answered by the translation point (-32004).
                 raise StorageUnavailable(f"{error.reason}; nothing was done, retry later") from None
-            if task is not None:
-                host = self._config.tasks
-                assert host is not None  # _task_mode
-                host.admit(self.state.identity)  # -32005 past the identity's bound
+            if task is not None and self._admit_task(task, tool):
                 self.state.handling(request.id)
                 return _Admitted(tool, call, version, task=task)
         except (RpcError, ExaiError) as error:
@@ -250,6 +260,34 @@ class CallRunner:
                 "(execution.taskSupport is 'forbidden'): call it without params.task"
             )
         return "requested"
+
+    def _admit_task(self, task: TaskMode, tool: Tool[Any]) -> bool:
+        """Count the call as one of its identity's tasks: ``True``; ``False`` if it is to run
+        as a plain call instead. Raises -32005 (``LimitExceeded``) past the identity's bound
+        (``EXAI_MAX_TASKS_PER_IDENTITY``) where a task is the only answer the call may get:
+
+        - ``"requested"`` (2025-11-25): the client asked for a task, and "Receivers that
+          accept a task-augmented request MUST return a CreateTaskResult as the response"
+          (``basic/utilities/tasks.mdx``, "Result Retrieval"); the spec has no plain answer
+          to a task-augmented request (its SDK clients parse the answer as a
+          ``CreateTaskResult``), so a server that will not take the task refuses the call.
+        - ``"directed"`` (2026-07-28, SEP-2663) to a tool whose ``task_support`` is
+          ``"required"`` (it can only be answered with a task).
+
+        Otherwise, a ``"directed"`` call to an ``"optional"`` tool, the server is free to
+        answer plainly (SEP-2663, "Capability Negotiation": it "MAY return CreateTaskResult
+        in lieu of a standard result ... at its own discretion and on a per-request basis.
+        The server is the sole decider"): past the bound it runs as a plain call, under the
+        session's slots like any other, and its client gets its result."""
+        host = self._config.tasks
+        assert host is not None  # _task_mode
+        try:
+            host.admit(self.state.identity)
+        except LimitExceeded:
+            if task == "directed" and tool.task_support == "optional":
+                return False
+            raise
+        return True
 
     def _release(self, admitted: _Admitted) -> None:
         """Give back a call's two slots, once. Cannot raise: it runs on every path out of a
@@ -337,7 +375,15 @@ class CallRunner:
                     outcome = await self._run_tool(
                         request_id, tool, call, version, keep_slots=partial(self._keep, admitted)
                     )
-                if outcome.status == "failed":
+                if outcome.refused:
+                    # Arguments that do not parse: the tool never ran, and a client may send
+                    # those as fast as it likes (one line per period; every one metered).
+                    traced.refused(
+                        outcome.error or "invalid arguments",
+                        throttle=self._refusals,
+                        key="tools/call:invalid arguments",
+                    )
+                elif outcome.status == "failed":
                     traced.failed(outcome.error or "failed")
         except BaseException:
             left = state.client_left
@@ -426,7 +472,9 @@ class CallRunner:
             args = tool.parse(call.arguments)
         except InvalidParams as error:
             return _failed(
-                request_id, translation.call_failure(error, tool=tool.name, version=version)
+                request_id,
+                translation.call_failure(error, tool=tool.name, version=version),
+                refused=True,
             )
         token = call.meta.progress_token if call.meta and not detached else None
         progress = Progress(token, self._send, request_id) if token is not None else None
@@ -538,9 +586,16 @@ class CallRunner:
                 lifecycle, state.identity, partial(self._execute, request_id, admitted)
             )
             if admitted.task == "directed":
+                # SEP-2663 has no tasks/list: a task whose handle never reaches its client
+                # can never be polled, updated or cancelled. So if the request's stream ends
+                # before its answer is written (over Streamable HTTP: queued and dropped, or
+                # never queued), the task is cancelled, as the request is.
+                watch = _AnswerWatch(host, running)
+                self._connection.watch_delivery(request_id, watch)
                 reply = await self._directed_reply(request_id, running)
                 if reply is None:
                     return  # the client cancelled the request: no response
+                watch.sent = True
             else:
                 created = lifecycle.created
                 at = timestamp(created.created_at)
@@ -568,7 +623,8 @@ class CallRunner:
         Cancellation: the client cancelling the request meanwhile (``notifications/cancelled``,
         or over Streamable HTTP closing its response stream) cancels the task too, without
         waiting for it: nobody was told of it, so nobody could ever ask for it; ``None``
-        then (no response). The session ending meanwhile does not: the task is the node's.
+        then (no response). So does the answer never reaching the client (the request's
+        stream ending first, the session's end included: ``_AnswerWatch``).
         """
         host = self._config.tasks
         assert host is not None  # _task_mode
@@ -579,7 +635,10 @@ class CallRunner:
         finally:
             self.state.call_ended(request_id)
         if scope.cancelled_caught:
-            host.cancel_soon(running, "cancelled by its client before it was answered")
+            # Over Streamable HTTP a sessionless request is cancelled only by closing its
+            # stream; elsewhere by notifications/cancelled. The cause, never an id (host.py).
+            why = CANCELLED_STREAM_CLOSED if self.state.sessionless else CANCELLED_BY_NOTIFICATION
+            host.cancel_soon(running, why)
             self.state.answered(request_id)
             return None
         outcome = running.outcome
@@ -824,20 +883,49 @@ class CallRunner:
                 replies[index] = await self._methods.reply(message)
 
 
-def _failed(request_id: RequestId, failure: translation.CallFailure) -> _Outcome:
+@dataclass(eq=False, slots=True)
+class _AnswerWatch:
+    """A directed task's ``lost`` callback (``Connection.watch_delivery``): its request's
+    stream ended before the answer was written, so the task is cancelled, saying whether
+    its handle had been sent; unless it has ended already (its answer was then its own
+    result, or it is over anyway)."""
+
+    host: TaskHost
+    running: RunningTask
+    #: The answer (the handle, or the call's own result) was given to the connection.
+    sent: bool = False
+
+    def __call__(self) -> None:
+        if not self.running.done.is_set():
+            why = CANCELLED_HANDLE_LOST if self.sent else CANCELLED_STREAM_CLOSED
+            self.host.cancel_soon(self.running, why)
+
+
+def _failed(
+    request_id: RequestId, failure: translation.CallFailure, *, refused: bool = False
+) -> _Outcome:
     """A failed call's reply as its translation says: a JSON-RPC error or an ``isError``
-    result."""
+    result; ``refused``: its tool never ran (its arguments did not parse)."""
     if failure.error is not None:
         error = failure.error
         body: dict[str, Any] = {"code": error.code, "message": error.message}
         if error.data is not None:
             body["data"] = error.data
         return _Outcome(
-            jsonrpc.encode_error(request_id, error), "failed", None, failure.record, rpc_error=body
+            jsonrpc.encode_error(request_id, error),
+            "failed",
+            None,
+            failure.record,
+            rpc_error=body,
+            refused=refused,
         )
     assert failure.result is not None
     return _Outcome(
-        jsonrpc.encode_result(request_id, failure.result), "failed", failure.result, failure.record
+        jsonrpc.encode_result(request_id, failure.result),
+        "failed",
+        failure.result,
+        failure.record,
+        refused=refused,
     )
 
 
@@ -871,6 +959,8 @@ class _Outcome:
     result_size: int | None = None
     #: The JSON-RPC error object of ``reply``, when it is an error (an MCP task keeps it).
     rpc_error: dict[str, Any] | None = None
+    #: Refused before its tool ran (arguments that do not parse): logged throttled.
+    refused: bool = False
 
 
 def _encode_payload(

@@ -54,7 +54,7 @@ from structlog.typing import FilteringBoundLogger
 from actors.persistence import PersistenceClient
 from actors.session.config import SessionConfig
 from actors.session.state import SessionState
-from actors.tasks import TaskHost
+from actors.tasks import CANCELLED_BY_REQUEST, CANCELLED_ON_ANOTHER_NODE, TaskHost
 from actors.tasks.wire import detailed_task, task_of, unknown_task
 from runtime.mcp import jsonrpc, versions
 from runtime.mcp.errors import (
@@ -452,8 +452,11 @@ async def _cancel_task(
     host = _task_host(session)
     identity = session.state.identity
     running = host.running(task_id, identity)
+    # The row's message says what cancelled it, never which session (actors/tasks/host.py):
+    # the session is in this line.
+    session.log.info("task.cancel_requested", task_id=str(task_id), here=running is not None)
     if running is not None:
-        await host.cancel(running, f"cancelled by request (session {session.state.session_id})")
+        await host.cancel(running, CANCELLED_BY_REQUEST)
         if extension:
             return EmptyResult()
         row = await read_tasks(partial(host.store.get, task_id, identity))
@@ -463,12 +466,7 @@ async def _cancel_task(
             raise InvalidParams(f"Cannot cancel task: already in terminal status {status!r}")
         return CancelTaskResult(**task_of(row).model_dump())
     marked = await read_tasks(
-        partial(
-            host.store.request_cancel,
-            task_id,
-            identity,
-            f"cancelled by request (session {session.state.session_id}, on another node)",
-        ),
+        partial(host.store.request_cancel, task_id, identity, CANCELLED_ON_ANOTHER_NODE),
     )
     if marked is None:
         raise unknown_task(task_id)

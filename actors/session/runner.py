@@ -251,6 +251,7 @@ async def _actor(
         services.config,
         mailbox=live.mailbox,
         meter=live.meter,
+        refusals=live.refusals,
     )
     ctx.started()
     try:

@@ -60,6 +60,28 @@ FINAL_WRITE_GRACE = 10.0
 #: ``error_message`` of a task cut short by its node's stop.
 NODE_STOPPED = "interrupted: the node running the task stopped before it finished"
 
+# Why a task was cancelled, as its row's ``error_message`` (its ``statusMessage``): the cause,
+# never who. Every client of the identity reads it, and a sessionless (2026-07-28) session's
+# id is the server's own, given to no client; the log lines name the session instead.
+#: ``tasks/cancel`` on this node.
+CANCELLED_BY_REQUEST = "cancelled by request (tasks/cancel)"
+#: ``tasks/cancel`` on another node (marked in the database, stopped by this node's pulse).
+CANCELLED_ON_ANOTHER_NODE = "cancelled by request (tasks/cancel, on another node)"
+#: A 2026-07-28 call whose request's stream closed before it was answered: the client closed
+#: it (the transport's cancellation), or the session ended (a drain cut short, say); or whose
+#: client sent ``notifications/cancelled`` for it.
+CANCELLED_STREAM_CLOSED = (
+    "cancelled: the request's stream closed before it was answered (its client closed it, "
+    "or its session ended)"
+)
+CANCELLED_BY_NOTIFICATION = "cancelled by notifications/cancelled before it was answered"
+#: The task's handle (``CreateTaskResult``) never reached its client: the request's stream
+#: closed (its client closed it, or the session ended) before the handle was written, so
+#: nobody could ever poll, update or cancel the task.
+CANCELLED_HANDLE_LOST = (
+    "cancelled: the request's stream closed before the task's handle reached the client"
+)
+
 
 @dataclass(frozen=True, slots=True)
 class TaskOutcome:
@@ -293,7 +315,7 @@ class TaskHost:
                     for task_id in cancelled:
                         task = self._running.get(task_id)
                         if task is not None and task.cancelled is None:
-                            task.cancelled = "cancelled by request (tasks/cancel on another node)"
+                            task.cancelled = CANCELLED_ON_ANOTHER_NODE
                             task.scope.cancel()
                 if trio.current_time() >= next_sweep:
                     next_sweep = trio.current_time() + self._sweep_interval

@@ -45,7 +45,9 @@ HTTP"); in order, for every request:
    time (a new one replaces the one open, which ends). ``DELETE``: the session ends (200);
    its end is recorded as a WebSocket close 1000 is. Both need ``Mcp-Session-Id`` (400); a
    2026-07-28 client, which has neither, gets 405.
-5. Other methods: 405 with ``Allow``. Other paths: 404.
+5. Other methods: 405 with ``Allow``. Other paths: 404. A WebSocket upgrade, which only a
+   connection's first request gets (``runtime.http_dispatch``), as a later request of a
+   kept-alive connection: 400, -32600, and the connection is closed (``_exchange``).
 
 Every refusal carries a JSON-RPC error with ``id: null`` (the spec's MAY) and is logged at
 most once per kind of refusal per period (:class:`~runtime.log_throttle.LogThrottle`).
@@ -85,6 +87,7 @@ from runtime.connection import (
     CLOSE_NORMAL,
     ConnectionGone,
 )
+from runtime.http_dispatch import asks_websocket
 from runtime.listener import Peer, PeerStream
 from runtime.log_throttle import LogThrottle
 from runtime.mcp import jsonrpc, versions
@@ -278,6 +281,15 @@ class StreamableHttpEndpoint:
             self.connections -= 1
 
     async def _exchange(self, wire: HttpWire, request: h11.Request, peer: Peer) -> None:
+        if asks_websocket(request):
+            # The first request of a connection is upgraded before it reaches this endpoint
+            # (runtime.http_dispatch), so this one came later on a kept-alive connection.
+            # RFC 6455 section 4.1 opens a WebSocket on a connection of its own, and h11 has
+            # already parsed (consumed) the bytes trio-websocket would need to replay:
+            # refused with the answer of any head the MCP port refuses, and closed. Served
+            # as a plain GET it got an answer about Accept (406) that says nothing useful.
+            await self._answer_refusal(wire, _LATE_UPGRADE, close=True)
+            return
         try:
             await self._route(wire, request, peer)
         except Refusal as refusal:
@@ -853,6 +865,17 @@ async def _watch_stall(stream: ResponseStream) -> None:
 async def _cancel_after(wait: Callable[[], Awaitable[object]], scope: trio.CancelScope) -> None:
     await wait()
     scope.cancel()
+
+
+#: A WebSocket upgrade as a later request of a kept-alive connection (``_exchange``).
+_LATE_UPGRADE = Refusal(
+    400,
+    InvalidRequest(
+        "bad request: a WebSocket upgrade must be the first request of its connection "
+        "(RFC 6455 section 4.1); open a new connection for it"
+    ),
+    kind="late websocket upgrade",
+)
 
 
 def _decode(body: bytes) -> jsonrpc.Inbound:

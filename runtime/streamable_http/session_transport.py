@@ -76,7 +76,16 @@ class ResponseStream:
     response will never come.
     """
 
-    __slots__ = ("answered", "client_id", "ended", "ending", "outbox", "request_id")
+    __slots__ = (
+        "_lost",
+        "answered",
+        "client_id",
+        "ended",
+        "ending",
+        "outbox",
+        "request_id",
+        "written",
+    )
 
     def __init__(
         self,
@@ -100,6 +109,10 @@ class ResponseStream:
         #: Why the stream ended without its response: ``"cancelled"`` (the client cancelled
         #: the request) or the session's end (its reason); ``None`` while open or answered.
         self.ending: str | None = None
+        #: Its response was written to the peer (:meth:`delivered`).
+        self.written = False
+        #: Called if the stream ends without its response written (``watch_delivery``).
+        self._lost: Callable[[], None] | None = None
 
     @property
     def wire_id(self) -> RequestId | None:
@@ -108,13 +121,32 @@ class ResponseStream:
 
     def end(self, why: str | None = None) -> None:
         """The stream is over: nothing more is queued, what is queued is dropped (its bytes
-        given back), and its writer stops. Idempotent: the first reason stands."""
+        given back), and its writer stops; a response not written by then is reported lost
+        (:meth:`watch`). Idempotent: the first reason stands."""
         if self.ended.is_set():
             return
         if not self.answered:
             self.ending = why
         self.outbox.close()
         self.ended.set()
+        lost, self._lost = self._lost, None
+        if lost is not None and not self.written:
+            lost()
+
+    def delivered(self) -> None:
+        """Its response was written to the peer (handed to the socket whole): the stream is
+        over, and its response is not lost."""
+        self.written = True
+        self.end()
+
+    def watch(self, lost: Callable[[], None]) -> None:
+        """Call ``lost`` when the stream ends without its response written (queued and
+        dropped, or never queued); at once if it has already ended so."""
+        if self.ended.is_set():
+            if not self.written:
+                lost()
+            return
+        self._lost = lost
 
 
 class HttpSessionTransport:
@@ -214,6 +246,17 @@ class HttpSessionTransport:
             await self._in_send.send(frame)
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             raise ConnectionGone from None
+
+    def watch_delivery(self, related_request_id: RequestId, lost: Callable[[], None]) -> None:
+        """Call ``lost`` if the response to ``related_request_id`` is never written to its
+        client: its stream ends first (the client closed the POST's connection, cancelled
+        the request, or the session ended), with the response queued or not yet sent; at
+        once if that stream is already over (see ``Connection.watch_delivery``)."""
+        stream = self._streams.get(related_request_id)
+        if stream is None:
+            lost()  # released already: its exchange is over, nothing will be written
+            return
+        stream.watch(lost)
 
     def cancelled(self, request_id: RequestId) -> None:
         """The client cancelled ``request_id`` (``notifications/cancelled``, delivered): its

@@ -89,7 +89,7 @@ class StreamWriter:
                     status, message.encode(), content_type=JSON, headers=headers
                 )
                 self.done = True
-                self._stream.end()
+                self._stream.delivered()
                 return
             await self.begin_stream()
         if message is KEEPALIVE_MARK:
@@ -99,7 +99,7 @@ class StreamWriter:
         if final:
             await self._wire.end_stream()
             self.done = True
-            self._stream.end()
+            self._stream.delivered()
 
     async def finish(self) -> None:
         """The stream ended without its response (cancelled, the session ended): close it
