@@ -236,7 +236,8 @@ async def test_long_messages_are_stored_and_searched_in_their_first_characters(
 ) -> None:
     """The index bounds each message to SEARCH_CHARS characters, so a message whose whole
     text would overflow a tsvector (1 MiB of lexemes) is still stored; the words after the
-    bound are not found (a documented limit). The planner can use the index."""
+    bound are not found (a documented limit). The planner can use the index. Expired threads
+    are found only with include_expired."""
     # Distinct hyphenated words (each indexed whole and in parts): about 1.2 million
     # characters of them hold more than the 1 MiB of lexemes a whole tsvector may.
     worst = "".join(f"{i:x}q-{i:x}r " for i in range(90_000))
@@ -258,6 +259,17 @@ async def test_long_messages_are_stored_and_searched_in_their_first_characters(
             " values (%s, %s, 0, 'user', %s, 'chat')",
             (uuid4(), thread_id, content),
         )
+        expired = uuid4()
+        conn.execute(
+            "insert into threads (id, owner_id, tool_name, title, turn_count, created_at,"
+            " updated_at, expires_at) values (%s, %s, 'chat', 'old', 1, %s, %s, %s)",
+            (expired, owner_id("long-user"), now, now, now - timedelta(seconds=1)),
+        )
+        conn.execute(
+            "insert into messages (id, thread_id, turn_index, role, content, tool_name)"
+            " values (%s, %s, 0, 'assistant', 'an expiredword answer', 'chat')",
+            (uuid4(), expired),
+        )
         conn.execute("set enable_seqscan = off")
         plan = "\n".join(
             row[0]
@@ -274,3 +286,7 @@ async def test_long_messages_are_stored_and_searched_in_their_first_characters(
         assert hit["continuation_id"] == str(thread_id)
         assert len(hit["snippet"]) <= 240
         assert (await _search(user, "afterthebound"))["threads"] == []
+        # Expired threads only when asked for, as in the listing.
+        assert (await _search(user, "expiredword"))["threads"] == []
+        (old,) = (await _search(user, "expiredword", include_expired=True))["threads"]
+        assert (old["continuation_id"], old["expired"]) == (str(expired), True)
