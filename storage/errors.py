@@ -21,7 +21,8 @@ do about it::
     │       └── LimitSpent                  a limiter's permanent refusal (actors.rate_limiter)
     ├── InvalidInput               the request's input is wrong: fix it, do not retry as is
     │   ├── ModelNotOffered                 (actors.providers.errors)
-    │   └── InvalidThreadCursor             (storage.threads)
+    │   ├── InvalidThreadCursor             (storage.threads)
+    │   └── InvalidSearchQuery              (storage.thread_search)
     ├── ToolFailed                 the tool could not do what was asked; the text says why
     │   ├── ClientError (ServerGone, ServerError; TooManyRequests, also RetryLater): a proxied
     │   │   MCP server could not be asked (runtime.mcp.client)

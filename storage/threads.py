@@ -24,6 +24,8 @@ from pydantic import BaseModel, ConfigDict
 
 from storage.errors import InvalidInput, StorageError
 from storage.read_pool import ReadPool
+from storage.thread_search import SearchPage, SearchQuery, search_owned
+from storage.untrusted import clip
 
 _CURSOR_PREFIX = "exai:threads:v1:"
 
@@ -89,7 +91,10 @@ def encode_cursor(updated_at: datetime, thread_id: UUID) -> str:
 
 
 def decode_cursor(cursor: str) -> tuple[datetime, UUID]:
-    refusal = InvalidThreadCursor(f"invalid cursor {cursor!r}: not one this server issued")
+    # The client's text, quoted clipped (runtime.mcp.paging does the same for list cursors).
+    refusal = InvalidThreadCursor(
+        f"invalid cursor {clip(cursor, 64)!r}: not one this server issued"
+    )
     try:
         padded = cursor + "=" * (-len(cursor) % 4)
         text = base64.urlsafe_b64decode(padded.encode()).decode()
@@ -193,6 +198,28 @@ class ThreadStore:
             last = summaries[-1]
             next_cursor = encode_cursor(last.updated_at, last.thread_id)
         return ThreadPage(threads=summaries, next_cursor=next_cursor)
+
+    def search_owned(
+        self,
+        owner_id: UUID,
+        query: SearchQuery,
+        *,
+        limit: int,
+        cursor: str | None = None,
+        live_at: datetime | None = None,
+    ) -> SearchPage:
+        """One page of an owner's threads matching ``query`` (:mod:`storage.thread_search`),
+        most recently active first, each with a snippet. Raises :class:`InvalidThreadCursor`
+        for a cursor this store did not issue (a listing's cursor is a position in the same
+        order, so it is accepted)."""
+        position = decode_cursor(cursor) if cursor is not None else None
+        hits, more = search_owned(
+            self._reads.query, owner_id, query, limit=limit, position=position, live_at=live_at
+        )
+        next_cursor = None
+        if more and hits:
+            next_cursor = encode_cursor(hits[-1].updated_at, hits[-1].thread_id)
+        return SearchPage(threads=hits, next_cursor=next_cursor)
 
     def _query(self, sql: str, params: tuple[Any, ...]) -> list[dict[str, Any]]:
         return self._reads.query(sql, params)

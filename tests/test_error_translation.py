@@ -72,6 +72,7 @@ from storage.errors import (
     WriteRejected,
 )
 from storage.task_queries import TaskReadError
+from storage.thread_search import InvalidSearchQuery
 from storage.threads import InvalidThreadCursor, ThreadReadError
 from tests.memory_support import migrated_database, running_persistence, session_services
 
@@ -213,6 +214,10 @@ CASES: dict[str, Case] = {
     "InvalidThreadCursor": Case(
         lambda: InvalidThreadCursor("invalid cursor 'zz': not one this server issued"),
         Input("invalid cursor 'zz': not one this server issued"),
+    ),
+    "InvalidSearchQuery": Case(
+        lambda: InvalidSearchQuery("query too long: 300 characters, at most 256"),
+        Input("query too long: 300 characters, at most 256"),
     ),
     # runtime: a breaker is turned into ProviderUnavailable by its provider; raised raw, it
     # is a retry later with its delay (before the tree: -32603).
