@@ -1,13 +1,12 @@
-"""Compaction of long threads and calibrated token counts (docs/chat.md, Compaction), through
-a real ``exai serve`` and the loopback OpenAI-compatible server, asserting what is sent
-upstream.
+"""Compaction of long threads and calibrated token counts (docs/chat.md, Compaction), through a
+real ``exai serve`` and the loopback OpenAI-compatible server, asserting what is sent upstream.
 
 The fake upstream answers from what it is asked (``FakeOpenAI.respond``): a summary request
-(its system message is the summariser's instructions) gets ``SUMMARY 1-<n>`` (the exchanges
-it covers) or what the test queued for it; a turn gets ``answer <i>``. So a turn's request and the summary that runs after
-it may reach the upstream in any order and still get their own answers. A test that expects
-a summary waits for its row (or its failure in the log) before the next turn: the next turn
-then certainly reads it.
+(its system message is the summariser's instructions) gets ``SUMMARY 1-<n>`` (the exchanges it
+covers) or what the test queued for it; a turn gets ``answer <i>``. So a turn's request and the
+summary that runs after it may reach the upstream in any order and still get their own answers.
+A test that expects a summary waits for its row (or its failure in the log) before the next
+turn: the next turn then certainly reads it.
 
 Every exchange is 25 + 25 tokens (characters / 4) and the threshold is 300 tokens: a thread
 first compacts after its 7th exchange (350 tokens), exchanges 1-4, keeping 5-7 verbatim; then
