@@ -6,10 +6,13 @@ Without it a long thread is cut to its newest turns within the history budget
 * **When.** After a turn is stored, its thread's *compactable size* is measured: the newest
   summary plus the prompts and answers of every exchange it does not cover, in calibrated
   tokens (:func:`calibrated`). Files are left out of it: they are never summarised, so
-  summarising cannot shrink them. Past ``compaction_threshold_tokens`` (default 40,000), the
-  exchanges older than the newest ``compaction_keep_turns`` (3) that the summary does not
-  cover yet are summarised (oldest first, at most ``compaction_input_tokens`` of them per
-  call; the rest waits for the next compaction).
+  summarising cannot shrink them. Past ``compaction_threshold_tokens`` (default 40,000), or
+  as soon as the next turn's history would leave out an exchange the summary does not cover
+  (``max_messages`` or ``history_tokens`` reached first: that exchange would be lost,
+  neither sent nor summarised), the exchanges older than the newest
+  ``compaction_keep_turns`` (3) that the summary does not cover yet are summarised (oldest
+  first, at most ``compaction_input_tokens`` of them per call; the rest waits for the next
+  compaction).
 * **What.** Only what was said: each exchange's prompt (as stored, after Phase 1) and answer.
   Files (``messages.tool_name = 'file'``; the history keeps their newest copy as before),
   tool results (``role = 'tool'``) and anything else a thread may hold are never given to the
@@ -136,17 +139,23 @@ def ratio_for(context: ThreadContext, model: str) -> float:
 
 
 def plan_compaction(
-    turns: Sequence[Turn], summary: Summary | None, limits: ChatLimits, ratio: float
+    turns: Sequence[Turn],
+    summary: Summary | None,
+    limits: ChatLimits,
+    ratio: float,
+    *,
+    truncated: bool = False,
 ) -> CompactionPlan | None:
     """The compaction ``turns`` (a thread's, oldest first, the newest one included) call for,
-    if any (module doc, "When")."""
+    if any (module doc, "When"). ``truncated``: the next turn's history would leave out
+    exchanges the summary does not cover, which compacting now keeps from being lost."""
     if not limits.compaction:
         return None
     start = summary.last_turn + 1 if summary is not None else 0
     pending = [t for t in turns if t.index >= start]
     size = tokens(summary.content) if summary is not None else 0
     size += sum(tokens(t.prompt) + tokens(t.reply) for t in pending)
-    if calibrated(size, ratio) <= limits.compaction_threshold_tokens:
+    if not truncated and calibrated(size, ratio) <= limits.compaction_threshold_tokens:
         return None
     candidates = pending[: max(0, len(pending) - limits.compaction_keep_turns)]
     taken: list[Turn] = []

@@ -39,6 +39,7 @@ import trio
 
 from actors.conversation.compaction import (
     CompactionJob,
+    CompactionPlan,
     Compactor,
     calibrated,
     next_ratio,
@@ -227,16 +228,21 @@ class Conversations:
                 ratio_model=model if learnt is not None else None,
             )
             compacting = False
-            if stored:
-                compacting = self._compact_later(
-                    request,
-                    thread_id,
-                    [*turns, Turn(index, stripped.text, reply, files)],
-                    context,
-                    provider=provider.name,
-                    model=model,
-                    ratio=counts.ratio,
+            if stored and self.limits.compaction:
+                thread_turns = [*turns, Turn(index, stripped.text, reply, files)]
+                plan = await trio.to_thread.run_sync(
+                    partial(self._plan, thread_turns, context, ratio=counts.ratio)
                 )
+                if plan is not None:
+                    job = CompactionJob(
+                        thread_id=thread_id,
+                        identity=request.identity,
+                        session_id=request.session_id,
+                        provider=provider.name,
+                        model=model,
+                        plan=plan,
+                    )
+                    compacting = self.compactor.start(job)
         turn = index + 1
         return TurnOutcome(
             thread_id=thread_id,
@@ -310,35 +316,20 @@ class Conversations:
                 "upstream, retry later"
             ) from exc
 
-    def _compact_later(
-        self,
-        request: TurnRequest,
-        thread_id: UUID,
-        turns: list[Turn],
-        context: ThreadContext,
-        *,
-        provider: str,
-        model: str,
-        ratio: float,
-    ) -> bool:
-        """Start a compaction of the thread if it has grown past its threshold (after the
-        turn is stored: the summariser reads nothing the turn has not written)."""
+    def _plan(
+        self, turns: list[Turn], context: ThreadContext, *, ratio: float
+    ) -> CompactionPlan | None:
+        """The compaction the thread calls for once this turn is stored, if any: past its
+        threshold, or when the next turn's history would leave out an exchange the summary
+        does not cover (it would be lost: neither sent nor summarised)."""
         stored = context.summary
         summary = None
         if stored is not None:
             summary = Summary(stored.first_turn, stored.last_turn, stored.content)
-        plan = plan_compaction(turns, summary, self.limits, ratio)
-        if plan is None:
-            return False
-        job = CompactionJob(
-            thread_id=thread_id,
-            identity=request.identity,
-            session_id=request.session_id,
-            provider=provider,
-            model=model,
-            plan=plan,
+        upcoming = compose(turns, self._budget.calibrated(ratio), summary=summary)
+        return plan_compaction(
+            turns, summary, self.limits, ratio, truncated=upcoming.omitted_turns > 0
         )
-        return self.compactor.start(job)
 
     def _prepare(
         self,
