@@ -36,11 +36,12 @@ from tests.chat_support import (
     upstream_thread,
     write_config,
 )
-from tests.fake_openai import Behaviour, FakeOpenAI, Received, Reply, Status
+from tests.fake_openai import Behaviour, FakeOpenAI, Hang, Received, Reply, Status
 from tests.harness import RawClient, ServerProcess, open_raw, start_server, wait_until
 
 CHAT = (
     "compaction_threshold_tokens = 300\ncompaction_keep_turns = 3\nmax_messages = 200\n"
+    "compaction_timeout_seconds = 5\n"
     "history_tokens = 50000\n"
 )
 SUMMARY_HEADER = (
@@ -301,7 +302,7 @@ async def test_a_30_turn_thread_compacts_incrementally_and_survives_a_restart(
 async def test_a_failing_summariser_never_fails_a_turn_and_is_retried_later(
     node: Node, upstream: Upstream, database_url: str
 ) -> None:
-    upstream.summaries.extend([Status(429, "slow down"), Status(500, "summariser broke")])
+    upstream.summaries.extend([Status(429, "slow down"), Status(500, "summariser broke"), Hang()])
     since = len(upstream.fake.received)
     async with open_raw(node.handle.authed_url(ALICE)) as ws:
         caller = await _caller(ws)
@@ -311,14 +312,14 @@ async def test_a_failing_summariser_never_fails_a_turn_and_is_retried_later(
             out = await caller.chat(prompt(i), continuation_id=thread, model="other-model")
             assert out["compacting"] is (i == 6)  # after the 7th: the summary gets the 429
 
-        def failures() -> int:
-            return sum(
-                1
+        def failures() -> list[str]:
+            return [
+                e["error"]
                 for e in node.handle.log_events()
                 if e.get("event") == "chat.compaction_failed" and e.get("thread_id") == thread
-            )
+            ]
 
-        await wait_until(lambda: failures() == 1, what="the first failed compaction")
+        await wait_until(lambda: len(failures()) == 1, what="the first failed compaction")
         # The next turn goes through on today's truncation (no summary), and tries again.
         out = await caller.chat(prompt(7), continuation_id=thread, model="other-model")
         assert out["compacting"] is True
@@ -327,22 +328,26 @@ async def test_a_failing_summariser_never_fails_a_turn_and_is_retried_later(
             *_verbatim(range(7)),
             {"role": "user", "content": prompt(7)},
         ]
-        await wait_until(lambda: failures() == 2, what="the second failed compaction (500)")
+        await wait_until(lambda: len(failures()) == 2, what="the second failed compaction")
         out = await caller.chat(prompt(8), continuation_id=thread, model="other-model")
-        assert out["compacting"] is True  # third try: the upstream answers
-        await _wait_summary(database_url, thread, 5)
+        assert out["compacting"] is True  # third try: the upstream never answers
+        await wait_until(lambda: len(failures()) == 3, what="the compaction's timeout")
+        assert failures() == ["ProviderRateLimited", "ProviderServerError", "timeout"]
         out = await caller.chat(prompt(9), continuation_id=thread, model="other-model")
-        assert out["history_summarised_turns"] == 6
+        assert out["compacting"] is True  # fourth try: the upstream answers
+        await _wait_summary(database_url, thread, 6)
+        out = await caller.chat(prompt(10), continuation_id=thread, model="other-model")
+        assert out["history_summarised_turns"] == 7
         assert upstream.turn_requests()[-1][1:] == [
-            *_verbatim(range(6, 9)),
-            {"role": "user", "content": prompt(9)},
+            *_verbatim(range(7, 10)),
+            {"role": "user", "content": prompt(10)},
         ]
     # Each try asked for everything but the newest 3 exchanges at the time.
     assert upstream.summary_requests(since) == [
         f"Summarise exchanges 1-{n}:\n\n"
         + "\n\n".join(_exchange_block(i) for i in range(n))
         + f"\n\nWrite the summary of exchanges 1-{n} now."
-        for n in (4, 5, 6)
+        for n in (4, 5, 6, 7)
     ]
     rows = query(
         database_url,

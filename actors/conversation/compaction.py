@@ -54,6 +54,7 @@ from actors.conversation.owners import owner_id
 from actors.conversation.upstream import Upstream, complete
 from actors.persistence import PersistenceClient
 from actors.providers import ChatMessage, ChatRequest
+from runtime import trace
 from runtime.config import ChatLimits
 from runtime.supervision import ChildContext
 from storage.errors import ActorUnavailable
@@ -260,6 +261,12 @@ class Compactor:
         return True
 
     async def _compact(self, job: CompactionJob) -> None:
+        # Its logs keep the turn's trace and session (the task inherited them) and say where
+        # it runs.
+        with trace.bound(actor="/root/conversations"):
+            await self._compact_logged(job)
+
+    async def _compact_logged(self, job: CompactionJob) -> None:
         try:
             with trio.move_on_after(self.limits.compaction_timeout_seconds) as scope:
                 await self._summarise(job)
