@@ -24,8 +24,10 @@ from typing import Any
 
 import pytest
 
-from actors.conversation.compaction import INSTRUCTIONS
+from actors.conversation.compaction import INSTRUCTIONS, plan_compaction
+from actors.conversation.history import HistoryBudget, Summary, Turn, compose
 from actors.conversation.owners import owner_id
+from actors.providers import ChatMessage
 from runtime.config import ChatLimits
 from tests.chat_support import (
     ALICE,
@@ -398,3 +400,27 @@ def test_max_turns_defaults_to_200_with_compaction_and_explicit_config_wins() ->
     assert ChatLimits(compaction=False).max_turns == 20
     assert ChatLimits(max_turns=7).max_turns == 7
     assert ChatLimits(compaction=False, max_turns=300).max_turns == 300
+
+
+def test_compaction_starts_when_the_next_history_would_lose_an_exchange() -> None:
+    """``max_messages`` reached long before the token threshold: the thread compacts as soon
+    as the next turn's history would leave an exchange out (it would be neither sent nor
+    summarised), and its summary then takes one message of the budget."""
+    limits = ChatLimits(max_messages=8)  # 4 exchanges; the 40,000-token threshold is far
+    budget = HistoryBudget(
+        tokens=limits.history_tokens, max_messages=8, message_tokens=limits.message_tokens
+    )
+    turns = [Turn(i, prompt(i), answer(i)) for i in range(5)]
+    assert compose(turns[:4], budget, summary=None).omitted_turns == 0
+    upcoming = compose(turns, budget, summary=None)
+    assert upcoming.omitted_turns == 1
+    assert plan_compaction(turns, None, limits, 1.0) is None  # by size alone: no
+    plan = plan_compaction(turns, None, limits, 1.0, truncated=True)
+    assert plan is not None
+    assert (plan.first_turn, plan.last_turn) == (0, 1)  # all but the newest 3
+    # The summary of exchanges 1-2 and exchanges 3-5 verbatim: 7 messages, nothing lost.
+    history = compose(turns, budget, summary=Summary(0, 1, "SUMMARY 1-2"))
+    assert (history.summarised_turns, history.turns, history.omitted_turns) == (2, 3, 0)
+    assert history.messages[1:] == [
+        ChatMessage(role=m["role"], content=m["content"]) for m in _verbatim(range(2, 5))
+    ]
