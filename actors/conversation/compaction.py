@@ -223,10 +223,6 @@ class Compactor:
         #: Threads with a compaction running (at most one each, ``max_compactions`` in all).
         self._running: set[UUID] = set()
 
-    @property
-    def running(self) -> int:
-        return len(self._running)
-
     async def run(self, ctx: ChildContext) -> None:
         """The nursery compactions run in, until the node stops them (cancelled: a summary
         call in flight is abandoned and nothing of it is stored)."""
