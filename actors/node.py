@@ -522,6 +522,10 @@ class _Tree:
                 ChildSpec("providers", self._providers, shutdown=10),
                 ChildSpec("admin", self._admin, shutdown=5),
                 ChildSpec("tool_workers", self.tool_workers.watch, shutdown=5),
+                # Compactions of long threads (a turn starts them, after its answer): after
+                # the persistence, the limiter and the providers they use, before sessions,
+                # so stopped (its compactions cancelled) once every session has drained.
+                ChildSpec("conversations", self.conversations.run, shutdown=10),
                 # Before sessions, which hand it tasks; stopped after every session has
                 # drained: its running tasks are then cancelled and recorded.
                 ChildSpec("tasks", self.tasks.run, shutdown=30),

@@ -381,7 +381,10 @@ class ChatLimits(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     max_turns: int = Field(
-        default=20, ge=1, description="Exchanges (a prompt and its answer) per thread."
+        default=20,
+        ge=1,
+        description="Exchanges (a prompt and its answer) per thread; when not set, 200 with "
+        "compaction on and 20 with it off.",
     )
     thread_ttl_seconds: float = Field(
         default=3 * 3600.0, gt=0, description="A thread expires this long after its last turn."
@@ -403,6 +406,45 @@ class ChatLimits(BaseModel):
         gt=0,
         description="max_tokens asked of the upstream per turn (and reserved by the limiter).",
     )
+    compaction: bool = Field(
+        default=True,
+        description="Summarise a long thread's older exchanges (docs/chat.md, Compaction).",
+    )
+    compaction_threshold_tokens: int = Field(
+        default=40_000,
+        ge=1,
+        description="Compact once the thread's summary plus its exchanges not yet summarised "
+        "pass this many (calibrated) tokens.",
+    )
+    compaction_keep_turns: int = Field(
+        default=3, ge=1, description="Newest exchanges never summarised (sent verbatim)."
+    )
+    summary_tokens: int = Field(
+        default=2_000, gt=0, description="max_tokens asked of the upstream for a summary."
+    )
+    compaction_input_tokens: int = Field(
+        default=50_000,
+        ge=1,
+        description="Most tokens of exchanges given to one summary call (older first; the "
+        "rest waits for the next compaction).",
+    )
+    max_compactions: int = Field(
+        default=4,
+        ge=1,
+        description="Compactions running at once on the node (others wait for a later turn).",
+    )
+    compaction_timeout_seconds: float = Field(
+        default=120.0, gt=0, description="A summary call that takes longer is abandoned."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _max_turns_default(cls, data: object) -> object:
+        # A compacted thread stays small upstream, so it may run longer: 200 exchanges by
+        # default with compaction on. An explicit max_turns always wins.
+        if isinstance(data, dict) and "max_turns" not in data:
+            return {**data, "max_turns": 200 if data.get("compaction", True) else 20}
+        return data
 
 
 class ClientEntry(BaseModel):

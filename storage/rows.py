@@ -29,6 +29,8 @@ SessionStatus = Literal["active", "closed", "interrupted"]
 TaskStatus = Literal["pending", "running", "completed", "failed", "cancelled", "interrupted"]
 FinalTaskStatus = Literal["completed", "failed", "cancelled"]
 MessageRole = Literal["user", "assistant", "system", "tool"]
+#: What an upstream call was for (``token_usage.purpose``): a turn, or a thread's summary.
+UsagePurpose = Literal["chat", "compaction"]
 
 #: ``tasks.identity`` of a row whose identity is not known (written before tasks had one):
 #: no token can name it (runtime/auth.py's IDENTITY_PATTERN).
@@ -208,6 +210,11 @@ class TokenUsage(_Row):
     cost: Decimal | None = None
     estimated: bool = False
     created_at: datetime
+    #: What the call was for; journals written before purposes existed hold chat turns.
+    purpose: UsagePurpose = "chat"
+    #: The thread the call served and its owner (``threads.owner_id``), when it served one.
+    owner_id: UUID | None = None
+    thread_id: UUID | None = None
 
 
 # --- conversation memory (written by a later issue) -----------------------------------------
@@ -230,6 +237,37 @@ class ThreadRow(_Row):
     owner_id: UUID | None = None
     tool_name: str | None = None
     title: str | None = None
+    #: Calibration (docs/chat.md, "Token counts"): the upstream's reported prompt tokens over
+    #: the characters / 4 estimate, smoothed, for ``token_ratio_model``. A non-null value
+    #: replaces the stored one; ``None`` leaves it as it is.
+    token_ratio: float | None = Field(default=None, gt=0)
+    token_ratio_model: str | None = None
+    #: The last turn's request: its estimate (characters / 4) and what the upstream reported.
+    prompt_tokens_estimated: int | None = Field(default=None, ge=0)
+    prompt_tokens_reported: int | None = Field(default=None, ge=0)
+
+
+class ThreadSummaryRow(_Row):
+    """A summary of a thread's exchanges ``first_turn``..``last_turn`` (both included), written
+    by compaction (:mod:`actors.conversation.compaction`). Written once, never updated: the
+    next summary is a new row that extends this one."""
+
+    kind: Literal["thread_summary"] = "thread_summary"
+    summary_id: UUID
+    thread_id: UUID
+    first_turn: int = Field(ge=0)
+    last_turn: int = Field(ge=0)
+    content: str
+    token_count: int = Field(default=0, ge=0)
+    provider: str
+    model: str
+    created_at: datetime
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ThreadSummaryRow:
+        if self.last_turn < self.first_turn:
+            raise ValueError("last_turn must not precede first_turn")
+        return self
 
 
 class MessageRow(_Row):
@@ -271,6 +309,7 @@ Record: TypeAlias = Annotated[
     | TokenUsage
     | ThreadRow
     | MessageRow
+    | ThreadSummaryRow
     | NodeHeartbeat,
     Field(discriminator="kind"),
 ]

@@ -77,6 +77,32 @@ class StoredThread(ThreadSummary):
 _SUMMARY_COLUMNS = "id as thread_id, title, turn_count, created_at, updated_at, expires_at"
 
 
+class StoredSummary(BaseModel):
+    """A summary of exchanges ``first_turn``..``last_turn`` of a thread (both included)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    first_turn: int
+    last_turn: int
+    content: str
+    provider: str
+    model: str
+    created_at: datetime
+
+
+class ThreadContext(BaseModel):
+    """What compaction and calibration keep of a thread: its newest summary, and its token
+    calibration (reported prompt tokens over the characters / 4 estimate, for one model)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    summary: StoredSummary | None = None
+    token_ratio: float | None = None
+    token_ratio_model: str | None = None
+    prompt_tokens_estimated: int | None = None
+    prompt_tokens_reported: int | None = None
+
+
 class ThreadPage(BaseModel):
     model_config = ConfigDict(frozen=True)
 
@@ -162,6 +188,38 @@ class ThreadStore:
                 )
                 for m in messages
             ],
+        )
+
+    def load_context(self, thread_id: UUID) -> ThreadContext:
+        """The thread's newest summary and its calibration (empty for an unknown thread)."""
+        rows = self._query(
+            "select t.token_ratio, t.token_ratio_model, t.prompt_tokens_estimated,"
+            " t.prompt_tokens_reported, s.first_turn, s.last_turn, s.content, s.provider,"
+            " s.model, s.created_at"
+            " from threads t left join lateral (select * from thread_summaries"
+            " where thread_id = t.id order by last_turn desc, created_at desc limit 1) s on true"
+            " where t.id = %s",
+            (thread_id,),
+        )
+        if not rows:
+            return ThreadContext()
+        row = rows[0]
+        summary = None
+        if row["last_turn"] is not None:
+            summary = StoredSummary(
+                first_turn=row["first_turn"],
+                last_turn=row["last_turn"],
+                content=row["content"],
+                provider=row["provider"],
+                model=row["model"],
+                created_at=row["created_at"],
+            )
+        return ThreadContext(
+            summary=summary,
+            token_ratio=row["token_ratio"],
+            token_ratio_model=row["token_ratio_model"],
+            prompt_tokens_estimated=row["prompt_tokens_estimated"],
+            prompt_tokens_reported=row["prompt_tokens_reported"],
         )
 
     def list_owned(

@@ -1,10 +1,11 @@
 """Writing a batch of records to Postgres in one transaction, idempotently.
 
 A batch is grouped by kind and each group is one statement (or one COPY), applied in
-dependency order: sessions, threads, tasks, task transitions, usage, messages, then session
-updates and heartbeats. Regrouping preserves the meaning of the arrival order because each
-entity's records arrive in causal order (a task is created before it starts) and the updates
-that could meet in one batch commute (``greatest``, status guards, version checks).
+dependency order: sessions, threads, tasks, task transitions, usage, messages, thread
+summaries, then session updates and heartbeats. Regrouping preserves the meaning of the
+arrival order because each entity's records arrive in causal order (a task is created
+before it starts) and the updates that could meet in one batch commute (``greatest``,
+status guards, version checks).
 
 Three attempts, each its own transaction, cheapest first:
 
@@ -55,6 +56,7 @@ from storage.rows import (
     TaskFinished,
     TaskStarted,
     ThreadRow,
+    ThreadSummaryRow,
     TokenUsage,
 )
 
@@ -131,6 +133,7 @@ class _Groups:
     finished: list[tuple[int, TaskFinished]] = field(default_factory=list)
     usage: list[TokenUsage] = field(default_factory=list)
     messages: list[MessageRow] = field(default_factory=list)
+    summaries: list[ThreadSummaryRow] = field(default_factory=list)
     identified: list[SessionIdentified] = field(default_factory=list)
     activity: list[SessionActivity] = field(default_factory=list)
     closes: list[SessionClose] = field(default_factory=list)
@@ -161,6 +164,8 @@ class _Groups:
                 self.usage.append(record)
             case MessageRow():
                 self.messages.append(record)
+            case ThreadSummaryRow():
+                self.summaries.append(record)
             case SessionIdentified():
                 self.identified.append(record)
             case SessionActivity():
@@ -191,6 +196,8 @@ def _apply(conn: Connection, groups: _Groups, *, fast: bool) -> BatchResult:
         _sum_session_tokens(conn, {r.session_id for r in groups.usage if r.session_id})
     if groups.messages:
         _insert_messages(conn, groups.messages, fast=fast)
+    if groups.summaries:
+        _insert_summaries(conn, groups.summaries, fast=fast)
     if groups.identified:
         _identify_sessions(conn, groups.identified)
     if groups.activity:
@@ -528,7 +535,7 @@ def _classify(
 
 _USAGE_COLUMNS = (
     "id, session_id, task_id, provider, model, input_tokens, output_tokens, cost, estimated,"
-    " created_at"
+    " created_at, purpose, owner_id, thread_id"
 )
 
 
@@ -544,6 +551,9 @@ def _usage_tuple(r: TokenUsage) -> tuple[object, ...]:
         r.cost,
         r.estimated,
         r.created_at,
+        r.purpose,
+        r.owner_id,
+        r.thread_id,
     )
 
 
@@ -580,13 +590,22 @@ def _upsert_threads(conn: Connection, rows: list[ThreadRow]) -> None:
         cur.executemany(
             """
             insert into threads (id, session_id, owner_id, tool_name, title, turn_count,
-                                 created_at, updated_at, expires_at)
-            values (%s, %s, %s, %s, %s, %s, %s, %s, %s)
+                                 created_at, updated_at, expires_at, token_ratio,
+                                 token_ratio_model, prompt_tokens_estimated,
+                                 prompt_tokens_reported)
+            values (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
             on conflict (id) do update
                set updated_at = greatest(threads.updated_at, excluded.updated_at),
                    expires_at = greatest(threads.expires_at, excluded.expires_at),
                    turn_count = greatest(threads.turn_count, excluded.turn_count),
-                   title = coalesce(excluded.title, threads.title)
+                   title = coalesce(excluded.title, threads.title),
+                   token_ratio = coalesce(excluded.token_ratio, threads.token_ratio),
+                   token_ratio_model = coalesce(excluded.token_ratio_model,
+                                                threads.token_ratio_model),
+                   prompt_tokens_estimated = coalesce(excluded.prompt_tokens_estimated,
+                                                      threads.prompt_tokens_estimated),
+                   prompt_tokens_reported = coalesce(excluded.prompt_tokens_reported,
+                                                     threads.prompt_tokens_reported)
             """,
             [
                 (
@@ -599,6 +618,10 @@ def _upsert_threads(conn: Connection, rows: list[ThreadRow]) -> None:
                     r.created_at,
                     r.updated_at,
                     r.expires_at,
+                    r.token_ratio,
+                    r.token_ratio_model,
+                    r.prompt_tokens_estimated,
+                    r.prompt_tokens_reported,
                 )
                 for r in rows
             ],
@@ -626,6 +649,35 @@ def _message_tuple(r: MessageRow) -> tuple[object, ...]:
 
 def _insert_messages(conn: Connection, rows: list[MessageRow], *, fast: bool) -> None:
     _insert_new(conn, "messages", _MESSAGE_COLUMNS, "id", map(_message_tuple, rows), fast=fast)
+
+
+_SUMMARY_COLUMNS = (
+    "id, thread_id, first_turn, last_turn, content, token_count, provider, model, created_at"
+)
+
+
+def _insert_summaries(conn: Connection, rows: list[ThreadSummaryRow], *, fast: bool) -> None:
+    _insert_new(
+        conn,
+        "thread_summaries",
+        _SUMMARY_COLUMNS,
+        "id",
+        (
+            (
+                r.summary_id,
+                r.thread_id,
+                r.first_turn,
+                r.last_turn,
+                r.content,
+                r.token_count,
+                r.provider,
+                r.model,
+                r.created_at,
+            )
+            for r in rows
+        ),
+        fast=fast,
+    )
 
 
 def _heartbeats(conn: Connection, rows: list[NodeHeartbeat]) -> None:

@@ -94,6 +94,9 @@ class Received:
 class FakeOpenAI:
     port: int = 0
     received: list[Received] = field(default_factory=list)
+    #: With the script empty: how to answer a request, chosen from what it asks (for a test
+    #: whose requests interleave, e.g. a turn and a background summary); else the default.
+    respond: Callable[[Received], Behaviour] | None = None
     _script: deque[Behaviour] = field(default_factory=deque)
 
     @property
@@ -103,10 +106,12 @@ class FakeOpenAI:
     def script(self, *behaviours: Behaviour) -> None:
         self._script.extend(behaviours)
 
-    def _next(self, streaming: bool) -> Behaviour:
+    def _next(self, request: Received) -> Behaviour:
         if self._script:
             return self._script.popleft()
-        return StreamReply() if streaming else Reply()
+        if self.respond is not None:
+            return self.respond(request)
+        return StreamReply() if request.body.get("stream") else Reply()
 
     async def handle(self, stream: trio.SocketStream) -> None:
         # A test server must never take the nursery down because a client went away.
@@ -124,7 +129,7 @@ class FakeOpenAI:
             if request is None:
                 return
             self.received.append(request)
-            behaviour = self._next(bool(request.body.get("stream")))
+            behaviour = self._next(request)
             if not await self._respond(conn, stream, behaviour, request):
                 return
             if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:

@@ -340,6 +340,7 @@ async def test_the_status_tree_is_the_supervision_tree_that_runs(own_server: Ser
         "/root/providers",
         "/root/admin",
         "/root/tool_workers",
+        "/root/conversations",
         "/root/tasks",
         "/root/servers",  # no [servers]: a supervisor with no children
         "/root/sessions",

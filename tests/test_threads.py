@@ -78,12 +78,12 @@ async def test_threads_lists_the_caller_s_threads_newest_first_in_pages(
 
         top = first["threads"][0]
         assert top["title"] == "topic 0"
-        assert (top["turns"], top["remaining_exchanges"], top["expired"]) == (2, 18, False)
+        assert (top["turns"], top["remaining_exchanges"], top["expired"]) == (2, 198, False)
         assert top["last_activity"] < top["expires_at"]
 
         text = (await carol.call("threads", {"limit": 1}))["result"]["content"][0]["text"]
         assert made[0] in text
-        assert "2/20 exchanges (18 left)" in text
+        assert "2/200 exchanges (198 left)" in text
         assert "next_cursor: " in text
 
         bad = await carol.call("threads", {"cursor": "not-one-of-ours"})

@@ -12,6 +12,17 @@ again later is the newer copy, and the **newest copy wins**: walking newest firs
 copy of a path met is kept and older ones are skipped, as are copies of a file the current
 turn attaches itself. Within a turn, its prompt and answer come before its files: a file that
 would overflow the budget is left out (and reported), the conversation is not.
+
+**A compacted thread** (:mod:`.compaction`) has a summary of its exchanges up to some turn.
+Then what is sent is, in the budget's order of precedence: the summary (a ``system`` message,
+first), the exchanges after it (newest first, as above, presented oldest first), then the
+files attached in the summarised exchanges (newest copy of each path not attached again
+since), which ride in the summary's message. Files are never summarised.
+
+**Calibration**: a budget is in upstream tokens. The thread's measured ratio of reported
+prompt tokens to the characters / 4 estimate (``token_ratio``) turns it into estimate units
+(:meth:`HistoryBudget.calibrated`), so a model whose tokenizer counts 1.6 tokens per estimated
+token gets 1/1.6 of the characters.
 """
 
 from __future__ import annotations
@@ -49,6 +60,26 @@ class HistoryBudget:
     max_messages: int
     message_tokens: int
 
+    def calibrated(self, ratio: float) -> HistoryBudget:
+        """This budget in estimate units (characters / 4) for a thread whose upstream counts
+        ``ratio`` tokens per estimated token."""
+        if ratio == 1.0:
+            return self
+        return HistoryBudget(
+            tokens=int(self.tokens / ratio),
+            max_messages=self.max_messages,
+            message_tokens=max(1, int(self.message_tokens / ratio)),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Summary:
+    """A stored summary of exchanges ``first_turn``..``last_turn`` (turn indexes, 0-based)."""
+
+    first_turn: int
+    last_turn: int
+    content: str
+
 
 @dataclass(frozen=True, slots=True)
 class History:
@@ -59,6 +90,8 @@ class History:
     omitted_turns: int
     tokens: int
     omitted_files: list[str] = field(default_factory=list)
+    #: Exchanges sent as a summary (0: none).
+    summarised_turns: int = 0
 
 
 @dataclass(slots=True)
@@ -137,6 +170,68 @@ def rebuild(
         omitted_turns=len(turns) - len(picked),
         tokens=used,
         omitted_files=omitted_files,
+    )
+
+
+def summary_text(summary: Summary) -> str:
+    """The summary as the model sees it (exchanges numbered from 1, as the chat tool does)."""
+    return (
+        f"Summary of exchanges {summary.first_turn + 1}-{summary.last_turn + 1} of this "
+        "conversation (they are not repeated below):\n\n"
+        f"{summary.content}"
+    )
+
+
+def compose(
+    turns: Sequence[Turn],
+    budget: HistoryBudget,
+    *,
+    summary: Summary | None,
+    current_files: Collection[str] = (),
+) -> History:
+    """The history of ``turns`` (oldest first) within ``budget``, the exchanges ``summary``
+    covers replaced by it (module doc). Without a summary: :func:`rebuild`."""
+    if summary is None:
+        return rebuild(turns, budget, current_files=current_files)
+    recent = [t for t in turns if t.index > summary.last_turn]
+    summarised = [t for t in turns if t.index <= summary.last_turn]
+    text = cut(summary_text(summary), min(budget.message_tokens, budget.tokens))
+    cost = tokens(text)
+    rest = HistoryBudget(
+        tokens=max(0, budget.tokens - cost),
+        max_messages=max(0, budget.max_messages - 1),
+        message_tokens=budget.message_tokens,
+    )
+    history = rebuild(recent, rest, current_files=current_files)
+    # Files of summarised exchanges, last in precedence; a path attached again since (sent
+    # or not) or by the current turn has a newer copy.
+    seen = set(current_files) | {copy.path for t in recent for copy in t.files}
+    used = cost + history.tokens
+    omitted = list(history.omitted_files)
+    blocks: list[str] = []
+    for turn in reversed(summarised):
+        for copy in turn.files:
+            if copy.path in seen:
+                continue
+            seen.add(copy.path)
+            block = render_file(copy.path, cut(copy.content, budget.message_tokens))
+            extra = tokens(block) + 1
+            if used + extra > budget.tokens:
+                omitted.append(copy.path)
+                continue
+            blocks.append(block)
+            used += extra
+    if blocks:
+        text = "\n\n".join(
+            [text, "Files attached in those exchanges (newest copy of each):", *reversed(blocks)]
+        )
+    return History(
+        messages=[ChatMessage(role="system", content=text), *history.messages],
+        turns=history.turns,
+        omitted_turns=history.omitted_turns,
+        tokens=used,
+        omitted_files=omitted,
+        summarised_turns=summary.last_turn - summary.first_turn + 1,
     )
 
 

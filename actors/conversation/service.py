@@ -7,12 +7,16 @@ A turn, in order:
    (``thread_ttl_seconds`` after its last turn) and not full (``max_turns`` exchanges);
 2. **Phase 1**: history the caller embedded into its prompt is stripped
    (:mod:`actors.conversation.embedded`);
-3. **the request**: the stored history rebuilt within budgets (:mod:`.history`), then the new
-   prompt with its files;
+3. **the request**: the stored history rebuilt within budgets (:mod:`.history`), its newest
+   summary first if it has one, then the new prompt with its files; budgets are in the
+   thread's calibrated tokens (:mod:`.compaction`);
 4. **the call**: through the rate limiter and the provider (:mod:`.upstream`);
-5. **the store**: the thread row (turn count, expiry moved on) and the turn's messages (file
-   copies, prompt, answer) through the persistence actor, the last one a *critical* write,
-   so once the client holds the answer, the next turn can read it.
+5. **the store**: the thread row (turn count, expiry moved on, calibration) and the turn's
+   messages (file copies, prompt, answer) through the persistence actor, the last one a
+   *critical* write, so once the client holds the answer, the next turn can read it;
+6. **compaction**: if the thread has grown past its threshold, a summary of its older
+   exchanges is started in the service's nursery (:mod:`.compaction`); the turn does not
+   wait for it.
 
 Nothing is stored for a turn that failed: a thread is only what was answered. Turns of one
 thread are serialised within the node (a lock per thread), so two concurrent continuations
@@ -33,6 +37,15 @@ from uuid import UUID, uuid4
 import structlog
 import trio
 
+from actors.conversation.compaction import (
+    CompactionJob,
+    CompactionPlan,
+    Compactor,
+    calibrated,
+    next_ratio,
+    plan_compaction,
+    ratio_for,
+)
 from actors.conversation.embedded import Stripped, strip_embedded_history
 from actors.conversation.errors import (
     PromptOnlyHistory,
@@ -47,7 +60,9 @@ from actors.conversation.history import (
     FileCopy,
     History,
     HistoryBudget,
-    rebuild,
+    Summary,
+    Turn,
+    compose,
     tokens,
     turns_from_messages,
     user_message,
@@ -56,9 +71,17 @@ from actors.conversation.owners import owner_id
 from actors.conversation.upstream import Upstream, choose_provider, complete
 from actors.persistence import PersistenceClient
 from actors.providers import ChatMessage, ChatRequest, ChatResult, OnText
+from actors.providers.usage import estimate_tokens
 from runtime.config import ChatLimits
+from runtime.supervision import ChildContext
 from storage.rows import MessageRole, MessageRow, ThreadRow
-from storage.threads import StoredThread, ThreadPage, ThreadReadError, ThreadStore
+from storage.threads import (
+    StoredThread,
+    ThreadContext,
+    ThreadPage,
+    ThreadReadError,
+    ThreadStore,
+)
 from storage.untrusted import storable_text
 
 log = structlog.get_logger("conversation")
@@ -88,6 +111,21 @@ class TurnOutcome:
     history: History
     stripped: Stripped
     stored: bool  # False: the turn could not be confirmed stored (logged)
+    tokens: TokenCounts
+    compacting: bool = False  # a summary of older exchanges was started after this turn
+
+
+@dataclass(frozen=True, slots=True)
+class TokenCounts:
+    """The request this turn sent, counted three ways: ``estimated`` (characters / 4),
+    ``calibrated`` (the estimate times the ``ratio`` the thread had learnt for its model
+    before this turn), and ``reported`` (the upstream's ``prompt_tokens``; ``None`` when it
+    reported none). ``ratio``: the thread's ratio after this turn."""
+
+    estimated: int
+    calibrated: int
+    reported: int | None
+    ratio: float
 
 
 class Conversations:
@@ -111,6 +149,14 @@ class Conversations:
             message_tokens=limits.message_tokens,
         )
         self._locks: dict[UUID, tuple[trio.Lock, int]] = {}
+        self.compactor = Compactor(
+            store=store, persistence=persistence, upstream=upstream, limits=limits
+        )
+
+    async def run(self, ctx: ChildContext) -> None:
+        """``/root/conversations``: the nursery of the service's compactions (its own
+        tasks, started by turns); on stop, the ones running are cancelled."""
+        await self.compactor.run(ctx)
 
     async def turn(self, request: TurnRequest, *, on_text: OnText | None = None) -> TurnOutcome:
         """One exchange; raises ConversationError, ProviderError, RateLimited,
@@ -123,13 +169,19 @@ class Conversations:
             FileCopy(storable_text(f.path), storable_text(f.content)) for f in request.files
         )
         thread_id = request.continuation_id or uuid4()
+        model = request.model or provider.settings.default_model
         async with self._turn_lock(thread_id):
             thread = None
+            context = ThreadContext()
             if request.continuation_id is not None:
                 thread = await self._owned_thread(request.continuation_id, request.identity)
+                context = await self._context(thread_id)
+            ratio = ratio_for(context, model)
             # CPU work proportional to the prompt and the thread (up to a few MiB): off the
             # trio thread, so one large turn does not stall every session of the node.
-            history, stripped = await trio.to_thread.run_sync(self._prepare, thread, prompt, files)
+            turns, history, stripped = await trio.to_thread.run_sync(
+                partial(self._prepare, thread, prompt, files, context=context, ratio=ratio)
+            )
             messages = [
                 *history.messages,
                 ChatMessage(role="user", content=user_message(stripped.text, files)),
@@ -137,6 +189,7 @@ class Conversations:
             chat = ChatRequest(
                 messages=messages, model=request.model, max_tokens=self.limits.max_output_tokens
             )
+            owner = owner_id(request.identity)
             result = await complete(
                 provider,
                 limiter,
@@ -145,10 +198,22 @@ class Conversations:
                 identity=request.identity,
                 request=chat,
                 on_text=on_text,
+                owner=owner,
+                thread_id=thread_id,
+            )
+            estimated = estimate_tokens(m.content for m in messages)
+            reported = None if result.usage.estimated else result.usage.input_tokens
+            learnt = next_ratio(context, model, estimated=estimated, reported=reported)
+            counts = TokenCounts(
+                estimated=estimated,
+                calibrated=calibrated(estimated, ratio),
+                reported=reported,
+                ratio=learnt if learnt is not None else ratio,
             )
             index = thread.turn_count if thread is not None else 0
             now = datetime.now(UTC)
             expires_at = now + timedelta(seconds=self.limits.thread_ttl_seconds)
+            reply = storable_text(result.text)
             stored = await self._store(
                 request,
                 thread_id,
@@ -156,10 +221,28 @@ class Conversations:
                 new=thread is None,
                 prompt=stripped.text,
                 files=files,
-                reply=storable_text(result.text),
+                reply=reply,
                 now=now,
                 expires_at=expires_at,
+                counts=counts,
+                ratio_model=model if learnt is not None else None,
             )
+            compacting = False
+            if stored and self.limits.compaction:
+                thread_turns = [*turns, Turn(index, stripped.text, reply, files)]
+                plan = await trio.to_thread.run_sync(
+                    partial(self._plan, thread_turns, context, ratio=counts.ratio)
+                )
+                if plan is not None:
+                    job = CompactionJob(
+                        thread_id=thread_id,
+                        identity=request.identity,
+                        session_id=request.session_id,
+                        provider=provider.name,
+                        model=model,
+                        plan=plan,
+                    )
+                    compacting = self.compactor.start(job)
         turn = index + 1
         return TurnOutcome(
             thread_id=thread_id,
@@ -170,6 +253,8 @@ class Conversations:
             history=history,
             stripped=stripped,
             stored=stored,
+            tokens=counts,
+            compacting=compacting,
         )
 
     async def list_threads(
@@ -222,12 +307,42 @@ class Conversations:
             )
         return thread
 
+    async def _context(self, thread_id: UUID) -> ThreadContext:
+        try:
+            return await self._read(partial(self.store.load_context, thread_id))
+        except ThreadReadError as exc:
+            raise ThreadStoreUnavailable(
+                f"storage unavailable: the thread cannot be read ({exc}); nothing was sent "
+                "upstream, retry later"
+            ) from exc
+
+    def _plan(
+        self, turns: list[Turn], context: ThreadContext, *, ratio: float
+    ) -> CompactionPlan | None:
+        """The compaction the thread calls for once this turn is stored, if any: past its
+        threshold, or when the next turn's history would leave out an exchange the summary
+        does not cover (it would be lost: neither sent nor summarised)."""
+        stored = context.summary
+        summary = None
+        if stored is not None:
+            summary = Summary(stored.first_turn, stored.last_turn, stored.content)
+        upcoming = compose(turns, self._budget.calibrated(ratio), summary=summary)
+        return plan_compaction(
+            turns, summary, self.limits, ratio, truncated=upcoming.omitted_turns > 0
+        )
+
     def _prepare(
-        self, thread: StoredThread | None, prompt: str, files: Sequence[FileCopy]
-    ) -> tuple[History, Stripped]:
+        self,
+        thread: StoredThread | None,
+        prompt: str,
+        files: Sequence[FileCopy],
+        *,
+        context: ThreadContext,
+        ratio: float,
+    ) -> tuple[list[Turn], History, Stripped]:
         if thread is None:
             empty = History(messages=[], turns=0, omitted_turns=0, tokens=0)
-            return empty, Stripped(prompt, 0, 0)
+            return [], empty, Stripped(prompt, 0, 0)
         turns = turns_from_messages(thread.messages)
         said = [text for turn in turns for text in (turn.prompt, turn.reply) if text]
         copies = [copy.content for turn in turns for copy in turn.files]
@@ -244,8 +359,17 @@ class Conversations:
                 "the prompt only repeats this thread's earlier messages, which the server "
                 "already keeps and sends upstream with every turn; send just the new message"
             )
-        history = rebuild(turns, self._budget, current_files={f.path for f in files})
-        return history, stripped
+        stored = context.summary
+        summary = None
+        if stored is not None:
+            summary = Summary(stored.first_turn, stored.last_turn, stored.content)
+        history = compose(
+            turns,
+            self._budget.calibrated(ratio),
+            summary=summary,
+            current_files={f.path for f in files},
+        )
+        return turns, history, stripped
 
     async def _store(
         self,
@@ -259,6 +383,8 @@ class Conversations:
         reply: str,
         now: datetime,
         expires_at: datetime,
+        counts: TokenCounts,
+        ratio_model: str | None,
     ) -> bool:
         records: list[ThreadRow | MessageRow] = [
             ThreadRow(
@@ -271,6 +397,10 @@ class Conversations:
                 owner_id=owner_id(request.identity),
                 tool_name=TOOL_NAME,
                 title=_title(prompt) if new else None,
+                token_ratio=counts.ratio if ratio_model is not None else None,
+                token_ratio_model=ratio_model,
+                prompt_tokens_estimated=counts.estimated,
+                prompt_tokens_reported=counts.reported,
             )
         ]
         # Stamped a microsecond apart: within a turn, messages are read back in this order.

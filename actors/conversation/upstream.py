@@ -29,7 +29,7 @@ from actors.rate_limiter import RateLimiter, UsageRecord
 from runtime import trace
 from runtime.breaker import FailureRateBreaker
 from storage.errors import ActorUnavailable, RetryLater
-from storage.rows import TokenUsage
+from storage.rows import TokenUsage, UsagePurpose
 from storage.untrusted import NAME_CHARS, clip
 
 log = structlog.get_logger("conversation")
@@ -122,9 +122,18 @@ async def complete(
     identity: str,
     request: ChatRequest,
     on_text: OnText | None = None,
+    purpose: UsagePurpose = "chat",
+    owner: UUID | None = None,
+    thread_id: UUID | None = None,
+    limiter_session: str | None = None,
 ) -> ChatResult:
     """Make the call, admitted by the limiter, and record its usage. ``identity``: the client
     identity whose limits it counts against (all its sessions share them).
+
+    ``purpose``, ``owner`` (``threads.owner_id``) and ``thread_id`` go on the usage row.
+    ``limiter_session``: the limiter's session key when it is not ``session_id`` (a summary
+    runs after its turn, perhaps after its session ended: it is a limiter session of its
+    own, which the caller closes); the usage row still names ``session_id``.
 
     Raises :class:`~actors.providers.ProviderError` (breaker open, upstream failures),
     :class:`~actors.rate_limiter.RateLimited` (a limit refused the call) and
@@ -135,7 +144,7 @@ async def complete(
     estimate = provider.estimate(request)
     try:
         lease = await limiter.acquire(
-            session_id,
+            limiter_session or session_id,
             provider.name,
             tokens=estimate.tokens,
             cost_usd=estimate.cost_usd,
@@ -160,10 +169,17 @@ async def complete(
         # Cancelled mid-call: tokens may have been generated; the request counts.
         limiter.settle(lease, model=estimate.model, usage=None, cost_usd=None)
         raise
-    _record(
-        persistence,
-        limiter.settle(lease, model=result.model, usage=result.usage, cost_usd=result.cost_usd),
-    )
+    record = limiter.settle(lease, model=result.model, usage=result.usage, cost_usd=result.cost_usd)
+    if record is not None:
+        row = usage_row(record).model_copy(
+            update={
+                "session_id": session_id,
+                "purpose": purpose,
+                "owner_id": owner,
+                "thread_id": thread_id,
+            }
+        )
+        persistence.write_soon(row)
     return result
 
 
@@ -183,8 +199,3 @@ def usage_row(record: UsageRecord) -> TokenUsage:
         estimated=record.estimated,
         created_at=record.at,
     )
-
-
-def _record(persistence: PersistenceClient, record: UsageRecord | None) -> None:
-    if record is not None:
-        persistence.write_soon(usage_row(record))

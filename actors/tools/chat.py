@@ -70,6 +70,19 @@ class ChatUsage(BaseModel):
     cost_usd: float | None
 
 
+class PromptTokens(BaseModel):
+    estimated: int = Field(description="Tokens of the request sent, as characters / 4.")
+    calibrated: int = Field(
+        description="The estimate times the ratio this thread had measured for its model."
+    )
+    reported: int | None = Field(
+        description="prompt_tokens the upstream reported for it (null: none reported)."
+    )
+    ratio: float = Field(
+        description="The thread's calibration after this turn: reported / estimated, smoothed."
+    )
+
+
 class ChatOutput(BaseModel):
     content: str
     continuation_id: str
@@ -84,6 +97,15 @@ class ChatOutput(BaseModel):
     history_omitted_turns: int = Field(description="Earlier exchanges left out (budget).")
     history_stripped_tokens: int = Field(
         description="Tokens of this thread's history found repeated in the prompt and removed."
+    )
+    history_summarised_turns: int = Field(
+        default=0, description="Earlier exchanges sent as a summary instead of verbatim."
+    )
+    compacting: bool = Field(
+        default=False, description="A summary of older exchanges was started after this turn."
+    )
+    prompt_tokens: PromptTokens | None = Field(
+        default=None, description="The request's size: estimated, calibrated and reported."
     )
 
 
@@ -138,6 +160,14 @@ class Chat(Tool[ChatArgs]):
             history_turns=outcome.history.turns,
             history_omitted_turns=outcome.history.omitted_turns,
             history_stripped_tokens=stripped_tokens,
+            history_summarised_turns=outcome.history.summarised_turns,
+            compacting=outcome.compacting,
+            prompt_tokens=PromptTokens(
+                estimated=outcome.tokens.estimated,
+                calibrated=outcome.tokens.calibrated,
+                reported=outcome.tokens.reported,
+                ratio=round(outcome.tokens.ratio, 4),
+            ),
         )
         notes = [
             f"continuation_id: {outcome.thread_id} (exchange {outcome.turn} of "
@@ -157,6 +187,10 @@ class Chat(Tool[ChatArgs]):
             notes.append(
                 f"Removed about {stripped_tokens} tokens of this thread's history repeated in "
                 "the prompt: the server sends the history itself, so send only the new message."
+            )
+        if outcome.history.summarised_turns:
+            notes.append(
+                f"The {outcome.history.summarised_turns} oldest exchanges were sent as a summary."
             )
         if outcome.history.omitted_turns:
             notes.append(
