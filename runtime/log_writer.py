@@ -13,6 +13,10 @@ bytes. A line that does not fit is dropped and counted (:attr:`LogWriter.dropped
 once the writer has caught up it writes one ``logs.dropped`` event saying how many, so a gap in
 the log is never silent. A disk slower than the node loses log lines, never the node's time.
 
+**Urgent lines.** :meth:`LogWriter.write_now` writes what is queued and then its line on the
+caller's thread, for the rare events someone looks for the moment what they tell has
+happened; the file keeps one order.
+
 **Shutdown.** :meth:`LogWriter.flush` waits until everything queued before the call is
 written (a process that is about to print its last line calls it); :meth:`LogWriter.close`
 writes the rest, ends the thread and joins it. The thread is a daemon only so that a process
@@ -66,6 +70,7 @@ class LogWriter(Generic[T]):
         self._queue: deque[T] = deque()
         self._bytes = 0
         self._lock = threading.Lock()
+        self._output = threading.Lock()  # held while writing: keeps batches in order
         self._more = threading.Condition(self._lock)
         self._written = threading.Condition(self._lock)
         self._taken = 0  # lines the thread has taken off the queue, ever
@@ -103,6 +108,28 @@ class LogWriter(Generic[T]):
                 self._more.notify()
         return True
 
+    def write_now(self, item: T) -> None:
+        """Write everything queued, then ``item``, on the caller's thread, before returning:
+        for the events someone may look for as soon as what they tell has happened (a
+        refusal, a failure, a start), written in order after what was queued before them.
+        Blocks on the outputs as any direct write does; never counts as dropped."""
+        with self._output:
+            with self._lock:
+                batch = list(self._queue)
+                self._queue.clear()
+                self._bytes = 0
+                self._taken += len(batch)
+                unreported = dict(self._unreported)
+                self._unreported.clear()
+            if unreported:
+                batch.append(self._dropped_event(unreported))
+            batch.append(item)
+            with contextlib.suppress(Exception):  # as on the writer's thread (_run)
+                self._write_batch(batch)
+            with self._lock:
+                self._done = max(self._done, self._taken)
+                self._written.notify_all()
+
     def flush(self, timeout: float = 5.0) -> bool:
         """Wait (at most ``timeout`` seconds) until every line queued before this call is
         written; whether it was. Never call it from the writer's own outputs."""
@@ -129,22 +156,27 @@ class LogWriter(Generic[T]):
                     self._idle = True
                     self._more.wait_for(lambda: bool(self._queue) or self._closing)
                     self._idle = False
-                batch = list(self._queue)
-                self._queue.clear()
-                self._bytes = 0
-                self._taken += len(batch)
-                unreported = dict(self._unreported)
-                self._unreported.clear()
-                closing = self._closing
-            if unreported:
-                batch.append(self._dropped_event(unreported))
-            if batch:
-                # An output that fails (a full disk) must not end the thread: the next
-                # batch tries again; what failed is lost, as a line that cannot be written.
-                with contextlib.suppress(Exception):
-                    self._write_batch(batch)
+            # The output lock first, then the batch: a write_now on another thread writes
+            # either before this batch or after it, never in the middle of the order.
+            with self._output:
+                with self._lock:
+                    batch = list(self._queue)
+                    self._queue.clear()
+                    self._bytes = 0
+                    self._taken += len(batch)
+                    unreported = dict(self._unreported)
+                    self._unreported.clear()
+                    closing = self._closing
+                if unreported:
+                    batch.append(self._dropped_event(unreported))
+                if batch:
+                    # An output that fails (a full disk) must not end the thread: the next
+                    # batch tries again; what failed is lost, as a line that cannot be
+                    # written.
+                    with contextlib.suppress(Exception):
+                        self._write_batch(batch)
             with self._lock:
-                self._done = self._taken
+                self._done = max(self._done, self._taken)
                 self._written.notify_all()
                 if closing and not self._queue:
                     return

@@ -413,7 +413,14 @@ class _Outputs:
             console = _console_safe(event_dict)
         if not console and self.file is None:
             return
-        writer.put(_Line(line, console), size=len(line), level=str(event_dict.get("level", "info")))
+        if event_dict.get("event") == trace.TRACE_EVENT and event_dict.get("outcome") == trace.OK:
+            # One per message handled: queued, the event loop's time is what this saves.
+            level = str(event_dict.get("level", "info"))
+            writer.put(_Line(line, console), size=len(line), level=level)
+        else:
+            # Rare, and looked for as soon as what they tell has happened: written now, in
+            # order after what is queued (runtime/log_writer.py).
+            writer.write_now(_Line(line, console))
 
     def _write_batch(self, lines: Sequence[_Line]) -> None:
         """On the writer's thread: every line gathered, one write and flush per output."""

@@ -98,3 +98,20 @@ def test_a_failing_output_does_not_end_the_writer() -> None:
     finally:
         writer.close()
     assert seen == ["kept"]
+
+
+def test_an_urgent_line_is_written_before_returning_after_what_was_queued() -> None:
+    out = Output()
+    writer: LogWriter[str] = LogWriter(out.write_batch, out.dropped, max_lines=2, max_bytes=100)
+    try:
+        assert writer.put("a", size=1, level="info")
+        assert out.entered.wait(30)  # the writer's thread holds "a" in the stuck output
+        assert writer.put("b", size=1, level="info")
+        assert writer.put("c", size=1, level="info")
+        assert not writer.put("d", size=1, level="info")  # full: dropped
+        out.opened.set()
+        writer.write_now("urgent")  # waits for the writer's batch, then writes in order
+        written = [item for batch in out.batches for item in batch]
+        assert written == ["a", "b", "c", "dropped info=1", "urgent"]
+    finally:
+        writer.close()
