@@ -107,7 +107,8 @@ class SearchQuery:
 
 
 class ThreadHit(BaseModel):
-    """A thread that matched, with a snippet of its newest matching message."""
+    """A thread that matched, with a snippet of its newest matching message: the fields of
+    :class:`storage.threads.ThreadSummary` (which imports this module), and ``snippet``."""
 
     model_config = ConfigDict(frozen=True)
 
@@ -117,6 +118,9 @@ class ThreadHit(BaseModel):
     created_at: datetime
     updated_at: datetime
     expires_at: datetime
+    prompt_tokens_estimated: int | None = None
+    prompt_tokens_reported: int | None = None
+    token_ratio: float | None = None
     snippet: str
 
 
@@ -186,7 +190,8 @@ def search_owned(
     sql = (
         "with hits as ("
         f" select t.id as thread_id, left(t.title, {TITLE_CHARS}) as title, t.turn_count,"
-        " t.created_at, t.updated_at, t.expires_at from threads t"
+        " t.created_at, t.updated_at, t.expires_at, t.prompt_tokens_estimated,"
+        " t.prompt_tokens_reported, t.token_ratio from threads t"
         f" where {' and '.join(where)}"
         f" and exists ({matching.format(what='1', thread='t.id')})"
         " order by t.updated_at desc, t.id desc limit %(limit)s)"

@@ -62,6 +62,12 @@ class ThreadSummary(BaseModel):
     created_at: datetime
     updated_at: datetime
     expires_at: datetime
+    prompt_tokens_estimated: int | None = None
+    """The last turn's prompt in tokens as estimated (characters / 4, uncalibrated)."""
+    prompt_tokens_reported: int | None = None
+    """The same prompt's ``prompt_tokens`` as the upstream reported it."""
+    token_ratio: float | None = None
+    """Reported / uncalibrated estimate, smoothed over the thread's turns with its model."""
 
 
 class StoredThread(ThreadSummary):
@@ -74,7 +80,10 @@ class StoredThread(ThreadSummary):
 
 #: The columns of a :class:`ThreadSummary`, named as its fields: both reads build it from
 #: the row by name, so the mapping exists once.
-_SUMMARY_COLUMNS = "id as thread_id, title, turn_count, created_at, updated_at, expires_at"
+_SUMMARY_COLUMNS = (
+    "id as thread_id, title, turn_count, created_at, updated_at, expires_at,"
+    " prompt_tokens_estimated, prompt_tokens_reported, token_ratio"
+)
 
 
 class StoredSummary(BaseModel):

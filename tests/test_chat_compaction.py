@@ -393,6 +393,16 @@ async def test_token_counts_are_calibrated_from_the_reported_prompt_tokens(
         (thread,),
     )
     assert row == [(2.5, "fake-model", 201, 603)]
+    # The thread's metadata in `threads` shows estimate and actual beside each other.
+    async with open_raw(node.handle.authed_url(ALICE)) as ws:
+        listed = await (await _caller(ws)).call("threads", {})
+    (info,) = [
+        t
+        for t in listed["result"]["structuredContent"]["threads"]
+        if t["continuation_id"] == thread
+    ]
+    assert (info["prompt_tokens_estimated"], info["prompt_tokens_reported"]) == (201, 603)
+    assert info["token_ratio"] == 2.5
 
 
 def test_max_turns_defaults_to_200_with_compaction_and_explicit_config_wins() -> None:

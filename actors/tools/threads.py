@@ -53,6 +53,19 @@ class ThreadInfo(BaseModel):
         default=None,
         description="With query: the newest matching message around its match, «marked».",
     )
+    prompt_tokens_estimated: int | None = Field(
+        default=None,
+        description="The last turn's prompt in tokens as estimated (characters / 4, "
+        "uncalibrated); None before the first turn that reported usage.",
+    )
+    prompt_tokens_reported: int | None = Field(
+        default=None, description="The same prompt's prompt_tokens as the upstream reported."
+    )
+    token_ratio: float | None = Field(
+        default=None,
+        description="Reported tokens per uncalibrated estimate (characters / 4), smoothed over "
+        "the thread's turns with its model: the calibration its budgets use.",
+    )
 
 
 class ThreadsOutput(BaseModel):
@@ -130,6 +143,9 @@ def _info(thread: ThreadSummary | ThreadHit, now: datetime, max_turns: int) -> T
         expires_at=thread.expires_at,
         expired=thread.expires_at <= now,
         snippet=thread.snippet if isinstance(thread, ThreadHit) else None,
+        prompt_tokens_estimated=thread.prompt_tokens_estimated,
+        prompt_tokens_reported=thread.prompt_tokens_reported,
+        token_ratio=thread.token_ratio,
     )
 
 
