@@ -114,21 +114,28 @@ class LogWriter(Generic[T]):
         refusal, a failure, a start), written in order after what was queued before them.
         Blocks on the outputs as any direct write does; never counts as dropped."""
         with self._output:
-            with self._lock:
-                batch = list(self._queue)
-                self._queue.clear()
-                self._bytes = 0
-                self._taken += len(batch)
-                unreported = dict(self._unreported)
-                self._unreported.clear()
-            if unreported:
-                batch.append(self._dropped_event(unreported))
+            batch, _ = self._take()
             batch.append(item)
             with contextlib.suppress(Exception):  # as on the writer's thread (_run)
                 self._write_batch(batch)
             with self._lock:
                 self._done = max(self._done, self._taken)
                 self._written.notify_all()
+
+    def _take(self) -> tuple[list[T], bool]:
+        """Everything queued (then the report of what was dropped, if anything was), and
+        whether the writer is closing. Called holding ``_output``, so batches keep order."""
+        with self._lock:
+            batch = list(self._queue)
+            self._queue.clear()
+            self._bytes = 0
+            self._taken += len(batch)
+            unreported = dict(self._unreported)
+            self._unreported.clear()
+            closing = self._closing
+        if unreported:
+            batch.append(self._dropped_event(unreported))
+        return batch, closing
 
     def flush(self, timeout: float = 5.0) -> bool:
         """Wait (at most ``timeout`` seconds) until every line queued before this call is
@@ -159,16 +166,7 @@ class LogWriter(Generic[T]):
             # The output lock first, then the batch: a write_now on another thread writes
             # either before this batch or after it, never in the middle of the order.
             with self._output:
-                with self._lock:
-                    batch = list(self._queue)
-                    self._queue.clear()
-                    self._bytes = 0
-                    self._taken += len(batch)
-                    unreported = dict(self._unreported)
-                    self._unreported.clear()
-                    closing = self._closing
-                if unreported:
-                    batch.append(self._dropped_event(unreported))
+                batch, closing = self._take()
                 if batch:
                     # An output that fails (a full disk) must not end the thread: the next
                     # batch tries again; what failed is lost, as a line that cannot be
