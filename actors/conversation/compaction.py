@@ -33,7 +33,9 @@ Without it a long thread is cut to its newest turns within the history budget
   owner's client identity, under a limiter session of its own), one ``token_usage`` row with
   ``purpose = 'compaction'``, the owner and the thread. A summariser that fails (breaker open,
   429, 5xx, ``compaction_timeout_seconds`` passed, an empty answer) is logged
-  (``chat.compaction_failed``) and fails no turn; the next turn tries again.
+  (``chat.compaction_failed``) and fails no turn; the next turn tries again. An answer
+  longer than ``summary_tokens`` could be (an upstream that ignores ``max_tokens``) is cut
+  to :func:`summary_bound` before it is stored.
 """
 
 from __future__ import annotations
@@ -170,6 +172,12 @@ def plan_compaction(
     if not taken:
         return None
     return CompactionPlan(prior=summary, turns=tuple(taken))
+
+
+def summary_bound(limits: ChatLimits) -> int:
+    """Most estimated tokens (characters / 4) of a stored summary: ``summary_tokens``
+    upstream tokens at the calibration's floor, :data:`RATIO_MIN` (longer answers are cut)."""
+    return math.ceil(limits.summary_tokens / RATIO_MIN)
 
 
 def summary_request(plan: CompactionPlan, limits: ChatLimits, model: str) -> ChatRequest:
@@ -316,6 +324,11 @@ class Compactor:
         content = storable_text(result.text).strip()
         if not content:
             raise ValueError("the summariser answered with no text")
+        # An upstream that ignores max_tokens must not grow the summary past what was asked:
+        # stored whole, it would ride in every later summary call and count into the thread's
+        # compactable size (compacting it at every turn). No compliant answer is cut: the
+        # calibration never counts fewer than RATIO_MIN upstream tokens per estimated token.
+        content = cut(content, summary_bound(self.limits))
         row = ThreadSummaryRow(
             summary_id=uuid4(),
             thread_id=job.thread_id,

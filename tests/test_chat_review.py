@@ -1,0 +1,110 @@
+"""Review of issue #19 (compaction, token counts, thread search) as a hostile client or a
+careless operator would use it, through a real ``exai serve`` and the loopback upstream.
+
+The upstream and its helpers are those of ``tests/test_chat_compaction.py``: every exchange is
+25 + 25 tokens and the threshold 300, so a thread first compacts after its 7th exchange.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from tests.chat_support import ALICE, provider_table, query, upstream_thread, write_config
+from tests.fake_openai import Hang, Reply
+from tests.harness import open_raw, wait_until
+from tests.test_chat_compaction import (
+    CHAT,
+    Node,
+    Upstream,
+    _caller,
+    _summaries,
+    _wait_summary,
+    prompt,
+)
+
+#: A summary of at most 100 tokens is asked for: a compliant upstream answers at most that.
+SUMMARY_TOKENS = 100
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[Upstream]:
+    with upstream_thread() as fake:
+        answers = Upstream(fake)
+        fake.respond = answers.respond
+        yield answers
+
+
+@pytest.fixture(scope="module")
+def node(
+    database_url: str, upstream: Upstream, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Node]:
+    state = tmp_path_factory.mktemp("review19")
+    providers = '[upstream]\ndefault_provider = "fake"\n\n' + provider_table(
+        "fake", upstream.fake.base_url, "fake-model"
+    )
+    chat = CHAT.replace("compaction_timeout_seconds = 5", "compaction_timeout_seconds = 3600")
+    config = write_config(
+        state / "exai.toml", chat=chat + f"summary_tokens = {SUMMARY_TOKENS}\n", providers=providers
+    )
+    server = Node(state, database_url, config)
+    yield server
+    assert server.handle.stop() == 0, server.handle.stderr_path.read_text()
+
+
+async def test_a_summariser_that_ignores_max_tokens_stores_a_bounded_summary(
+    node: Node, upstream: Upstream, database_url: str
+) -> None:
+    # An upstream that ignores max_tokens: 1 MB of summary. Stored whole, it would be read
+    # back with every turn, counted into the thread's compactable size (so the thread would
+    # compact at every turn) and sent whole to the next summary call as "the summary so far".
+    huge = "HUGE SUMMARY " + "s" * 1_000_000
+    upstream.summaries.append(Reply(huge, usage=None))
+    since = len(upstream.fake.received)
+    async with open_raw(node.handle.authed_url(ALICE)) as ws:
+        caller = await _caller(ws)
+        thread = (await caller.chat(prompt(0)))["continuation_id"]
+        for i in range(1, 7):
+            out = await caller.chat(prompt(i), continuation_id=thread)
+        assert out["compacting"] is True
+        await _wait_summary(database_url, thread, 3)
+        [(first, last, content)] = _summaries(database_url, thread)
+        assert (first, last) == (0, 3)
+        assert content.startswith("HUGE SUMMARY ")
+        # At most summary_tokens upstream tokens; a token is never fewer than a quarter of an
+        # estimated one (the calibration's floor): 4 x 4 characters per token asked.
+        assert len(content) <= 16 * SUMMARY_TOKENS + 100
+        [(token_count,)] = query(
+            database_url, "select token_count from thread_summaries where thread_id = %s", (thread,)
+        )
+        assert token_count <= 4 * SUMMARY_TOKENS + 25
+        # The next summary extends the bounded one.
+        out = await caller.chat(prompt(7), continuation_id=thread)
+        assert out["compacting"] is True
+        await _wait_summary(database_url, thread, 4)
+    requests = upstream.summary_requests(since)
+    assert len(requests) == 2
+    assert len(requests[1]) < 16 * SUMMARY_TOKENS + 2_000
+
+
+async def test_stopping_the_node_abandons_a_summary_call_that_hangs(
+    node: Node, upstream: Upstream, database_url: str
+) -> None:
+    # compaction_timeout_seconds is an hour here: only the stop can end the call.
+    upstream.summaries.append(Hang())
+    since = len(upstream.fake.received)
+    async with open_raw(node.handle.authed_url(ALICE)) as ws:
+        caller = await _caller(ws)
+        thread = (await caller.chat(prompt(0)))["continuation_id"]
+        for i in range(1, 7):
+            out = await caller.chat(prompt(i), continuation_id=thread)
+        assert out["compacting"] is True
+        await wait_until(
+            lambda: len(upstream.summary_requests(since)) == 1, what="the summary call"
+        )
+    # SIGTERM: the node stops (exit 0) well before the hour is up, storing no summary.
+    assert node.handle.stop() == 0, node.handle.stderr_path.read_text()
+    events = [e.get("event") for e in node.handle.log_events()]
+    assert "chat.compactions_cancelled" in events
+    assert _summaries(database_url, thread) == []
