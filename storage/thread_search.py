@@ -217,11 +217,13 @@ def _snippet(text: str, query: SearchQuery) -> str:
     substring query's first term marked as ``ts_headline`` marks words."""
     line = " ".join(text.split())
     if query.mode == "substring":
-        term = query.terms[0]
-        at = line.lower().find(term.lower())
-        if at >= 0:
+        # Matched in the line itself, case-insensitively: not by find() in line.lower(),
+        # whose indexes are not the line's where lowering changes a length (U+0130, "İ",
+        # lowers to two characters, and the mark would land that far off the match).
+        found = re.search(re.escape(query.terms[0]), line, re.IGNORECASE)
+        if found is not None:
+            at, end = found.span()
             start = max(0, at - SNIPPET_CHARS // 3)
-            end = at + len(term)
             line = (
                 "…" if start else ""
             ) + f"{line[start:at]}{MARK_START}{line[at:end]}{MARK_STOP}{line[end:]}"

@@ -23,6 +23,11 @@ from tests.test_chat_compaction import (
     _wait_summary,
     prompt,
 )
+from tests.test_threads_search import _ids, _refused, _search
+
+SHALOM = "\u05e9\u05dc\u05d5\u05dd"  # Hebrew, written by code point (ruff RUF001)
+SEARCHER = "rev19-searcher-token-0123456789"
+STRANGER = "rev19-stranger-token-0123456789"
 
 #: A summary of at most 100 tokens is asked for: a compliant upstream answers at most that.
 SUMMARY_TOKENS = 100
@@ -46,7 +51,10 @@ def node(
     )
     chat = CHAT.replace("compaction_timeout_seconds = 5", "compaction_timeout_seconds = 3600")
     config = write_config(
-        state / "exai.toml", chat=chat + f"summary_tokens = {SUMMARY_TOKENS}\n", providers=providers
+        state / "exai.toml",
+        chat=chat + f"summary_tokens = {SUMMARY_TOKENS}\n",
+        providers=providers,
+        clients={"alice": ALICE, "rev19-a": SEARCHER, "rev19-b": STRANGER},
     )
     server = Node(state, database_url, config)
     yield server
@@ -86,6 +94,51 @@ async def test_a_summariser_that_ignores_max_tokens_stores_a_bounded_summary(
     requests = upstream.summary_requests(since)
     assert len(requests) == 2
     assert len(requests[1]) < 16 * SUMMARY_TOKENS + 2_000
+
+
+async def test_odd_unicode_limits_and_foreign_cursors_in_search(node: Node) -> None:
+    async with (
+        open_raw(node.handle.authed_url(SEARCHER)) as mine,
+        open_raw(node.handle.authed_url(STRANGER)) as theirs,
+    ):
+        me, stranger = await _caller(mine), await _caller(theirs)
+        # Letters whose lower case is longer than they are (U+0130 lowers to "i" + U+0307)
+        # before the match: the snippet must still mark the match itself.
+        turkish = (await me.chat("İSTANBUL İZMİR İNEGÖL rev19 模型 partner"))["continuation_id"]
+        hebrew = (await me.chat(f"rev19 shalom \u200f{SHALOM}\u200f 🎉party zero\u200bwidth"))[
+            "continuation_id"
+        ]
+        theirs_id = (await stranger.chat(f"rev19 模型 {SHALOM} party stranger"))["continuation_id"]
+
+        (hit,) = (await _search(me, "模型"))["threads"]
+        assert hit["continuation_id"] == turkish
+        assert "«模型»" in hit["snippet"], hit["snippet"]
+        # Format characters (RTL marks, zero-width spaces) in a message or a query never fail
+        # a search; whether they split words is the database's text parser's call (the
+        # report of the #19 review: a mark attached to a word keeps the word from matching).
+        assert (await _search(me, "\u200f" + SHALOM))["threads"] is not None
+        assert _ids((await _search(me, "🎉 party"))["threads"]) == [hebrew]
+        assert _ids((await _search(me, "rev19 模型"))["threads"]) == [turkish]
+        for harmless in ("zero\u200bwidth", "e\u0301tude", "\u202eevil\u202c", "a" * 256):
+            page = await _search(me, harmless)
+            assert theirs_id not in _ids(page["threads"])
+        for nothing in ("\u200b\u200f", "🎉🎉", "\u0301", " \u3000 "):
+            assert "no letter or digit" in await _refused(me, {"query": nothing})
+        assert "at most 256 characters" in await _refused(me, {"query": "a" * 257})
+        for limit in (0, -1, 10**9):
+            await _refused(me, {"query": "rev19", "limit": limit})
+
+        # A cursor from the stranger's search is only a position: it shows none of theirs.
+        (their_hit,) = (await _search(stranger, "rev19", limit=1))["threads"]
+        assert their_hit["continuation_id"] == theirs_id
+        their_page = await _search(stranger, "party", limit=1)
+        assert their_page["next_cursor"] is None
+        mine_page = await _search(me, "rev19", limit=1)
+        after = await _search(me, "rev19", cursor=mine_page["next_cursor"])
+        assert theirs_id not in _ids(mine_page["threads"]) + _ids(after["threads"])
+        assert sorted(_ids(mine_page["threads"]) + _ids(after["threads"])) == sorted(
+            [turkish, hebrew]
+        )
 
 
 async def test_stopping_the_node_abandons_a_summary_call_that_hangs(
