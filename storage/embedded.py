@@ -73,6 +73,8 @@ log = structlog.get_logger("storage")
 
 _START_TIMEOUT = 60  # seconds pg_ctl waits for start or stop (crash recovery may take a while)
 _INITDB_TIMEOUT = 300
+#: The embedded cluster's locale (``_initdb``): Unicode character classes and case.
+_LOCALE = "C.UTF-8"
 
 
 class EmbeddedPostgresUnusable(StateDirUnusable):
@@ -327,20 +329,29 @@ class EmbeddedPostgres:
                 out.write(password + "\n")
             if user.switch:
                 os.chown(pwfile, user.uid, user.gid)
-            user.run(
-                [
-                    str(POSTGRES_BIN_PATH / "initdb"),
-                    "-D",
-                    str(self.pgdata),
-                    "-U",
-                    SUPERUSER,
-                    "--auth=scram-sha-256",
-                    f"--pwfile={pwfile}",
-                    "--encoding=UTF8",
-                    "--no-instructions",
-                ],
-                timeout=_INITDB_TIMEOUT,
-            )
+            args = [
+                str(POSTGRES_BIN_PATH / "initdb"),
+                "-D",
+                str(self.pgdata),
+                "-U",
+                SUPERUSER,
+                "--auth=scram-sha-256",
+                f"--pwfile={pwfile}",
+                "--encoding=UTF8",
+                "--no-instructions",
+            ]
+            # The cluster's locale, not the one exai happens to be started with (a service
+            # manager's is often C): under C, PostgreSQL's text search neither lowers
+            # non-ASCII letters nor tells Unicode punctuation from letters, so searching
+            # threads (storage/thread_search.py) missed "ZÜRICH" for zürich and “hello” for
+            # hello. C.UTF-8 sorts as C does. A libc without it: the inherited locale, said.
+            try:
+                user.run([*args, f"--locale={_LOCALE}"], timeout=_INITDB_TIMEOUT)
+            except RuntimeError as exc:
+                if "locale" not in str(exc):
+                    raise
+                log.warning("storage.embedded_locale_missing", locale=_LOCALE, error=str(exc))
+                user.run(args, timeout=_INITDB_TIMEOUT)
         finally:
             pwfile.unlink(missing_ok=True)
 

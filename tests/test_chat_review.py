@@ -8,12 +8,13 @@ The upstream and its helpers are those of ``tests/test_chat_compaction.py``: eve
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from tests.chat_support import ALICE, provider_table, query, upstream_thread, write_config
 from tests.fake_openai import Hang, Reply
-from tests.harness import open_raw, wait_until
+from tests.harness import open_raw, reachable_tempdir, start_server, wait_until
 from tests.test_chat_compaction import (
     CHAT,
     Node,
@@ -26,6 +27,7 @@ from tests.test_chat_compaction import (
 from tests.test_threads_search import _ids, _refused, _search
 
 SHALOM = "\u05e9\u05dc\u05d5\u05dd"  # Hebrew, written by code point (ruff RUF001)
+MOSCOW = "\u043c\u043e\u0441\u043a\u0432\u0430"  # Cyrillic, by code point (RUF001)
 SEARCHER = "rev19-searcher-token-0123456789"
 STRANGER = "rev19-stranger-token-0123456789"
 
@@ -139,6 +141,38 @@ async def test_odd_unicode_limits_and_foreign_cursors_in_search(node: Node) -> N
         assert sorted(_ids(mine_page["threads"]) + _ids(after["threads"])) == sorted(
             [turkish, hebrew]
         )
+
+
+async def test_the_embedded_database_searches_unicode_words_whatever_the_server_s_locale(
+    upstream: Upstream,
+) -> None:
+    # A service manager starts exai with no LANG (the C locale). The embedded cluster's
+    # initdb inherited it, and a C-locale PostgreSQL neither lowers non-ASCII letters nor
+    # tells punctuation from letters: "ZÜRICH" was the word 'zÜrich' and “hello” (curly
+    # quotes) the word '“hello”', so a search for zürich or hello found nothing.
+    with reachable_tempdir("exai-review19-") as state:
+        await _search_embedded(upstream, state)
+
+
+async def _search_embedded(upstream: Upstream, state: Path) -> None:
+    config = write_config(
+        state / "exai.toml",
+        providers='[upstream]\ndefault_provider = "fake"\n\n'
+        + provider_table("fake", upstream.fake.base_url, "fake-model"),
+        clients={"rev19-a": SEARCHER},
+    )
+    env = {"EXAI_CONFIG": str(config), "LC_ALL": "C", "LANG": "C"}
+    handle = start_server(state, database_url=None, extra_env=env)
+    try:
+        async with open_raw(handle.authed_url(SEARCHER)) as ws:
+            me = await _caller(ws)
+            thread = (await me.chat(f"ZÜRICH {MOSCOW.upper()}: he said “hello”."))[
+                "continuation_id"
+            ]
+            for word in ("zürich", MOSCOW, "hello"):
+                assert _ids((await _search(me, word))["threads"]) == [thread], word
+    finally:
+        assert handle.stop() == 0, handle.stderr_path.read_text()
 
 
 async def test_stopping_the_node_abandons_a_summary_call_that_hangs(
