@@ -7,13 +7,16 @@ The upstream and its helpers are those of ``tests/test_chat_compaction.py``: eve
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+import trio
 
-from tests.chat_support import ALICE, provider_table, query, upstream_thread, write_config
-from tests.fake_openai import Hang, Reply
+from tests.chat_support import ALICE, Caller, provider_table, query, upstream_thread, write_config
+from tests.fake_openai import Hang, Reply, Slow
 from tests.harness import open_raw, reachable_tempdir, start_server, wait_until
 from tests.test_chat_compaction import (
     CHAT,
@@ -96,6 +99,60 @@ async def test_a_summariser_that_ignores_max_tokens_stores_a_bounded_summary(
     requests = upstream.summary_requests(since)
     assert len(requests) == 2
     assert len(requests[1]) < 16 * SUMMARY_TOKENS + 2_000
+
+
+async def test_concurrent_turns_while_summaries_run_leave_no_gap_and_no_overlap(
+    node: Node, upstream: Upstream, database_url: str
+) -> None:
+    # Every summary is slow, so that turns from three sessions (taking the thread's lock in
+    # any order) keep arriving while one runs, and find it busy.
+    upstream.summaries.extend(Slow(0.5, Reply(f"SLOW SUMMARY {n}", usage=None)) for n in range(20))
+    since = len(upstream.fake.received)
+    async with (
+        open_raw(node.handle.authed_url(ALICE)) as a,
+        open_raw(node.handle.authed_url(ALICE)) as b,
+        open_raw(node.handle.authed_url(ALICE)) as c,
+    ):
+        callers = [await _caller(ws) for ws in (a, b, c)]
+        thread = (await callers[0].chat(prompt(0)))["continuation_id"]
+        turns: list[dict[str, Any]] = []
+
+        async def continue_with(caller: Caller, numbers: range) -> None:
+            for i in numbers:
+                turns.append(await caller.chat(prompt(i), continuation_id=thread))
+
+        for first in range(1, 25, 6):
+            async with trio.open_nursery() as nursery:
+                for k, caller in enumerate(callers):
+                    nursery.start_soon(
+                        continue_with, caller, range(first + 2 * k, first + 2 * k + 2)
+                    )
+    assert sorted(t["turn"] for t in turns) == list(range(2, 26))
+    upstream.summaries.clear()  # the replies not used: none for the next test
+    # Every compaction a turn started (``compacting``) ends stored: none fails here.
+    started = sum(1 for t in turns if t["compacting"])
+    await wait_until(
+        lambda: len(_summaries(database_url, thread)) == started,
+        what="every summary started to be stored",
+    )
+    stored = _summaries(database_url, thread)
+    assert stored, "no summary"
+    # One range, extended each time: the same first turn, a later last turn.
+    assert all(first == 0 for first, _, _ in stored)
+    lasts = [last for _, last, _ in stored]
+    assert lasts == sorted(set(lasts))
+    # Each request extended the summary before it with exactly the exchanges after it.
+    requests = upstream.summary_requests(since)
+    previous = -1
+    for request, last in zip(requests, lasts, strict=True):
+        if previous < 0:
+            assert request.startswith(f"Summarise exchanges 1-{last + 1}:")
+        else:
+            assert f"of exchanges 1-{previous + 1}:" in request
+            assert f"Extend it with exchanges {previous + 2}-{last + 1}, which" in request
+        blocks = [int(n) - 1 for n in re.findall(r"^### Exchange (\d+)$", request, re.M)]
+        assert blocks == list(range(previous + 1, last + 1))
+        previous = last
 
 
 async def test_odd_unicode_limits_and_foreign_cursors_in_search(node: Node) -> None:
