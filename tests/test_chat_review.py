@@ -16,7 +16,7 @@ import pytest
 import trio
 
 from tests.chat_support import ALICE, Caller, provider_table, query, upstream_thread, write_config
-from tests.fake_openai import Hang, Reply, Slow
+from tests.fake_openai import Hang, Reply, Slow, Status
 from tests.harness import open_raw, reachable_tempdir, start_server, wait_until
 from tests.test_chat_compaction import (
     CHAT,
@@ -153,6 +153,36 @@ async def test_concurrent_turns_while_summaries_run_leave_no_gap_and_no_overlap(
         blocks = [int(n) - 1 for n in re.findall(r"^### Exchange (\d+)$", request, re.M)]
         assert blocks == list(range(previous + 1, last + 1))
         previous = last
+
+
+async def test_a_thread_of_long_prompts_catches_up_after_a_failed_summary(
+    node: Node, upstream: Upstream, database_url: str
+) -> None:
+    # Prompts of 25,000 tokens: what the summariser is given of each is cut to message_tokens
+    # (10,000), so 4 exchanges fit one call's compaction_input_tokens (50,000). Budgeted on
+    # their uncut size, every call took one exchange: a thread that missed one compaction
+    # (here a 500) never caught up, one new exchange a turn, one summarised.
+    upstream.summaries.append(Status(500, "summariser broke"))
+    long = "x" * 100_000
+    async with open_raw(node.handle.authed_url(ALICE)) as ws:
+        caller = await _caller(ws)
+        thread = (await caller.chat(prompt(0) + long))["continuation_id"]
+        for i in range(1, 4):
+            out = await caller.chat(prompt(i) + long, continuation_id=thread)
+        assert out["compacting"] is True  # exchange 1 of 4: it fails
+
+        def failed() -> bool:
+            return any(
+                e.get("event") == "chat.compaction_failed" and e.get("thread_id") == thread
+                for e in node.handle.log_events()
+            )
+
+        await wait_until(failed, what="the failed compaction")
+        out = await caller.chat(prompt(4) + long, continuation_id=thread)
+        assert out["compacting"] is True
+        await wait_until(lambda: bool(_summaries(database_url, thread)), what="a summary")
+    # Both exchanges the thread owes go in one call.
+    assert [(s[0], s[1]) for s in _summaries(database_url, thread)] == [(0, 1)]
 
 
 async def test_odd_unicode_limits_and_foreign_cursors_in_search(node: Node) -> None:

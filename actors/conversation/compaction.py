@@ -11,7 +11,8 @@ Without it a long thread is cut to its newest turns within the history budget
   (``max_messages`` or ``history_tokens`` reached first: that exchange would be lost,
   neither sent nor summarised), the exchanges older than the newest
   ``compaction_keep_turns`` (3) that the summary does not cover yet are summarised (oldest
-  first, at most ``compaction_input_tokens`` of them per call; the rest waits for the next
+  first, at most ``compaction_input_tokens`` of them per call, as sent: each prompt and
+  answer cut to ``message_tokens``; the rest waits for the next
   compaction).
 * **What.** Only what was said: each exchange's prompt (as stored, after Phase 1) and answer.
   Files (``messages.tool_name = 'file'``; the history keeps their newest copy as before),
@@ -164,7 +165,11 @@ def plan_compaction(
     taken: list[Turn] = []
     budget = 0
     for turn in candidates:
-        cost = calibrated(tokens(turn.prompt) + tokens(turn.reply), ratio)
+        # What the summariser is given of it (summary_request cuts each message), not its
+        # whole size: budgeted whole, a thread of long prompts got one exchange a call and,
+        # once a compaction had failed, never caught up again.
+        sent = tokens(cut(turn.prompt, limits.message_tokens))
+        cost = calibrated(sent + tokens(cut(turn.reply, limits.message_tokens)), ratio)
         if taken and budget + cost > limits.compaction_input_tokens:
             break
         taken.append(turn)
