@@ -159,10 +159,12 @@ class LogWriter(Generic[T]):
     def _run(self) -> None:
         while True:
             with self._lock:
-                if not self._queue and not self._closing:
+                # Idle again after every wake-up that finds nothing: a put's wake-up whose
+                # line a write_now took first must not leave the next put without one.
+                while not self._queue and not self._closing:
                     self._idle = True
-                    self._more.wait_for(lambda: bool(self._queue) or self._closing)
-                    self._idle = False
+                    self._more.wait()
+                self._idle = False
             # The output lock first, then the batch: a write_now on another thread writes
             # either before this batch or after it, never in the middle of the order.
             with self._output:

@@ -115,3 +115,40 @@ def test_an_urgent_line_is_written_before_returning_after_what_was_queued() -> N
         assert written == ["a", "b", "c", "dropped info=1", "urgent"]
     finally:
         writer.close()
+
+
+def test_a_wake_up_whose_line_was_taken_by_write_now_leaves_the_writer_wakeable() -> None:
+    """put wakes an idle writer; if write_now takes that line before the writer runs, the
+    writer finds nothing and must go idle again, so that the next put wakes it (it used to
+    wait on, holding every later line until some other event was written)."""
+    written = threading.Event()
+    seen: list[str] = []
+
+    def write_batch(items: Sequence[str]) -> None:
+        seen.extend(items)
+        if "next" in items:
+            written.set()
+
+    writer: LogWriter[str] = LogWriter(write_batch, Output.dropped)
+    try:
+        for _ in range(3000):  # the writer's thread reaching its idle wait
+            with writer._lock:
+                if writer._idle:
+                    break
+            threading.Event().wait(0.01)
+        with writer._lock:
+            assert writer._idle
+            # What put does, then what write_now does, before the writer runs.
+            writer._queue.append("taken")
+            writer._put += 1
+            writer._idle = False
+            writer._more.notify()
+            writer._queue.clear()
+            writer._taken += 1
+        # Let the writer wake to the empty queue and wait again (no event says it did; the
+        # test passes whatever the pause with the fix, and fails without it once it has).
+        threading.Event().wait(0.3)
+        writer.put("next", size=4, level="info")
+        assert written.wait(30)
+    finally:
+        writer.close()
