@@ -386,19 +386,11 @@ def section(results: Sequence[Result], notes: Sequence[str], label: str | None =
     if over:
         lines += ["Overhead per call (through exai minus direct, this run):", ""]
         lines += [f"- {o}" for o in over]
-    extra = list(notes)
-    busy = report.busy_machine_note([r.m for r in results], BUSY_CORES)
-    if busy:
-        extra.insert(0, busy + "; preliminary figures, to be re-run on a quiet machine")
-    for r in results:
-        m = r.m
-        where = f"{m.scenario} / {r.server or '-'} / {r.path}"
-        if m.first_error:
-            extra.append(f"{where}: first error: `{report._cell(m.first_error, 200)}`")
-        if m.stalled_sessions:
-            extra.append(f"{where}: {m.stalled_sessions} of {m.active} clients stalled")
-    if extra:
-        lines += ["", "Notes:", ""] + [f"- {n}" for n in extra]
+    lines += report.notes_section(
+        notes,
+        [(f"{r.m.scenario} / {r.server or '-'} / {r.path}", r.m) for r in results],
+        BUSY_CORES,
+    )
     return "\n".join(lines) + "\n"
 
 

@@ -288,3 +288,21 @@ def append(
     path.parent.mkdir(parents=True, exist_ok=True)
     rest = after.lstrip("\n")
     path.write_text(before + marker + "\n\n" + text + ("\n" + rest if rest else ""))
+
+
+def notes_section(
+    notes: Sequence[str], labelled: Sequence[tuple[str, Measurement]], busy_cores: float
+) -> list[str]:
+    """The "Notes:" lines of a mode's table: a busy-machine warning first (``busy_cores``: the
+    threshold of :func:`busy_machine_note`), then ``notes``, then each measurement's first
+    error and stalled clients, named by its label; nothing when there is nothing to say."""
+    extra = list(notes)
+    busy = busy_machine_note([m for _, m in labelled], busy_cores)
+    if busy:
+        extra.insert(0, busy + "; preliminary figures, to be re-run on a quiet machine")
+    for where, m in labelled:
+        if m.first_error:
+            extra.append(f"{where}: first error: `{_cell(m.first_error, 200)}`")
+        if m.stalled_sessions:
+            extra.append(f"{where}: {m.stalled_sessions} of {m.active} clients stalled")
+    return ["", "Notes:", ""] + [f"- {n}" for n in extra] if extra else []

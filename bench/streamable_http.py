@@ -324,20 +324,11 @@ def section(results: Sequence[Result], notes: Sequence[str], label: str | None =
     info = _latency_lines(results)
     if info:
         lines += ["", "For information:", ""] + [f"- {i}" for i in info]
-    extra = list(notes)
-    ms = [r.m for r in results]
-    busy = report.busy_machine_note(ms, BUSY_CORES)
-    if busy:
-        extra.insert(0, busy + "; preliminary figures, to be re-run on a quiet machine")
-    for r in results:
-        m = r.m
-        where = f"{m.scenario} / {LABELS.get(m.server, m.server)}"
-        if m.first_error:
-            extra.append(f"{where}: first error: `{report._cell(m.first_error, 200)}`")
-        if m.stalled_sessions:
-            extra.append(f"{where}: {m.stalled_sessions} of {m.active} clients stalled")
-    if extra:
-        lines += ["", "Notes:", ""] + [f"- {n}" for n in extra]
+    lines += report.notes_section(
+        notes,
+        [(f"{r.m.scenario} / {LABELS.get(r.m.server, r.m.server)}", r.m) for r in results],
+        BUSY_CORES,
+    )
     return "\n".join(lines) + "\n"
 
 
