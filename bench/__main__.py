@@ -113,10 +113,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 def _plan(args: argparse.Namespace) -> list[scenarios.Scenario]:
-    if args.mode == "profile":
+    if args.mode == "profile" and not args.scenarios:
         plan = [scenarios.PROFILE]
     else:
-        table = scenarios.by_key(args.mode)
+        table = scenarios.by_key("quick" if args.mode == "profile" else args.mode)
         keys = args.scenarios.split(",") if args.scenarios else list(table)
         unknown = [k for k in keys if k not in table]
         if unknown:

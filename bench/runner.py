@@ -259,4 +259,7 @@ def _start_profiler(running: Running, s: Scenario, opts: RunOptions, tag: str) -
         return None
     argv = [opts.py_spy, "record", "--pid", str(running.pid), "--duration", str(int(s.duration))]
     argv += ["--rate", "200", "--format", "raw", "--output", str(opts.profile_out), "--nonblocking"]
+    # One root frame per thread: the event loop's share is told apart from the pykka actors'
+    # and the log writer's.
+    argv += ["--threads"]
     return Owned("py-spy", argv, opts.work / f"{tag}-py-spy.log")

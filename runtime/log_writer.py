@@ -39,7 +39,7 @@ MAX_LINES = 65_536
 MAX_BYTES = 16 * 1024 * 1024
 #: While lines keep coming, the writer writes what gathered this often (seconds): the
 #: delay a line may wait, in exchange for no wake-up per line.
-GATHER_S = 0.005
+GATHER_S = 0.05
 
 
 T = TypeVar("T")

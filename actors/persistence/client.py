@@ -44,6 +44,7 @@ client (the first call binds it).
 from __future__ import annotations
 
 import math
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -75,6 +76,9 @@ from storage.errors import StorageUnavailable
 from storage.rows import Record
 
 log = structlog.get_logger("persistence")
+
+#: The points only the database's commits reach.
+_DATABASE_POINTS = frozenset({Point.COMMITTED, Point.DATABASE})
 
 #: What :meth:`PersistenceClient.write` waits for, per durability setting.
 _WRITE_POINT = {
@@ -158,6 +162,13 @@ class PersistenceClient(ServiceClient):
         self._confirming: deque[tuple[int, float]] = deque()
         self._confirmed_at: float | None = None
         self._listening: Callable[[Progress], None] | None = None
+        #: Writes waiting for the database (``COMMITTED``, ``DATABASE``), counted on the trio
+        #: thread before their record is shipped; read by the reporting threads.
+        self._database_waits = 0
+        #: The flags of the last report handed to the trio thread, and the lock that keeps
+        #: the reporting threads' hand-overs in one order.
+        self._forwarded_flags = (False, True)
+        self._forwarding = threading.Lock()
 
     @classmethod
     def for_ref(cls, ref: pykka.ActorRef[Any], **kwargs: Any) -> PersistenceClient:
@@ -223,8 +234,15 @@ class PersistenceClient(ServiceClient):
         with trio.fail_after(self._timeout):
             while True:
                 waiter = _Waiter(point)
-                self._enqueue(record, waiter)
-                await waiter.done.wait()
+                waits_for_database = point in _DATABASE_POINTS
+                if waits_for_database:
+                    self._database_waits += 1
+                try:
+                    self._enqueue(record, waiter)
+                    await waiter.done.wait()
+                finally:
+                    if waits_for_database:
+                        self._database_waits -= 1
                 if isinstance(waiter.error, _ActorLost):
                     # The supervisor is starting the next incarnation; until its death reaches
                     # trio, the resolver may still return the dead one.
@@ -355,9 +373,26 @@ class PersistenceClient(ServiceClient):
     # --- progress ---------------------------------------------------------------------------
 
     def _on_progress(self, token: trio.lowlevel.TrioToken, progress: Progress) -> None:
-        # Any thread: hand over to the trio thread.
-        with _finished_run(progress.placed):
-            token.run_sync_soon(self._progress, progress)
+        # Any thread: hand over to the trio thread, unless the report tells it nothing it
+        # needs: no shipment placed, no error, the same flags, and no write waiting for the
+        # database (whose commits are all it would say). The database writer reports every
+        # commit, and each hand-over wakes the event loop (a socket write and a read, and a
+        # GIL switch): with ``journal`` durability nobody waits for those (issue 17). A write
+        # counts itself before its record is shipped, so a commit that covers it sees it.
+        # What is skipped is caught up by the next report or status (the pulse asks for one
+        # every second), so ``committed`` and ``confirmed_at`` may lag by that much.
+        flags = (progress.database_down, progress.available)
+        with self._forwarding:
+            if (
+                not progress.placed
+                and not progress.errors
+                and not self._database_waits
+                and flags == self._forwarded_flags
+            ):
+                return
+            self._forwarded_flags = flags
+            with _finished_run(progress.placed):
+                token.run_sync_soon(self._progress, progress)
 
     def _progress(self, progress: Progress) -> None:
         """Apply a report: errors first (they may concern records the same report places or

@@ -135,6 +135,9 @@ class DatabaseWriter:
         #: The write in progress was cut at its deadline (set by the actor's thread).
         self._cut = False
         self._force = threading.Event()
+        #: Set when a lingering writer must stop lingering: an urgent span, a full batch, a
+        #: forced trial, the stop. Other spans do not wake it (see ``_linger``).
+        self._hurry = threading.Event()
         self.stats = WriterStats()
         self._thread = threading.Thread(target=self._run, name="persistence-database", daemon=True)
 
@@ -157,6 +160,9 @@ class DatabaseWriter:
         if span.records is not None:
             self._count(len(span.records))
         self._inbox.put(span)
+        # After the put: a writer woken by the event finds the span in its inbox.
+        if span.urgent or self._backlog >= self._config.max_batch:
+            self._hurry.set()
 
     def unstick(self) -> None:
         """Cut the connection of a write that has taken longer than ``write_deadline`` (any
@@ -174,6 +180,7 @@ class DatabaseWriter:
         """Try the database now, whatever the breaker's schedule (an explicit flush)."""
         self._force.set()
         self._inbox.put(None)
+        self._hurry.set()
 
     def stop(self) -> None:
         """Write what can be written (one forced trial if the database is down), then end the
@@ -181,6 +188,7 @@ class DatabaseWriter:
         remaining batch (a write that takes longer is cut), one connect timeout if the
         database does not answer at all."""
         self._inbox.put(_STOP)
+        self._hurry.set()
         while self._thread.is_alive():
             self._thread.join(timeout=0.5)
             self.unstick()
@@ -239,7 +247,12 @@ class DatabaseWriter:
         """While nobody waits for the database, wait up to ``writer_linger`` after the oldest
         held span for more: a call's intent and its final state then go in one transaction
         (one row, folded), and the database commits (and fsyncs its WAL) far less often than
-        the journal. ``True`` if asked to stop meanwhile."""
+        the journal. ``True`` if asked to stop meanwhile.
+
+        It sleeps through the window instead of waking for each span handed meanwhile: at
+        a thousand calls a second, a wake-up per span cost this thread (and, through the
+        GIL, the event loop) a switch each, for nothing (issue 17). What must end the
+        window early sets ``_hurry`` (``hand``, ``force_trial``, ``stop``)."""
         linger = self._config.writer_linger
         while (
             linger > 0
@@ -250,13 +263,15 @@ class DatabaseWriter:
         ):
             remaining = self._held[0].handed_at + linger - time.monotonic()
             if remaining <= 0:
-                return False
-            try:
-                item = self._inbox.get(timeout=remaining)
-            except queue.Empty:
-                return False
-            if self._receive(item):
+                return self._take(block=False)
+            hurried = self._hurry.wait(remaining)
+            # Cleared before the inbox is read: a span put before a later set() is seen
+            # now or wakes the next wait.
+            self._hurry.clear()
+            if self._take(block=False):
                 return True
+            if not hurried:
+                return False
         return False
 
     def _wait_time(self) -> float | None:

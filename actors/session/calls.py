@@ -408,6 +408,17 @@ class CallRunner:
             error_message=outcome.error,
             result_size=outcome.result_size,
         )
+        # Cheap: the persistence actor keeps only the latest per session and syncs it lazily.
+        # Sent before the final state is awaited, so that both go in one shipment: sent after
+        # it, it cost a shipment of its own, and so an actor round trip, per call.
+        persistence.write_soon(
+            SessionActivity(
+                session_id=state.session_id,
+                last_activity=final.completed_at,
+                tool_calls=state.tool_calls,
+                tool_errors=state.tool_errors,
+            )
+        )
         try:
             if persistence.durability is Durability.ASYNC or unrecorded:
                 # Nothing waits: with `async` by choice; for a call refused because its
@@ -421,15 +432,6 @@ class CallRunner:
             self._log.error("task.final_write_failed", task_id=str(task.task_id), error=repr(error))
         except trio.TooSlowError:
             self._log.error("task.final_write_slow", task_id=str(task.task_id))
-        # Cheap: the persistence actor keeps only the latest per session and syncs it lazily.
-        persistence.write_soon(
-            SessionActivity(
-                session_id=state.session_id,
-                last_activity=final.completed_at,
-                tool_calls=state.tool_calls,
-                tool_errors=state.tool_errors,
-            )
-        )
         return outcome.reply
 
     async def _record_intent(self, task: TaskLifecycle, tool: Tool[Any]) -> ExaiError | None:
