@@ -108,6 +108,7 @@ from storage.errors import ActorUnavailable
 from storage.journal import Journal
 from storage.migrations import apply_migrations
 from storage.recovery import recover
+from storage.shared_limits import SharedLimits
 from storage.startup_errors import DatabaseUnavailable, DatabaseUnreachable, StartupError
 from storage.threads import ThreadStore
 
@@ -407,6 +408,8 @@ class _Tree:
             self.limiter_name,
             config.upstream.provider_limits(),
             config.upstream.client_limits,
+            shared=(lambda: SharedLimits(database_url)) if settings.shared_limits else None,
+            quotas=config.file.client_quotas(),
         )
         self.conversations = Conversations(
             store=threads,
