@@ -64,6 +64,7 @@ import trio
 from actors.conversation import Conversations, Upstream
 from actors.persistence import PersistenceActor, PersistenceClient, PersistenceConfig
 from actors.providers import UpstreamConfig, UpstreamConfigError, load_upstream, open_providers
+from actors.rate_cluster import upstream_id
 from actors.rate_limiter import RateLimiterActor, supervised_rate_limiter
 from actors.servers import ProxiedServers, RemoteEndpoint
 from actors.servers.host import endpoint as server_endpoint
@@ -410,6 +411,13 @@ class _Tree:
             config.upstream.client_limits,
             shared=(lambda: SharedLimits(database_url)) if settings.shared_limits else None,
             quotas=config.file.client_quotas(),
+            upstreams={
+                name: upstream_id(
+                    provider.base_url,
+                    provider.api_key.get_secret_value() if provider.api_key else None,
+                )
+                for name, provider in config.upstream.providers.items()
+            },
         )
         self.conversations = Conversations(
             store=threads,

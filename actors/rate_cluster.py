@@ -32,6 +32,7 @@ once per ``retry_seconds``.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -78,8 +79,10 @@ class ClusterLimits:
     """The shared half of admission, used by one actor's thread (see the module doc).
 
     ``ledger``: the actor's ledger, whose rate buckets become the local share while the
-    database is away. ``quotas``: each identity's durable quotas. ``now`` in every method is
-    the actor's trio time.
+    database is away. ``quotas``: each identity's durable quotas. ``upstreams``: each
+    provider's :func:`upstream_id`, so its buckets are the upstream key's whatever a node
+    names the provider (a provider not in it is known by its name). ``now`` in every method
+    is the actor's trio time.
     """
 
     def __init__(
@@ -88,12 +91,14 @@ class ClusterLimits:
         ledger: Ledger,
         quotas: Quotas,
         *,
+        upstreams: Mapping[str, str] | None = None,
         retry_seconds: float = 5.0,
         nodes_refresh_seconds: float = 30.0,
     ) -> None:
         self._store = store
         self._ledger = ledger
         self._quotas = quotas
+        self._upstreams = dict(upstreams or {})
         self._retry_seconds = retry_seconds
         self._nodes_refresh_seconds = nodes_refresh_seconds
         self._live_nodes = 1
@@ -162,7 +167,7 @@ class ClusterLimits:
         tokens = self._ledger.provider(demand.provider).limits.tokens_per_minute
         refund = []
         if counted.shared_rates and tokens is not None and used != demand.tokens:
-            refund = [BucketTake(_key(demand, "tokens"), tokens, used - demand.tokens)]
+            refund = [BucketTake(self._key(demand, "tokens"), tokens, used - demand.tokens)]
         self._correct(
             demand,
             counted,
@@ -320,6 +325,10 @@ class ClusterLimits:
 
     # -- helpers ---------------------------------------------------------------------------
 
+    def _key(self, demand: Demand, what: str) -> str:
+        upstream = self._upstreams.get(demand.provider, f"provider:{demand.provider}")
+        return f"{upstream}:{what}"
+
     def _pending_of(self, identity: str, period: Period, start: dt.date) -> _Pending:
         key = (identity, period, start)
         pending = self._pending.get(key)
@@ -336,10 +345,10 @@ class ClusterLimits:
         client_rpm = self._ledger.client_limits.requests_per_minute
         takes = []
         if provider.requests_per_minute is not None:
-            takes.append(BucketTake(_key(demand, "requests"), provider.requests_per_minute, 1))
+            takes.append(BucketTake(self._key(demand, "requests"), provider.requests_per_minute, 1))
         if provider.tokens_per_minute is not None:
             takes.append(
-                BucketTake(_key(demand, "tokens"), provider.tokens_per_minute, demand.tokens)
+                BucketTake(self._key(demand, "tokens"), provider.tokens_per_minute, demand.tokens)
             )
         if client_rpm is not None:
             takes.append(BucketTake(f"client:{demand.identity}:requests", client_rpm, 1))
@@ -349,7 +358,7 @@ class ClusterLimits:
         provider = self._ledger.provider(demand.provider)
         limits = provider.limits
         cluster = "across the cluster"
-        if key == _key(demand, "tokens"):
+        if key == self._key(demand, "tokens"):
             return Blocked(
                 LimitName.PROVIDER_TOKENS,
                 f"upstream {provider.name!r} allows {limits.tokens_per_minute} tokens/min "
@@ -358,7 +367,7 @@ class ClusterLimits:
                 retry_after=wait,
                 permanent=wait is None,
             )
-        if key == _key(demand, "requests"):
+        if key == self._key(demand, "requests"):
             return Blocked(
                 LimitName.PROVIDER_REQUESTS,
                 f"upstream {provider.name!r} allows {limits.requests_per_minute} requests/min "
@@ -374,8 +383,12 @@ class ClusterLimits:
         )
 
 
-def _key(demand: Demand, what: str) -> str:
-    return f"provider:{demand.provider}:{what}"
+def upstream_id(base_url: str, api_key: str | None) -> str:
+    """What identifies an upstream key across nodes: a digest of its URL and key (the key
+    itself never reaches the database). Two nodes that configure one upstream key, under any
+    provider name, share its buckets; two different keys never do."""
+    digest = hashlib.sha256(f"{base_url.rstrip('/')}\0{api_key or ''}".encode()).hexdigest()
+    return f"upstream:{digest[:32]}"
 
 
 def _negated(take: BucketTake) -> BucketTake:

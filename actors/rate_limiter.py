@@ -666,6 +666,7 @@ def supervised_rate_limiter(
     *,
     shared: Callable[[], SharedLimits] | None = None,
     quotas: Quotas | None = None,
+    upstreams: Mapping[str, str] | None = None,
 ) -> tuple[RateLimiter, StartFunction]:
     """The limiter as a supervisor's child reached through ``name``: its client (valid for
     the node's life, across restarts) and the child's start function (``pykka_child`` with
@@ -674,9 +675,11 @@ def supervised_rate_limiter(
 
     ``shared``: opens the database's shared limits (each incarnation its own connection):
     rates held across the cluster and ``quotas`` (durable, per identity) counted there
-    (:mod:`actors.rate_cluster`). ``None``: this node's limits only, and no durable quotas."""
+    (:mod:`actors.rate_cluster`); ``upstreams``: each provider's
+    :func:`~actors.rate_cluster.upstream_id`. ``None``: this node's limits only, and no
+    durable quotas."""
     limiter = RateLimiter(name.resolve, default_wait=client.max_wait_seconds)
-    cluster = _cluster_factory(shared, quotas)
+    cluster = _cluster_factory(shared, quotas, upstreams)
     ledgers: list[Ledger] = []  # the current incarnation's, read only once it is dead
 
     def start() -> pykka.ActorRef[RateLimiterActor]:
@@ -699,11 +702,13 @@ def supervised_rate_limiter(
 
 
 def _cluster_factory(
-    shared: Callable[[], SharedLimits] | None, quotas: Quotas | None
+    shared: Callable[[], SharedLimits] | None,
+    quotas: Quotas | None,
+    upstreams: Mapping[str, str] | None = None,
 ) -> Callable[[Ledger], ClusterLimits] | None:
     if shared is None:
         return None
-    return lambda ledger: ClusterLimits(shared(), ledger, quotas or {})
+    return lambda ledger: ClusterLimits(shared(), ledger, quotas or {}, upstreams=upstreams)
 
 
 @asynccontextmanager
