@@ -1,7 +1,12 @@
 """Limits shared by every node of one database: rate buckets and durable quotas.
 
 The rate limiter's actor (:mod:`actors.rate_limiter`) holds one :class:`SharedLimits` and
-calls it from its own thread, one short statement at a time; nothing here starts a thread.
+calls it from its own thread, one short statement at a time. Each statement runs on the
+helper's one worker thread while the actor's thread waits for it *at most*
+``answer_within`` seconds: a database that stops answering (even one whose packets vanish, or
+a middlebox that takes them and never answers, where neither ``statement_timeout`` nor TCP
+keepalives help) costs the actor a bounded pause, then the socket is shut down under the
+stuck statement (:meth:`storage.connection.Connector.abort`) so the worker is free again.
 
 **Design: one atomic statement per admission, not leases.** A call's rate buckets (its
 provider's requests and tokens per minute, its client identity's requests per minute) are
@@ -15,10 +20,8 @@ that itself takes seconds. Leases (each node takes a slice of the capacity for a
 save those round trips but strand capacity on idle nodes, need a refill protocol and still
 need the database to hand slices out; an exact shared bucket is simpler and admits exactly.
 
-Every statement runs under ``statement_timeout`` and the connection has a short
-``connect_timeout``, so a database that stops answering costs the actor's thread a bounded
-pause (see :class:`SharedLimits`), and :class:`SharedLimitsUnavailable` tells the caller to
-fall back on its local share (``limit / live nodes``).
+:class:`SharedLimitsUnavailable` tells the caller to fall back on its local share
+(``limit / live nodes``).
 
 **Quotas** are rows of ``client_quota_usage`` per (identity, ``day``/``month``, period start
 in UTC); :meth:`SharedLimits.take_quota` counts a call's worst case in one transaction when
@@ -28,9 +31,11 @@ the period's row has room, and :meth:`SharedLimits.adjust_quota` corrects it at 
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import psycopg
 from psycopg.rows import tuple_row
@@ -40,6 +45,7 @@ from storage.recovery import NODE_TTL
 
 Period = Literal["day", "month"]
 PERIODS: tuple[Period, ...] = ("day", "month")
+T = TypeVar("T")
 
 
 class SharedLimitsUnavailable(Exception):
@@ -122,40 +128,71 @@ def period_end(period: Period, start: dt.date) -> dt.datetime:
 
 
 class SharedLimits:
-    """The shared state over one connection, reconnected on demand; one thread uses it.
+    """The shared state over one connection, reconnected on demand, used by one thread.
 
-    ``statement_timeout`` (seconds) bounds each statement; ``connect_timeout`` a reconnection
-    (libpq's minimum is 2 s, and only a peer that drops packets makes it wait that long: a
-    refused connection fails at once). Every method raises :class:`SharedLimitsUnavailable`
-    when the database fails or times out; the connection is then dropped and the next call
-    reconnects.
+    ``statement_timeout`` (seconds) bounds each statement in the server; ``answer_within``
+    (default: twice that, at least 1 s) bounds how long a caller waits for an answer,
+    reconnection included (``connect_timeout``; libpq's minimum is 2 s, so a reconnection to
+    a peer that drops packets outlasts one call: that call fails, a later one finds the
+    connection made). Every method raises :class:`SharedLimitsUnavailable` when the database
+    fails or does not answer in time; the connection is then dropped and the next call
+    reconnects. :meth:`close` joins the worker thread.
     """
 
     def __init__(
-        self, url: str, *, statement_timeout: float = 0.5, connect_timeout: float = 2.0
+        self,
+        url: str,
+        *,
+        statement_timeout: float = 0.5,
+        answer_within: float | None = None,
+        connect_timeout: float = 2.0,
     ) -> None:
         self._connector = Connector(url, connect_timeout=connect_timeout)
         self._timeout_ms = max(1, round(statement_timeout * 1000))
+        self._answer_within = (
+            answer_within if answer_within is not None else max(1.0, 2 * statement_timeout)
+        )
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix="shared-limits")
 
     def close(self) -> None:
+        self._connector.abort()  # a statement still stuck fails now
+        self._worker.shutdown(wait=True, cancel_futures=True)
         self._connector.close()
 
-    def _conn(self) -> psycopg.Connection[Any]:
-        fresh = not self._connector.is_open
-        conn = self._connector.connection()
-        if fresh:
-            # Session-level: every statement of this connection is bounded.
-            conn.execute(f"set statement_timeout = {self._timeout_ms}")
-        return conn
-
-    def _run(self, sql: str, params: Sequence[object] | Mapping[str, object]) -> list[Any]:
+    def _bounded(self, work: Callable[[psycopg.Connection[Any]], T]) -> T:
+        """``work`` on the worker thread, with the connection; its result within
+        ``answer_within`` seconds, else :class:`SharedLimitsUnavailable`."""
         try:
-            with self._conn().cursor(row_factory=tuple_row) as cur:
-                cur.execute(sql, params)
-                return cur.fetchall() if cur.description else []
+            future = self._worker.submit(self._attempt, work)
+        except RuntimeError as exc:  # closed
+            raise SharedLimitsUnavailable("the shared limits are closed") from exc
+        try:
+            return future.result(timeout=self._answer_within)
+        except FutureTimeout:
+            self._connector.abort()
+            raise SharedLimitsUnavailable(
+                f"the database did not answer within {self._answer_within:g} s"
+            ) from None
+
+    def _attempt(self, work: Callable[[psycopg.Connection[Any]], T]) -> T:
+        try:
+            fresh = not self._connector.is_open
+            conn = self._connector.connection()
+            if fresh:
+                # Session-level: every statement of this connection is bounded.
+                conn.execute(f"set statement_timeout = {self._timeout_ms}")
+            return work(conn)
         except psycopg.Error as exc:
             self._connector.discard()
             raise SharedLimitsUnavailable(str(exc).strip() or type(exc).__name__) from exc
+
+    def _run(self, sql: str, params: Sequence[object] | Mapping[str, object]) -> list[Any]:
+        def work(conn: psycopg.Connection[Any]) -> list[Any]:
+            with conn.cursor(row_factory=tuple_row) as cur:
+                cur.execute(sql, params)
+                return cur.fetchall() if cur.description else []
+
+        return self._bounded(work)
 
     # -- rate buckets ----------------------------------------------------------------------
 
@@ -214,8 +251,8 @@ class SharedLimits:
         """Count one request of ``tokens`` and ``cost_usd`` in each period of ``quotas`` if
         none would pass its quota; one transaction, the periods' rows locked."""
         periods = sorted(quotas)
-        try:
-            conn = self._conn()
+
+        def work(conn: psycopg.Connection[Any]) -> QuotaTaken | QuotaRefused:
             with conn.transaction(), conn.cursor(row_factory=tuple_row) as cur:
                 cur.execute("select (now() at time zone 'UTC')::date")
                 row = cur.fetchone()
@@ -250,9 +287,8 @@ class SharedLimits:
                 )
                 taken = sorted((_usage(r) for r in cur.fetchall()), key=lambda u: u.period)
                 return QuotaTaken(tuple(taken))
-        except psycopg.Error as exc:
-            self._connector.discard()
-            raise SharedLimitsUnavailable(str(exc).strip() or type(exc).__name__) from exc
+
+        return self._bounded(work)
 
     def adjust_quota(
         self,

@@ -39,6 +39,7 @@ from storage.shared_limits import BucketTake, PeriodQuota, SharedLimits
 from tests.chat_support import ALICE, Caller, provider_table, upstream_thread, write_config
 from tests.fake_openai import FakeOpenAI, Reply
 from tests.harness import RawClient, open_raw, start_server, with_database
+from tests.tcp_proxy import TcpProxy, libpq_target, libpq_via
 
 PROCESSES = 3
 
@@ -267,6 +268,44 @@ async def test_a_database_that_is_away_leaves_each_node_its_share_never_no_limit
         assert day.requests == 12
     finally:
         store.close()
+
+
+async def test_a_database_that_stops_answering_costs_one_bounded_pause(
+    shared_url: str, mock_clock: MockClock
+) -> None:
+    """Through a proxy that takes every packet and never answers (neither statement_timeout
+    nor keepalives can tell): the call that meets it waits ``answer_within`` (real time, on
+    the helper's thread), then the node is on its share; later calls do not ask the database
+    until ``retry_seconds`` have passed."""
+    _live_nodes(shared_url, 2)
+    port, unix = libpq_target(shared_url)
+    proxy = TcpProxy(port, target_unix=unix)
+    provider = f"p{uuid.uuid4().hex[:8]}"
+    limits = {provider: ProviderLimits(requests_per_minute=60)}
+    async with trio.open_nursery() as nursery:
+        await nursery.start(proxy.run)
+        url = libpq_via(shared_url, proxy.port)
+        async with open_rate_limiter(
+            limits,
+            ClientLimits(),
+            shared=lambda: SharedLimits(url, statement_timeout=5.0, answer_within=0.5),
+        ) as limiter:
+            await _call(limiter, "dave", provider=provider)
+            proxy.black_hole()
+            with capture_logs() as events:
+                with pytest.raises(RateLimited) as refused:
+                    await _call(limiter, "dave", provider=provider)
+                # 60 / 2 nodes = 30 requests/min, starting spent: one every 2 s.
+                assert refused.value.retry_after == pytest.approx(2.0)
+                connections = proxy.connections
+                mock_clock.jump(2.0)
+                await _call(limiter, "dave", provider=provider)  # locally, on the share
+                assert proxy.connections == connections  # not asked before retry_seconds
+            degraded = [e for e in events if e["event"] == "rate_limiter.shared_limits_degraded"]
+            assert len(degraded) == 1, events
+            assert "did not answer within 0.5 s" in degraded[0]["error"]
+        proxy.close()
+        nursery.cancel_scope.cancel()
 
 
 # -- a node restart --------------------------------------------------------------------------
