@@ -35,7 +35,7 @@ import datetime as dt
 import hashlib
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import structlog
 
@@ -75,11 +75,25 @@ class _Pending:
     cost_usd: float = 0.0
 
 
+@dataclass(slots=True)
+class ClusterMemory:
+    """What one incarnation of the limiter leaves the next (kept by
+    :func:`~actors.rate_limiter.supervised_rate_limiter` across restarts): the live nodes as
+    last read, so a successor that cannot reach the database still divides by them; quota
+    usage as last read; quota usage counted locally and not yet written back, which a crash
+    must not lose."""
+
+    live_nodes: int = 1
+    known: dict[tuple[str, Period], PeriodUsage] = field(default_factory=dict)
+    pending: dict[tuple[str, Period, dt.date], _Pending] = field(default_factory=dict)
+
+
 class ClusterLimits:
     """The shared half of admission, used by one actor's thread (see the module doc).
 
     ``ledger``: the actor's ledger, whose rate buckets become the local share while the
-    database is away. ``quotas``: each identity's durable quotas. ``upstreams``: each
+    database is away. ``quotas``: each identity's durable quotas. ``memory``: the previous
+    incarnation's (a fresh one by default). ``upstreams``: each
     provider's :func:`upstream_id`, so its buckets are the upstream key's whatever a node
     names the provider (a provider not in it is known by its name). ``now`` in every method
     is the actor's trio time.
@@ -92,6 +106,7 @@ class ClusterLimits:
         quotas: Quotas,
         *,
         upstreams: Mapping[str, str] | None = None,
+        memory: ClusterMemory | None = None,
         retry_seconds: float = 5.0,
         nodes_refresh_seconds: float = 30.0,
     ) -> None:
@@ -101,14 +116,14 @@ class ClusterLimits:
         self._upstreams = dict(upstreams or {})
         self._retry_seconds = retry_seconds
         self._nodes_refresh_seconds = nodes_refresh_seconds
-        self._live_nodes = 1
+        self._memory = memory if memory is not None else ClusterMemory()
         self._nodes_read_at = -math.inf
         #: Set while degraded: the earliest time to try the database again.
         self._retry_at: float | None = None
         self._counted: dict[int, _Counted] = {}
         #: Each quota identity's usage per period as last read from the database.
-        self._known: dict[tuple[str, Period], PeriodUsage] = {}
-        self._pending: dict[tuple[str, Period, dt.date], _Pending] = {}
+        self._known = self._memory.known
+        self._pending = self._memory.pending
         self._loaded = False
 
     @property
@@ -117,7 +132,7 @@ class ClusterLimits:
 
     @property
     def live_nodes(self) -> int:
-        return self._live_nodes
+        return self._memory.live_nodes
 
     def close(self) -> None:
         self._store.close()
@@ -128,9 +143,12 @@ class ClusterLimits:
         """After the local ledger let ``demand`` through: ``None`` if the cluster admits it
         too (it is then counted, under ``ticket``), else what holds it. While degraded, the
         local ledger's buckets are the share and quotas are counted here."""
+        takes = self._rate_takes(demand)
+        quotas = self._quotas.get(demand.identity)
+        if not takes and not quotas:
+            return None  # nothing of this call is shared: no round trip
         if not self._reachable(now):
             return self._admit_locally(ticket, demand, now)
-        takes = self._rate_takes(demand)
         rates_taken = False
         try:
             if takes:
@@ -139,7 +157,6 @@ class ClusterLimits:
                     return self._rate_block(demand, decision.blocking_key, decision.wait_seconds)
                 rates_taken = True
             periods: tuple[PeriodUsage, ...] = ()
-            quotas = self._quotas.get(demand.identity)
             if quotas:
                 result = self._store.take_quota(
                     demand.identity, quotas, tokens=demand.tokens, cost_usd=demand.cost_usd
@@ -236,7 +253,7 @@ class ClusterLimits:
         if not self._loaded:
             self._loaded = True
             try:
-                self._live_nodes = self._store.live_nodes()
+                self._memory.live_nodes = self._store.live_nodes()
                 self._nodes_read_at = now
                 for identity in self._quotas:
                     self._remember(identity, tuple(self._store.usage(identity)))
@@ -246,7 +263,7 @@ class ClusterLimits:
         if self._retry_at is None:
             if now - self._nodes_read_at >= self._nodes_refresh_seconds:
                 try:
-                    self._live_nodes = self._store.live_nodes()
+                    self._memory.live_nodes = self._store.live_nodes()
                     self._nodes_read_at = now
                 except SharedLimitsUnavailable as exc:
                     self._degrade(now, exc)
@@ -265,7 +282,7 @@ class ClusterLimits:
                     cost_usd=pending.cost_usd,
                 )
                 del self._pending[(identity, period, start)]
-            self._live_nodes = self._store.live_nodes()
+            self._memory.live_nodes = self._store.live_nodes()
             self._nodes_read_at = now
             for identity in self._quotas:
                 self._remember(identity, tuple(self._store.usage(identity)))
@@ -274,7 +291,7 @@ class ClusterLimits:
             return False
         self._retry_at = None
         self._ledger.set_share(1, now)
-        log.warning("rate_limiter.shared_limits_restored", live_nodes=self._live_nodes)
+        log.warning("rate_limiter.shared_limits_restored", live_nodes=self._memory.live_nodes)
         return True
 
     def _degrade(self, now: float, error: SharedLimitsUnavailable) -> None:
@@ -283,12 +300,12 @@ class ClusterLimits:
         self._retry_at = now + self._retry_seconds
         if was_degraded:
             return
-        self._ledger.set_share(self._live_nodes, now)
+        self._ledger.set_share(self._memory.live_nodes, now)
         log.warning(
             "rate_limiter.shared_limits_degraded",
             error=str(error),
-            live_nodes=self._live_nodes,
-            share=f"1/{self._live_nodes} of each rate limit and of each quota's remainder",
+            live_nodes=self._memory.live_nodes,
+            share=f"1/{self._memory.live_nodes} of each rate limit and of each quota's remainder",
             retry_seconds=self._retry_seconds,
         )
 
@@ -305,13 +322,13 @@ class ClusterLimits:
                 if known is None or known.start != start:
                     known = PeriodUsage(period, start)
                 pending = self._pending.get((demand.identity, period, start), _Pending())
-                refused = _share_over(known, pending, quota, demand, self._live_nodes)
+                refused = _share_over(known, pending, quota, demand, self._memory.live_nodes)
                 if refused is not None:
                     return Blocked(
                         LimitName.CLIENT_QUOTA,
                         f"client {demand.identity!r} may use {refused} while the limits "
                         "database is away (its share of what is left of the "
-                        f"{period}'s quota across {self._live_nodes} node(s)); retry later",
+                        f"{period}'s quota across {self._memory.live_nodes} node(s)); retry later",
                         retry_after=self._retry_seconds,
                     )
                 counted.append(known)

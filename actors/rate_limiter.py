@@ -62,7 +62,7 @@ import trio
 from pydantic import BaseModel, ConfigDict
 
 from actors.providers.usage import Usage
-from actors.rate_cluster import ClusterLimits, Quotas
+from actors.rate_cluster import ClusterLimits, ClusterMemory, Quotas
 from actors.rate_ledger import (
     Blocked,
     ClientLimits,
@@ -708,7 +708,10 @@ def _cluster_factory(
 ) -> Callable[[Ledger], ClusterLimits] | None:
     if shared is None:
         return None
-    return lambda ledger: ClusterLimits(shared(), ledger, quotas or {}, upstreams=upstreams)
+    memory = ClusterMemory()  # one per limiter client: kept by every incarnation
+    return lambda ledger: ClusterLimits(
+        shared(), ledger, quotas or {}, upstreams=upstreams, memory=memory
+    )
 
 
 @asynccontextmanager
