@@ -34,6 +34,7 @@ from actors.providers.usage import Usage
 from actors.rate_cluster import Quotas
 from actors.rate_ledger import ClientLimits, LimitName, ProviderLimits
 from actors.rate_limiter import LimitSpent, RateLimited, RateLimiter, open_rate_limiter
+from runtime.config import ConfigError, load_config_file, load_settings
 from storage.migrations import apply_migrations
 from storage.shared_limits import BucketTake, PeriodQuota, SharedLimits
 from tests.chat_support import ALICE, Caller, provider_table, upstream_thread, write_config
@@ -356,3 +357,30 @@ async def test_a_quota_spent_before_a_node_restart_stays_spent_after_it(
         finally:
             stopped = await trio.to_thread.run_sync(server.stop)
             assert stopped == 0, server.stderr_path.read_text()[-3000:]
+
+
+# -- configuration ---------------------------------------------------------------------------
+
+
+def test_client_quotas_are_read_from_the_clients_table(tmp_path: Path) -> None:
+    path = tmp_path / "exai.toml"
+    path.write_text(
+        '[clients.alice]\ntoken_sha256 = "' + "0" * 64 + '"\n'
+        "[clients.alice.quota]\nrequests_per_day = 5\ncost_usd_per_month = 2.5\n"
+        '[clients.bob]\ntoken_env = "BOB"\n'
+    )
+    file = load_config_file(path)
+    assert file.client_quotas() == {
+        "alice": {"day": PeriodQuota(requests=5), "month": PeriodQuota(cost_usd=2.5)}
+    }
+    path.write_text(
+        '[clients.alice]\ntoken_sha256 = "' + "0" * 64 + '"\n'
+        "[clients.alice.quota]\nrequests_per_week = 5\n"
+    )
+    with pytest.raises(ConfigError, match=r"quota\.requests_per_week: Extra inputs"):
+        load_config_file(path)
+
+
+def test_shared_limits_are_on_unless_turned_off() -> None:
+    assert load_settings().shared_limits is True
+    assert load_settings(shared_limits=False).shared_limits is False
