@@ -33,8 +33,17 @@ from trio.testing import MockClock
 from actors.providers.usage import Usage
 from actors.rate_cluster import Quotas
 from actors.rate_ledger import ClientLimits, LimitName, ProviderLimits
-from actors.rate_limiter import LimitSpent, RateLimited, RateLimiter, open_rate_limiter
+from actors.rate_limiter import (
+    LimitSpent,
+    RateLimited,
+    RateLimiter,
+    RateLimiterActor,
+    open_rate_limiter,
+    supervised_rate_limiter,
+)
 from runtime.config import ConfigError, load_config_file, load_settings
+from runtime.pykka_supervision import ActorName
+from runtime.supervision import ChildSpec, Supervisor, run_root
 from storage.migrations import apply_migrations
 from storage.shared_limits import BucketTake, PeriodQuota, SharedLimits
 from tests.chat_support import ALICE, Caller, provider_table, upstream_thread, write_config
@@ -267,6 +276,51 @@ async def test_a_database_that_is_away_leaves_each_node_its_share_never_no_limit
         day = store.usage(identity)[0]
         # The one before, the ten counted locally while away (written back), the one after.
         assert day.requests == 12
+    finally:
+        store.close()
+
+
+async def test_a_limiter_that_crashes_while_the_database_is_away_keeps_what_it_counted(
+    shared_url: str, mock_clock: MockClock
+) -> None:
+    """The next incarnation still divides by the live nodes last read, and the quota usage
+    counted locally before the crash is neither forgotten nor lost for the database."""
+    _live_nodes(shared_url, 2)
+    identity = f"erin-{uuid.uuid4().hex[:8]}"
+    quotas = {identity: {"day": PeriodQuota(requests=21)}}
+    name: ActorName[RateLimiterActor] = ActorName("/root/rate_limiter")
+    limiter, child = supervised_rate_limiter(
+        name,
+        {},
+        ClientLimits(),
+        shared=lambda: SharedLimits(shared_url, statement_timeout=5.0),
+        quotas=quotas,
+    )
+    root = Supervisor([ChildSpec("rate_limiter", child, shutdown=10)], max_restarts=3, period=60)
+    stop = trio.Event()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(partial(run_root, root, stop_requested=stop))
+        await _call(limiter, identity)  # 2 live nodes read; 1 request counted
+        try:
+            _connections(shared_url, allowed=False)
+            for _ in range(4):  # of this node's share: (21 - 1) / 2 = 10
+                await _call(limiter, identity)
+            limiter.crash_for_test()
+            await name.running(2)
+            for _ in range(6):
+                await _call(limiter, identity)
+            with pytest.raises(RateLimited) as refused:
+                await _call(limiter, identity)
+            assert refused.value.limit is LimitName.CLIENT_QUOTA
+            assert "across 2 node(s)" in str(refused.value)
+        finally:
+            _connections(shared_url, allowed=True)
+        mock_clock.jump(5.0)
+        await _call(limiter, identity)  # written back, then counted in the database
+        stop.set()
+    store = SharedLimits(shared_url)
+    try:
+        assert store.usage(identity)[0].requests == 12
     finally:
         store.close()
 
