@@ -16,6 +16,10 @@ Quotas and per-client rates belong to the client *identity* (the name its token 
 on one :class:`ClientLedger`, which outlives them, so reconnecting resets nothing. Per-session
 counters (:class:`SessionLedger`) are only what ``exai status`` reports of each session.
 
+Across nodes, :mod:`actors.rate_cluster` repeats the rate limits in shared buckets in the
+database; while it cannot reach them, this ledger's buckets hold the node's share
+(:meth:`Ledger.set_share`).
+
 Tokens are reserved up front as the worst case (prompt estimate + ``max_tokens``; OpenAI's
 rate-limit guide counts a request as the larger of the two) and the difference is refunded when
 the real usage is known.
@@ -64,7 +68,9 @@ class ProviderLimits(BaseModel):
 
 class ClientLimits(BaseModel):
     """Limits of each client identity, all its sessions together, whatever upstream they call.
-    ``None`` means unlimited. Kept for the node's life (not across restarts or nodes)."""
+    ``None`` means unlimited. ``requests_per_minute`` holds across the nodes of a database
+    when limits are shared (:mod:`actors.rate_cluster`); the token and cost quotas here are
+    kept for the node's life (durable ones: ``[clients.<name>.quota]``)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 

@@ -34,6 +34,14 @@ a minute, to drain), and each client's token and cost quotas at what its predece
 reservations of calls still in flight included as used (their settlements went to the dead
 incarnation). Calls in flight at the crash are not counted against a provider's concurrency.
 
+**Across nodes.** With shared limits (the node's default), a call this ledger admits is
+then taken from the database's shared buckets and counted against its identity's durable
+quotas by :class:`~actors.rate_cluster.ClusterLimits`, from this actor's thread with a
+bounded wait; a database that does not answer leaves this node its share of each limit
+(``limit / live nodes``), never none. Each incarnation opens its own connection; what the
+cluster side must not lose in a crash (live nodes, quota usage counted locally) is kept in
+a :class:`~actors.rate_cluster.ClusterMemory` across incarnations.
+
 **Fairness.** Waiters queue per session, and capacity is handed out round-robin across
 sessions: a session that gets a grant goes to the back of the rotation, so one session with a
 hundred queued calls and another with one alternate instead of the second waiting behind the
