@@ -40,7 +40,7 @@ from typing import Any, Literal, TypeVar
 import psycopg
 from psycopg.rows import tuple_row
 
-from storage.connection import Connector
+from storage.connection import Connector, is_transaction_pooler
 from storage.recovery import NODE_TTL
 
 Period = Literal["day", "month"]
@@ -152,6 +152,7 @@ class SharedLimits:
         self._answer_within = (
             answer_within if answer_within is not None else max(1.0, 2 * statement_timeout)
         )
+        self._pooled = is_transaction_pooler(url)
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="shared-limits")
 
     def close(self) -> None:
@@ -178,8 +179,10 @@ class SharedLimits:
         try:
             fresh = not self._connector.is_open
             conn = self._connector.connection()
-            if fresh:
-                # Session-level: every statement of this connection is bounded.
+            if fresh and not self._pooled:
+                # Session-level: every statement of this connection is bounded. Not through
+                # a transaction pooler, whose server sessions other clients share: there
+                # answer_within alone bounds the wait.
                 conn.execute(f"set statement_timeout = {self._timeout_ms}")
             return work(conn)
         except psycopg.Error as exc:

@@ -30,7 +30,7 @@ declare
     wait double precision;
 begin
     insert into rate_buckets (key, level, updated_at)
-        select k, 0, '-infinity' from unnest(p_keys) as k order by k
+        select k, 0, clock_timestamp() from unnest(p_keys) as k order by k
         on conflict (key) do nothing;
     perform 1 from rate_buckets where key = any(p_keys) order by key for update;
     t := clock_timestamp();  -- after the locks: no later decision on these rows is earlier
