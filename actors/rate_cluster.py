@@ -250,13 +250,10 @@ class ClusterLimits:
 
     def _reachable(self, now: float) -> bool:
         """Whether to use the database now; while degraded, tries it again when due."""
-        if not self._loaded:
+        if not self._loaded:  # this incarnation's first call
             self._loaded = True
             try:
-                self._memory.live_nodes = self._store.live_nodes()
-                self._nodes_read_at = now
-                for identity in self._quotas:
-                    self._remember(identity, tuple(self._store.usage(identity)))
+                self._sync(now)
             except SharedLimitsUnavailable as exc:
                 self._degrade(now, exc)
                 return False
@@ -272,20 +269,7 @@ class ClusterLimits:
         if now < self._retry_at:
             return False
         try:
-            for (identity, period, start), pending in list(self._pending.items()):
-                usage = PeriodUsage(period, start)
-                self._store.adjust_quota(
-                    identity,
-                    (usage,),
-                    requests=pending.requests,
-                    tokens=pending.tokens,
-                    cost_usd=pending.cost_usd,
-                )
-                del self._pending[(identity, period, start)]
-            self._memory.live_nodes = self._store.live_nodes()
-            self._nodes_read_at = now
-            for identity in self._quotas:
-                self._remember(identity, tuple(self._store.usage(identity)))
+            self._sync(now)
         except SharedLimitsUnavailable:
             self._retry_at = now + self._retry_seconds
             return False
@@ -293,6 +277,24 @@ class ClusterLimits:
         self._ledger.set_share(1, now)
         log.warning("rate_limiter.shared_limits_restored", live_nodes=self._memory.live_nodes)
         return True
+
+    def _sync(self, now: float) -> None:
+        """Write back the quota usage counted locally (a predecessor's too), then read the
+        live nodes and the quota usage. Raises :class:`SharedLimitsUnavailable`; what was
+        written before it is no longer pending."""
+        for (identity, period, start), pending in list(self._pending.items()):
+            self._store.adjust_quota(
+                identity,
+                (PeriodUsage(period, start),),
+                requests=pending.requests,
+                tokens=pending.tokens,
+                cost_usd=pending.cost_usd,
+            )
+            del self._pending[(identity, period, start)]
+        self._memory.live_nodes = self._store.live_nodes()
+        self._nodes_read_at = now
+        for identity in self._quotas:
+            self._remember(identity, tuple(self._store.usage(identity)))
 
     def _degrade(self, now: float, error: SharedLimitsUnavailable) -> None:
         """Switch to the local share and say so, once per outage."""

@@ -280,14 +280,19 @@ async def test_a_database_that_is_away_leaves_each_node_its_share_never_no_limit
         store.close()
 
 
+@pytest.mark.parametrize("back_at_once", [False, True])
 async def test_a_limiter_that_crashes_while_the_database_is_away_keeps_what_it_counted(
-    shared_url: str, mock_clock: MockClock
+    shared_url: str, mock_clock: MockClock, back_at_once: bool
 ) -> None:
     """The next incarnation still divides by the live nodes last read, and the quota usage
-    counted locally before the crash is neither forgotten nor lost for the database."""
+    counted locally before the crash is neither forgotten nor lost for the database: written
+    back when the database returns, also when it is back before the next incarnation's
+    first call (``back_at_once``)."""
     _live_nodes(shared_url, 2)
     identity = f"erin-{uuid.uuid4().hex[:8]}"
     quotas = {identity: {"day": PeriodQuota(requests=21)}}
+    # Before the crash 1 + 4; then 1 (back at once) or 6 + 1 after the outage.
+    expected = 6 if back_at_once else 12
     name: ActorName[RateLimiterActor] = ActorName("/root/rate_limiter")
     limiter, child = supervised_rate_limiter(
         name,
@@ -307,20 +312,26 @@ async def test_a_limiter_that_crashes_while_the_database_is_away_keeps_what_it_c
                 await _call(limiter, identity)
             limiter.crash_for_test()
             await name.running(2)
-            for _ in range(6):
+            if back_at_once:
+                _connections(shared_url, allowed=True)
+                await _call(limiter, identity)  # the first call writes the 4 back
+                stop.set()
+            for _ in range(0 if back_at_once else 6):
                 await _call(limiter, identity)
-            with pytest.raises(RateLimited) as refused:
-                await _call(limiter, identity)
-            assert refused.value.limit is LimitName.CLIENT_QUOTA
-            assert "across 2 node(s)" in str(refused.value)
+            if not back_at_once:
+                with pytest.raises(RateLimited) as refused:
+                    await _call(limiter, identity)
+                assert refused.value.limit is LimitName.CLIENT_QUOTA
+                assert "across 2 node(s)" in str(refused.value)
         finally:
             _connections(shared_url, allowed=True)
-        mock_clock.jump(5.0)
-        await _call(limiter, identity)  # written back, then counted in the database
-        stop.set()
+        if not back_at_once:
+            mock_clock.jump(5.0)
+            await _call(limiter, identity)  # written back, then counted in the database
+            stop.set()
     store = SharedLimits(shared_url)
     try:
-        assert store.usage(identity)[0].requests == 12
+        assert store.usage(identity)[0].requests == expected
     finally:
         store.close()
 
