@@ -64,6 +64,7 @@ import trio
 from actors.conversation import Conversations, Upstream
 from actors.persistence import PersistenceActor, PersistenceClient, PersistenceConfig
 from actors.providers import UpstreamConfig, UpstreamConfigError, load_upstream, open_providers
+from actors.rate_cluster import upstream_id
 from actors.rate_limiter import RateLimiterActor, supervised_rate_limiter
 from actors.servers import ProxiedServers, RemoteEndpoint
 from actors.servers.host import endpoint as server_endpoint
@@ -108,6 +109,7 @@ from storage.errors import ActorUnavailable
 from storage.journal import Journal
 from storage.migrations import apply_migrations
 from storage.recovery import recover
+from storage.shared_limits import SharedLimits
 from storage.startup_errors import DatabaseUnavailable, DatabaseUnreachable, StartupError
 from storage.threads import ThreadStore
 
@@ -407,6 +409,15 @@ class _Tree:
             self.limiter_name,
             config.upstream.provider_limits(),
             config.upstream.client_limits,
+            shared=(lambda: SharedLimits(database_url)) if settings.shared_limits else None,
+            quotas=config.file.client_quotas(),
+            upstreams={
+                name: upstream_id(
+                    provider.base_url,
+                    provider.api_key.get_secret_value() if provider.api_key else None,
+                )
+                for name, provider in config.upstream.providers.items()
+            },
         )
         self.conversations = Conversations(
             store=threads,

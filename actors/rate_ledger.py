@@ -16,6 +16,10 @@ Quotas and per-client rates belong to the client *identity* (the name its token 
 on one :class:`ClientLedger`, which outlives them, so reconnecting resets nothing. Per-session
 counters (:class:`SessionLedger`) are only what ``exai status`` reports of each session.
 
+Across nodes, :mod:`actors.rate_cluster` repeats the rate limits in shared buckets in the
+database; while it cannot reach them, this ledger's buckets hold the node's share
+(:meth:`Ledger.set_share`).
+
 Tokens are reserved up front as the worst case (prompt estimate + ``max_tokens``; OpenAI's
 rate-limit guide counts a request as the larger of the two) and the difference is refunded when
 the real usage is known.
@@ -40,6 +44,7 @@ class LimitName(StrEnum):
     CLIENT_REQUESTS = "client_requests_per_minute"
     CLIENT_TOKENS = "client_token_quota"
     CLIENT_COST = "client_cost_quota"
+    CLIENT_QUOTA = "client_quota"
     SESSION_CLOSED = "session_closed"
 
     @property
@@ -63,7 +68,9 @@ class ProviderLimits(BaseModel):
 
 class ClientLimits(BaseModel):
     """Limits of each client identity, all its sessions together, whatever upstream they call.
-    ``None`` means unlimited. Kept for the node's life (not across restarts or nodes)."""
+    ``None`` means unlimited. ``requests_per_minute`` holds across the nodes of a database
+    when limits are shared (:mod:`actors.rate_cluster`); the token and cost quotas here are
+    kept for the node's life (durable ones: ``[clients.<name>.quota]``)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -177,15 +184,22 @@ class ProviderLedger:
 
     @classmethod
     def create(
-        cls, name: str, limits: ProviderLimits, *, spent_at: float | None = None
+        cls, name: str, limits: ProviderLimits, *, spent_at: float | None = None, share: int = 1
     ) -> ProviderLedger:
         rpm, tpm = limits.requests_per_minute, limits.tokens_per_minute
         return cls(
             name=name,
             limits=limits,
-            requests=Bucket(rpm, spent_at=spent_at) if rpm else None,
-            tokens=Bucket(tpm, spent_at=spent_at) if tpm else None,
+            requests=_bucket(rpm, spent_at, share),
+            tokens=_bucket(tpm, spent_at, share),
         )
+
+
+def _bucket(limit: int | None, spent_at: float | None, share: int) -> Bucket | None:
+    """The bucket of ``limit`` per minute, or this node's ``1/share`` of it (at least 1)."""
+    if limit is None:
+        return None
+    return Bucket(max(1, limit // share), spent_at=spent_at)
 
 
 @dataclass(slots=True)
@@ -231,6 +245,10 @@ class Ledger:
 
     ``spent_at``: every rate bucket, those made later included, starts spent at that time
     (see :meth:`successor`); ``None``: they start empty.
+
+    :attr:`share`: each rate bucket holds ``1/share`` of its limit (at least 1): this node's
+    share of a limit held across ``share`` nodes, used while the shared buckets in the
+    database cannot be reached (:meth:`set_share`, :mod:`actors.rate_cluster`).
     """
 
     def __init__(
@@ -242,6 +260,7 @@ class Ledger:
     ) -> None:
         self.client_limits = client
         self.spent_at = spent_at
+        self.share = 1
         self.providers = {
             name: ProviderLedger.create(name, limits, spent_at=spent_at)
             for name, limits in providers.items()
@@ -281,9 +300,24 @@ class Ledger:
         ledger = self.providers.get(name)
         if ledger is None:
             ledger = self.providers[name] = ProviderLedger.create(
-                name, ProviderLimits(), spent_at=self.spent_at
+                name, ProviderLimits(), spent_at=self.spent_at, share=self.share
             )
         return ledger
+
+    def set_share(self, share: int, now: float) -> None:
+        """Make every rate bucket (providers' requests and tokens, clients' requests) hold
+        ``1/share`` of its limit from ``now`` on; ``share > 1`` starts them spent at ``now``
+        (this node's share must not add a burst to what the cluster already admitted), 1
+        starts them empty (the shared buckets hold the limit again; these only repeat it)."""
+        self.share = share
+        self.spent_at = now if share > 1 else None
+        for provider in self.providers.values():
+            limits = provider.limits
+            provider.requests = _bucket(limits.requests_per_minute, self.spent_at, share)
+            provider.tokens = _bucket(limits.tokens_per_minute, self.spent_at, share)
+        rpm = self.client_limits.requests_per_minute
+        for client in self.clients.values():
+            client.requests = _bucket(rpm, self.spent_at, share)
 
     def session(self, session_id: str) -> SessionLedger:
         ledger = self.sessions.get(session_id)
@@ -294,10 +328,9 @@ class Ledger:
     def client(self, identity: str) -> ClientLedger:
         ledger = self.clients.get(identity)
         if ledger is None:
-            rpm = self.client_limits.requests_per_minute
             ledger = self.clients[identity] = ClientLedger(
                 identity=identity,
-                requests=Bucket(rpm, spent_at=self.spent_at) if rpm else None,
+                requests=_bucket(self.client_limits.requests_per_minute, self.spent_at, self.share),
             )
         return ledger
 

@@ -34,6 +34,14 @@ a minute, to drain), and each client's token and cost quotas at what its predece
 reservations of calls still in flight included as used (their settlements went to the dead
 incarnation). Calls in flight at the crash are not counted against a provider's concurrency.
 
+**Across nodes.** With shared limits (the node's default), a call this ledger admits is
+then taken from the database's shared buckets and counted against its identity's durable
+quotas by :class:`~actors.rate_cluster.ClusterLimits`, from this actor's thread with a
+bounded wait; a database that does not answer leaves this node its share of each limit
+(``limit / live nodes``), never none. Each incarnation opens its own connection; what the
+cluster side must not lose in a crash (live nodes, quota usage counted locally) is kept in
+a :class:`~actors.rate_cluster.ClusterMemory` across incarnations.
+
 **Fairness.** Waiters queue per session, and capacity is handed out round-robin across
 sessions: a session that gets a grant goes to the back of the rotation, so one session with a
 hundred queued calls and another with one alternate instead of the second waiting behind the
@@ -62,6 +70,7 @@ import trio
 from pydantic import BaseModel, ConfigDict
 
 from actors.providers.usage import Usage
+from actors.rate_cluster import ClusterLimits, ClusterMemory, Quotas
 from actors.rate_ledger import (
     Blocked,
     ClientLimits,
@@ -79,6 +88,7 @@ from runtime.pykka_supervision import ActorName, pykka_child
 from runtime.status_model import ProviderLimitStatus
 from runtime.supervision.spec import StartFunction
 from storage.errors import LimitExhausted, Refused, RetryLater
+from storage.shared_limits import SharedLimits
 
 log = structlog.get_logger("rate_limiter")
 
@@ -263,7 +273,8 @@ class RateLimiterActor(ServiceActor[_Message]):
 
     ``wake(at)`` asks the pacer for a tick (from this thread). ``ledger``: the ledger to
     start from (:meth:`~actors.rate_ledger.Ledger.successor` of a crashed incarnation's); a fresh
-    one by default.
+    one by default. ``cluster``: makes the :class:`~actors.rate_cluster.ClusterLimits` over
+    that ledger when limits are shared across nodes (closed when the actor stops).
     """
 
     def __init__(
@@ -273,15 +284,25 @@ class RateLimiterActor(ServiceActor[_Message]):
         wake: Callable[[float], None],
         *,
         ledger: Ledger | None = None,
+        cluster: Callable[[Ledger], ClusterLimits] | None = None,
     ) -> None:
         super().__init__()
         self._ledger = ledger if ledger is not None else Ledger(providers, client)
+        self._cluster = cluster(self._ledger) if cluster is not None else None
         self._queues: OrderedDict[str, deque[_Waiter]] = OrderedDict()
         self._waiters: dict[int, _Waiter] = {}
         self._leases: dict[int, Demand] = {}
         self._now = self._ledger.spent_at if self._ledger.spent_at is not None else -math.inf
         self._wake = wake
         self._announced: float | None = None  # the earliest tick the pacer was told of
+
+    def _loop_ended(self) -> None:
+        # Stopped or crashed alike: the incarnation's database connection goes with it.
+        try:
+            if self._cluster is not None:
+                self._cluster.close()
+        finally:
+            super()._loop_ended()
 
     def handle(self, message: _Message) -> Any:
         now = self._now = max(self._now, message.now)  # messages may overtake each other
@@ -330,8 +351,12 @@ class RateLimiterActor(ServiceActor[_Message]):
             return  # settled already: the client guards against it, this is belt and braces
         if used:
             self._ledger.settle(demand, consumed, now)
+            if self._cluster is not None:
+                self._cluster.settle(ticket, demand, consumed, now)
         else:
             self._ledger.withdraw(demand, now)
+            if self._cluster is not None:
+                self._cluster.withdraw(ticket, demand, now)
         session = self._ledger.sessions[demand.session_id]
         if session.closing and session.in_flight == 0:
             del self._ledger.sessions[demand.session_id]
@@ -384,6 +409,9 @@ class RateLimiterActor(ServiceActor[_Message]):
                 block = self._ledger.check(head.demand, now)
                 if (block is None or not block.limit.own) and provider in held:
                     block = held[provider]  # an earlier turn at this provider goes first
+                if block is None and self._cluster is not None:
+                    # Last: the database is asked only for a call this node would admit.
+                    block = self._cluster.admit(head.ticket, head.demand, now)
                 if block is None:
                     self._ledger.reserve(head.demand, now)
                     self._leases[head.ticket] = head.demand
@@ -643,12 +671,23 @@ def supervised_rate_limiter(
     name: ActorName[RateLimiterActor],
     providers: Mapping[str, ProviderLimits],
     client: ClientLimits,
+    *,
+    shared: Callable[[], SharedLimits] | None = None,
+    quotas: Quotas | None = None,
+    upstreams: Mapping[str, str] | None = None,
 ) -> tuple[RateLimiter, StartFunction]:
     """The limiter as a supervisor's child reached through ``name``: its client (valid for
     the node's life, across restarts) and the child's start function (``pykka_child`` with
     the client's pacer). Every incarnation after the first starts from the
-    :meth:`~actors.rate_ledger.Ledger.successor` of the last one's ledger (see the module doc)."""
+    :meth:`~actors.rate_ledger.Ledger.successor` of the last one's ledger (see the module doc).
+
+    ``shared``: opens the database's shared limits (each incarnation its own connection):
+    rates held across the cluster and ``quotas`` (durable, per identity) counted there
+    (:mod:`actors.rate_cluster`); ``upstreams``: each provider's
+    :func:`~actors.rate_cluster.upstream_id`. ``None``: this node's limits only, and no
+    durable quotas."""
     limiter = RateLimiter(name.resolve, default_wait=client.max_wait_seconds)
+    cluster = _cluster_factory(shared, quotas, upstreams)
     ledgers: list[Ledger] = []  # the current incarnation's, read only once it is dead
 
     def start() -> pykka.ActorRef[RateLimiterActor]:
@@ -663,22 +702,42 @@ def supervised_rate_limiter(
             successor = Ledger(providers, client)
         ledgers[:] = [successor]
         ref: pykka.ActorRef[RateLimiterActor] = RateLimiterActor.start(
-            providers, client, limiter.pacer.alarm(), ledger=successor
+            providers, client, limiter.pacer.alarm(), ledger=successor, cluster=cluster
         )
         return ref
 
     return limiter, pykka_child(name, start, pacer=limiter.pacer)
 
 
+def _cluster_factory(
+    shared: Callable[[], SharedLimits] | None,
+    quotas: Quotas | None,
+    upstreams: Mapping[str, str] | None = None,
+) -> Callable[[Ledger], ClusterLimits] | None:
+    if shared is None:
+        return None
+    memory = ClusterMemory()  # one per limiter client: kept by every incarnation
+    return lambda ledger: ClusterLimits(
+        shared(), ledger, quotas or {}, upstreams=upstreams, memory=memory
+    )
+
+
 @asynccontextmanager
 async def open_rate_limiter(
-    providers: Mapping[str, ProviderLimits], client: ClientLimits
+    providers: Mapping[str, ProviderLimits],
+    client: ClientLimits,
+    *,
+    shared: Callable[[], SharedLimits] | None = None,
+    quotas: Quotas | None = None,
 ) -> AsyncIterator[RateLimiter]:
     """One unsupervised actor and its pacer; on exit the actor stops and whoever still waits
-    gets :class:`~runtime.bridge.ActorUnavailable`."""
+    gets :class:`~runtime.bridge.ActorUnavailable`. ``shared``, ``quotas``: as for
+    :func:`supervised_rate_limiter`."""
     holder: list[pykka.ActorRef[RateLimiterActor]] = []
     limiter = RateLimiter(lambda: holder[0], default_wait=client.max_wait_seconds)
-    ref = RateLimiterActor.start(providers, client, limiter.pacer.alarm())
+    ref = RateLimiterActor.start(
+        providers, client, limiter.pacer.alarm(), cluster=_cluster_factory(shared, quotas)
+    )
     holder.append(ref)
     try:
         async with trio.open_nursery() as nursery:

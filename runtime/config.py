@@ -40,6 +40,7 @@ from runtime.handshake_admission import Network, parse_networks
 from runtime.streamable_http.origin import OriginPolicy
 from runtime.tool_access import AccessRule, ToolAccess
 from storage.durability import Durability
+from storage.shared_limits import Period, PeriodQuota
 
 
 class ConfigError(Exception):
@@ -263,6 +264,13 @@ class Settings(BaseSettings):
         "refused with 'storage unavailable'; the rest is kept for the records of work already "
         "accepted, and a record that does not fit is refused.",
     )
+    shared_limits: bool = Field(
+        default=True,
+        description="Hold upstream keys' requests and tokens per minute and each client "
+        "identity's requests per minute across every node of the database (one row per limit "
+        "in Postgres), and count [clients.<name>.quota] there. Off: each node enforces them "
+        "alone (N nodes admit N times the limit) and quotas are not enforced.",
+    )
     max_stored_result_bytes: int = Field(
         default=2**20,
         ge=1024,
@@ -447,6 +455,33 @@ class ChatLimits(BaseModel):
         return data
 
 
+class ClientQuota(BaseModel):
+    """``[clients.<name>.quota]``: what the identity may use upstream per UTC day and per UTC
+    month, every node and session together, kept in the database across restarts
+    (``client_quota_usage``). A call counts as its worst case (prompt estimate +
+    ``max_tokens``, and its price) when admitted, corrected to its real usage when it ends.
+    Unset: unlimited."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    requests_per_day: int | None = Field(default=None, gt=0)
+    tokens_per_day: int | None = Field(default=None, gt=0, description="Input + output.")
+    cost_usd_per_day: float | None = Field(default=None, gt=0)
+    requests_per_month: int | None = Field(default=None, gt=0)
+    tokens_per_month: int | None = Field(default=None, gt=0, description="Input + output.")
+    cost_usd_per_month: float | None = Field(default=None, gt=0)
+
+    def periods(self) -> dict[Period, PeriodQuota]:
+        """The periods with at least one limit, each with its limits."""
+        found: dict[Period, PeriodQuota] = {}
+        day = PeriodQuota(self.requests_per_day, self.tokens_per_day, self.cost_usd_per_day)
+        month = PeriodQuota(self.requests_per_month, self.tokens_per_month, self.cost_usd_per_month)
+        for period, quota in (("day", day), ("month", month)):
+            if (quota.requests, quota.tokens, quota.cost_usd) != (None, None, None):
+                found[period] = quota  # type: ignore[index]
+        return found
+
+
 class ClientEntry(BaseModel):
     """One client identity of the config file's ``[clients.<name>]`` table: its token, given
     exactly one way. ``token`` is the token itself (the file must then be private);
@@ -456,7 +491,8 @@ class ClientEntry(BaseModel):
 
     ``tools`` and ``deny_tools``: the tools it may list and call, as globs (``"team_*"``);
     without ``tools`` every tool, and a tool matching ``deny_tools`` never
-    (:mod:`runtime.tool_access`)."""
+    (:mod:`runtime.tool_access`). ``quota``: its durable day and month quotas
+    (:class:`ClientQuota`)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -465,6 +501,7 @@ class ClientEntry(BaseModel):
     token_sha256: str | None = Field(default=None, pattern=r"^[0-9a-fA-F]{64}$")
     tools: list[str] | None = None
     deny_tools: list[str] = Field(default_factory=list)
+    quota: ClientQuota | None = None
 
     @model_validator(mode="after")
     def _exactly_one(self) -> ClientEntry:
@@ -621,6 +658,16 @@ class ConfigFile(BaseModel):
                 if isinstance(entry, ClientEntry)
             }
         )
+
+    def client_quotas(self) -> dict[str, dict[Period, PeriodQuota]]:
+        """Each named client's durable quotas (``[clients.<name>.quota]``), by period."""
+        quotas: dict[str, dict[Period, PeriodQuota]] = {}
+        for name, entry in self.clients.items():
+            if isinstance(entry, ClientEntry) and entry.quota is not None:
+                periods = entry.quota.periods()
+                if periods:
+                    quotas[name] = periods
+        return quotas
 
     @property
     def holds_secrets(self) -> bool:
