@@ -7,6 +7,7 @@ request a minute), clients alice and bob, and threads of at most three exchanges
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Iterator
 from typing import Any
 
@@ -318,9 +319,14 @@ async def test_without_a_provider_chat_says_how_to_configure_one_and_echo_works(
     database_url: str, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     state = tmp_path_factory.mktemp("no-provider")
-    server = start_server(state, database_url=database_url)
+    # An identity of its own: `threads` lists the caller's threads, and other tests' servers
+    # on this database chat as `default`.
+    identity, token = f"lonely_{secrets.token_hex(4)}", "test_" + secrets.token_urlsafe(24)
+    server = start_server(
+        state, database_url=database_url, extra_env={"EXAI_CLIENT_TOKENS": f"{identity}={token}"}
+    )
     try:
-        async with open_raw(server.authed_url()) as ws:
+        async with open_raw(server.authed_url(token)) as ws:
             caller, _ = await _caller(ws)
             text = error_text(await caller.call("chat", {"prompt": "hello"}))
             assert "no upstream LLM provider is configured" in text
