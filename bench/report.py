@@ -152,6 +152,27 @@ def targets(ms: Sequence[Measurement]) -> list[Target]:
         idle,
         before_calls=True,
     )
+    # Issue 17's: against the mcp 2.x low-level server (full runs), and CPU per call.
+    mcp2 = _find(ms, "s50", "mcp2")
+    r = _ratio(_throughput(exai50), _throughput(mcp2))
+    check(
+        "50 sessions, throughput exai/SDK 2.3 low-level >= 1.0x (issue 17)",
+        r,
+        r is not None and r >= 1.0,
+        f"{r or 0:.2f}x",
+        exai50,
+        mcp2,
+    )
+    calls = exai50.calls if exai50 else 0
+    per_call = exai50.server_cpu_s / calls * 1e6 if exai50 and calls else None
+    db = exai50.db_cpu_s / calls * 1e6 if exai50 and calls else 0.0
+    check(
+        "50 sessions, exai server CPU per call <= 100 us, the database's apart (issue 17)",
+        per_call,
+        per_call is not None and per_call <= 100.0,
+        f"{per_call or 0:,.0f} us (the embedded Postgres {db:,.0f} us more)",
+        exai50,
+    )
     p99 = idle.p99_ms if idle else None
     check(
         f"{n} idle sessions, p99 of the 100 active < 50 ms"
@@ -244,7 +265,7 @@ def section(
     stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     lines = [f"### {stamp} · `{mode}` · {machine()}", "", table(ms, titles), ""]
     if mode != "profile":
-        lines += ["Targets (issue 5, ratios within this run):", ""]
+        lines += ["Targets (issues 5 and 17, ratios within this run):", ""]
         lines += [f"- {t.line()}" for t in targets(ms)]
     extra = list(notes)
     busy = busy_machine_note(ms)
