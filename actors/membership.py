@@ -1,6 +1,7 @@
 """The node's membership child (``/root/membership``): the periodic sweep of dead nodes.
 
-Every node sweeps (:func:`storage.membership.sweep`), every ``sweep_interval`` seconds, and
+Every node sweeps (:func:`storage.membership.sweep`), every ``sweep_interval`` seconds (the
+first one interval after start-up, whose recovery has just swept), and
 at once again while a pass reports work left (a pass is bounded by ``limit`` rows); the
 database's row locks make a dead node's work interrupted once whichever nodes sweep. The
 heartbeat itself is the persistence actor's (it knows whether the database takes this node's
@@ -67,6 +68,9 @@ class Membership:
             self._connector.close()
 
     async def _loop(self) -> None:
+        # Start-up recovery has just done a pass (storage.recovery): the first is one
+        # interval away.
+        await trio.sleep(self._interval)
         failing = False
         while True:
             try:
