@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import subprocess
 import uuid
 from datetime import UTC, datetime
@@ -108,57 +109,9 @@ async def test_a_killed_node_is_swept_once_by_another_and_its_journal_wins(
                 lambda: _node_row(url, a_id)["stopped_at"] is not None,
                 what="A swept",
             )
-            row = _node_row(url, a_id)
-            assert row["swept_by"] in (ids["b"], ids["c"])
-            assert row["swept_at"] is not None
-            assert row["swept_tasks"] == 1
-            interrupted_sessions = query(
-                url,
-                "select count(*) from sessions where node_id = %s and status = 'interrupted'",
-                (a_id,),
-            )[0][0]
-            assert row["swept_sessions"] == interrupted_sessions == 1
-            assert query(
-                url,
-                "select status, version from tasks where node_id = %s",
-                (a_id,),
-            ) == [("interrupted", 3)]  # running (2), interrupted once (3)
-            # Each sweeper counts only what it marked: together, exactly the one task.
-            counted = [_swept_by_logs(s) for s in (b, c)]
-            assert sum(t for t, _ in counted) == 1
-            assert sum(s for _, s in counted) == 1
-            sweeper = b if row["swept_by"] == ids["b"] else c
-            assert _swept_by_logs(sweeper) == (1, 1)
-
-            # The cluster, as B's admin endpoint reads it from the database.
+            row = _assert_swept_once(url, a_id, ids, b, c)
             status = await trio.to_thread.run_sync(_cluster_status, b)
-            nodes = {n["node_id"]: ClusterNode.model_validate(n) for n in status["nodes"]}
-            assert set(nodes) == set(ids.values())
-            for server in servers:
-                node = nodes[ids[server.state_dir.name]]
-                assert node.pid == server.process.pid
-                assert node.hostname == (await fetch(b)).node.hostname  # all on this machine
-                assert node.heartbeat_age_s >= 0
-            dead = nodes[a_id]
-            assert dead.state == "dead"
-            assert (dead.swept_by, dead.swept_tasks, dead.swept_sessions) == (
-                row["swept_by"],
-                1,
-                1,
-            )
-            assert dead.heartbeat_age_s >= 1.0  # silent past the timeout, database clock
-            assert dead.snapshot is not None
-            assert (dead.snapshot.sessions, dead.snapshot.calls_in_flight) == (1, 1)
-            for live in (b, c):
-                node = nodes[ids[live.state_dir.name]]
-                assert node.state == "alive"
-                assert node.swept_by is None and node.stopped_at is None
-                assert node.heartbeat_age_s < 1.0
-                assert node.snapshot is not None
-                assert node.snapshot.health == "ok"
-                assert node.snapshot.storage_available
-                assert (node.snapshot.sessions, node.snapshot.calls_in_flight) == (0, 0)
-
+            _assert_cluster(status, ids, servers, row)
             # A's journal held the task's final state (written there, never in the database):
             # A's successor replays it at start-up, and it replaces the sweep's guess.
             journal = Journal.open(a.state_dir / "journal", node_id=a_id)
@@ -183,6 +136,73 @@ async def test_a_killed_node_is_swept_once_by_another_and_its_journal_wins(
             for server in servers:
                 if server.process.poll() is None:
                     assert await trio.to_thread.run_sync(server.stop) == 0
+
+
+def _assert_swept_once(
+    url: str, a_id: str, ids: dict[str, str], b: ServerProcess, c: ServerProcess
+) -> dict[str, Any]:
+    """A's row and work were swept once, by B or C; A's row returned."""
+    row = _node_row(url, a_id)
+    assert row["swept_by"] in (ids["b"], ids["c"])
+    assert row["swept_at"] is not None
+    assert row["swept_tasks"] == 1
+    interrupted_sessions = query(
+        url,
+        "select count(*) from sessions where node_id = %s and status = 'interrupted'",
+        (a_id,),
+    )[0][0]
+    assert row["swept_sessions"] == interrupted_sessions == 1
+    assert query(
+        url,
+        "select status, version from tasks where node_id = %s",
+        (a_id,),
+    ) == [("interrupted", 3)]  # running (2), interrupted once (3)
+    # Each sweeper counts only what it marked: together, exactly the one task.
+    counted = [_swept_by_logs(s) for s in (b, c)]
+    assert sum(t for t, _ in counted) == 1
+    assert sum(s for _, s in counted) == 1
+    sweeper = b if row["swept_by"] == ids["b"] else c
+    assert _swept_by_logs(sweeper) == (1, 1)
+
+    return row
+
+
+def _assert_cluster(
+    status: dict[str, Any],
+    ids: dict[str, str],
+    servers: list[ServerProcess],
+    row: dict[str, Any],
+) -> None:
+    """``status --cluster --json`` (B's), field by field against what each node is."""
+    a_id = ids["a"]
+    b, c = servers[1], servers[2]
+    # The cluster, as B's admin endpoint reads it from the database.
+    nodes = {n["node_id"]: ClusterNode.model_validate(n) for n in status["nodes"]}
+    assert set(nodes) == set(ids.values())
+    for server in servers:
+        node = nodes[ids[server.state_dir.name]]
+        assert node.pid == server.process.pid
+        assert node.hostname == socket.gethostname()  # all on this machine
+        assert node.heartbeat_age_s >= 0
+    dead = nodes[a_id]
+    assert dead.state == "dead"
+    assert (dead.swept_by, dead.swept_tasks, dead.swept_sessions) == (
+        row["swept_by"],
+        1,
+        1,
+    )
+    assert dead.heartbeat_age_s >= 1.0  # silent past the timeout, database clock
+    assert dead.snapshot is not None
+    assert (dead.snapshot.sessions, dead.snapshot.calls_in_flight) == (1, 1)
+    for live in (b, c):
+        node = nodes[ids[live.state_dir.name]]
+        assert node.state == "alive"
+        assert node.swept_by is None
+        assert node.stopped_at is None
+        assert node.snapshot is not None
+        assert node.snapshot.health == "ok"
+        assert node.snapshot.storage_available
+        assert (node.snapshot.sessions, node.snapshot.calls_in_flight) == (0, 0)
 
 
 @pytest.mark.parametrize(
