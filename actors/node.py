@@ -10,7 +10,8 @@ used after what it depends on has gone:
    session is accepted;
 2. the root supervisor (one_for_one), whose children start in order:
    ``persistence`` (pykka actor, reached through an :class:`ActorName`), ``persistence_pulse``
-   (the trio side's timer: journal fsyncs, activity sync, heartbeats), ``rate_limiter`` (the
+   (the trio side's timer: journal fsyncs, activity sync, heartbeats), ``membership`` (the
+   periodic sweep of dead nodes on the same database: actors/membership.py), ``rate_limiter`` (the
    pykka actor every upstream call asks first, reached through an :class:`ActorName`, with its
    pacer), ``providers`` (one HTTP client
    per configured upstream; none is fine: ``chat`` then says how to configure one),
