@@ -490,6 +490,7 @@ class _Tree:
             database_url=database_url,
             max_per_identity=settings.max_tasks_per_identity,
             retention_ms=round(settings.task_retention * 1000),
+            node_timeout=settings.node_timeout,
         )
         self.services = SessionServices(
             tools=builtin_tools(

@@ -67,6 +67,18 @@ def _swept_by_logs(server: ServerProcess) -> tuple[int, int]:
     return sum(e["tasks"] for e in events), sum(e["sessions"] for e in events)
 
 
+def _cluster_text(server: ServerProcess) -> str:
+    done = subprocess.run(
+        [str(EXAI), "status", "--cluster", "--state-dir", str(server.state_dir)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
 def _cluster_status(server: ServerProcess) -> dict[str, Any]:
     done = subprocess.run(
         [str(EXAI), "status", "--cluster", "--json", "--state-dir", str(server.state_dir)],
@@ -112,6 +124,13 @@ async def test_a_killed_node_is_swept_once_by_another_and_its_journal_wins(
             row = _assert_swept_once(url, a_id, ids, b, c)
             status = await trio.to_thread.run_sync(_cluster_status, b)
             _assert_cluster(status, ids, servers, row)
+            text = await trio.to_thread.run_sync(_cluster_text, b)
+            table = text[text.index("CLUSTER") :].splitlines()
+            for name, node_id in ids.items():
+                line = next(line for line in table if line.startswith(node_id))
+                assert line.split()[3 if name != "b" else 5] == (
+                    "dead" if name == "a" else "alive"
+                ), line
             # A's journal held the task's final state (written there, never in the database):
             # A's successor replays it at start-up, and it replaces the sweep's guess.
             journal = Journal.open(a.state_dir / "journal", node_id=a_id)
