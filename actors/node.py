@@ -10,7 +10,8 @@ used after what it depends on has gone:
    session is accepted;
 2. the root supervisor (one_for_one), whose children start in order:
    ``persistence`` (pykka actor, reached through an :class:`ActorName`), ``persistence_pulse``
-   (the trio side's timer: journal fsyncs, activity sync, heartbeats), ``rate_limiter`` (the
+   (the trio side's timer: journal fsyncs, activity sync, heartbeats), ``membership`` (the
+   periodic sweep of dead nodes on the same database: actors/membership.py), ``rate_limiter`` (the
    pykka actor every upstream call asks first, reached through an :class:`ActorName`, with its
    pacer), ``providers`` (one HTTP client
    per configured upstream; none is fine: ``chat`` then says how to configure one),
@@ -60,8 +61,10 @@ from typing import Any
 import psycopg
 import structlog
 import trio
+from pydantic import JsonValue
 
 from actors.conversation import Conversations, Upstream
+from actors.membership import Membership
 from actors.persistence import PersistenceActor, PersistenceClient, PersistenceConfig
 from actors.providers import UpstreamConfig, UpstreamConfigError, load_upstream, open_providers
 from actors.rate_cluster import upstream_id
@@ -107,6 +110,7 @@ from storage.connection import DatabaseTarget, check_database
 from storage.embedded import EmbeddedPostgres
 from storage.errors import ActorUnavailable
 from storage.journal import Journal
+from storage.membership import NodeSnapshot
 from storage.migrations import apply_migrations
 from storage.recovery import recover
 from storage.shared_limits import SharedLimits
@@ -290,7 +294,9 @@ async def _run(
             node_id=node_id,
             max_bytes=settings.journal_max_bytes,
         )
-        report = await trio.to_thread.run_sync(partial(recover, url, journal))
+        report = await trio.to_thread.run_sync(
+            partial(recover, url, journal, node_ttl=settings.node_timeout)
+        )
         log.info("storage.recovered", report=report.model_dump(mode="json"))
 
         threads = ThreadStore(url)
@@ -409,7 +415,11 @@ class _Tree:
             self.limiter_name,
             config.upstream.provider_limits(),
             config.upstream.client_limits,
-            shared=(lambda: SharedLimits(database_url)) if settings.shared_limits else None,
+            shared=(
+                (lambda: SharedLimits(database_url, node_timeout=settings.node_timeout))
+                if settings.shared_limits
+                else None
+            ),
             quotas=config.file.client_quotas(),
             upstreams={
                 name: upstream_id(
@@ -425,7 +435,14 @@ class _Tree:
             upstream=self.upstream,
             limits=config.file.chat,
         )
-        persistence_config = PersistenceConfig()
+        persistence_config = PersistenceConfig(heartbeat_interval=settings.node_heartbeat_interval)
+        #: ``/root/membership``: the periodic sweep of dead nodes, and the cluster view.
+        self.membership = Membership(
+            database_url,
+            node_id,
+            node_timeout=settings.node_timeout,
+            sweep_interval=settings.sweep_interval,
+        )
         #: Every session of the node: what status, resume and the drain read.
         self.registry: SessionRegistry[LiveSession] = SessionRegistry(
             settings.resume_grace, max_parked=settings.max_sessions
@@ -473,6 +490,7 @@ class _Tree:
             database_url=database_url,
             max_per_identity=settings.max_tasks_per_identity,
             retention_ms=round(settings.task_retention * 1000),
+            node_timeout=settings.node_timeout,
         )
         self.services = SessionServices(
             tools=builtin_tools(
@@ -529,6 +547,8 @@ class _Tree:
                     shutdown=60,
                 ),
                 ChildSpec("persistence_pulse", self._pulse, shutdown=60),
+                # Reads and marks other nodes' rows only: needs nothing but the database.
+                ChildSpec("membership", self.membership.run, shutdown=15),
                 ChildSpec("rate_limiter", rate_limiter, shutdown=10),
                 ChildSpec("providers", self._providers, shutdown=10),
                 ChildSpec("admin", self._admin, shutdown=5),
@@ -605,7 +625,12 @@ class _Tree:
         server.json names it, and down after it, so a draining node can still be watched."""
         async with trio.open_nursery() as nursery:
             endpoint = await nursery.start(
-                partial(serve_admin, self.status, state_dir=self.settings.state_dir)
+                partial(
+                    serve_admin,
+                    self.status,
+                    state_dir=self.settings.state_dir,
+                    cluster=self.membership.cluster,
+                )
             )
             self.admin_url = endpoint.url
             ctx.started()
@@ -615,12 +640,30 @@ class _Tree:
     async def _pulse(self, ctx: ChildContext) -> None:
         """The persistence client's clock; on stop, a last flush that retires the node."""
         ctx.started()
+        # The heartbeat goes out on a pulse: beat at least as often as it is due.
+        period = min(1.0, self.settings.node_heartbeat_interval)
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self.persistence.pulse)
+            nursery.start_soon(partial(self.persistence.pulse, period, snapshot=self._snapshot))
             await ctx.stop_requested.wait()
             nursery.cancel_scope.cancel()
         with trio.move_on_after(30):
             await self.persistence.flush(retire=True)
+
+    def _snapshot(self) -> dict[str, JsonValue]:
+        """What this node publishes with its heartbeat (``nodes.snapshot``, read by
+        ``exai status --cluster`` on any node): counts at hand, no actor asked."""
+        slots = self.services.config.total_slots
+        available = self.persistence.available
+        draining = self.stop_requested.is_set()
+        snapshot = NodeSnapshot(
+            sessions=self.registry.attached,
+            sessions_detached=self.registry.parked,
+            calls_in_flight=int(slots.borrowed_tokens) if slots is not None else 0,
+            storage_available=available,
+            draining=draining,
+            health="draining" if draining else "ok" if available else "degraded",
+        )
+        return snapshot.model_dump(mode="json")
 
     async def _providers(self, ctx: ChildContext) -> None:
         """One HTTP client (and circuit breaker) per configured upstream, closed on stop."""

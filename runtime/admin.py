@@ -34,6 +34,7 @@ from runtime.http1 import Response, send_response
 from runtime.logs import register_secret
 from runtime.status_model import (
     BreakerStatus,
+    ClusterSource,
     LimitsStatus,
     ListenerStatus,
     NodeStatus,
@@ -93,17 +94,19 @@ async def serve_admin(
     state_dir: Path,
     host: str = "127.0.0.1",
     port: int = 0,
+    cluster: ClusterSource | None = None,
     task_status: trio.TaskStatus[AdminEndpoint] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve until cancelled; reports the :class:`AdminEndpoint` once listening.
 
     Run it in the node's nursery: ``endpoint = await nursery.start(partial(serve_admin,
-    source, state_dir=...))``.
+    source, state_dir=...))``. ``cluster`` answers ``GET /status?cluster=1`` (the
+    snapshot's ``nodes``); without it that list stays ``None``, with a problem saying why.
     """
     _require_loopback(host)
     token = load_admin_token(state_dir)
     register_secret(token)
-    handler = _Handler(source, token)
+    handler = _Handler(source, token, cluster)
     async with trio.open_nursery() as nursery:
         listeners = await nursery.start(partial(trio.serve_tcp, handler.handle, port, host=host))
         bound_port = listeners[0].socket.getsockname()[1]
@@ -114,8 +117,9 @@ async def serve_admin(
 
 
 class _Handler:
-    def __init__(self, source: StatusSource, token: str) -> None:
+    def __init__(self, source: StatusSource, token: str, cluster: ClusterSource | None) -> None:
         self._source = source
+        self._cluster = cluster
         self._token = token.encode()
         self._slots = trio.Semaphore(MAX_CONNECTIONS)
 
@@ -157,7 +161,7 @@ class _Handler:
                 b"unauthorized: present <state-dir>/admin-token as 'Authorization: Bearer'\n",
                 extra=((b"www-authenticate", b'Bearer realm="exai-admin"'),),
             )
-        path = request.target.partition(b"?")[0]
+        path, _, query = request.target.partition(b"?")
         if path not in (b"/status", b"/metrics"):
             return Response(404, b"not found: GET /status or /metrics\n")
         if request.method != b"GET":
@@ -167,9 +171,23 @@ class _Handler:
         except Exception:
             log.exception("admin.status_failed")
             return Response(500, b"status snapshot failed; see the server log\n")
+        if path == b"/status" and b"cluster=1" in query.split(b"&"):
+            status = await self._with_nodes(status)
         if path == b"/status":
             return Response(200, status.model_dump_json().encode(), b"application/json")
         return Response(200, render_metrics(status).encode(), PROMETHEUS_CONTENT_TYPE)
+
+    async def _with_nodes(self, status: NodeStatus) -> NodeStatus:
+        if self._cluster is None:
+            problem = "cluster: this node reads no database"
+            return status.model_copy(update={"problems": [*status.problems, problem]})
+        try:
+            nodes = await self._cluster()
+        except Exception as exc:  # the database's failure is the operator's to read
+            problem = f"cluster: the nodes table could not be read ({type(exc).__name__})"
+            log.warning("admin.cluster_failed", error=repr(exc))
+            return status.model_copy(update={"problems": [*status.problems, problem]})
+        return status.model_copy(update={"nodes": nodes})
 
     def _authorized(self, headers: Iterable[tuple[bytes, bytes]]) -> bool:
         for name, value in headers:

@@ -168,6 +168,12 @@ def _status_parser(commands: Commands[argparse.ArgumentParser]) -> None:
     )
     given.add_argument("--admin-token", help=f"the admin token itself ({_VISIBLE})")
     status.add_argument("--json", action="store_true", help="the documented JSON document")
+    status.add_argument(
+        "--cluster",
+        action="store_true",
+        help="also every node sharing the server's database: heartbeat age, alive/dead/"
+        "stopped, sessions, calls in flight (read by the server from its nodes table)",
+    )
     status.add_argument("--watch", action="store_true", help="refresh until interrupted")
     status.add_argument(
         "--interval", type=float, default=2.0, help="seconds between refreshes (default 2)"
@@ -388,7 +394,7 @@ def _status_once(
 ) -> int:
     try:
         target = status_view.locate(state_dir, url=args.url, token=token)
-        status = status_view.fetch(target)
+        status = status_view.fetch(target, cluster=args.cluster)
     except status_view.StatusFailure as failure:
         if clear and sys.stdout.isatty():
             print("\x1b[H\x1b[2J", end="")

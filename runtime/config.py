@@ -331,6 +331,26 @@ class Settings(BaseSettings):
         "has not ended after this many seconds its client is answered with the task (to poll "
         "with tasks/get) instead of waiting. 0: always answered with the task (docs/tasks.md).",
     )
+    node_heartbeat_interval: float = Field(
+        default=5.0,
+        gt=0,
+        description="Seconds between this node's heartbeats in the nodes table (with its "
+        "snapshot: sessions, calls in flight, health). Sub-second values are allowed.",
+    )
+    node_timeout: float = Field(
+        default=30.0,
+        gt=0,
+        description="Seconds without a heartbeat (by the database's clock) after which a node "
+        "is dead and any node's sweep interrupts its unfinished tasks and active sessions. "
+        "Must exceed node_heartbeat_interval; default half the default resume_grace "
+        "(docs/deployment.md).",
+    )
+    sweep_interval: float = Field(
+        default=10.0,
+        gt=0,
+        description="Seconds between this node's sweeps for dead nodes (every node sweeps; "
+        "a dead node is swept once).",
+    )
 
     @field_validator("log_level")
     @classmethod
@@ -345,6 +365,15 @@ class Settings(BaseSettings):
     def _networks(cls, value: str) -> str:
         parse_networks(value)  # refused at start-up, naming the bad entry
         return value
+
+    @model_validator(mode="after")
+    def _membership(self) -> Settings:
+        if self.node_timeout <= self.node_heartbeat_interval:
+            raise ValueError(
+                f"node_timeout ({self.node_timeout:g} s) must exceed node_heartbeat_interval "
+                f"({self.node_heartbeat_interval:g} s): a live node would look dead"
+            )
+        return self
 
     @property
     def trusted_networks(self) -> tuple[Network, ...]:

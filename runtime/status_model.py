@@ -11,12 +11,14 @@ interface (``runtime/admin.py``) serves it and renders it as Prometheus metrics.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from datetime import datetime
-from typing import Literal, Protocol, assert_never
+from typing import Literal, Protocol, TypeAlias, assert_never
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from storage.breaker import BreakerState
+from storage.membership import ClusterNode
 
 SCHEMA_VERSION = 1
 
@@ -327,6 +329,12 @@ class NodeStatus(_Model):
     problems: list[str] = Field(
         default_factory=list, description="Parts that could not be inspected, and why."
     )
+    nodes: list[ClusterNode] | None = Field(
+        default=None,
+        description="With --cluster (GET /status?cluster=1): every node of the database, as "
+        "the nodes table says (storage/membership.py); None otherwise, or if it could not "
+        "be read (see problems).",
+    )
 
 
 class StatusSource(Protocol):
@@ -338,3 +346,7 @@ class StatusSource(Protocol):
     """
 
     async def status(self) -> NodeStatus: ...
+
+
+#: Reads every node of the database, for ``GET /status?cluster=1``; raises on failure.
+ClusterSource: TypeAlias = Callable[[], Awaitable[list[ClusterNode]]]

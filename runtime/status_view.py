@@ -94,11 +94,12 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def fetch(target: Target, *, timeout: float = 10.0) -> NodeStatus:
-    """``GET /status``; raises :class:`StatusFailure` with the matching exit code."""
+def fetch(target: Target, *, timeout: float = 10.0, cluster: bool = False) -> NodeStatus:
+    """``GET /status`` (``?cluster=1``: with ``nodes``, every node of the database); raises
+    :class:`StatusFailure` with the matching exit code."""
     try:
         response = httpx.get(
-            f"{target.admin_url}/status",
+            f"{target.admin_url}/status" + ("?cluster=1" if cluster else ""),
             headers={"authorization": f"Bearer {target.token}"},
             timeout=timeout,
         )
@@ -407,9 +408,47 @@ def render(status: NodeStatus) -> str:
         )
         if p.last_error:
             out.append(f"last error: {printable(p.last_error)}")
+    out += _cluster(status)
     if status.problems:
         out += ["", "PROBLEMS"] + [f"  {printable(problem)}" for problem in status.problems]
     return "\n".join(out) + "\n"
+
+
+def _cluster(status: NodeStatus) -> list[str]:
+    """The nodes table (``--cluster``): one row per node."""
+    nodes = status.nodes
+    if nodes is None:
+        return []
+    out: list[str] = []
+    out += ["", "CLUSTER (the nodes table; heartbeat ages by the database's clock)"]
+    out += _table(
+        [
+            "NODE",
+            "HOST",
+            "PID",
+            "STATE",
+            "HEARTBEAT",
+            "SESSIONS",
+            "IN-FLIGHT",
+            "HEALTH",
+            "SWEPT BY",
+        ],
+        [
+            [
+                n.node_id + (" (this node)" if n.node_id == status.node.node_id else ""),
+                n.hostname,
+                str(n.pid),
+                n.state,
+                f"{age(n.heartbeat_age_s)} ago",
+                "-" if n.snapshot is None else str(n.snapshot.sessions),
+                "-" if n.snapshot is None else str(n.snapshot.calls_in_flight),
+                "-" if n.snapshot is None else n.snapshot.health,
+                n.swept_by or "",
+            ]
+            for n in nodes
+        ],
+    )
+    return out
 
 
 def _http_connections(status: NodeStatus) -> str:

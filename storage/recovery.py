@@ -18,11 +18,12 @@ Which nodes are dead. Several nodes may share one database (Supabase), so "not m
 
 * the writer of an orphan journal in *this* state dir: the kernel released its lock, so it
   exited (proof);
-* a node whose ``nodes.heartbeat_at`` is older than ``node_ttl`` by the database's clock and
-  that never recorded a clean stop (evidence: a node cut off from the database for longer
-  than ``node_ttl`` looks dead too; when it returns, the final steps of the tasks recovery
-  interrupted replace ``interrupted``: the node that ran a call knows how it ended, recovery
-  only guessed. Its late ``running`` steps change nothing).
+* a node whose ``nodes.heartbeat_at`` is older than ``node_ttl`` (the node timeout, see
+  :mod:`storage.membership`, whose sweep also does this periodically while nodes run) by
+  the database's clock and that never recorded a clean stop (evidence: a node cut off from
+  the database for longer than ``node_ttl`` looks dead too; when it returns, the final
+  steps of the tasks recovery interrupted replace ``interrupted``: the node that ran a call
+  knows how it ended, recovery only guessed. Its late ``running`` steps change nothing).
 
 Steps 2 and 3 are one transaction; step 1 commits as it goes, so a failure midway leaves the
 rest of the journal to the next start.
@@ -40,10 +41,12 @@ from pydantic import BaseModel
 
 from storage.connection import Connector
 from storage.journal import Journal, OrphanJournal, find_orphans, set_aside
+from storage.membership import NODE_TIMEOUT, interrupt_work
 from storage.writes import write_batch
 
-#: Seconds without a heartbeat after which a node that recorded no clean stop is dead.
-NODE_TTL = 300.0
+#: Seconds without a heartbeat after which a node that recorded no clean stop is dead: the
+#: node timeout's default (storage.membership, one definition; the node passes its setting).
+NODE_TTL = NODE_TIMEOUT
 
 log = structlog.get_logger("storage.recovery")
 
@@ -138,32 +141,22 @@ def _interrupt_dead(
         ).fetchall()
     ]
     dead = sorted(set(proven) | set(expired))
-    if not dead:
-        return [], 0, 0
-    tasks = conn.execute(
-        """
-        update tasks
-           set status = 'interrupted', version = version + 1,
-               completed_at = coalesce(completed_at, now()), updated_at = now(),
-               error_message = 'interrupted: node ' || node_id
-                               || ' stopped before the task finished'
-         where node_id = any(%s) and status in ('pending', 'running')
-        """,
-        (dead,),
-    ).rowcount
-    sessions = conn.execute(
-        """
-        update sessions
-           set status = 'interrupted', closed_at = coalesce(closed_at, now()),
-               version = version + 1
-         where node_id = any(%s) and status = 'active'
-        """,
-        (dead,),
-    ).rowcount
-    conn.execute(
-        "update nodes set stopped_at = now() where node_id = any(%s) and stopped_at is null",
-        (dead,),
-    )
+    tasks = sessions = 0
+    for node_id in dead:
+        # Unbounded: start-up recovery runs before this node takes any work. The periodic
+        # sweep (storage.membership.sweep) is the bounded one; both mark rows the same way.
+        marked_tasks, marked_sessions, _ = interrupt_work(conn, node_id, limit=None)
+        tasks += marked_tasks
+        sessions += marked_sessions
+        conn.execute(
+            """
+            update nodes
+               set stopped_at = now(), swept_at = now(), swept_by = %s,
+                   swept_tasks = swept_tasks + %s, swept_sessions = swept_sessions + %s
+             where node_id = %s and stopped_at is null
+            """,
+            (me, marked_tasks, marked_sessions, node_id),
+        )
     if tasks or sessions:
         log.warning("recovery.interrupted", nodes=dead, tasks=tasks, sessions=sessions)
     return dead, tasks, sessions

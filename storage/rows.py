@@ -296,6 +296,9 @@ class NodeHeartbeat(_Row):
     kind: Literal["node_heartbeat"] = "node_heartbeat"
     node_id: str
     stopping: bool = False
+    #: What the node says about itself (storage.membership.NodeSnapshot as a dict); None
+    #: keeps the one written before.
+    snapshot: dict[str, JsonValue] | None = None
 
 
 Record: TypeAlias = Annotated[

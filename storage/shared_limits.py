@@ -41,7 +41,7 @@ import psycopg
 from psycopg.rows import tuple_row
 
 from storage.connection import Connector, is_transaction_pooler
-from storage.recovery import NODE_TTL
+from storage.membership import LIVE_NODES_SQL, NODE_TIMEOUT
 
 Period = Literal["day", "month"]
 PERIODS: tuple[Period, ...] = ("day", "month")
@@ -146,7 +146,9 @@ class SharedLimits:
         statement_timeout: float = 0.5,
         answer_within: float | None = None,
         connect_timeout: float = 2.0,
+        node_timeout: float = NODE_TIMEOUT,
     ) -> None:
+        self._node_timeout = node_timeout
         self._connector = Connector(url, connect_timeout=connect_timeout)
         self._timeout_ms = max(1, round(statement_timeout * 1000))
         self._answer_within = (
@@ -214,13 +216,10 @@ class SharedLimits:
             self._run("select exai_rate_adjust(%s, %s, %s)", _columns(takes))
 
     def live_nodes(self) -> int:
-        """Nodes that have not stopped and whose heartbeat is fresher than ``NODE_TTL``, by
-        the database's clock; at least 1 (this node counts even before its first beat)."""
-        rows = self._run(
-            "select count(*) from nodes where stopped_at is null"
-            " and heartbeat_at >= now() - make_interval(secs => %s)",
-            (NODE_TTL,),
-        )
+        """Nodes alive by :mod:`storage.membership`'s definition (not stopped, a heartbeat
+        fresher than ``node_timeout`` by the database's clock); at least 1 (this node counts
+        even before its first beat)."""
+        rows = self._run(LIVE_NODES_SQL, (self._node_timeout,))
         return max(1, int(rows[0][0]))
 
     # -- quotas ----------------------------------------------------------------------------

@@ -31,8 +31,8 @@ from uuid import UUID
 from pydantic import BaseModel, ConfigDict, JsonValue
 
 from storage.errors import StorageError
+from storage.membership import NODE_TIMEOUT
 from storage.read_pool import ReadPool
-from storage.recovery import NODE_TTL
 from storage.rows import TaskStatus
 
 
@@ -73,7 +73,7 @@ class StoredTask(BaseModel):
 
 
 #: A task's columns, read through :data:`_FROM`. A ``pending``/``running`` row whose node is
-#: dead (a clean stop recorded, or no heartbeat for ``NODE_TTL``, as recovery judges it) reads
+#: dead (a clean stop recorded, or no heartbeat for the node timeout, storage.membership) reads
 #: as ``interrupted`` at once, before any recovery has marked it: never ``working`` forever.
 _COLUMNS = """
     t.id as task_id,
@@ -104,7 +104,11 @@ class TaskStore:
         max_connections: int = 4,
         wait_seconds: float = 10.0,
         statement_timeout_ms: int = 10_000,
+        node_timeout: float = NODE_TIMEOUT,
     ) -> None:
+        """``node_timeout``: seconds of heartbeat silence after which a node is dead (the
+        node's ``EXAI_NODE_TIMEOUT``, storage.membership)."""
+        self._node_timeout = node_timeout
         self._reads = ReadPool(
             url,
             name="exai-tasks",
@@ -217,4 +221,4 @@ class TaskStore:
 
     def _query(self, sql: str, params: dict[str, Any]) -> list[dict[str, Any]]:
         """One short transaction; ``params`` by name (``node_ttl`` is always given)."""
-        return self._reads.query(sql, {"node_ttl": NODE_TTL, **params})
+        return self._reads.query(sql, {"node_ttl": self._node_timeout, **params})

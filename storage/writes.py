@@ -29,7 +29,6 @@ with ``set_config(..., true)``, which lasts one transaction.
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, assert_never
@@ -682,19 +681,24 @@ def _insert_summaries(conn: Connection, rows: list[ThreadSummaryRow], *, fast: b
 
 def _heartbeats(conn: Connection, rows: list[NodeHeartbeat]) -> None:
     # The database's clock, not ours: nodes compare heartbeats across machines. A node that
-    # recovery declared stopped stays stopped (its late heartbeats change nothing).
-    latest: dict[str, bool] = defaultdict(bool)
-    for r in rows:
-        latest[r.node_id] |= r.stopping
+    # recovery or a sweep declared stopped stays stopped (its late heartbeats change nothing).
+    latest: dict[str, tuple[bool, dict[str, JsonValue] | None]] = {}
+    for r in rows:  # in journal order: the last snapshot is the newest
+        stopping, snapshot = latest.get(r.node_id, (False, None))
+        latest[r.node_id] = (stopping or r.stopping, r.snapshot or snapshot)
     with conn.cursor() as cur:
         cur.executemany(
             """
             update nodes
                set heartbeat_at = now(),
-                   stopped_at = case when %s then now() end
+                   stopped_at = case when %s then now() end,
+                   snapshot = coalesce(%s, snapshot)
              where node_id = %s and stopped_at is null
             """,
-            [(stopping, node_id) for node_id, stopping in latest.items()],
+            [
+                (stopping, _jsonb(snapshot), node_id)
+                for node_id, (stopping, snapshot) in latest.items()
+            ],
         )
 
 

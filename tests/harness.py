@@ -130,7 +130,15 @@ def start_server(
 
     ``token=""`` starts it without ``EXAI_TOKEN``, so it uses (or creates) ``<state>/token``.
     """
-    env = {**os.environ, "EXAI_TEST_FAULTS": "1", **(extra_env or {})}
+    # The suite's database outlives its nodes: killed nodes of earlier tests stay in it. The
+    # periodic sweep (actors/membership.py) would mark their rows whenever a later test's node
+    # runs one, so tests sweep only when they ask for it (EXAI_SWEEP_INTERVAL in extra_env).
+    env = {
+        **os.environ,
+        "EXAI_TEST_FAULTS": "1",
+        "EXAI_SWEEP_INTERVAL": "3600",
+        **(extra_env or {}),
+    }
     env.pop("EXAI_DATABASE_URL", None)
     env.pop("EXAI_TOKEN", None)
     if token != "":

@@ -249,7 +249,7 @@ def _check_actors(status: NodeStatus, known: Known) -> None:
         "pykka",
         "running",
     )
-    for child in ("admin", "persistence_pulse", "rate_limiter", "providers"):
+    for child in ("admin", "persistence_pulse", "membership", "rate_limiter", "providers"):
         assert actors[f"/root/{child}"].state == "running", child
         assert actors[f"/root/{child}"].restarts == 0
     for session_id in (known.idle, known.busy, known.fresh, known.crashed):
@@ -336,6 +336,7 @@ async def test_the_status_tree_is_the_supervision_tree_that_runs(own_server: Ser
         "/root",
         "/root/persistence",
         "/root/persistence_pulse",
+        "/root/membership",
         "/root/rate_limiter",
         "/root/providers",
         "/root/admin",

@@ -42,6 +42,7 @@ from typing import Any, TypeAlias, assert_never
 
 import pykka
 import structlog
+from pydantic import JsonValue
 
 from actors.persistence.database_writer import Committed, DatabaseWriter, Span
 from actors.persistence.protocol import (
@@ -157,7 +158,7 @@ class PersistenceActor(ServiceActor[_Message]):
             case _Written():
                 self._written(message.report)
             case Tick():
-                self._tick()
+                self._tick(message.snapshot)
                 return self._status()
             case Flush():
                 return self._explicit_flush(message)
@@ -338,7 +339,7 @@ class PersistenceActor(ServiceActor[_Message]):
 
     # --- periodic and explicit work ---------------------------------------------------------
 
-    def _tick(self) -> None:
+    def _tick(self, snapshot: dict[str, JsonValue] | None = None) -> None:
         self._writer.unstick()
         now = time.monotonic()
         extra: list[Record] = []
@@ -349,7 +350,7 @@ class PersistenceActor(ServiceActor[_Message]):
         healthy = self._writer.database is BreakerState.CLOSED
         if healthy and now - self._last_heartbeat >= self._config.heartbeat_interval:
             self._last_heartbeat = now
-            extra.append(NodeHeartbeat(node_id=self._journal.node_id))
+            extra.append(NodeHeartbeat(node_id=self._journal.node_id, snapshot=snapshot))
         if extra or self._batch:
             self._flush(extra)
         synced = self._journal.synced

@@ -56,6 +56,7 @@ import outcome
 import pykka
 import structlog
 import trio
+from pydantic import JsonValue
 
 from actors.persistence.protocol import (
     ADMISSIONS,
@@ -162,6 +163,7 @@ class PersistenceClient(ServiceClient):
         self._confirming: deque[tuple[int, float]] = deque()
         self._confirmed_at: float | None = None
         self._listening: Callable[[Progress], None] | None = None
+        self._snapshot: Callable[[], dict[str, JsonValue]] | None = None
         #: The shipper runs (:meth:`_shipper`), and the event that wakes it.
         self._shipping = False
         self._ship_wanted = trio.Event()
@@ -272,12 +274,19 @@ class PersistenceClient(ServiceClient):
     async def status(self) -> PersistenceStatus:
         return await self._ask(GetStatus())
 
-    async def pulse(self, period: float = 1.0) -> NoReturn:
+    async def pulse(
+        self,
+        period: float = 1.0,
+        *,
+        snapshot: Callable[[], dict[str, JsonValue]] | None = None,
+    ) -> NoReturn:
         """Run for the node's lifetime (in its nursery): a pacer that ticks the actor every
         ``period`` seconds, for journal fsyncs, activity sync, heartbeats and reports, and
         re-sends records a dead actor never took; and the shipper (see :meth:`_shipper`).
         It paces work; it synchronises nothing. Cancel it to stop both: a shipment opened
-        and not yet sent is sent on the way out."""
+        and not yet sent is sent on the way out. ``snapshot()``, called on the trio thread at
+        each beat, is what the node publishes with its heartbeat (cheap counts only)."""
+        self._snapshot = snapshot
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._shipper)
             await Pacer(self._beat, every=period).run()
@@ -310,7 +319,7 @@ class PersistenceClient(ServiceClient):
             self._ship()
         # A dead actor's ActorUnavailable is the pacer's to skip: a restarted actor will be
         # there at the next beat.
-        await self._ask(Tick())
+        await self._ask(Tick(snapshot=self._snapshot() if self._snapshot is not None else None))
 
     # --- shipments --------------------------------------------------------------------------
 

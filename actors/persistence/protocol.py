@@ -8,7 +8,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, JsonValue
 
 from runtime import trace
 from runtime.bridge import CallbackFuture
@@ -90,7 +90,10 @@ class Flush:
 @dataclass(frozen=True, slots=True)
 class Tick:
     """The client's periodic pulse: fsync due journal lines, sync activity, heartbeat, retry
-    the database. Answered with a :class:`PersistenceStatus`."""
+    the database. Answered with a :class:`PersistenceStatus`. ``snapshot``: what the node
+    says about itself, written with its next heartbeat (storage.membership.NodeSnapshot)."""
+
+    snapshot: dict[str, JsonValue] | None = None
 
 
 @dataclass(frozen=True, slots=True)

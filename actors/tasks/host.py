@@ -44,6 +44,7 @@ from actors.persistence import ActorUnavailable, PersistenceClient
 from runtime.mcp.errors import LimitExceeded, Unavailable
 from runtime.supervision import ChildContext
 from storage.errors import StorageError
+from storage.membership import NODE_TIMEOUT
 from storage.rows import TaskFinished
 from storage.task_queries import TaskReadError, TaskStore
 from storage.tasks import TaskLifecycle
@@ -130,6 +131,7 @@ class TaskHost:
         database_url: str | None,
         max_per_identity: int = 16,
         retention_ms: int = 86_400_000,
+        node_timeout: float = NODE_TIMEOUT,
         poll_interval_ms: int = POLL_INTERVAL_MS,
         sweep_interval: float = SWEEP_INTERVAL,
     ) -> None:
@@ -138,6 +140,7 @@ class TaskHost:
         self._database_url = database_url
         self.max_per_identity = max_per_identity
         self.retention_ms = retention_ms
+        self._node_timeout = node_timeout
         self.poll_interval_ms = poll_interval_ms
         self._sweep_interval = sweep_interval
         self._nursery: trio.Nursery | None = None
@@ -279,7 +282,11 @@ class TaskHost:
     async def run(self, ctx: ChildContext) -> None:
         """``/root/tasks``: the nursery every task runs in, and the pulse; on stop, every
         running task is cancelled and recorded (module doc)."""
-        store = TaskStore(self._database_url) if self._database_url is not None else None
+        store = (
+            TaskStore(self._database_url, node_timeout=self._node_timeout)
+            if self._database_url is not None
+            else None
+        )
         if store is not None:
             store.open()  # connects in the pool's own threads; returns at once
         self._store = store

@@ -1,0 +1,124 @@
+"""The sweep itself (storage/membership.py) against a real Postgres: bounded passes, exactly
+once under concurrent sweepers, live and cleanly stopped nodes untouched, and a final state
+written after the sweep replacing ``interrupted``.
+
+Two sweepers run in two threads at once, each over its own connection, starting together
+(a barrier), with a row budget smaller than the dead node's work, so that they contend for the
+same node over several passes.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from typing import Any
+
+import psycopg
+import pytest
+
+from storage.membership import SweepReport, cluster_nodes, sweep
+from storage.migrations import apply_migrations
+from storage.rows import Record, SessionRow
+from storage.tasks import TaskLifecycle
+from storage.writes import write_batch
+from tests.harness import fresh_database, query
+
+TASKS = 25
+LIMIT = 7  # rows per pass: the dead node's 25 tasks and 1 session take several passes
+
+
+@pytest.fixture
+def db(database_url: str) -> Iterator[str]:
+    with fresh_database(database_url) as url:
+        apply_migrations(url)
+        yield url
+
+
+def _node(db: str, *, silent: str, stopped: bool = False) -> str:
+    """A node whose heartbeat is ``silent`` old (a Postgres interval), with one active
+    session and ``TASKS`` running tasks; its id."""
+    node_id = f"n-{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(db, autocommit=True) as conn:
+        conn.execute(
+            "insert into nodes (node_id, hostname, pid, heartbeat_at, stopped_at)"
+            " values (%s, 'h', 1, now() - %s::interval, case when %s then now() end)",
+            (node_id, silent, stopped),
+        )
+        session = SessionRow(
+            session_id=f"s-{uuid.uuid4().hex}", created_at=datetime.now(UTC), node_id=node_id
+        )
+        records: list[Record] = [session]
+        for i in range(TASKS):
+            task = TaskLifecycle.create(
+                session_id=session.session_id,
+                request_id=i,
+                tool_name="echo",
+                arguments={},
+                node_id=node_id,
+            )
+            records += [task.created, task.started()]
+        assert not write_batch(conn, records).errors
+    return node_id
+
+
+def _statuses(db: str, node_id: str) -> list[tuple[Any, ...]]:
+    return query(
+        db,
+        "select status, version, count(*) from tasks where node_id = %s"
+        " group by status, version order by status",
+        (node_id,),
+    )
+
+
+def test_two_sweepers_mark_a_dead_nodes_work_once_in_bounded_passes(db: str) -> None:
+    dead = _node(db, silent="1 hour")
+    live = _node(db, silent="0 seconds")
+    stopped = _node(db, silent="1 hour", stopped=True)
+    reports: dict[str, list[SweepReport]] = {"a": [], "b": []}
+    barrier = threading.Barrier(2)
+    errors: list[BaseException] = []
+
+    def sweeper(me: str) -> None:
+        try:
+            with psycopg.connect(db, autocommit=True) as conn:
+                barrier.wait()
+                while True:
+                    report = sweep(conn, me, node_timeout=30, limit=LIMIT)
+                    reports[me].append(report)
+                    if not report.more:
+                        return
+        except BaseException as exc:  # reported below, in the test's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=sweeper, args=(me,)) for me in reports]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    # A sweeper that finds the node locked by the other ends; the one holding it goes on
+    # while its passes report work left: together they finish the node.
+    every = reports["a"] + reports["b"]
+    assert all(r.tasks + r.sessions <= LIMIT for r in every)  # bounded
+    assert len([r for r in every if r.tasks or r.sessions]) >= 4  # 26 rows, 7 a pass
+    assert sum(r.tasks for r in every) == TASKS  # counted once, whoever marked them
+    assert sum(r.sessions for r in every) == 1
+    assert sum(r.swept_nodes == [dead] for r in every) == 1
+    assert _statuses(db, dead) == [("interrupted", 3, TASKS)]  # each marked once (2 -> 3)
+    row = query(
+        db,
+        "select swept_by, swept_tasks, swept_sessions, stopped_at is not null"
+        " from nodes where node_id = %s",
+        (dead,),
+    )[0]
+    assert row[0] in ("a", "b")
+    assert row[1:] == (TASKS, 1, True)
+    # Live and cleanly stopped nodes: untouched.
+    for other in (live, stopped):
+        assert _statuses(db, other) == [("running", 2, TASKS)]
+        assert query(db, "select swept_by from nodes where node_id = %s", (other,)) == [(None,)]
+    with psycopg.connect(db, autocommit=True) as conn:
+        states = {n.node_id: n.state for n in cluster_nodes(conn, node_timeout=30)}
+    assert states == {dead: "dead", live: "alive", stopped: "stopped"}
