@@ -20,8 +20,6 @@ connection of its own per request: an operator's request, rare, not worth a pool
 
 from __future__ import annotations
 
-from functools import partial
-
 import psycopg
 import structlog
 import trio
@@ -107,7 +105,7 @@ class Membership:
     async def cluster(self) -> list[ClusterNode]:
         """Every node the database knows (recently heard of), as ``status --cluster`` shows
         them. Raises ``psycopg.Error``."""
-        return await trio.to_thread.run_sync(partial(self._read_cluster))
+        return await trio.to_thread.run_sync(self._read_cluster)
 
     def _read_cluster(self) -> list[ClusterNode]:
         connector = Connector(self._url)
