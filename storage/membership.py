@@ -192,11 +192,16 @@ def interrupt_work(
     return tasks, sessions, done
 
 
+#: Nodes ``status --cluster`` shows at most, the newest.
+CLUSTER_NODES_MAX = 1000
+
+
 def cluster_nodes(
     conn: psycopg.Connection[Any], *, node_timeout: float, recent: float = 86_400.0
 ) -> list[ClusterNode]:
     """Every node heard from within ``recent`` seconds (and every node still taken for
-    running), oldest start first, with its state by the database's clock."""
+    running), oldest start first, with its state by the database's clock: at most the
+    :data:`CLUSTER_NODES_MAX` started last (a crash loop registers a node per restart)."""
     rows = conn.execute(
         f"""
         select node_id, hostname, pid, started_at,
@@ -208,10 +213,12 @@ def cluster_nodes(
                stopped_at, swept_at, swept_by, swept_tasks, swept_sessions, snapshot
           from nodes
          where stopped_at is null or heartbeat_at >= now() - make_interval(secs => %s)
-         order by started_at, node_id
+         order by started_at desc, node_id desc
+         limit %s
         """,
-        (node_timeout, recent),
+        (node_timeout, recent, CLUSTER_NODES_MAX),
     ).fetchall()
+    rows.reverse()
     return [
         ClusterNode(
             node_id=r[0],
