@@ -8,10 +8,17 @@ small :class:`NodeSnapshot` of itself; a clean stop sets ``stopped_at``.
 **Alive, dead, stopped.** One definition, here, used by everything that asks (the sweep,
 start-up recovery, the shared rate limits' count of live nodes, ``exai status --cluster``):
 
-* *stopped*: ``stopped_at`` set and nobody swept it (it said goodbye);
+* *stopped*: ``stopped_at`` set by the node itself (it said goodbye): later than any sweep;
 * *dead*: never stopped and silent for longer than ``node_timeout`` by the database's clock
-  (:data:`LIVE`'s negation), or already swept (``swept_by`` set);
+  (:data:`LIVE`'s negation), or swept (``stopped_at`` stamped by the sweep, no later than
+  ``swept_at``);
 * *alive*: the rest.
+
+**A dead node that comes back** (it was paused, SIGSTOP/SIGCONT, or cut off from the database
+past the timeout) rejoins with its next heartbeat: the node's own writer clears the
+``stopped_at`` the sweep stamped (:func:`storage.writes.write_batch`'s ``node_id``) and logs
+``membership.rejoined``; ``swept_*`` stay as the record. What the sweep marked stays
+``interrupted`` until the node's own final state for it supersedes it.
 
 **The sweep** (:func:`sweep`), run periodically by every node (``actors/membership.py``): in one
 transaction, lock the rows of dead nodes nobody else is sweeping (``for update skip
@@ -206,7 +213,7 @@ def cluster_nodes(
         f"""
         select node_id, hostname, pid, started_at,
                extract(epoch from now() - heartbeat_at)::float8,
-               case when swept_by is not null then 'dead'
+               case when stopped_at is not null and stopped_at <= swept_at then 'dead'
                     when stopped_at is not null then 'stopped'
                     when {LIVE} then 'alive'
                     else 'dead' end,

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, assert_never
 from uuid import UUID
 
@@ -67,6 +68,16 @@ RECORD_ERRORS = (psycopg.IntegrityError, psycopg.DataError)
 Connection = psycopg.Connection[Any]
 
 
+@dataclass(frozen=True)
+class Rejoined:
+    """A node taken for dead (its heartbeat expired: paused, cut off) that beat again."""
+
+    swept_by: str | None
+    swept_at: datetime | None
+    swept_tasks: int
+    swept_sessions: int
+
+
 @dataclass
 class BatchResult:
     """Per-record failures, by position in the batch; every other record is in the database
@@ -76,6 +87,9 @@ class BatchResult:
     rejected: dict[int, WriteRejected] = field(default_factory=dict)
     #: Which attempt committed: "fast", "safe" or "isolated".
     path: str = "fast"
+    #: The writing node had been swept as dead and its heartbeat in this batch registered it
+    #: again (see :func:`write_batch`'s ``node_id``): who swept it, when, and what it marked.
+    rejoined: Rejoined | None = None
 
     @property
     def errors(self) -> dict[int, Exception]:
@@ -88,31 +102,39 @@ def write_batch(
     *,
     replay: bool = False,
     statement_timeout: float | None = None,
+    node_id: str | None = None,
 ) -> BatchResult:
     """Apply ``records`` in one transaction (see the module doc for the three attempts).
 
     ``conn`` must be in autocommit mode: each attempt opens its own transaction. ``replay``
     skips the fast attempt, for records that may be in the database already.
+
+    ``node_id``: the writing node's own id, when the writer is that live node (its
+    persistence actor). Its heartbeat then also *rejoins* it if a sweep or a start-up
+    recovery took it for dead while it was paused or cut off (``stopped_at`` cleared, so it
+    counts as alive again: :mod:`storage.membership`), reported as
+    :attr:`BatchResult.rejoined`. Without it (a dead node's journal replayed by its
+    successor) heartbeats never bring a node back.
     """
     groups = _Groups.of(records)
     if not replay:
         try:
             with conn.transaction():
                 _limit(conn, statement_timeout)
-                return _apply(conn, groups, fast=True)
+                return _apply(conn, groups, fast=True, me=node_id)
         except RECORD_ERRORS as exc:
             log.debug("storage.batch_retry", error=type(exc).__name__, records=len(records))
     try:
         with conn.transaction():
             _limit(conn, statement_timeout)
-            result = _apply(conn, groups, fast=False)
+            result = _apply(conn, groups, fast=False, me=node_id)
             result.path = "safe"
             return result
     except RECORD_ERRORS:
         pass
     with conn.transaction():
         _limit(conn, statement_timeout)
-        return _isolated(conn, records)
+        return _isolated(conn, records, me=node_id)
 
 
 def _limit(conn: Connection, statement_timeout: float | None) -> None:
@@ -177,7 +199,7 @@ class _Groups:
                 assert_never(record)
 
 
-def _apply(conn: Connection, groups: _Groups, *, fast: bool) -> BatchResult:
+def _apply(conn: Connection, groups: _Groups, *, fast: bool, me: str | None) -> BatchResult:
     result = BatchResult()
     if groups.sessions:
         _insert_sessions(conn, groups.sessions, fast=fast)
@@ -204,18 +226,18 @@ def _apply(conn: Connection, groups: _Groups, *, fast: bool) -> BatchResult:
     if groups.closes:
         _close_sessions(conn, groups.closes)
     if groups.heartbeats:
-        _heartbeats(conn, groups.heartbeats)
+        result.rejoined = _heartbeats(conn, groups.heartbeats, me)
     return result
 
 
-def _isolated(conn: Connection, records: Sequence[Record]) -> BatchResult:
+def _isolated(conn: Connection, records: Sequence[Record], *, me: str | None) -> BatchResult:
     result = BatchResult(path="isolated")
     for index, record in enumerate(records):
         groups = _Groups()
         groups.add(0, record)
         try:
             with conn.transaction():  # a savepoint: only this record is undone on error
-                one = _apply(conn, groups, fast=False)
+                one = _apply(conn, groups, fast=False, me=me)
         except RECORD_ERRORS as exc:
             result.rejected[index] = WriteRejected(
                 f"{record.kind} refused by the database: {type(exc).__name__}: {exc}"
@@ -223,6 +245,7 @@ def _isolated(conn: Connection, records: Sequence[Record]) -> BatchResult:
             continue
         if one.conflicts:
             result.conflicts[index] = one.conflicts[0]
+        result.rejoined = result.rejoined or one.rejoined
     return result
 
 
@@ -679,14 +702,33 @@ def _insert_summaries(conn: Connection, rows: list[ThreadSummaryRow], *, fast: b
     )
 
 
-def _heartbeats(conn: Connection, rows: list[NodeHeartbeat]) -> None:
+def _heartbeats(conn: Connection, rows: list[NodeHeartbeat], me: str | None) -> Rejoined | None:
     # The database's clock, not ours: nodes compare heartbeats across machines. A node that
-    # recovery or a sweep declared stopped stays stopped (its late heartbeats change nothing).
+    # recovery or a sweep declared stopped stays stopped (its late heartbeats change nothing),
+    # except the writer itself (``me``): it is demonstrably alive, so it rejoins first.
     latest: dict[str, tuple[bool, dict[str, JsonValue] | None]] = {}
     for r in rows:  # in journal order: the last snapshot is the newest
         stopping, snapshot = latest.get(r.node_id, (False, None))
         latest[r.node_id] = (stopping or r.stopping, r.snapshot or snapshot)
+    rejoined = None
     with conn.cursor() as cur:
+        if me is not None and me in latest:
+            # Swept since its last heartbeat (a pass of the sweep, or recovery, which stamp
+            # stopped_at no later than swept_at) and not stopped by itself since (a clean stop
+            # stamps stopped_at later). The swept_* columns stay: the record of what the sweep
+            # did. Matches once: the heartbeat below moves heartbeat_at past swept_at.
+            cur.execute(
+                """
+                update nodes set stopped_at = null
+                 where node_id = %s and swept_at is not null and heartbeat_at <= swept_at
+                   and (stopped_at is null or stopped_at <= swept_at)
+                returning swept_by, swept_at, swept_tasks, swept_sessions
+                """,
+                (me,),
+            )
+            row = cur.fetchone()
+            if row is not None:
+                rejoined = Rejoined(row[0], row[1], row[2], row[3])
         cur.executemany(
             """
             update nodes
@@ -700,6 +742,7 @@ def _heartbeats(conn: Connection, rows: list[NodeHeartbeat]) -> None:
                 for node_id, (stopping, snapshot) in latest.items()
             ],
         )
+    return rejoined
 
 
 # --- helpers --------------------------------------------------------------------------------

@@ -224,6 +224,74 @@ def _assert_cluster(
         assert (node.snapshot.sessions, node.snapshot.calls_in_flight) == (0, 0)
 
 
+async def test_a_paused_node_swept_as_dead_rejoins_and_its_final_state_wins(
+    database_url: str, tmp_path: Path
+) -> None:
+    """A runs a task; A is paused (SIGSTOP) past the timeout and B sweeps it (the task
+    ``interrupted``, A ``dead``); A resumes (SIGCONT): its next heartbeat makes it alive
+    again (one ``membership.rejoined`` line naming B), the task's final state written by A
+    (cancelled by its client) supersedes ``interrupted``, and A's clean stop then shows as
+    ``stopped``, not ``dead``. Before the fix A stayed ``dead`` until a restart."""
+    with fresh_database(database_url) as url:
+        start = partial(start_server, database_url=url, extra_env=MEMBERSHIP)
+        a = await trio.to_thread.run_sync(start, tmp_path / "a")
+        b = await trio.to_thread.run_sync(start, tmp_path / "b")
+        try:
+            a_id = (await fetch(a)).node.node_id
+            b_id = (await fetch(b)).node.node_id
+            async with session(a, ALICE) as (client, _):
+                task = await create(client, "exai_test_block")
+                task_id = uuid.UUID(task["taskId"])
+                await wait_until(
+                    lambda: (
+                        query(url, "select status from tasks where id = %s", (task_id,))
+                        == [("running",)]
+                    ),
+                    what="A's task running in the database",
+                )
+                a.process.send_signal(signal.SIGSTOP)
+                try:
+                    await wait_until(
+                        lambda: _node_row(url, a_id)["stopped_at"] is not None,
+                        what="A swept while paused",
+                    )
+                finally:
+                    a.process.send_signal(signal.SIGCONT)
+                assert _node_row(url, a_id)["swept_by"] == b_id
+                assert query(url, "select status from tasks where id = %s", (task_id,)) == [
+                    ("interrupted",)
+                ]
+                await wait_until(
+                    lambda: _node_row(url, a_id)["stopped_at"] is None,
+                    what="A alive again after SIGCONT",
+                )
+                nodes = {n["node_id"]: n for n in _cluster_status(b)["nodes"]}
+                assert nodes[a_id]["state"] == "alive"
+                assert nodes[a_id]["swept_by"] == b_id  # the record of the sweep stays
+                rejoined = [e for e in a.log_events() if e["event"] == "membership.rejoined"]
+                assert len(rejoined) == 1, rejoined
+                assert rejoined[0]["swept_by"] == b_id
+                assert rejoined[0]["swept_tasks"] == 1
+                # A's own final state for the task supersedes the sweep's guess.
+                reply = await client.request("tasks/cancel", {"taskId": str(task_id)})
+                assert "result" in reply, reply
+                await wait_until(
+                    lambda: (
+                        query(url, "select status from tasks where id = %s", (task_id,))
+                        == [("cancelled",)]
+                    ),
+                    what="A's cancelled state over interrupted",
+                )
+            assert await trio.to_thread.run_sync(a.stop) == 0
+            nodes = {n["node_id"]: n for n in _cluster_status(b)["nodes"]}
+            assert nodes[a_id]["state"] == "stopped"
+        finally:
+            for server in (a, b):
+                if server.process.poll() is None:
+                    server.process.send_signal(signal.SIGCONT)
+                    assert await trio.to_thread.run_sync(server.stop) == 0
+
+
 @pytest.mark.parametrize(
     ("heartbeat", "timeout"), [("1", "1"), ("2", "1")], ids=["equal", "shorter"]
 )

@@ -333,6 +333,19 @@ class DatabaseWriter:
             return True
         self._attempt_started = None
         self._breaker.record(ok=True, duration=time.monotonic() - started)
+        if result.rejoined is not None:
+            # Another node took this one for dead (paused, or cut off from the database past
+            # the node timeout) and swept it; its heartbeat has just made it alive again.
+            # The tasks the sweep marked interrupted keep that mark until their final states,
+            # written by this node, supersede it (storage/writes.py).
+            log.warning(
+                "membership.rejoined",
+                node_id=self._journal.node_id,
+                swept_by=result.rejoined.swept_by,
+                swept_at=result.rejoined.swept_at.isoformat() if result.rejoined.swept_at else None,
+                swept_tasks=result.rejoined.swept_tasks,
+                swept_sessions=result.rejoined.swept_sessions,
+            )
         stats = self.stats
         stats.batches += 1
         stats.largest_batch = max(stats.largest_batch, len(records))
@@ -362,6 +375,7 @@ class DatabaseWriter:
                 records,
                 replay=replay,
                 statement_timeout=self._config.statement_timeout,
+                node_id=self._journal.node_id,
             )
         except psycopg.OperationalError:
             if not reused or self._cut:
@@ -372,6 +386,7 @@ class DatabaseWriter:
                 records,
                 replay=replay,
                 statement_timeout=self._config.statement_timeout,
+                node_id=self._journal.node_id,
             )
 
     def _usable(self, committed: int) -> list[Span]:
