@@ -15,10 +15,15 @@ that the persistence actor already reports. Cancellation waits for a pass in fli
 its ``statement_timeout`` bounds.
 
 It also answers ``exai status --cluster`` (:meth:`Membership.cluster`), on a short
-connection of its own per request: an operator's request, rare, not worth a pooled one.
+connection of its own per request: an operator's request, rare, not worth a pooled one. With
+the nodes it reads the cluster's limits as one (:func:`storage.shared_limits.read_shared_usage`):
+the shared buckets this node's configuration names (each with this node's capacity for it) and
+the durable quotas of its configured identities.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
 
 import psycopg
 import structlog
@@ -27,6 +32,14 @@ import trio
 from runtime.supervision import ChildContext
 from storage.connection import Connector
 from storage.membership import SWEEP_LIMIT, ClusterNode, SweepReport, cluster_nodes, sweep
+from storage.shared_limits import (
+    BucketSpec,
+    ClusterLimitsView,
+    Period,
+    PeriodQuota,
+    cluster_limits_view,
+    read_shared_usage,
+)
 
 log = structlog.get_logger("membership")
 
@@ -42,7 +55,11 @@ class Membership:
         node_timeout: float,
         sweep_interval: float,
         limit: int = SWEEP_LIMIT,
+        buckets: Sequence[BucketSpec] = (),
+        quotas: Mapping[str, Mapping[Period, PeriodQuota]] | None = None,
     ) -> None:
+        self._buckets = list({b.key: b for b in buckets}.values())  # one per shared key
+        self._quotas = dict(quotas or {})
         self._url = database_url
         self._node_id = node_id
         self._node_timeout = node_timeout
@@ -102,14 +119,17 @@ class Membership:
             log.warning("membership.swept", **report.model_dump())
         return report
 
-    async def cluster(self) -> list[ClusterNode]:
-        """Every node the database knows (recently heard of), as ``status --cluster`` shows
-        them. Raises ``psycopg.Error``."""
+    async def cluster(self) -> tuple[list[ClusterNode], ClusterLimitsView]:
+        """Every node the database knows (recently heard of) and the cluster's limits as
+        one, as ``status --cluster`` shows them. Raises ``psycopg.Error``."""
         return await trio.to_thread.run_sync(self._read_cluster)
 
-    def _read_cluster(self) -> list[ClusterNode]:
+    def _read_cluster(self) -> tuple[list[ClusterNode], ClusterLimitsView]:
         connector = Connector(self._url)
         try:
-            return cluster_nodes(connector.connection(), node_timeout=self._node_timeout)
+            conn = connector.connection()
+            nodes = cluster_nodes(conn, node_timeout=self._node_timeout)
+            shared, quotas = read_shared_usage(conn, self._buckets, self._quotas)
         finally:
             connector.close()
+        return nodes, cluster_limits_view(nodes, shared, quotas)

@@ -67,8 +67,8 @@ from actors.conversation import Conversations, Upstream
 from actors.membership import Membership
 from actors.persistence import PersistenceActor, PersistenceClient, PersistenceConfig
 from actors.providers import UpstreamConfig, UpstreamConfigError, load_upstream, open_providers
-from actors.rate_cluster import upstream_id
-from actors.rate_limiter import RateLimiterActor, supervised_rate_limiter
+from actors.rate_cluster import shared_buckets, upstream_id
+from actors.rate_limiter import RateLimiterActor, node_limits, supervised_rate_limiter
 from actors.servers import ProxiedServers, RemoteEndpoint
 from actors.servers.host import endpoint as server_endpoint
 from actors.session import SessionBounds, SessionConfig, SessionLifecycle, SessionServices
@@ -110,7 +110,7 @@ from storage.connection import DatabaseTarget, check_database
 from storage.embedded import EmbeddedPostgres
 from storage.errors import ActorUnavailable
 from storage.journal import Journal
-from storage.membership import NodeSnapshot
+from storage.membership import NodeLimits, NodeSnapshot
 from storage.migrations import apply_migrations
 from storage.recovery import recover
 from storage.shared_limits import SharedLimits
@@ -411,6 +411,13 @@ class _Tree:
         # is there for the node's life, whichever incarnation of its actor runs.
         self.upstream = Upstream()
         self.limiter_name: ActorName[RateLimiterActor] = ActorName("/root/rate_limiter")
+        upstreams = {
+            name: upstream_id(
+                provider.base_url,
+                provider.api_key.get_secret_value() if provider.api_key else None,
+            )
+            for name, provider in config.upstream.providers.items()
+        }
         self.upstream.limiter, rate_limiter = supervised_rate_limiter(
             self.limiter_name,
             config.upstream.provider_limits(),
@@ -421,14 +428,10 @@ class _Tree:
                 else None
             ),
             quotas=config.file.client_quotas(),
-            upstreams={
-                name: upstream_id(
-                    provider.base_url,
-                    provider.api_key.get_secret_value() if provider.api_key else None,
-                )
-                for name, provider in config.upstream.providers.items()
-            },
+            upstreams=upstreams,
         )
+        #: The rate limiter's view as last asked, published with the heartbeat.
+        self._limits_seen: NodeLimits | None = None
         self.conversations = Conversations(
             store=threads,
             persistence=self.persistence,
@@ -442,6 +445,15 @@ class _Tree:
             node_id,
             node_timeout=settings.node_timeout,
             sweep_interval=settings.sweep_interval,
+            buckets=shared_buckets(
+                config.upstream.provider_limits(),
+                upstreams,
+                config.upstream.client_limits.requests_per_minute,
+                config.clients.identities,
+            )
+            if settings.shared_limits
+            else (),
+            quotas=config.file.client_quotas() if settings.shared_limits else {},
         )
         #: Every session of the node: what status, resume and the drain read.
         self.registry: SessionRegistry[LiveSession] = SessionRegistry(
@@ -644,10 +656,29 @@ class _Tree:
         period = min(1.0, self.settings.node_heartbeat_interval)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(partial(self.persistence.pulse, period, snapshot=self._snapshot))
+            nursery.start_soon(self._watch_limits)
             await ctx.stop_requested.wait()
             nursery.cancel_scope.cancel()
         with trio.move_on_after(30):
             await self.persistence.flush(retire=True)
+
+    async def _watch_limits(self) -> None:
+        """Ask the rate limiter for its view once per heartbeat, for :meth:`_snapshot` (which
+        runs in the pulse and asks no actor: a limiter waiting on its database must not delay
+        journal fsyncs). An answer that does not come within the interval leaves the last one
+        (or none) in place."""
+        interval = self.settings.node_heartbeat_interval
+        while True:
+            limiter = self.upstream.limiter
+            if limiter is not None:
+                with trio.move_on_after(interval):
+                    try:
+                        snapshot = await limiter.snapshot()
+                    except ActorUnavailable:
+                        self._limits_seen = None  # restarting: nothing to say
+                    else:
+                        self._limits_seen = node_limits(snapshot)
+            await trio.sleep(interval)
 
     def _snapshot(self) -> dict[str, JsonValue]:
         """What this node publishes with its heartbeat (``nodes.snapshot``, read by
@@ -662,6 +693,7 @@ class _Tree:
             storage_available=available,
             draining=draining,
             health="draining" if draining else "ok" if available else "degraded",
+            limits=self._limits_seen,
         )
         return snapshot.model_dump(mode="json")
 

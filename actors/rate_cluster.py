@@ -34,13 +34,14 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import structlog
 
-from actors.rate_ledger import Blocked, Consumed, Demand, Ledger, LimitName
+from actors.rate_ledger import Blocked, Consumed, Demand, Ledger, LimitName, ProviderLimits
 from storage.shared_limits import (
+    BucketSpec,
     BucketTake,
     Period,
     PeriodQuota,
@@ -136,6 +137,15 @@ class ClusterLimits:
 
     def close(self) -> None:
         self._store.close()
+
+    def refresh(self, now: float) -> None:
+        """Keep what the local share is computed from fresh on a node that makes no call:
+        the live nodes (re-read when older than ``nodes_refresh_seconds``) and, on this
+        incarnation's first use, the quota usage; while degraded, try the database when due.
+        Asked with each snapshot (the node's heartbeat asks one per interval), so a database
+        that goes away before the node's first call still leaves it ``limit / live nodes``,
+        not the whole limit."""
+        self._reachable(now)
 
     # -- admission -----------------------------------------------------------------------
 
@@ -408,6 +418,42 @@ def upstream_id(base_url: str, api_key: str | None) -> str:
     provider name, share its buckets; two different keys never do."""
     digest = hashlib.sha256(f"{base_url.rstrip('/')}\0{api_key or ''}".encode()).hexdigest()
     return f"upstream:{digest[:32]}"
+
+
+def shared_buckets(
+    providers: Mapping[str, ProviderLimits],
+    upstreams: Mapping[str, str],
+    client_requests_per_minute: int | None,
+    identities: Sequence[str],
+) -> list[BucketSpec]:
+    """The shared buckets a node with this configuration takes from (the keys
+    :class:`ClusterLimits` uses), named for ``status --cluster``: each provider's requests and
+    tokens per minute, and each configured identity's requests per minute."""
+    specs = []
+    for name, limits in providers.items():
+        upstream = upstreams.get(name, f"provider:{name}")
+        if limits.requests_per_minute is not None:
+            specs.append(
+                BucketSpec(
+                    f"{upstream}:requests", f"{name} requests/min", limits.requests_per_minute, name
+                )
+            )
+        if limits.tokens_per_minute is not None:
+            specs.append(
+                BucketSpec(
+                    f"{upstream}:tokens", f"{name} tokens/min", limits.tokens_per_minute, name
+                )
+            )
+    if client_requests_per_minute is not None:
+        specs += [
+            BucketSpec(
+                f"client:{identity}:requests",
+                f"client {identity} requests/min",
+                client_requests_per_minute,
+            )
+            for identity in identities
+        ]
+    return specs
 
 
 def _negated(take: BucketTake) -> BucketTake:

@@ -88,6 +88,12 @@ from runtime.pykka_supervision import ActorName, pykka_child
 from runtime.status_model import ProviderLimitStatus
 from runtime.supervision.spec import StartFunction
 from storage.errors import LimitExhausted, Refused, RetryLater
+from storage.membership import (
+    SNAPSHOT_PROVIDERS_MAX,
+    LimitsMode,
+    NodeLimits,
+    ProviderUsage,
+)
 from storage.shared_limits import SharedLimits
 
 log = structlog.get_logger("rate_limiter")
@@ -198,6 +204,11 @@ class LimiterSnapshot(BaseModel):
     #: Each provider's load, as ``exai status`` shows it (the public model, filled in here).
     providers: list[ProviderLimitStatus]
     sessions: list[SessionUsage]
+    #: How the limits are held: across the cluster through the database (``shared``), on
+    #: this node's share while the database does not answer (``local_share``), or by this
+    #: node alone (``off``: no shared limits); ``live_nodes``: the share's divisor.
+    mode: LimitsMode = "off"
+    live_nodes: int = 1
 
 
 # -- messages (the actor accepts exactly these) ----------------------------------------------
@@ -514,6 +525,8 @@ class RateLimiterActor(ServiceActor[_Message]):
         )
 
     def _snapshot(self, now: float) -> LimiterSnapshot:
+        if self._cluster is not None:
+            self._cluster.refresh(now)
         waiting: dict[str, int] = {}
         for waiter in self._waiters.values():
             waiting[waiter.demand.provider] = waiting.get(waiter.demand.provider, 0) + 1
@@ -531,7 +544,13 @@ class RateLimiterActor(ServiceActor[_Message]):
             for p in self._ledger.providers.values()
         ]
         sessions = [self._session_usage(sid) for sid in self._ledger.sessions]
-        return LimiterSnapshot(providers=providers, sessions=sessions)
+        cluster = self._cluster
+        return LimiterSnapshot(
+            providers=providers,
+            sessions=sessions,
+            mode="off" if cluster is None else "local_share" if cluster.degraded else "shared",
+            live_nodes=1 if cluster is None else cluster.live_nodes,
+        )
 
 
 # -- the trio side ---------------------------------------------------------------------------
@@ -747,3 +766,31 @@ async def open_rate_limiter(
     finally:
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(ref.stop)
+
+
+def node_limits(snapshot: LimiterSnapshot) -> NodeLimits:
+    """The limiter's view as the node publishes it with its heartbeat (``nodes.snapshot``):
+    its mode and each provider's load, at most
+    :data:`~storage.membership.SNAPSHOT_PROVIDERS_MAX` providers."""
+    providers = snapshot.providers[:SNAPSHOT_PROVIDERS_MAX]
+    return NodeLimits(
+        mode=snapshot.mode,
+        live_nodes=max(1, snapshot.live_nodes),
+        providers=[
+            ProviderUsage(
+                name=p.name[:256],
+                requests_per_minute=p.requests_per_minute,
+                tokens_per_minute=p.tokens_per_minute,
+                in_flight=p.in_flight,
+                waiting=p.waiting,
+                requests_available=(
+                    None if p.requests_available is None else round(p.requests_available, 3)
+                ),
+                tokens_available=(
+                    None if p.tokens_available is None else round(p.tokens_available, 3)
+                ),
+            )
+            for p in providers
+        ],
+        providers_omitted=len(snapshot.providers) - len(providers),
+    )

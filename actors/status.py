@@ -282,7 +282,13 @@ class NodeStatusSource:
             return None, {}
         usage = {s.session_id: s for s in snapshot.sessions}
         # The limiter's own model of each provider, as it answered.
-        return LimitsStatus(providers=snapshot.providers, sessions_tracked=len(usage)), usage
+        limits = LimitsStatus(
+            providers=snapshot.providers,
+            sessions_tracked=len(usage),
+            mode=snapshot.mode,
+            live_nodes=snapshot.live_nodes,
+        )
+        return limits, usage
 
     def _breaker_list(self) -> Iterable[FailureRateBreaker | BreakerSnapshot]:
         return self._breakers() if self._breakers is not None else ()

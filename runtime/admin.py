@@ -182,12 +182,12 @@ class _Handler:
             problem = "cluster: this node reads no database"
             return status.model_copy(update={"problems": [*status.problems, problem]})
         try:
-            nodes = await self._cluster()
+            nodes, limits = await self._cluster()
         except Exception as exc:  # the database's failure is the operator's to read
             problem = f"cluster: the nodes table could not be read ({type(exc).__name__})"
             log.warning("admin.cluster_failed", error=repr(exc))
             return status.model_copy(update={"problems": [*status.problems, problem]})
-        return status.model_copy(update={"nodes": nodes})
+        return status.model_copy(update={"nodes": nodes, "cluster_limits": limits})
 
     def _authorized(self, headers: Iterable[tuple[bytes, bytes]]) -> bool:
         for name, value in headers:

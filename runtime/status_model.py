@@ -18,7 +18,8 @@ from typing import Literal, Protocol, TypeAlias, assert_never
 from pydantic import BaseModel, ConfigDict, Field
 
 from storage.breaker import BreakerState
-from storage.membership import ClusterNode
+from storage.membership import ClusterNode, LimitsMode
+from storage.shared_limits import ClusterLimitsView
 
 SCHEMA_VERSION = 1
 
@@ -132,6 +133,13 @@ class ProviderLimitStatus(_Model):
 class LimitsStatus(_Model):
     providers: list[ProviderLimitStatus]
     sessions_tracked: int = Field(description="Sessions the rate limiter holds counters for.")
+    mode: LimitsMode = Field(
+        default="off",
+        description="shared: held across the nodes through the database; local_share: the "
+        "database does not answer, this node holds 1/live_nodes of each limit; off: this "
+        "node alone (EXAI_SHARED_LIMITS=false).",
+    )
+    live_nodes: int = Field(default=1, description="Live nodes as last read (the divisor).")
 
 
 class BreakerStatus(_Model):
@@ -335,6 +343,11 @@ class NodeStatus(_Model):
         "the nodes table says (storage/membership.py); None otherwise, or if it could not "
         "be read (see problems).",
     )
+    cluster_limits: ClusterLimitsView | None = Field(
+        default=None,
+        description="With --cluster: the cluster's limits as one (the shared buckets and "
+        "quotas as the database has them, the alive nodes' modes and load); None otherwise.",
+    )
 
 
 class StatusSource(Protocol):
@@ -348,5 +361,6 @@ class StatusSource(Protocol):
     async def status(self) -> NodeStatus: ...
 
 
-#: Reads every node of the database, for ``GET /status?cluster=1``; raises on failure.
-ClusterSource: TypeAlias = Callable[[], Awaitable[list[ClusterNode]]]
+#: Reads every node of the database and the cluster's limits, for ``GET /status?cluster=1``;
+#: raises on failure.
+ClusterSource: TypeAlias = Callable[[], Awaitable[tuple[list[ClusterNode], ClusterLimitsView]]]

@@ -20,7 +20,9 @@ from pydantic import ValidationError
 
 from runtime.admin import admin_token_path
 from runtime.statefile import read_server_info
-from runtime.status_model import ActorStatus, NodeStatus
+from runtime.status_model import ActorStatus, LimitsStatus, NodeStatus
+from storage.membership import NodeLimits
+from storage.shared_limits import ClusterLimitsView
 from storage.untrusted import printable
 
 EXIT_OK = 0
@@ -347,6 +349,8 @@ def render(status: NodeStatus) -> str:
             ],
         )
     out += ["", "RATE LIMITS"]
+    if status.limits is not None:
+        out.append(_limits_held(status.limits))
     if status.limits is None:
         out.append("(no rate limiter)")
     elif not status.limits.providers:
@@ -431,6 +435,7 @@ def _cluster(status: NodeStatus) -> list[str]:
             "SESSIONS",
             "IN-FLIGHT",
             "HEALTH",
+            "LIMITS",
             "SWEPT BY",
         ],
         [
@@ -443,12 +448,87 @@ def _cluster(status: NodeStatus) -> list[str]:
                 "-" if n.snapshot is None else str(n.snapshot.sessions),
                 "-" if n.snapshot is None else str(n.snapshot.calls_in_flight),
                 "-" if n.snapshot is None else n.snapshot.health,
+                _limits_mode(n.snapshot.limits if n.snapshot is not None else None),
                 n.swept_by or "",
             ]
             for n in nodes
         ],
     )
+    out += _cluster_limits(status.cluster_limits)
     return out
+
+
+def _limits_held(limits: LimitsStatus) -> str:
+    """How this node holds its limits, in a sentence."""
+    if limits.mode == "shared":
+        return (
+            "held across the cluster through the database "
+            f"({limits.live_nodes} live nodes as last read)"
+        )
+    if limits.mode == "local_share":
+        return (
+            f"the database does not answer: this node's share, 1/{limits.live_nodes} of each "
+            "limit and of each quota's remainder"
+        )
+    return "this node's alone (shared limits off)"
+
+
+def _limits_mode(limits: NodeLimits | None) -> str:
+    """How a node holds the limits: ``shared``, ``local 1/N`` (its share while the database
+    does not answer it), ``alone`` (shared limits off), ``-`` (not published)."""
+    if limits is None:
+        return "-"
+    if limits.mode == "local_share":
+        return f"local 1/{limits.live_nodes}"
+    return "shared" if limits.mode == "shared" else "alone"
+
+
+def _cluster_limits(view: ClusterLimitsView | None) -> list[str]:
+    """The cluster's limits as one: the shared buckets and quotas, and the nodes' modes."""
+    if view is None:
+        return []
+    out = [
+        "",
+        "CLUSTER LIMITS (the database's buckets and quotas; alive nodes: "
+        f"{view.nodes_shared} shared, {view.nodes_local_share} on a local share, "
+        f"{view.nodes_off} alone, {view.nodes_unknown} not published)",
+    ]
+    if view.shared:
+        load = {p.name: p for p in view.providers}
+        rows = []
+        for b in view.shared:
+            provider = load.get(b.provider) if b.provider is not None else None
+            rows.append(
+                [
+                    b.name,
+                    f"{b.used:.0f}/{b.limit_per_minute:g}",
+                    "-" if provider is None else str(provider.in_flight),
+                    "-" if provider is None else str(provider.waiting),
+                ]
+            )
+        out += _table(["SHARED LIMIT", "USED (LAST MINUTE)", "IN-FLIGHT", "WAITING"], rows)
+    else:
+        out.append("(no shared rate limits)")
+    if view.quotas:
+        out += [""]
+        out += _table(
+            ["QUOTA", "PERIOD", "REQUESTS", "TOKENS", "COST USD"],
+            [
+                [
+                    q.identity,
+                    f"{q.period} {q.period_start.isoformat()}",
+                    _of(q.requests, q.requests_limit),
+                    _of(q.tokens, q.tokens_limit),
+                    _of(round(q.cost_usd, 4), q.cost_usd_limit),
+                ]
+                for q in view.quotas
+            ],
+        )
+    return out
+
+
+def _of(used: float, limit: float | None) -> str:
+    return f"{used:g}/{limit:g}" if limit is not None else f"{used:g}"
 
 
 def _http_connections(status: NodeStatus) -> str:

@@ -39,7 +39,7 @@ from datetime import datetime
 from typing import Any, Literal
 
 import psycopg
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 #: Defaults of the node settings (runtime/config.py), in seconds. The timeout is half the
 #: default ``resume_grace`` (60 s): a dead node's sessions are marked interrupted while a
@@ -58,6 +58,40 @@ LIVE_NODES_SQL = f"select count(*) from nodes where {LIVE}"
 NodeState = Literal["alive", "dead", "stopped"]
 
 
+#: Providers one node's snapshot lists at most (they come from its configuration).
+SNAPSHOT_PROVIDERS_MAX = 64
+LimitsMode = Literal["shared", "local_share", "off"]
+
+
+class ProviderUsage(BaseModel):
+    """One upstream's limits as one node uses them (its rate limiter's view)."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    name: str = Field(max_length=256)
+    requests_per_minute: int | None = Field(default=None, ge=0)
+    tokens_per_minute: int | None = Field(default=None, ge=0)
+    in_flight: int = Field(ge=0, description="This node's calls to it in flight.")
+    waiting: int = Field(ge=0, description="This node's calls waiting for its limits.")
+    requests_available: float | None = Field(
+        default=None, description="This node's own bucket now (None: unlimited)."
+    )
+    tokens_available: float | None = None
+
+
+class NodeLimits(BaseModel):
+    """How a node enforces the limits: ``shared`` (the database's buckets and quotas),
+    ``local_share`` (the database did not answer: ``1 / live_nodes`` of each limit, and of
+    each quota's remainder) or ``off`` (``EXAI_SHARED_LIMITS=false``: every node alone)."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    mode: LimitsMode
+    live_nodes: int = Field(ge=1, description="Live nodes as last read: the share's divisor.")
+    providers: list[ProviderUsage] = Field(max_length=SNAPSHOT_PROVIDERS_MAX)
+    providers_omitted: int = Field(default=0, ge=0, description="Past the bound, not listed.")
+
+
 class NodeSnapshot(BaseModel):
     """What a node publishes with each heartbeat (``nodes.snapshot``): cheap, local counts."""
 
@@ -70,6 +104,9 @@ class NodeSnapshot(BaseModel):
     draining: bool = Field(description="It was asked to stop and is draining its sessions.")
     health: Literal["ok", "draining", "degraded"] = Field(
         description="ok; draining (stopping); degraded (storage refuses new work)."
+    )
+    limits: NodeLimits | None = Field(
+        default=None, description="Its rate limiter's view; None: not known (yet)."
     )
 
 
@@ -201,6 +238,12 @@ def interrupt_work(
 
 #: Nodes ``status --cluster`` shows at most, the newest.
 CLUSTER_NODES_MAX = 1000
+#: What one row may bring into ``status --cluster``: text columns clipped to this many
+#: characters, a snapshot larger than this many bytes as JSON text read as none. A node writes
+#: far less; the bounds hold against a row written by hand, 1,000 of which are
+#: read at once.
+TEXT_MAX = 256
+SNAPSHOT_BYTES_MAX = 16_384
 
 
 def cluster_nodes(
@@ -211,13 +254,14 @@ def cluster_nodes(
     :data:`CLUSTER_NODES_MAX` started last (a crash loop registers a node per restart)."""
     rows = conn.execute(
         f"""
-        select node_id, hostname, pid, started_at,
+        select left(node_id, {TEXT_MAX}), left(hostname, {TEXT_MAX}), pid, started_at,
                extract(epoch from now() - heartbeat_at)::float8,
                case when stopped_at is not null and stopped_at <= swept_at then 'dead'
                     when stopped_at is not null then 'stopped'
                     when {LIVE} then 'alive'
                     else 'dead' end,
-               stopped_at, swept_at, swept_by, swept_tasks, swept_sessions, snapshot
+               stopped_at, swept_at, left(swept_by, {TEXT_MAX}), swept_tasks, swept_sessions,
+               case when octet_length(snapshot::text) <= {SNAPSHOT_BYTES_MAX} then snapshot end
           from nodes
          where stopped_at is null or heartbeat_at >= now() - make_interval(secs => %s)
          order by started_at desc, node_id desc
@@ -239,7 +283,18 @@ def cluster_nodes(
             swept_by=r[8],
             swept_tasks=r[9],
             swept_sessions=r[10],
-            snapshot=NodeSnapshot.model_validate(r[11]) if r[11] is not None else None,
+            snapshot=_snapshot(r[11]),
         )
         for r in rows
     ]
+
+
+def _snapshot(value: object) -> NodeSnapshot | None:
+    """A row's snapshot, or None if it has none or none this code can read (a node of
+    another version, or a row written by hand): one odd row must not hide the cluster."""
+    if value is None:
+        return None
+    try:
+        return NodeSnapshot.model_validate(value)
+    except ValidationError:
+        return None

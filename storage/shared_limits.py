@@ -39,9 +39,15 @@ from typing import Any, Literal, TypeVar
 
 import psycopg
 from psycopg.rows import tuple_row
+from pydantic import BaseModel, ConfigDict, Field
 
 from storage.connection import Connector, is_transaction_pooler
-from storage.membership import LIVE_NODES_SQL, NODE_TIMEOUT
+from storage.membership import (
+    LIVE_NODES_SQL,
+    NODE_TIMEOUT,
+    SNAPSHOT_PROVIDERS_MAX,
+    ClusterNode,
+)
 
 Period = Literal["day", "month"]
 PERIODS: tuple[Period, ...] = ("day", "month")
@@ -356,3 +362,173 @@ def _over(
     if quota.cost_usd is not None and usage.cost_usd + cost_usd > quota.cost_usd:
         return QuotaRefused(usage, "cost_usd", quota.cost_usd, resets_at)
     return None
+
+
+# -- the cluster's limits as one (exai status --cluster) ---------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class BucketSpec:
+    """A shared bucket a node knows: its ``key`` in ``rate_buckets``, what to call it, and its
+    ``capacity`` per minute (the database keeps no capacity: each node passes its own)."""
+
+    key: str
+    name: str
+    capacity: float
+    #: The provider (as this node names it) whose limit it is; None: a client's.
+    provider: str | None = None
+
+
+class SharedBucketUsage(BaseModel):
+    """One limit held across the cluster, as the database has it now."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str = Field(description="'<provider> requests/min', 'client <name> requests/min'...")
+    provider: str | None = Field(description="The provider whose limit it is; None: a client's.")
+    limit_per_minute: float
+    used: float = Field(
+        description="Units in the bucket now (its level, drained to the database's now): what "
+        "the whole cluster took within the last minute's window, burst included."
+    )
+
+
+class QuotaUsageStatus(BaseModel):
+    """One identity's durable quota use in the current UTC period, every node together."""
+
+    model_config = ConfigDict(frozen=True)
+
+    identity: str
+    period: Period
+    period_start: dt.date
+    requests: int
+    tokens: int
+    cost_usd: float
+    requests_limit: int | None
+    tokens_limit: int | None
+    cost_usd_limit: float | None
+
+
+#: Quota rows ``status --cluster`` shows at most.
+QUOTA_ROWS_MAX = 1000
+
+
+def read_shared_usage(
+    conn: psycopg.Connection[Any],
+    buckets: Sequence[BucketSpec],
+    quotas: Mapping[str, Mapping[Period, PeriodQuota]],
+) -> tuple[list[SharedBucketUsage], list[QuotaUsageStatus]]:
+    """The shared buckets in ``buckets`` (a key no node has taken yet is unused) and the
+    current UTC day's and month's usage of each identity of ``quotas`` (at most
+    :data:`QUOTA_ROWS_MAX` rows), with the database's clock. Raises ``psycopg.Error``."""
+    with conn.cursor(row_factory=tuple_row) as cur:
+        cur.execute(
+            """
+            select d.key,
+                   coalesce(greatest(0, b.level - greatest(0, extract(epoch from
+                       clock_timestamp() - b.updated_at)) * d.capacity / 60), 0)
+              from unnest(%s::text[], %s::float8[]) as d (key, capacity)
+              left join rate_buckets b on b.key = d.key
+            """,
+            ([b.key for b in buckets], [float(b.capacity) for b in buckets]),
+        )
+        levels = {key: float(level) for key, level in cur.fetchall()}
+        identities = sorted(quotas)[:QUOTA_ROWS_MAX]
+        cur.execute("select (now() at time zone 'UTC')::date")
+        row = cur.fetchone()
+        assert row is not None
+        today: dt.date = row[0]
+        cur.execute(
+            "select identity, period, period_start, requests, tokens, cost_usd"
+            " from client_quota_usage where identity = any(%s)"
+            " and (period, period_start) in (('day', %s::date), ('month', %s::date))",
+            (identities, period_start("day", today), period_start("month", today)),
+        )
+        used = {(r[0], r[1]): r for r in cur.fetchall()}
+    shared = [
+        SharedBucketUsage(
+            name=b.name,
+            provider=b.provider,
+            limit_per_minute=b.capacity,
+            used=round(levels[b.key], 3),
+        )
+        for b in buckets
+    ]
+    rows: list[QuotaUsageStatus] = []
+    for identity in identities:
+        for period, quota in sorted(quotas[identity].items()):
+            found = used.get((identity, period))
+            rows.append(
+                QuotaUsageStatus(
+                    identity=identity,
+                    period=period,
+                    period_start=period_start(period, today),
+                    requests=int(found[3]) if found else 0,
+                    tokens=int(found[4]) if found else 0,
+                    cost_usd=float(found[5]) if found else 0.0,
+                    requests_limit=quota.requests,
+                    tokens_limit=quota.tokens,
+                    cost_usd_limit=quota.cost_usd,
+                )
+            )
+    return shared, rows[:QUOTA_ROWS_MAX]
+
+
+class ProviderLoad(BaseModel):
+    """One upstream's calls in flight and waiting, summed over the alive nodes' snapshots."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    in_flight: int
+    waiting: int
+
+
+class ClusterLimitsView(BaseModel):
+    """The cluster's limits as one (``status --cluster``): the shared buckets and quotas as
+    the database has them, how many alive nodes enforce them through it (``shared``), on
+    their local share (``local_share``: the database did not answer them) or alone
+    (``off``), and each upstream's load over the alive nodes."""
+
+    model_config = ConfigDict(frozen=True)
+
+    nodes_shared: int
+    nodes_local_share: int
+    nodes_off: int
+    nodes_unknown: int = Field(description="Alive nodes whose snapshot says nothing of limits.")
+    shared: list[SharedBucketUsage]
+    quotas: list[QuotaUsageStatus]
+    providers: list[ProviderLoad]
+
+
+def cluster_limits_view(
+    nodes: Sequence[ClusterNode],
+    shared: list[SharedBucketUsage],
+    quotas: list[QuotaUsageStatus],
+) -> ClusterLimitsView:
+    """Sum the alive ``nodes``' published limits with what the database holds."""
+    modes = {"shared": 0, "local_share": 0, "off": 0, "unknown": 0}
+    load: dict[str, tuple[int, int]] = {}
+    for node in nodes:
+        if node.state != "alive":
+            continue
+        limits = node.snapshot.limits if node.snapshot is not None else None
+        if limits is None:
+            modes["unknown"] += 1
+            continue
+        modes[limits.mode] += 1
+        for p in limits.providers:
+            in_flight, waiting = load.get(p.name, (0, 0))
+            load[p.name] = (in_flight + p.in_flight, waiting + p.waiting)
+    return ClusterLimitsView(
+        nodes_shared=modes["shared"],
+        nodes_local_share=modes["local_share"],
+        nodes_off=modes["off"],
+        nodes_unknown=modes["unknown"],
+        shared=shared,
+        quotas=quotas,
+        providers=[
+            ProviderLoad(name=name, in_flight=f, waiting=w)
+            for name, (f, w) in sorted(load.items())[:SNAPSHOT_PROVIDERS_MAX]
+        ],
+    )

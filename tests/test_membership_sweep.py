@@ -13,11 +13,14 @@ import threading
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
 import psycopg
 import pytest
 
+from runtime.status_model import NodeStatus
+from runtime.status_view import _cluster
 from storage.membership import SweepReport, cluster_nodes, sweep
 from storage.migrations import apply_migrations
 from storage.rows import Record, SessionRow
@@ -122,3 +125,39 @@ def test_two_sweepers_mark_a_dead_nodes_work_once_in_bounded_passes(db: str) -> 
     with psycopg.connect(db, autocommit=True) as conn:
         states = {n.node_id: n.state for n in cluster_nodes(conn, node_timeout=30)}
     assert states == {dead: "dead", live: "alive", stopped: "stopped"}
+
+
+def test_forged_node_rows_neither_break_nor_flood_the_cluster_view(db: str) -> None:
+    """Rows written by hand (or by another version) in ``nodes``: a snapshot this code cannot
+    read, one of 100 kB, a 10,000-character id and a hostname holding a terminal escape.
+    ``cluster_nodes`` reads every row (the odd snapshots as none, the text clipped to 256
+    characters) instead of failing the whole ``status --cluster``; the text view escapes the
+    control characters. Before the fix one bad snapshot failed the whole read."""
+    long_id = "n" * 10_000
+    with psycopg.connect(db, autocommit=True) as conn:
+        conn.execute(
+            "insert into nodes (node_id, hostname, pid, snapshot) values"
+            " ('bad-snapshot', 'h', 1, '{\"sessions\": \"many\"}'::jsonb),"
+            " ('huge-snapshot', 'h', 2, jsonb_build_object('sessions', 0, 'calls_in_flight', 0,"
+            "  'storage_available', true, 'draining', false, 'health', 'ok',"
+            "  'padding', repeat('x', 100000))),"
+            " (%s, %s, 3, null)",
+            (long_id, "evil\x1b[2J\x1b]0;pwned\x07host"),
+        )
+    with psycopg.connect(db, autocommit=True) as conn:
+        nodes = {n.node_id: n for n in cluster_nodes(conn, node_timeout=30)}
+    assert nodes["bad-snapshot"].snapshot is None
+    assert nodes["huge-snapshot"].snapshot is None
+    clipped = nodes["n" * 256]
+    assert clipped.hostname.startswith("evil\x1b")
+    # What the text view reads of a status document: the nodes, and which one is "this".
+    status = cast(
+        NodeStatus,
+        SimpleNamespace(
+            nodes=list(nodes.values()), node=SimpleNamespace(node_id="me"), cluster_limits=None
+        ),
+    )
+    text = "\n".join(_cluster(status))
+    assert "\x1b" not in text
+    assert "\x07" not in text
+    assert "evil\\x1b[2J" in text

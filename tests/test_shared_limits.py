@@ -45,11 +45,19 @@ from runtime.config import ConfigError, load_config_file, load_settings
 from runtime.pykka_supervision import ActorName
 from runtime.supervision import ChildSpec, Supervisor, run_root
 from storage.migrations import apply_migrations
-from storage.shared_limits import BucketTake, PeriodQuota, SharedLimits
+from storage.shared_limits import BucketTake, PeriodQuota, QuotaRefused, SharedLimits
 from tests.chat_support import ALICE, Caller, provider_table, upstream_thread, write_config
 from tests.fake_openai import FakeOpenAI, Reply
-from tests.harness import RawClient, open_raw, start_server, with_database
+from tests.harness import (
+    RawClient,
+    fresh_database,
+    open_raw,
+    start_server,
+    wait_until,
+    with_database,
+)
 from tests.tcp_proxy import TcpProxy, libpq_target, libpq_via
+from tests.test_membership import MEMBERSHIP, _cluster_status, _cluster_text
 
 PROCESSES = 3
 
@@ -280,6 +288,46 @@ async def test_a_database_that_is_away_leaves_each_node_its_share_never_no_limit
         store.close()
 
 
+async def test_a_node_that_made_no_call_yet_still_divides_by_the_live_nodes(
+    shared_url: str, mock_clock: MockClock
+) -> None:
+    """The live nodes and the quota usage are read while the node is idle (with the snapshot
+    its heartbeat asks for), not only at its first call: a database that goes away before
+    that call leaves this node its share (60 / 3 = 20 requests/min, the quota's remainder
+    / 3), not the whole limit. Before the fix it divided by 1 and knew no usage."""
+    _live_nodes(shared_url, 3)
+    provider = f"p{uuid.uuid4().hex[:8]}"
+    identity = f"dan-{uuid.uuid4().hex[:8]}"
+    store = SharedLimits(shared_url)
+    try:  # 28 of the day's 31 requests were used, on other nodes
+        day = store.take_quota(identity, {"day": PeriodQuota(requests=31)}, tokens=0, cost_usd=0)
+        assert not isinstance(day, QuotaRefused)
+        store.adjust_quota(identity, day.usages, requests=27, tokens=0, cost_usd=0)
+    finally:
+        store.close()
+    limits = {provider: ProviderLimits(requests_per_minute=60)}
+    quotas = {identity: {"day": PeriodQuota(requests=31)}}
+    async with _limiter(shared_url, limits, quotas) as limiter:
+        snapshot = await limiter.snapshot()  # what the heartbeat asks, once per interval
+        assert (snapshot.mode, snapshot.live_nodes) == ("shared", 3)
+        try:
+            _connections(shared_url, allowed=False)
+            # The rate's share: 20 requests/min starting spent, one every 3 s (not 1 s).
+            with pytest.raises(RateLimited) as refused:
+                await _call(limiter, identity, provider=provider)
+            assert refused.value.retry_after == pytest.approx(3.0)
+            assert (await limiter.snapshot()).mode == "local_share"
+            # The quota's share: (31 - 28) / 3 = 1 request on this node.
+            mock_clock.jump(3.0)
+            await _call(limiter, identity, provider=provider)
+            mock_clock.jump(3.0)
+            with pytest.raises(RateLimited) as refused:
+                await _call(limiter, identity, provider=provider)
+            assert refused.value.limit is LimitName.CLIENT_QUOTA
+        finally:
+            _connections(shared_url, allowed=True)
+
+
 @pytest.mark.parametrize("back_at_once", [False, True])
 async def test_a_limiter_that_crashes_while_the_database_is_away_keeps_what_it_counted(
     shared_url: str, mock_clock: MockClock, back_at_once: bool
@@ -422,6 +470,78 @@ async def test_a_quota_spent_before_a_node_restart_stays_spent_after_it(
         finally:
             stopped = await trio.to_thread.run_sync(server.stop)
             assert stopped == 0, server.stderr_path.read_text()[-3000:]
+
+
+async def test_status_cluster_shows_each_nodes_limits_and_the_clusters_as_one(
+    database_url: str, upstream: FakeOpenAI, tmp_path: Path
+) -> None:
+    """Two nodes, one provider at 5 requests/min and alice's day quota of 10 requests: after
+    alice's one call on A, ``status --cluster --json`` on B shows each node's limits (mode
+    ``shared``, the provider with its limit) from its heartbeat, and the cluster's as one:
+    the shared bucket with that one request in it, and alice's quota at 1 of 10, as the
+    database has them; the text view has both."""
+    config = write_config(
+        tmp_path / "exai.toml",
+        providers=provider_table(
+            "fake",
+            upstream.base_url,
+            "fake-model",
+            "[upstream.providers.fake.limits]\nrequests_per_minute = 5\n",
+        ),
+        clients={},
+    )
+    config.write_text(
+        f'[clients.alice]\ntoken = "{ALICE}"\n[clients.alice.quota]\nrequests_per_day = 10\n\n'
+        + config.read_text()
+    )
+    env = {"EXAI_CONFIG": str(config), **MEMBERSHIP}
+    del env["EXAI_CLIENT_TOKENS"]  # alice is the config file's
+    with fresh_database(database_url) as url:
+        start = partial(start_server, database_url=url, extra_env=env)
+        a = await trio.to_thread.run_sync(start, tmp_path / "a")
+        b = await trio.to_thread.run_sync(start, tmp_path / "b")
+        try:
+            async with open_raw(a.authed_url(ALICE)) as ws:
+                client = RawClient(ws)
+                await client.initialize("2025-06-18")
+                upstream.script(Reply("one", usage=(10, 20)))
+                assert (await Caller(client).chat("hi"))["content"] == "one"
+
+            def published() -> bool:
+                nodes = _cluster_status(b)["nodes"]
+                return all(
+                    ((n.get("snapshot") or {}).get("limits") or {}).get("mode") == "shared"
+                    for n in nodes
+                )
+
+            await wait_until(published, what="both nodes' limits in their heartbeats")
+            status = await trio.to_thread.run_sync(_cluster_status, b)
+            for node in status["nodes"]:
+                limits = node["snapshot"]["limits"]
+                assert limits["live_nodes"] >= 1
+                assert [(p["name"], p["requests_per_minute"]) for p in limits["providers"]] == [
+                    ("fake", 5)
+                ]
+            view = status["cluster_limits"]
+            assert (view["nodes_shared"], view["nodes_local_share"]) == (2, 0)
+            [bucket] = view["shared"]
+            assert (bucket["name"], bucket["provider"], bucket["limit_per_minute"]) == (
+                "fake requests/min",
+                "fake",
+                5.0,
+            )
+            assert 0 < bucket["used"] <= 1.0  # one request, draining at 5/min
+            [quota] = view["quotas"]
+            assert (quota["identity"], quota["period"], quota["requests"]) == ("alice", "day", 1)
+            assert quota["requests_limit"] == 10
+            text = await trio.to_thread.run_sync(_cluster_text, b)
+            assert "CLUSTER LIMITS" in text
+            assert "2 shared" in text
+            line = next(line for line in text.splitlines() if line.startswith("alice"))
+            assert "1/10" in line
+        finally:
+            for server in (a, b):
+                assert await trio.to_thread.run_sync(server.stop) == 0
 
 
 # -- configuration ---------------------------------------------------------------------------
