@@ -348,27 +348,7 @@ def render(status: NodeStatus) -> str:
                 for server in status.servers
             ],
         )
-    out += ["", "RATE LIMITS"]
-    if status.limits is not None:
-        out.append(_limits_held(status.limits))
-    if status.limits is None:
-        out.append("(no rate limiter)")
-    elif not status.limits.providers:
-        out.append("(no providers)")
-    else:
-        out += _table(
-            ["PROVIDER", "IN-FLIGHT", "WAITING", "REQUESTS AVAIL", "TOKENS AVAIL"],
-            [
-                [
-                    p.name,
-                    f"{p.in_flight}/{p.max_concurrency or '∞'}",
-                    str(p.waiting),
-                    _available(p.requests_available, p.requests_per_minute),
-                    _available(p.tokens_available, p.tokens_per_minute),
-                ]
-                for p in status.limits.providers
-            ],
-        )
+    out += ["", "RATE LIMITS", *_rate_limits(status.limits)]
     out += ["", "CIRCUIT BREAKERS"]
     if status.breakers:
         out += _table(
@@ -456,6 +436,28 @@ def _cluster(status: NodeStatus) -> list[str]:
     )
     out += _cluster_limits(status.cluster_limits)
     return out
+
+
+def _rate_limits(limits: LimitsStatus | None) -> list[str]:
+    """This node's rate limits: how they are held, and each provider's load."""
+    if limits is None:
+        return ["(no rate limiter)"]
+    out = [_limits_held(limits)]
+    if not limits.providers:
+        return [*out, "(no providers)"]
+    return out + _table(
+        ["PROVIDER", "IN-FLIGHT", "WAITING", "REQUESTS AVAIL", "TOKENS AVAIL"],
+        [
+            [
+                p.name,
+                f"{p.in_flight}/{p.max_concurrency or '∞'}",
+                str(p.waiting),
+                _available(p.requests_available, p.requests_per_minute),
+                _available(p.tokens_available, p.tokens_per_minute),
+            ]
+            for p in limits.providers
+        ],
+    )
 
 
 def _limits_held(limits: LimitsStatus) -> str:
