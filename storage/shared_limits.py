@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
@@ -162,6 +162,9 @@ class SharedLimits:
         )
         self._pooled = is_transaction_pooler(url)
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="shared-limits")
+        #: The last statement handed to the worker: while it runs on (its caller gave up on
+        #: it), no other is queued behind it.
+        self._last: Future[Any] | None = None
 
     def close(self) -> None:
         self._connector.abort()  # a statement still stuck fails now
@@ -170,11 +173,25 @@ class SharedLimits:
 
     def _bounded(self, work: Callable[[psycopg.Connection[Any]], T]) -> T:
         """``work`` on the worker thread, with the connection; its result within
-        ``answer_within`` seconds, else :class:`SharedLimitsUnavailable`."""
+        ``answer_within`` seconds, else :class:`SharedLimitsUnavailable`.
+
+        At most one statement is ever queued: while one the caller gave up on still runs (a
+        reconnection to a peer that swallows packets lasts ``connect_timeout``, which
+        :meth:`Connector.abort` cannot cut short), the next call fails at once with
+        :class:`SharedLimitsUnavailable` instead of waiting behind it, so a flood of
+        admissions during an outage neither piles statements up nor pays
+        ``answer_within`` each."""
+        last = self._last
+        if last is not None and not last.done():
+            raise SharedLimitsUnavailable(
+                "the database has not answered the previous statement yet (still running or "
+                "connecting); not queuing another"
+            )
         try:
             future = self._worker.submit(self._attempt, work)
         except RuntimeError as exc:  # closed
             raise SharedLimitsUnavailable("the shared limits are closed") from exc
+        self._last = future
         try:
             return future.result(timeout=self._answer_within)
         except FutureTimeout:

@@ -13,6 +13,7 @@ Time in the limiter is trio's ``MockClock`` moved by hand, as in tests/test_rate
 from __future__ import annotations
 
 import secrets
+import socket
 import uuid
 from collections.abc import AsyncIterator, Iterator, Mapping
 from concurrent.futures import ProcessPoolExecutor
@@ -45,7 +46,13 @@ from runtime.config import ConfigError, load_config_file, load_settings
 from runtime.pykka_supervision import ActorName
 from runtime.supervision import ChildSpec, Supervisor, run_root
 from storage.migrations import apply_migrations
-from storage.shared_limits import BucketTake, PeriodQuota, QuotaRefused, SharedLimits
+from storage.shared_limits import (
+    BucketTake,
+    PeriodQuota,
+    QuotaRefused,
+    SharedLimits,
+    SharedLimitsUnavailable,
+)
 from tests.chat_support import ALICE, Caller, provider_table, upstream_thread, write_config
 from tests.fake_openai import FakeOpenAI, Reply
 from tests.harness import (
@@ -423,6 +430,32 @@ async def test_a_database_that_stops_answering_costs_one_bounded_pause(
 
 
 # -- a node restart --------------------------------------------------------------------------
+
+
+def test_a_flood_during_an_outage_queues_no_statement_behind_a_stuck_one() -> None:
+    """A peer that takes TCP connections and never answers (the startup packet goes
+    unanswered, and ``Connector.abort`` has no socket to cut yet): the first statement's
+    caller gives up after ``answer_within``; while that reconnection still hangs, every
+    further call fails at once with :class:`SharedLimitsUnavailable`, and the worker's queue
+    holds no item. Before the fix each call queued one more statement behind the stuck one
+    (the executor's queue is unbounded) and waited ``answer_within`` again."""
+    hole = socket.create_server(("127.0.0.1", 0))  # listens, never accepts: the kernel does
+    port = hole.getsockname()[1]
+    store = SharedLimits(
+        f"postgresql://postgres@127.0.0.1:{port}/x",
+        answer_within=0.2,
+        connect_timeout=60,
+    )
+    try:
+        with pytest.raises(SharedLimitsUnavailable, match="did not answer within"):
+            store.live_nodes()
+        for _ in range(50):
+            with pytest.raises(SharedLimitsUnavailable, match="not queuing another"):
+                store.take([BucketTake("k", 10, 1)])
+        assert store._worker._work_queue.qsize() == 0
+    finally:
+        hole.close()  # the stuck connection is reset: the worker ends, close() joins it
+        store.close()
 
 
 @pytest.fixture(scope="module")
