@@ -319,6 +319,12 @@ class Ledger:
         for client in self.clients.values():
             client.requests = _bucket(rpm, self.spent_at, share)
 
+    def _share_note(self) -> str:
+        """What a refusal adds while this node holds only its share of each rate limit."""
+        if self.share <= 1:
+            return ""
+        return f" (this node holds 1/{self.share} of it while the limits database does not answer)"
+
     def session(self, session_id: str) -> SessionLedger:
         ledger = self.sessions.get(session_id)
         if ledger is None:
@@ -455,8 +461,8 @@ class Ledger:
             if wait:
                 return Blocked(
                     LimitName.CLIENT_REQUESTS,
-                    f"this client may make {limits.requests_per_minute} requests/min{whose}; "
-                    f"retry in {wait:.1f} s",
+                    f"this client may make {limits.requests_per_minute} requests/min{whose}"
+                    f"{self._share_note()}; retry in {wait:.1f} s",
                     retry_after=wait,
                 )
         return None
@@ -468,6 +474,16 @@ class Ledger:
         if provider.tokens is not None:
             wait = provider.tokens.wait_for(demand.tokens, now)
             if wait is None:
+                if self.share > 1:
+                    # Larger than this node's share only: not for good, the database may
+                    # come back (and with it the whole limit).
+                    return Blocked(
+                        LimitName.PROVIDER_TOKENS,
+                        f"this call reserves {demand.tokens} tokens (prompt estimate + "
+                        f"max_tokens), more than this node's share of upstream "
+                        f"{provider.name!r}'s {limits.tokens_per_minute} tokens/min"
+                        f"{self._share_note()}; retry later",
+                    )
                 return Blocked(
                     LimitName.PROVIDER_TOKENS,
                     f"this call reserves {demand.tokens} tokens (prompt estimate + "
@@ -480,8 +496,8 @@ class Ledger:
                     Blocked(
                         LimitName.PROVIDER_TOKENS,
                         f"upstream {provider.name!r} allows {limits.tokens_per_minute} "
-                        f"tokens/min and this call reserves {demand.tokens}; retry in "
-                        f"{wait:.1f} s",
+                        f"tokens/min{self._share_note()} and this call reserves "
+                        f"{demand.tokens}; retry in {wait:.1f} s",
                         retry_after=wait,
                     )
                 )
@@ -492,7 +508,7 @@ class Ledger:
                     Blocked(
                         LimitName.PROVIDER_REQUESTS,
                         f"upstream {provider.name!r} allows {limits.requests_per_minute} "
-                        f"requests/min; retry in {wait:.1f} s",
+                        f"requests/min{self._share_note()}; retry in {wait:.1f} s",
                         retry_after=wait,
                     )
                 )

@@ -335,6 +335,32 @@ async def test_a_node_that_made_no_call_yet_still_divides_by_the_live_nodes(
             _connections(shared_url, allowed=True)
 
 
+async def test_a_call_larger_than_the_share_only_is_not_refused_for_good(
+    shared_url: str, mock_clock: MockClock
+) -> None:
+    """300 tokens/min over 3 live nodes: while the database is away this node holds 100. A
+    call of 150 tokens fits the limit, not the share: it is refused for now (-32004, the
+    share named), not as permanently too large (-32005), which would tell its client never
+    to retry. Before the fix it was ``LimitSpent``."""
+    _live_nodes(shared_url, 3)
+    provider = f"p{uuid.uuid4().hex[:8]}"
+    limits = {provider: ProviderLimits(tokens_per_minute=300)}
+    async with _limiter(shared_url, limits) as limiter:
+        await _call(limiter, "frank", provider=provider, tokens=10)  # shared: 3 live nodes
+        try:
+            _connections(shared_url, allowed=False)
+            with pytest.raises(RateLimited) as refused:
+                await _call(limiter, "frank", provider=provider, tokens=10)
+            assert "1/3" in str(refused.value)  # the small call: the share, named
+            with pytest.raises(RateLimited) as refused:
+                await _call(limiter, "frank", provider=provider, tokens=150)
+            assert not isinstance(refused.value, LimitSpent)
+            assert refused.value.limit is LimitName.PROVIDER_TOKENS
+            assert "share" in str(refused.value)
+        finally:
+            _connections(shared_url, allowed=True)
+
+
 @pytest.mark.parametrize("back_at_once", [False, True])
 async def test_a_limiter_that_crashes_while_the_database_is_away_keeps_what_it_counted(
     shared_url: str, mock_clock: MockClock, back_at_once: bool
