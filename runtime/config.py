@@ -334,12 +334,16 @@ class Settings(BaseSettings):
     node_heartbeat_interval: float = Field(
         default=5.0,
         gt=0,
+        le=3600,
         description="Seconds between this node's heartbeats in the nodes table (with its "
         "snapshot: sessions, calls in flight, health). Sub-second values are allowed.",
     )
     node_timeout: float = Field(
         default=30.0,
         gt=0,
+        # A day at most: Postgres's intervals refuse inf (and timestamps 1e16 s back), which
+        # would fail every sweep and the shared limits' count of live nodes at run time.
+        le=86_400,
         description="Seconds without a heartbeat (by the database's clock) after which a node "
         "is dead and any node's sweep interrupts its unfinished tasks and active sessions. "
         "Must exceed node_heartbeat_interval; default half the default resume_grace "
@@ -348,6 +352,7 @@ class Settings(BaseSettings):
     sweep_interval: float = Field(
         default=10.0,
         gt=0,
+        le=86_400,
         description="Seconds between this node's sweeps for dead nodes (every node sweeps; "
         "a dead node is swept once).",
     )

@@ -26,6 +26,7 @@ from typing import Any
 import pytest
 import trio
 
+from runtime.config import ConfigError, load_settings
 from storage.journal import Journal
 from storage.membership import ClusterNode
 from storage.rows import TaskFinished
@@ -304,3 +305,22 @@ def test_a_node_timeout_not_above_the_heartbeat_interval_is_refused(
             database_url=None,
             extra_env={"EXAI_NODE_HEARTBEAT_INTERVAL": heartbeat, "EXAI_NODE_TIMEOUT": timeout},
         )
+
+
+@pytest.mark.parametrize(
+    ("setting", "value"),
+    [
+        ("node_timeout", float("inf")),
+        ("node_timeout", 1e16),
+        ("node_heartbeat_interval", float("inf")),
+        ("sweep_interval", float("inf")),
+    ],
+)
+def test_membership_times_past_their_bounds_are_refused_at_start(
+    setting: str, value: float
+) -> None:
+    """A careless ``EXAI_NODE_TIMEOUT=inf`` (or 1e16) passed ``gt=0`` and then failed every
+    sweep and every count of live nodes in Postgres (``interval out of range``), leaving
+    the shared limits degraded for good; now the start is refused, naming the setting."""
+    with pytest.raises(ConfigError, match=setting):
+        load_settings(**{setting: value})
