@@ -673,11 +673,11 @@ class _Tree:
             if limiter is not None:
                 with trio.move_on_after(interval):
                     try:
-                        snapshot = await limiter.snapshot()
+                        brief = await limiter.brief()
                     except ActorUnavailable:
                         self._limits_seen = None  # restarting: nothing to say
                     else:
-                        self._limits_seen = node_limits(snapshot)
+                        self._limits_seen = node_limits(brief)
             await trio.sleep(interval)
 
     def _snapshot(self) -> dict[str, JsonValue]:

@@ -198,6 +198,16 @@ class SessionUsage(BaseModel):
     cost_reserved_usd: float
 
 
+class LimiterBrief(BaseModel):
+    """The providers' load and how the limits are held (:meth:`RateLimiter.brief`)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    providers: list[ProviderLimitStatus]
+    mode: LimitsMode
+    live_nodes: int
+
+
 class LimiterSnapshot(BaseModel):
     model_config = ConfigDict(frozen=True)
 
@@ -256,12 +266,17 @@ class _Snapshot:
 
 
 @dataclass(frozen=True, slots=True)
+class _Brief:
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
 class _CloseSession:
     session_id: str
     now: float
 
 
-_Message: TypeAlias = _Acquire | _Settle | _Withdraw | _Tick | _Snapshot | _CloseSession
+_Message: TypeAlias = _Acquire | _Settle | _Withdraw | _Tick | _Snapshot | _Brief | _CloseSession
 
 
 # -- the actor -------------------------------------------------------------------------------
@@ -332,6 +347,8 @@ class RateLimiterActor(ServiceActor[_Message]):
                 return self._announced
             case _Snapshot():
                 reply = self._snapshot(now)
+            case _Brief():
+                reply = self._brief(now)
             case _CloseSession(session_id=session_id):
                 reply = self._close_session(session_id, now)
             case _:
@@ -525,6 +542,18 @@ class RateLimiterActor(ServiceActor[_Message]):
         )
 
     def _snapshot(self, now: float) -> LimiterSnapshot:
+        brief = self._brief(now)
+        sessions = [self._session_usage(sid) for sid in self._ledger.sessions]
+        return LimiterSnapshot(
+            providers=brief.providers,
+            sessions=sessions,
+            mode=brief.mode,
+            live_nodes=brief.live_nodes,
+        )
+
+    def _brief(self, now: float) -> LimiterBrief:
+        """The providers' load and how the limits are held, without the per-session counters
+        (what the heartbeat publishes: cheap whatever the number of sessions)."""
         if self._cluster is not None:
             self._cluster.refresh(now)
         waiting: dict[str, int] = {}
@@ -543,11 +572,9 @@ class RateLimiterActor(ServiceActor[_Message]):
             )
             for p in self._ledger.providers.values()
         ]
-        sessions = [self._session_usage(sid) for sid in self._ledger.sessions]
         cluster = self._cluster
-        return LimiterSnapshot(
+        return LimiterBrief(
             providers=providers,
-            sessions=sessions,
             mode="off" if cluster is None else "local_share" if cluster.degraded else "shared",
             live_nodes=1 if cluster is None else cluster.live_nodes,
         )
@@ -663,6 +690,12 @@ class RateLimiter(ServiceClient):
         assert isinstance(result, LimiterSnapshot)
         return result
 
+    async def brief(self) -> LimiterBrief:
+        """:meth:`snapshot` without the sessions: what the node's heartbeat publishes."""
+        result = await self.ask(_Brief(trio.current_time()))
+        assert isinstance(result, LimiterBrief)
+        return result
+
     async def session_usage(self, session_id: str) -> SessionUsage | None:
         snapshot = await self.snapshot()
         return next((s for s in snapshot.sessions if s.session_id == session_id), None)
@@ -768,14 +801,14 @@ async def open_rate_limiter(
             await trio.to_thread.run_sync(ref.stop)
 
 
-def node_limits(snapshot: LimiterSnapshot) -> NodeLimits:
+def node_limits(brief: LimiterBrief) -> NodeLimits:
     """The limiter's view as the node publishes it with its heartbeat (``nodes.snapshot``):
     its mode and each provider's load, at most
     :data:`~storage.membership.SNAPSHOT_PROVIDERS_MAX` providers."""
-    providers = snapshot.providers[:SNAPSHOT_PROVIDERS_MAX]
+    providers = brief.providers[:SNAPSHOT_PROVIDERS_MAX]
     return NodeLimits(
-        mode=snapshot.mode,
-        live_nodes=max(1, snapshot.live_nodes),
+        mode=brief.mode,
+        live_nodes=max(1, brief.live_nodes),
         providers=[
             ProviderUsage(
                 name=p.name[:256],
@@ -792,5 +825,5 @@ def node_limits(snapshot: LimiterSnapshot) -> NodeLimits:
             )
             for p in providers
         ],
-        providers_omitted=len(snapshot.providers) - len(providers),
+        providers_omitted=len(brief.providers) - len(providers),
     )

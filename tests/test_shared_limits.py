@@ -315,8 +315,8 @@ async def test_a_node_that_made_no_call_yet_still_divides_by_the_live_nodes(
     limits = {provider: ProviderLimits(requests_per_minute=60)}
     quotas = {identity: {"day": PeriodQuota(requests=31)}}
     async with _limiter(shared_url, limits, quotas) as limiter:
-        snapshot = await limiter.snapshot()  # what the heartbeat asks, once per interval
-        assert (snapshot.mode, snapshot.live_nodes) == ("shared", 3)
+        brief = await limiter.brief()  # what the heartbeat asks, once per interval
+        assert (brief.mode, brief.live_nodes) == ("shared", 3)
         try:
             _connections(shared_url, allowed=False)
             # The rate's share: 20 requests/min starting spent, one every 3 s (not 1 s).
