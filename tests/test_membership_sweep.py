@@ -161,3 +161,59 @@ def test_forged_node_rows_neither_break_nor_flood_the_cluster_view(db: str) -> N
     assert "\x1b" not in text
     assert "\x07" not in text
     assert "evil\\x1b[2J" in text
+
+
+def test_a_database_lost_mid_sweep_marks_nothing_and_the_next_pass_marks_once(db: str) -> None:
+    """The sweeper's connection is killed while its pass is inside the transaction (its
+    update waits on a task row another connection holds, then the server ends its backend):
+    nothing of the dead node is marked, its row is not swept, and the next pass (a new
+    connection, as ``actors/membership.py`` makes after a failure) marks every task and
+    the session once, with the counts on the node's row."""
+    dead = _node(db, silent="1 hour")
+    failures: list[BaseException] = []
+    with psycopg.connect(db) as blocker:  # a transaction holding one of the dead node's tasks
+        blocker.execute(
+            "select 1 from tasks where node_id = %s order by id limit 1 offset 5 for update",
+            (dead,),
+        )
+        sweeper = psycopg.connect(db, autocommit=True)
+        pid = sweeper.info.backend_pid
+
+        def run() -> None:
+            try:
+                sweep(sweeper, "a", node_timeout=30)
+            except BaseException as exc:  # the test's thread checks it
+                failures.append(exc)
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        try:
+            with psycopg.connect(db, autocommit=True) as admin:
+                for _ in range(5000):  # bounded poll: another backend's state has no event
+                    waiting = admin.execute(
+                        "select wait_event_type = 'Lock' from pg_stat_activity where pid = %s",
+                        (pid,),
+                    ).fetchone()
+                    if waiting and waiting[0]:
+                        break
+                    threading.Event().wait(0.01)
+                else:
+                    pytest.fail("the sweep never waited on the held task row")
+                admin.execute("select pg_terminate_backend(%s)", (pid,))
+        finally:
+            thread.join()
+            sweeper.close()
+        blocker.rollback()
+    assert len(failures) == 1
+    assert isinstance(failures[0], psycopg.OperationalError)
+    assert _statuses(db, dead) == [("running", 2, TASKS)]  # the transaction rolled back
+    assert query(
+        db, "select swept_by, swept_tasks, stopped_at from nodes where node_id = %s", (dead,)
+    ) == [(None, 0, None)]
+    with psycopg.connect(db, autocommit=True) as conn:
+        report = sweep(conn, "b", node_timeout=30)
+    assert (report.tasks, report.sessions, report.swept_nodes) == (TASKS, 1, [dead])
+    assert _statuses(db, dead) == [("interrupted", 3, TASKS)]
+    assert query(
+        db, "select swept_by, swept_tasks, swept_sessions from nodes where node_id = %s", (dead,)
+    ) == [("b", TASKS, 1)]
