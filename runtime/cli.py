@@ -96,6 +96,11 @@ def _serve_parser(commands: Commands[argparse.ArgumentParser]) -> None:
         help="what a call's answer waits for: the database's commit, the local journal's "
         "fsync, or nothing (EXAI_DURABILITY, default journal; docs/persistence.md)",
     )
+    serve.add_argument(
+        "--workers",
+        help="processes serving the port, each a whole node on the one database: N (1..64) "
+        "or auto (one per CPU) (EXAI_WORKERS, default 1; docs/deployment.md)",
+    )
     serve.add_argument("--log-level", help="debug, info, warning, error (EXAI_LOG_LEVEL)")
     serve.add_argument(
         "--trace-sample",
@@ -227,6 +232,7 @@ def _serve(args: argparse.Namespace) -> int:
             durability=args.durability,
             log_level=args.log_level,
             config=args.config,
+            workers=args.workers,
         )
         log_settings = _log_settings(trace_sample=args.trace_sample, log_console=args.log_console)
     except ConfigError as exc:
@@ -234,6 +240,9 @@ def _serve(args: argparse.Namespace) -> int:
     # Everything the server creates (state dir, tokens, journal, logs, server.json, rejected
     # records) is its owner's alone: 0700 directories, 0600 files, from the first byte.
     os.umask(0o077)
+    if settings.worker_index > 0:
+        # A --workers worker: its parent holds the state dir's lock (runtime/workers.py).
+        return _run_worker(settings, log_settings)
     try:
         # Before anything else touches the state dir (the log file is in it): one server per
         # state dir, whatever the other one is doing (runtime/statefile.py).
@@ -241,14 +250,17 @@ def _serve(args: argparse.Namespace) -> int:
     except StartupError as exc:
         return _fail(exc.message, exc.exit_code)
     with lock:
+        if settings.workers > 1:
+            return _run_parent(settings, log_settings)
         return _run_server(settings, log_settings)
 
 
-def _run_server(settings: Settings, log_settings: LogSettings) -> int:
-    """Run the node; the exit code of how it ended, a failure told in one line on stderr."""
+def _start_logging(settings: Settings, log_settings: LogSettings) -> int | None:
+    """The log file (this process's node dir's), warnings and the token's mask; an exit code
+    if the log cannot be written."""
     try:
         configure_logging(
-            settings.log_level, log_file=log_path(settings.state_dir), settings=log_settings
+            settings.log_level, log_file=log_path(settings.node_dir), settings=log_settings
         )
     except OSError as exc:  # logs/ left unwritable (by another user, say)
         unusable = state_dir_unusable(settings.state_dir, exc)
@@ -258,26 +270,82 @@ def _run_server(settings: Settings, log_settings: LogSettings) -> int:
     logging.captureWarnings(True)
     if settings.token:
         register_secret(settings.token)
+    return None
+
+
+def _run_parent(settings: Settings, log_settings: LogSettings) -> int:
+    """``--workers N`` (N >= 2): this process supervises N workers (runtime/workers.py)."""
+    failed = _start_logging(settings, log_settings)
+    if failed is not None:
+        return failed
+    from runtime.workers import WorkerParent  # noqa: PLC0415 - serve alone loads storage
+
+    parent = WorkerParent(settings, log_settings)
+    try:
+        trio.run(parent.run)
+    except Exception as exc:
+        return _failure(settings, exc)
+    if parent.exit_code != 0:
+        return _fail(parent.failure or "a worker failed", parent.exit_code)
+    return 0
+
+
+def _run_worker(settings: Settings, log_settings: LogSettings) -> int:
+    """One worker of a ``--workers`` parent: a node with its own files under
+    ``<state-dir>/workers/<index>``, telling its parent when it serves and stopping when the
+    parent is gone (runtime/workers.py)."""
+    if settings.worker_channel is None:
+        return _fail("EXAI_WORKER_INDEX is set by exai serve --workers only", EXIT_CONFIG)
+    failed = _start_logging(settings, log_settings)
+    if failed is not None:
+        return failed
+    # Every event it logs names it: N workers share the parent's stderr.
+    structlog.contextvars.bind_contextvars(worker=settings.worker_index)
+    from runtime.workers import worker_channel  # noqa: PLC0415 - serve alone loads storage
+
+    announcer, lifeline = worker_channel(settings.worker_channel)
+    from actors.node import run_node  # noqa: PLC0415 - see the module doc
+
+    try:
+        trio.run(
+            partial(run_node, settings, announce=False, announcer=announcer, lifeline=lifeline)
+        )
+    except Exception as exc:
+        return _failure(settings, exc)
+    return 0
+
+
+def _run_server(settings: Settings, log_settings: LogSettings) -> int:
+    """Run the node; the exit code of how it ended, a failure told in one line on stderr."""
+    failed = _start_logging(settings, log_settings)
+    if failed is not None:
+        return failed
     from actors.node import run_node  # noqa: PLC0415 - see the module doc
 
     try:
         trio.run(run_node, settings)
-    except Exception as exc:  # every failure ends in one line and an exit code
-        startup = startup_error_in(exc)
-        if startup is not None:
-            # Logged where it happened (storage.database_*, child.start_failed).
-            return _fail(startup.message, startup.exit_code)
-        if isinstance(exc, SupervisionError):
-            # The root supervisor gave up (or could not start its children): the tree could
-            # not heal itself within its restart intensity. The cause is in the log, once.
-            cause = f" (last error: {exc.__cause__!r})" if exc.__cause__ else ""
-            return _fail(f"the server stopped: {exc}{cause}", EXIT_GAVE_UP)
-        log.exception("server.failed")  # the traceback goes to the log, as any crash's
-        return _fail(
-            f"the server stopped: {exc!r}; the traceback is in {log_path(settings.state_dir)}",
-            EXIT_GAVE_UP,
-        )
+    except Exception as exc:
+        return _failure(settings, exc)
     return 0
+
+
+def _failure(settings: Settings, exc: Exception) -> int:
+    """How a server that raised ``exc`` ends: its exit code, told in one line on stderr."""
+    # Every failure ends in one line and an exit code.
+    startup = startup_error_in(exc)
+    if startup is not None:
+        # Logged where it happened (storage.database_*, child.start_failed).
+        return _fail(startup.message, startup.exit_code)
+    if isinstance(exc, SupervisionError):
+        # The root supervisor gave up (or could not start its children): the tree could
+        # not heal itself within its restart intensity. The cause is in the log, once.
+        cause = f" (last error: {exc.__cause__!r})" if exc.__cause__ else ""
+        return _fail(f"the server stopped: {exc}{cause}", EXIT_GAVE_UP)
+    log.exception("server.failed")  # the traceback goes to the log, as any crash's
+    return _fail(
+        f"the server stopped: {exc!r}; the traceback is in {log_path(settings.node_dir)}",
+        EXIT_GAVE_UP,
+    )
 
 
 def _log_settings(**overrides: object) -> LogSettings:
