@@ -179,6 +179,12 @@ def _status_parser(commands: Commands[argparse.ArgumentParser]) -> None:
         help="also every node sharing the server's database: heartbeat age, alive/dead/"
         "stopped, sessions, calls in flight (read by the server from its nodes table)",
     )
+    status.add_argument(
+        "--worker",
+        type=int,
+        metavar="N",
+        help="of a --workers server, worker N alone (default: every worker in turn)",
+    )
     status.add_argument("--watch", action="store_true", help="refresh until interrupted")
     status.add_argument(
         "--interval", type=float, default=2.0, help="seconds between refreshes (default 2)"
@@ -460,19 +466,48 @@ def _status(args: argparse.Namespace) -> int:
 def _status_once(
     state_dir: Path, args: argparse.Namespace, token: str | None, *, clear: bool
 ) -> int:
+    """One refresh: a single node's document, or, for a ``--workers`` server, each worker's
+    in turn under a ``worker N`` header (``--json``: ``{"workers": [{"worker": N, "status":
+    {...}}]}``), the cluster's table once, with the first worker's. A worker that cannot be
+    asked (restarting) is one line on stderr, and the exit code is its failure's."""
     try:
-        target = status_view.locate(state_dir, url=args.url, token=token)
-        status = status_view.fetch(target, cluster=args.cluster)
+        targets = status_view.locate(state_dir, url=args.url, token=token, worker=args.worker)
     except status_view.StatusFailure as failure:
         if clear and sys.stdout.isatty():
             print("\x1b[H\x1b[2J", end="")
         return _fail(str(failure), failure.code)
-    text = status.model_dump_json(indent=2) + "\n" if args.json else status_view.render(status)
+    code = status_view.EXIT_OK
+    sections: list[str] = []
+    documents: list[dict[str, object]] = []
+    several = len(targets) > 1
+    for position, target in enumerate(targets):
+        try:
+            status = status_view.fetch(target, cluster=args.cluster and position == 0)
+        except status_view.StatusFailure as failure:
+            where = f"worker {target.worker}: " if target.worker is not None else ""
+            print(f"exai: {where}{failure}", file=sys.stderr)
+            code = code or failure.code
+            continue
+        if args.json and several:
+            documents.append({"worker": target.worker, "status": status.model_dump(mode="json")})
+        elif args.json:
+            sections.append(status.model_dump_json(indent=2) + "\n")
+        elif target.worker is not None:
+            header = f"── worker {target.worker} of {len(targets)} " if several else ""
+            sections.append(
+                (header or f"── worker {target.worker} ")
+                + "─" * 20
+                + "\n"
+                + status_view.render(status)
+            )
+        else:
+            sections.append(status_view.render(status))
+    text = json.dumps({"workers": documents}, indent=2) + "\n" if documents else "".join(sections)
     if clear and sys.stdout.isatty():
         text = "\x1b[H\x1b[2J" + text  # redraw in place, like top
     sys.stdout.write(text)
     sys.stdout.flush()
-    return status_view.EXIT_OK
+    return code
 
 
 def _trace(args: argparse.Namespace) -> int:
