@@ -24,7 +24,13 @@ import trio
 from pydantic import ValidationError
 
 from runtime import status_view, trace_view
-from runtime.config import ConfigError, Settings, load_settings, require_private
+from runtime.config import (
+    ConfigError,
+    Settings,
+    load_config_file,
+    load_settings,
+    require_private,
+)
 from runtime.logs import (
     LogSettings,
     configure_logging,
@@ -281,6 +287,11 @@ def _start_logging(settings: Settings, log_settings: LogSettings) -> int | None:
 
 def _run_parent(settings: Settings, log_settings: LogSettings) -> int:
     """``--workers N`` (N >= 2): this process supervises N workers (runtime/workers.py)."""
+    try:
+        # Checked once here, so a bad file is one message, not one per worker.
+        load_config_file(settings.config)
+    except ConfigError as exc:
+        return _fail(str(exc), EXIT_CONFIG)
     failed = _start_logging(settings, log_settings)
     if failed is not None:
         return failed
@@ -536,16 +547,19 @@ def _trace(args: argparse.Namespace) -> int:
                 if wanted.matches(event):
                     show(event)
             return 0
-        files = trace_view.log_files(path)
-        if not files:
+        # A --workers server's workers log apart (<state-dir>/workers/N/logs): read them all,
+        # in time order, unless --file names one.
+        logs = [trace_view.log_files(path)] if args.file else trace_view.node_logs(path)
+        if not logs:
             return _fail(f"no log at {path} (has a server run with this state dir?)", 3)
         if args.timeline:
-            timeline = trace_view.build_timeline(trace_view.select(files, wanted), args.timeline)
+            events = trace_view.select_merged(logs, wanted)
+            timeline = trace_view.build_timeline(events, args.timeline)
             if timeline is None:
                 return _fail(f"no events of trace {args.timeline} in {path}", 1)
             sys.stdout.write(trace_view.render_timeline(timeline))
             return 0
-        for event in trace_view.select(files, wanted):
+        for event in trace_view.select_merged(logs, wanted):
             show(event)
     except KeyboardInterrupt:
         return 0

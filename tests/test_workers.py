@@ -7,7 +7,8 @@ scenario, in order, to start the server once:
 
 1. MCP on the one port reaches both workers: sessions are opened (and held) until each
    worker's own admin interface counts one; both node ids are in ``nodes``;
-2. ``exai status`` shows every worker (text and ``--json``), ``--worker N`` one;
+2. ``exai status`` shows every worker (text and ``--json``), ``--worker N`` one, and
+   ``exai trace`` reads every worker's log;
 3. a worker SIGKILLed while a task runs on it is restarted (a new pid and node id at its
    index in ``server.json``); its successor's recovery replays its journal and marks its
    task ``interrupted``, once (the dead node's row counts one task, swept by the successor;
@@ -216,6 +217,19 @@ async def _killed_worker_is_restarted(
     assert recoveries[0]["node_id"] == successor.node_id
     assert recoveries[0]["interrupted_tasks"] == 1
     assert recoveries[0]["journals"], "the dead worker's journal was replayed"
+    # exai trace reads every worker's log (workers/<index>/logs), in time order.
+    state = str(server.state_dir)
+    traced = await trio.to_thread.run_sync(
+        lambda: subprocess.run(
+            [str(EXAI), "trace", "--event", "recovery.done", "--json", "--state-dir", state],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+    )
+    recovered = [json.loads(line)["node_id"] for line in traced.stdout.splitlines()]
+    assert sorted(recovered) == sorted([*(w.node_id for w in workers.values()), successor.node_id])
     crashed = [e for e in server.log_events() if e["event"] == "child.crashed"]
     assert [e["path"] for e in crashed] == [f"/workers/worker-{victim.index}"]
 
