@@ -31,6 +31,7 @@ serves no MCP itself and does no per-call work; it:
 * writes ``server.json`` (the shared URL, and each worker's pid, node id and admin
   interface: ``exai status`` asks every worker) once every worker serves, rewrites it when
   a successor does, and prints the one ``serving MCP on`` line;
+* passes SIGHUP on to every worker (each reloads its client tokens and tool access);
 * on SIGINT/SIGTERM asks every worker at once to stop (SIGTERM: each drains as a node
   does), waits for all, then stops the Postgres and releases the lock (exit 0); a second
   signal is passed on too (it cuts each worker's drain short).
@@ -159,6 +160,9 @@ class WorkerParent:
         #: How it ended: 0, or the code of a worker that could not start (2..5), or 1.
         self.exit_code = 0
         self.failure: str | None = None
+        self.started_at = datetime.now(UTC)
+        #: The running worker processes, by index (SIGHUP is passed on to each).
+        self._processes: dict[int, trio.Process] = {}
         self.supervisor = Supervisor(
             [
                 ChildSpec(
@@ -185,7 +189,7 @@ class WorkerParent:
         reverse, everything stopped. Raises :class:`~storage.startup_errors.StartupError`
         (the port, the embedded Postgres) before any worker starts, and
         :class:`~runtime.supervision.SupervisionError` if the workers' supervisor gives up."""
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
             try:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._watch_signals, signals)
@@ -199,8 +203,15 @@ class WorkerParent:
     async def _watch_signals(self, signals: AsyncIterator[int]) -> None:
         received = 0
         async for signum in signals:
-            received += 1
             name = signal.Signals(signum).name
+            if signum == signal.SIGHUP:
+                # Each worker reloads its client tokens and tool access (actors/node.py).
+                log.info("workers.reloading", workers=len(self._processes))
+                for process in self._processes.values():
+                    with contextlib.suppress(ProcessLookupError):
+                        process.send_signal(signal.SIGHUP)
+                continue
+            received += 1
             if received == 1:
                 log.info("workers.stopping", signal=name)
                 self.stopping.set()
@@ -248,21 +259,9 @@ class WorkerParent:
         if self.stopping.is_set():
             ctx.started()
             return
-        ours, theirs = socket.socketpair()
-        try:
-            process = await trio.lowlevel.open_process(
-                [sys.executable, "-m", "runtime.cli", "serve"],
-                env=self._environment(slot.index, theirs.fileno()),
-                pass_fds=(theirs.fileno(),),
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,  # its own group: the terminal's signals are ours
-            )
-        except BaseException:
-            ours.close()
-            raise
-        finally:
-            theirs.close()
+        process, ours = await self._spawn(slot.index)
         slot.pid, slot.info, slot.started_at = process.pid, None, trio.current_time()
+        self._processes[slot.index] = process
         log.info("workers.started", worker=slot.index, pid=process.pid, restarts=ctx.restarts)
         ctx.started()
         channel = trio.socket.from_stdlib_socket(ours)
@@ -274,6 +273,7 @@ class WorkerParent:
                 nursery.cancel_scope.cancel()
         finally:
             channel.close()
+            self._processes.pop(slot.index, None)
             if process.returncode is None:  # cancelled: nobody waits for a drain any more
                 with trio.CancelScope(shield=True):
                     with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -281,16 +281,39 @@ class WorkerParent:
                     await process.wait()
         slot.info = None
         slot.exits.append(code)
-        if ctx.stop_requested.is_set():
-            log.info("workers.exited", worker=slot.index, pid=process.pid, exit_code=code)
+        self._ended(slot, process.pid, code, asked=ctx.stop_requested.is_set())
+
+    async def _spawn(self, index: int) -> tuple[trio.Process, socket.socket]:
+        """Worker ``index``'s process, and the parent's end of their socket pair."""
+        ours, theirs = socket.socketpair()
+        try:
+            process = await trio.lowlevel.open_process(
+                [sys.executable, "-m", "runtime.cli", "serve"],
+                env=self._environment(index, theirs.fileno()),
+                pass_fds=(theirs.fileno(),),
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,  # its own group: the terminal's signals are ours
+            )
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        return process, ours
+
+    def _ended(self, slot: _Slot, pid: int, code: int, *, asked: bool) -> None:
+        """A worker's process has exited with ``code``: stopped (``asked``), failed to start
+        (the parent stops too), or died (raises :class:`WorkerExited`: restarted)."""
+        if asked:
+            log.info("workers.exited", worker=slot.index, pid=pid, exit_code=code)
             if code != 0 and self.exit_code == 0:
                 self.exit_code = EXIT_FAILED
-                self.failure = f"worker {slot.index} (pid {process.pid}) stopped with {code}"
+                self.failure = f"worker {slot.index} (pid {pid}) stopped with {code}"
             return
         if not self.serving.is_set():
             # It could not start (its own line on stderr says why: a bad config, the
             # database): the server does not start either, with the worker's exit code.
-            log.error("workers.start_failed", worker=slot.index, pid=process.pid, exit_code=code)
+            log.error("workers.start_failed", worker=slot.index, pid=pid, exit_code=code)
             if self.exit_code == 0:
                 self.exit_code = code if 2 <= code <= 5 else EXIT_FAILED
                 self.failure = (
@@ -300,7 +323,7 @@ class WorkerParent:
             self.stopping.set()
             return
         self._write_server_info()
-        raise WorkerExited(slot.index, process.pid, code)
+        raise WorkerExited(slot.index, pid, code)
 
     async def _pass_signals_on(self, process: trio.Process, stop_requested: trio.Event) -> None:
         """The supervisor's stop request, then the operator's second signal, as SIGTERMs."""
@@ -371,7 +394,7 @@ class WorkerParent:
             ServerInfo(
                 url=self.url,
                 pid=os.getpid(),
-                started_at=datetime.now(UTC),
+                started_at=self.started_at,
                 protocol_versions=_versions(),
                 admin_url=workers[0].admin_url if workers else None,
                 http_url=self.http_url,

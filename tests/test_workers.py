@@ -7,8 +7,8 @@ scenario, in order, to start the server once:
 
 1. MCP on the one port reaches both workers: sessions are opened (and held) until each
    worker's own admin interface counts one; both node ids are in ``nodes``;
-2. ``exai status`` shows every worker (text and ``--json``), ``--worker N`` one, and
-   ``exai trace`` reads every worker's log;
+2. ``exai status`` shows every worker (text and ``--json``), ``--worker N`` one; SIGHUP to
+   the parent reaches every worker; ``exai trace`` reads every worker's log;
 3. a worker SIGKILLed while a task runs on it is restarted (a new pid and node id at its
    index in ``server.json``); its successor's recovery replays its journal and marks its
    task ``interrupted``, once (the dead node's row counts one task, swept by the successor;
@@ -16,8 +16,10 @@ scenario, in order, to start the server once:
 4. SIGTERM to the parent: exit 0, no worker left, the embedded Postgres stopped, the state
    dir's lock free, ``server.json`` gone.
 
-Apart: bad ``--workers`` values are refused with exit code 2 before anything starts, and a
-parent killed with SIGKILL leaves no worker behind (their lifeline ends).
+Apart: bad ``--workers`` values are refused with exit code 2 before anything starts; a worker
+that cannot start (its database refused) stops the server with its exit code, leaving no
+worker behind; and a parent killed with SIGKILL leaves no worker behind (their lifeline
+ends).
 
 Other processes write what is checked, so the test polls with a deadline
 (:func:`tests.harness.wait_until`), which bounds only a failure, never paces a success.
@@ -29,6 +31,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -174,6 +177,17 @@ async def _status_shows_every_worker(server: ServerProcess, workers: dict[int, W
     assert [(d["worker"], d["status"]["node"]["node_id"]) for d in shown] == [
         (w.index, w.node_id) for w in workers.values()
     ]
+    # SIGHUP to the parent reaches every worker: each reloads its tokens.
+    server.process.send_signal(signal.SIGHUP)
+    await wait_until(
+        lambda: (
+            sorted(
+                e.get("worker", 0) for e in server.log_events() if e["event"] == "config.reloaded"
+            )
+            == [1, 2]
+        ),
+        what="both workers reloaded",
+    )
     one = await trio.to_thread.run_sync(_status, server, "--json", "--worker", "2")
     assert one.returncode == 0, one.stderr
     assert NodeStatus.model_validate_json(one.stdout).node.node_id == workers[2].node_id
@@ -284,3 +298,27 @@ async def test_workers_do_not_outlive_a_killed_parent(database_url: str, tmp_pat
     await wait_until(lambda: not any(_alive(pid) for pid in pids), what="workers gone")
     gone = [e for e in server.log_events() if e["event"] == "server.parent_gone"]
     assert sorted(e["worker"] for e in gone) == [1, 2]
+
+
+def test_a_worker_that_cannot_start_stops_the_server_with_its_code(tmp_path: Path) -> None:
+    port = socket.socket()  # nothing listens on its port: the database is refused at once
+    port.bind(("127.0.0.1", 0))
+    with port:
+        unreachable = f"postgresql://exai@127.0.0.1:{port.getsockname()[1]}/exai"
+        argv = [str(EXAI), "serve", "--workers", "2", "--port", "0", "--database-wait", "0"]
+        argv += ["--state-dir", str(tmp_path / "state"), "--database-url", unreachable]
+        done = subprocess.run(
+            argv,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+            env={**os.environ, "EXAI_LOG_CONSOLE": "json"},
+        )
+    assert done.returncode == 4, done.stderr
+    assert "could not start (exit code 4)" in done.stderr.splitlines()[-1]
+    events = [json.loads(line) for line in done.stderr.splitlines() if line.startswith("{")]
+    started = [e["pid"] for e in events if e["event"] == "workers.started"]
+    assert len(started) == 2
+    assert not any(_alive(pid) for pid in started)
+    assert not (tmp_path / "state" / "server.json").exists()
