@@ -306,7 +306,8 @@ class WorkerParent:
         (the parent stops too), or died (raises :class:`WorkerExited`: restarted)."""
         if asked:
             log.info("workers.exited", worker=slot.index, pid=pid, exit_code=code)
-            if code != 0 and self.exit_code == 0:
+            # -SIGTERM: asked before its signal handler was installed (still importing).
+            if code not in (0, -signal.SIGTERM) and self.exit_code == 0:
                 self.exit_code = EXIT_FAILED
                 self.failure = f"worker {slot.index} (pid {pid}) stopped with {code}"
             return
