@@ -85,6 +85,9 @@ class ClusterMemory:
     must not lose."""
 
     live_nodes: int = 1
+    #: The database's clock as last read, and the trio time then: the UTC day and month of
+    #: the local share follow the database's calendar, not this machine's clock.
+    database_time: tuple[dt.datetime, float] | None = None
     known: dict[tuple[str, Period], PeriodUsage] = field(default_factory=dict)
     pending: dict[tuple[str, Period, dt.date], _Pending] = field(default_factory=dict)
 
@@ -303,6 +306,7 @@ class ClusterLimits:
             del self._pending[(identity, period, start)]
         self._memory.live_nodes = self._store.live_nodes()
         self._nodes_read_at = now
+        self._memory.database_time = (self._store.clock(), now)
         for identity in self._quotas:
             self._remember(identity, tuple(self._store.usage(identity)))
 
@@ -327,7 +331,7 @@ class ClusterLimits:
         quotas = self._quotas.get(demand.identity)
         counted: list[PeriodUsage] = []
         if quotas:
-            today = dt.datetime.now(dt.UTC).date()  # the calendar, not a duration
+            today = self._today(now)
             for period, quota in sorted(quotas.items()):
                 start = period_start(period, today)
                 known = self._known.get((demand.identity, period))
@@ -353,6 +357,15 @@ class ClusterLimits:
         return None
 
     # -- helpers ---------------------------------------------------------------------------
+
+    def _today(self, now: float) -> dt.date:
+        """Today in UTC by the database's clock as last read, moved on by the trio time
+        since (a monotonic duration): a node whose own clock is off does not count its share
+        in another day's row. This machine's clock only if the database was never read."""
+        if self._memory.database_time is None:
+            return dt.datetime.now(dt.UTC).date()
+        at, read_at = self._memory.database_time
+        return (at + dt.timedelta(seconds=max(0.0, now - read_at))).astimezone(dt.UTC).date()
 
     def _key(self, demand: Demand, what: str) -> str:
         upstream = self._upstreams.get(demand.provider, f"provider:{demand.provider}")

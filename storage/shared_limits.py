@@ -240,6 +240,11 @@ class SharedLimits:
         if takes:
             self._run("select exai_rate_adjust(%s, %s, %s)", _columns(takes))
 
+    def clock(self) -> dt.datetime:
+        """The database's clock now (``clock_timestamp()``, timezone-aware)."""
+        at: dt.datetime = self._run("select clock_timestamp()", ())[0][0]
+        return at
+
     def live_nodes(self) -> int:
         """Nodes alive by :mod:`storage.membership`'s definition (not stopped, a heartbeat
         fresher than ``node_timeout`` by the database's clock); at least 1 (this node counts

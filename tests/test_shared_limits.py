@@ -389,6 +389,30 @@ async def test_a_call_larger_than_the_share_only_is_not_refused_for_good(
             _connections(shared_url, allowed=True)
 
 
+async def test_the_local_share_follows_the_databases_calendar_not_this_machines(
+    shared_url: str, mock_clock: MockClock
+) -> None:
+    """While the database is away the local share counts in the UTC day of the database's
+    clock as last read, moved on by the (monotonic) time since: after a day of trio time
+    the share is a new day's, although this machine's wall clock (unchanged in the test)
+    still says the old day. Before the fix the day came from this machine's clock."""
+    _live_nodes(shared_url, 1)
+    identity = f"gil-{uuid.uuid4().hex[:8]}"
+    quotas = {identity: {"day": PeriodQuota(requests=2)}}
+    async with _limiter(shared_url, quotas=quotas) as limiter:
+        await _call(limiter, identity)  # shared: 1 of 2 used today
+        try:
+            _connections(shared_url, allowed=False)
+            await _call(limiter, identity)  # the share: what is left today, 1
+            with pytest.raises(RateLimited) as refused:
+                await _call(limiter, identity)
+            assert refused.value.limit is LimitName.CLIENT_QUOTA
+            mock_clock.jump(86_400.0)  # a day later by the database's calendar
+            await _call(limiter, identity)  # a new day: its share is the whole quota
+        finally:
+            _connections(shared_url, allowed=True)
+
+
 @pytest.mark.parametrize("back_at_once", [False, True])
 async def test_a_limiter_that_crashes_while_the_database_is_away_keeps_what_it_counted(
     shared_url: str, mock_clock: MockClock, back_at_once: bool
