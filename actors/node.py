@@ -72,6 +72,7 @@ from actors.rate_limiter import RateLimiterActor, supervised_rate_limiter
 from actors.servers import ProxiedServers, RemoteEndpoint
 from actors.servers.host import endpoint as server_endpoint
 from actors.session import SessionBounds, SessionConfig, SessionLifecycle, SessionServices
+from actors.session.handover import Handover
 from actors.session.mail import announce_tools_changed
 from actors.status import LiveSession, NodeStatusSource
 from actors.tasks import TaskHost
@@ -113,6 +114,7 @@ from storage.journal import Journal
 from storage.membership import NodeSnapshot
 from storage.migrations import apply_migrations
 from storage.recovery import recover
+from storage.session_handover import SessionClaims
 from storage.shared_limits import SharedLimits
 from storage.startup_errors import DatabaseUnavailable, DatabaseUnreachable, StartupError
 from storage.threads import ThreadStore
@@ -492,6 +494,21 @@ class _Tree:
             retention_ms=round(settings.task_retention * 1000),
             node_timeout=settings.node_timeout,
         )
+        #: Resumes on any node sharing the database (actors/session/handover.py); its pool
+        #: is opened by the listener child, which serves the resumes.
+        self.handover = (
+            Handover(
+                SessionClaims(
+                    database_url,
+                    node_id,
+                    node_timeout=settings.node_timeout,
+                    grace=settings.resume_grace,
+                ),
+                self.persistence,
+            )
+            if settings.resume_grace > 0
+            else None
+        )
         self.services = SessionServices(
             tools=builtin_tools(
                 test_faults=settings.test_faults,
@@ -521,6 +538,7 @@ class _Tree:
             registry=self.registry,
             sessions=self.sessions_supervisor,
             bounds=bounds,
+            handover=self.handover,
         )
         self.lifecycle = SessionLifecycle(self.services)
         #: ``/root/servers``: the proxied MCP servers of ``[servers]`` (docs/tools.md).
@@ -715,6 +733,8 @@ class _Tree:
             ),
         )
         self.http = server.http
+        if self.handover is not None:
+            self.handover.claims.open()  # connects in the pool's own threads; returns at once
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(registry.run)  # the reaper of parked sessions
@@ -740,6 +760,10 @@ class _Tree:
                 # error itself (logged without a traceback), not the nurseries' wrapping.
                 raise error from error.__cause__
             raise
+        finally:
+            if self.handover is not None:
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(self.handover.claims.close)
         await registry.expire_all()
 
     def _announce(self, url: str, http_url: str) -> None:

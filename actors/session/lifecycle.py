@@ -29,6 +29,7 @@ from trio_websocket import CloseReason, ConnectionClosed, WebSocketConnection
 from actors.persistence import StorageUnavailable
 from actors.session.actor import Mail
 from actors.session.config import SessionServices
+from actors.session.handover import LookupRefused
 from actors.session.http import serve_http_session
 from actors.session.runner import end_session, open_session, record_end, run_session
 from actors.session.state import SessionState
@@ -42,10 +43,11 @@ from runtime.connection import (
 )
 from runtime.mailbox import ActorRef
 from runtime.outbox import Outbox
-from runtime.server import Handshake
-from runtime.session_registry import Ending, SessionEntry
+from runtime.server import Handshake, ResumeRefused
+from runtime.session_registry import Ending, SessionEntry, SessionPhase
 from runtime.streamable_http.session_transport import HttpSessionTransport
 from runtime.websocket_transport import WebSocketTransport
+from storage.session_handover import Refusal
 
 log = structlog.get_logger("session")
 
@@ -79,17 +81,69 @@ class SessionLifecycle:
             raise ValueError("a node's sessions need their supervisor (services.sessions)")
         self.supervisor = services.sessions
 
-    def claim(self, session_id: str, identity: str) -> LiveSession | None:
-        return self.registry.claim(session_id, identity)
+    async def claim(self, session_id: str, identity: str, remote: str) -> object:
+        """A resume: the session's :class:`LiveSession`, now ``CLAIMED`` for the new
+        connection, or a :class:`ResumeRefused`.
+
+        Held here parked: claimed at once, then confirmed in the database at its epoch; a
+        copy another node claimed since is dropped (no end written: the session is that
+        node's) and the claim goes on as for an id held elsewhere. Held elsewhere (parked on
+        another node, or left attached on a dead one): claimed from the database
+        (:mod:`actors.session.handover`). Another identity's session is unknown to this
+        one, wherever it is held and whatever its phase: 404, as for an id never issued.
+        """
+        registry = self.registry
+        entry = registry.get(session_id)
+        if entry is not None:
+            if entry.identity != identity:
+                return ResumeRefused.UNKNOWN
+            if entry.phase is not SessionPhase.PARKED:
+                return ResumeRefused.ATTACHED
+            live = registry.claim(session_id, identity)
+            handover = self.services.handover
+            if live is None or handover is None:
+                return live or ResumeRefused.UNKNOWN
+            if await handover.reclaim(live.state, remote):
+                return live
+            # Another node claimed it while it was parked here: this copy is stale.
+            registry.end(session_id)
+            log.info("session.handed_over", session_id=session_id)
+            if self.services.session_ended is not None:
+                await self.services.session_ended(session_id)
+        return await self._claim_elsewhere(session_id, identity, remote)
+
+    async def _claim_elsewhere(self, session_id: str, identity: str, remote: str) -> object:
+        handover = self.services.handover
+        if handover is None:
+            return ResumeRefused.UNKNOWN
+        try:
+            claimed = await handover.claim(session_id, identity, remote)
+        except LookupRefused:
+            return ResumeRefused.BUSY
+        if claimed is Refusal.ATTACHED:
+            return ResumeRefused.ATTACHED
+        if claimed is Refusal.UNKNOWN:
+            return ResumeRefused.UNKNOWN
+        if session_id in self.registry:
+            # Only a claim of the same id by another connection of this node, at the same
+            # moment, could have put it here; the database gave it to this one.
+            return ResumeRefused.ATTACHED
+        live = LiveSession(claimed, None, transport="websocket")
+        self.registry.adopt(session_id, identity, live)
+        return live
 
     async def unclaim(self, resumed: object) -> None:
         if not isinstance(resumed, LiveSession):
             return
-        if not self.registry.unclaim(resumed.state.session_id):
-            # Parking has stopped: the node is shutting down, the session is over.
-            entry = self.registry.end(resumed.state.session_id)
-            if entry is not None:
-                await self._expire_parked(entry)
+        state = resumed.state
+        if self.registry.unclaim(state.session_id):
+            if self.services.handover is not None:
+                await self.services.handover.publish_park(state)
+            return
+        # Parking has stopped: the node is shutting down, the session is over.
+        entry = self.registry.end(state.session_id)
+        if entry is not None:
+            await self._expire_parked(entry)
 
     async def serve_http(
         self,
@@ -177,6 +231,9 @@ class SessionLifecycle:
         if dropped and self.registry.park(state.session_id, ending):
             if entry is not None:
                 entry.session.mailbox = entry.session.outbox = None  # gone with the socket
+            if self.services.handover is not None:
+                # Any node its client reconnects to may claim it now.
+                await self.services.handover.publish_park(state)
             return
         with trio.CancelScope(shield=True):
             await end_session(self.services, state, ending.code, ending.reason)

@@ -92,7 +92,7 @@ from runtime.mcp.schema import (
     UpdateTaskParams,
 )
 from runtime.mcp.tools import ToolRegistry
-from storage.rows import SessionIdentified
+from storage.rows import SessionIdentified, SessionLogLevel
 from storage.task_queries import TaskReadError
 from storage.untrusted import clip
 
@@ -510,7 +510,12 @@ async def _set_level(
     session: SessionMethods, request: jsonrpc.Request, version: str
 ) -> EmptyResult:
     """``logging/setLevel``: the threshold of ``notifications/message`` from now on."""
-    session.state.set_log_level(params(SetLevelParams, request).level)
+    state = session.state
+    state.set_log_level(params(SetLevelParams, request).level)
+    # Journaled (no round trip): part of what a resume on another node restores.
+    session.persistence.write_soon(
+        SessionLogLevel(session_id=state.session_id, epoch=state.epoch, log_level=state.log_level)
+    )
     return EmptyResult()
 
 

@@ -94,6 +94,7 @@ async def open_session(
             created_at=datetime.now(UTC),
             remote_addr=remote,
             node_id=services.config.node_id,
+            identity=identity,
         ),
         fsync=False,
     )
@@ -211,6 +212,7 @@ async def record_end(
                 last_activity=closed,
                 tool_calls=state.tool_calls,
                 tool_errors=state.tool_errors,
+                epoch=state.epoch,
             )
         )
         if services.session_ended is not None:
