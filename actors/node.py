@@ -496,18 +496,14 @@ class _Tree:
         )
         #: Resumes on any node sharing the database (actors/session/handover.py); its pool
         #: is opened by the listener child, which serves the resumes.
-        self.handover = (
-            Handover(
-                SessionClaims(
-                    database_url,
-                    node_id,
-                    node_timeout=settings.node_timeout,
-                    grace=settings.resume_grace,
-                ),
-                self.persistence,
-            )
-            if settings.resume_grace > 0
-            else None
+        self.handover = Handover(
+            SessionClaims(
+                database_url,
+                node_id,
+                node_timeout=settings.node_timeout,
+                grace=settings.resume_grace,
+            ),
+            self.persistence,
         )
         self.services = SessionServices(
             tools=builtin_tools(
@@ -733,8 +729,7 @@ class _Tree:
             ),
         )
         self.http = server.http
-        if self.handover is not None:
-            self.handover.claims.open()  # connects in the pool's own threads; returns at once
+        self.handover.claims.open()  # connects in the pool's own threads; returns at once
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(registry.run)  # the reaper of parked sessions
@@ -761,9 +756,8 @@ class _Tree:
                 raise error from error.__cause__
             raise
         finally:
-            if self.handover is not None:
-                with trio.CancelScope(shield=True):
-                    await trio.to_thread.run_sync(self.handover.claims.close)
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(self.handover.claims.close)
         await registry.expire_all()
 
     def _announce(self, url: str, http_url: str) -> None:

@@ -67,6 +67,9 @@ class SessionRow(_Row):
     node_id: str | None = None
     #: The client identity that owns it (only it may resume the session, on any node).
     identity: str | None = None
+    #: How its client reaches it (``websocket``, ``http``, ``http-sessionless``, ``memory``):
+    #: a session is resumed on another node only over its own transport.
+    transport: str | None = None
 
 
 class SessionClose(_Row):

@@ -82,6 +82,7 @@ update sessions s
        last_activity = greatest(s.last_activity, now())
  where s.session_id = %(id)s
    and s.identity = %(identity)s
+   and s.transport = 'websocket'
    and s.status in ('active', 'interrupted')
    and (
         s.parked_until > now()
@@ -102,8 +103,30 @@ returning s.epoch, (select node_id from before) as previous_node, s.protocol_ver
           s.client_name, s.client_version, s.log_level, s.tool_calls, s.tool_errors
 """
 
+#: A 2025-era Streamable HTTP session (``Mcp-Session-Id``) has no connection to be attached
+#: to: each request stands alone, and a load balancer may send each to another node. So a
+#: node that receives a request for an id it does not hold claims the row whoever holds it,
+#: alive or dead (same identity, not ended): the node that held it keeps a copy it serves on
+#: without asking the database (no round trip per request), and whose end, written at its
+#: old epoch, changes nothing; the row ends with the last claimer's copy.
+_CLAIM_HTTP = """
+with before as (
+    select node_id from sessions where session_id = %(id)s
+)
+update sessions s
+   set node_id = %(me)s, epoch = s.epoch + 1, status = 'active', closed_at = null,
+       remote_addr = %(remote)s, version = s.version + 1,
+       last_activity = greatest(s.last_activity, now())
+ where s.session_id = %(id)s
+   and s.identity = %(identity)s
+   and s.transport = 'http'
+   and s.status in ('active', 'interrupted')
+returning s.epoch, (select node_id from before) as previous_node, s.protocol_version,
+          s.client_name, s.client_version, s.log_level, s.tool_calls, s.tool_errors
+"""
+
 _WHY_NOT = f"""
-select s.identity = %(identity)s as mine, s.status = 'active' as active,
+select s.identity = %(identity)s and s.transport = 'websocket' as mine, s.status = 'active' as active,
        coalesce(s.parked_until > now(), false) as parked,
        exists (
            select 1 from nodes where node_id = s.node_id and {_HOLDER_LIVE}
@@ -177,24 +200,23 @@ class SessionClaims:
         }
         rows = self._query(_CLAIM, params)
         if rows:
-            row = rows[0]
-            return Claimed(
-                session_id=session_id,
-                epoch=row["epoch"],
-                previous_node=row["previous_node"],
-                protocol_version=row["protocol_version"],
-                client_name=row["client_name"],
-                client_version=row["client_version"],
-                log_level=row["log_level"],
-                tool_calls=row["tool_calls"],
-                tool_errors=row["tool_errors"],
-            )
+            return _claimed(session_id, rows[0])
         why = self._query(_WHY_NOT, params)
         if why:
             row = why[0]
             if row["mine"] and row["active"] and not row["parked"] and row["holder_live"]:
                 return Refusal.ATTACHED
         return Refusal.UNKNOWN
+
+    def claim_http(self, session_id: str, identity: str, remote: str) -> Claimed | Refusal:
+        """Claim a 2025-era HTTP session, whoever holds it (see ``_CLAIM_HTTP``): one round
+        trip; ``Refusal.UNKNOWN`` if it is no such session of this identity, or ended.
+        Raises :class:`SessionClaimError`."""
+        rows = self._query(
+            _CLAIM_HTTP,
+            {"id": session_id, "identity": identity, "me": self.me, "remote": remote},
+        )
+        return _claimed(session_id, rows[0]) if rows else Refusal.UNKNOWN
 
     def reclaim(self, session_id: str, epoch: int, remote: str) -> int | None:
         """Resume a session this node holds parked at ``epoch``: its new epoch, or ``None``
@@ -208,3 +230,17 @@ class SessionClaims:
         if row["epoch"] is not None:
             return int(row["epoch"])
         return None if row["known"] else epoch
+
+
+def _claimed(session_id: str, row: dict[str, Any]) -> Claimed:
+    return Claimed(
+        session_id=session_id,
+        epoch=row["epoch"],
+        previous_node=row["previous_node"],
+        protocol_version=row["protocol_version"],
+        client_name=row["client_name"],
+        client_version=row["client_version"],
+        log_level=row["log_level"],
+        tool_calls=row["tool_calls"],
+        tool_errors=row["tool_errors"],
+    )

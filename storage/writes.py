@@ -242,7 +242,7 @@ def _isolated(conn: Connection, records: Sequence[Record]) -> BatchResult:
 
 _SESSION_COLUMNS = (
     "session_id, created_at, last_activity, status, client_name, client_version,"
-    " protocol_version, remote_addr, node_id, identity"
+    " protocol_version, remote_addr, node_id, identity, transport"
 )
 
 
@@ -258,6 +258,7 @@ def _session_tuple(row: SessionRow) -> tuple[object, ...]:
         row.remote_addr,
         row.node_id,
         row.identity,
+        row.transport,
     )
 
 

@@ -36,6 +36,9 @@ from tests.harness import (
     start_server,
     wait_until,
 )
+from tests.test_streamable_http import Session as HttpSession
+from tests.test_streamable_http import call as http_call
+from tests.test_streamable_http import http_url
 from tests.test_tasks import create, session
 from tests.test_tasks_extension import call, post, request, result_of
 
@@ -199,6 +202,46 @@ async def _poll(client: httpx.AsyncClient, server: ServerProcess, task_id: str) 
             if got["status"] in ("completed", "failed", "cancelled"):
                 return got
             await trio.sleep(0.05)
+
+
+# -- 2025-era Streamable HTTP sessions -------------------------------------------------------
+
+
+async def test_a_2025_http_session_is_served_by_any_node(
+    cluster: tuple[str, ServerProcess, ServerProcess],
+) -> None:
+    """``initialize`` on A; the next request on B, with no stickiness: served from the row
+    (2025-11-25's ``tasks/list`` proves the negotiated version went along)."""
+    url, a, b = cluster
+    async with httpx.AsyncClient(timeout=30) as client:
+        on_a = HttpSession(client, http_url(a), ALICE)
+        await on_a.open()
+        session_id = on_a.session_id
+        assert session_id is not None
+        on_b = HttpSession(client, http_url(b), ALICE)
+        on_b.session_id = session_id
+        listed = await on_b.request({"jsonrpc": "2.0", "id": 2, "method": "tasks/list"})
+        assert "tasks" in listed[-1]["result"], listed
+        echoed = await on_b.request(http_call(3, "echo", text="via B"))
+        assert echoed[-1]["result"]["content"][0]["text"] == "via B"
+        row = _session_state(url, session_id)
+        assert (row["epoch"], row["status"], row["identity"]) == (1, "active", "alice")
+        # A serves it on from its own copy (no database round trip per request).
+        assert "result" in (await on_a.request(http_call(4, "echo", text="via A")))[-1]
+        # Another identity: 404 on both nodes, as for an id never issued.
+        for server in (a, b):
+            stranger = HttpSession(client, http_url(server), BOB)
+            stranger.session_id = session_id
+            refused = await stranger.post(http_call(5, "echo", text="mine?"))
+            assert refused.status_code == 404, refused.text
+        # DELETE on B ends the session (B holds the row now).
+        deleted = await client.delete(http_url(b), headers=on_b.headers())
+        assert deleted.status_code == 200, deleted.text
+        await wait_until(
+            lambda: _session_state(url, session_id)["status"] == "closed", what="closed"
+        )
+        gone = await on_b.post(http_call(6, "echo", text="after"))
+        assert gone.status_code == 404, gone.text
 
 
 # -- WebSocket sessions -----------------------------------------------------------------------

@@ -1,5 +1,6 @@
-"""WebSocket sessions resumed on any node: the session's side of
-:mod:`storage.session_handover`.
+"""Sessions resumed on any node: the session's side of :mod:`storage.session_handover`.
+
+WebSocket sessions:
 
 A resume presenting an id this node holds parked is claimed locally, then confirmed in the
 database at the session's epoch (:meth:`Handover.reclaim`: one round trip, only on resume);
@@ -8,7 +9,12 @@ negotiated state rebuilt from the row (:func:`state_of`). Parking writes the row
 ``parked_until`` through the journal, awaited until it is in the database
 (:meth:`Handover.publish_park`), so the node the client lands on sees it at once.
 
-Only park, resume and end pay a database round trip; a session's requests never do.
+A 2025-era Streamable HTTP request naming an ``Mcp-Session-Id`` this node does not hold is
+served from a claim of its row too (``http=True``: whoever holds it), once per node: later
+requests find the node's own copy.
+
+Only park, resume, end and that first request pay a database round trip; a session's
+requests never do.
 
 A resume of an id this node does not hold costs a database round trip, which a hostile
 (but authenticated: the token is checked first) client could ask for in a loop. Bounded by
@@ -125,7 +131,7 @@ class ResumeLookups:
         return False
 
 
-def state_of(claimed: Claimed, *, identity: str, remote: str) -> SessionState:
+def state_of(claimed: Claimed, *, identity: str, remote: str, http: bool = False) -> SessionState:
     """The state a session claimed from another node resumes with: its negotiated version,
     client, log level and totals from its row. ``initialized`` is taken as done for a session
     that negotiated a version: its client was past its handshake when its socket dropped."""
@@ -147,6 +153,7 @@ def state_of(claimed: Claimed, *, identity: str, remote: str) -> SessionState:
         log_level=level,
         tool_calls=claimed.tool_calls,
         tool_errors=claimed.tool_errors,
+        any_node=http,
     )
     state.claimed(claimed.epoch)
     return state
@@ -165,9 +172,13 @@ class Handover:
         self.persistence = persistence
         self.lookups = lookups or ResumeLookups()
 
-    async def claim(self, session_id: str, identity: str, remote: str) -> SessionState | Refusal:
+    async def claim(
+        self, session_id: str, identity: str, remote: str, *, http: bool = False
+    ) -> SessionState | Refusal:
         """Claim a session this node does not hold: its state, or why not (404 or 409).
-        Raises :class:`LookupRefused` when the node cannot look now (503)."""
+        ``http``: a 2025-era Streamable HTTP session, claimed whoever holds it
+        (:meth:`~storage.session_handover.SessionClaims.claim_http`). Raises
+        :class:`LookupRefused` when the node cannot look now (503)."""
         lookups = self.lookups
         if not lookups.plausible(session_id) or lookups.known_unknown(identity, session_id):
             return Refusal.UNKNOWN
@@ -176,7 +187,8 @@ class Handover:
         try:
             # Not abandoned on cancel: a claim that committed is always adopted (and then
             # parked again by the handshake's failure path), never left attached to nobody.
-            claimed = await trio.to_thread.run_sync(self.claims.claim, session_id, identity, remote)
+            claim = self.claims.claim_http if http else self.claims.claim
+            claimed = await trio.to_thread.run_sync(claim, session_id, identity, remote)
         except SessionClaimError as exc:
             log.warning("session.claim_failed", session_id=session_id, error=str(exc))
             raise LookupRefused from exc
@@ -190,7 +202,7 @@ class Handover:
             from_node=claimed.previous_node,
             epoch=claimed.epoch,
         )
-        return state_of(claimed, identity=identity, remote=remote)
+        return state_of(claimed, identity=identity, remote=remote, http=http)
 
     async def reclaim(self, state: SessionState, remote: str) -> bool:
         """Confirm a local resume in the database: ``False`` if another node claimed the

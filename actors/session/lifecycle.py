@@ -45,6 +45,7 @@ from runtime.mailbox import ActorRef
 from runtime.outbox import Outbox
 from runtime.server import Handshake, ResumeRefused
 from runtime.session_registry import Ending, SessionEntry, SessionPhase
+from runtime.streamable_http.endpoint import NotResumable
 from runtime.streamable_http.session_transport import HttpSessionTransport
 from runtime.websocket_transport import WebSocketTransport
 from storage.session_handover import Refusal
@@ -114,8 +115,8 @@ class SessionLifecycle:
 
     async def _claim_elsewhere(self, session_id: str, identity: str, remote: str) -> object:
         handover = self.services.handover
-        if handover is None:
-            return ResumeRefused.UNKNOWN
+        if handover is None or self.registry.grace <= 0:
+            return ResumeRefused.UNKNOWN  # no grace: nothing is parked, nothing resumed
         try:
             claimed = await handover.claim(session_id, identity, remote)
         except LookupRefused:
@@ -152,8 +153,13 @@ class SessionLifecycle:
         remote: str,
         idle_timeout: float,
         started: Callable[[], None],
+        resume: bool = False,
     ) -> None:
-        """One Streamable HTTP session (``actors.session.http``)."""
+        """One Streamable HTTP session (``actors.session.http``); ``resume``: the one of
+        the transport's id another node holds or held, claimed from the database."""
+        adopted = None
+        if resume:
+            adopted = await self._claim_http(transport.session_id, transport.identity, remote)
         await serve_http_session(
             self.services,
             self.supervisor,
@@ -161,7 +167,22 @@ class SessionLifecycle:
             remote=remote,
             idle_timeout=idle_timeout,
             started=started,
+            adopted=adopted,
         )
+
+    async def _claim_http(self, session_id: str, identity: str, remote: str) -> SessionState:
+        """A 2025-era HTTP session's state, claimed from its row (whoever holds it: see
+        ``storage.session_handover``); :class:`NotResumable` if it cannot be."""
+        handover = self.services.handover
+        if handover is None or session_id in self.registry:
+            raise NotResumable(busy=False)
+        try:
+            claimed = await handover.claim(session_id, identity, remote, http=True)
+        except LookupRefused:
+            raise NotResumable(busy=True) from None
+        if isinstance(claimed, Refusal):
+            raise NotResumable(busy=False)
+        return claimed
 
     async def serve(self, ws: WebSocketConnection, handshake: Handshake) -> None:
         """One connection's session; raises only if the session gave up (see module doc)."""
@@ -251,6 +272,7 @@ class SessionLifecycle:
                 session_id=session_id,
                 remote=handshake.remote,
                 identity=handshake.identity,
+                transport="websocket",
             )
         except StorageUnavailable:
             log.warning("session.refused", session_id=session_id, reason="storage")

@@ -46,6 +46,7 @@ from runtime.actor import close_mailbox, run_actor
 from runtime.budget import ByteBudget
 from runtime.connection import Connection, ConnectionGone, Receive
 from runtime.mailbox import ActorRef, Inbox, open_mailbox
+from runtime.status_model import SessionTransport
 from runtime.supervision import (
     ChildContext,
     ChildExit,
@@ -76,6 +77,7 @@ async def open_session(
     remote: str,
     identity: str,
     sessionless: bool = False,
+    transport: SessionTransport,
 ) -> SessionState:
     """A new session, once its row is written (awaited); logged as ``session.opened``.
 
@@ -95,12 +97,17 @@ async def open_session(
             remote_addr=remote,
             node_id=services.config.node_id,
             identity=identity,
+            transport=transport,
         ),
         fsync=False,
     )
     log.info("session.opened", session_id=session_id, remote=remote, identity=identity)
     return SessionState(
-        session_id=session_id, remote=remote, identity=identity, sessionless=sessionless
+        session_id=session_id,
+        remote=remote,
+        identity=identity,
+        sessionless=sessionless,
+        any_node=transport == "http",
     )
 
 

@@ -65,6 +65,10 @@ class SessionState:
     #: Tool calls answered, and how many of those failed (the session row's totals).
     tool_calls: int = 0
     tool_errors: int = 0
+    #: A 2025-era Streamable HTTP session: each of its requests may reach any node (a load
+    #: balancer without stickiness), which serves it from the session's row, so what
+    #: ``initialize`` negotiated is in the database before it is answered.
+    any_node: bool = False
     #: Its row's epoch while this node holds it (storage/session_handover.py): bumped by
     #: every claim, so a copy another node claimed since writes no park and no end.
     epoch: int = 0

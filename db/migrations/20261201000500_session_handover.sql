@@ -10,8 +10,11 @@
 -- parked_until: set while the session is parked (its socket dropped) on node_id, to the end
 --   of its resume grace (database clock); null while attached.
 -- log_level: the client's logging/setLevel, part of the negotiated state a resume restores.
+-- transport: websocket, http (a 2025-era Mcp-Session-Id session), http-sessionless or memory:
+--   a WebSocket session is resumed by a WebSocket handshake, an HTTP one by an HTTP request.
 -- Every statement is idempotent.
 alter table sessions add column if not exists identity     text;
 alter table sessions add column if not exists epoch        integer not null default 0;
 alter table sessions add column if not exists parked_until timestamptz;
 alter table sessions add column if not exists log_level    text;
+alter table sessions add column if not exists transport    text;
