@@ -126,7 +126,8 @@ returning s.epoch, (select node_id from before) as previous_node, s.protocol_ver
 """
 
 _WHY_NOT = f"""
-select s.identity = %(identity)s and s.transport = 'websocket' as mine, s.status = 'active' as active,
+select s.identity = %(identity)s and s.transport = 'websocket' as mine,
+       s.status = 'active' as active,
        coalesce(s.parked_until > now(), false) as parked,
        exists (
            select 1 from nodes where node_id = s.node_id and {_HOLDER_LIVE}
