@@ -212,16 +212,20 @@ async def record_end(
     closed = datetime.now(UTC)
     with trio.move_on_after(10) as scope:
         scope.shield = True
-        await services.persistence.write(
-            SessionClose(
-                session_id=state.session_id,
-                closed_at=closed,
-                last_activity=closed,
-                tool_calls=state.tool_calls,
-                tool_errors=state.tool_errors,
-                epoch=state.epoch,
-            )
+        record = SessionClose(
+            session_id=state.session_id,
+            closed_at=closed,
+            last_activity=closed,
+            tool_calls=state.tool_calls,
+            tool_errors=state.tool_errors,
+            epoch=state.epoch,
         )
+        if state.any_node:
+            # Another node would take over a row still active (a 2025-era HTTP session's
+            # next request may land anywhere): its end is in the database before it is over.
+            await services.persistence.write_committed(record)
+        else:
+            await services.persistence.write(record)
         if services.session_ended is not None:
             await services.session_ended(state.session_id)
     log.info(

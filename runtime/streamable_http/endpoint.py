@@ -69,7 +69,7 @@ from __future__ import annotations
 import contextlib
 import re
 import uuid
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -131,6 +131,10 @@ SESSION_HEADER = b"mcp-session-id"
 ALLOW = (b"allow", b"GET, POST, DELETE")
 CANCELLED = "notifications/cancelled"
 LISTEN = "subscriptions/listen"
+#: 2025-era session ids that ended on this node remembered (``_ended``).
+ENDED_REMEMBERED = 4096
+#: Seconds a DELETE waits for its session's end to be recorded before it is answered.
+END_WAIT_S = 10.0
 SUBSCRIPTION_ID_META = "io.modelcontextprotocol/subscriptionId"
 
 
@@ -234,6 +238,12 @@ class StreamableHttpEndpoint:
         self._starting: dict[str, trio.Event] = {}
         #: 2025-era ids being taken over from another node (``_find_or_take_over``).
         self._taking_over: dict[str, trio.Event] = {}
+        #: 2025-era sessions their client ended here (DELETE), newest last (at most
+        #: ``ENDED_REMEMBERED``): a later request naming one is 404 at once, never a take-over
+        #: of its row (whose end may still be on its way to the database). An idle expiry is
+        #: not remembered: the session may live on at another node, which this one may take
+        #: it back from.
+        self._ended: OrderedDict[str, None] = OrderedDict()
         self._stopping = trio.Event()
         #: Set (and replaced) whenever listen streams have something to do: the node stops,
         #: or its tools changed (:meth:`tools_changed`, counted in :attr:`_tools_generation`).
@@ -636,7 +646,7 @@ class StreamableHttpEndpoint:
             if pending is None:
                 break
             await pending.wait()
-        if session_id in self.sessions:
+        if session_id in self.sessions or session_id in self._ended:
             return self._find(session_id, identity)
         self._taking_over[session_id] = done = trio.Event()
         try:
@@ -852,6 +862,13 @@ class StreamableHttpEndpoint:
             self._required_session_id(request), identity, peer
         )
         self._end_session(transport, CLOSE_NORMAL, "the client ended the session (DELETE)")
+        self._ended[transport.session_id] = None
+        while len(self._ended) > ENDED_REMEMBERED:
+            self._ended.popitem(last=False)
+        # Answered once its end is recorded (in the database: ``actors.session.runner``), so
+        # that no node takes the session over afterwards; bounded as that record is.
+        with trio.move_on_after(END_WAIT_S):
+            await transport.gone.wait()
         await wire.respond(200, b"", content_type=None, headers=_session_headers(transport))
 
     def _required_session_id(self, request: h11.Request) -> str:
