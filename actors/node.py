@@ -72,7 +72,7 @@ from actors.rate_limiter import RateLimiterActor, supervised_rate_limiter
 from actors.servers import ProxiedServers, RemoteEndpoint
 from actors.servers.host import endpoint as server_endpoint
 from actors.session import SessionBounds, SessionConfig, SessionLifecycle, SessionServices
-from actors.session.handover import Handover
+from actors.session.handover import Handover, end_copies_ended_elsewhere
 from actors.session.mail import announce_tools_changed
 from actors.status import LiveSession, NodeStatusSource
 from actors.tasks import TaskHost
@@ -733,6 +733,15 @@ class _Tree:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(registry.run)  # the reaper of parked sessions
+                # HTTP sessions' copies whose row ended on another node (a DELETE there).
+                nursery.start_soon(
+                    partial(
+                        end_copies_ended_elsewhere,
+                        self.handover,
+                        registry,
+                        interval=settings.sweep_interval,
+                    )
+                )
                 async with trio.open_nursery() as serving:
                     await serving.start(server.run)
                     self._announce(server.url, server.http_url)

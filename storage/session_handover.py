@@ -69,6 +69,9 @@ class Claimed:
     tool_errors: int
 
 
+#: Session ids one :meth:`SessionClaims.ended` looks at, at most.
+ENDED_BATCH = 1000
+
 #: :data:`~storage.membership.LIVE` with a named parameter.
 _HOLDER_LIVE = LIVE.replace("%s", "%(timeout)s")
 
@@ -218,6 +221,17 @@ class SessionClaims:
             {"id": session_id, "identity": identity, "me": self.me, "remote": remote},
         )
         return _claimed(session_id, rows[0]) if rows else Refusal.UNKNOWN
+
+    def ended(self, session_ids: list[str]) -> set[str]:
+        """Which of ``session_ids`` (at most :data:`ENDED_BATCH`) are closed: a 2025-era HTTP
+        session's copy ends once its row has (a DELETE on another node). An ``interrupted``
+        row (its last holder died) is not: a copy goes on, and takes it over when asked.
+        Raises :class:`SessionClaimError`."""
+        rows = self._query(
+            "select session_id from sessions where session_id = any(%(ids)s) and status = 'closed'",
+            {"ids": session_ids[:ENDED_BATCH]},
+        )
+        return {row["session_id"] for row in rows}
 
     def reclaim(self, session_id: str, epoch: int, remote: str) -> int | None:
         """Resume a session this node holds parked at ``epoch``: its new epoch, or ``None``

@@ -74,6 +74,8 @@ def cluster(
                             "EXAI_CONFIG": str(config),
                             "EXAI_RESUME_GRACE": str(GRACE),
                             "EXAI_TASK_AFTER": "0",
+                            # How often a node ends its HTTP session copies ended elsewhere.
+                            "EXAI_SWEEP_INTERVAL": "0.2",
                         },
                     )
                 )
@@ -242,6 +244,14 @@ async def test_a_2025_http_session_is_served_by_any_node(
         )
         gone = await on_b.post(http_call(6, "echo", text="after"))
         assert gone.status_code == 404, gone.text
+        # A's copy ends at its next look at the rows of its copies (EXAI_SWEEP_INTERVAL).
+        with trio.fail_after(30):
+            while (await on_a.post(http_call(7, "echo", text="still?"))).status_code != 404:  # noqa: ASYNC110 - another process ends it
+                await trio.sleep(0.05)
+        assert any(
+            e["event"] == "session.ended_elsewhere" and e.get("session_id") == session_id
+            for e in a.log_events()
+        )
 
 
 # -- WebSocket sessions -----------------------------------------------------------------------

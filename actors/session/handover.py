@@ -37,13 +37,16 @@ import trio
 
 from actors.persistence import PersistenceClient
 from actors.session.state import SessionState
+from actors.status import LiveSession
+from runtime.connection import CLOSE_NORMAL
 from runtime.log_throttle import LogThrottle
 from runtime.mcp.schema import LOG_LEVELS, Implementation, LogLevel
+from runtime.session_registry import SessionPhase, SessionRegistry
 from storage.errors import ExaiError
 from storage.rows import SessionParked
 from storage.session_handover import Claimed, Refusal, SessionClaimError, SessionClaims
 
-__all__ = ["Handover", "ResumeLookups", "state_of"]
+__all__ = ["Handover", "ResumeLookups", "end_copies_ended_elsewhere", "state_of"]
 
 log = structlog.get_logger("session")
 
@@ -243,6 +246,40 @@ class Handover:
                 )
         if scope.cancelled_caught:
             log.warning("session.park_unpublished", session_id=state.session_id, error="timeout")
+
+
+async def end_copies_ended_elsewhere(
+    handover: Handover, registry: SessionRegistry[LiveSession], *, interval: float
+) -> None:
+    """Every ``interval`` seconds, end this node's copies of 2025-era HTTP sessions whose row
+    has ended (a DELETE, or an idle expiry, on the node that held them last): one query per
+    pass for all of them (at most ``ENDED_BATCH``), never one per request. Bounds how long a
+    copy answers a session its client ended elsewhere (the spec: 404 once it ended). Runs
+    until cancelled; a database that does not answer is logged (throttled) and tried again
+    at the next pass."""
+    throttle = LogThrottle()
+    while True:
+        await trio.sleep(interval)
+        copies = [
+            entry
+            for entry in registry
+            if entry.phase is SessionPhase.ATTACHED
+            and entry.session.state.any_node
+            and entry.close is not None
+        ]
+        if not copies:
+            continue
+        try:
+            ended = await trio.to_thread.run_sync(
+                handover.claims.ended, [entry.session_id for entry in copies]
+            )
+        except SessionClaimError as exc:
+            throttle.emit(log.warning, "session.ended_check_failed", error=str(exc))
+            continue
+        for entry in copies:
+            if entry.session_id in ended and entry.close is not None:
+                log.info("session.ended_elsewhere", session_id=entry.session_id)
+                await entry.close(CLOSE_NORMAL, "the session ended on another node")
 
 
 class LookupRefused(Exception):
