@@ -49,7 +49,10 @@ class Refusal(enum.Enum):
     """Why a claim was refused (see the module doc)."""
 
     UNKNOWN = "unknown"
-    """No such session for this identity, ended, or past its resume grace: 404."""
+    """Another identity's session, ended, or past its resume grace: 404, for good."""
+    ABSENT = "absent"
+    """No row by that id (yet: a session a moment old may have its row on its way to the
+    database behind its first answers): 404 as well, but not for good."""
     ATTACHED = "attached"
     """Its client is still connected to a live node: 409."""
 
@@ -206,21 +209,24 @@ class SessionClaims:
         if rows:
             return _claimed(session_id, rows[0])
         why = self._query(_WHY_NOT, params)
-        if why:
-            row = why[0]
-            if row["mine"] and row["active"] and not row["parked"] and row["holder_live"]:
-                return Refusal.ATTACHED
+        if not why:
+            return Refusal.ABSENT
+        row = why[0]
+        if row["mine"] and row["active"] and not row["parked"] and row["holder_live"]:
+            return Refusal.ATTACHED
         return Refusal.UNKNOWN
 
     def claim_http(self, session_id: str, identity: str, remote: str) -> Claimed | Refusal:
         """Claim a 2025-era HTTP session, whoever holds it (see ``_CLAIM_HTTP``): one round
-        trip; ``Refusal.UNKNOWN`` if it is no such session of this identity, or ended.
+        trip; ``Refusal.ABSENT`` if it is no such session of this identity, or ended (not
+        told apart: an HTTP session's row is committed before its id is given out, but an
+        ended one may be on its way; never remembered).
         Raises :class:`SessionClaimError`."""
         rows = self._query(
             _CLAIM_HTTP,
             {"id": session_id, "identity": identity, "me": self.me, "remote": remote},
         )
-        return _claimed(session_id, rows[0]) if rows else Refusal.UNKNOWN
+        return _claimed(session_id, rows[0]) if rows else Refusal.ABSENT
 
     def ended(self, session_ids: list[str]) -> set[str]:
         """Which of ``session_ids`` (at most :data:`ENDED_BATCH`) are closed: a 2025-era HTTP

@@ -330,7 +330,7 @@ async def test_resumes_of_unknown_ids_are_404_on_any_node(
         assert await _refused(server, ALICE, str(uuid.uuid4())) == 404
     unknown = str(uuid.uuid4())
     assert await _refused(b, ALICE, unknown) == 404
-    assert await _refused(b, ALICE, unknown) == 404  # remembered: no second lookup
+    assert await _refused(b, ALICE, unknown) == 404  # no row: asked again (rate-bounded)
 
 
 async def test_a_dropped_client_that_goes_nowhere_keeps_its_session_on_its_node(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import uuid
 from typing import cast
 
+import pytest
 import structlog
 
 from actors.persistence import PersistenceClient
@@ -105,13 +106,15 @@ async def test_a_repeated_unknown_id_and_malformed_ids_cost_one_lookup_and_none(
     assert claims.calls == 1
 
 
-async def test_a_409_is_not_remembered() -> None:
-    """An attached session may be parked a moment later: asked again each time."""
-    claims = _CountingClaims(Refusal.ATTACHED)
+@pytest.mark.parametrize("answer", [Refusal.ATTACHED, Refusal.ABSENT])
+async def test_a_409_or_an_absent_row_is_not_remembered(answer: Refusal) -> None:
+    """An attached session may be parked a moment later, and a session a moment old may
+    have its row on its way: asked again each time (the bucket still bounds the cost)."""
+    claims = _CountingClaims(answer)
     handover = _handover(claims, ResumeLookups(clock=_Clock()))
     session_id = str(uuid.uuid4())
     for _ in range(3):
-        assert await handover.claim(session_id, "alice", "1.2.3.4:5") is Refusal.ATTACHED
+        assert await handover.claim(session_id, "alice", "1.2.3.4:5") is answer
     assert claims.calls == 3
 
 

@@ -19,8 +19,10 @@ requests never do.
 A resume of an id this node does not hold costs a database round trip, which a hostile
 (but authenticated: the token is checked first) client could ask for in a loop. Bounded by
 :class:`ResumeLookups`: an id that is not a session id this runtime issues (a UUID) is
-answered 404 at once; a 404 is remembered per identity and id for ``negative_ttl`` seconds
-(at most ``max_negative`` of them, the oldest forgotten first); and lookups run at most
+answered 404 at once; a 404 for a session that exists but is not this identity's, ended or
+past its grace is remembered per identity and id for ``negative_ttl`` seconds (at most
+``max_negative`` of them, the oldest forgotten first; an id with no row at all is not: its
+row may be a moment behind its first answers); and lookups run at most
 ``rate`` a second over the node (a bucket of ``burst``), beyond which the handshake is
 answered 503 with ``Retry-After`` (``session.resume_lookups_refused``, logged once per
 throttle window).
@@ -178,7 +180,8 @@ class Handover:
     async def claim(
         self, session_id: str, identity: str, remote: str, *, http: bool = False
     ) -> SessionState | Refusal:
-        """Claim a session this node does not hold: its state, or why not (404 or 409).
+        """Claim a session this node does not hold: its state, or why not (404: ``UNKNOWN``
+        or ``ABSENT``; 409: ``ATTACHED``).
         ``http``: a 2025-era Streamable HTTP session, claimed whoever holds it
         (:meth:`~storage.session_handover.SessionClaims.claim_http`). Raises
         :class:`LookupRefused` when the node cannot look now (503)."""

@@ -123,7 +123,7 @@ class SessionLifecycle:
             return ResumeRefused.BUSY
         if claimed is Refusal.ATTACHED:
             return ResumeRefused.ATTACHED
-        if claimed is Refusal.UNKNOWN:
+        if isinstance(claimed, Refusal):  # unknown or absent
             return ResumeRefused.UNKNOWN
         if session_id in self.registry:
             # Only a claim of the same id by another connection of this node, at the same
