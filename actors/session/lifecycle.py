@@ -125,9 +125,14 @@ class SessionLifecycle:
             return ResumeRefused.ATTACHED
         if isinstance(claimed, Refusal):  # unknown or absent
             return ResumeRefused.UNKNOWN
-        if session_id in self.registry:
-            # Only a claim of the same id by another connection of this node, at the same
-            # moment, could have put it here; the database gave it to this one.
+        existing = self.registry.get(session_id)
+        if existing is not None:
+            # Another connection of this node resumed it while this claim was on its way
+            # (it was parked meanwhile, so the database gave it to this claim too): the
+            # copy here is the session, at the epoch the database has now.
+            existing.session.state.claimed(claimed.epoch)
+            if existing.phase is SessionPhase.PARKED:
+                return self.registry.claim(session_id, identity) or ResumeRefused.UNKNOWN
             return ResumeRefused.ATTACHED
         live = LiveSession(claimed, None, transport="websocket")
         self.registry.adopt(session_id, identity, live)
