@@ -133,7 +133,7 @@ returning s.epoch, (select node_id from before) as previous_node, s.protocol_ver
 
 _WHY_NOT = f"""
 select s.identity = %(identity)s and s.transport = 'websocket' as mine,
-       s.status = 'active' as active,
+       s.status = 'active' as active, s.node_id = %(me)s as here,
        coalesce(s.parked_until > now(), false) as parked,
        exists (
            select 1 from nodes where node_id = s.node_id and {_HOLDER_LIVE}
@@ -212,7 +212,10 @@ class SessionClaims:
         if not why:
             return Refusal.ABSENT
         row = why[0]
-        if row["mine"] and row["active"] and not row["parked"] and row["holder_live"]:
+        # Held by this node, which holds no such session (its caller looked first): it
+        # ended here, its end on its way to the database.
+        attached = row["holder_live"] and not row["here"]
+        if row["mine"] and row["active"] and not row["parked"] and attached:
             return Refusal.ATTACHED
         return Refusal.UNKNOWN
 
