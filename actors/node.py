@@ -52,7 +52,7 @@ import os
 import signal
 import sys
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
@@ -230,12 +230,23 @@ def _check_database_url(url: str) -> None:
         register_secret(str(password))
 
 
-async def run_node(settings: Settings, *, announce: bool = True) -> None:
+async def run_node(
+    settings: Settings,
+    *,
+    announce: bool = True,
+    announcer: Callable[[ServerInfo], None] | None = None,
+    lifeline: Callable[[], Awaitable[None]] | None = None,
+) -> None:
     """Run until SIGINT/SIGTERM, then shut down in order. Returns normally on a clean stop.
 
     The signal receiver stays open until the very end: a second signal cuts the drain short
     (calls in flight are cancelled) and later ones are logged and ignored, so that no signal
     interrupts the flush of accepted writes.
+
+    A ``--workers`` worker (runtime/workers.py) also passes ``announcer``, told the
+    :class:`ServerInfo` each time the listener serves (its parent learns it is ready), and
+    ``lifeline``, which returns when the parent is gone: the node then stops as on two
+    signals (nobody is left to ask for a drain or to wait for one).
     """
     try:
         config = load_node_config(settings)
@@ -258,7 +269,11 @@ async def run_node(settings: Settings, *, announce: bool = True) -> None:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_stop_on_signal, signals, stop, cut_short.set)
                 nursery.start_soon(reload_on_hangup, settings, config.clients, config.access)
-                await _run(settings, config, stop, cut_short, announce=announce)
+                if lifeline is not None:
+                    nursery.start_soon(_stop_when_orphaned, lifeline, stop, cut_short)
+                await _run(
+                    settings, config, stop, cut_short, announce=announce, announcer=announcer
+                )
                 nursery.cancel_scope.cancel()  # the signal watcher's job is done
         except ExceptionGroup as group:
             # The process's verdict (a root that gave up, a start-up error): to the CLI as
@@ -275,6 +290,7 @@ async def _run(
     cut_short: trio.Event,
     *,
     announce: bool,
+    announcer: Callable[[ServerInfo], None] | None = None,
 ) -> None:
     node_id = f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
     embedded: EmbeddedPostgres | None = None
@@ -311,6 +327,7 @@ async def _run(
             journal=journal,
             threads=threads,
             announce=announce,
+            announcer=announcer,
             stop_requested=stop,
         )
         async with trio.open_nursery() as nursery:
@@ -400,11 +417,14 @@ class _Tree:
         journal: Journal,
         threads: ThreadStore,
         announce: bool,
+        announcer: Callable[[ServerInfo], None] | None = None,
         stop_requested: trio.Event,
     ) -> None:
         self.settings = settings
         self.config = config
+        self.node_id = node_id
         self.announce = announce
+        self.announcer = announcer
         self.persistence_name: ActorName[PersistenceActor] = ActorName("/root/persistence")
         self.persistence = PersistenceClient(
             self.persistence_name.resolve, durability=settings.durability
@@ -541,7 +561,9 @@ class _Tree:
         self.servers = ProxiedServers(
             config.file.servers,
             registry=self.services.tools,
-            state_dir=settings.state_dir,
+            # Its record of child processes is the node's own: a worker's successor kills
+            # what its predecessor left, never a sibling's (runtime/child_process.py).
+            state_dir=settings.node_dir,
             max_message_bytes=settings.max_message_bytes,
             on_change=self._tools_changed,
         )
@@ -721,6 +743,8 @@ class _Tree:
                 max_exchanges_per_identity=settings.http_exchanges_per_identity,
                 origins=settings.origin_policy,
             ),
+            # A --workers worker shares the port with its siblings (runtime/workers.py).
+            reuse_port=settings.worker_index > 0,
             stream_bounds=StreamBounds(
                 max_bytes=settings.session_outgoing_bytes,
                 max_messages=settings.session_outgoing_messages,
@@ -775,17 +799,19 @@ class _Tree:
         after ``serving MCP on`` stays the WebSocket URL, which scripts read."""
         settings = self.settings
         self.url, self.http_url = url, http_url
-        write_server_info(
-            settings.server_file,
-            ServerInfo(
-                url=url,
-                pid=os.getpid(),
-                started_at=datetime.now(UTC),
-                protocol_versions=list(SUPPORTED_VERSIONS),
-                admin_url=self.admin_url,
-                http_url=http_url,
-            ),
+        info = ServerInfo(
+            url=url,
+            pid=os.getpid(),
+            started_at=datetime.now(UTC),
+            protocol_versions=list(SUPPORTED_VERSIONS),
+            admin_url=self.admin_url,
+            http_url=http_url,
+            node_id=self.node_id,
         )
+        settings.server_file.parent.mkdir(parents=True, exist_ok=True)
+        write_server_info(settings.server_file, info)
+        if self.announcer is not None:
+            self.announcer(info)
         if self.announce:
             self.announce = False  # once per process, not per restart
             print(
@@ -794,6 +820,17 @@ class _Tree:
                 flush=True,
             )
         log.info("server.ready", url=url, http_url=http_url)
+
+
+async def _stop_when_orphaned(
+    lifeline: Callable[[], Awaitable[None]], stop: trio.Event, cut_short: trio.Event
+) -> None:
+    """A worker whose parent is gone (killed: its end of the socket pair closed) stops at
+    once: its calls in flight are cancelled, its sessions closed, its writes flushed."""
+    await lifeline()
+    log.warning("server.parent_gone")
+    stop.set()
+    cut_short.set()
 
 
 async def _when_set(event: trio.Event, action: Callable[[], None]) -> None:

@@ -1,4 +1,5 @@
-"""``python -m bench [quick|full|profile|flood|durability|http|proxy]``: end-to-end benchmarks.
+"""``python -m bench [quick|full|profile|flood|durability|http|proxy|workers]``: end-to-end
+benchmarks.
 
 quick    every scenario, short windows (< 3 minutes); appends to docs/benchmarks.md
 full     longer windows plus a pipelined scenario and the optional mcp 2.x anchor
@@ -17,6 +18,8 @@ http     exai serve over Streamable HTTP beside the mcp 2.x SDK's own HTTP app, 
 proxy    issue 16: a third-party stdio MCP server (mcp-server-time, server-everything) called
          directly over stdio and through exai's [servers] over WebSocket, 1 client and 10:
          the overhead per call (~3 minutes; --servers picks of time,everything)
+workers  issue 18: 50 and 1,000 sessions against exai serve --workers 1 and --workers 2 in one
+         run: calls/s and server CPU per call (~2 minutes; --scenarios picks of s50,s1000)
 
 Run from the repository root with the runtime's interpreter (it needs trio-websocket):
 ``.venv/bin/python -m bench``. The anchor servers install themselves into bench/.venv-*.
@@ -34,7 +37,17 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from bench import durability, flood, own_plan, proxy, report, scenarios, streamable_http, venvs
+from bench import (
+    durability,
+    flood,
+    own_plan,
+    proxy,
+    report,
+    scenarios,
+    streamable_http,
+    venvs,
+    workers,
+)
 from bench.launch import interrupt_on_sigterm, raise_nofile_limit
 from bench.profile import summarize
 from bench.runner import Measurement, RunOptions, measure
@@ -65,7 +78,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         "mode",
         nargs="?",
         default="quick",
-        choices=("quick", "full", "profile", "flood", "durability", "http", "proxy"),
+        choices=("quick", "full", "profile", "flood", "durability", "http", "proxy", "workers"),
     )
     p.add_argument("--servers", help=f"comma-separated subset of {','.join(SERVERS)}")
     p.add_argument("--scenarios", help="comma-separated subset of seq1,s50,s50p8,s1000,idle")
@@ -146,7 +159,7 @@ def _check_generator_python(python: str) -> None:
 
 
 def _own_plan(args: argparse.Namespace) -> int:
-    """The modes that run a plan of their own (flood, durability, http, proxy)."""
+    """The modes that run a plan of their own (flood, durability, http, proxy, workers)."""
     raise_nofile_limit()
     interrupt_on_sigterm()
     _check_generator_python(args.python)
@@ -154,12 +167,14 @@ def _own_plan(args: argparse.Namespace) -> int:
         return streamable_http.main(args)
     if args.mode == "proxy":
         return proxy.main(args)
+    if args.mode == "workers":
+        return workers.main(args)
     return flood.main(args) if args.mode == "flood" else durability.main(args)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
-    if args.mode in ("flood", "durability", "http", "proxy"):
+    if args.mode in ("flood", "durability", "http", "proxy", "workers"):
         return _own_plan(args)
     servers = args.servers.split(",") if args.servers else list(DEFAULT_SERVERS[args.mode])
     bad = [s for s in servers if s not in SERVERS]

@@ -24,7 +24,13 @@ import trio
 from pydantic import ValidationError
 
 from runtime import status_view, trace_view
-from runtime.config import ConfigError, Settings, load_settings, require_private
+from runtime.config import (
+    ConfigError,
+    Settings,
+    load_config_file,
+    load_settings,
+    require_private,
+)
 from runtime.logs import (
     LogSettings,
     configure_logging,
@@ -95,6 +101,11 @@ def _serve_parser(commands: Commands[argparse.ArgumentParser]) -> None:
         choices=["commit", "journal", "async"],
         help="what a call's answer waits for: the database's commit, the local journal's "
         "fsync, or nothing (EXAI_DURABILITY, default journal; docs/persistence.md)",
+    )
+    serve.add_argument(
+        "--workers",
+        help="processes serving the port, each a whole node on the one database: N (1..64) "
+        "or auto (one per CPU) (EXAI_WORKERS, default 1; docs/deployment.md)",
     )
     serve.add_argument("--log-level", help="debug, info, warning, error (EXAI_LOG_LEVEL)")
     serve.add_argument(
@@ -174,6 +185,12 @@ def _status_parser(commands: Commands[argparse.ArgumentParser]) -> None:
         help="also every node sharing the server's database: heartbeat age, alive/dead/"
         "stopped, sessions, calls in flight (read by the server from its nodes table)",
     )
+    status.add_argument(
+        "--worker",
+        type=int,
+        metavar="N",
+        help="of a --workers server, worker N alone (default: every worker in turn)",
+    )
     status.add_argument("--watch", action="store_true", help="refresh until interrupted")
     status.add_argument(
         "--interval", type=float, default=2.0, help="seconds between refreshes (default 2)"
@@ -227,6 +244,7 @@ def _serve(args: argparse.Namespace) -> int:
             durability=args.durability,
             log_level=args.log_level,
             config=args.config,
+            workers=args.workers,
         )
         log_settings = _log_settings(trace_sample=args.trace_sample, log_console=args.log_console)
     except ConfigError as exc:
@@ -234,6 +252,9 @@ def _serve(args: argparse.Namespace) -> int:
     # Everything the server creates (state dir, tokens, journal, logs, server.json, rejected
     # records) is its owner's alone: 0700 directories, 0600 files, from the first byte.
     os.umask(0o077)
+    if settings.worker_index > 0:
+        # A --workers worker: its parent holds the state dir's lock (runtime/workers.py).
+        return _run_worker(settings, log_settings)
     try:
         # Before anything else touches the state dir (the log file is in it): one server per
         # state dir, whatever the other one is doing (runtime/statefile.py).
@@ -241,14 +262,17 @@ def _serve(args: argparse.Namespace) -> int:
     except StartupError as exc:
         return _fail(exc.message, exc.exit_code)
     with lock:
+        if settings.workers > 1:
+            return _run_parent(settings, log_settings)
         return _run_server(settings, log_settings)
 
 
-def _run_server(settings: Settings, log_settings: LogSettings) -> int:
-    """Run the node; the exit code of how it ended, a failure told in one line on stderr."""
+def _start_logging(settings: Settings, log_settings: LogSettings) -> int | None:
+    """The log file (this process's node dir's), warnings and the token's mask; an exit code
+    if the log cannot be written."""
     try:
         configure_logging(
-            settings.log_level, log_file=log_path(settings.state_dir), settings=log_settings
+            settings.log_level, log_file=log_path(settings.node_dir), settings=log_settings
         )
     except OSError as exc:  # logs/ left unwritable (by another user, say)
         unusable = state_dir_unusable(settings.state_dir, exc)
@@ -258,26 +282,87 @@ def _run_server(settings: Settings, log_settings: LogSettings) -> int:
     logging.captureWarnings(True)
     if settings.token:
         register_secret(settings.token)
+    return None
+
+
+def _run_parent(settings: Settings, log_settings: LogSettings) -> int:
+    """``--workers N`` (N >= 2): this process supervises N workers (runtime/workers.py)."""
+    try:
+        # Checked once here, so a bad file is one message, not one per worker.
+        load_config_file(settings.config)
+    except ConfigError as exc:
+        return _fail(str(exc), EXIT_CONFIG)
+    failed = _start_logging(settings, log_settings)
+    if failed is not None:
+        return failed
+    from runtime.workers import WorkerParent  # noqa: PLC0415 - serve alone loads storage
+
+    parent = WorkerParent(settings, log_settings)
+    try:
+        trio.run(parent.run)
+    except Exception as exc:
+        return _failure(settings, exc)
+    if parent.exit_code != 0:
+        return _fail(parent.failure or "a worker failed", parent.exit_code)
+    return 0
+
+
+def _run_worker(settings: Settings, log_settings: LogSettings) -> int:
+    """One worker of a ``--workers`` parent: a node with its own files under
+    ``<state-dir>/workers/<index>``, telling its parent when it serves and stopping when the
+    parent is gone (runtime/workers.py)."""
+    if settings.worker_channel is None:
+        return _fail("EXAI_WORKER_INDEX is set by exai serve --workers only", EXIT_CONFIG)
+    failed = _start_logging(settings, log_settings)
+    if failed is not None:
+        return failed
+    # Every event it logs names it: N workers share the parent's stderr.
+    structlog.contextvars.bind_contextvars(worker=settings.worker_index)
+    from runtime.workers import worker_channel  # noqa: PLC0415 - serve alone loads storage
+
+    announcer, lifeline = worker_channel(settings.worker_channel)
+    from actors.node import run_node  # noqa: PLC0415 - see the module doc
+
+    try:
+        trio.run(
+            partial(run_node, settings, announce=False, announcer=announcer, lifeline=lifeline)
+        )
+    except Exception as exc:
+        return _failure(settings, exc)
+    return 0
+
+
+def _run_server(settings: Settings, log_settings: LogSettings) -> int:
+    """Run the node; the exit code of how it ended, a failure told in one line on stderr."""
+    failed = _start_logging(settings, log_settings)
+    if failed is not None:
+        return failed
     from actors.node import run_node  # noqa: PLC0415 - see the module doc
 
     try:
         trio.run(run_node, settings)
-    except Exception as exc:  # every failure ends in one line and an exit code
-        startup = startup_error_in(exc)
-        if startup is not None:
-            # Logged where it happened (storage.database_*, child.start_failed).
-            return _fail(startup.message, startup.exit_code)
-        if isinstance(exc, SupervisionError):
-            # The root supervisor gave up (or could not start its children): the tree could
-            # not heal itself within its restart intensity. The cause is in the log, once.
-            cause = f" (last error: {exc.__cause__!r})" if exc.__cause__ else ""
-            return _fail(f"the server stopped: {exc}{cause}", EXIT_GAVE_UP)
-        log.exception("server.failed")  # the traceback goes to the log, as any crash's
-        return _fail(
-            f"the server stopped: {exc!r}; the traceback is in {log_path(settings.state_dir)}",
-            EXIT_GAVE_UP,
-        )
+    except Exception as exc:
+        return _failure(settings, exc)
     return 0
+
+
+def _failure(settings: Settings, exc: Exception) -> int:
+    """How a server that raised ``exc`` ends: its exit code, told in one line on stderr."""
+    # Every failure ends in one line and an exit code.
+    startup = startup_error_in(exc)
+    if startup is not None:
+        # Logged where it happened (storage.database_*, child.start_failed).
+        return _fail(startup.message, startup.exit_code)
+    if isinstance(exc, SupervisionError):
+        # The root supervisor gave up (or could not start its children): the tree could
+        # not heal itself within its restart intensity. The cause is in the log, once.
+        cause = f" (last error: {exc.__cause__!r})" if exc.__cause__ else ""
+        return _fail(f"the server stopped: {exc}{cause}", EXIT_GAVE_UP)
+    log.exception("server.failed")  # the traceback goes to the log, as any crash's
+    return _fail(
+        f"the server stopped: {exc!r}; the traceback is in {log_path(settings.node_dir)}",
+        EXIT_GAVE_UP,
+    )
 
 
 def _log_settings(**overrides: object) -> LogSettings:
@@ -392,19 +477,48 @@ def _status(args: argparse.Namespace) -> int:
 def _status_once(
     state_dir: Path, args: argparse.Namespace, token: str | None, *, clear: bool
 ) -> int:
+    """One refresh: a single node's document, or, for a ``--workers`` server, each worker's
+    in turn under a ``worker N`` header (``--json``: ``{"workers": [{"worker": N, "status":
+    {...}}]}``), the cluster's table once, with the first worker's. A worker that cannot be
+    asked (restarting) is one line on stderr, and the exit code is its failure's."""
     try:
-        target = status_view.locate(state_dir, url=args.url, token=token)
-        status = status_view.fetch(target, cluster=args.cluster)
+        targets = status_view.locate(state_dir, url=args.url, token=token, worker=args.worker)
     except status_view.StatusFailure as failure:
         if clear and sys.stdout.isatty():
             print("\x1b[H\x1b[2J", end="")
         return _fail(str(failure), failure.code)
-    text = status.model_dump_json(indent=2) + "\n" if args.json else status_view.render(status)
+    code = status_view.EXIT_OK
+    sections: list[str] = []
+    documents: list[dict[str, object]] = []
+    several = len(targets) > 1
+    for position, target in enumerate(targets):
+        try:
+            status = status_view.fetch(target, cluster=args.cluster and position == 0)
+        except status_view.StatusFailure as failure:
+            where = f"worker {target.worker}: " if target.worker is not None else ""
+            print(f"exai: {where}{failure}", file=sys.stderr)
+            code = code or failure.code
+            continue
+        if args.json and several:
+            documents.append({"worker": target.worker, "status": status.model_dump(mode="json")})
+        elif args.json:
+            sections.append(status.model_dump_json(indent=2) + "\n")
+        elif target.worker is not None:
+            header = f"── worker {target.worker} of {len(targets)} " if several else ""
+            sections.append(
+                (header or f"── worker {target.worker} ")
+                + "─" * 20
+                + "\n"
+                + status_view.render(status)
+            )
+        else:
+            sections.append(status_view.render(status))
+    text = json.dumps({"workers": documents}, indent=2) + "\n" if documents else "".join(sections)
     if clear and sys.stdout.isatty():
         text = "\x1b[H\x1b[2J" + text  # redraw in place, like top
     sys.stdout.write(text)
     sys.stdout.flush()
-    return status_view.EXIT_OK
+    return code
 
 
 def _trace(args: argparse.Namespace) -> int:
@@ -433,16 +547,19 @@ def _trace(args: argparse.Namespace) -> int:
                 if wanted.matches(event):
                     show(event)
             return 0
-        files = trace_view.log_files(path)
-        if not files:
+        # A --workers server's workers log apart (<state-dir>/workers/N/logs): read them all,
+        # in time order, unless --file names one.
+        logs = [trace_view.log_files(path)] if args.file else trace_view.node_logs(path)
+        if not logs:
             return _fail(f"no log at {path} (has a server run with this state dir?)", 3)
         if args.timeline:
-            timeline = trace_view.build_timeline(trace_view.select(files, wanted), args.timeline)
+            events = trace_view.select_merged(logs, wanted)
+            timeline = trace_view.build_timeline(events, args.timeline)
             if timeline is None:
                 return _fail(f"no events of trace {args.timeline} in {path}", 1)
             sys.stdout.write(trace_view.render_timeline(timeline))
             return 0
-        for event in trace_view.select(files, wanted):
+        for event in trace_view.select_merged(logs, wanted):
             show(event)
     except KeyboardInterrupt:
         return 0

@@ -18,6 +18,7 @@ ignored setting.
 from __future__ import annotations
 
 import itertools
+import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -41,6 +42,10 @@ from runtime.streamable_http.origin import OriginPolicy
 from runtime.tool_access import AccessRule, ToolAccess
 from storage.durability import Durability
 from storage.shared_limits import Period, PeriodQuota
+
+#: The most worker processes ``--workers`` starts: each is a whole node (its pools, threads,
+#: its own connections to the database), so far more than the cores is only overhead.
+WORKERS_MAX = 64
 
 
 class ConfigError(Exception):
@@ -278,6 +283,30 @@ class Settings(BaseSettings):
         "JSON; a larger one is stored as its beginning, a marker and its real size (the "
         "client still gets all of it).",
     )
+    workers: int = Field(
+        default=1,
+        ge=1,
+        le=WORKERS_MAX,
+        description="Processes serving the one MCP port (SO_REUSEPORT), each a whole node on "
+        "the one database; 'auto': one per CPU (os.cpu_count()). 1 runs the node in this "
+        "process, as before; 2 or more make this process their parent, which holds the state "
+        "dir, owns the embedded Postgres and restarts a worker that dies "
+        "(docs/deployment.md#one-machine-with-workers).",
+    )
+    worker_index: int = Field(
+        default=0,
+        ge=0,
+        le=WORKERS_MAX,
+        description="Internal, set by a --workers parent for each worker it starts (1..N); 0: "
+        "not a worker. A worker's own files (server.json, logs, children) are under "
+        "<state-dir>/workers/<index>.",
+    )
+    worker_channel: int | None = Field(
+        default=None,
+        ge=0,
+        description="Internal, set by a --workers parent: the descriptor of the worker's end "
+        "of its socket pair with the parent (readiness out, the parent's end of life in).",
+    )
     root_max_restarts: int = Field(
         default=5, ge=0, description="Restarts of the root's children tolerated per period."
     )
@@ -352,6 +381,13 @@ class Settings(BaseSettings):
         "a dead node is swept once).",
     )
 
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _auto_workers(cls, value: object) -> object:
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return min(os.cpu_count() or 1, WORKERS_MAX)
+        return value
+
     @field_validator("log_level")
     @classmethod
     def _known_level(cls, value: str) -> str:
@@ -403,8 +439,18 @@ class Settings(BaseSettings):
         return self.state_dir / "token"
 
     @property
+    def node_dir(self) -> Path:
+        """Where this process keeps the files that are one node's own: the state dir itself,
+        or ``<state-dir>/workers/<index>`` for a worker (its server.json, logs, children)."""
+        if self.worker_index == 0:
+            return self.state_dir
+        return self.state_dir / "workers" / str(self.worker_index)
+
+    @property
     def server_file(self) -> Path:
-        return self.state_dir / "server.json"
+        """This process's ``server.json`` (a worker's own is in its :attr:`node_dir`; the
+        state dir's is its parent's, listing every worker)."""
+        return self.node_dir / "server.json"
 
     @property
     def pgdata(self) -> Path:

@@ -197,8 +197,71 @@ def cannot_listen(host: str, port: int, error: OSError) -> CannotListen:
     return CannotListen(f"cannot listen on {address}: {reason}")
 
 
+async def open_listeners(host: str, port: int, *, reuse_port: bool) -> list[trio.SocketListener]:
+    """Listening sockets on every address ``host`` resolves to, as
+    ``trio.open_tcp_listeners`` makes them; with ``reuse_port`` each also sets
+    ``SO_REUSEPORT`` (socket(7)): the sockets of every ``--workers`` worker on one port form
+    one group, among which the kernel spreads new connections by a hash of their addresses.
+    Every socket of the group must set it, the parent's reservation (:func:`reserve_port`)
+    included. Raises ``OSError`` (``socket.gaierror`` for an unknown host)."""
+    if not reuse_port:
+        return await trio.open_tcp_listeners(port, host=host)
+    addresses = await trio.socket.getaddrinfo(
+        host, port, type=trio.socket.SOCK_STREAM, flags=trio.socket.AI_PASSIVE
+    )
+    listeners: list[trio.SocketListener] = []
+    try:
+        for family, kind, proto, _, address in addresses:
+            sock = trio.socket.socket(family, kind, proto)
+            try:
+                _share_port(sock)
+                await sock.bind(address)
+                sock.listen(socket.SOMAXCONN)
+            except BaseException:
+                sock.close()
+                raise
+            listeners.append(trio.SocketListener(sock))
+    except BaseException:
+        for listener in listeners:
+            listener.socket.close()
+        raise
+    return listeners
+
+
+def _share_port(sock: socket.socket | trio.socket.SocketType) -> None:
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    if sock.family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+
+
+def reserve_port(host: str, port: int) -> tuple[int, list[socket.socket]]:
+    """Bind (never listen) ``SO_REUSEPORT`` sockets on ``host:port`` for a ``--workers``
+    parent: the port (chosen by the kernel when ``port`` is 0) that every worker then listens
+    on, held for the parent's life, so that a worker's restart finds it free for the group and
+    taken for anyone else (a process without ``SO_REUSEPORT``, or another user: socket(7)). A
+    socket that does not listen is never given a connection. Returns the port and the sockets
+    (the caller closes them). Raises :class:`CannotListen` (exit code 3) if it cannot bind."""
+    held: list[socket.socket] = []
+    try:
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        for family, kind, proto, _, address in addresses:
+            sock = socket.socket(family, kind, proto)
+            held.append(sock)
+            _share_port(sock)
+            # Every address on the port the first one got (port 0: the kernel's choice).
+            chosen = held[0].getsockname()[1] if len(held) > 1 else address[1]
+            sock.bind((address[0], chosen, *address[2:]))
+    except OSError as exc:
+        for sock in held:
+            sock.close()
+        raise cannot_listen(host, port, exc) from exc
+    return held[0].getsockname()[1], held
+
+
 class Listener:
-    """Accepts on ``host:port`` and runs ``handler`` for each connection in ``connections``."""
+    """Accepts on ``host:port`` and runs ``handler`` for each connection in ``connections``;
+    with ``reuse_port`` its sockets join the port's ``SO_REUSEPORT`` group (``--workers``)."""
 
     def __init__(
         self,
@@ -208,11 +271,13 @@ class Listener:
         host: str,
         port: int,
         counters: ListenerCounters | None = None,
+        reuse_port: bool = False,
     ) -> None:
         self._handler = handler
         self._gate = gate
         self._host = host
         self._port = port
+        self._reuse_port = reuse_port
         self.counters = counters or ListenerCounters()
         self._released = trio.Event()
         self._throttle = LogThrottle()
@@ -227,7 +292,7 @@ class Listener:
         stops accepting; the connections already accepted live on in ``connections``.
         Raises :class:`~storage.startup_errors.CannotListen` if ``host:port`` cannot be bound."""
         try:
-            listeners = await trio.open_tcp_listeners(self._port, host=self._host)
+            listeners = await open_listeners(self._host, self._port, reuse_port=self._reuse_port)
         except OSError as exc:  # socket.gaierror included: an unknown host name
             raise cannot_listen(self._host, self._port, exc) from exc
         try:

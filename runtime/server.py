@@ -318,6 +318,7 @@ class McpWebSocketServer:
         counters: ListenerCounters | None = None,
         http: HttpConfig | None = None,
         stream_bounds: StreamBounds | None = None,
+        reuse_port: bool = False,
     ) -> None:
         self._host = host
         self._clients = clients
@@ -341,6 +342,7 @@ class McpWebSocketServer:
             host=host,
             port=port,
             counters=self.counters,
+            reuse_port=reuse_port,
         )
         self._throttle = LogThrottle()
         self._stop = trio.Event()

@@ -30,6 +30,19 @@ from storage.startup_errors import StateDirInUse, StateDirUnusable
 LOCK_FILE = "server.lock"
 
 
+class WorkerInfo(BaseModel):
+    """One worker of a ``--workers`` server, as its parent lists it in ``server.json``."""
+
+    index: int
+    """1..N: the worker's place, kept by its successors (its files: ``workers/<index>/``)."""
+    pid: int
+    node_id: str
+    """Its id in the database's ``nodes`` table (a successor registers a new one)."""
+    admin_url: str | None
+    """Its own admin interface (``exai status`` asks each)."""
+    started_at: datetime
+
+
 class ServerInfo(BaseModel):
     url: str
     """The WebSocket endpoint, ``ws://HOST:PORT/mcp`` (what ``exai bridge`` connects to)."""
@@ -42,6 +55,12 @@ class ServerInfo(BaseModel):
     #: ``http://HOST:PORT/mcp``, the Streamable HTTP endpoint on the same port; ``None`` in
     #: files written before it was recorded.
     http_url: str | None = None
+    #: The node's id in the ``nodes`` table; ``None`` for a ``--workers`` parent (no node
+    #: itself: its workers are) and in files written before it was recorded.
+    node_id: str | None = None
+    #: A ``--workers`` parent's workers, by index (``admin_url`` above is the first one's, so
+    #: tools that know one admin interface still find one); empty for a single node.
+    workers: list[WorkerInfo] = []
 
 
 def write_server_info(path: Path, info: ServerInfo) -> None:

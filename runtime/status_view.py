@@ -42,11 +42,18 @@ class StatusFailure(Exception):
 class Target:
     admin_url: str
     token: str
+    #: The worker's index (1..N) when the server runs ``--workers``; ``None`` for one node.
+    worker: int | None = None
 
 
-def locate(state_dir: Path, *, url: str | None, token: str | None) -> Target:
-    """Where the admin interface is and the token it wants; raises :class:`StatusFailure`."""
+def locate(
+    state_dir: Path, *, url: str | None, token: str | None, worker: int | None = None
+) -> list[Target]:
+    """Where the admin interfaces are and the token they want: one for a single node (or
+    ``url``), one per worker of a ``--workers`` server (its ``server.json`` lists them), or
+    worker ``worker`` alone. Raises :class:`StatusFailure`."""
     server_file = state_dir / "server.json"
+    workers: list[tuple[int, str | None]] = []
     if url is None:
         try:
             info = read_server_info(server_file)
@@ -66,12 +73,21 @@ def locate(state_dir: Path, *, url: str | None, token: str | None) -> Target:
                 f"no server running: {server_file} names pid {info.pid}, which is not "
                 "running (the server was killed; the file is stale)",
             )
-        if info.admin_url is None:
+        workers = [(entry.index, entry.admin_url) for entry in info.workers]
+        if info.admin_url is None and not workers:
             raise StatusFailure(
                 EXIT_UNREACHABLE,
                 f"the server (pid {info.pid}) announces no admin interface in {server_file}",
             )
         url = info.admin_url
+    if worker is not None:
+        workers = [entry for entry in workers if entry[0] == worker]
+        if not workers:
+            raise StatusFailure(
+                EXIT_NO_SERVER,
+                f"no worker {worker} in {server_file} (is it a --workers server, and is that "
+                "worker serving? a restarted worker is listed once it serves again)",
+            )
     if token is None:
         path = admin_token_path(state_dir)
         try:
@@ -81,7 +97,10 @@ def locate(state_dir: Path, *, url: str | None, token: str | None) -> Target:
                 EXIT_BAD_TOKEN,
                 f"cannot read the admin token {path} ({exc.strerror}); pass --admin-token",
             ) from None
-    return Target(url.rstrip("/"), token)
+    if workers:
+        return [Target((admin or "").rstrip("/"), token, worker=index) for index, admin in workers]
+    assert url is not None
+    return [Target(url.rstrip("/"), token)]
 
 
 def _alive(pid: int) -> bool:
@@ -97,6 +116,10 @@ def _alive(pid: int) -> bool:
 def fetch(target: Target, *, timeout: float = 10.0, cluster: bool = False) -> NodeStatus:
     """``GET /status`` (``?cluster=1``: with ``nodes``, every node of the database); raises
     :class:`StatusFailure` with the matching exit code."""
+    if not target.admin_url:
+        raise StatusFailure(
+            EXIT_UNREACHABLE, f"worker {target.worker} announces no admin interface"
+        )
     try:
         response = httpx.get(
             f"{target.admin_url}/status" + ("?cluster=1" if cluster else ""),

@@ -15,6 +15,7 @@ Logged values may be a client's text, so everything printed goes through
 
 from __future__ import annotations
 
+import heapq
 import json
 import os
 import re
@@ -412,3 +413,28 @@ def _bar(step: Step, total: float) -> str:
 
 def select(files: Sequence[Path], wanted: EventFilter) -> Iterator[Event]:
     return (event for event in read_events(files) if wanted.matches(event))
+
+
+def node_logs(path: Path) -> list[list[Path]]:
+    """The log of ``path`` (``<state-dir>/logs/exai.log``) with its backups, then, for a
+    ``--workers`` server, each worker's (``<state-dir>/workers/<index>/logs/exai.log``), by
+    index; only those that exist."""
+    state_dir = path.parent.parent
+    workers = sorted(
+        (int(d.name), d / "logs" / path.name)
+        for d in (state_dir / "workers").glob("*")
+        if d.name.isdigit()
+    )
+    found = [log_files(path)] + [log_files(log) for _, log in workers]
+    return [files for files in found if files]
+
+
+def select_merged(logs: Sequence[Sequence[Path]], wanted: EventFilter) -> Iterator[Event]:
+    """:func:`select` over several processes' logs at once (a ``--workers`` parent and its
+    workers), in time order: each log is in order already, so they are merged, not sorted."""
+    if len(logs) == 1:
+        return select(logs[0], wanted)
+    never = datetime.min.replace(tzinfo=UTC)
+    return heapq.merge(
+        *(select(files, wanted) for files in logs), key=lambda e: event_time(e) or never
+    )

@@ -19,8 +19,8 @@ commit     the database's commit of the call's  Both failures: an answered call 
 journal    the journal's group ``fdatasync``    Process killed: as ``commit``. Machine lost: an
 (default)  of the call's final state; records   answered call is never lost; every call of a tool
            reach the database in batches,       not declared read-only leaves a row (its intent
-           behind the answer                    is fsynced before the tool runs); a read-only
-                                                call that was never answered may leave none.
+           behind the answer; a read-only       is fsynced before the tool runs); a read-only
+           tool's intent is not waited for      call that was never answered may leave none.
 async      nothing: records are written in the  Both failures: no row in an impossible state; a
            background                           call answered before the last confirmed flush
                                                 (``PersistenceStatus.confirmed_at``) is present;

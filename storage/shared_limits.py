@@ -13,10 +13,12 @@ provider's requests and tokens per minute, its client identity's requests per mi
 rows of ``rate_buckets``, taken all or none by ``exai_rate_take`` (the migration
 ``20261201000300_rate_buckets.sql``): GCRA kept as each bucket's level, drained with the
 database's clock (``clock_timestamp()`` read once the rows are locked), so the cluster never
-admits more than ``capacity + rate * elapsed`` whatever the nodes' clocks say. Measured on a
-2-core machine: one row held one limit across 8 processes at ~12,700 checks/s, far above any
-upstream's requests per minute, and one local round trip (~0.1 ms) per admitted upstream call
-that itself takes seconds. Leases (each node takes a slice of the capacity for a while) would
+admits more than ``capacity + rate * elapsed`` whatever the nodes' clocks say. A refusal is
+decided from an unlocked read and writes nothing (migration ``20261201000500``). Measured
+(``python -m bench.shared_limits``, docs/benchmarks.md): 4 processes on one bucket ~6,000
+checks/s on a busy 2-core machine, far above any upstream's requests per minute, and one
+local round trip (~1 ms with its commit) per admitted upstream call that itself takes
+seconds. Leases (each node takes a slice of the capacity for a while) would
 save those round trips but strand capacity on idle nodes, need a refill protocol and still
 need the database to hand slices out; an exact shared bucket is simpler and admits exactly.
 

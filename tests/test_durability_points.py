@@ -232,9 +232,9 @@ def _journaled_running(directory: Path, ctx: ToolContext) -> bool:
     [
         # commit: the row is running in the database before the tool runs.
         (Durability.COMMIT, "looks", {"database": "running"}),
-        # journal: in the journal, fsynced, unless the tool is read-only.
+        # journal: in the journal, fsynced. A read-only tool's intent is not waited for: it
+        # rides with the final state (test_a_read_only_calls_intent_rides_with_its_answer).
         (Durability.JOURNAL, "looks", {"journal": True, "synced": True}),
-        (Durability.JOURNAL, "looks_read_only", {"journal": True, "synced": False}),
     ],
 )
 async def test_a_calls_intent_is_recorded_before_its_tool_runs(
@@ -261,6 +261,104 @@ async def test_a_calls_intent_is_recorded_before_its_tool_runs(
             found = json.loads(delivery.message["result"]["content"][0]["text"])
             assert {key: found[key] for key in expected} == expected, found
         proxy.cut()
+
+
+class JournalAtOnce(Tool[_NoArgs]):
+    """Read-only; reports, without yielding to the loop, whether its intent is in the journal
+    yet. Optionally stops the persistence actor before it returns."""
+
+    name = "journal_at_once"
+    description = "Test only: is my intent journaled before I run?"
+    Args = _NoArgs
+    annotations = ToolAnnotations(read_only_hint=True)
+
+    def __init__(self, journal_dir: Path, stop: pykka.ActorRef[Any] | None = None) -> None:
+        self._journal_dir = journal_dir
+        self._stop = stop
+
+    async def run(self, args: _NoArgs, ctx: ToolContext) -> ToolOutput:
+        journaled = _journaled_running(self._journal_dir, ctx)
+        if self._stop is not None:
+            await trio.to_thread.run_sync(partial(self._stop.stop, block=True, timeout=60))
+        return ToolOutput(text=json.dumps({"journal": journaled}))
+
+
+async def _initialized(session: Any) -> None:
+    await session.client.request(
+        "init",
+        "initialize",
+        {
+            "protocolVersion": "2025-06-18",
+            "capabilities": {},
+            "clientInfo": {"name": "points", "version": "1"},
+        },
+    )
+
+
+def _task_kinds(directory: Path, session_id: str) -> list[str]:
+    """The kinds of the task records of one session's calls, in journal order."""
+    lines = [
+        json.loads(line) for p in sorted(directory.glob("journal-*.jsonl")) for line in p.open()
+    ]
+    tasks = {
+        line["task_id"]
+        for line in lines
+        if line.get("kind") == "task_created" and line["session_id"] == session_id
+    }
+    return [line["kind"] for line in lines if line.get("task_id") in tasks]
+
+
+async def test_a_read_only_calls_intent_rides_with_its_answer(db: str, tmp_path: Path) -> None:
+    """With ``journal`` durability a read-only tool runs without waiting for its intent (it
+    had no effect for the intent to account for; issue 17: one persistence round trip fewer
+    per call), and its call still leaves the whole row, intent before final state, fsynced
+    before the answer."""
+    async with proxied(db) as (proxy, url), persistence(url, tmp_path, Durability.JOURNAL) as c:
+        await _warm(c)
+        proxy.black_hole()  # only the journal holds anything
+        journal_dir = Path((await c.status()).journal_file).parent
+        services = session_services(c, [JournalAtOnce(journal_dir)], node_id="points")
+        async with memory_session(services) as session:
+            await _initialized(session)
+            await session.client.send(call("c1", "journal_at_once"))
+            delivery, _ = await session.client.response("c1")
+            found = json.loads(delivery.message["result"]["content"][0]["text"])
+            assert found == {"journal": False}, "the read-only call waited for its intent"
+            status = await c.status()
+            assert status.synced == status.appended, "answered before the final state's fsync"
+            session_id = session.state.session_id
+        assert _task_kinds(journal_dir, session_id) == [
+            "task_created",
+            "task_started",
+            "task_finished",
+        ]
+        proxy.cut()
+
+
+async def test_a_read_only_call_whose_records_cannot_be_confirmed_is_refused(
+    db: str, tmp_path: Path
+) -> None:
+    """Its intent was not waited for, so if its final state cannot be written either, nothing
+    is known to record the call: the answer is withheld (-32004), never sent unrecorded."""
+    journal = Journal.open(tmp_path / "journal", node_id="points", fsync_interval=3600)
+    ref: pykka.ActorRef[Any] = PersistenceActor.start(db, journal)
+    c = PersistenceClient.for_ref(ref, durability=Durability.JOURNAL, timeout=60)
+    try:
+        await _warm(c)
+        tool = JournalAtOnce(tmp_path / "journal", stop=ref)  # the actor is gone when it returns
+        services = session_services(c, [tool], node_id="points")
+        async with memory_session(services) as session:
+            await _initialized(session)
+            await session.client.send(call("c1", "journal_at_once"))
+            delivery, _ = await session.client.response("c1")
+            error = delivery.message.get("error")
+            assert error is not None, delivery.message
+            assert error["code"] == -32004, delivery.message
+            assert "could not be recorded" in error["message"]
+    finally:
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(partial(ref.stop, block=True, timeout=60))
+        journal.close()
 
 
 async def test_every_client_hears_the_database_writer(db: str, tmp_path: Path) -> None:

@@ -376,7 +376,10 @@ async def test_accept_backs_off_when_descriptors_run_out_and_recovers(
         (paused,) = events(server, "listener.accept_paused")  # once, not every 0.1 s
         assert paused["error"] == "EMFILE"
         resumed = events(server, "listener.accept_resumed")[0]
-        assert resumed["failed_accepts"] >= 2  # it did retry, silently
+        # It retried (the client in the backlog was served after accept(2) had failed) and
+        # said so once: how many attempts failed first depends on how fast this machine
+        # filled the table before the 1 s handshake deadline freed it (1 on a loaded one).
+        assert resumed["failed_accepts"] >= 1
         listener = (await fetch(server)).listener
         assert listener is not None
         assert listener.accept_pauses >= 1

@@ -45,7 +45,12 @@ from runtime.config import ConfigError, load_config_file, load_settings
 from runtime.pykka_supervision import ActorName
 from runtime.supervision import ChildSpec, Supervisor, run_root
 from storage.migrations import apply_migrations
-from storage.shared_limits import BucketTake, PeriodQuota, SharedLimits
+from storage.shared_limits import (
+    BucketTake,
+    PeriodQuota,
+    SharedLimits,
+    SharedLimitsUnavailable,
+)
 from tests.chat_support import ALICE, Caller, provider_table, upstream_thread, write_config
 from tests.fake_openai import FakeOpenAI, Reply
 from tests.harness import RawClient, open_raw, start_server, with_database
@@ -121,6 +126,34 @@ def test_the_cluster_admits_no_more_than_burst_plus_rate_times_elapsed(
         assert taken > capacity - 3
     else:
         assert taken == demanded
+
+
+def test_a_refusal_neither_waits_for_nor_takes_the_buckets_lock(shared_url: str) -> None:
+    """When a limit binds most checks are refusals: one is decided from an unlocked read, so
+    it neither waits behind a node holding the bucket's row lock (here a transaction that
+    keeps it) nor writes the row; an admission still waits for the lock."""
+    key = f"test:{uuid.uuid4().hex}"
+    store = SharedLimits(shared_url, statement_timeout=2.0, answer_within=30.0)
+    try:
+        assert store.take([BucketTake(key, 2, 2)]).taken  # the bucket is full
+        with psycopg.connect(shared_url) as holder:
+            (version,) = holder.execute(
+                "select xmin::text from rate_buckets where key = %s for update", (key,)
+            ).fetchone() or (None,)
+            refused = store.take([BucketTake(key, 2, 1)])  # before: blocked until the timeout
+            assert not refused.taken
+            assert refused.wait_seconds
+            assert refused.blocking_key == key
+            fits = BucketTake(f"{key}:other", 2, 1), BucketTake(key, 2, 0)
+            with pytest.raises(SharedLimitsUnavailable):
+                store.take(fits)  # fits the unlocked read: it must lock, and the lock is held
+            holder.rollback()
+            after = holder.execute(
+                "select xmin::text from rate_buckets where key = %s", (key,)
+            ).fetchone()
+            assert after == (version,), "a refusal wrote the bucket's row"
+    finally:
+        store.close()
 
 
 # -- the actor over the shared limits --------------------------------------------------------

@@ -91,6 +91,11 @@ TaskMode = Literal["requested", "directed"]
 
 #: The ``_meta`` of a call that sent none.
 _NO_META = RequestMeta()
+#: A read-only call whose records could not be confirmed (``CallRunner._intent_rides``).
+_NOT_RECORDED = StorageUnavailable(
+    "storage unavailable: the call could not be recorded, so its answer is withheld; the tool "
+    "is read-only, retry later"
+)
 
 
 class CallRunner:
@@ -366,6 +371,9 @@ class CallRunner:
             ):
                 refused = await self._record_intent(task, tool)
                 unrecorded = refused is not None
+                # A read-only tool's intent rides with its final state (``_record_intent``):
+                # if that final write fails, nothing recorded the call, so it is refused.
+                unconfirmed = refused is None and self._intent_rides(tool)
                 if refused is not None:
                     outcome = _failed(
                         request_id,
@@ -427,26 +435,44 @@ class CallRunner:
             else:
                 # The one retry layer of the final write is the client's.
                 await persistence.write(final)
-        except (StorageError, ActorUnavailable) as error:
+        except (StorageError, ActorUnavailable, trio.TooSlowError) as error:
+            if unconfirmed:
+                # Neither the intent nor the final state is known to be in the journal: the
+                # answer must not reach the client (an answered call is never lost), and the
+                # read-only tool had no effect to account for: refused, as an intent that
+                # could not be recorded is.
+                self._log.warning("task.not_recorded", task_id=str(task.task_id), error=repr(error))
+                return _failed(
+                    request_id,
+                    translation.call_failure(_NOT_RECORDED, tool=tool.name, version=version),
+                ).reply
             # The tool ran and its answer stands; the record of it could not be confirmed.
             self._log.error("task.final_write_failed", task_id=str(task.task_id), error=repr(error))
-        except trio.TooSlowError:
-            self._log.error("task.final_write_slow", task_id=str(task.task_id))
         return outcome.reply
+
+    def _intent_rides(self, tool: Tool[Any]) -> bool:
+        """Whether this call's intent is sent without being waited for, to ride in one
+        shipment with its final state: with ``journal`` durability, for a tool declared
+        read-only. Waiting for it would buy nothing a crash could show: the intent of a
+        read-only call is not fsynced anyway, and with or without the wait a process killed
+        before the intent's ``write(2)`` leaves no row, while a read-only tool leaves no effect
+        to find without one (storage/durability.py). It saves one round trip to the
+        persistence thread per call (issue 17)."""
+        return self._persistence.durability is Durability.JOURNAL and tool.read_only
 
     async def _record_intent(self, task: TaskLifecycle, tool: Tool[Any]) -> ExaiError | None:
         """Record that the call runs (its row ``running``) before its tool does, as a
         write-ahead log would, so that a call whose tool had an effect always leaves a row:
-        committed (``commit``), or written to the journal (``journal``; fsynced too unless the
-        tool is read-only: storage/durability.py); not waited for with ``async``. The error
+        committed (``commit``), or written to the journal and fsynced (``journal``); not waited
+        for with ``async``, nor with ``journal`` for a read-only tool (``_intent_rides``). The error
         that refuses the call if the intent could not be recorded (nothing ran)."""
         persistence = self._persistence
         started = task.started()
-        if persistence.durability is Durability.ASYNC:
+        if persistence.durability is Durability.ASYNC or self._intent_rides(tool):
             persistence.write_soon(started)
             return None
         try:
-            await persistence.write(started, fsync=not tool.read_only)
+            await persistence.write(started)
         except (StorageError, ActorUnavailable, trio.TooSlowError) as error:
             # The row may still land (a slow database): the call's final state, `failed`,
             # follows it without waiting (``_call``), so that it never stays running.
