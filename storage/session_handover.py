@@ -1,4 +1,4 @@
-"""A WebSocket session claimed by the node its client reconnects to, whichever node held it.
+"""A session claimed by the node its client reconnects to, whichever node held it.
 
 A session's row (``sessions``, db/migrations/..._session_handover.sql) names its holder
 (``node_id``) and an ``epoch`` that every claim bumps. A session is *claimable* by a node
@@ -22,6 +22,11 @@ The node that held the session keeps a local copy until it next touches it: its 
 (:meth:`SessionClaims.reclaim`, conditional on holder and epoch) finds it lost and drops the
 copy; its park and its end are written only at its epoch (:mod:`storage.writes`), so a stale
 copy never parks or ends the session its new holder runs.
+
+A 2025-era Streamable HTTP session has no connection to be attached to, so it is claimed
+whoever holds it (:meth:`SessionClaims.claim_http`), and a node ends its copies of sessions
+whose row was closed elsewhere (:meth:`SessionClaims.ended`). A row records its
+``transport``: a WebSocket resume never takes an HTTP session, nor the reverse.
 
 Every method blocks (a pool of its own, :class:`~storage.read_pool.ReadPool`): call it
 through ``trio.to_thread.run_sync``. Nothing here is session-level SQL, so it works through a
