@@ -72,6 +72,7 @@ from actors.rate_limiter import RateLimiterActor, node_limits, supervised_rate_l
 from actors.servers import ProxiedServers, RemoteEndpoint
 from actors.servers.host import endpoint as server_endpoint
 from actors.session import SessionBounds, SessionConfig, SessionLifecycle, SessionServices
+from actors.session.handover import Handover, end_copies_ended_elsewhere
 from actors.session.mail import announce_tools_changed
 from actors.status import LiveSession, NodeStatusSource
 from actors.tasks import TaskHost
@@ -113,6 +114,7 @@ from storage.journal import Journal
 from storage.membership import NodeLimits, NodeSnapshot
 from storage.migrations import apply_migrations
 from storage.recovery import recover
+from storage.session_handover import SessionClaims
 from storage.shared_limits import SharedLimits
 from storage.startup_errors import DatabaseUnavailable, DatabaseUnreachable, StartupError
 from storage.threads import ThreadStore
@@ -524,6 +526,17 @@ class _Tree:
             retention_ms=round(settings.task_retention * 1000),
             node_timeout=settings.node_timeout,
         )
+        #: Resumes on any node sharing the database (actors/session/handover.py); its pool
+        #: is opened by the listener child, which serves the resumes.
+        self.handover = Handover(
+            SessionClaims(
+                database_url,
+                node_id,
+                node_timeout=settings.node_timeout,
+                grace=settings.resume_grace,
+            ),
+            self.persistence,
+        )
         self.services = SessionServices(
             tools=builtin_tools(
                 test_faults=settings.test_faults,
@@ -553,6 +566,7 @@ class _Tree:
             registry=self.registry,
             sessions=self.sessions_supervisor,
             bounds=bounds,
+            handover=self.handover,
         )
         self.lifecycle = SessionLifecycle(self.services)
         #: ``/root/servers``: the proxied MCP servers of ``[servers]`` (docs/tools.md).
@@ -771,9 +785,19 @@ class _Tree:
             ),
         )
         self.http = server.http
+        self.handover.claims.open()  # connects in the pool's own threads; returns at once
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(registry.run)  # the reaper of parked sessions
+                # HTTP sessions' copies whose row ended on another node (a DELETE there).
+                nursery.start_soon(
+                    partial(
+                        end_copies_ended_elsewhere,
+                        self.handover,
+                        registry,
+                        interval=settings.sweep_interval,
+                    )
+                )
                 async with trio.open_nursery() as serving:
                     await serving.start(server.run)
                     self._announce(server.url, server.http_url)
@@ -796,6 +820,9 @@ class _Tree:
                 # error itself (logged without a traceback), not the nurseries' wrapping.
                 raise error from error.__cause__
             raise
+        finally:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(self.handover.claims.close)
         await registry.expire_all()
 
     def _announce(self, url: str, http_url: str) -> None:

@@ -25,6 +25,7 @@ closes last, so probes see ``draining`` rather than a refused connection through
 from __future__ import annotations
 
 import contextlib
+import enum
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -103,14 +104,27 @@ class Handshake:
     last_sent: Callable[[], float] | None = None
 
 
+class ResumeRefused(enum.Enum):
+    """Why a resume (a handshake presenting a session id) is refused; the value is the HTTP
+    status the handshake answers."""
+
+    UNKNOWN = 404
+    """No such session for this identity (unknown, ended, past its resume grace, or another
+    identity's: one answer for all, so a stranger learns nothing)."""
+    ATTACHED = 409
+    """Its client is still connected to it (on this node or another live one)."""
+    BUSY = 503
+    """This node cannot look it up now (too many lookups of ids it does not hold, or the
+    database does not answer): retry later."""
+
+
 class SessionHost(HttpSessionHost, Protocol):
     """What runs sessions, as the server sees it (the actors implement it): WebSocket
     sessions here, Streamable HTTP ones through :class:`HttpSessionHost`."""
 
-    def claim(self, session_id: str, identity: str) -> object | None:
-        """Hand over a detached session's state to a new connection; ``None`` if there is no
-        such session any more (unknown, or its resume grace has passed), or if it belongs to
-        another client identity (a session carries its owner's identity)."""
+    async def claim(self, session_id: str, identity: str, remote: str) -> object:
+        """Hand a detached session's state to a new connection from ``remote``, whichever
+        node of the cluster held it; a :class:`ResumeRefused` if it cannot be resumed."""
 
     async def unclaim(self, resumed: object) -> None:
         """Take back a state :meth:`claim` handed out whose connection failed before
@@ -544,27 +558,15 @@ class McpWebSocketServer:
         resume_id = _presented_session_id(request)
         resumed: object | None = None
         if resume_id is not None:
-            if resume_id in self.sessions:
-                await request.reject(
-                    409,
-                    body=f"session {resume_id} is attached to another connection\n".encode(),
-                )
+            claimed = await self._session_host.claim(resume_id, identity, str(peer))
+            if isinstance(claimed, ResumeRefused):
+                await self._refuse_resume(request, resume_id, claimed)
                 return None
-            resumed = self._session_host.claim(resume_id, identity)
-            if resumed is None:
-                log.info("handshake.resume_refused", session_id=resume_id)
-                await request.reject(
-                    404,
-                    body=(
-                        f"session {resume_id} is unknown or its resume grace period has "
-                        "passed; connect without a session id to start a new session\n"
-                    ).encode(),
-                )
-                return None
-        offered = request.proposed_subprotocols
-        subprotocol = SUBPROTOCOL if SUBPROTOCOL in offered else None
-        session_id = resume_id or str(uuid.uuid4())
+            resumed = claimed
         try:
+            offered = request.proposed_subprotocols
+            subprotocol = SUBPROTOCOL if SUBPROTOCOL in offered else None
+            session_id = resume_id or str(uuid.uuid4())
             ws = await request.accept(
                 subprotocol=subprotocol,
                 extra_headers=[(b"mcp-session-id", session_id.encode())],
@@ -585,6 +587,27 @@ class McpWebSocketServer:
             last_sent=lambda: stream.last_sent,
         )
         return ws, handshake
+
+    async def _refuse_resume(
+        self, request: WebSocketRequest, resume_id: str, why: ResumeRefused
+    ) -> None:
+        """The handshake's answer to a resume that cannot be: 404, 409 or 503."""
+        if why is ResumeRefused.ATTACHED:
+            body = f"session {resume_id} is attached to another connection\n"
+        elif why is ResumeRefused.BUSY:
+            body = "server busy: cannot look the session up now, retry later\n"
+        else:
+            log.info("handshake.resume_refused", session_id=resume_id)
+            body = (
+                f"session {resume_id} is unknown or its resume grace period has passed; "
+                "connect without a session id to start a new session\n"
+            )
+        await _refuse(request, why.value, body, why is not ResumeRefused.UNKNOWN)
+
+
+async def _refuse(request: WebSocketRequest, status: int, body: str, retry: bool) -> None:
+    headers = [(b"retry-after", b"1")] if retry else None
+    await request.reject(status, extra_headers=headers, body=body.encode())
 
 
 def listener_status(

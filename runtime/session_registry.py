@@ -5,10 +5,14 @@ drain) all read this one table, and the session lifecycle is the only writer, th
 operations; nothing else keeps a list of sessions. Phases and operations::
 
     (new) ──attach──> ATTACHED ──park──> PARKED ──claim──> CLAIMED ──attach──> ATTACHED
-                         │                 │                  │
-                        end             expire            unclaim ──> PARKED
-                         ▼                 ▼                 (end)
-                       (gone)            (gone)
+                         │                 │                  │  ▲
+                        end             expire            unclaim │
+                         ▼                 ▼               ──> PARKED
+                       (gone)            (gone)              (end)  │
+                                                       (new) ──adopt┘
+
+* ``adopt``: a session another node held, claimed in the database by a reconnecting client
+  (``storage/session_handover.py``), enters as ``CLAIMED``.
 
 * ``ATTACHED``: a connection runs the session; :attr:`SessionEntry.close` closes it (drain).
 * ``PARKED``: its connection dropped without a clean close; kept until
@@ -214,6 +218,17 @@ class SessionRegistry(Generic[S]):
         entry.deadline = None
         self._count_attached(+1)
         return entry.session
+
+    def adopt(self, session_id: str, identity: str, session: S) -> SessionEntry[S]:
+        """A session this node did not hold, claimed for a new connection (its state from
+        the database): enters ``CLAIMED``, attached by its connection or unclaimed as a local
+        claim is. ``ValueError`` if the id is already here."""
+        if session_id in self._entries:
+            raise ValueError(f"session {session_id} is already held here")
+        entry = SessionEntry(session_id, identity, session, SessionPhase.CLAIMED)
+        self._entries[session_id] = entry
+        self._count_attached(+1)
+        return entry
 
     def unclaim(self, session_id: str) -> bool:
         """The claiming connection failed before it attached: park the session again, with

@@ -65,6 +65,11 @@ class SessionRow(_Row):
     protocol_version: str | None = None
     remote_addr: str | None = None
     node_id: str | None = None
+    #: The client identity that owns it (only it may resume the session, on any node).
+    identity: str | None = None
+    #: How its client reaches it (``websocket``, ``http``, ``http-sessionless``, ``memory``):
+    #: a session is resumed on another node only over its own transport.
+    transport: str | None = None
 
 
 class SessionClose(_Row):
@@ -84,6 +89,36 @@ class SessionClose(_Row):
     status: SessionStatus = "closed"
     tool_calls: int = Field(default=0, ge=0)
     tool_errors: int = Field(default=0, ge=0)
+    #: The session's epoch (``sessions.epoch``) when its holder ended it: applied only while
+    #: the row is still at it, so a node whose copy another node claimed since (a resume
+    #: elsewhere, storage/session_handover.py) closes nothing. 0 in journals older than it.
+    epoch: int = Field(default=0, ge=0)
+
+
+class SessionParked(_Row):
+    """A WebSocket session's socket dropped: parked on ``node_id`` for ``grace_s`` seconds
+    (the database's clock), with its totals and log level as they are now, so any node its
+    client reconnects to can claim it (storage/session_handover.py). Applied only while the
+    row is still this node's at ``epoch`` and active."""
+
+    kind: Literal["session_parked"] = "session_parked"
+    session_id: str
+    node_id: str
+    epoch: int = Field(ge=0)
+    grace_s: float = Field(gt=0)
+    tool_calls: int = Field(default=0, ge=0)
+    tool_errors: int = Field(default=0, ge=0)
+    log_level: str | None = None
+
+
+class SessionLogLevel(_Row):
+    """``logging/setLevel``: part of the negotiated state a resume on another node restores
+    (last write wins, at the holder's epoch)."""
+
+    kind: Literal["session_log_level"] = "session_log_level"
+    session_id: str
+    epoch: int = Field(ge=0)
+    log_level: str | None
 
 
 class SessionIdentified(_Row):
@@ -304,6 +339,8 @@ class NodeHeartbeat(_Row):
 Record: TypeAlias = Annotated[
     SessionRow
     | SessionClose
+    | SessionParked
+    | SessionLogLevel
     | SessionIdentified
     | SessionActivity
     | TaskCreated

@@ -51,6 +51,8 @@ from storage.rows import (
     SessionActivity,
     SessionClose,
     SessionIdentified,
+    SessionLogLevel,
+    SessionParked,
     SessionRow,
     TaskCreated,
     TaskFinished,
@@ -158,6 +160,8 @@ class _Groups:
     identified: list[SessionIdentified] = field(default_factory=list)
     activity: list[SessionActivity] = field(default_factory=list)
     closes: list[SessionClose] = field(default_factory=list)
+    parked: list[SessionParked] = field(default_factory=list)
+    log_levels: list[SessionLogLevel] = field(default_factory=list)
     heartbeats: list[NodeHeartbeat] = field(default_factory=list)
 
     @classmethod
@@ -193,6 +197,10 @@ class _Groups:
                 self.activity.append(record)
             case SessionClose():
                 self.closes.append(record)
+            case SessionParked():
+                self.parked.append(record)
+            case SessionLogLevel():
+                self.log_levels.append(record)
             case NodeHeartbeat():
                 self.heartbeats.append(record)
             case _:
@@ -223,6 +231,10 @@ def _apply(conn: Connection, groups: _Groups, *, fast: bool, me: str | None) -> 
         _identify_sessions(conn, groups.identified)
     if groups.activity:
         _record_activity(conn, groups.activity)
+    if groups.log_levels:
+        _session_log_levels(conn, groups.log_levels)
+    if groups.parked:
+        _park_sessions(conn, groups.parked)
     if groups.closes:
         _close_sessions(conn, groups.closes)
     if groups.heartbeats:
@@ -253,7 +265,7 @@ def _isolated(conn: Connection, records: Sequence[Record], *, me: str | None) ->
 
 _SESSION_COLUMNS = (
     "session_id, created_at, last_activity, status, client_name, client_version,"
-    " protocol_version, remote_addr, node_id"
+    " protocol_version, remote_addr, node_id, identity, transport"
 )
 
 
@@ -268,6 +280,8 @@ def _session_tuple(row: SessionRow) -> tuple[object, ...]:
         row.protocol_version,
         row.remote_addr,
         row.node_id,
+        row.identity,
+        row.transport,
     )
 
 
@@ -310,20 +324,64 @@ def _record_activity(conn: Connection, rows: list[SessionActivity]) -> None:
 
 def _close_sessions(conn: Connection, rows: list[SessionClose]) -> None:
     # `status = 'active'`: replaying an old close never reopens or re-stamps a row, and a
-    # session recovery already marked interrupted stays so.
+    # session recovery already marked interrupted stays so. `epoch`: a node whose session
+    # another node claimed since (storage/session_handover.py) ends only its own copy.
     with conn.cursor() as cur:
         cur.executemany(
             """
             update sessions
                set status = %s, closed_at = %s, last_activity = greatest(last_activity, %s),
                    tool_calls = greatest(tool_calls, %s), tool_errors = greatest(tool_errors, %s),
-                   version = version + 1
-             where session_id = %s and status = 'active'
+                   parked_until = null, version = version + 1
+             where session_id = %s and status = 'active' and epoch = %s
             """,
             [
-                (r.status, r.closed_at, r.last_activity, r.tool_calls, r.tool_errors, r.session_id)
+                (
+                    r.status,
+                    r.closed_at,
+                    r.last_activity,
+                    r.tool_calls,
+                    r.tool_errors,
+                    r.session_id,
+                    r.epoch,
+                )
                 for r in rows
             ],
+        )
+
+
+def _park_sessions(conn: Connection, rows: list[SessionParked]) -> None:
+    # Only the holder at its epoch parks (a stale copy changes nothing); the grace runs on
+    # the database's clock, which every node that may claim the session reads.
+    with conn.cursor() as cur:
+        cur.executemany(
+            """
+            update sessions
+               set parked_until = now() + make_interval(secs => %s),
+                   tool_calls = greatest(tool_calls, %s), tool_errors = greatest(tool_errors, %s),
+                   log_level = %s, last_activity = greatest(last_activity, now())
+             where session_id = %s and node_id = %s and epoch = %s and status = 'active'
+            """,
+            [
+                (
+                    r.grace_s,
+                    r.tool_calls,
+                    r.tool_errors,
+                    r.log_level,
+                    r.session_id,
+                    r.node_id,
+                    r.epoch,
+                )
+                for r in rows
+            ],
+        )
+
+
+def _session_log_levels(conn: Connection, rows: list[SessionLogLevel]) -> None:
+    with conn.cursor() as cur:
+        cur.executemany(
+            "update sessions set log_level = %s where session_id = %s and epoch = %s",
+            [(r.log_level, r.session_id, r.epoch) for r in rows],
         )
 
 

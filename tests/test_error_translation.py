@@ -71,6 +71,7 @@ from storage.errors import (
     WriteConflict,
     WriteRejected,
 )
+from storage.session_handover import SessionClaimError
 from storage.task_queries import TaskReadError
 from storage.thread_search import InvalidSearchQuery
 from storage.threads import InvalidThreadCursor, ThreadReadError
@@ -211,6 +212,9 @@ CASES: dict[str, Case] = {
     "WriteRejected": Case(lambda: WriteRejected("constraint"), Internal()),
     "ThreadReadError": Case(lambda: ThreadReadError("reading threads failed"), Internal()),
     "TaskReadError": Case(lambda: TaskReadError("reading tasks failed"), Internal()),
+    # Never reaches a tool call (a resume's handshake answers 503 for it), but if it did it
+    # would be what any storage failure is.
+    "SessionClaimError": Case(lambda: SessionClaimError("reading sessions failed"), Internal()),
     "InvalidThreadCursor": Case(
         lambda: InvalidThreadCursor("invalid cursor 'zz': not one this server issued"),
         Input("invalid cursor 'zz': not one this server issued"),

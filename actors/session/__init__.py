@@ -4,7 +4,8 @@ Modules, one idea each: ``state`` (what a session knows, and who may change it h
 ``methods`` (the MCP method table per era), ``calls`` (the ``tools/call`` runner and
 batches), ``actor`` (the mailbox loop), ``reader`` (frames in), ``runner`` (a session over any
 :class:`~runtime.connection.Connection`, its actor supervised), ``lifecycle`` (WebSocket:
-accept, park, end), ``resume`` (parked sessions), ``memory`` (a session over the in-memory
+accept, park, resume, end), ``handover`` (sessions resumed on any node of the cluster),
+``http`` (Streamable HTTP's sessions), ``memory`` (a session over the in-memory
 transport), ``config`` (what the node gives every session).
 """
 

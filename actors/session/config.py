@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import trio
 
 from actors.persistence import PersistenceClient
+from actors.session.handover import Handover
 from actors.status import LiveSession
 from actors.tasks import TaskHost
 from runtime.budget import NodeBudget
@@ -95,3 +96,6 @@ class SessionServices:
     #: Called once a session is over for good (not while it is parked for resume), after its
     #: end is recorded: the rate limiter forgets its counters there.
     session_ended: Callable[[str], Awaitable[None]] | None = None
+    #: Resumes on any node (actors/session/handover.py): parks published in the database,
+    #: ids held elsewhere claimed from it. ``None``: resumes of this node's sessions only.
+    handover: Handover | None = None

@@ -29,6 +29,7 @@ from trio_websocket import CloseReason, ConnectionClosed, WebSocketConnection
 from actors.persistence import StorageUnavailable
 from actors.session.actor import Mail
 from actors.session.config import SessionServices
+from actors.session.handover import LookupRefused
 from actors.session.http import serve_http_session
 from actors.session.runner import end_session, open_session, record_end, run_session
 from actors.session.state import SessionState
@@ -42,10 +43,12 @@ from runtime.connection import (
 )
 from runtime.mailbox import ActorRef
 from runtime.outbox import Outbox
-from runtime.server import Handshake
-from runtime.session_registry import Ending, SessionEntry
+from runtime.server import Handshake, ResumeRefused
+from runtime.session_registry import Ending, SessionEntry, SessionPhase
+from runtime.streamable_http.endpoint import NotResumable
 from runtime.streamable_http.session_transport import HttpSessionTransport
 from runtime.websocket_transport import WebSocketTransport
+from storage.session_handover import Refusal
 
 log = structlog.get_logger("session")
 
@@ -79,17 +82,74 @@ class SessionLifecycle:
             raise ValueError("a node's sessions need their supervisor (services.sessions)")
         self.supervisor = services.sessions
 
-    def claim(self, session_id: str, identity: str) -> LiveSession | None:
-        return self.registry.claim(session_id, identity)
+    async def claim(self, session_id: str, identity: str, remote: str) -> object:
+        """A resume: the session's :class:`LiveSession`, now ``CLAIMED`` for the new
+        connection, or a :class:`ResumeRefused`.
+
+        Held here parked: claimed at once, then confirmed in the database at its epoch; a
+        copy another node claimed since is dropped (no end written: the session is that
+        node's) and the claim goes on as for an id held elsewhere. Held elsewhere (parked on
+        another node, or left attached on a dead one): claimed from the database
+        (:mod:`actors.session.handover`). Another identity's session is unknown to this
+        one, wherever it is held and whatever its phase: 404, as for an id never issued.
+        """
+        registry = self.registry
+        entry = registry.get(session_id)
+        if entry is not None:
+            if entry.identity != identity:
+                return ResumeRefused.UNKNOWN
+            if entry.phase is not SessionPhase.PARKED:
+                return ResumeRefused.ATTACHED
+            live = registry.claim(session_id, identity)
+            handover = self.services.handover
+            if live is None or handover is None:
+                return live or ResumeRefused.UNKNOWN
+            if await handover.reclaim(live.state, remote):
+                return live
+            # Another node claimed it while it was parked here: this copy is stale.
+            registry.end(session_id)
+            log.info("session.handed_over", session_id=session_id)
+            if self.services.session_ended is not None:
+                await self.services.session_ended(session_id)
+        return await self._claim_elsewhere(session_id, identity, remote)
+
+    async def _claim_elsewhere(self, session_id: str, identity: str, remote: str) -> object:
+        handover = self.services.handover
+        if handover is None or self.registry.grace <= 0:
+            return ResumeRefused.UNKNOWN  # no grace: nothing is parked, nothing resumed
+        try:
+            claimed = await handover.claim(session_id, identity, remote)
+        except LookupRefused:
+            return ResumeRefused.BUSY
+        if claimed is Refusal.ATTACHED:
+            return ResumeRefused.ATTACHED
+        if isinstance(claimed, Refusal):  # unknown or absent
+            return ResumeRefused.UNKNOWN
+        existing = self.registry.get(session_id)
+        if existing is not None:
+            # Another connection of this node resumed it while this claim was on its way
+            # (it was parked meanwhile, so the database gave it to this claim too): the
+            # copy here is the session, at the epoch the database has now.
+            existing.session.state.claimed(claimed.epoch)
+            if existing.phase is SessionPhase.PARKED:
+                return self.registry.claim(session_id, identity) or ResumeRefused.UNKNOWN
+            return ResumeRefused.ATTACHED
+        live = LiveSession(claimed, None, transport="websocket")
+        self.registry.adopt(session_id, identity, live)
+        return live
 
     async def unclaim(self, resumed: object) -> None:
         if not isinstance(resumed, LiveSession):
             return
-        if not self.registry.unclaim(resumed.state.session_id):
-            # Parking has stopped: the node is shutting down, the session is over.
-            entry = self.registry.end(resumed.state.session_id)
-            if entry is not None:
-                await self._expire_parked(entry)
+        state = resumed.state
+        if self.registry.unclaim(state.session_id):
+            if self.services.handover is not None:
+                await self.services.handover.publish_park(state)
+            return
+        # Parking has stopped: the node is shutting down, the session is over.
+        entry = self.registry.end(state.session_id)
+        if entry is not None:
+            await self._expire_parked(entry)
 
     async def serve_http(
         self,
@@ -98,8 +158,13 @@ class SessionLifecycle:
         remote: str,
         idle_timeout: float,
         started: Callable[[], None],
+        resume: bool = False,
     ) -> None:
-        """One Streamable HTTP session (``actors.session.http``)."""
+        """One Streamable HTTP session (``actors.session.http``); ``resume``: the one of
+        the transport's id another node holds or held, claimed from the database."""
+        adopted = None
+        if resume:
+            adopted = await self._claim_http(transport.session_id, transport.identity, remote)
         await serve_http_session(
             self.services,
             self.supervisor,
@@ -107,7 +172,22 @@ class SessionLifecycle:
             remote=remote,
             idle_timeout=idle_timeout,
             started=started,
+            adopted=adopted,
         )
+
+    async def _claim_http(self, session_id: str, identity: str, remote: str) -> SessionState:
+        """A 2025-era HTTP session's state, claimed from its row (whoever holds it: see
+        ``storage.session_handover``); :class:`NotResumable` if it cannot be."""
+        handover = self.services.handover
+        if handover is None or session_id in self.registry:
+            raise NotResumable(busy=False)
+        try:
+            claimed = await handover.claim(session_id, identity, remote, http=True)
+        except LookupRefused:
+            raise NotResumable(busy=True) from None
+        if isinstance(claimed, Refusal):
+            raise NotResumable(busy=False)
+        return claimed
 
     async def serve(self, ws: WebSocketConnection, handshake: Handshake) -> None:
         """One connection's session; raises only if the session gave up (see module doc)."""
@@ -177,6 +257,9 @@ class SessionLifecycle:
         if dropped and self.registry.park(state.session_id, ending):
             if entry is not None:
                 entry.session.mailbox = entry.session.outbox = None  # gone with the socket
+            if self.services.handover is not None:
+                # Any node its client reconnects to may claim it now.
+                await self.services.handover.publish_park(state)
             return
         with trio.CancelScope(shield=True):
             await end_session(self.services, state, ending.code, ending.reason)
@@ -194,6 +277,7 @@ class SessionLifecycle:
                 session_id=session_id,
                 remote=handshake.remote,
                 identity=handshake.identity,
+                transport="websocket",
             )
         except StorageUnavailable:
             log.warning("session.refused", session_id=session_id, reason="storage")

@@ -71,6 +71,7 @@ async def memory_session(
         session_id=session_id or f"mem-{uuid.uuid4().hex}",
         remote=remote,
         identity=identity,
+        transport="memory",
     )
     transport, client = memory_pair()
     session = MemorySession(client, state)

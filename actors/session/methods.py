@@ -92,7 +92,7 @@ from runtime.mcp.schema import (
     UpdateTaskParams,
 )
 from runtime.mcp.tools import ToolRegistry
-from storage.rows import SessionIdentified
+from storage.rows import SessionIdentified, SessionLogLevel
 from storage.task_queries import TaskReadError
 from storage.untrusted import clip
 
@@ -278,20 +278,25 @@ class SessionMethods:
         self.state.negotiated(version)
         self.identify(info, version, requested=version)
 
-    def identify(self, client: Implementation, version: str, *, requested: str) -> None:
-        """The client named itself: kept, logged (``session.initialized``), recorded."""
+    def identify(
+        self, client: Implementation, version: str, *, requested: str, background: bool = True
+    ) -> SessionIdentified:
+        """The client named itself: kept, logged (``session.initialized``), recorded: in the
+        background, or (not ``background``) by the caller, which waits for the record
+        returned."""
         self.state.negotiated(version, client)
         self.log = self.log.bind(client=client.name, protocol=version)
         self.log.info("session.initialized", requested=requested)
-        self.persistence.write_soon(
-            SessionIdentified(
-                session_id=self.state.session_id,
-                client_name=client.name,
-                client_version=client.version,
-                protocol_version=version,
-                at=datetime.now(UTC),
-            )
+        record = SessionIdentified(
+            session_id=self.state.session_id,
+            client_name=client.name,
+            client_version=client.version,
+            protocol_version=version,
+            at=datetime.now(UTC),
         )
+        if background:
+            self.persistence.write_soon(record)
+        return record
 
 
 # -- the handlers ----------------------------------------------------------------------------
@@ -310,7 +315,17 @@ async def _initialize(
     if state.protocol_version is not None:
         raise InvalidRequest("session already initialized: 'initialize' may be sent once")
     negotiated = versions.negotiate(asked.protocol_version)
-    session.identify(asked.client_info, negotiated, requested=asked.protocol_version)
+    identified = session.identify(
+        asked.client_info,
+        negotiated,
+        requested=asked.protocol_version,
+        background=not state.any_node,
+    )
+    if state.any_node:
+        # Its next request may reach another node, which serves it from this row: what was
+        # negotiated is in the database before the answer (committed, or fsynced in the
+        # journal while the database is away: then no node can take it over anyway).
+        await session.persistence.write_committed(identified)
     return InitializeResult(
         protocol_version=negotiated,
         capabilities=session.capabilities(negotiated),
@@ -510,7 +525,12 @@ async def _set_level(
     session: SessionMethods, request: jsonrpc.Request, version: str
 ) -> EmptyResult:
     """``logging/setLevel``: the threshold of ``notifications/message`` from now on."""
-    session.state.set_log_level(params(SetLevelParams, request).level)
+    state = session.state
+    state.set_log_level(params(SetLevelParams, request).level)
+    # Journaled (no round trip): part of what a resume on another node restores.
+    session.persistence.write_soon(
+        SessionLogLevel(session_id=state.session_id, epoch=state.epoch, log_level=state.log_level)
+    )
     return EmptyResult()
 
 

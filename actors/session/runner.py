@@ -46,6 +46,7 @@ from runtime.actor import close_mailbox, run_actor
 from runtime.budget import ByteBudget
 from runtime.connection import Connection, ConnectionGone, Receive
 from runtime.mailbox import ActorRef, Inbox, open_mailbox
+from runtime.status_model import SessionTransport
 from runtime.supervision import (
     ChildContext,
     ChildExit,
@@ -76,6 +77,7 @@ async def open_session(
     remote: str,
     identity: str,
     sessionless: bool = False,
+    transport: SessionTransport,
 ) -> SessionState:
     """A new session, once its row is written (awaited); logged as ``session.opened``.
 
@@ -94,12 +96,18 @@ async def open_session(
             created_at=datetime.now(UTC),
             remote_addr=remote,
             node_id=services.config.node_id,
+            identity=identity,
+            transport=transport,
         ),
         fsync=False,
     )
     log.info("session.opened", session_id=session_id, remote=remote, identity=identity)
     return SessionState(
-        session_id=session_id, remote=remote, identity=identity, sessionless=sessionless
+        session_id=session_id,
+        remote=remote,
+        identity=identity,
+        sessionless=sessionless,
+        any_node=transport == "http",
     )
 
 
@@ -204,15 +212,20 @@ async def record_end(
     closed = datetime.now(UTC)
     with trio.move_on_after(10) as scope:
         scope.shield = True
-        await services.persistence.write(
-            SessionClose(
-                session_id=state.session_id,
-                closed_at=closed,
-                last_activity=closed,
-                tool_calls=state.tool_calls,
-                tool_errors=state.tool_errors,
-            )
+        record = SessionClose(
+            session_id=state.session_id,
+            closed_at=closed,
+            last_activity=closed,
+            tool_calls=state.tool_calls,
+            tool_errors=state.tool_errors,
+            epoch=state.epoch,
         )
+        if state.any_node:
+            # Another node would take over a row still active (a 2025-era HTTP session's
+            # next request may land anywhere): its end is in the database before it is over.
+            await services.persistence.write_committed(record)
+        else:
+            await services.persistence.write(record)
         if services.session_ended is not None:
             await services.session_ended(state.session_id)
     log.info(

@@ -15,7 +15,8 @@ call runner (``calls``)     :meth:`waiting_for_slot`, :meth:`slot_wait_over`, :m
                             :meth:`handling`, :meth:`answered`, :meth:`waiting_for_task`
 method table (``methods``)  :meth:`negotiated`, :meth:`mark_initialized`,
                             :meth:`set_log_level`, :meth:`wants_log`
-transport (``lifecycle``)   :meth:`detached` (its connection dropped: parked for resume)
+transport (``lifecycle``)   :meth:`detached` (its connection dropped: parked for resume),
+                            :meth:`claimed` (a resume took it at a new epoch)
 drain (``actors.node``)     :meth:`has_pending`, :meth:`cancel_calls`
 status (``actors.status``)  :attr:`in_flight` and the plain fields, read only
 ==========================  ==============================================================
@@ -64,6 +65,13 @@ class SessionState:
     #: Tool calls answered, and how many of those failed (the session row's totals).
     tool_calls: int = 0
     tool_errors: int = 0
+    #: A 2025-era Streamable HTTP session: each of its requests may reach any node (a load
+    #: balancer without stickiness), which serves it from the session's row, so what
+    #: ``initialize`` negotiated is in the database before it is answered.
+    any_node: bool = False
+    #: Its row's epoch while this node holds it (storage/session_handover.py): bumped by
+    #: every claim, so a copy another node claimed since writes no park and no end.
+    epoch: int = 0
     #: Requests taken from the mailbox and not yet answered (nor cancelled by the client).
     _handling: set[RequestId] = field(default_factory=set, init=False, repr=False)
     #: Admitted tool calls (waiting for a slot or running), by request id: the reader
@@ -193,6 +201,10 @@ class SessionState:
         """Its connection dropped and it is parked for resume: what it was answering was
         cancelled with the connection (nobody could receive it) and is not replayed."""
         self._handling.clear()
+
+    def claimed(self, epoch: int) -> None:
+        """A resume claimed it in the database at ``epoch`` (storage/session_handover.py)."""
+        self.epoch = epoch
 
     @property
     def in_flight(self) -> int:

@@ -69,7 +69,7 @@ from __future__ import annotations
 import contextlib
 import re
 import uuid
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -131,6 +131,10 @@ SESSION_HEADER = b"mcp-session-id"
 ALLOW = (b"allow", b"GET, POST, DELETE")
 CANCELLED = "notifications/cancelled"
 LISTEN = "subscriptions/listen"
+#: 2025-era session ids that ended on this node remembered (``_ended``).
+ENDED_REMEMBERED = 4096
+#: Seconds a DELETE waits for its session's end to be recorded before it is answered.
+END_WAIT_S = 10.0
 SUBSCRIPTION_ID_META = "io.modelcontextprotocol/subscriptionId"
 
 
@@ -175,6 +179,17 @@ class SessionPlaces(Protocol):
     def slot(self) -> SessionPlace: ...
 
 
+class NotResumable(Exception):
+    """A 2025-era session id this node does not hold could not be taken over from the node
+    that held it (:meth:`HttpSessionHost.serve_http` with ``resume``): ``busy`` (503, retry
+    later: the node cannot look now) or not (404: no such session of this identity, or it
+    ended)."""
+
+    def __init__(self, *, busy: bool) -> None:
+        super().__init__("busy" if busy else "unknown")
+        self.busy = busy
+
+
 class HttpSessionHost(Protocol):
     """What runs an HTTP session (the actors implement it, beside the WebSocket one)."""
 
@@ -185,12 +200,16 @@ class HttpSessionHost(Protocol):
         remote: str,
         idle_timeout: float,
         started: Callable[[], None],
+        resume: bool = False,
     ) -> None:
         """Open the session (its row written), call ``started``, then run it until its
         transport closes, ending it after ``idle_timeout`` seconds with no request, no
         stream open and no work in flight (``HttpSessionTransport.expire_when_idle``).
         Raises :class:`~storage.errors.StorageUnavailable` before ``started`` if storage
-        refuses the session; after it, raising ends only this session."""
+        refuses the session; after it, raising ends only this session. ``resume``: the
+        transport's id is a session another node holds or held, taken over with its
+        negotiated state instead of opened; :class:`NotResumable` before ``started`` if it
+        cannot be."""
 
 
 class StreamableHttpEndpoint:
@@ -217,6 +236,14 @@ class StreamableHttpEndpoint:
         #: Live sessionless (2026-07-28) sessions, one per client identity.
         self.identities: dict[str, HttpSessionTransport] = {}
         self._starting: dict[str, trio.Event] = {}
+        #: 2025-era ids being taken over from another node (``_find_or_take_over``).
+        self._taking_over: dict[str, trio.Event] = {}
+        #: 2025-era sessions their client ended here (DELETE), newest last (at most
+        #: ``ENDED_REMEMBERED``): a later request naming one is 404 at once, never a take-over
+        #: of its row (whose end may still be on its way to the database). An idle expiry is
+        #: not remembered: the session may live on at another node, which this one may take
+        #: it back from.
+        self._ended: OrderedDict[str, None] = OrderedDict()
         self._stopping = trio.Event()
         #: Set (and replaced) whenever listen streams have something to do: the node stops,
         #: or its tools changed (:meth:`tools_changed`, counted in :attr:`_tools_generation`).
@@ -383,9 +410,9 @@ class StreamableHttpEndpoint:
         # after every GET and DELETE, and a client reusing it in that moment got a reset).
         await self._read_body(wire, request)
         if method == b"GET":
-            await self._get(wire, request, identity)
+            await self._get(wire, request, identity, peer)
         else:
-            await self._delete(wire, request, identity)
+            await self._delete(wire, request, identity, peer)
 
     # -- POST --------------------------------------------------------------------------------
 
@@ -423,7 +450,7 @@ class StreamableHttpEndpoint:
                 )
             transport = await self._open_session(identity, peer)
         else:
-            transport = self._find(session_id, identity)
+            transport = await self._find_or_take_over(session_id, identity, peer)
         frame = body.decode()
         if isinstance(message, jsonrpc.Request):
             await self._answer_request(wire, transport, message, frame, opening=session_id is None)
@@ -458,11 +485,15 @@ class StreamableHttpEndpoint:
             ),
         )
 
-    async def _open_session(self, identity: str, peer: Peer) -> HttpSessionTransport:
-        """A 2025-era session for ``initialize``: 429 past the identity's bound, which is
-        taken in the same step as it is checked (no checkpoint between: concurrent
-        ``initialize`` requests cannot all pass one free place) and given back when the
-        session ends or fails to start."""
+    async def _open_session(
+        self, identity: str, peer: Peer, *, resume: str | None = None
+    ) -> HttpSessionTransport:
+        """A 2025-era session for ``initialize`` (or, ``resume``, the one of that id another
+        node holds, taken over): 429 past the identity's bound, which is taken in the same
+        step as it is checked (no checkpoint between: concurrent ``initialize`` requests
+        cannot all pass one free place) and given back when the session ends or fails to
+        start. The places are taken before a take-over is asked of the database, so that a
+        session claimed there always runs here."""
         if self._per_identity[identity] >= self.config.max_sessions_per_identity:
             raise Refusal(
                 429,
@@ -476,7 +507,7 @@ class StreamableHttpEndpoint:
             )
         self._per_identity[identity] += 1
         try:
-            transport = await self._start_session(identity, str(peer))
+            transport = await self._start_session(identity, str(peer), resume=resume)
         except BaseException:
             self._forget_identity_session(identity)
             raise
@@ -484,10 +515,16 @@ class StreamableHttpEndpoint:
         return transport
 
     async def _start_session(
-        self, identity: str, remote: str, *, sessionless: bool = False
+        self,
+        identity: str,
+        remote: str,
+        *,
+        sessionless: bool = False,
+        resume: str | None = None,
     ) -> HttpSessionTransport:
-        """A new session in the sessions nursery, once its row is written; 503 if the node
-        holds ``max_sessions`` or storage refuses it."""
+        """A new session in the sessions nursery, once its row is written (or, ``resume``,
+        claimed: 404 if it cannot be); 503 if the node holds ``max_sessions`` or storage
+        refuses it."""
         place = self._places.slot()
         if not place.take():
             raise Refusal(
@@ -500,11 +537,26 @@ class StreamableHttpEndpoint:
                 kind="max sessions",
             )
         transport = HttpSessionTransport(
-            str(uuid.uuid4()), identity, self._bounds, sessionless=sessionless
+            resume or str(uuid.uuid4()), identity, self._bounds, sessionless=sessionless
         )
         assert self._session_nursery is not None, "bind() the endpoint to a nursery first"
         try:
-            await self._session_nursery.start(self._run_session, transport, place, remote)
+            await self._session_nursery.start(
+                self._run_session, transport, place, remote, resume is not None
+            )
+        except NotResumable as refused:
+            place.release()
+            if not refused.busy:
+                raise _gone(transport.session_id) from None
+            raise Refusal(
+                503,
+                ServerBusy(
+                    "server busy: cannot look the session up now, retry later",
+                    {"retryAfterMs": RETRY_AFTER_S * 1000},
+                ),
+                headers=((b"retry-after", str(RETRY_AFTER_S).encode()),),
+                kind="resume lookups",
+            ) from None
         except StorageUnavailable:
             place.release()
             log.warning("session.refused", session_id=transport.session_id, reason="storage")
@@ -523,6 +575,7 @@ class StreamableHttpEndpoint:
         transport: HttpSessionTransport,
         place: SessionPlace,
         remote: str,
+        resume: bool = False,
         *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
@@ -542,7 +595,11 @@ class StreamableHttpEndpoint:
 
         try:
             await self._host.serve_http(
-                transport, remote=remote, idle_timeout=self.config.idle_timeout, started=report
+                transport,
+                remote=remote,
+                idle_timeout=self.config.idle_timeout,
+                started=report,
+                resume=resume,
             )
         except Exception:
             if not started:
@@ -576,6 +633,27 @@ class StreamableHttpEndpoint:
         self._per_identity[identity] -= 1
         if not self._per_identity[identity]:
             del self._per_identity[identity]
+
+    async def _find_or_take_over(
+        self, session_id: str, identity: str, peer: Peer
+    ) -> HttpSessionTransport:
+        """The session ``session_id`` of this node, or, if it holds none by that id, the one
+        another node holds or held, taken over (one database round trip, once per node;
+        ``actors.session.handover``): a load balancer may send each request to any node.
+        One take-over per id at a time; the others wait for it and find its result."""
+        while session_id not in self.sessions:
+            pending = self._taking_over.get(session_id)
+            if pending is None:
+                break
+            await pending.wait()
+        if session_id in self.sessions or session_id in self._ended:
+            return self._find(session_id, identity)
+        self._taking_over[session_id] = done = trio.Event()
+        try:
+            return await self._open_session(identity, peer, resume=session_id)
+        finally:
+            del self._taking_over[session_id]
+            done.set()
 
     def _find(self, session_id: str, identity: str) -> HttpSessionTransport:
         transport = self.sessions.get(session_id)
@@ -760,10 +838,12 @@ class StreamableHttpEndpoint:
 
     # -- GET and DELETE ----------------------------------------------------------------------
 
-    async def _get(self, wire: HttpWire, request: h11.Request, identity: str) -> None:
+    async def _get(self, wire: HttpWire, request: h11.Request, identity: str, peer: Peer) -> None:
         if not _accepts(request, sse.EVENT_STREAM):
             raise Refusal(406, InvalidRequest("not acceptable: Accept must list text/event-stream"))
-        transport = self._find(self._required_session_id(request), identity)
+        transport = await self._find_or_take_over(
+            self._required_session_id(request), identity, peer
+        )
         try:
             stream = transport.open_listen(lambda: wire.stream.last_sent)
         except ConnectionGone:
@@ -775,9 +855,20 @@ class StreamableHttpEndpoint:
         finally:
             transport.release(stream)
 
-    async def _delete(self, wire: HttpWire, request: h11.Request, identity: str) -> None:
-        transport = self._find(self._required_session_id(request), identity)
+    async def _delete(
+        self, wire: HttpWire, request: h11.Request, identity: str, peer: Peer
+    ) -> None:
+        transport = await self._find_or_take_over(
+            self._required_session_id(request), identity, peer
+        )
         self._end_session(transport, CLOSE_NORMAL, "the client ended the session (DELETE)")
+        self._ended[transport.session_id] = None
+        while len(self._ended) > ENDED_REMEMBERED:
+            self._ended.popitem(last=False)
+        # Answered once its end is recorded (in the database: ``actors.session.runner``), so
+        # that no node takes the session over afterwards; bounded as that record is.
+        with trio.move_on_after(END_WAIT_S):
+            await transport.gone.wait()
         await wire.respond(200, b"", content_type=None, headers=_session_headers(transport))
 
     def _required_session_id(self, request: h11.Request) -> str:
