@@ -6,7 +6,8 @@ One real server with two workers, real sockets and a real Postgres: the parent's
 scenario, in order, to start the server once:
 
 1. MCP on the one port reaches both workers: sessions are opened (and held) until each
-   worker's own admin interface counts one; both node ids are in ``nodes``;
+   worker's own admin interface counts one; both node ids are in ``nodes``; a session
+   dropped on one worker is resumed on the other (any-node resume, the session's row);
 2. ``exai status`` shows every worker (text and ``--json``), ``--worker N`` one; SIGHUP to
    the parent reaches every worker; ``exai trace`` reads every worker's log;
 3. a worker SIGKILLed while a task runs on it is restarted (a new pid and node id at its
@@ -60,6 +61,10 @@ from tests.test_tasks import TASKS_VERSION, create
 #: Sessions opened at most while looking for both workers: the kernel spreads connections
 #: by a hash of their addresses, so two workers are both reached long before this.
 MAX_SESSIONS = 200
+#: Resumes at most while looking for the other worker (each lands there with even odds).
+MAX_RESUMES = 40
+#: RFC 6455 section 7.4.1: "going away", an abnormal end for the session (it is parked).
+GOING_AWAY = 1001
 
 
 def _info(server: ServerProcess) -> ServerInfo:
@@ -158,9 +163,51 @@ async def _scenario(server: ServerProcess, external: str | None) -> None:
     )
     assert sorted(pid for _, pid in rows) == sorted(w.pid for w in workers.values())
 
+    await _a_session_resumes_on_the_other_worker(server, url)
     await _status_shows_every_worker(server, workers)
     await _killed_worker_is_restarted(server, url, workers)
     await _sigterm_stops_everything(server, external)
+
+
+def _holder(url: str, session_id: str) -> tuple[str, bool] | None:
+    """The node holding the session's row, and whether it is parked (``None``: no row yet)."""
+    rows = query(
+        url,
+        "select node_id, parked_until is not null from sessions where session_id = %s",
+        (session_id,),
+    )
+    return (rows[0][0], rows[0][1]) if rows else None
+
+
+async def _a_session_resumes_on_the_other_worker(server: ServerProcess, url: str) -> None:
+    """1b. A session dropped on one worker goes on where the client's next connection lands:
+    reconnections are spread by the kernel, so the client drops and resumes until one lands
+    on the other worker (each try lands there with even odds), which claims the session
+    from the database with what it negotiated: a 2025-03-26 session takes a batch, which no
+    fresh (uninitialized) session would."""
+    async with open_raw(server.authed_url()) as ws:
+        reply = await RawClient(ws).initialize("2025-03-26")
+        session_id: str = reply["result"]["_meta"]["exai/sessionId"]
+        await ws.aclose(GOING_AWAY)  # not a clean 1000: the session is parked
+    await wait_until(lambda: (_holder(url, session_id) or ("", False))[1], what="parked")
+    first = _holder(url, session_id)
+    assert first is not None
+    resume = [(b"mcp-session-id", session_id.encode())]
+    for attempt in range(MAX_RESUMES):
+        async with open_raw(server.authed_url(), extra_headers=resume) as ws:
+            client = RawClient(ws)
+            await client.send([{"jsonrpc": "2.0", "id": attempt, "method": "tools/list"}])
+            batch = await client.receive_any()
+            assert isinstance(batch, list), batch
+            assert "result" in batch[0], batch
+            holder = _holder(url, session_id)
+            assert holder is not None
+            await ws.aclose(GOING_AWAY)
+        if holder[0] != first[0]:
+            break
+        await wait_until(lambda: (_holder(url, session_id) or ("", False))[1], what="parked")
+    else:
+        raise AssertionError(f"{MAX_RESUMES} resumes all landed on the worker that parked it")
 
 
 async def _status_shows_every_worker(server: ServerProcess, workers: dict[int, WorkerInfo]) -> None:
