@@ -14,11 +14,13 @@ serves no MCP itself and does no per-call work; it:
   ``SO_REUSEPORT``), choosing it when ``--port 0``, so every worker and every successor
   binds the same one, and nobody else can;
 * creates the client and admin tokens before any worker could race to;
-* owns the embedded Postgres (started before the workers, stopped after the last one has
-  exited), or passes ``--database-url`` on: each worker then waits for the database and
-  applies the migrations as a single node does (the migrations' advisory lock makes that
-  once, storage/migrations.py), so a worker restarted during a database outage behaves as a
-  node started during one;
+* owns the embedded Postgres (started before the workers, with ``max_connections`` room for
+  all of them, and stopped after the last one has exited), or passes ``--database-url`` on,
+  having checked that the database has room for every worker's connections
+  (``storage/connection_budget.py``: refused at once, exit code 4, if not): each worker
+  then waits for the database and applies the migrations as a single node does (the
+  migrations' advisory lock makes that once, storage/migrations.py), so a worker restarted
+  during a database outage behaves as a node started during one;
 * supervises the workers with the project's :class:`~runtime.supervision.Supervisor`
   (one_for_one, the root's intensity: ``EXAI_ROOT_MAX_RESTARTS`` restarts within
   ``EXAI_ROOT_RESTART_PERIOD`` seconds, then it gives up, stops every worker and exits 1).
@@ -80,6 +82,7 @@ from runtime.listener import reserve_port
 from runtime.logs import LogSettings
 from runtime.statefile import ServerInfo, WorkerInfo, remove_server_info, write_server_info
 from runtime.supervision import ChildContext, ChildSpec, Restart, Strategy, Supervisor, run_root
+from storage.connection_budget import check_room, embedded_max_connections
 from storage.embedded import EmbeddedPostgres
 
 __all__ = [
@@ -187,7 +190,8 @@ class WorkerParent:
     async def run(self) -> None:
         """Signals watched from the start; the port, the database, the workers; then, in
         reverse, everything stopped. Raises :class:`~storage.startup_errors.StartupError`
-        (the port, the embedded Postgres) before any worker starts, and
+        (the port, the embedded Postgres, a database without room for the workers'
+        connections) before any worker starts, and
         :class:`~runtime.supervision.SupervisionError` if the workers' supervisor gives up."""
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
             try:
@@ -228,11 +232,19 @@ class WorkerParent:
         try:
             url = settings.database_url
             if url is None:
-                embedded = EmbeddedPostgres(settings.pgdata)
+                # Room for every worker's connections (storage/connection_budget.py).
+                embedded = EmbeddedPostgres(
+                    settings.pgdata, max_connections=embedded_max_connections(self.count)
+                )
                 reused = embedded.initialised
                 url = await trio.to_thread.run_sync(embedded.start)
                 log.info("storage.embedded", pgdata=str(settings.pgdata), reused=reused)
             self.database_url = url
+            # Refused now, in one line, rather than N workers each serving with its
+            # persistence refused ("too many clients") under load.
+            await trio.to_thread.run_sync(
+                partial(check_room, url, self.count, what=f"--workers {self.count}")
+            )
             # Made once here, not raced for by N workers at their first start.
             load_or_create_token(settings.token_file, settings.token)
             load_admin_token(settings.state_dir)

@@ -168,8 +168,11 @@ class EmbeddedPostgres:
     The state dir is ``pgdata``'s parent: the lock, password file and socket directory live
     there."""
 
-    def __init__(self, pgdata: Path) -> None:
+    def __init__(self, pgdata: Path, *, max_connections: int | None = None) -> None:
         self.pgdata = pgdata.resolve()
+        #: ``-c max_connections=`` for this start (``--workers``: storage/connection_budget.py);
+        #: ``None``: the data dir's own (PostgreSQL's default, 100).
+        self.max_connections = max_connections
         self.state_dir = self.pgdata.parent
         self.password_file = self.state_dir / "pg-password"
         self.lock_file = self.state_dir / "pg.lock"
@@ -358,6 +361,8 @@ class EmbeddedPostgres:
     def _pg_ctl_start(self, user: DatabaseUser, socket_dir: Path) -> None:
         # -h '' : no TCP at all; -k : the private socket directory (a plain path: see above).
         options = f"-h '' -p {PORT} -k {socket_dir}"
+        if self.max_connections is not None:
+            options += f" -c max_connections={int(self.max_connections)}"
         user.run(
             [
                 str(POSTGRES_BIN_PATH / "pg_ctl"),

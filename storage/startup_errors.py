@@ -12,6 +12,7 @@ and the supervisor's :class:`~runtime.supervision.ChildStartError` have wrapped 
 | 4 | :class:`DatabaseUnreachable` | nothing answered within ``EXAI_DATABASE_WAIT`` |
 | 4 | :class:`DatabaseAuthenticationFailed` | the server refused the user (SQLSTATE 28P01, 28000) |
 | 4 | :class:`DatabaseMissing` | no such database on the server (SQLSTATE 3D000) |
+| 4 | :class:`DatabaseTooSmall` | ``--workers N`` would not fit in the server's free connections |
 | 5 | :class:`StateDirUnusable` | the state dir cannot be created or written |
 | 5 | :class:`StateDirInUse` | another server holds the state dir's lock |
 
@@ -65,6 +66,11 @@ class DatabaseAuthenticationFailed(DatabaseUnavailable):
 
 class DatabaseMissing(DatabaseUnavailable):
     """The server has no database of that name; trying again cannot help."""
+
+
+class DatabaseTooSmall(DatabaseUnavailable):
+    """The server's ``max_connections`` leaves too few free for the workers asked for
+    (``storage/connection_budget.py``); trying again cannot help."""
 
 
 class StateDirUnusable(StartupError):

@@ -19,8 +19,9 @@ scenario, in order, to start the server once:
 
 Apart: bad ``--workers`` values are refused with exit code 2 before anything starts; a worker
 that cannot start (its database refused) stops the server with its exit code, leaving no
-worker behind; and a parent killed with SIGKILL leaves no worker behind (their lifeline
-ends).
+worker behind; more workers than the database has connections for are refused before any
+starts; the parent's embedded Postgres has room for 64 workers' connections; and a parent
+killed with SIGKILL leaves no worker behind (their lifeline ends).
 
 Other processes write what is checked, so the test polls with a deadline
 (:func:`tests.harness.wait_until`), which bounds only a failure, never paces a success.
@@ -44,6 +45,12 @@ import trio
 
 from runtime.statefile import ServerInfo, StateDirLock, WorkerInfo, read_server_info
 from runtime.status_model import NodeStatus
+from storage.connection_budget import (
+    CONNECTIONS_PER_NODE,
+    EMBEDDED_SPARE,
+    embedded_max_connections,
+    room,
+)
 from storage.embedded import EmbeddedPostgres
 from tests.harness import (
     EXAI,
@@ -369,3 +376,43 @@ def test_a_worker_that_cannot_start_stops_the_server_with_its_code(tmp_path: Pat
     assert len(started) == 2
     assert not any(_alive(pid) for pid in started)
     assert not (tmp_path / "state" / "server.json").exists()
+
+
+def test_workers_that_would_not_fit_in_the_databases_connections_are_refused(
+    database_url: str, tmp_path: Path
+) -> None:
+    """Found trying ``--workers 24`` on the embedded Postgres (100 connections): it served,
+    with most workers' persistence refused ("too many clients already") and psql locked out.
+    Now the parent refuses at once, exit code 4, before starting any worker."""
+    maximum, reserved, _ = room(database_url) or (0, 0, 0)
+    workers = (maximum - reserved) // CONNECTIONS_PER_NODE + 1  # more than fit, even idle
+    assert 2 <= workers <= 64, f"the test database's max_connections is {maximum}"
+    argv = [str(EXAI), "serve", "--workers", str(workers), "--port", "0"]
+    argv += ["--state-dir", str(tmp_path / "state"), "--database-url", database_url]
+    done = subprocess.run(
+        argv,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**os.environ, "EXAI_LOG_CONSOLE": "json"},
+    )
+    assert done.returncode == 4, done.stderr
+    last = done.stderr.splitlines()[-1]
+    assert f"--workers {workers} needs up to {workers * CONNECTIONS_PER_NODE} database" in last
+    assert f"(max_connections {maximum}, {reserved} reserved" in last
+    assert '"workers.started"' not in done.stderr
+    assert not (tmp_path / "state" / "server.json").exists()
+
+
+def test_the_embedded_postgres_of_64_workers_has_room_for_their_connections() -> None:
+    """The parent starts its embedded Postgres with ``max_connections`` for every worker."""
+    with reachable_tempdir("exai-test-pg-") as tmp:
+        embedded = EmbeddedPostgres(tmp / "pg", max_connections=embedded_max_connections(64))
+        url = embedded.start()
+        try:
+            maximum, _, _ = room(url) or (0, 0, 0)
+        finally:
+            embedded.stop()
+    assert maximum == 64 * CONNECTIONS_PER_NODE + EMBEDDED_SPARE
+    assert embedded_max_connections(2) == 100  # never below PostgreSQL's default
