@@ -93,6 +93,11 @@ class SessionClose(_Row):
     #: the row is still at it, so a node whose copy another node claimed since (a resume
     #: elsewhere, storage/session_handover.py) closes nothing. 0 in journals older than it.
     epoch: int = Field(default=0, ge=0)
+    #: Its client ended it (a 2025-era HTTP DELETE, on whichever node it reached): applied
+    #: whatever the row's epoch, and to an ``interrupted`` row too, so that the node holding
+    #: the session now ends its copy (``SessionClaims.ended``) and no node takes it over.
+    #: False in journals older than it.
+    ended_by_client: bool = False
 
 
 class SessionParked(_Row):

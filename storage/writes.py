@@ -325,7 +325,8 @@ def _record_activity(conn: Connection, rows: list[SessionActivity]) -> None:
 def _close_sessions(conn: Connection, rows: list[SessionClose]) -> None:
     # `status = 'active'`: replaying an old close never reopens or re-stamps a row, and a
     # session recovery already marked interrupted stays so. `epoch`: a node whose session
-    # another node claimed since (storage/session_handover.py) ends only its own copy.
+    # another node claimed since (storage/session_handover.py) ends only its own copy, unless
+    # its client ended it (an HTTP DELETE: the session's end, wherever it runs now).
     with conn.cursor() as cur:
         cur.executemany(
             """
@@ -333,7 +334,9 @@ def _close_sessions(conn: Connection, rows: list[SessionClose]) -> None:
                set status = %s, closed_at = %s, last_activity = greatest(last_activity, %s),
                    tool_calls = greatest(tool_calls, %s), tool_errors = greatest(tool_errors, %s),
                    parked_until = null, version = version + 1
-             where session_id = %s and status = 'active' and epoch = %s
+             where session_id = %s
+               and ((status = 'active' and epoch = %s)
+                    or (%s and status in ('active', 'interrupted')))
             """,
             [
                 (
@@ -344,6 +347,7 @@ def _close_sessions(conn: Connection, rows: list[SessionClose]) -> None:
                     r.tool_errors,
                     r.session_id,
                     r.epoch,
+                    r.ended_by_client,
                 )
                 for r in rows
             ],

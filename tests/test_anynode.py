@@ -7,6 +7,8 @@ database, and a client that moves between them.
   client comes back to A, A finds its copy stale, drops it and claims the session from B;
   B's stale copy, expiring, writes no end over the session A now runs;
 * another identity's resume of it is refused 404 on either node and changes nothing;
+* a 2025-era HTTP session taken over by B and then DELETEd on A (whose copy is stale) ends
+  everywhere;
 * 2026-07-28 requests (no session) need no stickiness: a task created over HTTP on A is read
   over HTTP on B.
 
@@ -252,6 +254,33 @@ async def test_a_2025_http_session_is_served_by_any_node(
             e["event"] == "session.ended_elsewhere" and e.get("session_id") == session_id
             for e in a.log_events()
         )
+
+
+async def test_a_delete_on_the_node_whose_copy_is_stale_ends_the_session_everywhere(
+    cluster: tuple[str, ServerProcess, ServerProcess],
+) -> None:
+    """Found by trying it: ``initialize`` on A, a request on B (B takes it over), then
+    DELETE on A. A's copy was stale, so its end (written at its old epoch) changed nothing:
+    DELETE answered 200 while the row stayed active and B served the session on, for good.
+    The client's end is the session's, wherever it runs now."""
+    url, a, b = cluster
+    async with httpx.AsyncClient(timeout=30) as client:
+        on_a = HttpSession(client, http_url(a), ALICE)
+        await on_a.open()
+        session_id = on_a.session_id
+        assert session_id is not None
+        on_b = HttpSession(client, http_url(b), ALICE)
+        on_b.session_id = session_id
+        assert "result" in (await on_b.request(http_call(2, "echo", text="via B")))[-1]
+        assert _session_state(url, session_id)["epoch"] == 1  # B holds it; A's copy: epoch 0
+        deleted = await client.delete(http_url(a), headers=on_a.headers())
+        assert deleted.status_code == 200, deleted.text
+        assert _session_state(url, session_id)["status"] == "closed"  # before DELETE answered
+        assert (await on_a.post(http_call(3, "echo", text="A?"))).status_code == 404
+        # B's copy ends at its next look at the rows of its copies (EXAI_SWEEP_INTERVAL).
+        with trio.fail_after(30):
+            while (await on_b.post(http_call(4, "echo", text="B?"))).status_code != 404:  # noqa: ASYNC110 - another process ends it
+                await trio.sleep(0.05)
 
 
 # -- WebSocket sessions -----------------------------------------------------------------------

@@ -90,4 +90,4 @@ async def serve_http_session(
             transport.close_now(CLOSE_GOING_AWAY, "server shutting down")
         code, reason = transport.closed or (CLOSE_GOING_AWAY, "server shutting down")
         with trio.CancelScope(shield=True):
-            await end_session(services, state, code, reason)
+            await end_session(services, state, code, reason, everywhere=transport.ended_by_client)

@@ -186,16 +186,28 @@ async def run_session(
 
 
 async def end_session(
-    services: SessionServices, state: SessionState, code: int | None, reason: str
+    services: SessionServices,
+    state: SessionState,
+    code: int | None,
+    reason: str,
+    *,
+    everywhere: bool = False,
 ) -> None:
     """The session is over for good: record its end, with its totals as they are now, tell
     ``session_ended`` (the rate limiter), and log ``session.closed`` with how its (last)
     connection closed: ``code`` (RFC 6455 section 7.4, ``None`` if no close was seen),
     ``reason``, and how long the session lived (``duration_s``, from its first connection,
-    across resumes). It leaves the registry first. Shielded, and bounded to 10 seconds."""
+    across resumes). It leaves the registry first. Shielded, and bounded to 10 seconds.
+    ``everywhere``: its client ended it (a 2025-era HTTP DELETE), so the row ends even if
+    another node claimed it since this copy's epoch (``SessionClose.ended_by_client``)."""
     entry = services.registry.end(state.session_id)
     await record_end(
-        services, state, code, reason, opened_at=entry.opened_at if entry is not None else None
+        services,
+        state,
+        code,
+        reason,
+        opened_at=entry.opened_at if entry is not None else None,
+        everywhere=everywhere,
     )
 
 
@@ -206,6 +218,7 @@ async def record_end(
     reason: str,
     *,
     opened_at: float | None,
+    everywhere: bool = False,
 ) -> None:
     """:func:`end_session` for a session that has already left the registry (the reaper's
     expiry): ``opened_at`` is its entry's (``time.monotonic()``), for ``duration_s``."""
@@ -219,6 +232,7 @@ async def record_end(
             tool_calls=state.tool_calls,
             tool_errors=state.tool_errors,
             epoch=state.epoch,
+            ended_by_client=everywhere,
         )
         if state.any_node:
             # Another node would take over a row still active (a 2025-era HTTP session's

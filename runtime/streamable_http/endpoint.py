@@ -861,6 +861,10 @@ class StreamableHttpEndpoint:
         transport = await self._find_or_take_over(
             self._required_session_id(request), identity, peer
         )
+        # This node's copy may be stale (another node took the session over since): the
+        # client's end is the session's, wherever it runs now (its holder's copy ends at
+        # its next look at the rows, ``actors.session.handover.end_copies_ended_elsewhere``).
+        transport.ended_by_client = True
         self._end_session(transport, CLOSE_NORMAL, "the client ended the session (DELETE)")
         self._ended[transport.session_id] = None
         while len(self._ended) > ENDED_REMEMBERED:

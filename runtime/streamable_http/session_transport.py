@@ -172,6 +172,9 @@ class HttpSessionTransport:
         self.listen: ResponseStream | None = None
         #: ``(code, reason)`` of the session's end once :meth:`close` was called.
         self.closed: tuple[int, str] | None = None
+        #: Its client ended it (DELETE): its end applies to the session's row whichever node
+        #: holds it now, not only at this copy's epoch (``storage.rows.SessionClose``).
+        self.ended_by_client = False
         #: Set when the session is over and no exchange can reach it any more.
         self.gone = trio.Event()
         #: Messages dropped because their stream had gone (see the module doc).
