@@ -307,6 +307,15 @@ class Settings(BaseSettings):
         description="Internal, set by a --workers parent: the descriptor of the worker's end "
         "of its socket pair with the parent (readiness out, the parent's end of life in).",
     )
+    worker_timeout: float = Field(
+        default=30.0,
+        ge=2,
+        le=3600,
+        description="With --workers: seconds a worker that has served may go without a sign "
+        "of life on its socket pair with the parent (it sends one every 0.5 s from its event "
+        "loop) before the parent kills it (SIGKILL) and starts another: a stopped or hung "
+        "worker would otherwise keep its share of the port's new connections for ever.",
+    )
     root_max_restarts: int = Field(
         default=5, ge=0, description="Restarts of the root's children tolerated per period."
     )

@@ -44,10 +44,13 @@ straight from the terminal would cut the drain short). Its lifeline is a socket 
 the parent (the descriptor in ``EXAI_WORKER_CHANNEL``): the worker writes one line of JSON
 (its :class:`~runtime.statefile.ServerInfo`) each time its listener serves, and reads for the
 end of the stream, which comes when the parent is gone however it went (SIGKILL included):
-it then stops at once (``actors.node.run_node``'s ``lifeline``). ``PR_SET_PDEATHSIG`` would
-not do: it fires when the *thread* that forked exits (prctl(2)), and trio starts processes
-from its worker threads, which come and go. A worker whose task is cancelled (a parent that
-gives up) has its whole group killed (SIGKILL) before the task ends.
+it then stops at once (``actors.node.run_node``'s ``lifeline``). The other way, the worker
+sends an empty line every :data:`PULSE_S` seconds from its event loop; one that has served
+and then goes ``EXAI_WORKER_TIMEOUT`` seconds without a line (stopped, its loop blocked) is
+killed and restarted, since the kernel would go on giving it its share of new connections.
+``PR_SET_PDEATHSIG`` would not do: it fires when the *thread* that forked exits (prctl(2)),
+and trio starts processes from its worker threads, which come and go. A worker whose task is
+cancelled (a parent that gives up) has its whole group killed (SIGKILL) before the task ends.
 
 Each worker's own files are under ``<state-dir>/workers/<index>/`` (``runtime.config``'s
 ``node_dir``): its ``server.json``, ``logs/exai.log``, and the record of its proxied stdio
@@ -106,6 +109,10 @@ QUICK_FAILURE_S = 30.0
 EXIT_FAILED = 1
 #: The longest announcement line read from a worker (a ServerInfo is a few hundred bytes).
 MAX_ANNOUNCEMENT_BYTES = 64 * 1024
+#: Seconds between a worker's signs of life (an empty line) to the parent, sent from its
+#: event loop: a worker stopped (SIGSTOP) or whose loop is blocked sends none, and the parent
+#: kills it after ``EXAI_WORKER_TIMEOUT`` seconds of silence (``Settings.worker_timeout``).
+PULSE_S = 0.5
 
 
 class WorkerExited(Exception):
@@ -127,6 +134,8 @@ class _Slot:
     pid: int | None = None
     info: WorkerInfo | None = None
     started_at: float = 0.0
+    #: trio's clock when the worker was last heard from (a line on its socket pair).
+    heard_at: float = 0.0
     quick_failures: int = 0
     exits: list[int] = field(default_factory=list)
 
@@ -273,6 +282,7 @@ class WorkerParent:
             return
         process, ours = await self._spawn(slot.index)
         slot.pid, slot.info, slot.started_at = process.pid, None, trio.current_time()
+        slot.heard_at = slot.started_at
         self._processes[slot.index] = process
         log.info("workers.started", worker=slot.index, pid=process.pid, restarts=ctx.restarts)
         ctx.started()
@@ -281,6 +291,7 @@ class WorkerParent:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._read_announcements, slot, process.pid, channel)
                 nursery.start_soon(self._pass_signals_on, process, ctx.stop_requested)
+                nursery.start_soon(self._kill_when_silent, slot, process.pid)
                 code = await process.wait()
                 nursery.cancel_scope.cancel()
         finally:
@@ -347,6 +358,23 @@ class WorkerParent:
         with contextlib.suppress(ProcessLookupError):
             process.send_signal(signal.SIGTERM)
 
+    async def _kill_when_silent(self, slot: _Slot, pid: int) -> None:
+        """Kill (SIGKILL, its group) a worker that has served and then sent nothing for
+        ``worker_timeout`` seconds: stopped, or its event loop blocked. Its exit is then a
+        death like any other (restarted). Before it serves, its start is bounded by its own
+        database wait, not by this."""
+        timeout = self.settings.worker_timeout
+        while True:
+            await trio.sleep_until(slot.heard_at + timeout)
+            if slot.info is None or trio.current_time() - slot.heard_at < timeout:
+                continue
+            log.error(
+                "workers.unresponsive", worker=slot.index, pid=pid, silent_s=round(timeout, 1)
+            )
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGKILL)
+            return
+
     async def _read_announcements(
         self, slot: _Slot, pid: int, channel: trio.socket.SocketType
     ) -> None:
@@ -356,10 +384,12 @@ class WorkerParent:
             chunk = await channel.recv(4096)
             if not chunk:
                 return
+            slot.heard_at = trio.current_time()
             buffer += chunk
             while b"\n" in buffer:
                 line, buffer = buffer.split(b"\n", 1)
-                self._announced(slot, pid, line)
+                if line:  # an empty line is a sign of life (PULSE_S)
+                    self._announced(slot, pid, line)
             if len(buffer) > MAX_ANNOUNCEMENT_BYTES:
                 log.error("workers.bad_announcement", worker=slot.index, bytes=len(buffer))
                 return
@@ -448,10 +478,21 @@ def _versions() -> list[str]:
     return list(SUPPORTED_VERSIONS)
 
 
+async def _pulse(channel: trio.socket.SocketType) -> None:
+    """A sign of life (an empty line) to the parent every :data:`PULSE_S` seconds."""
+    while True:
+        await trio.sleep(PULSE_S)
+        try:
+            await channel.send(b"\n")
+        except OSError:  # the parent is gone: the lifeline's read says so
+            return
+
+
 def worker_channel(fd: int) -> tuple[Callable[[ServerInfo], None], Callable[[], Awaitable[None]]]:
     """A worker's side of its socket pair with the parent: the ``announcer`` (writes one
     JSON line per :class:`ServerInfo`) and the ``lifeline`` (returns when the parent's end is
-    closed: the parent is gone) that ``actors.node.run_node`` takes."""
+    closed: the parent is gone; meanwhile it sends the parent a sign of life every
+    :data:`PULSE_S` seconds) that ``actors.node.run_node`` takes."""
     sock = socket.socket(fileno=fd)
     sock.setblocking(False)
 
@@ -464,7 +505,10 @@ def worker_channel(fd: int) -> tuple[Callable[[ServerInfo], None], Callable[[], 
 
     async def lifeline() -> None:
         channel = trio.socket.from_stdlib_socket(sock)
-        while await channel.recv(4096):  # the parent never writes: only the end matters
-            pass
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_pulse, channel)
+            while await channel.recv(4096):  # the parent never writes: only the end matters
+                pass
+            nursery.cancel_scope.cancel()
 
     return announcer, lifeline

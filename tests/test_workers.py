@@ -20,8 +20,9 @@ scenario, in order, to start the server once:
 Apart: bad ``--workers`` values are refused with exit code 2 before anything starts; a worker
 that cannot start (its database refused) stops the server with its exit code, leaving no
 worker behind; more workers than the database has connections for are refused before any
-starts; the parent's embedded Postgres has room for 64 workers' connections; and a parent
-killed with SIGKILL leaves no worker behind (their lifeline ends).
+starts; the parent's embedded Postgres has room for 64 workers' connections; a worker
+stopped (SIGSTOP) is killed and replaced after EXAI_WORKER_TIMEOUT; and a parent killed with
+SIGKILL leaves no worker behind (their lifeline ends).
 
 Other processes write what is checked, so the test polls with a deadline
 (:func:`tests.harness.wait_until`), which bounds only a failure, never paces a success.
@@ -339,12 +340,28 @@ def test_bad_worker_counts_are_refused(value: str, message: str, tmp_path: Path)
     assert not (tmp_path / "state").exists(), "refused before anything was made"
 
 
-async def test_workers_do_not_outlive_a_killed_parent(database_url: str, tmp_path: Path) -> None:
+async def test_a_stopped_worker_is_replaced_and_workers_do_not_outlive_a_killed_parent(
+    database_url: str, tmp_path: Path
+) -> None:
     server = await trio.to_thread.run_sync(
         lambda: start_server(
-            tmp_path / "state", database_url=database_url, extra_env={"EXAI_WORKERS": "2"}
+            tmp_path / "state",
+            database_url=database_url,
+            extra_env={"EXAI_WORKERS": "2", "EXAI_WORKER_TIMEOUT": "3"},
         )
     )
+    # Found by trying it: a SIGSTOPped worker stayed in place for ever, and the kernel went
+    # on giving it its share of new connections (which hung). Silent for EXAI_WORKER_TIMEOUT
+    # seconds, it is killed and another takes its place.
+    stopped = _info(server).workers[0].pid
+    os.kill(stopped, signal.SIGSTOP)
+    await wait_until(
+        lambda: _info(server).workers[0].pid != stopped and len(_info(server).workers) == 2,
+        what="worker 1 replaced",
+    )
+    unresponsive = [e for e in server.log_events() if e["event"] == "workers.unresponsive"]
+    assert (1, stopped) in [(e["worker"], e["pid"]) for e in unresponsive]
+    assert not _alive(stopped)
     pids = [w.pid for w in _info(server).workers]
     server.process.send_signal(signal.SIGKILL)
     assert await trio.to_thread.run_sync(server.process.wait) == -signal.SIGKILL
