@@ -365,6 +365,9 @@ class WorkerParent:
         database wait, not by this."""
         timeout = self.settings.worker_timeout
         while True:
+            if slot.info is None:  # not serving yet: looked at again a timeout later
+                await trio.sleep(timeout)
+                continue
             await trio.sleep_until(slot.heard_at + timeout)
             if slot.info is None or trio.current_time() - slot.heard_at < timeout:
                 continue
