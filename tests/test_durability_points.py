@@ -339,13 +339,22 @@ async def test_a_read_only_call_whose_records_cannot_be_confirmed_is_refused(
     db: str, tmp_path: Path
 ) -> None:
     """Its intent was not waited for, so if its final state cannot be written either, nothing
-    is known to record the call: the answer is withheld (-32004), never sent unrecorded."""
-    journal = Journal.open(tmp_path / "journal", node_id="points", fsync_interval=3600)
-    ref: pykka.ActorRef[Any] = PersistenceActor.start(db, journal)
-    c = PersistenceClient.for_ref(ref, durability=Durability.JOURNAL, timeout=60)
+    is known to record the call: the answer is withheld (-32004), never sent unrecorded. The
+    tool stops the persistence actor; a successor takes the session's later writes."""
+    actors: list[pykka.ActorRef[Any]] = []
+    journals: list[Journal] = []
+
+    def start(name: str) -> pykka.ActorRef[Any]:
+        journals.append(Journal.open(tmp_path / name, node_id="points", fsync_interval=3600))
+        actors.append(PersistenceActor.start(db, journals[-1]))
+        return actors[-1]
+
+    first = start("journal")
+    # A short timeout: a write whose actor is gone waits that long for a successor.
+    c = PersistenceClient(lambda: actors[-1], durability=Durability.JOURNAL, timeout=1.0)
     try:
         await _warm(c)
-        tool = JournalAtOnce(tmp_path / "journal", stop=ref)  # the actor is gone when it returns
+        tool = JournalAtOnce(tmp_path / "journal", stop=first)  # gone when the tool returns
         services = session_services(c, [tool], node_id="points")
         async with memory_session(services) as session:
             await _initialized(session)
@@ -355,10 +364,13 @@ async def test_a_read_only_call_whose_records_cannot_be_confirmed_is_refused(
             assert error is not None, delivery.message
             assert error["code"] == -32004, delivery.message
             assert "could not be recorded" in error["message"]
+            start("successor")  # the session's end is written by it
     finally:
         with trio.CancelScope(shield=True):
-            await trio.to_thread.run_sync(partial(ref.stop, block=True, timeout=60))
-        journal.close()
+            for ref in actors:
+                await trio.to_thread.run_sync(partial(ref.stop, block=True, timeout=60))
+        for journal in journals:
+            journal.close()
 
 
 async def test_every_client_hears_the_database_writer(db: str, tmp_path: Path) -> None:
