@@ -14,75 +14,60 @@ create or replace function exai_rate_take(
 ) returns table (at timestamptz, wait_seconds double precision, blocking_key text)
 language plpgsql as $$
 declare
+    locked boolean;
     t timestamptz;
     r record;
     drained double precision;
     wait double precision;
 begin
-    -- 1. Unlocked: a refusal here is final (above). A bucket not created yet is empty.
-    t := clock_timestamp();
-    at := t;
-    wait_seconds := 0;
-    blocking_key := null;
-    for r in
-        select d.key, coalesce(b.level, 0) as level, coalesce(b.updated_at, t) as updated_at,
-               d.capacity, d.cost
-        from unnest(p_keys, p_capacities, p_costs) as d (key, capacity, cost)
-        left join rate_buckets b on b.key = d.key
-    loop
-        if r.cost > r.capacity then
-            wait_seconds := null;
-            blocking_key := r.key;
+    -- The same decision twice at most: first on an unlocked read (a refusal there is final,
+    -- above; a bucket not created yet is empty), then, only if the call fits, on the rows
+    -- locked in key order, as the first version of this function decided every time.
+    foreach locked in array array[false, true] loop
+        if locked then
+            insert into rate_buckets (key, level, updated_at)
+                select k, 0, clock_timestamp() from unnest(p_keys) as k order by k
+                on conflict (key) do nothing;
+            perform 1 from rate_buckets where key = any(p_keys) order by key for update;
+        end if;
+        t := clock_timestamp();  -- after the locks: no later decision on these rows is earlier
+        at := t;
+        wait_seconds := 0;
+        blocking_key := null;
+        for r in
+            select d.key, coalesce(b.level, 0) as level,
+                   coalesce(b.updated_at, t) as updated_at, d.capacity, d.cost
+            from unnest(p_keys, p_capacities, p_costs) as d (key, capacity, cost)
+            left join rate_buckets b on b.key = d.key
+        loop
+            if r.cost > r.capacity then
+                wait_seconds := null;  -- never fits
+                blocking_key := r.key;
+                return next;
+                return;
+            end if;
+            drained := greatest(
+                0, r.level - greatest(0, extract(epoch from t - r.updated_at)) * r.capacity / 60
+            );
+            wait := (drained + r.cost - r.capacity) / (r.capacity / 60);
+            if wait > wait_seconds then
+                wait_seconds := wait;
+                blocking_key := r.key;
+            end if;
+        end loop;
+        if wait_seconds > 0 then
             return next;
             return;
         end if;
-        drained := greatest(
-            0, r.level - greatest(0, extract(epoch from t - r.updated_at)) * r.capacity / 60
-        );
-        wait := (drained + r.cost - r.capacity) / (r.capacity / 60);
-        if wait > wait_seconds then
-            wait_seconds := wait;
-            blocking_key := r.key;
-        end if;
     end loop;
-    if wait_seconds > 0 then
-        return next;
-        return;
-    end if;
-
-    -- 2. Locked, as the first version of this function: the decision that takes.
-    insert into rate_buckets (key, level, updated_at)
-        select k, 0, clock_timestamp() from unnest(p_keys) as k order by k
-        on conflict (key) do nothing;
-    perform 1 from rate_buckets where key = any(p_keys) order by key for update;
-    t := clock_timestamp();  -- after the locks: no later decision on these rows is earlier
-    at := t;
-    wait_seconds := 0;
-    blocking_key := null;
-    for r in
-        select b.key, b.level, b.updated_at, d.capacity, d.cost
-        from rate_buckets b
-        join unnest(p_keys, p_capacities, p_costs) as d (key, capacity, cost) on d.key = b.key
-    loop
-        drained := greatest(
-            0, r.level - greatest(0, extract(epoch from t - r.updated_at)) * r.capacity / 60
-        );
-        wait := (drained + r.cost - r.capacity) / (r.capacity / 60);
-        if wait > wait_seconds then
-            wait_seconds := wait;
-            blocking_key := r.key;
-        end if;
-    end loop;
-    if wait_seconds = 0 then
-        update rate_buckets b
-            set level = greatest(
-                    0,
-                    b.level - greatest(0, extract(epoch from t - b.updated_at)) * d.capacity / 60
-                ) + d.cost,
-                updated_at = greatest(b.updated_at, t)
-            from unnest(p_keys, p_capacities, p_costs) as d (key, capacity, cost)
-            where b.key = d.key;
-    end if;
+    update rate_buckets b
+        set level = greatest(
+                0,
+                b.level - greatest(0, extract(epoch from t - b.updated_at)) * d.capacity / 60
+            ) + d.cost,
+            updated_at = greatest(b.updated_at, t)
+        from unnest(p_keys, p_capacities, p_costs) as d (key, capacity, cost)
+        where b.key = d.key;
     return next;
 end
 $$;
