@@ -63,6 +63,7 @@ from runtime.session_registry import CloseConnection, SessionPhase
 from runtime.status_model import ListenerStatus
 from runtime.streamable_http.endpoint import HttpConfig, HttpSessionHost, StreamableHttpEndpoint
 from runtime.streamable_http.origin import OriginPolicy
+from runtime.streamable_http.refusal import retry_after
 from runtime.streamable_http.session_transport import StreamBounds
 
 log = structlog.get_logger("server")
@@ -606,7 +607,7 @@ class McpWebSocketServer:
 
 
 async def _refuse(request: WebSocketRequest, status: int, body: str, retry: bool) -> None:
-    headers = [(b"retry-after", b"1")] if retry else None
+    headers = list(retry_after()) if retry else None
     await request.reject(status, extra_headers=headers, body=body.encode())
 
 

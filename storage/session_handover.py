@@ -237,15 +237,19 @@ class SessionClaims:
         return _claimed(session_id, rows[0]) if rows else Refusal.ABSENT
 
     def ended(self, session_ids: list[str]) -> set[str]:
-        """Which of ``session_ids`` (at most :data:`ENDED_BATCH`) are closed: a 2025-era HTTP
-        session's copy ends once its row has (a DELETE on another node). An ``interrupted``
-        row (its last holder died) is not: a copy goes on, and takes it over when asked.
-        Raises :class:`SessionClaimError`."""
-        rows = self._query(
-            "select session_id from sessions where session_id = any(%(ids)s) and status = 'closed'",
-            {"ids": session_ids[:ENDED_BATCH]},
-        )
-        return {row["session_id"] for row in rows}
+        """Which of ``session_ids`` are closed, asked :data:`ENDED_BATCH` ids per query: a
+        2025-era HTTP session's copy ends once its row has (a DELETE on another node). An
+        ``interrupted`` row (its last holder died) is not: a copy goes on, and takes it over
+        when asked. Raises :class:`SessionClaimError`."""
+        closed: set[str] = set()
+        for start in range(0, len(session_ids), ENDED_BATCH):
+            rows = self._query(
+                "select session_id from sessions"
+                " where session_id = any(%(ids)s) and status = 'closed'",
+                {"ids": session_ids[start : start + ENDED_BATCH]},
+            )
+            closed.update(row["session_id"] for row in rows)
+        return closed
 
     def reclaim(self, session_id: str, epoch: int, remote: str) -> int | None:
         """Resume a session this node holds parked at ``epoch``: its new epoch, or ``None``

@@ -11,12 +11,14 @@ from __future__ import annotations
 import uuid
 from typing import cast
 
+import psycopg
 import pytest
 import structlog
 
 from actors.persistence import PersistenceClient
 from actors.session.handover import Handover, LookupRefused, ResumeLookups
-from storage.session_handover import Claimed, Refusal, SessionClaims
+from storage.session_handover import ENDED_BATCH, Claimed, Refusal, SessionClaims
+from tests.memory_support import migrated_database
 
 
 class _Clock:
@@ -143,3 +145,25 @@ async def test_a_claimed_row_becomes_the_state_it_negotiated() -> None:
     assert state.client is not None
     assert (state.client.name, state.client.version) == ("ide", "1.2")
     assert (state.tool_calls, state.tool_errors, state.epoch) == (7, 2, 3)
+
+
+def test_every_copy_is_checked_for_an_end_elsewhere_past_one_batch(database_url: str) -> None:
+    """A node with more 2025-era HTTP copies than one query's batch asks about all of them
+    (the first version cut the list at the batch, so the same first 1,000 were asked about
+    on every pass and an end elsewhere never reached the rest)."""
+    with migrated_database(database_url) as url:
+        ids = [f"s-{n:05d}" for n in range(ENDED_BATCH + 5)]
+        last = ids[-1]
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(
+                "insert into sessions (session_id, status)"
+                " select s, 'active' from unnest(%s::text[]) s",
+                (ids,),
+            )
+            conn.execute("update sessions set status = 'closed' where session_id = %s", (last,))
+        claims = SessionClaims(url, "me", node_timeout=30, grace=60)
+        claims.open()
+        try:
+            assert claims.ended(ids) == {last}
+        finally:
+            claims.close()

@@ -256,7 +256,7 @@ async def end_copies_ended_elsewhere(
 ) -> None:
     """Every ``interval`` seconds, end this node's copies of 2025-era HTTP sessions whose row
     has ended (a DELETE, or an idle expiry, on the node that held them last): one query per
-    pass for all of them (at most ``ENDED_BATCH``), never one per request. Bounds how long a
+    pass for every ``ENDED_BATCH`` of them, never one per request. Bounds how long a
     copy answers a session its client ended elsewhere (the spec: 404 once it ended). Runs
     until cancelled; a database that does not answer is logged (throttled) and tried again
     at the next pass."""

@@ -287,7 +287,7 @@ class StreamableHttpEndpoint:
                 Refusal(
                     503,
                     ServerBusy("server busy: too many HTTP connections, retry later"),
-                    headers=((b"retry-after", str(RETRY_AFTER_S).encode()),),
+                    headers=retry_after(),
                 ),
                 close=True,
             )
@@ -376,7 +376,7 @@ class StreamableHttpEndpoint:
                     "server draining: it is shutting down; connect to another node",
                     {"retryAfterMs": RETRY_AFTER_S * 1000},
                 ),
-                headers=((b"retry-after", str(RETRY_AFTER_S).encode()),),
+                headers=retry_after(),
             )
         check_version(request)
         if self._exchanges[identity] >= self.config.max_exchanges_per_identity:
@@ -502,7 +502,7 @@ class StreamableHttpEndpoint:
                     f"{self.config.max_sessions_per_identity}; end some (DELETE) or retry later",
                     {"retryAfterMs": RETRY_AFTER_S * 1000},
                 ),
-                headers=((b"retry-after", str(RETRY_AFTER_S).encode()),),
+                headers=retry_after(),
                 kind="sessions per identity",
             )
         self._per_identity[identity] += 1
@@ -533,7 +533,7 @@ class StreamableHttpEndpoint:
                     "server busy: session limit reached, retry later",
                     {"retryAfterMs": RETRY_AFTER_S * 1000},
                 ),
-                headers=((b"retry-after", str(RETRY_AFTER_S).encode()),),
+                headers=retry_after(),
                 kind="max sessions",
             )
         transport = HttpSessionTransport(
@@ -554,7 +554,7 @@ class StreamableHttpEndpoint:
                     "server busy: cannot look the session up now, retry later",
                     {"retryAfterMs": RETRY_AFTER_S * 1000},
                 ),
-                headers=((b"retry-after", str(RETRY_AFTER_S).encode()),),
+                headers=retry_after(),
                 kind="resume lookups",
             ) from None
         except StorageUnavailable:
@@ -565,7 +565,7 @@ class StreamableHttpEndpoint:
                 Unavailable(
                     "storage unavailable; retry later", {"retryAfterMs": RETRY_AFTER_S * 1000}
                 ),
-                headers=((b"retry-after", str(RETRY_AFTER_S).encode()),),
+                headers=retry_after(),
                 kind="storage",
             ) from None
         return transport
