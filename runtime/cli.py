@@ -491,29 +491,30 @@ def _status_once(
     sections: list[str] = []
     documents: list[dict[str, object]] = []
     several = len(targets) > 1
-    for position, target in enumerate(targets):
+    # The cluster's view once, from the first worker that answers.
+    cluster_wanted = args.cluster
+    for target in targets:
         try:
-            status = status_view.fetch(target, cluster=args.cluster and position == 0)
+            status = status_view.fetch(target, cluster=cluster_wanted)
         except status_view.StatusFailure as failure:
             where = f"worker {target.worker}: " if target.worker is not None else ""
             print(f"exai: {where}{failure}", file=sys.stderr)
             code = code or failure.code
             continue
+        cluster_wanted = False
         if args.json and several:
             documents.append({"worker": target.worker, "status": status.model_dump(mode="json")})
         elif args.json:
             sections.append(status.model_dump_json(indent=2) + "\n")
-        elif target.worker is not None:
-            header = f"── worker {target.worker} of {len(targets)} " if several else ""
-            sections.append(
-                (header or f"── worker {target.worker} ")
-                + "─" * 20
-                + "\n"
-                + status_view.render(status)
-            )
+        elif several:
+            header = f"── worker {target.worker} of {len(targets)} " + "─" * 20 + "\n"
+            sections.append(header + status_view.render(status))
         else:
             sections.append(status_view.render(status))
-    text = json.dumps({"workers": documents}, indent=2) + "\n" if documents else "".join(sections)
+    several_json = args.json and several
+    text = (
+        json.dumps({"workers": documents}, indent=2) + "\n" if several_json else "".join(sections)
+    )
     if clear and sys.stdout.isatty():
         text = "\x1b[H\x1b[2J" + text  # redraw in place, like top
     sys.stdout.write(text)

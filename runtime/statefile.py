@@ -61,6 +61,9 @@ class ServerInfo(BaseModel):
     #: A ``--workers`` parent's workers, by index (``admin_url`` above is the first one's, so
     #: tools that know one admin interface still find one); empty for a single node.
     workers: list[WorkerInfo] = []
+    #: How many workers the parent runs (``workers`` lists those serving now: one being
+    #: restarted is missing from it until its successor serves); 0 for a single node.
+    worker_count: int = 0
 
 
 def write_server_info(path: Path, info: ServerInfo) -> None:

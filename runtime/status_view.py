@@ -75,7 +75,11 @@ def locate(
                 f"no server running: {server_file} names pid {info.pid}, which is not "
                 "running (the server was killed; the file is stale)",
             )
-        workers = [(entry.index, entry.admin_url) for entry in info.workers]
+        serving = {entry.index: entry.admin_url for entry in info.workers}
+        # A worker being restarted is not listed until its successor serves: it is still
+        # one of the server's, shown as unreachable (fetch) rather than left out.
+        count = max([info.worker_count, *serving])
+        workers = [(index, serving.get(index)) for index in range(1, count + 1)]
         if info.admin_url is None and not workers:
             raise StatusFailure(
                 EXIT_UNREACHABLE,
@@ -87,8 +91,8 @@ def locate(
         if not workers:
             raise StatusFailure(
                 EXIT_NO_SERVER,
-                f"no worker {worker} in {server_file} (is it a --workers server, and is that "
-                "worker serving? a restarted worker is listed once it serves again)",
+                f"no worker {worker} in {server_file} (is it a --workers server with that "
+                "many workers?)",
             )
     if token is None:
         path = admin_token_path(state_dir)
@@ -120,7 +124,8 @@ def fetch(target: Target, *, timeout: float = 10.0, cluster: bool = False) -> No
     :class:`StatusFailure` with the matching exit code."""
     if not target.admin_url:
         raise StatusFailure(
-            EXIT_UNREACHABLE, f"worker {target.worker} announces no admin interface"
+            EXIT_UNREACHABLE,
+            f"worker {target.worker} is not serving (being restarted, or starting)",
         )
     try:
         response = httpx.get(

@@ -115,12 +115,22 @@ MAX_ANNOUNCEMENT_BYTES = 64 * 1024
 PULSE_S = 0.5
 
 
+def describe_exit(code: int) -> str:
+    """A process's return code as a person reads it: ``exit code 4``, ``signal SIGKILL``
+    (``signal 40`` for a real-time signal, which has no name)."""
+    if code >= 0:
+        return f"exit code {code}"
+    try:
+        return f"signal {signal.Signals(-code).name}"
+    except ValueError:
+        return f"signal {-code}"
+
+
 class WorkerExited(Exception):
     """A worker process ended without being asked to: its supervisor restarts it."""
 
     def __init__(self, index: int, pid: int, code: int) -> None:
-        how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
-        super().__init__(f"worker {index} (pid {pid}) ended on its own: {how}")
+        super().__init__(f"worker {index} (pid {pid}) ended on its own: {describe_exit(code)}")
         self.index = index
         self.pid = pid
         self.code = code
@@ -131,13 +141,13 @@ class _Slot:
     """One worker's place (1..N), across its incarnations."""
 
     index: int
-    pid: int | None = None
     info: WorkerInfo | None = None
     started_at: float = 0.0
     #: trio's clock when the worker was last heard from (a line on its socket pair).
     heard_at: float = 0.0
+    #: Set when the current incarnation first serves (its announcement).
+    served: trio.Event = field(default_factory=trio.Event)
     quick_failures: int = 0
-    exits: list[int] = field(default_factory=list)
 
     def backoff(self, now: float) -> float:
         """The pause before the next incarnation, in seconds (module doc)."""
@@ -281,8 +291,8 @@ class WorkerParent:
             ctx.started()
             return
         process, ours = await self._spawn(slot.index)
-        slot.pid, slot.info, slot.started_at = process.pid, None, trio.current_time()
-        slot.heard_at = slot.started_at
+        slot.info, slot.started_at = None, trio.current_time()
+        slot.heard_at, slot.served = slot.started_at, trio.Event()
         self._processes[slot.index] = process
         log.info("workers.started", worker=slot.index, pid=process.pid, restarts=ctx.restarts)
         ctx.started()
@@ -303,7 +313,6 @@ class WorkerParent:
                         os.killpg(process.pid, signal.SIGKILL)
                     await process.wait()
         slot.info = None
-        slot.exits.append(code)
         self._ended(slot, process.pid, code, asked=ctx.stop_requested.is_set())
 
     async def _spawn(self, index: int) -> tuple[trio.Process, socket.socket]:
@@ -332,7 +341,7 @@ class WorkerParent:
             # -SIGTERM: asked before its signal handler was installed (still importing).
             if code not in (0, -signal.SIGTERM) and self.exit_code == 0:
                 self.exit_code = EXIT_FAILED
-                self.failure = f"worker {slot.index} (pid {pid}) stopped with {code}"
+                self.failure = f"worker {slot.index} (pid {pid}) stopped with {describe_exit(code)}"
             return
         if not self.serving.is_set():
             # It could not start (its own line on stderr says why: a bad config, the
@@ -341,7 +350,7 @@ class WorkerParent:
             if self.exit_code == 0:
                 self.exit_code = code if 2 <= code <= 5 else EXIT_FAILED
                 self.failure = (
-                    f"worker {slot.index} could not start (exit code {code}); its log: "
+                    f"worker {slot.index} could not start ({describe_exit(code)}); its log: "
                     f"{self._node_dir(slot.index) / 'logs' / 'exai.log'}"
                 )
             self.stopping.set()
@@ -364,12 +373,10 @@ class WorkerParent:
         death like any other (restarted). Before it serves, its start is bounded by its own
         database wait, not by this."""
         timeout = self.settings.worker_timeout
+        await slot.served.wait()
         while True:
-            if slot.info is None:  # not serving yet: looked at again a timeout later
-                await trio.sleep(timeout)
-                continue
             await trio.sleep_until(slot.heard_at + timeout)
-            if slot.info is None or trio.current_time() - slot.heard_at < timeout:
+            if trio.current_time() - slot.heard_at < timeout:
                 continue
             log.error(
                 "workers.unresponsive", worker=slot.index, pid=pid, silent_s=round(timeout, 1)
@@ -413,6 +420,7 @@ class WorkerParent:
             admin_url=info.admin_url,
             started_at=info.started_at,
         )
+        slot.served.set()
         log.info("workers.ready", worker=slot.index, pid=pid, node_id=info.node_id)
         if self.serving.is_set():
             self._write_server_info()
@@ -430,8 +438,6 @@ class WorkerParent:
                 )
 
     def _write_server_info(self) -> None:
-        if not self.serving.is_set() and not all(s.info is not None for s in self.slots):
-            return
         if self.stopping.is_set():
             return  # removed on the way out; a late announcement must not bring it back
         workers = [slot.info for slot in self.slots if slot.info is not None]
@@ -445,6 +451,7 @@ class WorkerParent:
                 admin_url=workers[0].admin_url if workers else None,
                 http_url=self.http_url,
                 workers=workers,
+                worker_count=self.count,
             ),
         )
 

@@ -38,13 +38,20 @@ import socket
 import subprocess
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
 import pytest
 import trio
 
-from runtime.statefile import ServerInfo, StateDirLock, WorkerInfo, read_server_info
+from runtime.statefile import (
+    ServerInfo,
+    StateDirLock,
+    WorkerInfo,
+    read_server_info,
+    write_server_info,
+)
 from runtime.status_model import NodeStatus
 from storage.connection_budget import (
     CONNECTIONS_PER_NODE,
@@ -433,3 +440,37 @@ def test_the_embedded_postgres_of_64_workers_has_room_for_their_connections() ->
             embedded.stop()
     assert maximum == 64 * CONNECTIONS_PER_NODE + EMBEDDED_SPARE
     assert embedded_max_connections(2) == 100  # never below PostgreSQL's default
+
+
+def test_status_lists_a_worker_being_restarted_as_not_serving(tmp_path: Path) -> None:
+    """A restarting worker is missing from ``server.json``'s list until its successor
+    serves: ``exai status`` still counts it (``worker_count``), says it is not serving
+    (exit 4), and ``--json`` keeps its shape when no worker answers."""
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "admin-token").write_text("t" * 32 + "\n")
+    now = datetime.now(UTC)
+    write_server_info(
+        state / "server.json",
+        ServerInfo(
+            url="ws://127.0.0.1:1/mcp",
+            pid=os.getpid(),  # alive: the file is not stale
+            started_at=now,
+            protocol_versions=[],
+            workers=[
+                WorkerInfo(index=1, pid=os.getpid(), node_id="n1", admin_url=None, started_at=now)
+            ],
+            worker_count=2,
+        ),
+    )
+    shown = subprocess.run(
+        [str(EXAI), "status", "--json", "--state-dir", str(state)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert shown.returncode == 4, shown.stderr
+    assert json.loads(shown.stdout) == {"workers": []}
+    assert "worker 2: worker 2 is not serving" in shown.stderr
+    assert "worker 1:" in shown.stderr
