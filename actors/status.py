@@ -59,12 +59,12 @@ from runtime.status_model import (
     PersistenceStatus,
     ProxiedServerStatus,
     SessionStatus,
-    SessionTransport,
     ToolStatus,
 )
 from runtime.supervision import Supervisor
 from runtime.tool_workers import ToolWorkers
 from runtime.trace import Meter
+from storage.rows import SessionTransport
 
 if TYPE_CHECKING:  # at run time these would import the session package, which imports us
     from actors.persistence import PersistenceClient

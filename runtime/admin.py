@@ -39,9 +39,9 @@ from runtime.status_model import (
     ListenerStatus,
     NodeStatus,
     PersistenceStatus,
-    SessionTransport,
     StatusSource,
 )
+from storage.rows import SessionTransport
 
 log = structlog.get_logger("admin")
 

@@ -52,6 +52,12 @@ class ConfigError(Exception):
     """The configuration is invalid; the message is meant for the operator as it is."""
 
 
+def worker_dir(state_dir: Path, index: int) -> Path:
+    """``<state-dir>/workers/<index>``: worker ``index``'s own files under a ``--workers``
+    server's state dir (its server.json, logs, proxied servers' process groups)."""
+    return state_dir / "workers" / str(index)
+
+
 class Settings(BaseSettings):
     """Everything ``exai serve`` can be told. Field names map to ``EXAI_<NAME>``."""
 
@@ -458,7 +464,7 @@ class Settings(BaseSettings):
         or ``<state-dir>/workers/<index>`` for a worker (its server.json, logs, children)."""
         if self.worker_index == 0:
             return self.state_dir
-        return self.state_dir / "workers" / str(self.worker_index)
+        return worker_dir(self.state_dir, self.worker_index)
 
     @property
     def server_file(self) -> Path:

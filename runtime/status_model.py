@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from storage.breaker import BreakerState
 from storage.membership import ClusterNode, LimitsMode
+from storage.rows import SessionTransport
 from storage.shared_limits import ClusterLimitsView
 
 SCHEMA_VERSION = 1
@@ -32,7 +33,6 @@ ActorState = Literal[
 #: over WebSocket, and the server cannot tell it from any other WebSocket client), ``http``
 #: (Streamable HTTP, a 2025-era ``Mcp-Session-Id`` session), ``http-sessionless`` (Streamable
 #: HTTP, 2026-07-28: one session per client identity), ``memory`` (in-process, no socket).
-SessionTransport = Literal["websocket", "http", "http-sessionless", "memory"]
 
 
 class _Model(BaseModel):

@@ -71,7 +71,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
-from pathlib import Path
 
 import structlog
 import trio
@@ -80,9 +79,9 @@ from pydantic import ValidationError
 from runtime.actor import sole_exception
 from runtime.admin import load_admin_token
 from runtime.auth import load_or_create_token
-from runtime.config import Settings
+from runtime.config import Settings, worker_dir
 from runtime.listener import reserve_port
-from runtime.logs import LogSettings
+from runtime.logs import LogSettings, log_path
 from runtime.statefile import ServerInfo, WorkerInfo, remove_server_info, write_server_info
 from runtime.supervision import ChildContext, ChildSpec, Restart, Strategy, Supervisor, run_root
 from storage.connection_budget import check_room, embedded_max_connections
@@ -351,7 +350,7 @@ class WorkerParent:
                 self.exit_code = code if 2 <= code <= 5 else EXIT_FAILED
                 self.failure = (
                     f"worker {slot.index} could not start ({describe_exit(code)}); its log: "
-                    f"{self._node_dir(slot.index) / 'logs' / 'exai.log'}"
+                    f"{log_path(worker_dir(self.state_dir, slot.index))}"
                 )
             self.stopping.set()
             return
@@ -454,9 +453,6 @@ class WorkerParent:
                 worker_count=self.count,
             ),
         )
-
-    def _node_dir(self, index: int) -> Path:
-        return self.state_dir / "workers" / str(index)
 
     def _environment(self, index: int, channel: int) -> dict[str, str]:
         """The worker's settings: the parent's, through ``EXAI_*`` (the flags it was given

@@ -46,6 +46,11 @@ ClientText = Annotated[str, AfterValidator(storable_text)]
 ClientJson = Annotated[JsonValue, AfterValidator(storable)]
 
 
+#: How a session's client reaches it: a WebSocket session is resumed only by a WebSocket
+#: handshake, a 2025-era HTTP one (``http``) only by an HTTP request (storage/session_handover).
+SessionTransport = Literal["websocket", "http", "http-sessionless", "memory"]
+
+
 class _Row(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -69,7 +74,7 @@ class SessionRow(_Row):
     identity: str | None = None
     #: How its client reaches it (``websocket``, ``http``, ``http-sessionless``, ``memory``):
     #: a session is resumed on another node only over its own transport.
-    transport: str | None = None
+    transport: SessionTransport | None = None
 
 
 class SessionClose(_Row):

@@ -46,7 +46,6 @@ from runtime.actor import close_mailbox, run_actor
 from runtime.budget import ByteBudget
 from runtime.connection import Connection, ConnectionGone, Receive
 from runtime.mailbox import ActorRef, Inbox, open_mailbox
-from runtime.status_model import SessionTransport
 from runtime.supervision import (
     ChildContext,
     ChildExit,
@@ -59,7 +58,7 @@ from runtime.supervision import (
     SupervisorNotRunning,
     UnknownChild,
 )
-from storage.rows import SessionClose, SessionRow
+from storage.rows import SessionClose, SessionRow, SessionTransport
 
 __all__ = ["Attach", "end_session", "open_session", "record_end", "run_session"]
 

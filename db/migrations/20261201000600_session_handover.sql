@@ -17,4 +17,5 @@ alter table sessions add column if not exists identity     text;
 alter table sessions add column if not exists epoch        integer not null default 0;
 alter table sessions add column if not exists parked_until timestamptz;
 alter table sessions add column if not exists log_level    text;
-alter table sessions add column if not exists transport    text;
+alter table sessions add column if not exists transport    text
+    check (transport in ('websocket', 'http', 'http-sessionless', 'memory'));
