@@ -265,6 +265,10 @@ class bound:  # lower case: used like a function, `with trace.bound(...)`
             _current.reset(self._token)
 
 
+def _posted_at(mark: Postmark) -> float:
+    return mark.posted_at
+
+
 class handling:  # lower case: used like a function, `with trace.handling(...) as h`
     """One message handled by one actor: binds the trace (see :class:`bound`) while it runs,
     then logs one ``actor.message`` event and updates the actor's :class:`Meter`.
@@ -308,15 +312,18 @@ class handling:  # lower case: used like a function, `with trace.handling(...) a
         meter: Meter | None = None,
         **fields: Any,
     ) -> None:
-        marks: Sequence[Postmark]
+        first: Postmark | None
         if postmark is None:
-            marks = ()
+            first = None
+            self._trace_ids: tuple[str, ...] = ()
         elif isinstance(postmark, Postmark):
-            marks = (postmark,)
+            # The common case (one message, one postmark), without the general case's
+            # generator and sort: this runs for every message every actor handles.
+            first = postmark
+            self._trace_ids = (postmark.trace_id,) if postmark.trace_id else ()
         else:
-            marks = postmark
-        first = min(marks, key=lambda m: m.posted_at) if marks else None
-        self._trace_ids = tuple(dict.fromkeys(m.trace_id for m in marks if m.trace_id))
+            first = min(postmark, key=_posted_at) if postmark else None
+            self._trace_ids = tuple(dict.fromkeys(m.trace_id for m in postmark if m.trace_id))
         outer = _current.get()
         trace_id = (
             trace_id

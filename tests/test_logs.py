@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 import subprocess
 import sys
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -314,6 +316,10 @@ def test_every_event_is_one_line_whatever_unicode_it_holds(tmp_path: Path) -> No
 TRACE_FIELDS_PROGRAM = """
 with trace.handling("/root/sessions/s", "tools/call", trace_id="00000000cccccccc") as h:
     h.note(tool="t" * 10000, api_key="sk-proj-abcdefghijklmnopqrstuvwx", caller="Bearer abcdefgh")
+# A peer's method (the event's kind) and request id: not redacted (a client's own words), but
+# clipped like any field.
+with trace.handling("/root/sessions/s", "m" * 9000, rpc_id="r" * 9000) as h:
+    pass
 close_logging()
 """
 
@@ -322,11 +328,18 @@ def test_trace_events_are_redacted_clipped_and_stamped_like_every_event(tmp_path
     """Per-message events take a direct path (runtime.logs._trace_event), not structlog's
     pipeline: the same redaction, bounds and fields all the same."""
     out = run(tmp_path, TRACE_FIELDS_PROGRAM, settings={"log_console": "off"})
-    (event,) = [e for e in out.events if e["event"] == "actor.message"]
+    event, peers = [e for e in out.events if e["event"] == "actor.message"]
     assert event["api_key"] == "[REDACTED]"
     assert event["caller"] == "Bearer [REDACTED]"
     assert len(event["tool"]) < 4200
     assert "10000" in event["tool"]  # the clip marker gives the real length
     assert (event["logger"], event["level"], event["outcome"]) == ("trace", "info", "ok")
-    assert event["timestamp"].endswith("Z")
+    # structlog's ISO form, as every other event's: microseconds, UTC, "Z".
+    stamp = event["timestamp"]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", stamp), stamp
+    written = datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+    assert abs((datetime.now(UTC) - written).total_seconds()) < 600
     assert event["trace_id"] == "00000000cccccccc"
+    for field in ("kind", "rpc_id"):
+        assert len(peers[field]) < 4200
+        assert "9000" in peers[field]
