@@ -199,6 +199,11 @@ class CallRunner:
         # chose (ids are only unique within a session, and only while unanswered).
         admitted = _Admitted(tool, call, version)
         state = self.state
+        if self._take_slots_nowait(admitted):
+            # The common case: both slots free, taken without a checkpoint, so nothing can
+            # cancel the call before it runs and it needs no scope to wait in.
+            state.admitted(request.id)
+            return admitted
         # While it waits for a slot the call is already cancellable (its scope is known).
         waiting = state.waiting_for_slot(request.id)
         taken = False
@@ -221,6 +226,24 @@ class CallRunner:
             return None  # cancelled while waiting: no response
         state.admitted(request.id)
         return admitted
+
+    def _take_slots_nowait(self, admitted: _Admitted) -> bool:
+        """Take the session's slot and the node's for ``admitted`` if both are free now;
+        ``False``, holding neither, if either is not (the caller then waits for them in
+        order, cancellable)."""
+        try:
+            self._slots.acquire_nowait()
+        except trio.WouldBlock:
+            return False
+        try:
+            self._config.total_slots.acquire_on_behalf_of_nowait(admitted)
+        except trio.WouldBlock:
+            self._slots.release()
+            return False
+        except BaseException:
+            self._slots.release()
+            raise
+        return True
 
     def _task_mode(self, call: CallToolParams, tool: Tool[Any], version: str) -> TaskMode | None:
         """Whether the call runs as an MCP task, and why (docs/tasks.md):
