@@ -907,10 +907,11 @@ class StreamableHttpEndpoint:
         closed)."""
         writer = StreamWriter(wire, stream, headers, json_allowed, opening=opening)
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_cancel_after, wire.watch_peer, nursery.cancel_scope)
-            nursery.start_soon(_cancel_after, stream.outbox.stalled.wait, nursery.cancel_scope)
-            nursery.start_soon(self._keep_alive, stream)
-            nursery.start_soon(_watch_stall, stream)
+            # One guard task, not one per thing to watch: most responses are ready within
+            # a millisecond, and every task spawned and cancelled here is paid per request.
+            nursery.start_soon(
+                _guard, wire, stream, self.config.sse_keepalive, nursery.cancel_scope
+            )
             if not json_allowed:
                 await writer.begin_stream()
             await stream.outbox.run(writer.write)
@@ -929,32 +930,53 @@ class StreamableHttpEndpoint:
             raise PeerGone
         return writer
 
-    async def _keep_alive(self, stream: ResponseStream) -> None:
-        """A comment on a quiet stream every ``sse_keepalive`` seconds (only when nothing is
-        queued: a peer that does not read gets no pile of them)."""
-        while True:
-            await trio.sleep(self.config.sse_keepalive)
-            if not len(stream.outbox) and not stream.ended.is_set():
-                try:
-                    stream.outbox.put_nowait(KEEPALIVE_MARK)
-                except ConnectionGone:
-                    return
 
+async def _guard(
+    wire: HttpWire, stream: ResponseStream, keepalive: float, writing: trio.CancelScope
+) -> None:
+    """Watch one response stream while ``writing`` (the scope of its writer) writes it, and
+    cancel that scope when the writing must stop:
 
-async def _watch_stall(stream: ResponseStream) -> None:
-    """Set the stream's ``stalled`` once its peer has taken nothing for ``stall_timeout``
-    seconds while something waits to be written to it: the outgoing queue finds that out
-    only for those who wait to add to it, and a single response being written (an unread
-    JSON body) has no one waiting. Its writer then gives up, the connection is closed and
-    its bytes are given back."""
+    * the peer went away (end of stream or reset: :meth:`HttpWire.watch_peer`, which keeps
+      what it sends meanwhile for the next request);
+    * the stream stalled: its peer has taken nothing for ``stall_timeout`` seconds while
+      something waits to be written to it (:attr:`Outbox.stalled <runtime.outbox.Outbox>`,
+      set here or by a sender waiting for room). The outgoing queue finds that out only for
+      those who wait to add to it, and a single response being written (an unread JSON body)
+      has no one waiting. Its writer then gives up, the connection is closed and its bytes
+      are given back.
+
+    And, every ``keepalive`` seconds, a comment on the stream when nothing is queued (a peer
+    that does not read gets no pile of them).
+
+    One task for all three: it waits for the peer under a deadline, the earlier of the next
+    keep-alive and the next stall check. The stall check runs no later than
+    ``stall_timeout`` seconds after the last one, so it comes no later than a stall can:
+    the stall deadline is ``stall_timeout`` after the queue's last progress, which is never
+    before the previous check while the queue was empty (then the deadline is infinite).
+    Cancelling this task (its writer is done) is safe at any point: the peer's bytes read
+    meanwhile are in ``wire``'s h11 connection, and a keep-alive is queued synchronously."""
     outbox = stream.outbox
+    stall_timeout = outbox.stall_timeout
+    next_keepalive = trio.current_time() + keepalive
     while True:
-        deadline = outbox.stall_deadline()
+        stall_at = outbox.stall_deadline()
         now = trio.current_time()
-        if now >= deadline:
+        if outbox.stalled.is_set() or now >= stall_at:
             outbox.stalled.set()
+            writing.cancel()
             return
-        await trio.sleep_until(min(deadline, now + outbox.stall_timeout))
+        if now >= next_keepalive:
+            next_keepalive = now + keepalive
+            if not len(outbox) and not stream.ended.is_set():
+                with contextlib.suppress(ConnectionGone):
+                    outbox.put_nowait(KEEPALIVE_MARK)
+                    # Queued: the next stall check counts from now, as the queue's does.
+                    stall_at = outbox.stall_deadline()
+        with trio.move_on_at(min(next_keepalive, stall_at, now + stall_timeout)):
+            await wire.watch_peer()
+            writing.cancel()  # the peer went away
+            return
 
 
 async def _cancel_after(wait: Callable[[], Awaitable[object]], scope: trio.CancelScope) -> None:
