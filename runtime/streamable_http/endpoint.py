@@ -86,9 +86,10 @@ from runtime.connection import (
     CLOSE_INTERNAL_ERROR_REASON,
     CLOSE_NORMAL,
     ConnectionGone,
+    message_size,
 )
 from runtime.http_dispatch import asks_websocket
-from runtime.listener import Peer, PeerStream
+from runtime.listener import SEND_CHUNK, Peer, PeerStream
 from runtime.log_throttle import LogThrottle
 from runtime.mcp import jsonrpc, versions
 from runtime.mcp.errors import (
@@ -136,6 +137,10 @@ ENDED_REMEMBERED = 4096
 #: Seconds a DELETE waits for its session's end to be recorded before it is answered.
 END_WAIT_S = 10.0
 SUBSCRIPTION_ID_META = "io.modelcontextprotocol/subscriptionId"
+#: The largest response written with no guard task (``_wait_first``): its head and body go
+#: out in one send of the peer's stream (at most ``SEND_CHUNK`` bytes), with room for the
+#: head.
+QUICK_BYTES = SEND_CHUNK - 8192
 
 
 @dataclass(frozen=True, slots=True)
@@ -906,17 +911,28 @@ class StreamableHttpEndpoint:
         :class:`PeerGone` if the peer left or stopped reading (the connection is then
         closed)."""
         writer = StreamWriter(wire, stream, headers, json_allowed, opening=opening)
-        async with trio.open_nursery() as nursery:
-            # One guard task, not one per thing to watch: most responses are ready within
-            # a millisecond, and every task spawned and cancelled here is paid per request.
-            nursery.start_soon(
-                _guard, wire, stream, self.config.sse_keepalive, nursery.cancel_scope
-            )
-            if not json_allowed:
-                await writer.begin_stream()
-            await stream.outbox.run(writer.write)
-            await writer.finish()
-            nursery.cancel_scope.cancel()
+        if json_allowed and await self._wait_first(wire, stream):
+            # The response alone, written in one send: the peer's progress is recorded per
+            # send, so its stall deadline cannot move while the send lasts, and a deadline
+            # does what the guard's stall check would. A peer that goes away meanwhile fails
+            # the send (or, if it leaves the response unread, meets the deadline).
+            with trio.move_on_at(stream.outbox.stall_deadline()) as sending:
+                await stream.outbox.run(writer.write)
+                await writer.finish()
+            if sending.cancelled_caught:
+                stream.outbox.stalled.set()
+        else:
+            async with trio.open_nursery() as nursery:
+                # One guard task, not one per thing to watch: every task spawned and
+                # cancelled here is paid per request.
+                nursery.start_soon(
+                    _guard, wire, stream, self.config.sse_keepalive, nursery.cancel_scope
+                )
+                if not json_allowed:
+                    await writer.begin_stream()
+                await stream.outbox.run(writer.write)
+                await writer.finish()
+                nursery.cancel_scope.cancel()
         if stream.outbox.stalled.is_set():
             self._throttle.emit(
                 log.warning,
@@ -929,6 +945,45 @@ class StreamableHttpEndpoint:
             wire.broken = True
             raise PeerGone
         return writer
+
+    async def _wait_first(self, wire: HttpWire, stream: ResponseStream) -> bool:
+        """Wait in the writer's own task, watching the peer, until a POST's response stream
+        has its first message: ``True`` if that is its response, alone and small enough to
+        be written in one send (the common case: most responses are ready within a
+        millisecond, and a guard task would be spawned and cancelled for each); ``False`` if
+        the stream must be written under the guard (:func:`_guard`): a notification came
+        first, a keep-alive fell due (queued, as the guard queues it: the stream becomes
+        SSE), the response is large, or the stream ended without one.
+
+        Raises :class:`PeerGone` if the peer went away first: the connection is then
+        closed, and the caller cancels the request as a guarded write's would. Cancelling
+        this leaves nothing behind (the peer's bytes read meanwhile are kept in ``wire``)."""
+        outbox = stream.outbox
+        if not len(outbox) and not outbox.closed:
+            # Cancelled by the outbox when a message is queued or the stream ends, by its
+            # deadline when a keep-alive falls due.
+            with trio.CancelScope(deadline=trio.current_time() + self.config.sse_keepalive) as (
+                waiting
+            ):
+                outbox.watcher = waiting
+                try:
+                    await wire.watch_peer()
+                finally:
+                    outbox.watcher = None
+                wire.broken = True
+                raise PeerGone
+            if not len(outbox) and not outbox.closed:
+                outbox.put_nowait(KEEPALIVE_MARK)
+                return False
+        first = outbox.first()
+        if first is None or len(outbox) != 1:
+            return False
+        size = message_size(first)
+        if stream.client_id is not None:
+            # Renamed back to the client's id on its way out: at most six bytes a character
+            # in JSON (``\u0000``), and its quotes.
+            size += 6 * len(str(stream.client_id)) + 2
+        return size <= QUICK_BYTES and jsonrpc.is_response(first)
 
 
 async def _guard(
