@@ -909,7 +909,12 @@ class StreamableHttpEndpoint:
         """Write ``stream`` to the peer until its response (or, for the listen stream, until
         the session or the peer ends it); the writer, which says how it ended. Raises
         :class:`PeerGone` if the peer left or stopped reading (the connection is then
-        closed)."""
+        closed).
+
+        A POST's small response, the first and only message of its stream, is written by
+        this task alone (:meth:`_wait_first`); any other stream under a guard task
+        (:func:`_guard`) that cancels the writing if the peer goes away or stalls and keeps
+        a quiet stream alive."""
         writer = StreamWriter(wire, stream, headers, json_allowed, opening=opening)
         if json_allowed and await self._wait_first(wire, stream):
             # The response alone, written in one send: the peer's progress is recorded per
@@ -962,9 +967,8 @@ class StreamableHttpEndpoint:
         if not len(outbox) and not outbox.closed:
             # Cancelled by the outbox when a message is queued or the stream ends, by its
             # deadline when a keep-alive falls due.
-            with trio.CancelScope(deadline=trio.current_time() + self.config.sse_keepalive) as (
-                waiting
-            ):
+            waiting = trio.CancelScope(deadline=trio.current_time() + self.config.sse_keepalive)
+            with waiting:
                 outbox.watcher = waiting
                 try:
                     await wire.watch_peer()
