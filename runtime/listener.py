@@ -123,6 +123,13 @@ class PeerStream(trio.abc.Stream):
             self.ended.set()
         return data
 
+    async def wait_readable(self) -> None:
+        """Return when :meth:`receive_some` would not block: data, the end of the stream or
+        an error waits. For a watch that expects nothing to arrive (a read tried first would
+        fail, a system call wasted). Raises ``trio.ClosedResourceError`` if the stream is
+        closed here meanwhile."""
+        await trio.lowlevel.wait_readable(self._stream.socket)
+
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         try:
             if len(data) <= SEND_CHUNK:

@@ -60,6 +60,7 @@ class Outbox:
         "max_messages",
         "stall_timeout",
         "stalled",
+        "watcher",
     )
 
     def __init__(
@@ -82,6 +83,11 @@ class Outbox:
         self._waiters = 0
         #: When the peer last took a message, or when the queue last became non-empty.
         self._progress_at = 0.0
+        #: Cancelled when a message is queued or the queue closes: for a writer that waits
+        #: for its first message while it watches something else (an HTTP exchange watches
+        #: its peer), which trio cannot wait for in one task otherwise. Its owner sets and
+        #: clears it.
+        self.watcher: trio.CancelScope | None = None
 
     def __len__(self) -> int:
         return len(self._messages)
@@ -132,6 +138,8 @@ class Outbox:
         self._messages.append((message, size))
         self.budget.add(size)
         self._wake()
+        if self.watcher is not None:
+            self.watcher.cancel()
 
     async def wait_writable(self) -> None:
         """Wait until :attr:`writable`. Raises :class:`OutboxClosed` if the connection goes
@@ -155,6 +163,10 @@ class Outbox:
                 await self._wait_change()
         if self.closed:
             raise OutboxClosed
+
+    def first(self) -> str | None:
+        """The message the writer takes next; ``None`` if the queue is empty."""
+        return self._messages[0][0] if self._messages else None
 
     def stall_deadline(self) -> float:
         """When this queue counts as stalled if the peer takes nothing more (trio's clock):
@@ -196,6 +208,8 @@ class Outbox:
         self._messages.clear()
         self.budget.release_all()
         self._wake()
+        if self.watcher is not None:
+            self.watcher.cancel()
 
     async def _wait_change(self) -> None:
         self._waiters += 1

@@ -559,6 +559,21 @@ async def test_an_idle_session_expires_but_not_while_a_stream_is_open(
     assert ended[0]["reason"].startswith("idle for 0.5 s")
 
 
+async def test_activity_without_a_stream_moves_the_idle_deadline(
+    short_idle: ServerProcess,
+) -> None:
+    # Notifications open no stream: only the time of the last one keeps the session. The
+    # expiry looks at its deadline when it falls due, finds it moved, and looks again later;
+    # a look that missed the activity would end the session within the first 0.5 s.
+    async with session(short_idle) as s:
+        until = trio.current_time() + 3 * 0.5
+        while trio.current_time() < until:
+            noted = await s.post({"jsonrpc": "2.0", "method": "notifications/roots/list_changed"})
+            assert noted.status_code == 202, noted.text
+        alive = await s.request(call(2, "echo", text="alive"))
+        assert alive[0]["result"]["content"][0]["text"] == "alive"
+
+
 async def test_a_drain_answers_the_call_in_flight(database_url: str, tmp_path: Any) -> None:
     handle = start_server(
         tmp_path / "drain",

@@ -22,7 +22,14 @@ import httpx
 import pytest
 import trio
 
-from tests.harness import ServerProcess, fetch, query, start_server, wait_until
+from tests.harness import (
+    ServerProcess,
+    fetch,
+    query,
+    start_server,
+    wait_for_status,
+    wait_until,
+)
 from tests.test_streamable_http import (
     ACCEPT,
     BOB,
@@ -268,6 +275,40 @@ async def test_an_unread_response_is_bounded_in_time(small: ServerProcess) -> No
     finally:
         for stream in held:
             await stream.aclose()
+
+
+async def test_small_unread_responses_are_bounded_in_time(small: ServerProcess) -> None:
+    """Pipelined requests whose small responses nobody reads: each response is written in
+    one send, with no guard task beside it (endpoint ``_wait_first``); once the socket's
+    buffers are full, the one being written is given up past the stall timeout (1 s here),
+    and the connection is closed (the client's writes then fail) with its bytes given
+    back."""
+    async with httpx.AsyncClient(timeout=30) as client:
+        s = Session(client, http_url(small), small.token)
+        await s.open()
+    sock = trio.socket.socket()
+    sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_RCVBUF, 2048)
+    parts = urlsplit(small.url)
+    await sock.connect((parts.hostname, parts.port))
+    stream = trio.SocketStream(sock)
+    try:
+        with trio.fail_after(60), pytest.raises(trio.BrokenResourceError):
+            await pipeline_until_closed(stream, small, s.session_id or "")
+        await wait_for_status(
+            small,
+            lambda status: status.node.outgoing_bytes == 0,
+            what="the unread responses' bytes given back",
+        )
+    finally:
+        await stream.aclose()
+
+
+async def pipeline_until_closed(stream: trio.SocketStream, server: ServerProcess, sid: str) -> None:
+    """Echo calls of 20 kB, pipelined, none of their responses read, until the server closes
+    the connection (raises ``trio.BrokenResourceError``)."""
+    for n in range(1_000_000):
+        message = call(100 + n, "echo", text="x" * 20_000)
+        await stream.send_all(raw_post(server, message, **{"Mcp-Session-Id": sid}))
 
 
 # -- what held up ----------------------------------------------------------------------------

@@ -86,9 +86,10 @@ from runtime.connection import (
     CLOSE_INTERNAL_ERROR_REASON,
     CLOSE_NORMAL,
     ConnectionGone,
+    message_size,
 )
 from runtime.http_dispatch import asks_websocket
-from runtime.listener import Peer, PeerStream
+from runtime.listener import SEND_CHUNK, Peer, PeerStream
 from runtime.log_throttle import LogThrottle
 from runtime.mcp import jsonrpc, versions
 from runtime.mcp.errors import (
@@ -136,6 +137,10 @@ ENDED_REMEMBERED = 4096
 #: Seconds a DELETE waits for its session's end to be recorded before it is answered.
 END_WAIT_S = 10.0
 SUBSCRIPTION_ID_META = "io.modelcontextprotocol/subscriptionId"
+#: The largest response written with no guard task (``_wait_first``): its head and body go
+#: out in one send of the peer's stream (at most ``SEND_CHUNK`` bytes), with room for the
+#: head.
+QUICK_BYTES = SEND_CHUNK - 8192
 
 
 @dataclass(frozen=True, slots=True)
@@ -904,18 +909,35 @@ class StreamableHttpEndpoint:
         """Write ``stream`` to the peer until its response (or, for the listen stream, until
         the session or the peer ends it); the writer, which says how it ended. Raises
         :class:`PeerGone` if the peer left or stopped reading (the connection is then
-        closed)."""
+        closed).
+
+        A POST's small response, the first and only message of its stream, is written by
+        this task alone (:meth:`_wait_first`); any other stream under a guard task
+        (:func:`_guard`) that cancels the writing if the peer goes away or stalls and keeps
+        a quiet stream alive."""
         writer = StreamWriter(wire, stream, headers, json_allowed, opening=opening)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_cancel_after, wire.watch_peer, nursery.cancel_scope)
-            nursery.start_soon(_cancel_after, stream.outbox.stalled.wait, nursery.cancel_scope)
-            nursery.start_soon(self._keep_alive, stream)
-            nursery.start_soon(_watch_stall, stream)
-            if not json_allowed:
-                await writer.begin_stream()
-            await stream.outbox.run(writer.write)
-            await writer.finish()
-            nursery.cancel_scope.cancel()
+        if json_allowed and await self._wait_first(wire, stream):
+            # The response alone, written in one send: the peer's progress is recorded per
+            # send, so its stall deadline cannot move while the send lasts, and a deadline
+            # does what the guard's stall check would. A peer that goes away meanwhile fails
+            # the send (or, if it leaves the response unread, meets the deadline).
+            with trio.move_on_at(stream.outbox.stall_deadline()) as sending:
+                await stream.outbox.run(writer.write)
+                await writer.finish()
+            if sending.cancelled_caught:
+                stream.outbox.stalled.set()
+        else:
+            async with trio.open_nursery() as nursery:
+                # One guard task, not one per thing to watch: every task spawned and
+                # cancelled here is paid per request.
+                nursery.start_soon(
+                    _guard, wire, stream, self.config.sse_keepalive, nursery.cancel_scope
+                )
+                if not json_allowed:
+                    await writer.begin_stream()
+                await stream.outbox.run(writer.write)
+                await writer.finish()
+                nursery.cancel_scope.cancel()
         if stream.outbox.stalled.is_set():
             self._throttle.emit(
                 log.warning,
@@ -929,32 +951,91 @@ class StreamableHttpEndpoint:
             raise PeerGone
         return writer
 
-    async def _keep_alive(self, stream: ResponseStream) -> None:
-        """A comment on a quiet stream every ``sse_keepalive`` seconds (only when nothing is
-        queued: a peer that does not read gets no pile of them)."""
-        while True:
-            await trio.sleep(self.config.sse_keepalive)
-            if not len(stream.outbox) and not stream.ended.is_set():
+    async def _wait_first(self, wire: HttpWire, stream: ResponseStream) -> bool:
+        """Wait in the writer's own task, watching the peer, until a POST's response stream
+        has its first message: ``True`` if that is its response, alone and small enough to
+        be written in one send (the common case: most responses are ready within a
+        millisecond, and a guard task would be spawned and cancelled for each); ``False`` if
+        the stream must be written under the guard (:func:`_guard`): a notification came
+        first, a keep-alive fell due (queued, as the guard queues it: the stream becomes
+        SSE), the response is large, or the stream ended without one.
+
+        Raises :class:`PeerGone` if the peer went away first: the connection is then
+        closed, and the caller cancels the request as a guarded write's would. Cancelling
+        this leaves nothing behind (the peer's bytes read meanwhile are kept in ``wire``)."""
+        outbox = stream.outbox
+        if not len(outbox) and not outbox.closed:
+            # Cancelled by the outbox when a message is queued or the stream ends, by its
+            # deadline when a keep-alive falls due.
+            waiting = trio.CancelScope(deadline=trio.current_time() + self.config.sse_keepalive)
+            with waiting:
+                outbox.watcher = waiting
                 try:
-                    stream.outbox.put_nowait(KEEPALIVE_MARK)
-                except ConnectionGone:
-                    return
+                    await wire.watch_peer()
+                finally:
+                    outbox.watcher = None
+                wire.broken = True
+                raise PeerGone
+            if not len(outbox) and not outbox.closed:
+                outbox.put_nowait(KEEPALIVE_MARK)
+                return False
+        first = outbox.first()
+        if first is None or len(outbox) != 1:
+            return False
+        size = message_size(first)
+        if stream.client_id is not None:
+            # Renamed back to the client's id on its way out: at most six bytes a character
+            # in JSON (``\u0000``), and its quotes.
+            size += 6 * len(str(stream.client_id)) + 2
+        return size <= QUICK_BYTES and jsonrpc.is_response(first)
 
 
-async def _watch_stall(stream: ResponseStream) -> None:
-    """Set the stream's ``stalled`` once its peer has taken nothing for ``stall_timeout``
-    seconds while something waits to be written to it: the outgoing queue finds that out
-    only for those who wait to add to it, and a single response being written (an unread
-    JSON body) has no one waiting. Its writer then gives up, the connection is closed and
-    its bytes are given back."""
+async def _guard(
+    wire: HttpWire, stream: ResponseStream, keepalive: float, writing: trio.CancelScope
+) -> None:
+    """Watch one response stream while ``writing`` (the scope of its writer) writes it, and
+    cancel that scope when the writing must stop:
+
+    * the peer went away (end of stream or reset: :meth:`HttpWire.watch_peer`, which keeps
+      what it sends meanwhile for the next request);
+    * the stream stalled: its peer has taken nothing for ``stall_timeout`` seconds while
+      something waits to be written to it (:attr:`Outbox.stalled <runtime.outbox.Outbox>`,
+      set here or by a sender waiting for room). The outgoing queue finds that out only for
+      those who wait to add to it, and a single response being written (an unread JSON body)
+      has no one waiting. Its writer then gives up, the connection is closed and its bytes
+      are given back.
+
+    And, every ``keepalive`` seconds, a comment on the stream when nothing is queued (a peer
+    that does not read gets no pile of them).
+
+    One task for all three: it waits for the peer under a deadline, the earlier of the next
+    keep-alive and the next stall check. The stall check runs no later than
+    ``stall_timeout`` seconds after the last one, so it comes no later than a stall can:
+    the stall deadline is ``stall_timeout`` after the queue's last progress, which is never
+    before the previous check while the queue was empty (then the deadline is infinite).
+    Cancelling this task (its writer is done) is safe at any point: the peer's bytes read
+    meanwhile are in ``wire``'s h11 connection, and a keep-alive is queued synchronously."""
     outbox = stream.outbox
+    stall_timeout = outbox.stall_timeout
+    next_keepalive = trio.current_time() + keepalive
     while True:
-        deadline = outbox.stall_deadline()
+        stall_at = outbox.stall_deadline()
         now = trio.current_time()
-        if now >= deadline:
+        if outbox.stalled.is_set() or now >= stall_at:
             outbox.stalled.set()
+            writing.cancel()
             return
-        await trio.sleep_until(min(deadline, now + outbox.stall_timeout))
+        if now >= next_keepalive:
+            next_keepalive = now + keepalive
+            if not len(outbox) and not stream.ended.is_set():
+                with contextlib.suppress(ConnectionGone):
+                    outbox.put_nowait(KEEPALIVE_MARK)
+                    # Queued: the next stall check counts from now, as the queue's does.
+                    stall_at = outbox.stall_deadline()
+        with trio.move_on_at(min(next_keepalive, stall_at, now + stall_timeout)):
+            await wire.watch_peer()
+            writing.cancel()  # the peer went away
+            return
 
 
 async def _cancel_after(wait: Callable[[], Awaitable[object]], scope: trio.CancelScope) -> None:

@@ -32,7 +32,6 @@ Runs in the trio thread only.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -182,7 +181,6 @@ class HttpSessionTransport:
         #: trio's clock when a client last reached the session; with no stream open, the
         #: idle expiry counts from here.
         self.last_active = trio.current_time()
-        self._activity = trio.Event()
 
     # -- what the exchanges do ---------------------------------------------------------------
 
@@ -358,24 +356,30 @@ class HttpSessionTransport:
         """Close the session (1000, ``idle``) once no client has reached it for
         ``idle_timeout`` seconds, with no exchange open and nothing ``busy`` (work accepted
         and not yet done: a call whose client went away runs to its end first): a client
-        that never sends DELETE cannot hold a place under ``max_sessions`` for ever. Returns
-        when closed; run it beside the session, in its nursery.
+        that never sends DELETE cannot hold a place under ``max_sessions`` for ever. Run it
+        beside the session, in its nursery: it returns once it has closed the session, and
+        is cancelled by its owner when the session ends otherwise (it sleeps until its next
+        look, which a closing session does not wake).
 
-        Work in flight signals no event here, so while it lasts past the deadline it is
-        looked at again every ``min(idle_timeout, 1)`` seconds."""
+        The deadline is looked at lazily, when it falls due: activity only moves
+        :attr:`last_active` (every request would otherwise wake this task and re-arm its
+        timer), and the look finding it moved sleeps again until the new deadline. An open
+        exchange puts the look off by ``idle_timeout`` (its release is activity, so the
+        deadline cannot be earlier than that). Work in flight signals nothing here, so while
+        it lasts past the deadline it is looked at again every ``min(idle_timeout, 1)``
+        seconds."""
         while self.closed is None:
+            now = trio.current_time()
             if self.streams:
-                deadline = math.inf
+                deadline = now + idle_timeout
             else:
                 deadline = self.last_active + idle_timeout
-                if trio.current_time() >= deadline:
+                if now >= deadline:
                     if not busy():
                         self.close_now(1000, f"idle for {idle_timeout:g} s")
                         return
-                    deadline = trio.current_time() + min(idle_timeout, 1.0)
-            activity = self._activity
-            with trio.move_on_at(deadline):
-                await activity.wait()
+                    deadline = now + min(idle_timeout, 1.0)
+            await trio.sleep_until(deadline)
 
     # -- internals ---------------------------------------------------------------------------
 
@@ -414,5 +418,3 @@ class HttpSessionTransport:
 
     def _touch(self) -> None:
         self.last_active = trio.current_time()
-        self._activity.set()
-        self._activity = trio.Event()

@@ -135,6 +135,9 @@ class HttpWire:
         :data:`MAX_EARLY_BYTES` (then this waits for :attr:`PeerStream.ended` only)."""
         while self._early < MAX_EARLY_BYTES:
             try:
+                # Waited for first: a peer rarely sends while it waits for its response, so
+                # a read tried at once would nearly always fail, a system call per request.
+                await self.stream.wait_readable()
                 data = await self.stream.receive_some(RECEIVE_BYTES)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 data = b""
@@ -166,10 +169,18 @@ class HttpWire:
             # A body we did not read stays in the socket: this connection cannot go on.
             fields.append((b"connection", b"close"))
             self.broken = True
-        await self._send(h11.Response(status_code=status, headers=fields, reason=_reason(status)))
+        # Framed whole, then written at once: one system call for a small response, not
+        # three (its head, its body, its end), and one wake of the peer.
+        events: list[h11.Event] = [
+            h11.Response(status_code=status, headers=fields, reason=_reason(status))
+        ]
         if body:
-            await self._send(h11.Data(data=body))
-        await self._send(h11.EndOfMessage())
+            events.append(h11.Data(data=body))
+        events.append(h11.EndOfMessage())
+        chunks: list[bytes] = []
+        for event in events:
+            chunks += self.conn.send_with_data_passthrough(event) or ()
+        await self._write(b"".join(chunks))
 
     async def start_stream(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
         """The head of a streamed response (no length: chunked on HTTP/1.1)."""
@@ -182,7 +193,9 @@ class HttpWire:
         await self._send(h11.EndOfMessage())
 
     async def _send(self, event: h11.Event) -> None:
-        data = self.conn.send(event)
+        await self._write(self.conn.send(event))
+
+    async def _write(self, data: bytes | None) -> None:
         if not data:
             return
         try:
