@@ -70,7 +70,7 @@ import contextlib
 import re
 import uuid
 from collections import Counter, OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -786,6 +786,18 @@ class StreamableHttpEndpoint:
         )
         await wire.start_stream(200, list(SSE_HEADERS))
         await wire.send_data(sse.event(acknowledged))
+        with _peer_gone_unwrapped():
+            await self._listen_until_done(wire, message, honoured, meta)
+        if wire.broken:
+            raise PeerGone
+
+    async def _listen_until_done(
+        self,
+        wire: HttpWire,
+        message: jsonrpc.Request,
+        honoured: dict[str, bool],
+        meta: Mapping[str, object],
+    ) -> None:
         changed = jsonrpc.encode_notification("notifications/tools/list_changed", {"_meta": meta})
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_cancel_after, wire.watch_peer, nursery.cancel_scope)
@@ -804,8 +816,6 @@ class StreamableHttpEndpoint:
             await wire.send_data(sse.event(done))
             await wire.end_stream()
             nursery.cancel_scope.cancel()
-        if wire.broken:
-            raise PeerGone
 
     def stop(self) -> None:
         """The node is stopping: open ``subscriptions/listen`` streams end with their
@@ -927,17 +937,8 @@ class StreamableHttpEndpoint:
             if sending.cancelled_caught:
                 stream.outbox.stalled.set()
         else:
-            async with trio.open_nursery() as nursery:
-                # One guard task, not one per thing to watch: every task spawned and
-                # cancelled here is paid per request.
-                nursery.start_soon(
-                    _guard, wire, stream, self.config.sse_keepalive, nursery.cancel_scope
-                )
-                if not json_allowed:
-                    await writer.begin_stream()
-                await stream.outbox.run(writer.write)
-                await writer.finish()
-                nursery.cancel_scope.cancel()
+            with _peer_gone_unwrapped():
+                await self._write_guarded(wire, stream, writer, json_allowed=json_allowed)
         if stream.outbox.stalled.is_set():
             self._throttle.emit(
                 log.warning,
@@ -950,6 +951,21 @@ class StreamableHttpEndpoint:
             wire.broken = True
             raise PeerGone
         return writer
+
+    async def _write_guarded(
+        self, wire: HttpWire, stream: ResponseStream, writer: StreamWriter, *, json_allowed: bool
+    ) -> None:
+        async with trio.open_nursery() as nursery:
+            # One guard task, not one per thing to watch: every task spawned and
+            # cancelled here is paid per request.
+            nursery.start_soon(
+                _guard, wire, stream, self.config.sse_keepalive, nursery.cancel_scope
+            )
+            if not json_allowed:
+                await writer.begin_stream()
+            await stream.outbox.run(writer.write)
+            await writer.finish()
+            nursery.cancel_scope.cancel()
 
     async def _wait_first(self, wire: HttpWire, stream: ResponseStream) -> bool:
         """Wait in the writer's own task, watching the peer, until a POST's response stream
@@ -1036,6 +1052,24 @@ async def _guard(
             await wire.watch_peer()
             writing.cancel()  # the peer went away
             return
+
+
+@contextlib.contextmanager
+def _peer_gone_unwrapped() -> Iterator[None]:
+    """Around a nursery whose tasks write to the peer: a :class:`PeerGone` raised in it (a
+    write that found the socket reset before a watch did) comes out of trio's nursery in an
+    exception group (strict exception groups), which no ``except PeerGone`` matches, so a
+    2026-07-28 request was left uncancelled, an unanswered ``initialize`` never ended, and
+    the peer's reset logged as the server's failure. Raised here as itself, when nothing but
+    ``PeerGone`` and cancellation is in the group (cancellation is level-triggered in trio:
+    the caller's next checkpoint raises it again); anything else keeps its group."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        gone, rest = group.split(PeerGone)
+        if gone is None or (rest is not None and rest.split(trio.Cancelled)[1] is not None):
+            raise
+        raise PeerGone from None
 
 
 async def _cancel_after(wait: Callable[[], Awaitable[object]], scope: trio.CancelScope) -> None:
