@@ -134,7 +134,10 @@ _SECRET_WORDS = frozenset(
         "bearer",
     }
 )
-#: Fields the runtime itself writes on every event: never secrets, skipped for speed.
+#: Fields the runtime itself writes on every event: never secrets, skipped for speed. Not
+#: ``kind`` and ``rpc_id``: a peer's method and request id, its own words, which may hold
+#: anything (a token pasted into a method name); ``kind`` is redacted through a cache
+#: (:func:`_redacted_kind`: the kinds seen are few), ``rpc_id`` only when it is a string.
 _SAFE_FIELDS = frozenset(
     {
         "level",
@@ -143,9 +146,7 @@ _SAFE_FIELDS = frozenset(
         "trace_id",
         "session_id",
         "actor",
-        "kind",
         "outcome",
-        "rpc_id",
         "child",
         "depth",
         "capacity",
@@ -207,6 +208,7 @@ def register_secret(value: str) -> None:
         _known.values.add(value)
         alternatives = sorted(_known.values, key=len, reverse=True)
         _known.pattern = re.compile("|".join(re.escape(s) for s in alternatives))
+    _redacted_short_kind.cache_clear()  # what it remembers was redacted without this secret
 
 
 def secret_named(name: str) -> bool:
@@ -230,6 +232,23 @@ def redact_text(text: str) -> str:
     for pattern, replacement in _PATTERNS:
         text = pattern.sub(replacement, text)
     return text
+
+
+#: Longest kind remembered by :func:`_redacted_kind` (a peer's method may be a megabyte).
+_KIND_CACHED_CHARS = 128
+
+
+def _redacted_kind(kind: str) -> str:
+    """A message's kind (a peer's method name, an actor message's type) redacted: one per
+    event, mostly the same few, so remembered (forgotten when a secret is registered)."""
+    if len(kind) > _KIND_CACHED_CHARS:
+        return redact_text(kind)
+    return _redacted_short_kind(kind)
+
+
+@functools.lru_cache(maxsize=4096)  # the kinds of messages are few; a peer's many, bounded
+def _redacted_short_kind(kind: str) -> str:
+    return redact_text(kind)
 
 
 def _redact_value(value: Any, *, secret: bool) -> Any:
@@ -258,6 +277,9 @@ def redact(
     """structlog processor: mask secrets in every field (see the module doc)."""
     for key, value in event_dict.items():
         if key in _SAFE_FIELDS:
+            continue
+        if key == "kind" and isinstance(value, str):
+            event_dict[key] = _redacted_kind(value)
             continue
         event_dict[key] = _redact_value(value, secret=_secret_named(key))
     return event_dict
@@ -549,7 +571,7 @@ class _StdlibBridge(logging.Handler):
 #: Fields of an ``actor.message`` event whose values :class:`runtime.trace.handling` makes
 #: itself (actor paths, ids it generated, numbers): nothing a peer wrote, so neither redacted
 #: nor clipped. The rest (``kind`` and ``rpc_id``, a peer's method and id; noted fields such
-#: as a tool's name; an error's text) are scrubbed as any event's fields are.
+#: as a tool's name; an error's text) are redacted and clipped as any event's fields are.
 _TRACE_OWN_FIELDS = frozenset(
     {
         "event",
@@ -584,7 +606,12 @@ def _trace_event(level: str, event: dict[str, Any]) -> None:
     for key, value in event.items():
         if key in _TRACE_OWN_FIELDS:
             continue
-        scrubbed = value if key in _SAFE_FIELDS else _redact_value(value, secret=_secret_named(key))
+        if key in _SAFE_FIELDS:
+            scrubbed = value
+        elif key == "kind" and isinstance(value, str):
+            scrubbed = _redacted_kind(value)
+        else:
+            scrubbed = _redact_value(value, secret=_secret_named(key))
         if isinstance(scrubbed, str) and len(scrubbed) > LOG_FIELD_CHARS:
             limit = LOG_TRACEBACK_CHARS if key in _LONG_FIELDS else LOG_FIELD_CHARS
             scrubbed = clip(scrubbed, limit)

@@ -316,9 +316,20 @@ def test_every_event_is_one_line_whatever_unicode_it_holds(tmp_path: Path) -> No
 TRACE_FIELDS_PROGRAM = """
 with trace.handling("/root/sessions/s", "tools/call", trace_id="00000000cccccccc") as h:
     h.note(tool="t" * 10000, api_key="sk-proj-abcdefghijklmnopqrstuvwx", caller="Bearer abcdefgh")
-# A peer's method (the event's kind) and request id: not redacted (a client's own words), but
-# clipped like any field.
+# A peer's method (the event's kind) and request id: clipped like any field.
 with trace.handling("/root/sessions/s", "m" * 9000, rpc_id="r" * 9000) as h:
+    pass
+# ...and redacted like any: a client's own words may hold a secret, its token above all.
+register_secret("known-client-token-123")
+for _ in range(2):  # the second from the kinds remembered
+    with trace.handling(
+        "/root/sessions/s", "tools/call?token=abcdefgh123", rpc_id="Bearer abcdefgh123"
+    ) as h:
+        h.note(tool="x known-client-token-123")
+with trace.handling("/root/sessions/s", "m/later-token-12345", rpc_id=7) as h:
+    pass
+register_secret("later-token-12345")  # the kinds remembered are forgotten
+with trace.handling("/root/sessions/s", "m/later-token-12345", rpc_id=7) as h:
     pass
 close_logging()
 """
@@ -328,7 +339,7 @@ def test_trace_events_are_redacted_clipped_and_stamped_like_every_event(tmp_path
     """Per-message events take a direct path (runtime.logs._trace_event), not structlog's
     pipeline: the same redaction, bounds and fields all the same."""
     out = run(tmp_path, TRACE_FIELDS_PROGRAM, settings={"log_console": "off"})
-    event, peers = [e for e in out.events if e["event"] == "actor.message"]
+    event, peers, *secrets, before, known = [e for e in out.events if e["event"] == "actor.message"]
     assert event["api_key"] == "[REDACTED]"
     assert event["caller"] == "Bearer [REDACTED]"
     assert len(event["tool"]) < 4200
@@ -343,3 +354,10 @@ def test_trace_events_are_redacted_clipped_and_stamped_like_every_event(tmp_path
     for field in ("kind", "rpc_id"):
         assert len(peers[field]) < 4200
         assert "9000" in peers[field]
+    assert len(secrets) == 2
+    for secret in secrets:
+        assert secret["kind"] == "tools/call?token=[REDACTED]"
+        assert secret["rpc_id"] == "Bearer [REDACTED]"
+        assert secret["tool"] == "x [REDACTED]"
+    assert before["kind"] == "m/later-token-12345"
+    assert (known["kind"], known["rpc_id"]) == ("m/[REDACTED]", 7)
