@@ -251,6 +251,39 @@ async def test_a_stored_tool_result_is_bounded_with_a_marker_and_its_real_size(
     assert size <= 4096 + 64  # jsonb's text adds a space after each separator
 
 
+async def test_a_nul_in_a_stored_tool_result_is_replaced_and_a_typed_escape_kept(
+    server: ServerProcess, database_url: str
+) -> None:
+    # PostgreSQL's jsonb cannot hold U+0000: it is stored as U+FFFD; the six characters
+    # "\\u0000" typed by a client are ordinary text and stay as they are.
+    texts = {"nul": "a\x00b", "typed": "a\\u0000b", "both": "\\u0000\x00"}
+    async with open_raw(server.authed_url()) as ws:
+        client = RawClient(ws)
+        session_id = await initialize(client, "nul-results")
+        for request_id, text in texts.items():
+            await client.send(
+                {
+                    "jsonrpc": "2.0",
+                    "id": request_id,
+                    "method": "tools/call",
+                    "params": {"name": "echo", "arguments": {"text": text}},
+                }
+            )
+            reply = await client.receive()
+            assert reply["result"]["content"][0]["text"] == text  # the client gets it as sent
+
+    def stored() -> dict[str, str]:
+        rows = query(
+            database_url,
+            "select request_id, result from tasks where session_id = %s and result is not null",
+            (session_id,),
+        )
+        return {json.loads(rid): result["content"][0]["text"] for rid, result in rows}
+
+    await wait_until(lambda: len(stored()) == len(texts), what="the results' rows")
+    assert stored() == {"nul": "a\ufffdb", "typed": "a\\u0000b", "both": "\\u0000\ufffd"}
+
+
 async def test_the_journal_holds_its_bound_with_the_database_away(tmp_path: Path) -> None:
     """Sessions with 200 KiB names, then calls whose (bounded) results are a third of the
     journal each, while Postgres is down: the journal file never passes its 64 KiB; the
