@@ -37,8 +37,9 @@ another thread and is handed to the trio thread with ``run_sync_soon``.
 The actor is reached through ``resolve``, called at each send, so a restarted actor is picked
 up without the client noticing: it is a :class:`~runtime.pykka_client.ServiceClient`, like
 every pykka service's trio side (:mod:`runtime.pykka_service`), and its pulse is a
-:class:`~runtime.pacer.Pacer`. All methods must be called from the trio thread that owns the
-client (the first call binds it).
+:class:`~runtime.pacer.Pacer`, with the shipper and the timekeeper (which keeps the waiting
+writes' deadlines, :meth:`PersistenceClient._timekeeper`) beside it. All methods must be called
+from the trio thread that owns the client (the first call binds it).
 """
 
 from __future__ import annotations
@@ -279,7 +280,7 @@ class PersistenceClient(ServiceClient):
     ) -> BaseException | None:
         """Send ``record`` once and wait for its answer: the error it was answered with, or
         ``None``. ``deadline``: the timekeeper's to keep (the caller has no cancel scope)."""
-        waiter = _Waiter(point) if deadline is None else _Waiter(point, deadline)
+        waiter = _Waiter(point, math.inf if deadline is None else deadline)
         if deadline is not None:
             self._deadlines.append(waiter)
         waits_for_database = point in _DATABASE_POINTS
@@ -372,13 +373,16 @@ class PersistenceClient(ServiceClient):
 
     def _trim_deadlines(self) -> None:
         """Forget answered writes at the front of :attr:`_deadlines`; and, should a write that
-        waits long hold many answered ones behind it, those too, once they are twice as many
-        as were left last time (amortised: each write is looked at a bounded number of
-        times), so that memory stays bounded by the writes waiting."""
+        waits long hold many answered ones behind it, those too, once there are more than
+        twice as many as were left waiting last time (or 1,024; again once none waits):
+        amortised, each write is looked at a bounded number of times, and memory stays
+        bounded by the writes waiting."""
         deadlines = self._deadlines
         while deadlines and deadlines[0].done.is_set():
             deadlines.popleft()
-        if len(deadlines) > self._trim_at:
+        if not deadlines:
+            self._trim_at = _TRIM_AT_LEAST
+        elif len(deadlines) > self._trim_at:
             self._deadlines = deque(w for w in deadlines if not w.done.is_set())
             self._trim_at = max(_TRIM_AT_LEAST, 2 * len(self._deadlines))
 
