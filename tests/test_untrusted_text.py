@@ -12,13 +12,18 @@ from __future__ import annotations
 
 import json
 import subprocess
+import uuid
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from enum import IntEnum, StrEnum
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
+from pydantic import ValidationError
 
+from storage.rows import RECORD, TaskFinished
 from storage.untrusted import clip
 from tests.harness import (
     EXAI,
@@ -44,6 +49,7 @@ OBEYED = (
     | {chr(c) for c in range(0x80, 0xA0)}
     | set("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u2028\u2029")
 )
+NOW = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
 BIG = 1 << 20  # a 1 MiB client name: the default max message (4 MiB) lets it through
 
 
@@ -282,6 +288,36 @@ async def test_a_nul_in_a_stored_tool_result_is_replaced_and_a_typed_escape_kept
 
     await wait_until(lambda: len(stored()) == len(texts), what="the results' rows")
     assert stored() == {"nul": "a\ufffdb", "typed": "a\\u0000b", "both": "\\u0000\ufffd"}
+
+
+def test_a_stored_result_takes_what_pydantic_json_takes_as_plain_json() -> None:
+    class Colour(StrEnum):
+        RED = "red\x00"
+
+    class Size(IntEnum):
+        BIG = 3
+
+    result = {"colour": Colour.RED, Colour.RED: [Size.BIG, 1.5, True, None], "n": {"m": []}}
+    finished = TaskFinished(
+        task_id=uuid.uuid4(), status="completed", completed_at=NOW, version=3, result=result
+    )
+    assert finished.result == {
+        "colour": "red\ufffd",
+        "red\ufffd": [3, 1.5, True, None],
+        "n": {"m": []},
+    }
+    assert isinstance(finished.result, dict)
+    assert type(finished.result["colour"]) is str
+    assert RECORD.validate_json(finished.model_dump_json()) == finished
+    for not_json in ({"a": (1, 2)}, {1: "a"}, {"a": {1, 2}}, {"a": b"x"}):
+        with pytest.raises(ValidationError, match="not a JSON"):
+            TaskFinished(
+                task_id=uuid.uuid4(),
+                status="completed",
+                completed_at=NOW,
+                version=3,
+                result=not_json,
+            )
 
 
 async def test_the_journal_holds_its_bound_with_the_database_away(tmp_path: Path) -> None:
