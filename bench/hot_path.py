@@ -4,8 +4,9 @@ A whole session (reader, mailbox, actor, call runner, task rows through a real p
 actor and Postgres) driven by :class:`~runtime.memory_transport.MemoryClient`, no socket, so
 that what is measured is the session's own work per call, not the network's. ``--calls``
 ``echo`` calls are sent in waves of ``--concurrency`` (each wave sent, then its replies
-received), after ``--warmup`` calls that are not counted. Reported per call, best of
-``--runs``:
+received), after ``--warmup`` calls that are not counted, with the persistence client's pulse
+running and ``--durability`` (a node's default, ``journal``, unless told) as on a node.
+Reported per call, best of ``--runs``:
 
 trio CPU     ``time.thread_time()`` of the trio thread (the session, the client's JSON, the
              persistence client's shipments): the hot path's own CPU
@@ -35,19 +36,31 @@ from actors.session import SessionConfig, SessionServices
 from actors.session.memory import memory_session
 from actors.tools.echo import Echo
 from runtime.mcp.tools import ToolRegistry
+from storage.durability import Durability
 from storage.journal import Journal
 from storage.migrations import apply_migrations
 from tests.harness import test_database
 
 
 async def _measure(
-    url: str, journal_dir: Path, *, calls: int, concurrency: int, warmup: int
+    url: str,
+    journal_dir: Path,
+    *,
+    calls: int,
+    concurrency: int,
+    warmup: int,
+    durability: Durability,
 ) -> tuple[float, float, float]:
     journal = Journal.open(journal_dir / f"journal-{uuid.uuid4().hex[:8]}", node_id="bench")
     ref: pykka.ActorRef[Any] = PersistenceActor.start(url, journal)
-    persistence = PersistenceClient.for_ref(ref)
+    persistence = PersistenceClient.for_ref(ref, durability=durability)
     try:
-        return await _calls(persistence, calls=calls, concurrency=concurrency, warmup=warmup)
+        # As on a node: the client's pulse runs (its shipper, its clock).
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(persistence.pulse)
+            result = await _calls(persistence, calls=calls, concurrency=concurrency, warmup=warmup)
+            nursery.cancel_scope.cancel()
+        return result
     finally:
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(partial(ref.stop, block=True, timeout=30))
@@ -122,6 +135,13 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--warmup", type=int, default=1000)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument(
+        "--durability",
+        type=Durability,
+        choices=list(Durability),
+        default=Durability.JOURNAL,
+        help="what a call's final write waits for (a node's default: journal)",
+    )
     args = parser.parse_args()
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(30))
     with test_database() as url, TemporaryDirectory() as tmp:
@@ -135,6 +155,7 @@ def main() -> None:
                     calls=args.calls,
                     concurrency=args.concurrency,
                     warmup=args.warmup,
+                    durability=args.durability,
                 )
             )
             for _ in range(args.runs)
@@ -146,7 +167,8 @@ def main() -> None:
         )
     thread, cpu, wall = min(results)
     print(
-        f"best of {args.runs} ({args.calls} calls, {args.concurrency} in flight): "
+        f"best of {args.runs} ({args.calls} calls, {args.concurrency} in flight, "
+        f"{args.durability} durability): "
         f"trio CPU {thread * 1e6:.1f} µs, process CPU {cpu * 1e6:.1f} µs, "
         f"wall {wall * 1e6:.1f} µs per call"
     )

@@ -13,6 +13,11 @@ import threading
 import uuid
 
 _BLOCK = 4096
+#: RFC 9562's version (4) and variant (0b10) bits, set on the id's 128-bit integer as
+#: ``uuid.UUID(bytes=..., version=4)`` sets them: built from an int, a UUID skips most of
+#: its constructor's work (issue 17).
+_KEEP = ((1 << 128) - 1) & ~(0xF000 << 64) & ~(0xC000 << 48)
+_VERSION_4 = (4 << 76) | (0x8000 << 48)
 
 
 class _Pool:
@@ -44,4 +49,4 @@ def uuid4() -> uuid.UUID:
             pool.offset = 0
         raw = pool.block[pool.offset : pool.offset + 16]
         pool.offset += 16
-    return uuid.UUID(bytes=raw, version=4)
+    return uuid.UUID(int=int.from_bytes(raw, "big") & _KEEP | _VERSION_4)

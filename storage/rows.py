@@ -19,6 +19,7 @@ from pydantic import (
     ConfigDict,
     Field,
     JsonValue,
+    PlainValidator,
     TypeAdapter,
     model_validator,
 )
@@ -43,7 +44,8 @@ RUNNING_VERSION = 2
 
 #: Text that came from a client, made storable.
 ClientText = Annotated[str, AfterValidator(storable_text)]
-ClientJson = Annotated[JsonValue, AfterValidator(storable)]
+#: Client JSON checked and made storable in one walk (storage.untrusted.storable).
+ClientJson = Annotated[JsonValue, PlainValidator(storable)]
 
 
 #: How a session's client reaches it: a WebSocket session is resumed only by a WebSocket
@@ -165,8 +167,9 @@ class SessionActivity(_Row):
     @classmethod
     def _without_token_totals(cls, data: object) -> object:
         # Journals written before token totals came from token_usage carry them (as zeros,
-        # since nothing ever set them): read such a line, rather than reject it.
-        if isinstance(data, dict):
+        # since nothing ever set them): read such a line, rather than reject it. A record
+        # built now (one per call) has none, and is passed on as it is (issue 17).
+        if isinstance(data, dict) and ("input_tokens" in data or "output_tokens" in data):
             return {k: v for k, v in data.items() if k not in ("input_tokens", "output_tokens")}
         return data
 

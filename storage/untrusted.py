@@ -103,15 +103,51 @@ def storable_text(text: str) -> str:
     return text.replace("\x00", "\ufffd") if "\x00" in text else text
 
 
-def storable(value: JsonValue) -> JsonValue:
-    """``value`` with :func:`storable_text` applied everywhere (strings, keys, nested)."""
+def storable(value: object) -> JsonValue:
+    """``value``, a JSON value as pydantic's ``JsonValue`` takes one (``list``, ``dict`` with
+    ``str`` keys, ``str``, ``bool``, ``int``, ``float``, ``None``, nested; a subclass, such as
+    a ``StrEnum`` member, as its base type), with :func:`storable_text` applied everywhere
+    (strings, keys, nested). ``ValueError`` if it is not one.
+
+    The validator of stored client JSON (``storage.rows.ClientJson``): one walk that both
+    checks and makes storable, instead of pydantic's ``JsonValue`` validation (a Python
+    discriminator per node) and a walk after it, for every call's result (issue 17)."""
+    try:
+        return _storable(value)
+    except RecursionError:
+        raise ValueError("not a JSON value: nested too deeply") from None
+
+
+def _storable(value: object) -> JsonValue:
+    kind = type(value)
+    # The exact types first: all a result built from JSON holds.
+    if kind is str:
+        return storable_text(value)  # type: ignore[arg-type]
+    if kind is dict:
+        return {_storable_key(k): _storable(v) for k, v in value.items()}  # type: ignore[attr-defined]
+    if kind is list:
+        return [_storable(item) for item in value]  # type: ignore[attr-defined]
+    if value is None or kind is bool or kind is int or kind is float:
+        return value  # type: ignore[return-value]
     if isinstance(value, str):
-        return storable_text(value)
-    if isinstance(value, list):
-        return [storable(item) for item in value]
+        return storable_text(str.__str__(value))
+    if isinstance(value, int):  # bool has no subclasses
+        return int(value)
+    if isinstance(value, float):
+        return float(value)
     if isinstance(value, dict):
-        return {storable(k): storable(v) for k, v in value.items()}  # type: ignore[misc]
-    return value
+        return {_storable_key(k): _storable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_storable(item) for item in value]
+    raise ValueError(f"not a JSON value: {kind.__name__}")
+
+
+def _storable_key(key: object) -> str:
+    if type(key) is str:
+        return storable_text(key)
+    if isinstance(key, str):
+        return storable_text(str.__str__(key))
+    raise ValueError(f"not a JSON object key: {type(key).__name__}")
 
 
 def json_size(value: JsonValue) -> int:

@@ -11,9 +11,17 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from storage.journal import REJECTED_FILE, Journal, find_orphans
-from storage.rows import Record, SessionIdentified, SessionRow, TokenUsage
+from storage.rows import (
+    RECORD,
+    Record,
+    SessionActivity,
+    SessionIdentified,
+    SessionRow,
+    TokenUsage,
+)
 
 NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
 
@@ -223,3 +231,23 @@ def test_segments_are_at_most_an_eighth_of_the_bound(tmp_path: Path) -> None:
     journal = Journal.open(tmp_path, node_id="n1", max_bytes=64_000, segment_bytes=8 << 20)
     assert journal.segment_bytes == 8_000
     journal.close()
+
+
+def test_an_activity_line_with_the_old_token_totals_is_read_without_them() -> None:
+    # Journals written before token totals came from token_usage carry them on activity
+    # records; a record built now has none, and is kept as it was built.
+    line = json.dumps(
+        {
+            "kind": "session_activity",
+            "session_id": "s1",
+            "last_activity": NOW.isoformat(),
+            "tool_calls": 3,
+            "tool_errors": 1,
+            "input_tokens": 0,
+            "output_tokens": 0,
+        }
+    )
+    old = RECORD.validate_json(line)
+    assert old == SessionActivity(session_id="s1", last_activity=NOW, tool_calls=3, tool_errors=1)
+    with pytest.raises(ValidationError):  # any other unknown field is still refused
+        RECORD.validate_json(line.replace('"input_tokens"', '"inputs"'))

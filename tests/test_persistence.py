@@ -26,6 +26,7 @@ from actors.persistence import (
     WriteConflict,
     WriteRejected,
 )
+from storage.durability import Durability
 from storage.errors import RowVersion
 from storage.journal import REJECTED_FILE, Journal
 from storage.migrations import apply_migrations
@@ -419,6 +420,58 @@ async def test_a_critical_write_with_no_actor_coming_back_fails_after_its_timeou
     client = PersistenceClient(lambda: ref, timeout=0.2)
     with pytest.raises(trio.TooSlowError):
         await client.write(_usage(_session()))
+
+
+async def test_with_the_pulse_a_write_waiting_past_its_timeout_fails_and_the_rest_go_on(
+    db: str, journal: Journal
+) -> None:
+    """The pulse's timekeeper keeps the deadlines of waiting writes (no cancel scope each):
+    a write held up by a locked table fails with TooSlowError, while the 2,000 writes sent
+    behind it (journal durability: they wait for no database) are answered, and forgotten
+    although the held one is ahead of them; the held one lands once the table is free."""
+    session = _session()
+    usage = _usage(session)
+    config = PersistenceConfig(statement_timeout=60, breaker_reset=60)
+    ref = PersistenceActor.start(db, journal, config=config)
+    client = PersistenceClient(lambda: ref, durability=Durability.JOURNAL, timeout=2)
+    answered = 0
+    try:
+        async with trio.open_nursery() as pulse:
+            pulse.start_soon(client.pulse, 0.05)
+            await client.write_through(session)
+            await trio.testing.wait_all_tasks_blocked()
+            with psycopg.connect(db) as blocker:  # holds the lock until its transaction ends
+                blocker.execute("lock table token_usage in access exclusive mode")
+                async with trio.open_nursery() as writers:
+
+                    async def held() -> None:
+                        with pytest.raises(trio.TooSlowError):
+                            await client.write_through(usage)
+
+                    async def activity(n: int) -> None:
+                        nonlocal answered
+                        await client.write(
+                            SessionActivity(
+                                session_id=session.session_id, last_activity=NOW, tool_calls=n
+                            )
+                        )
+                        answered += 1
+
+                    writers.start_soon(held)
+                    await trio.testing.wait_all_tasks_blocked()
+                    async with trio.open_nursery() as behind:
+                        for n in range(2000):
+                            behind.start_soon(activity, n)
+                    # Answered and forgotten, the held one still ahead of them: what the
+                    # timekeeper holds is bounded by the writes waiting.
+                    assert len(client._deadlines) < 1024
+                blocker.rollback()
+            await client.flush()
+            pulse.cancel_scope.cancel()
+    finally:
+        await trio.to_thread.run_sync(partial(ref.stop, block=True, timeout=30))
+    assert answered == 2000
+    assert query(db, "select count(*) from token_usage where id = %s", (usage.usage_id,)) == [(1,)]
 
 
 async def test_the_pulse_heartbeats_this_node(db: str, journal: Journal) -> None:

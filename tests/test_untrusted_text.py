@@ -12,13 +12,18 @@ from __future__ import annotations
 
 import json
 import subprocess
+import uuid
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from enum import IntEnum, StrEnum
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
+from pydantic import ValidationError
 
+from storage.rows import RECORD, TaskFinished
 from storage.untrusted import clip
 from tests.harness import (
     EXAI,
@@ -44,6 +49,7 @@ OBEYED = (
     | {chr(c) for c in range(0x80, 0xA0)}
     | set("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u2028\u2029")
 )
+NOW = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
 BIG = 1 << 20  # a 1 MiB client name: the default max message (4 MiB) lets it through
 
 
@@ -249,6 +255,69 @@ async def test_a_stored_tool_result_is_bounded_with_a_marker_and_its_real_size(
     assert stored["json_prefix"].startswith('{"content":[{"type":"text","text":"rrrr')
     assert stored["json_prefix"].endswith(f"…[truncated, {real} bytes]")
     assert size <= 4096 + 64  # jsonb's text adds a space after each separator
+
+
+async def test_a_nul_in_a_stored_tool_result_is_replaced_and_a_typed_escape_kept(
+    server: ServerProcess, database_url: str
+) -> None:
+    # PostgreSQL's jsonb cannot hold U+0000: it is stored as U+FFFD; the six characters
+    # "\\u0000" typed by a client are ordinary text and stay as they are.
+    texts = {"nul": "a\x00b", "typed": "a\\u0000b", "both": "\\u0000\x00"}
+    async with open_raw(server.authed_url()) as ws:
+        client = RawClient(ws)
+        session_id = await initialize(client, "nul-results")
+        for request_id, text in texts.items():
+            await client.send(
+                {
+                    "jsonrpc": "2.0",
+                    "id": request_id,
+                    "method": "tools/call",
+                    "params": {"name": "echo", "arguments": {"text": text}},
+                }
+            )
+            reply = await client.receive()
+            assert reply["result"]["content"][0]["text"] == text  # the client gets it as sent
+
+    def stored() -> dict[str, str]:
+        rows = query(
+            database_url,
+            "select request_id, result from tasks where session_id = %s and result is not null",
+            (session_id,),
+        )
+        return {json.loads(rid): result["content"][0]["text"] for rid, result in rows}
+
+    await wait_until(lambda: len(stored()) == len(texts), what="the results' rows")
+    assert stored() == {"nul": "a\ufffdb", "typed": "a\\u0000b", "both": "\\u0000\ufffd"}
+
+
+def test_a_stored_result_takes_what_pydantic_json_takes_as_plain_json() -> None:
+    class Colour(StrEnum):
+        RED = "red\x00"
+
+    class Size(IntEnum):
+        BIG = 3
+
+    result = {"colour": Colour.RED, Colour.RED: [Size.BIG, 1.5, True, None], "n": {"m": []}}
+    finished = TaskFinished(
+        task_id=uuid.uuid4(), status="completed", completed_at=NOW, version=3, result=result
+    )
+    assert finished.result == {
+        "colour": "red\ufffd",
+        "red\ufffd": [3, 1.5, True, None],
+        "n": {"m": []},
+    }
+    assert isinstance(finished.result, dict)
+    assert type(finished.result["colour"]) is str
+    assert RECORD.validate_json(finished.model_dump_json()) == finished
+    for not_json in ({"a": (1, 2)}, {1: "a"}, {"a": {1, 2}}, {"a": b"x"}):
+        with pytest.raises(ValidationError, match="not a JSON"):
+            TaskFinished(
+                task_id=uuid.uuid4(),
+                status="completed",
+                completed_at=NOW,
+                version=3,
+                result=not_json,
+            )
 
 
 async def test_the_journal_holds_its_bound_with_the_database_away(tmp_path: Path) -> None:
