@@ -598,7 +598,9 @@ class McpWebSocketServer:
         elif why is ResumeRefused.BUSY:
             body = "server busy: cannot look the session up now, retry later\n"
         else:
-            log.info("handshake.resume_refused", session_id=resume_id)
+            # The id is the client's own text (no session has it): logged under a field a
+            # peer writes, so redacted and clipped, not as a session id, which is never masked.
+            log.info("handshake.resume_refused", resume_id=resume_id)
             body = (
                 f"session {resume_id} is unknown or its resume grace period has passed; "
                 "connect without a session id to start a new session\n"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 
@@ -97,6 +98,25 @@ async def test_an_unknown_session_id_is_refused_clearly(server: ServerProcess) -
             pass
     assert refused.value.status_code == 404
     assert b"unknown or its resume grace period has passed" in (refused.value.body or b"")
+
+
+async def test_an_unknown_session_id_is_logged_as_the_clients_text(server: ServerProcess) -> None:
+    """The id a client presents is its own text, not a session's: a secret pasted into it (the
+    server's own token here) is masked in the log like any field a peer writes."""
+
+    def refusals() -> list[dict[str, object]]:
+        return [e for e in server.log_events() if e["event"] == "handshake.resume_refused"]
+
+    before = len(refusals())  # the module's server: other tests' refusals are logged too
+    with pytest.raises(ConnectionRejected):
+        async with open_raw(
+            server.authed_url(), extra_headers=[(b"mcp-session-id", server.token.encode())]
+        ):
+            pass
+    await wait_until(lambda: len(refusals()) > before, what="the refused resume's log line")
+    (line,) = refusals()[before:]
+    assert line["resume_id"] == "[REDACTED]"
+    assert server.token not in json.dumps(server.log_events())
 
 
 async def test_a_session_still_attached_cannot_be_taken_over(server: ServerProcess) -> None:
