@@ -474,6 +474,49 @@ async def test_with_the_pulse_a_write_waiting_past_its_timeout_fails_and_the_res
     assert query(db, "select count(*) from token_usage where id = %s", (usage.usage_id,)) == [(1,)]
 
 
+async def test_a_write_waiting_when_the_pulse_stops_still_fails_at_its_deadline(
+    db: str, journal: Journal
+) -> None:
+    """A write kept by the pulse's timekeeper, still waiting when the pulse stops (a pulse
+    that failed, a node stopping), is not left with no deadline: it fails with TooSlowError
+    at its own (a shielded final write of an ending session would otherwise hold the node's
+    shutdown for as long as the database does)."""
+    session = _session()
+    config = PersistenceConfig(statement_timeout=60, breaker_reset=60)
+    ref = PersistenceActor.start(db, journal, config=config)
+    client = PersistenceClient(lambda: ref, durability=Durability.COMMIT, timeout=5)
+    timed_out = trio.Event()
+    try:
+        async with trio.open_nursery() as nursery:
+
+            async def run_pulse(task_status: trio.TaskStatus[trio.CancelScope]) -> None:
+                with trio.CancelScope() as scope:
+                    task_status.started(scope)
+                    await client.pulse(0.05)
+
+            pulse = await nursery.start(run_pulse)
+            await client.write_through(session)
+            await trio.testing.wait_all_tasks_blocked()
+            with psycopg.connect(db) as blocker:  # holds the lock until its transaction ends
+                blocker.execute("lock table token_usage in access exclusive mode")
+
+                async def held() -> None:
+                    with pytest.raises(trio.TooSlowError), trio.CancelScope(shield=True):
+                        await client.write_through(_usage(session))
+                    timed_out.set()
+
+                nursery.start_soon(held)
+                await trio.testing.wait_all_tasks_blocked()
+                assert len(client._deadlines) == 1  # the timekeeper's to keep
+                pulse.cancel()
+                with trio.fail_after(60):  # a hang guard: its deadline is 5 s after its call
+                    await timed_out.wait()
+                assert not client._deadlines
+                blocker.rollback()
+    finally:
+        await trio.to_thread.run_sync(partial(ref.stop, block=True, timeout=30))
+
+
 async def test_the_pulse_heartbeats_this_node(db: str, journal: Journal) -> None:
     await trio.to_thread.run_sync(recover, db, journal)  # registers the node
 
