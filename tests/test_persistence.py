@@ -517,6 +517,52 @@ async def test_a_write_waiting_when_the_pulse_stops_still_fails_at_its_deadline(
         await trio.to_thread.run_sync(partial(ref.stop, block=True, timeout=30))
 
 
+async def test_writes_whose_callers_are_cancelled_are_forgotten_at_their_deadlines(
+    db: str, journal: Journal
+) -> None:
+    """Callers gone (a client disconnects, a session is cancelled) while their writes wait
+    on a locked table: each is cancelled at once, its waiter stays with the timekeeper (as
+    with the actor) only until its deadline, where the timekeeper answers it with nobody
+    waiting, harmlessly; the pulse runs on, and a write sent after them, answered at its own
+    deadline, finds the timekeeper holding nothing."""
+    session = _session()
+    config = PersistenceConfig(statement_timeout=60, breaker_reset=60)
+    ref = PersistenceActor.start(db, journal, config=config)
+    client = PersistenceClient(lambda: ref, durability=Durability.COMMIT, timeout=3)
+    cancelled = 0
+    try:
+        async with trio.open_nursery() as pulse:
+            pulse.start_soon(client.pulse, 0.05)
+            await client.write_through(session)
+            await trio.testing.wait_all_tasks_blocked()
+            with psycopg.connect(db) as blocker:  # holds the lock until its transaction ends
+                blocker.execute("lock table token_usage in access exclusive mode")
+                async with trio.open_nursery() as callers:
+
+                    async def caller() -> None:
+                        nonlocal cancelled
+                        try:
+                            await client.write_through(_usage(session))
+                        except trio.Cancelled:
+                            cancelled += 1
+                            raise
+
+                    for _ in range(2000):
+                        callers.start_soon(caller)
+                    await trio.testing.wait_all_tasks_blocked()
+                    assert len(client._deadlines) == 2000
+                    callers.cancel_scope.cancel()
+                assert cancelled == 2000
+                with pytest.raises(trio.TooSlowError):
+                    await client.write_through(_usage(session))
+                assert not client._deadlines
+                assert client._database_waits == 0
+                blocker.rollback()
+            pulse.cancel_scope.cancel()
+    finally:
+        await trio.to_thread.run_sync(partial(ref.stop, block=True, timeout=30))
+
+
 async def test_the_pulse_heartbeats_this_node(db: str, journal: Journal) -> None:
     await trio.to_thread.run_sync(recover, db, journal)  # registers the node
 
