@@ -135,11 +135,16 @@ def _storable(value: object, room: int) -> JsonValue:
     if kind is dict:
         if not room:
             raise _too_deep()
-        return {_storable_key(k): _storable(v, room - 1) for k, v in value.items()}  # type: ignore[attr-defined]
+        room -= 1
+        return {
+            _storable_key(k): v if type(v) in _SCALARS else _storable(v, room)
+            for k, v in value.items()  # type: ignore[attr-defined]
+        }
     if kind is list:
         if not room:
             raise _too_deep()
-        return [_storable(item, room - 1) for item in value]  # type: ignore[attr-defined]
+        room -= 1
+        return [item if type(item) in _SCALARS else _storable(item, room) for item in value]  # type: ignore[attr-defined]
     if value is None or kind is bool or kind is int or kind is float:
         return value  # type: ignore[return-value]
     if isinstance(value, str):
@@ -157,6 +162,11 @@ def _storable(value: object, room: int) -> JsonValue:
             raise _too_deep()
         return [_storable(item, room - 1) for item in value]
     raise ValueError(f"not a JSON value: {kind.__name__}")
+
+
+#: The exact types stored as they are: inline in a list's or an object's walk, no call each
+#: (the depth passed down made each call dearer).
+_SCALARS = frozenset({int, float, bool, type(None)})
 
 
 def _too_deep() -> ValueError:
