@@ -26,6 +26,8 @@ from actors.persistence import (
     WriteConflict,
     WriteRejected,
 )
+from actors.persistence.client import _UNKEPT, _Waiter
+from actors.persistence.protocol import Point
 from storage.durability import Durability
 from storage.errors import RowVersion
 from storage.journal import REJECTED_FILE, Journal
@@ -515,6 +517,19 @@ async def test_a_write_waiting_when_the_pulse_stops_still_fails_at_its_deadline(
                 blocker.rollback()
     finally:
         await trio.to_thread.run_sync(partial(ref.stop, block=True, timeout=30))
+
+
+def test_an_answer_after_a_stopping_timekeeper_woke_its_write_is_its_answer() -> None:
+    """The stopping timekeeper wakes a write it kept with a marker, so that the write waits on
+    in a scope of its own; an answer that comes before it waits again replaces the marker
+    (the write returns it), and a later one, or the timekeeper's, changes nothing."""
+    waiter = _Waiter(Point.COMMITTED, 1.0)
+    waiter.settle(_UNKEPT)
+    assert waiter.done.is_set()
+    waiter.settle(None)  # the database's answer, before the writer runs
+    assert waiter.error is None
+    waiter.settle(trio.TooSlowError())  # answered once
+    assert waiter.error is None
 
 
 async def test_writes_whose_callers_are_cancelled_are_forgotten_at_their_deadlines(
