@@ -103,30 +103,48 @@ def storable_text(text: str) -> str:
     return text.replace("\x00", "\ufffd") if "\x00" in text else text
 
 
+#: Lists and objects nested in a stored JSON value, at most: pydantic's serializer refuses
+#: deeper (its recursion guard, 255 levels, counts the record and the field holding the value
+#: too), so a record holding a deeper one could be validated but not written to the journal,
+#: and its whole append would fail. pydantic's ``JsonValue`` validation refused from 255.
+MAX_JSON_DEPTH = 253
+
+
 def storable(value: object) -> JsonValue:
     """``value``, a JSON value as pydantic's ``JsonValue`` takes one (``list``, ``dict`` with
     ``str`` keys, ``str``, ``bool``, ``int``, ``float``, ``None``, nested; a subclass, such as
     a ``StrEnum`` member, as its base type), with :func:`storable_text` applied everywhere
-    (strings, keys, nested). ``ValueError`` if it is not one.
+    (strings, keys, nested). ``ValueError`` if it is not one, or if its lists and objects nest
+    more than :data:`MAX_JSON_DEPTH` deep.
 
     The validator of stored client JSON (``storage.rows.ClientJson``): one walk that both
     checks and makes storable, instead of pydantic's ``JsonValue`` validation (a Python
     discriminator per node) and a walk after it, for every call's result (issue 17)."""
     try:
-        return _storable(value)
-    except RecursionError:
+        return _storable(value, MAX_JSON_DEPTH)
+    except RecursionError:  # a caller's stack already deep: refused, as too deep
         raise ValueError("not a JSON value: nested too deeply") from None
 
 
-def _storable(value: object) -> JsonValue:
+def _storable(value: object, room: int) -> JsonValue:
+    """``room``: how many more lists and objects may nest here."""
     kind = type(value)
     # The exact types first: all a result built from JSON holds.
     if kind is str:
         return storable_text(value)  # type: ignore[arg-type]
     if kind is dict:
-        return {_storable_key(k): _storable(v) for k, v in value.items()}  # type: ignore[attr-defined]
+        if not room:
+            raise _too_deep()
+        room -= 1
+        return {
+            _storable_key(k): v if type(v) in _SCALARS else _storable(v, room)
+            for k, v in value.items()  # type: ignore[attr-defined]
+        }
     if kind is list:
-        return [_storable(item) for item in value]  # type: ignore[attr-defined]
+        if not room:
+            raise _too_deep()
+        room -= 1
+        return [item if type(item) in _SCALARS else _storable(item, room) for item in value]  # type: ignore[attr-defined]
     if value is None or kind is bool or kind is int or kind is float:
         return value  # type: ignore[return-value]
     if isinstance(value, str):
@@ -136,10 +154,23 @@ def _storable(value: object) -> JsonValue:
     if isinstance(value, float):
         return float(value)
     if isinstance(value, dict):
-        return {_storable_key(k): _storable(v) for k, v in value.items()}
+        if not room:
+            raise _too_deep()
+        return {_storable_key(k): _storable(v, room - 1) for k, v in value.items()}
     if isinstance(value, list):
-        return [_storable(item) for item in value]
+        if not room:
+            raise _too_deep()
+        return [_storable(item, room - 1) for item in value]
     raise ValueError(f"not a JSON value: {kind.__name__}")
+
+
+#: The exact types stored as they are: inline in a list's or an object's walk, no call each
+#: (the depth passed down made each call dearer).
+_SCALARS = frozenset({int, float, bool, type(None)})
+
+
+def _too_deep() -> ValueError:
+    return ValueError(f"not a JSON value: lists and objects nested more than {MAX_JSON_DEPTH} deep")
 
 
 def _storable_key(key: object) -> str:

@@ -26,6 +26,8 @@ from actors.persistence import (
     WriteConflict,
     WriteRejected,
 )
+from actors.persistence.client import _UNKEPT, _Waiter
+from actors.persistence.protocol import Point
 from storage.durability import Durability
 from storage.errors import RowVersion
 from storage.journal import REJECTED_FILE, Journal
@@ -472,6 +474,108 @@ async def test_with_the_pulse_a_write_waiting_past_its_timeout_fails_and_the_res
         await trio.to_thread.run_sync(partial(ref.stop, block=True, timeout=30))
     assert answered == 2000
     assert query(db, "select count(*) from token_usage where id = %s", (usage.usage_id,)) == [(1,)]
+
+
+async def test_a_write_waiting_when_the_pulse_stops_still_fails_at_its_deadline(
+    db: str, journal: Journal
+) -> None:
+    """A write kept by the pulse's timekeeper, still waiting when the pulse stops (a pulse
+    that failed, a node stopping), is not left with no deadline: it fails with TooSlowError
+    at its own (a shielded final write of an ending session would otherwise hold the node's
+    shutdown for as long as the database does)."""
+    session = _session()
+    config = PersistenceConfig(statement_timeout=60, breaker_reset=60)
+    ref = PersistenceActor.start(db, journal, config=config)
+    client = PersistenceClient(lambda: ref, durability=Durability.COMMIT, timeout=5)
+    timed_out = trio.Event()
+    try:
+        async with trio.open_nursery() as nursery:
+
+            async def run_pulse(task_status: trio.TaskStatus[trio.CancelScope]) -> None:
+                with trio.CancelScope() as scope:
+                    task_status.started(scope)
+                    await client.pulse(0.05)
+
+            pulse = await nursery.start(run_pulse)
+            await client.write_through(session)
+            await trio.testing.wait_all_tasks_blocked()
+            with psycopg.connect(db) as blocker:  # holds the lock until its transaction ends
+                blocker.execute("lock table token_usage in access exclusive mode")
+
+                async def held() -> None:
+                    with pytest.raises(trio.TooSlowError), trio.CancelScope(shield=True):
+                        await client.write_through(_usage(session))
+                    timed_out.set()
+
+                nursery.start_soon(held)
+                await trio.testing.wait_all_tasks_blocked()
+                assert len(client._deadlines) == 1  # the timekeeper's to keep
+                pulse.cancel()
+                with trio.fail_after(60):  # a hang guard: its deadline is 5 s after its call
+                    await timed_out.wait()
+                assert not client._deadlines
+                blocker.rollback()
+    finally:
+        await trio.to_thread.run_sync(partial(ref.stop, block=True, timeout=30))
+
+
+def test_an_answer_after_a_stopping_timekeeper_woke_its_write_is_its_answer() -> None:
+    """The stopping timekeeper wakes a write it kept with a marker, so that the write waits on
+    in a scope of its own; an answer that comes before it waits again replaces the marker
+    (the write returns it), and a later one, or the timekeeper's, changes nothing."""
+    waiter = _Waiter(Point.COMMITTED, 1.0)
+    waiter.settle(_UNKEPT)
+    assert waiter.done.is_set()
+    waiter.settle(None)  # the database's answer, before the writer runs
+    assert waiter.error is None
+    waiter.settle(trio.TooSlowError())  # answered once
+    assert waiter.error is None
+
+
+async def test_writes_whose_callers_are_cancelled_are_forgotten_at_their_deadlines(
+    db: str, journal: Journal
+) -> None:
+    """Callers gone (a client disconnects, a session is cancelled) while their writes wait
+    on a locked table: each is cancelled at once, its waiter stays with the timekeeper (as
+    with the actor) only until its deadline, where the timekeeper answers it with nobody
+    waiting, harmlessly; the pulse runs on, and a write sent after them, answered at its own
+    deadline, finds the timekeeper holding nothing."""
+    session = _session()
+    config = PersistenceConfig(statement_timeout=60, breaker_reset=60)
+    ref = PersistenceActor.start(db, journal, config=config)
+    client = PersistenceClient(lambda: ref, durability=Durability.COMMIT, timeout=3)
+    cancelled = 0
+    try:
+        async with trio.open_nursery() as pulse:
+            pulse.start_soon(client.pulse, 0.05)
+            await client.write_through(session)
+            await trio.testing.wait_all_tasks_blocked()
+            with psycopg.connect(db) as blocker:  # holds the lock until its transaction ends
+                blocker.execute("lock table token_usage in access exclusive mode")
+                async with trio.open_nursery() as callers:
+
+                    async def caller() -> None:
+                        nonlocal cancelled
+                        try:
+                            await client.write_through(_usage(session))
+                        except trio.Cancelled:
+                            cancelled += 1
+                            raise
+
+                    for _ in range(2000):
+                        callers.start_soon(caller)
+                    await trio.testing.wait_all_tasks_blocked()
+                    assert len(client._deadlines) == 2000
+                    callers.cancel_scope.cancel()
+                assert cancelled == 2000
+                with pytest.raises(trio.TooSlowError):
+                    await client.write_through(_usage(session))
+                assert not client._deadlines
+                assert client._database_waits == 0
+                blocker.rollback()
+            pulse.cancel_scope.cancel()
+    finally:
+        await trio.to_thread.run_sync(partial(ref.stop, block=True, timeout=30))
 
 
 async def test_the_pulse_heartbeats_this_node(db: str, journal: Journal) -> None:

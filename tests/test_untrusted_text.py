@@ -24,7 +24,7 @@ import trio
 from pydantic import ValidationError
 
 from storage.rows import RECORD, TaskFinished
-from storage.untrusted import clip
+from storage.untrusted import MAX_JSON_DEPTH, clip
 from tests.harness import (
     EXAI,
     RawClient,
@@ -318,6 +318,41 @@ def test_a_stored_result_takes_what_pydantic_json_takes_as_plain_json() -> None:
                 version=3,
                 result=not_json,
             )
+
+
+def _nested(depth: int, leaf: Any) -> Any:
+    """``leaf`` inside ``depth`` lists and objects, alternating."""
+    value = leaf
+    for level in range(depth):
+        value = [value] if level % 2 else {"k": value}
+    return value
+
+
+@pytest.mark.parametrize(
+    "depth", [MAX_JSON_DEPTH - 1, MAX_JSON_DEPTH, MAX_JSON_DEPTH + 1, 400, 100_000]
+)
+def test_a_stored_result_nested_deeply_is_either_refused_or_written_whole(depth: int) -> None:
+    """A result is accepted only if its record can be written to the journal: pydantic's
+    serializer refuses ~255 levels (the record's own count), and a record accepted but not
+    encodable failed the journal append of its whole batch. Pydantic's JsonValue validation
+    refused from 255 levels; what it took up to MAX_JSON_DEPTH is still taken, and any depth
+    is refused with a ValidationError (a 100k-deep list: no RecursionError)."""
+
+    def finished() -> TaskFinished:
+        return TaskFinished(
+            task_id=uuid.uuid4(),
+            status="completed",
+            completed_at=NOW,
+            version=3,
+            result=_nested(depth, "leaf"),
+        )
+
+    if depth > MAX_JSON_DEPTH:
+        with pytest.raises(ValidationError, match="nested more than"):
+            finished()
+    else:
+        record = finished()
+        assert json.loads(record.model_dump_json())["result"] == _nested(depth, "leaf")
 
 
 async def test_the_journal_holds_its_bound_with_the_database_away(tmp_path: Path) -> None:

@@ -110,7 +110,9 @@ class _Waiter:
         self.key: tuple[int, int] | None = None
 
     def settle(self, error: BaseException | None = None) -> None:
-        if not self.done.is_set():
+        # A waiter handed back by a stopping timekeeper (_UNKEPT) is still unanswered: an
+        # answer that comes before its caller waits again is its answer.
+        if not self.done.is_set() or self.error is _UNKEPT:
             self.error = error
             self.done.set()
 
@@ -130,6 +132,14 @@ class _Shipment:
 
 class _ActorLost(Exception):
     """The actor died before it took a shipment: nothing of it was kept; send it again."""
+
+
+class _Unkept(Exception):
+    """Never raised: what a stopping timekeeper wakes the writes it kept with, so that each
+    waits on in a cancel scope of its own, to its deadline (:meth:`PersistenceClient._attempt`)."""
+
+
+_UNKEPT = _Unkept()
 
 
 class PersistenceClient(ServiceClient):
@@ -289,6 +299,13 @@ class PersistenceClient(ServiceClient):
         try:
             self._enqueue(record, waiter)
             await waiter.done.wait()
+            if waiter.error is _UNKEPT:
+                # The timekeeper stopped (the pulse ended) before this was answered: no one
+                # keeps its deadline now but this scope.
+                waiter.error = None
+                waiter.done = trio.Event()
+                with trio.fail_at(waiter.deadline):
+                    await waiter.done.wait()
         finally:
             if waits_for_database:
                 self._database_waits -= 1
@@ -358,8 +375,13 @@ class PersistenceClient(ServiceClient):
         in deadline order, since each is ``timeout`` after its call: the earliest is first,
         and a write sent after this sleep began expires after it ends. While it does not run
         (before the pulse starts, after it stops), writes keep their deadlines in a cancel
-        scope each; those sent while it ran, and still waiting when it stopped, are answered
-        when it runs again (the node stops its pulse after the sessions that write)."""
+        scope each; those sent while it ran, and still waiting when it stops, are woken as it
+        stops and wait on in one each, to the same deadline (no write waits with none: a
+        shielded write of a session ending after a pulse that failed still times out).
+
+        Late by a scheduling round or two at most: the waiter's task is woken by an event
+        this task sets, where a cancel scope's deadline would reach it in the round the
+        deadline passed; a loop busy for longer delays both alike."""
         self._keeping_time = True
         try:
             while True:
@@ -370,6 +392,10 @@ class PersistenceClient(ServiceClient):
                 await trio.sleep_until(deadlines[0].deadline if deadlines else now + self._timeout)
         finally:
             self._keeping_time = False
+            deadlines, self._deadlines = self._deadlines, deque()
+            self._trim_at = _TRIM_AT_LEAST
+            for waiter in deadlines:
+                waiter.settle(_UNKEPT)  # no-op if answered
 
     def _trim_deadlines(self) -> None:
         """Forget answered writes at the front of :attr:`_deadlines`; and, should a write that
