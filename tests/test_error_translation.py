@@ -463,6 +463,22 @@ class Raises(Tool[_CaseArgs]):
         raise CASES[args.case].make()
 
 
+class _NoArgs(BaseModel):
+    pass
+
+
+class Unencodable(Tool[_NoArgs]):
+    """Answers with text JSON cannot carry (a lone surrogate), as a tool passing on a
+    callee's broken bytes might."""
+
+    name = "unencodable"
+    description = "Test only: a result that cannot be encoded."
+    Args = _NoArgs
+
+    async def run(self, args: _NoArgs, ctx: ToolContext) -> ToolOutput:
+        return ToolOutput(text="broken \ud800 text")
+
+
 @pytest.fixture(scope="module")
 def db(database_url: str) -> Iterator[str]:
     with migrated_database(database_url) as url:
@@ -472,7 +488,7 @@ def db(database_url: str) -> Iterator[str]:
 @pytest.fixture
 async def services(db: str, tmp_path: Path) -> AsyncIterator[SessionServices]:
     async with running_persistence(db, tmp_path / "journal") as persistence:
-        yield session_services(persistence, [Raises()], node_id="translation-test")
+        yield session_services(persistence, [Raises(), Unencodable()], node_id="translation-test")
 
 
 async def _open(client: MemoryClient, version: str) -> dict[str, Any]:
@@ -506,3 +522,19 @@ async def test_the_call_runner_answers_through_the_translation(
             reply = await client.request(index, "tools/call", params)
             kind, body = answer(CASES[name].expected, version)
             assert reply.get(kind) == body, (name, reply)
+
+
+async def test_a_result_that_cannot_be_encoded_is_the_tools_failure(
+    services: SessionServices,
+) -> None:
+    """The reply's encoding fails: the call is answered as an unexpected tool failure and the
+    session serves on (it ended the session's task before)."""
+    async with memory_session(services) as session:
+        client = session.client
+        await _open(client, "2025-06-18")
+        reply = await client.request(1, "tools/call", {"name": "unencodable", "arguments": {}})
+        assert reply["error"]["code"] == -32603
+        assert "unencodable" in reply["error"]["message"]
+        again = await client.request(2, "tools/call", {"name": "unencodable", "arguments": {}})
+        assert again["error"]["code"] == -32603
+        assert (await client.request(3, "ping"))["result"] == {}

@@ -574,7 +574,15 @@ class CallRunner:
         if versions.is_modern(version):
             body["resultType"] = "complete"
         # Encoded once: the reply is built around it, and the task row's bound is its size.
-        encoded = pydantic_core.to_json(body)
+        try:
+            encoded = pydantic_core.to_json(body)
+        except ValueError as exc:
+            # A result JSON cannot carry (a lone surrogate in its text, nesting past the
+            # encoder's limit) is the tool's failure, answered as any unexpected one: it must
+            # not end the session's task, and with it the session's other calls.
+            failure = translation.call_failure(exc, tool=tool.name, version=version)
+            self._log.exception("tool.failed", tool=tool.name, id=request_id)
+            return _failed(request_id, failure)
         reply = jsonrpc.encode_encoded_result(request_id, encoded)
         if output.is_error:
             return _Outcome(reply, "failed", body, output.text, len(encoded))
