@@ -276,13 +276,18 @@ def redact(
 ) -> MutableMapping[str, Any]:
     """structlog processor: mask secrets in every field (see the module doc)."""
     for key, value in event_dict.items():
-        if key in _SAFE_FIELDS:
-            continue
-        if key == "kind" and isinstance(value, str):
-            event_dict[key] = _redacted_kind(value)
-            continue
-        event_dict[key] = _redact_value(value, secret=_secret_named(key))
+        event_dict[key] = _redacted_field(key, value)
     return event_dict
+
+
+def _redacted_field(key: str, value: Any) -> Any:
+    """The value of the field ``key`` with its secrets masked: the one rule of
+    :func:`redact` and of trace events' direct path (:func:`_trace_event`)."""
+    if key in _SAFE_FIELDS:
+        return value
+    if key == "kind" and isinstance(value, str):
+        return _redacted_kind(value)
+    return _redact_value(value, secret=_secret_named(key))
 
 
 # -- bounds ----------------------------------------------------------------------------------
@@ -302,10 +307,15 @@ def clip_fields(
     to :data:`LOG_TRACEBACK_CHARS`) with a marker giving its real length. Runs after
     :func:`redact`, which must see a secret whole to recognise it."""
     for key, value in event_dict.items():
-        if isinstance(value, str) and len(value) > LOG_FIELD_CHARS:
-            limit = LOG_TRACEBACK_CHARS if key in _LONG_FIELDS else LOG_FIELD_CHARS
-            event_dict[key] = clip(value, limit)
+        event_dict[key] = _clipped_field(key, value)
     return event_dict
+
+
+def _clipped_field(key: str, value: Any) -> Any:
+    """The value of the field ``key`` within its bound (the rule of :func:`clip_fields`)."""
+    if isinstance(value, str) and len(value) > LOG_FIELD_CHARS:
+        return clip(value, LOG_TRACEBACK_CHARS if key in _LONG_FIELDS else LOG_FIELD_CHARS)
+    return value
 
 
 #: Fields structlog's ConsoleRenderer prints as they are (the others it prints with repr(),
@@ -604,18 +614,8 @@ def _trace_event(level: str, event: dict[str, Any]) -> None:
     if _METHOD_LEVELS[level] < _config.logger_levels.get("trace", _config.default_level):
         return
     for key, value in event.items():
-        if key in _TRACE_OWN_FIELDS:
-            continue
-        if key in _SAFE_FIELDS:
-            scrubbed = value
-        elif key == "kind" and isinstance(value, str):
-            scrubbed = _redacted_kind(value)
-        else:
-            scrubbed = _redact_value(value, secret=_secret_named(key))
-        if isinstance(scrubbed, str) and len(scrubbed) > LOG_FIELD_CHARS:
-            limit = LOG_TRACEBACK_CHARS if key in _LONG_FIELDS else LOG_FIELD_CHARS
-            scrubbed = clip(scrubbed, limit)
-        event[key] = scrubbed
+        if key not in _TRACE_OWN_FIELDS:
+            event[key] = _clipped_field(key, _redacted_field(key, value))
     event["event"] = trace.TRACE_EVENT
     event["logger"] = "trace"
     event["level"] = level
