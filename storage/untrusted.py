@@ -132,35 +132,29 @@ def _storable(value: object, room: int) -> JsonValue:
     # The exact types first: all a result built from JSON holds.
     if kind is str:
         return storable_text(value)  # type: ignore[arg-type]
-    if kind is dict:
+    if kind in _SCALARS:
+        return value  # type: ignore[return-value]
+    # Containers, exact or subclasses (an OrderedDict is stored as a dict).
+    if isinstance(value, dict):
         if not room:
             raise _too_deep()
         room -= 1
         return {
             _storable_key(k): v if type(v) in _SCALARS else _storable(v, room)
-            for k, v in value.items()  # type: ignore[attr-defined]
+            for k, v in value.items()
         }
-    if kind is list:
+    if isinstance(value, list):
         if not room:
             raise _too_deep()
         room -= 1
-        return [item if type(item) in _SCALARS else _storable(item, room) for item in value]  # type: ignore[attr-defined]
-    if value is None or kind is bool or kind is int or kind is float:
-        return value  # type: ignore[return-value]
+        return [item if type(item) in _SCALARS else _storable(item, room) for item in value]
+    # Subclasses of the scalars (a StrEnum or IntEnum member) as their base type.
     if isinstance(value, str):
         return storable_text(str.__str__(value))
     if isinstance(value, int):  # bool has no subclasses
         return int(value)
     if isinstance(value, float):
         return float(value)
-    if isinstance(value, dict):
-        if not room:
-            raise _too_deep()
-        return {_storable_key(k): _storable(v, room - 1) for k, v in value.items()}
-    if isinstance(value, list):
-        if not room:
-            raise _too_deep()
-        return [_storable(item, room - 1) for item in value]
     raise ValueError(f"not a JSON value: {kind.__name__}")
 
 
