@@ -7,6 +7,7 @@ import json
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from functools import partial
@@ -424,6 +425,46 @@ async def test_a_critical_write_with_no_actor_coming_back_fails_after_its_timeou
         await client.write(_usage(_session()))
 
 
+@dataclass
+class _Held:
+    """A client whose pulse runs, a session written, and ``token_usage`` locked by another
+    connection: a usage write waits until ``blocker`` lets go (or its deadline)."""
+
+    client: PersistenceClient
+    session: SessionRow
+    pulse: trio.CancelScope
+    blocker: psycopg.Connection[Any]
+
+
+@asynccontextmanager
+async def _usage_held(
+    db: str, journal: Journal, durability: Durability, write_timeout: float
+) -> AsyncIterator[_Held]:
+    config = PersistenceConfig(statement_timeout=60, breaker_reset=60)
+    ref = PersistenceActor.start(db, journal, config=config)
+    client = PersistenceClient(lambda: ref, durability=durability, timeout=write_timeout)
+    try:
+        async with trio.open_nursery() as nursery:
+
+            async def run_pulse(task_status: trio.TaskStatus[trio.CancelScope]) -> None:
+                with trio.CancelScope() as scope:
+                    task_status.started(scope)
+                    await client.pulse(0.05)
+
+            pulse = await nursery.start(run_pulse)
+            session = _session()
+            await client.write_through(session)
+            await trio.testing.wait_all_tasks_blocked()
+            with psycopg.connect(db) as blocker:  # holds the lock until its transaction ends
+                blocker.execute("lock table token_usage in access exclusive mode")
+                yield _Held(client, session, pulse, blocker)
+                blocker.rollback()
+            await client.flush()
+            pulse.cancel()
+    finally:
+        await trio.to_thread.run_sync(partial(ref.stop, block=True, timeout=30))
+
+
 async def test_with_the_pulse_a_write_waiting_past_its_timeout_fails_and_the_rest_go_on(
     db: str, journal: Journal
 ) -> None:
@@ -431,47 +472,31 @@ async def test_with_the_pulse_a_write_waiting_past_its_timeout_fails_and_the_res
     a write held up by a locked table fails with TooSlowError, while the 2,000 writes sent
     behind it (journal durability: they wait for no database) are answered, and forgotten
     although the held one is ahead of them; the held one lands once the table is free."""
-    session = _session()
-    usage = _usage(session)
-    config = PersistenceConfig(statement_timeout=60, breaker_reset=60)
-    ref = PersistenceActor.start(db, journal, config=config)
-    client = PersistenceClient(lambda: ref, durability=Durability.JOURNAL, timeout=2)
     answered = 0
-    try:
-        async with trio.open_nursery() as pulse:
-            pulse.start_soon(client.pulse, 0.05)
-            await client.write_through(session)
+    async with _usage_held(db, journal, Durability.JOURNAL, write_timeout=2) as held:
+        client, session = held.client, held.session
+        usage = _usage(session)
+
+        async def held_write() -> None:
+            with pytest.raises(trio.TooSlowError):
+                await client.write_through(usage)
+
+        async def activity(n: int) -> None:
+            nonlocal answered
+            await client.write(
+                SessionActivity(session_id=session.session_id, last_activity=NOW, tool_calls=n)
+            )
+            answered += 1
+
+        async with trio.open_nursery() as writers:
+            writers.start_soon(held_write)
             await trio.testing.wait_all_tasks_blocked()
-            with psycopg.connect(db) as blocker:  # holds the lock until its transaction ends
-                blocker.execute("lock table token_usage in access exclusive mode")
-                async with trio.open_nursery() as writers:
-
-                    async def held() -> None:
-                        with pytest.raises(trio.TooSlowError):
-                            await client.write_through(usage)
-
-                    async def activity(n: int) -> None:
-                        nonlocal answered
-                        await client.write(
-                            SessionActivity(
-                                session_id=session.session_id, last_activity=NOW, tool_calls=n
-                            )
-                        )
-                        answered += 1
-
-                    writers.start_soon(held)
-                    await trio.testing.wait_all_tasks_blocked()
-                    async with trio.open_nursery() as behind:
-                        for n in range(2000):
-                            behind.start_soon(activity, n)
-                    # Answered and forgotten, the held one still ahead of them: what the
-                    # timekeeper holds is bounded by the writes waiting.
-                    assert len(client._deadlines) < 1024
-                blocker.rollback()
-            await client.flush()
-            pulse.cancel_scope.cancel()
-    finally:
-        await trio.to_thread.run_sync(partial(ref.stop, block=True, timeout=30))
+            async with trio.open_nursery() as behind:
+                for n in range(2000):
+                    behind.start_soon(activity, n)
+            # Answered and forgotten, the held one still ahead of them: what the timekeeper
+            # holds is bounded by the writes waiting.
+            assert len(client._deadlines) < 1024
     assert answered == 2000
     assert query(db, "select count(*) from token_usage where id = %s", (usage.usage_id,)) == [(1,)]
 
@@ -483,40 +508,24 @@ async def test_a_write_waiting_when_the_pulse_stops_still_fails_at_its_deadline(
     that failed, a node stopping), is not left with no deadline: it fails with TooSlowError
     at its own (a shielded final write of an ending session would otherwise hold the node's
     shutdown for as long as the database does)."""
-    session = _session()
-    config = PersistenceConfig(statement_timeout=60, breaker_reset=60)
-    ref = PersistenceActor.start(db, journal, config=config)
-    client = PersistenceClient(lambda: ref, durability=Durability.COMMIT, timeout=5)
     timed_out = trio.Event()
-    try:
-        async with trio.open_nursery() as nursery:
+    async with (
+        _usage_held(db, journal, Durability.COMMIT, write_timeout=5) as held,
+        trio.open_nursery() as nursery,
+    ):
 
-            async def run_pulse(task_status: trio.TaskStatus[trio.CancelScope]) -> None:
-                with trio.CancelScope() as scope:
-                    task_status.started(scope)
-                    await client.pulse(0.05)
+        async def held_write() -> None:
+            with pytest.raises(trio.TooSlowError), trio.CancelScope(shield=True):
+                await held.client.write_through(_usage(held.session))
+            timed_out.set()
 
-            pulse = await nursery.start(run_pulse)
-            await client.write_through(session)
-            await trio.testing.wait_all_tasks_blocked()
-            with psycopg.connect(db) as blocker:  # holds the lock until its transaction ends
-                blocker.execute("lock table token_usage in access exclusive mode")
-
-                async def held() -> None:
-                    with pytest.raises(trio.TooSlowError), trio.CancelScope(shield=True):
-                        await client.write_through(_usage(session))
-                    timed_out.set()
-
-                nursery.start_soon(held)
-                await trio.testing.wait_all_tasks_blocked()
-                assert len(client._deadlines) == 1  # the timekeeper's to keep
-                pulse.cancel()
-                with trio.fail_after(60):  # a hang guard: its deadline is 5 s after its call
-                    await timed_out.wait()
-                assert not client._deadlines
-                blocker.rollback()
-    finally:
-        await trio.to_thread.run_sync(partial(ref.stop, block=True, timeout=30))
+        nursery.start_soon(held_write)
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(held.client._deadlines) == 1  # the timekeeper's to keep
+        held.pulse.cancel()
+        with trio.fail_after(60):  # a hang guard: its deadline is 5 s after its call
+            await timed_out.wait()
+        assert not held.client._deadlines
 
 
 def test_an_answer_after_a_stopping_timekeeper_woke_its_write_is_its_answer() -> None:
@@ -540,42 +549,29 @@ async def test_writes_whose_callers_are_cancelled_are_forgotten_at_their_deadlin
     with the actor) only until its deadline, where the timekeeper answers it with nobody
     waiting, harmlessly; the pulse runs on, and a write sent after them, answered at its own
     deadline, finds the timekeeper holding nothing."""
-    session = _session()
-    config = PersistenceConfig(statement_timeout=60, breaker_reset=60)
-    ref = PersistenceActor.start(db, journal, config=config)
-    client = PersistenceClient(lambda: ref, durability=Durability.COMMIT, timeout=3)
     cancelled = 0
-    try:
-        async with trio.open_nursery() as pulse:
-            pulse.start_soon(client.pulse, 0.05)
-            await client.write_through(session)
+    async with _usage_held(db, journal, Durability.COMMIT, write_timeout=3) as held:
+        client = held.client
+
+        async def caller() -> None:
+            nonlocal cancelled
+            try:
+                await client.write_through(_usage(held.session))
+            except trio.Cancelled:
+                cancelled += 1
+                raise
+
+        async with trio.open_nursery() as callers:
+            for _ in range(2000):
+                callers.start_soon(caller)
             await trio.testing.wait_all_tasks_blocked()
-            with psycopg.connect(db) as blocker:  # holds the lock until its transaction ends
-                blocker.execute("lock table token_usage in access exclusive mode")
-                async with trio.open_nursery() as callers:
-
-                    async def caller() -> None:
-                        nonlocal cancelled
-                        try:
-                            await client.write_through(_usage(session))
-                        except trio.Cancelled:
-                            cancelled += 1
-                            raise
-
-                    for _ in range(2000):
-                        callers.start_soon(caller)
-                    await trio.testing.wait_all_tasks_blocked()
-                    assert len(client._deadlines) == 2000
-                    callers.cancel_scope.cancel()
-                assert cancelled == 2000
-                with pytest.raises(trio.TooSlowError):
-                    await client.write_through(_usage(session))
-                assert not client._deadlines
-                assert client._database_waits == 0
-                blocker.rollback()
-            pulse.cancel_scope.cancel()
-    finally:
-        await trio.to_thread.run_sync(partial(ref.stop, block=True, timeout=30))
+            assert len(client._deadlines) == 2000
+            callers.cancel_scope.cancel()
+        assert cancelled == 2000
+        with pytest.raises(trio.TooSlowError):
+            await client.write_through(_usage(held.session))
+        assert not client._deadlines
+        assert client._database_waits == 0
 
 
 async def test_the_pulse_heartbeats_this_node(db: str, journal: Journal) -> None:
